@@ -1,0 +1,208 @@
+//! Activation quantization: a matmul input is quantized once, and every weight row is then
+//! dotted against it with integer arithmetic (ggml's `vec_dot_type` scheme).
+//!
+//! * Q8_0/Q8_1 (blocks of 32): `d = amax / 127` rounded to f16, `q = round(x / d)`, and
+//!   `s = d * Σq` (Q8_1's sum, used by the Q4_1 and Q5_1 dots to apply the block minimum).
+//! * Q8_K (blocks of 256): `d = max / -127` with `max` the signed value of largest magnitude,
+//!   plus 16 partial sums of 16 quants (used by the k-quants to apply their minima).
+//!
+//! References: `quantize_row_q8_0_ref`, `quantize_row_q8_1_ref`, `quantize_row_q8_K_ref` in
+//! ggml's `ggml-quants.c`.
+
+use crate::quants::{round_f16, QK_K};
+use crate::GgmlType;
+
+/// Which activation format a weight type is multiplied with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActFormat {
+    /// Blocks of 32 int8 with an f16-rounded scale and block sum (serves Q8_0 and Q8_1 pairings).
+    Q8x32,
+    /// Blocks of 256 int8 with an f32 scale and 16 partial sums.
+    Q8K,
+    /// Plain f32 (for float weights).
+    F32,
+}
+
+impl ActFormat {
+    /// The activation format ggml pairs with a weight type.
+    pub fn for_weight(ty: GgmlType) -> ActFormat {
+        use GgmlType::*;
+        match ty {
+            Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 => ActFormat::Q8x32,
+            Q2_K | Q3_K | Q4_K | Q5_K | Q6_K => ActFormat::Q8K,
+            _ => ActFormat::F32,
+        }
+    }
+}
+
+/// A batch of quantized activation rows (`n_rows × cols`), reused across calls to avoid
+/// allocation on the decode path.
+#[derive(Debug, Default, Clone)]
+pub struct QuantActs {
+    /// The format of the rows.
+    pub format: Option<ActFormat>,
+    /// Row length in elements.
+    pub cols: usize,
+    /// Number of rows.
+    pub n_rows: usize,
+    /// Quants: `n_rows × cols`.
+    pub qs: Vec<i8>,
+    /// Scales: `n_rows × (cols / block)`.
+    pub d: Vec<f32>,
+    /// Q8x32: `d * Σq` per block (`n_rows × cols/32`); Q8K: the 16-element partial sums as f32
+    /// would lose exactness, so they live in `bsums` instead and this is empty.
+    pub s: Vec<f32>,
+    /// Q8K partial sums: `n_rows × cols/16`.
+    pub bsums: Vec<i16>,
+    /// F32 copy of the rows (`n_rows × cols`), for float weights.
+    pub f: Vec<f32>,
+}
+
+/// One quantized activation row, borrowed from [`QuantActs`].
+#[derive(Debug, Clone, Copy)]
+pub struct ActRow<'a> {
+    /// Quants (`cols`).
+    pub qs: &'a [i8],
+    /// Block scales.
+    pub d: &'a [f32],
+    /// Block sums (Q8x32).
+    pub s: &'a [f32],
+    /// Partial sums (Q8K).
+    pub bsums: &'a [i16],
+    /// F32 values (F32 format).
+    pub f: &'a [f32],
+}
+
+impl QuantActs {
+    /// Quantizes `x` (`n_rows × cols`, row-major) into `format`, reusing the buffers.
+    pub fn quantize(&mut self, format: ActFormat, x: &[f32], cols: usize) {
+        debug_assert_eq!(x.len() % cols, 0);
+        let n_rows = x.len() / cols;
+        self.format = Some(format);
+        self.cols = cols;
+        self.n_rows = n_rows;
+        match format {
+            ActFormat::Q8x32 => {
+                debug_assert_eq!(cols % 32, 0);
+                let nb = x.len() / 32;
+                self.qs.resize(x.len(), 0);
+                self.d.resize(nb, 0.0);
+                self.s.resize(nb, 0.0);
+                for (i, xb) in x.chunks_exact(32).enumerate() {
+                    let (d, s) = quantize_q8_block(xb, &mut self.qs[32 * i..32 * i + 32]);
+                    self.d[i] = d;
+                    self.s[i] = s;
+                }
+            }
+            ActFormat::Q8K => {
+                debug_assert_eq!(cols % QK_K, 0);
+                let nb = x.len() / QK_K;
+                self.qs.resize(x.len(), 0);
+                self.d.resize(nb, 0.0);
+                self.bsums.resize(x.len() / 16, 0);
+                for (i, xb) in x.chunks_exact(QK_K).enumerate() {
+                    self.d[i] = quantize_q8k_block(xb, &mut self.qs[QK_K * i..QK_K * (i + 1)], &mut self.bsums[16 * i..16 * (i + 1)]);
+                }
+            }
+            ActFormat::F32 => {
+                self.f.clear();
+                self.f.extend_from_slice(x);
+            }
+        }
+    }
+
+    /// Row `r` of the batch.
+    pub fn row(&self, r: usize) -> ActRow<'_> {
+        let c = self.cols;
+        match self.format {
+            Some(ActFormat::Q8x32) => ActRow {
+                qs: &self.qs[r * c..(r + 1) * c],
+                d: &self.d[r * c / 32..(r + 1) * c / 32],
+                s: &self.s[r * c / 32..(r + 1) * c / 32],
+                bsums: &[],
+                f: &[],
+            },
+            Some(ActFormat::Q8K) => ActRow {
+                qs: &self.qs[r * c..(r + 1) * c],
+                d: &self.d[r * c / QK_K..(r + 1) * c / QK_K],
+                s: &[],
+                bsums: &self.bsums[r * c / 16..(r + 1) * c / 16],
+                f: &[],
+            },
+            _ => ActRow { qs: &[], d: &[], s: &[], bsums: &[], f: &self.f[r * c..(r + 1) * c] },
+        }
+    }
+}
+
+/// Quantizes 32 values to int8 (`quantize_row_q8_1_ref`); returns (d, d·Σq), both f16-rounded.
+pub fn quantize_q8_block(x: &[f32], q: &mut [i8]) -> (f32, f32) {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut sum = 0i32;
+    for (qi, &v) in q.iter_mut().zip(x) {
+        let r = (v * id).round() as i32;
+        *qi = r as i8;
+        sum += r;
+    }
+    (round_f16(d), round_f16(sum as f32 * d))
+}
+
+/// Quantizes 256 values to Q8_K (`quantize_row_q8_K_ref`); returns d and fills the partial sums.
+pub fn quantize_q8k_block(x: &[f32], q: &mut [i8], bsums: &mut [i16]) -> f32 {
+    let mut amax = 0f32;
+    let mut max = 0f32;
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    if amax == 0.0 {
+        q.fill(0);
+        bsums.fill(0);
+        return 0.0;
+    }
+    let iscale = -127.0 / max;
+    for (qi, &v) in q.iter_mut().zip(x) {
+        // ggml's nearest_int rounds half to even via the 1.5·2^23 trick.
+        let v = (iscale * v).round_ties_even() as i32;
+        *qi = v.min(127) as i8;
+    }
+    for (j, b) in bsums.iter_mut().enumerate() {
+        *b = q[16 * j..16 * j + 16].iter().map(|&v| v as i16).sum();
+    }
+    1.0 / iscale
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn q8_block_round_trips_within_half_a_step() {
+        let x: Vec<f32> = (0..32).map(|i| (i as f32 - 13.3) * 0.37).collect();
+        let mut q = [0i8; 32];
+        let (d, s) = quantize_q8_block(&x, &mut q);
+        let sum: i32 = q.iter().map(|&v| v as i32).sum();
+        assert!((s - sum as f32 * d).abs() <= 1e-2 * s.abs().max(1.0));
+        for (v, qi) in x.iter().zip(q) {
+            assert!((v - qi as f32 * d).abs() <= d * 0.5 + 1e-3);
+        }
+        assert_eq!(q.iter().map(|v| v.unsigned_abs()).max(), Some(127));
+    }
+
+    #[test]
+    fn q8k_zero_block_and_extreme() {
+        let mut q = [1i8; 256];
+        let mut b = [1i16; 16];
+        assert_eq!(quantize_q8k_block(&[0.0; 256], &mut q, &mut b), 0.0);
+        assert!(q.iter().all(|&v| v == 0) && b.iter().all(|&v| v == 0));
+        let mut x = [0.5f32; 256];
+        x[7] = -2.0;
+        let d = quantize_q8k_block(&x, &mut q, &mut b);
+        assert_eq!(q[7], -127);
+        assert!((q[7] as f32 * d - x[7]).abs() < 1e-6);
+        assert_eq!(b[0], q[..16].iter().map(|&v| v as i16).sum::<i16>());
+    }
+}

@@ -1,0 +1,109 @@
+//! Weight matrix × a batch of activation rows, split across the worker pool by weight rows.
+//!
+//! Each weight row is dotted with every activation row while it is hot in cache, so a prefill
+//! batch reads the weights once. A row's result never depends on the batch it is in: the same
+//! dot function runs on the same quantized activation row in the same order.
+
+use crate::act::{ActFormat, QuantActs};
+use crate::dispatch::dot_fn;
+use crate::pool::ThreadPool;
+use crate::GgmlType;
+
+/// A 2-D weight matrix in a ggml block format, borrowed from the model file.
+#[derive(Debug, Clone, Copy)]
+pub struct QMatrix<'a> {
+    /// Element type.
+    pub ty: GgmlType,
+    /// Output features (rows).
+    pub rows: usize,
+    /// Input features (elements per row).
+    pub cols: usize,
+    /// `rows × row_bytes` bytes.
+    pub data: &'a [u8],
+}
+
+impl QMatrix<'_> {
+    /// Bytes per row.
+    pub fn row_bytes(&self) -> usize {
+        self.cols / self.ty.block_size() * self.ty.type_size()
+    }
+    /// The bytes of row `r`.
+    pub fn row(&self, r: usize) -> &[u8] {
+        let rb = self.row_bytes();
+        &self.data[r * rb..(r + 1) * rb]
+    }
+    /// The activation format this matrix multiplies with.
+    pub fn act_format(&self) -> ActFormat {
+        ActFormat::for_weight(self.ty)
+    }
+}
+
+/// A pointer that tasks use to write disjoint parts of one output buffer.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: every task writes a disjoint set of indices (its own weight rows) of the buffer, and the
+// buffer outlives `ThreadPool::run`, which returns only after all tasks finish.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// Rows per task: small enough to balance two to sixteen threads, large enough to amortize.
+const ROWS_PER_TASK: usize = 16;
+
+/// `out[t][r] = w.row(r) · acts.row(t)` for every activation row `t` (`out`: `n_rows × w.rows`).
+pub fn matmul(pool: &ThreadPool, w: &QMatrix<'_>, acts: &QuantActs, out: &mut [f32]) {
+    debug_assert_eq!(acts.cols, w.cols);
+    debug_assert_eq!(acts.format, Some(w.act_format()));
+    let n_tok = acts.n_rows;
+    assert!(out.len() >= n_tok * w.rows, "matmul output too small");
+    let dot = dot_fn(w.ty);
+    let ptr = OutPtr(out.as_mut_ptr());
+    let n_tasks = w.rows.div_ceil(ROWS_PER_TASK);
+    let rows = w.rows;
+    pool.run(n_tasks, &|task| {
+        let p = ptr;
+        let r0 = task * ROWS_PER_TASK;
+        let r1 = (r0 + ROWS_PER_TASK).min(rows);
+        for r in r0..r1 {
+            let wr = w.row(r);
+            for t in 0..n_tok {
+                let v = dot(wr, acts.row(t));
+                // SAFETY: index t*rows + r is in bounds (checked above) and row r belongs to this
+                // task alone.
+                unsafe { *p.0.add(t * rows + r) = v };
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dot::dot_scalar;
+
+    #[test]
+    fn batched_rows_equal_single_rows_bit_for_bit() {
+        let pool = ThreadPool::new(2);
+        let (rows, cols) = (37, 256);
+        let mut data = Vec::new();
+        for r in 0..rows {
+            data.extend(crate::test_util::random_row(GgmlType::Q4_K, cols, r as u64));
+        }
+        let w = QMatrix { ty: GgmlType::Q4_K, rows, cols, data: &data };
+        let x: Vec<f32> = (0..5 * cols).map(|i| ((i * 7919) % 97) as f32 / 13.0 - 3.5).collect();
+        let mut batch = QuantActs::default();
+        batch.quantize(ActFormat::Q8K, &x, cols);
+        let mut out = vec![0f32; 5 * rows];
+        matmul(&pool, &w, &batch, &mut out);
+        for t in 0..5 {
+            let mut one = QuantActs::default();
+            one.quantize(ActFormat::Q8K, &x[t * cols..(t + 1) * cols], cols);
+            let mut o1 = vec![0f32; rows];
+            matmul(&pool, &w, &one, &mut o1);
+            for r in 0..rows {
+                assert_eq!(o1[r].to_bits(), out[t * rows + r].to_bits());
+                let s = dot_scalar(GgmlType::Q4_K, w.row(r), one.row(0));
+                assert!((s - o1[r]).abs() <= 1e-4 * s.abs().max(1.0));
+            }
+        }
+    }
+}

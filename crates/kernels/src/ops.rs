@@ -1,0 +1,177 @@
+//! Element-wise and normalization operators used by the forward pass.
+
+/// RMSNorm: `out = x / sqrt(mean(x²) + eps) * w` (ggml `rms_norm` followed by `mul`).
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let mut sum = 0f64;
+    for &v in x {
+        sum += (v * v) as f64;
+    }
+    let scale = 1.0 / ((sum / x.len() as f64) as f32 + eps).sqrt();
+    for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
+        *o = v * scale * g;
+    }
+}
+
+/// RMSNorm in place.
+pub fn rms_norm_inplace(x: &mut [f32], w: &[f32], eps: f32) {
+    let mut sum = 0f64;
+    for &v in x.iter() {
+        sum += (v * v) as f64;
+    }
+    let scale = 1.0 / ((sum / x.len() as f64) as f32 + eps).sqrt();
+    for (v, &g) in x.iter_mut().zip(w) {
+        *v = *v * scale * g;
+    }
+}
+
+/// How RoPE pairs the dimensions of a head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Adjacent pairs `(2i, 2i+1)` (ggml `LLAMA_ROPE_TYPE_NORM`, the llama arch after conversion).
+    Normal,
+    /// Split halves `(i, i + d/2)` (ggml `LLAMA_ROPE_TYPE_NEOX`, Gemma, Qwen2).
+    Neox,
+}
+
+/// Fills `cs` with `(cos, sin)` for `n_dims / 2` frequency pairs at `pos`, the way ggml does:
+/// `theta_i = pos · freq_scale · base^(-2i/n_dims)`, computed by repeated multiplication in f32.
+pub fn rope_cache(pos: usize, n_dims: usize, base: f32, freq_scale: f32, cs: &mut [(f32, f32)]) {
+    let theta_scale = base.powf(-2.0 / n_dims as f32);
+    let mut theta = pos as f32 * freq_scale;
+    for c in cs.iter_mut().take(n_dims / 2) {
+        *c = (theta.cos(), theta.sin());
+        theta *= theta_scale;
+    }
+}
+
+/// Rotates one head vector in place with a precomputed cache from [`rope_cache`].
+pub fn rope_apply(x: &mut [f32], cs: &[(f32, f32)], n_dims: usize, style: RopeStyle) {
+    match style {
+        RopeStyle::Normal => {
+            for i in 0..n_dims / 2 {
+                let (c, s) = cs[i];
+                let (a, b) = (x[2 * i], x[2 * i + 1]);
+                x[2 * i] = a * c - b * s;
+                x[2 * i + 1] = a * s + b * c;
+            }
+        }
+        RopeStyle::Neox => {
+            let h = n_dims / 2;
+            for i in 0..h {
+                let (c, s) = cs[i];
+                let (a, b) = (x[i], x[i + h]);
+                x[i] = a * c - b * s;
+                x[i + h] = a * s + b * c;
+            }
+        }
+    }
+}
+
+/// SiLU: `x · σ(x)`.
+#[inline]
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// GELU, tanh approximation (ggml `gelu`).
+#[inline]
+pub fn gelu(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    const COEF_A: f32 = 0.044715;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + COEF_A * x * x)).tanh())
+}
+
+/// `gate[i] = silu(gate[i]) * up[i]` (SwiGLU).
+pub fn swiglu(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = silu(*g) * u;
+    }
+}
+
+/// `gate[i] = gelu(gate[i]) * up[i]` (GeGLU).
+pub fn geglu(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = gelu(*g) * u;
+    }
+}
+
+/// Numerically stable softmax in place.
+pub fn softmax(x: &mut [f32]) {
+    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let mut sum = 0f32;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// `Σ a[i]·b[i]` in f32.
+#[inline]
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    // Eight accumulators let the compiler vectorize without reassociating a single sum.
+    let mut acc = [0f32; 8];
+    let chunks = a.len() / 8;
+    for c in 0..chunks {
+        for l in 0..8 {
+            acc[l] += a[8 * c + l] * b[8 * c + l];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for i in chunks * 8..a.len() {
+        s += a[i] * b[i];
+    }
+    s
+}
+
+/// `y += alpha · x`.
+#[inline]
+pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+    for (yi, &xi) in y.iter_mut().zip(x) {
+        *yi += alpha * xi;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rms_norm_unit_weight_has_unit_rms() {
+        let x = [1.0f32, -2.0, 3.0, -4.0];
+        let mut o = [0f32; 4];
+        rms_norm(&x, &[1.0; 4], 0.0, &mut o);
+        let rms = (o.iter().map(|v| v * v).sum::<f32>() / 4.0).sqrt();
+        assert!((rms - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn rope_rotation_preserves_norm_and_position_zero_is_identity() {
+        let mut cs = vec![(0f32, 0f32); 4];
+        rope_cache(0, 8, 10000.0, 1.0, &mut cs);
+        let mut x: Vec<f32> = (0..8).map(|i| i as f32).collect();
+        let orig = x.clone();
+        rope_apply(&mut x, &cs, 8, RopeStyle::Neox);
+        assert_eq!(x, orig);
+        rope_cache(17, 8, 10000.0, 1.0, &mut cs);
+        for style in [RopeStyle::Normal, RopeStyle::Neox] {
+            let mut y = orig.clone();
+            rope_apply(&mut y, &cs, 8, style);
+            let n0: f32 = orig.iter().map(|v| v * v).sum();
+            let n1: f32 = y.iter().map(|v| v * v).sum();
+            assert!((n0 - n1).abs() < 1e-3);
+        }
+    }
+
+    #[test]
+    fn softmax_sums_to_one_and_gelu_known_values() {
+        let mut x = [1.0f32, 2.0, 3.0, 1000.0];
+        softmax(&mut x);
+        assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert!(gelu(0.0) == 0.0 && (gelu(1.0) - 0.841192).abs() < 1e-5);
+        assert!((silu(1.0) - 0.7310586).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,203 @@
+//! A persistent worker pool: `n - 1` worker threads plus the caller split each operation into
+//! tasks taken from an atomic counter (dynamic chunking). Workers spin briefly between
+//! operations (decode issues hundreds of matmuls per token, so waking a parked thread each time
+//! would cost more than the work), then park on a condition variable when idle.
+
+use std::cell::UnsafeCell;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+type Job = *const (dyn Fn(usize) + Sync);
+
+struct Shared {
+    generation: AtomicU64,
+    job: UnsafeCell<Option<Job>>,
+    next_task: AtomicUsize,
+    n_tasks: AtomicUsize,
+    finished_workers: AtomicUsize,
+    shutdown: AtomicBool,
+    lock: Mutex<()>,
+    wake: Condvar,
+}
+
+// SAFETY: `job` is written only by the thread that owns the pool while no worker reads it (all
+// workers have reported `finished_workers` for the previous generation), and read by workers only
+// after they observe the new generation with Acquire ordering, which the writer published with
+// Release ordering after writing `job`.
+unsafe impl Sync for Shared {}
+// SAFETY: as above; the raw job pointer is only dereferenced while the caller of `run` keeps the
+// closure alive (it waits for every worker before returning).
+unsafe impl Send for Shared {}
+
+/// A fixed set of worker threads that run data-parallel operations.
+pub struct ThreadPool {
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
+    busy: AtomicBool,
+}
+
+/// Spins before a worker parks.
+const SPIN_ITERS: u32 = 200_000;
+
+impl ThreadPool {
+    /// A pool that runs operations on `n_threads` threads in all (the caller counts as one).
+    pub fn new(n_threads: usize) -> ThreadPool {
+        let n_threads = n_threads.max(1);
+        let shared = Arc::new(Shared {
+            generation: AtomicU64::new(0),
+            job: UnsafeCell::new(None),
+            next_task: AtomicUsize::new(0),
+            n_tasks: AtomicUsize::new(0),
+            finished_workers: AtomicUsize::new(0),
+            shutdown: AtomicBool::new(false),
+            lock: Mutex::new(()),
+            wake: Condvar::new(),
+        });
+        let workers = (1..n_threads)
+            .map(|i| {
+                let s = shared.clone();
+                std::thread::Builder::new()
+                    .name(format!("ruvllm-worker-{i}"))
+                    .spawn(move || worker_loop(&s))
+                    .unwrap_or_else(|e| panic!("cannot spawn worker thread: {e}"))
+            })
+            .collect();
+        ThreadPool { shared, workers, busy: AtomicBool::new(false) }
+    }
+
+    /// Threads in the pool, the caller included.
+    pub fn n_threads(&self) -> usize {
+        self.workers.len() + 1
+    }
+
+    /// Runs `f(0..n_tasks)` across the pool and returns when every task has finished.
+    /// Re-entrant or concurrent calls run serially on the calling thread.
+    pub fn run(&self, n_tasks: usize, f: &(dyn Fn(usize) + Sync)) {
+        if n_tasks == 0 {
+            return;
+        }
+        if self.workers.is_empty() || n_tasks == 1 || self.busy.swap(true, Ordering::Acquire) {
+            (0..n_tasks).for_each(f);
+            return;
+        }
+        let s = &*self.shared;
+        // SAFETY: only this thread writes `job`, and only while `busy` is held and every worker has
+        // finished the previous generation (checked at the end of the previous `run`). The pointer
+        // is erased to 'static, but no worker dereferences it after `finished_workers` reaches the
+        // worker count, which this function waits for before returning.
+        unsafe {
+            let job: Job = std::mem::transmute::<&(dyn Fn(usize) + Sync), &'static (dyn Fn(usize) + Sync)>(f);
+            *s.job.get() = Some(job);
+        }
+        s.next_task.store(0, Ordering::Relaxed);
+        s.n_tasks.store(n_tasks, Ordering::Relaxed);
+        s.finished_workers.store(0, Ordering::Relaxed);
+        s.generation.fetch_add(1, Ordering::Release);
+        {
+            let _g = s.lock.lock().unwrap_or_else(|p| p.into_inner());
+            s.wake.notify_all();
+        }
+        run_tasks(s, f);
+        let n_workers = self.workers.len();
+        let mut spins = 0u32;
+        while s.finished_workers.load(Ordering::Acquire) < n_workers {
+            spins += 1;
+            if spins < 1_000_000 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+        self.busy.store(false, Ordering::Release);
+    }
+}
+
+fn run_tasks(s: &Shared, f: &(dyn Fn(usize) + Sync)) {
+    let n = s.n_tasks.load(Ordering::Relaxed);
+    loop {
+        let t = s.next_task.fetch_add(1, Ordering::Relaxed);
+        if t >= n {
+            break;
+        }
+        f(t);
+    }
+}
+
+fn worker_loop(s: &Shared) {
+    let mut seen = 0u64;
+    loop {
+        let mut spins = 0u32;
+        let gen = loop {
+            let g = s.generation.load(Ordering::Acquire);
+            if g != seen || s.shutdown.load(Ordering::Acquire) {
+                break g;
+            }
+            spins += 1;
+            if spins < SPIN_ITERS {
+                std::hint::spin_loop();
+            } else {
+                let guard = s.lock.lock().unwrap_or_else(|p| p.into_inner());
+                if s.generation.load(Ordering::Acquire) == seen && !s.shutdown.load(Ordering::Acquire) {
+                    drop(s.wake.wait(guard).unwrap_or_else(|p| p.into_inner()));
+                }
+                spins = 0;
+            }
+        };
+        if s.shutdown.load(Ordering::Acquire) {
+            return;
+        }
+        seen = gen;
+        // SAFETY: the generation was published after `job` was written (Release/Acquire), and the
+        // owner keeps the closure alive until this worker increments `finished_workers`.
+        if let Some(job) = unsafe { *s.job.get() } {
+            let f = unsafe { &*job };
+            run_tasks(s, f);
+        }
+        s.finished_workers.fetch_add(1, Ordering::Release);
+    }
+}
+
+impl Drop for ThreadPool {
+    fn drop(&mut self) {
+        self.shared.shutdown.store(true, Ordering::Release);
+        {
+            let _g = self.shared.lock.lock().unwrap_or_else(|p| p.into_inner());
+            self.shared.wake.notify_all();
+        }
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_task_runs_exactly_once_across_many_operations() {
+        let pool = ThreadPool::new(3);
+        for n in [0usize, 1, 2, 7, 100] {
+            for _ in 0..50 {
+                let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+                pool.run(n, &|t| {
+                    hits[t].fetch_add(1, Ordering::Relaxed);
+                });
+                assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
+            }
+        }
+    }
+
+    #[test]
+    fn nested_run_falls_back_to_serial() {
+        let pool = ThreadPool::new(2);
+        let total = AtomicUsize::new(0);
+        pool.run(4, &|_| {
+            pool.run(3, &|_| {
+                total.fetch_add(1, Ordering::Relaxed);
+            });
+        });
+        assert_eq!(total.load(Ordering::Relaxed), 12);
+    }
+}
