@@ -21,3 +21,30 @@ mod simd;
 pub(crate) mod test_util;
 
 pub use ruvllm_gguf::GgmlType;
+
+/// A raw pointer that parallel tasks use to write disjoint parts of one buffer.
+///
+/// Whoever creates it promises that the buffer outlives every task and that no two tasks write
+/// the same index; `ThreadPool::run` returning means all tasks are done.
+#[derive(Clone, Copy)]
+pub struct SyncPtr<T>(pub *mut T);
+// SAFETY: see the type's contract: disjoint writes into a buffer that outlives the tasks.
+unsafe impl<T> Send for SyncPtr<T> {}
+// SAFETY: as above.
+unsafe impl<T> Sync for SyncPtr<T> {}
+
+impl<T> SyncPtr<T> {
+    /// Wraps a mutable slice.
+    pub fn new(s: &mut [T]) -> Self {
+        SyncPtr(s.as_mut_ptr())
+    }
+    /// A mutable sub-slice `[start, start + len)`.
+    ///
+    /// # Safety
+    /// The range must lie inside the wrapped buffer and no other task may touch it meanwhile.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn slice(&self, start: usize, len: usize) -> &mut [T] {
+        // SAFETY: guaranteed by the caller (in bounds, exclusive).
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(start), len) }
+    }
+}

@@ -7,7 +7,7 @@
 use crate::act::{ActFormat, QuantActs};
 use crate::dispatch::dot_fn;
 use crate::pool::ThreadPool;
-use crate::GgmlType;
+use crate::{GgmlType, SyncPtr};
 
 /// A 2-D weight matrix in a ggml block format, borrowed from the model file.
 #[derive(Debug, Clone, Copy)]
@@ -38,14 +38,6 @@ impl QMatrix<'_> {
     }
 }
 
-/// A pointer that tasks use to write disjoint parts of one output buffer.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: every task writes a disjoint set of indices (its own weight rows) of the buffer, and the
-// buffer outlives `ThreadPool::run`, which returns only after all tasks finish.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
 /// Rows per task: small enough to balance two to sixteen threads, large enough to amortize.
 const ROWS_PER_TASK: usize = 16;
 
@@ -56,7 +48,7 @@ pub fn matmul(pool: &ThreadPool, w: &QMatrix<'_>, acts: &QuantActs, out: &mut [f
     let n_tok = acts.n_rows;
     assert!(out.len() >= n_tok * w.rows, "matmul output too small");
     let dot = dot_fn(w.ty);
-    let ptr = OutPtr(out.as_mut_ptr());
+    let ptr = SyncPtr::new(out);
     let n_tasks = w.rows.div_ceil(ROWS_PER_TASK);
     let rows = w.rows;
     pool.run(n_tasks, &|task| {

@@ -3,33 +3,19 @@
 
 use ruvllm_gguf::GgufFile;
 use ruvllm_tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
+use ruvllm_model::registry;
 use std::path::PathBuf;
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-fn model_path(name: &str, file: &str) -> Option<PathBuf> {
-    let home = std::env::var_os("RUVLLM_HOME").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/ruvllm")
-    });
-    let p = home.join("models").join(name).join(file);
-    if p.exists() {
-        Some(p)
-    } else if std::env::var_os("RUVLLM_REQUIRE_MODELS").is_some() {
-        panic!("model {} missing and RUVLLM_REQUIRE_MODELS is set", p.display());
-    } else {
-        eprintln!("skipping: {} not installed (run `ruvllm pull {name}`)", p.display());
-        None
-    }
-}
-
 fn golden(file: &str) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(repo().join("tests/data").join(file)).unwrap()).unwrap()
 }
 
-fn check_tokenize(model: &str, file: &str, json: &str) {
-    let Some(path) = model_path(model, file) else { return };
+fn check_tokenize(model: &str, json: &str) {
+    let Some(path) = registry::for_test(model) else { return };
     let f = GgufFile::open(&path).unwrap();
     let tok = Tokenizer::from_gguf(&f).unwrap();
     let g = golden(json);
@@ -60,17 +46,17 @@ fn check_tokenize(model: &str, file: &str, json: &str) {
 
 #[test]
 fn smollm2_tokenization_matches_llama_cpp() {
-    check_tokenize("smollm2-135m", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct-q4_1.json");
+    check_tokenize("smollm2-135m", "smollm2-135m-instruct-q4_1.json");
 }
 
 #[test]
 fn gemma3_tokenization_matches_llama_cpp() {
-    check_tokenize("gemma3-270m", "gemma-3-270m-q4_k_m.gguf", "gemma3-270m-q4_k_m.json");
+    check_tokenize("gemma3-270m", "gemma3-270m-q4_k_m.json");
 }
 
 #[test]
 fn smollm2_chat_template_matches_jinja2() {
-    let Some(path) = model_path("smollm2-135m", "SmolLM2-135M-Instruct.Q4_1.gguf") else { return };
+    let Some(path) = registry::for_test("smollm2-135m") else { return };
     let f = GgufFile::open(&path).unwrap();
     let t = ChatTemplate::new(f.get_str("tokenizer.chat_template").unwrap(), "<|im_start|>", "<|im_end|>").unwrap();
     let g = golden("smollm2-chat-template.json");
@@ -85,7 +71,7 @@ fn smollm2_chat_template_matches_jinja2() {
 
 #[test]
 fn stream_decoding_of_split_emoji_tokens_is_clean() {
-    let Some(path) = model_path("smollm2-135m", "SmolLM2-135M-Instruct.Q4_1.gguf") else { return };
+    let Some(path) = registry::for_test("smollm2-135m") else { return };
     let f = GgufFile::open(&path).unwrap();
     let tok = Tokenizer::from_gguf(&f).unwrap();
     let text = "emoji 🦀🚀 and CJK 你好世界";

@@ -1,0 +1,345 @@
+//! The forward pass: a batch of consecutive tokens of one sequence through every block,
+//! reading and extending its KV cache. One function serves llama, gemma3 and qwen2; the
+//! differences are data (optional norms and biases, RoPE style, window) rather than code paths.
+
+use crate::config::Arch;
+use crate::kv::KvCache;
+use crate::weights::{Model, Weight};
+use crate::{Error, ErrorKind};
+use half::f16;
+use ruvllm_kernels::act::{ActFormat, QuantActs};
+use ruvllm_kernels::matmul::matmul;
+use ruvllm_kernels::ops::{self, rope_apply, rope_cache};
+use ruvllm_kernels::pool::ThreadPool;
+use ruvllm_kernels::SyncPtr;
+use std::sync::Arc;
+
+/// Which positions of a batch need logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last token (generation).
+    Last,
+    /// Every token (perplexity, teacher forcing).
+    All,
+    /// None (prefilling a prefix).
+    None,
+}
+
+/// Quantized copies of one activation buffer, made lazily per format and reused by every
+/// matmul that reads the same input (q, k and v; gate and up).
+#[derive(Default)]
+struct ActCache {
+    q32: QuantActs,
+    qk: QuantActs,
+    f: QuantActs,
+    fresh: [bool; 3],
+}
+
+impl ActCache {
+    fn invalidate(&mut self) {
+        self.fresh = [false; 3];
+    }
+    fn get(&mut self, fmt: ActFormat, x: &[f32], cols: usize) -> &QuantActs {
+        let i = match fmt {
+            ActFormat::Q8x32 => 0,
+            ActFormat::Q8K => 1,
+            ActFormat::F32 => 2,
+        };
+        let slot = match i {
+            0 => &mut self.q32,
+            1 => &mut self.qk,
+            _ => &mut self.f,
+        };
+        if !self.fresh[i] {
+            slot.quantize(fmt, x, cols);
+            self.fresh[i] = true;
+        }
+        slot
+    }
+}
+
+/// Scratch buffers, grown to the largest batch seen and then reused (no per-token allocation).
+#[derive(Default)]
+struct Scratch {
+    /// Residual stream: `[n × n_embd]`.
+    x: Vec<f32>,
+    /// Normed input of a sub-layer: `[n × n_embd]`.
+    xn: Vec<f32>,
+    /// Queries: `[n × q_dim]`.
+    q: Vec<f32>,
+    /// Keys: `[n × kv_dim]`.
+    k: Vec<f32>,
+    /// Values: `[n × kv_dim]`.
+    v: Vec<f32>,
+    /// Attention output: `[n × q_dim]`.
+    att: Vec<f32>,
+    /// Sub-layer output: `[n × n_embd]`.
+    out: Vec<f32>,
+    /// FFN gate, then activation: `[n × n_ff]`.
+    gate: Vec<f32>,
+    /// FFN up: `[n × n_ff]`.
+    up: Vec<f32>,
+    /// Logits: `[rows × n_vocab]`.
+    logits: Vec<f32>,
+    /// RoPE (cos, sin) per token for full layers: `[n × rope_dims/2]`.
+    rope_full: Vec<(f32, f32)>,
+    /// RoPE (cos, sin) per token for sliding layers: `[n × rope_dims/2]`.
+    rope_swa: Vec<(f32, f32)>,
+    acts: ActCache,
+}
+
+/// Runs a model over one sequence, owning its KV cache and scratch space.
+pub struct Runner<'m> {
+    model: &'m Model,
+    pool: Arc<ThreadPool>,
+    /// The sequence's KV cache.
+    pub kv: KvCache,
+    /// The tokens whose keys and values are cached, in order.
+    history: Vec<u32>,
+    s: Scratch,
+}
+
+fn grow(v: &mut Vec<f32>, n: usize) {
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+}
+
+impl<'m> Runner<'m> {
+    /// A runner with a KV cache of `n_ctx` positions (capped at the trained context).
+    pub fn new(model: &'m Model, pool: Arc<ThreadPool>, n_ctx: usize) -> Runner<'m> {
+        let c = &model.config;
+        let n_ctx = n_ctx.clamp(1, c.n_ctx_train);
+        Runner { model, pool, kv: KvCache::new(c.n_layer, c.kv_dim(), n_ctx), history: Vec::new(), s: Scratch::default() }
+    }
+
+    /// The model.
+    pub fn model(&self) -> &'m Model {
+        self.model
+    }
+
+    /// The tokens in the KV cache.
+    pub fn history(&self) -> &[u32] {
+        &self.history
+    }
+
+    /// Drops cached positions from `n` on, keeping the prefix for reuse.
+    pub fn truncate(&mut self, n: usize) {
+        self.kv.truncate(n);
+        self.history.truncate(n);
+    }
+
+    /// Context size in tokens.
+    pub fn n_ctx(&self) -> usize {
+        self.kv.capacity()
+    }
+
+    fn mm(&self, w: &Weight, acts: &QuantActs, out: &mut [f32]) {
+        matmul(&self.pool, &self.model.mat(w), acts, out);
+    }
+
+    /// Runs `tokens` at positions `kv.len()..` and returns the requested logits
+    /// (`[rows × n_vocab]`, rows = 1 for `Last`, `tokens.len()` for `All`, 0 for `None`).
+    pub fn forward(&mut self, tokens: &[u32], want: Logits) -> Result<&[f32], Error> {
+        let m = self.model;
+        let c = &m.config;
+        let n = tokens.len();
+        let pos0 = self.kv.len();
+        if n == 0 {
+            return Ok(&[]);
+        }
+        if pos0 + n > self.kv.capacity() {
+            return Err(Error::new(ErrorKind::ContextOverflow { needed: pos0 + n, context: self.kv.capacity() }));
+        }
+        let (d, qd, kvd, hd, ff) = (c.n_embd, c.q_dim(), c.kv_dim(), c.head_dim, c.n_ff);
+        let mut s = std::mem::take(&mut self.s);
+        grow(&mut s.x, n * d);
+        grow(&mut s.xn, n * d);
+        grow(&mut s.q, n * qd);
+        grow(&mut s.k, n * kvd);
+        grow(&mut s.v, n * kvd);
+        grow(&mut s.att, n * qd);
+        grow(&mut s.out, n * d);
+        grow(&mut s.gate, n * ff);
+        grow(&mut s.up, n * ff);
+        for (i, &t) in tokens.iter().enumerate() {
+            if let Err(e) = m.embed(t, &mut s.x[i * d..(i + 1) * d]) {
+                self.s = s;
+                return Err(e);
+            }
+        }
+        // RoPE tables for this batch's positions.
+        let half = c.rope_dims / 2;
+        s.rope_full.resize(n * half, (1.0, 0.0));
+        s.rope_swa.resize(n * half, (1.0, 0.0));
+        for i in 0..n {
+            let p = pos0 + i;
+            rope_cache(p, c.rope_dims, c.rope_base, c.rope_freq_scale, &mut s.rope_full[i * half..(i + 1) * half]);
+            if let Some(ff) = &m.rope_freqs {
+                // theta_i /= freq_factor_i: recompute with the factors applied.
+                let theta_scale = c.rope_base.powf(-2.0 / c.rope_dims as f32);
+                let mut theta = p as f32 * c.rope_freq_scale;
+                for (j, cs) in s.rope_full[i * half..(i + 1) * half].iter_mut().enumerate() {
+                    let t = theta / ff[j];
+                    *cs = (t.cos(), t.sin());
+                    theta *= theta_scale;
+                }
+            }
+            if c.sliding_window.is_some() {
+                rope_cache(p, c.rope_dims, c.rope_base_swa, 1.0, &mut s.rope_swa[i * half..(i + 1) * half]);
+            }
+        }
+
+        for (il, layer) in m.layers.iter().enumerate() {
+            // ---- attention ----
+            for i in 0..n {
+                ops::rms_norm(&s.x[i * d..(i + 1) * d], &layer.attn_norm, c.rms_eps, &mut s.xn[i * d..(i + 1) * d]);
+            }
+            s.acts.invalidate();
+            self.mm(&layer.wq, s.acts.get(layer.wq.ty().into_fmt(), &s.xn[..n * d], d), &mut s.q[..n * qd]);
+            self.mm(&layer.wk, s.acts.get(layer.wk.ty().into_fmt(), &s.xn[..n * d], d), &mut s.k[..n * kvd]);
+            self.mm(&layer.wv, s.acts.get(layer.wv.ty().into_fmt(), &s.xn[..n * d], d), &mut s.v[..n * kvd]);
+            for i in 0..n {
+                if let Some(b) = &layer.bq {
+                    s.q[i * qd..(i + 1) * qd].iter_mut().zip(b).for_each(|(v, b)| *v += b);
+                }
+                if let Some(b) = &layer.bk {
+                    s.k[i * kvd..(i + 1) * kvd].iter_mut().zip(b).for_each(|(v, b)| *v += b);
+                }
+                if let Some(b) = &layer.bv {
+                    s.v[i * kvd..(i + 1) * kvd].iter_mut().zip(b).for_each(|(v, b)| *v += b);
+                }
+                let rope = if c.is_swa_layer(il) { &s.rope_swa } else { &s.rope_full };
+                let cs = &rope[i * half..(i + 1) * half];
+                for h in s.q[i * qd..(i + 1) * qd].chunks_exact_mut(hd) {
+                    if let Some(w) = &layer.q_norm {
+                        ops::rms_norm_inplace(h, w, c.rms_eps);
+                    }
+                    rope_apply(h, cs, c.rope_dims, c.rope_style);
+                }
+                for h in s.k[i * kvd..(i + 1) * kvd].chunks_exact_mut(hd) {
+                    if let Some(w) = &layer.k_norm {
+                        ops::rms_norm_inplace(h, w, c.rms_eps);
+                    }
+                    rope_apply(h, cs, c.rope_dims, c.rope_style);
+                }
+                self.kv.write(il, pos0 + i, &s.k[i * kvd..(i + 1) * kvd], &s.v[i * kvd..(i + 1) * kvd]);
+            }
+            let window = if c.is_swa_layer(il) { c.sliding_window } else { None };
+            attention(&self.pool, c, &self.kv, il, pos0, n, window, &s.q[..n * qd], &mut s.att[..n * qd]);
+            s.acts.invalidate();
+            self.mm(&layer.wo, s.acts.get(layer.wo.ty().into_fmt(), &s.att[..n * qd], qd), &mut s.out[..n * d]);
+            for i in 0..n {
+                let o = &mut s.out[i * d..(i + 1) * d];
+                if let Some(w) = &layer.post_attn_norm {
+                    ops::rms_norm_inplace(o, w, c.rms_eps);
+                }
+                s.x[i * d..(i + 1) * d].iter_mut().zip(o.iter()).for_each(|(x, o)| *x += o);
+            }
+
+            // ---- feed-forward ----
+            for i in 0..n {
+                ops::rms_norm(&s.x[i * d..(i + 1) * d], &layer.ffn_norm, c.rms_eps, &mut s.xn[i * d..(i + 1) * d]);
+            }
+            s.acts.invalidate();
+            self.mm(&layer.gate, s.acts.get(layer.gate.ty().into_fmt(), &s.xn[..n * d], d), &mut s.gate[..n * ff]);
+            self.mm(&layer.up, s.acts.get(layer.up.ty().into_fmt(), &s.xn[..n * d], d), &mut s.up[..n * ff]);
+            match c.arch {
+                Arch::Gemma3 => ops::geglu(&mut s.gate[..n * ff], &s.up[..n * ff]),
+                Arch::Llama | Arch::Qwen2 => ops::swiglu(&mut s.gate[..n * ff], &s.up[..n * ff]),
+            }
+            s.acts.invalidate();
+            self.mm(&layer.down, s.acts.get(layer.down.ty().into_fmt(), &s.gate[..n * ff], ff), &mut s.out[..n * d]);
+            for i in 0..n {
+                let o = &mut s.out[i * d..(i + 1) * d];
+                if let Some(w) = &layer.post_ffn_norm {
+                    ops::rms_norm_inplace(o, w, c.rms_eps);
+                }
+                s.x[i * d..(i + 1) * d].iter_mut().zip(o.iter()).for_each(|(x, o)| *x += o);
+            }
+        }
+        self.kv.set_len(pos0 + n);
+        self.history.extend_from_slice(tokens);
+
+        let first = match want {
+            Logits::None => {
+                self.s = s;
+                return Ok(&[]);
+            }
+            Logits::Last => n - 1,
+            Logits::All => 0,
+        };
+        let rows = n - first;
+        for i in 0..rows {
+            let src = (first + i) * d;
+            ops::rms_norm(&s.x[src..src + d], &m.output_norm, c.rms_eps, &mut s.xn[i * d..(i + 1) * d]);
+        }
+        grow(&mut s.logits, rows * c.n_vocab);
+        s.acts.invalidate();
+        self.mm(&m.output, s.acts.get(m.output.ty().into_fmt(), &s.xn[..rows * d], d), &mut s.logits[..rows * c.n_vocab]);
+        self.s = s;
+        Ok(&self.s.logits[..rows * c.n_vocab])
+    }
+}
+
+trait IntoFmt {
+    fn into_fmt(self) -> ActFormat;
+}
+impl IntoFmt for ruvllm_gguf::GgmlType {
+    fn into_fmt(self) -> ActFormat {
+        ActFormat::for_weight(self)
+    }
+}
+
+/// Causal attention for `n` new tokens at positions `pos0..pos0+n`, one task per (token, head),
+/// with an online softmax over the cached keys (no score matrix), optionally limited to a
+/// sliding window of the most recent `window` positions.
+#[allow(clippy::too_many_arguments)]
+fn attention(pool: &ThreadPool, c: &crate::Config, kv: &KvCache, layer: usize, pos0: usize, n: usize, window: Option<usize>, q: &[f32], out: &mut [f32]) {
+    let (hd, nh, kvd) = (c.head_dim, c.n_head, c.kv_dim());
+    let group = c.n_head / c.n_head_kv;
+    let keys = kv.keys(layer);
+    let values = kv.values(layer);
+    let scale = c.attn_scale;
+    let optr = SyncPtr::new(out);
+    pool.run(n * nh, &|task| {
+        let (i, h) = (task / nh, task % nh);
+        let pos = pos0 + i;
+        let start = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+        let qh = &q[i * c.q_dim() + h * hd..i * c.q_dim() + (h + 1) * hd];
+        let koff = (h / group) * hd;
+        let mut acc = [0f32; 512];
+        let acc = &mut acc[..hd];
+        let mut kbuf = [0f32; 512];
+        let kbuf = &mut kbuf[..hd];
+        let (mut mx, mut sum) = (f32::NEG_INFINITY, 0f32);
+        for p in start..=pos {
+            let kr = &keys[p * kvd + koff..p * kvd + koff + hd];
+            f16_to_f32(kr, kbuf);
+            let sc = ops::dot_f32(qh, kbuf) * scale;
+            let vr = &values[p * kvd + koff..p * kvd + koff + hd];
+            f16_to_f32(vr, kbuf);
+            if sc > mx {
+                let r = (mx - sc).exp();
+                acc.iter_mut().for_each(|a| *a *= r);
+                sum *= r;
+                mx = sc;
+            }
+            let w = (sc - mx).exp();
+            sum += w;
+            ops::axpy(w, kbuf, acc);
+        }
+        // SAFETY: task (i, h) alone writes out[i*q_dim + h*hd ..][..hd], inside the buffer.
+        let o = unsafe { optr.slice(i * nh * hd + h * hd, hd) };
+        let inv = 1.0 / sum;
+        for (o, a) in o.iter_mut().zip(acc.iter()) {
+            *o = a * inv;
+        }
+    });
+}
+
+#[inline]
+fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
+    use half::slice::HalfFloatSliceExt;
+    src.convert_to_f32_slice(dst);
+}

@@ -1,0 +1,69 @@
+//! A contiguous per-sequence KV cache in f16 (llama.cpp's default KV type). The paged,
+//! multi-sequence cache of the serving engine is a separate component.
+
+use half::f16;
+
+/// Keys and values of one sequence for every layer.
+pub struct KvCache {
+    /// Per layer, keys: `[capacity × kv_dim]`.
+    k: Vec<Vec<f16>>,
+    /// Per layer, values: `[capacity × kv_dim]`.
+    v: Vec<Vec<f16>>,
+    kv_dim: usize,
+    capacity: usize,
+    len: usize,
+}
+
+impl KvCache {
+    /// A cache for `capacity` positions.
+    pub fn new(n_layer: usize, kv_dim: usize, capacity: usize) -> KvCache {
+        KvCache {
+            k: (0..n_layer).map(|_| vec![f16::ZERO; capacity * kv_dim]).collect(),
+            v: (0..n_layer).map(|_| vec![f16::ZERO; capacity * kv_dim]).collect(),
+            kv_dim,
+            capacity,
+            len: 0,
+        }
+    }
+    /// Positions filled.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Positions it can hold.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+    /// Forgets positions from `n` on (to reuse a common prefix).
+    pub fn truncate(&mut self, n: usize) {
+        self.len = self.len.min(n);
+    }
+    pub(crate) fn set_len(&mut self, n: usize) {
+        self.len = n;
+    }
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.k.len() * 2 * self.capacity * self.kv_dim * 2
+    }
+    /// Stores one position's keys and values for a layer.
+    pub(crate) fn write(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
+        let o = pos * self.kv_dim;
+        for (d, s) in self.k[layer][o..o + self.kv_dim].iter_mut().zip(k) {
+            *d = f16::from_f32(*s);
+        }
+        for (d, s) in self.v[layer][o..o + self.kv_dim].iter_mut().zip(v) {
+            *d = f16::from_f32(*s);
+        }
+    }
+    /// All keys of a layer: `[capacity × kv_dim]`.
+    pub(crate) fn keys(&self, layer: usize) -> &[f16] {
+        &self.k[layer]
+    }
+    /// All values of a layer: `[capacity × kv_dim]`.
+    pub(crate) fn values(&self, layer: usize) -> &[f16] {
+        &self.v[layer]
+    }
+}

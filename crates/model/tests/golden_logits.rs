@@ -1,0 +1,128 @@
+//! Agreement with llama.cpp on the real models (`tests/data/*.json`, see its README):
+//! teacher-forced top-1 agreement and top-5 logit error, perplexity, and greedy generation up to
+//! the first near-tie. The tolerances are the ones the reference's own self-disagreement allows.
+
+use ruvllm_kernels::pool::ThreadPool;
+use ruvllm_model::{generate, registry, GenerateParams, Logits, Model, Runner, SamplingParams};
+use ruvllm_tokenizer::Tokenizer;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+fn golden(file: &str) -> serde_json::Value {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data").join(file);
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+struct Stats {
+    positions: usize,
+    top1_agree: usize,
+    abs_diff_sum: f64,
+    abs_diff_n: usize,
+}
+
+fn teacher_force(model: &Model, pool: &Arc<ThreadPool>, g: &serde_json::Value) -> Stats {
+    let mut st = Stats { positions: 0, top1_agree: 0, abs_diff_sum: 0.0, abs_diff_n: 0 };
+    for case in g["generate"].as_array().unwrap() {
+        let prompt = ids(&case["prompt_ids"]);
+        let greedy = ids(&case["greedy_ids"]);
+        let top5 = case["top5_at_each_step"].as_array().unwrap();
+        let mut seq = prompt.clone();
+        seq.extend(&greedy);
+        let mut r = Runner::new(model, pool.clone(), seq.len() + 1);
+        // Prompt in one batch (only its last logits matter), then the rest in one batch.
+        let nv = model.config.n_vocab;
+        let mut all = r.forward(&prompt, Logits::Last).unwrap().to_vec();
+        if greedy.len() > 1 {
+            all.extend_from_slice(r.forward(&greedy[..greedy.len() - 1], Logits::All).unwrap());
+        }
+        assert_eq!(top5.len(), greedy.len());
+        for (k, ref5) in top5.iter().enumerate() {
+            let ours = &all[k * nv..(k + 1) * nv];
+            let ref5 = ref5.as_array().unwrap();
+            let ref_top = ref5[0][0].as_u64().unwrap() as usize;
+            let our_top = ruvllm_model::sampler::argmax(ours) as usize;
+            st.positions += 1;
+            st.top1_agree += (our_top == ref_top) as usize;
+            for e in ref5 {
+                let id = e[0].as_u64().unwrap() as usize;
+                st.abs_diff_sum += (ours[id] as f64 - e[1].as_f64().unwrap()).abs();
+                st.abs_diff_n += 1;
+            }
+        }
+    }
+    st
+}
+
+fn perplexity(model: &Model, tok: &Tokenizer, pool: &Arc<ThreadPool>, g: &serde_json::Value) -> (usize, f64) {
+    let case = &g["nll"][0];
+    let tokens = tok.encode(case["text"].as_str().unwrap(), true, false);
+    let mut r = Runner::new(model, pool.clone(), tokens.len());
+    let logits = r.forward(&tokens, Logits::All).unwrap();
+    let nv = model.config.n_vocab;
+    let mut nll = 0f64;
+    for i in 0..tokens.len() - 1 {
+        let l = &logits[i * nv..(i + 1) * nv];
+        let mx = l.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+        let lse = mx + l.iter().map(|&v| (v as f64 - mx).exp()).sum::<f64>().ln();
+        nll += lse - l[tokens[i + 1] as usize] as f64;
+    }
+    (tokens.len(), (nll / (tokens.len() - 1) as f64).exp())
+}
+
+/// Greedy generation equals the reference up to the first position where the reference's top
+/// two logits are within 0.5 of each other.
+fn greedy_matches_up_to_near_tie(model: &Model, tok: &Tokenizer, pool: &Arc<ThreadPool>, g: &serde_json::Value) {
+    for case in g["generate"].as_array().unwrap() {
+        let prompt = ids(&case["prompt_ids"]);
+        let want = ids(&case["greedy_ids"]);
+        let top5 = case["top5_at_each_step"].as_array().unwrap();
+        let tie = top5
+            .iter()
+            .position(|t| t[0][1].as_f64().unwrap() - t[1][1].as_f64().unwrap() < 0.5)
+            .unwrap_or(want.len());
+        let mut r = Runner::new(model, pool.clone(), prompt.len() + want.len() + 1);
+        let params = GenerateParams { max_tokens: Some(want.len()), sampling: SamplingParams::greedy(), ..Default::default() };
+        let got = generate(&mut r, tok, &prompt, &params, |_| {}).unwrap();
+        let n = tie.min(want.len());
+        assert!(got.tokens.len() >= n, "{:?}: stopped after {} tokens, expected at least {n}", case["prompt"], got.tokens.len());
+        assert_eq!(&got.tokens[..n], &want[..n], "{:?}: diverged before the first near-tie at {tie}", case["prompt"]);
+    }
+}
+
+fn check(model_name: &str, json: &str, max_mean_abs: f64) {
+    let Some(path) = registry::for_test(model_name) else { return };
+    let model = Model::load(&path).unwrap();
+    let tok = Tokenizer::from_gguf(model.gguf()).unwrap();
+    let pool = Arc::new(ThreadPool::new(2));
+    let g = golden(json);
+
+    let st = teacher_force(&model, &pool, &g);
+    let agree = st.top1_agree as f64 / st.positions as f64;
+    let mean_abs = st.abs_diff_sum / st.abs_diff_n as f64;
+    eprintln!("{model_name}: top-1 agreement {}/{} = {agree:.4}, mean |Δlogit| over reference top-5 = {mean_abs:.4}", st.top1_agree, st.positions);
+    assert!(agree >= 0.97, "top-1 agreement {agree}");
+    assert!(mean_abs <= max_mean_abs, "mean abs logit diff {mean_abs} > {max_mean_abs}");
+
+    let (n, ppl) = perplexity(&model, &tok, &pool, &g);
+    let want_n = g["nll"][0]["n_tokens"].as_u64().unwrap() as usize;
+    let want_ppl = g["nll"][0]["perplexity"].as_f64().unwrap();
+    eprintln!("{model_name}: perplexity {ppl:.4} vs reference {want_ppl:.4} ({:+.3}%)", 100.0 * (ppl / want_ppl - 1.0));
+    assert_eq!(n, want_n, "perplexity text token count");
+    assert!((ppl / want_ppl - 1.0).abs() <= 0.015, "perplexity {ppl} vs {want_ppl}");
+
+    greedy_matches_up_to_near_tie(&model, &tok, &pool, &g);
+}
+
+#[test]
+fn smollm2_agrees_with_llama_cpp() {
+    check("smollm2-135m", "smollm2-135m-instruct-q4_1.json", 0.25);
+}
+
+#[test]
+fn gemma3_agrees_with_llama_cpp() {
+    check("gemma3-270m", "gemma3-270m-q4_k_m.json", 0.35);
+}
