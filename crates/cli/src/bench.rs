@@ -1,0 +1,123 @@
+//! `ruvllm bench`, in the manner of `llama-bench`: pp (one batch of P prompt tokens from an
+//! empty cache) and tg (N single-token decode steps from an empty cache), each repeated R times
+//! after a warm-up, reported as mean ± standard deviation tokens/s. `--output json` writes the
+//! records llama-bench writes (`n_prompt`, `n_gen`, `avg_ts`, `stddev_ts`, ...).
+
+use crate::error::Error;
+use crate::{load, ModelArgs};
+use clap::Args;
+use ruvllm_model::{Logits, Runner};
+use std::time::Instant;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt tokens for the pp test (0 skips it).
+    #[arg(short = 'p', long = "n-prompt", default_value_t = 512)]
+    n_prompt: usize,
+    /// Generated tokens for the tg test (0 skips it).
+    #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
+    n_gen: usize,
+    /// Repetitions.
+    #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
+    reps: usize,
+    /// Output format: md or json.
+    #[arg(short = 'o', long = "output", default_value = "md")]
+    output: String,
+}
+
+fn mean_std(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let var = if v.len() > 1 { v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0) } else { 0.0 };
+    (mean, var.sqrt())
+}
+
+pub fn run(a: BenchArgs) -> Result<(), Error> {
+    if a.output != "md" && a.output != "json" {
+        return Err(Error::usage(format!("--output must be md or json, got {:?}", a.output)));
+    }
+    if a.reps == 0 {
+        return Err(Error::usage("--repetitions must be at least 1"));
+    }
+    let l = load(&a.model)?;
+    let nv = l.model.config.n_vocab as u64;
+    let ctx = (a.n_prompt.max(a.n_gen) + 1).max(16);
+    if ctx > l.model.config.n_ctx_train {
+        return Err(Error::usage(format!("bench needs {ctx} positions but the model's context is {}", l.model.config.n_ctx_train)));
+    }
+    let mut runner = Runner::new(&l.model, l.pool.clone(), ctx);
+    let mut seed = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (100 + seed % (nv - 100).max(1)) as u32
+    };
+    let tokens: Vec<u32> = (0..a.n_prompt.max(a.n_gen)).map(|_| next()).collect();
+    let mut records = Vec::new();
+    let path = crate::pull::resolve(a.model.model.as_deref())?;
+    let file_name = path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let threads = l.pool.n_threads();
+    let mut tests: Vec<(usize, usize)> = Vec::new();
+    if a.n_prompt > 0 {
+        tests.push((a.n_prompt, 0));
+    }
+    if a.n_gen > 0 {
+        tests.push((0, a.n_gen));
+    }
+    for (np, ng) in tests {
+        let mut samples = Vec::new();
+        for rep in 0..=a.reps {
+            runner.truncate(0);
+            let t = Instant::now();
+            if np > 0 {
+                runner.forward(&tokens[..np], Logits::Last)?;
+            } else {
+                for &tk in &tokens[..ng] {
+                    runner.forward(&[tk], Logits::Last)?;
+                }
+            }
+            let secs = t.elapsed().as_secs_f64();
+            if rep > 0 {
+                samples.push((np + ng) as f64 / secs);
+            }
+        }
+        let (avg, std) = mean_std(&samples);
+        records.push(serde_json::json!({
+            "model_filename": file_name,
+            "model_type": l.model.config.arch_name,
+            "model_size": l.model.gguf().file_size(),
+            "n_params": l.model.gguf().tensors().iter().map(|t| t.n_elements()).sum::<u64>(),
+            "n_threads": threads,
+            "n_prompt": np,
+            "n_gen": ng,
+            "avg_ts": avg,
+            "stddev_ts": std,
+            "samples_ts": samples,
+            "backend": "CPU",
+            "build_commit": env!("CARGO_PKG_VERSION"),
+            "simd": format!("{:?}", ruvllm_kernels::dispatch::tier()),
+        }));
+    }
+    if a.output == "json" {
+        println!("{}", serde_json::to_string_pretty(&records).unwrap_or_default());
+    } else {
+        println!("| model | size | threads | simd | test | t/s |");
+        println!("| --- | ---: | ---: | --- | ---: | ---: |");
+        for r in &records {
+            let test = if r["n_prompt"].as_u64() > Some(0) { format!("pp{}", r["n_prompt"]) } else { format!("tg{}", r["n_gen"]) };
+            println!(
+                "| {} | {:.1} MiB | {} | {} | {test} | {:.2} ± {:.2} |",
+                r["model_filename"].as_str().unwrap_or(""),
+                r["model_size"].as_f64().unwrap_or(0.0) / 1048576.0,
+                r["n_threads"],
+                r["simd"].as_str().unwrap_or(""),
+                r["avg_ts"].as_f64().unwrap_or(0.0),
+                r["stddev_ts"].as_f64().unwrap_or(0.0)
+            );
+        }
+    }
+    Ok(())
+}

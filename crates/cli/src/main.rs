@@ -1,0 +1,468 @@
+//! `ruvllm`: run, chat with, inspect and measure GGUF models on the CPU.
+
+mod bench;
+mod error;
+mod pull;
+
+use clap::{Args, Parser, Subcommand};
+use error::{exit_code, Error};
+use ruvllm_gguf::GgufFile;
+use ruvllm_kernels::pool::ThreadPool;
+use ruvllm_model::{generate, registry, GenerateParams, Logits, Model, Runner, SamplingParams};
+use ruvllm_tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+#[derive(Parser)]
+#[command(name = "ruvllm", version, about = "LLM serving runtime: GGUF models on the CPU")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate a reply to PROMPT (or standard input), streamed to standard output.
+    Run(RunArgs),
+    /// Interactive multi-turn chat; the KV cache is reused between turns.
+    Chat(ChatArgs),
+    /// Print the token ids of TEXT as a JSON array.
+    Tokenize(TokenizeArgs),
+    /// Show a model's metadata and tensors.
+    Info {
+        /// Model file or pulled name.
+        model: String,
+    },
+    /// Mean negative log-likelihood and perplexity of a text file.
+    Perplexity(PerplexityArgs),
+    /// Fetch a known model into the cache (RUVLLM_HOME, default ~/.cache/ruvllm).
+    Pull {
+        /// Model name (see `ruvllm list`).
+        name: String,
+    },
+    /// List known models and whether they are pulled.
+    List,
+    /// Measure prompt processing (pp) and generation (tg) speed, like llama-bench.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// Model: a GGUF path or a pulled name (default: smollm2-135m, pulled on first use).
+    #[arg(short = 'm', long = "model")]
+    model: Option<String>,
+    /// Worker threads (default: all cores).
+    #[arg(short = 't', long = "threads")]
+    threads: Option<usize>,
+    /// Context size in tokens (default: 4096, capped at the model's trained context).
+    #[arg(short = 'c', long = "ctx-size", default_value_t = 4096)]
+    ctx_size: usize,
+}
+
+#[derive(Args, Clone)]
+struct SamplingArgs {
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    /// Top-p (nucleus) sampling; 1 disables.
+    #[arg(long = "top-p", default_value_t = 0.95)]
+    top_p: f32,
+    /// Top-k sampling; 0 disables.
+    #[arg(long = "top-k", default_value_t = 40)]
+    top_k: usize,
+    /// Min-p sampling; 0 disables.
+    #[arg(long = "min-p", default_value_t = 0.05)]
+    min_p: f32,
+    /// Repetition penalty over the last 64 tokens; 1 disables.
+    #[arg(long = "repeat-penalty", default_value_t = 1.0)]
+    repeat_penalty: f32,
+    /// Frequency penalty.
+    #[arg(long = "frequency-penalty", default_value_t = 0.0, allow_hyphen_values = true)]
+    frequency_penalty: f32,
+    /// Presence penalty.
+    #[arg(long = "presence-penalty", default_value_t = 0.0, allow_hyphen_values = true)]
+    presence_penalty: f32,
+    /// RNG seed for reproducible sampling.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Most tokens to generate (default: until end of turn or the context is full).
+    #[arg(short = 'n', long = "max-tokens")]
+    max_tokens: Option<usize>,
+    /// Stop string (repeatable).
+    #[arg(long = "stop")]
+    stop: Vec<String>,
+}
+
+impl SamplingArgs {
+    fn params(&self) -> GenerateParams {
+        GenerateParams {
+            max_tokens: self.max_tokens,
+            sampling: SamplingParams {
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                min_p: self.min_p,
+                repetition_penalty: self.repeat_penalty,
+                frequency_penalty: self.frequency_penalty,
+                presence_penalty: self.presence_penalty,
+                penalty_last_n: 64,
+                seed: self.seed,
+            },
+            stop: self.stop.clone(),
+            ignore_eos: false,
+            n_batch: 256,
+        }
+    }
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Use the prompt as is, without the chat template.
+    #[arg(long)]
+    raw: bool,
+    /// System message (chat template only).
+    #[arg(long)]
+    system: Option<String>,
+    /// Print {"prompt_tokens":[..],"tokens":[..],"text":..} instead of streaming text.
+    #[arg(long)]
+    json: bool,
+    /// The prompt; read from standard input when absent.
+    prompt: Option<String>,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// System message.
+    #[arg(long)]
+    system: Option<String>,
+}
+
+#[derive(Args)]
+struct TokenizeArgs {
+    /// Model: a GGUF path or a pulled name.
+    #[arg(short = 'm', long = "model")]
+    model: Option<String>,
+    /// Add BOS even if the model says not to.
+    #[arg(long, conflicts_with = "no_bos")]
+    bos: bool,
+    /// Do not add BOS.
+    #[arg(long = "no-bos")]
+    no_bos: bool,
+    /// Treat special-token text as plain text.
+    #[arg(long = "no-special")]
+    no_special: bool,
+    /// The text.
+    text: String,
+}
+
+#[derive(Args)]
+struct PerplexityArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Text file.
+    #[arg(short = 'f', long = "file")]
+    file: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A model with what it needs to talk: tokenizer and chat template.
+struct Loaded {
+    model: Model,
+    tok: Tokenizer,
+    pool: Arc<ThreadPool>,
+}
+
+fn load(args: &ModelArgs) -> Result<Loaded, Error> {
+    let path = pull::resolve(args.model.as_deref())?;
+    let model = Model::load(&path)?;
+    let tok = Tokenizer::from_gguf(model.gguf())?;
+    if tok.vocab_size() != model.config.n_vocab {
+        return Err(Error::usage(format!("tokenizer has {} tokens but the embedding has {} rows", tok.vocab_size(), model.config.n_vocab)));
+    }
+    let threads = match args.threads {
+        Some(0) => return Err(Error::usage("--threads must be at least 1")),
+        Some(t) => t,
+        None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+    };
+    if args.ctx_size == 0 {
+        return Err(Error::usage("--ctx-size must be at least 1"));
+    }
+    Ok(Loaded { model, tok, pool: Arc::new(ThreadPool::new(threads)) })
+}
+
+fn template(l: &Loaded) -> Result<ChatTemplate, Error> {
+    let f = l.model.gguf();
+    let name = |id: Option<u32>| id.and_then(|i| l.tok.token_text(i)).unwrap_or("").to_owned();
+    let tmpl = f.get("tokenizer.chat_template").and_then(|v| v.as_str());
+    Ok(ChatTemplate::for_model(tmpl, &l.model.config.arch_name, &name(l.tok.bos), &name(l.tok.eos))?)
+}
+
+/// Tokenizes a rendered chat prompt: special tokens parsed; BOS added only if the template did
+/// not already write it.
+fn encode_chat(tok: &Tokenizer, rendered: &str) -> Vec<u32> {
+    let mut ids = tok.encode(rendered, false, true);
+    if tok.add_bos {
+        if let Some(b) = tok.bos {
+            if ids.first() != Some(&b) {
+                ids.insert(0, b);
+            }
+        }
+    }
+    ids
+}
+
+fn cmd_run(a: RunArgs) -> Result<(), Error> {
+    let params = a.sampling.params();
+    params.sampling.validate()?;
+    let prompt = match a.prompt {
+        Some(p) => p,
+        None => {
+            let mut s = String::new();
+            std::io::stdin().lock().read_line(&mut s).map_err(|e| Error::io("read prompt from stdin", e))?;
+            let mut rest = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut rest).map_err(|e| Error::io("read prompt from stdin", e))?;
+            s + &rest
+        }
+    };
+    let l = load(&a.model)?;
+    let ids = if a.raw {
+        l.tok.encode(&prompt, true, true)
+    } else {
+        let mut msgs = Vec::new();
+        if let Some(s) = &a.system {
+            msgs.push(ChatMessage::new("system", s));
+        }
+        msgs.push(ChatMessage::new("user", &prompt));
+        encode_chat(&l.tok, &template(&l)?.render(&msgs, true)?)
+    };
+    let mut runner = Runner::new(&l.model, l.pool.clone(), a.model.ctx_size);
+    let stdout = std::io::stdout();
+    let json = a.json;
+    let gen = generate(&mut runner, &l.tok, &ids, &params, |t| {
+        if !json {
+            let mut o = stdout.lock();
+            let _ = o.write_all(t.as_bytes());
+            let _ = o.flush();
+        }
+    })?;
+    if json {
+        let v = serde_json::json!({
+            "prompt_tokens": ids,
+            "tokens": gen.tokens,
+            "text": gen.text,
+            "finish_reason": gen.finish.as_str(),
+        });
+        println!("{v}");
+    } else {
+        println!();
+        eprintln!(
+            "[{} prompt tokens ({} computed) in {:.2}s, {} tokens in {:.2}s = {:.1} tok/s, finish: {}]",
+            ids.len(),
+            gen.prompt_computed,
+            gen.prefill_secs,
+            gen.tokens.len(),
+            gen.decode_secs,
+            gen.tokens.len().saturating_sub(1) as f64 / gen.decode_secs.max(1e-9),
+            gen.finish.as_str()
+        );
+    }
+    Ok(())
+}
+
+fn cmd_chat(a: ChatArgs) -> Result<(), Error> {
+    let params = a.sampling.params();
+    params.sampling.validate()?;
+    let l = load(&a.model)?;
+    let tmpl = template(&l)?;
+    let mut runner = Runner::new(&l.model, l.pool.clone(), a.model.ctx_size);
+    let mut msgs: Vec<ChatMessage> = a.system.iter().map(|s| ChatMessage::new("system", s)).collect();
+    let interactive = std::io::stdin().is_terminal();
+    if interactive {
+        eprintln!("ruvllm chat ({}); /reset clears the conversation, /exit or Ctrl-D quits", tmpl.source);
+    }
+    let stdin = std::io::stdin();
+    let mut line = String::new();
+    loop {
+        if interactive {
+            eprint!("> ");
+            let _ = std::io::stderr().flush();
+        }
+        line.clear();
+        if stdin.lock().read_line(&mut line).map_err(|e| Error::io("read stdin", e))? == 0 {
+            break;
+        }
+        let text = line.trim_end_matches(['\n', '\r']);
+        match text.trim() {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                msgs.retain(|m| m.role == "system");
+                runner.truncate(0);
+                eprintln!("[conversation cleared]");
+                continue;
+            }
+            _ => {}
+        }
+        msgs.push(ChatMessage::new("user", text));
+        let ids = encode_chat(&l.tok, &tmpl.render(&msgs, true)?);
+        let stdout = std::io::stdout();
+        let gen = match generate(&mut runner, &l.tok, &ids, &params, |t| {
+            let mut o = stdout.lock();
+            let _ = o.write_all(t.as_bytes());
+            let _ = o.flush();
+        }) {
+            Ok(g) => g,
+            Err(e) => {
+                eprintln!("error: {e}");
+                msgs.pop();
+                continue;
+            }
+        };
+        println!();
+        eprintln!("[{} of {} prompt tokens computed, {} generated]", gen.prompt_computed, ids.len(), gen.tokens.len());
+        msgs.push(ChatMessage::new("assistant", &gen.text));
+    }
+    Ok(())
+}
+
+fn cmd_tokenize(a: TokenizeArgs) -> Result<(), Error> {
+    let path = pull::resolve(a.model.as_deref())?;
+    let f = GgufFile::open(&path)?;
+    let mut tok = Tokenizer::from_gguf(&f)?;
+    if a.bos {
+        tok.add_bos = true;
+    }
+    if a.no_bos {
+        tok.add_bos = false;
+    }
+    let ids = tok.encode(&a.text, true, !a.no_special);
+    println!("{}", serde_json::to_string(&ids).unwrap_or_default());
+    Ok(())
+}
+
+fn cmd_info(model: &str) -> Result<(), Error> {
+    let path = pull::resolve(Some(model))?;
+    let f = GgufFile::open(&path)?;
+    println!("file: {} ({:.1} MB, GGUF v{})", path.display(), f.file_size() as f64 / 1e6, f.version);
+    println!("metadata:");
+    for (k, v) in f.metadata() {
+        println!("  {k} = {}", v.summary());
+    }
+    let mut by_type: std::collections::BTreeMap<&str, (usize, u64)> = Default::default();
+    for t in f.tensors() {
+        let e = by_type.entry(t.ggml_type.name()).or_default();
+        e.0 += 1;
+        e.1 += t.size;
+    }
+    println!("tensors: {}", f.tensors().len());
+    for (ty, (n, bytes)) in by_type {
+        println!("  {ty:>5}: {n:4} tensors, {:8.2} MB", bytes as f64 / 1e6);
+    }
+    for t in f.tensors() {
+        println!("  {:40} {:>5} {:?}", t.name, t.ggml_type.name(), t.dims);
+    }
+    match Model::from_gguf(GgufFile::open(&path)?) {
+        Ok(m) => println!("model: {:?} — loadable by ruvllm", m.config),
+        Err(e) => println!("model: not runnable by ruvllm: {e}"),
+    }
+    Ok(())
+}
+
+fn cmd_perplexity(a: PerplexityArgs) -> Result<(), Error> {
+    let text = std::fs::read(&a.file).map_err(|e| Error::io(format!("read {}", a.file.display()), e))?;
+    let text = String::from_utf8(text).map_err(|_| Error::usage(format!("{} is not valid UTF-8", a.file.display())))?;
+    let l = load(&a.model)?;
+    let tokens = l.tok.encode(&text, true, false);
+    if tokens.len() < 2 {
+        return Err(Error::usage("the text needs at least two tokens"));
+    }
+    // Score the text in windows of the context size; each window predicts all its tokens but
+    // the first (for a text that fits one window this is the plain mean NLL).
+    let n_ctx = a.model.ctx_size.min(l.model.config.n_ctx_train);
+    let mut runner = Runner::new(&l.model, l.pool.clone(), n_ctx);
+    let nv = l.model.config.n_vocab;
+    let (mut nll, mut count) = (0f64, 0usize);
+    let t0 = std::time::Instant::now();
+    for window in tokens.chunks(n_ctx) {
+        if window.len() < 2 {
+            break;
+        }
+        runner.truncate(0);
+        for (ci, chunk) in window.chunks(64).enumerate() {
+            let logits = runner.forward(chunk, Logits::All)?;
+            for (i, _) in chunk.iter().enumerate() {
+                let gi = ci * 64 + i;
+                if gi + 1 >= window.len() {
+                    break;
+                }
+                let row = &logits[i * nv..(i + 1) * nv];
+                let mx = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+                let lse = mx + row.iter().map(|&v| (v as f64 - mx).exp()).sum::<f64>().ln();
+                nll += lse - row[window[gi + 1] as usize] as f64;
+                count += 1;
+            }
+        }
+    }
+    let mean = nll / count as f64;
+    if a.json {
+        println!("{}", serde_json::json!({"n_tokens": tokens.len(), "n_predicted": count, "mean_nll": mean, "perplexity": mean.exp()}));
+    } else {
+        println!("tokens: {}  predicted: {count}  mean NLL: {mean:.6}  perplexity: {:.4}  ({:.1}s)", tokens.len(), mean.exp(), t0.elapsed().as_secs_f64());
+    }
+    Ok(())
+}
+
+fn cmd_list() {
+    for m in registry::KNOWN_MODELS {
+        let state = match registry::installed(m.name) {
+            Some(p) => format!("pulled: {}", p.display()),
+            None => "not pulled".to_string(),
+        };
+        let default = if m.name == registry::DEFAULT_MODEL { " (default)" } else { "" };
+        println!("{:14} {}{default}\n{:14} {state}", m.name, m.description, "");
+    }
+}
+
+fn run(cli: Cli) -> Result<(), Error> {
+    match cli.cmd {
+        Cmd::Run(a) => cmd_run(a),
+        Cmd::Chat(a) => cmd_chat(a),
+        Cmd::Tokenize(a) => cmd_tokenize(a),
+        Cmd::Info { model } => cmd_info(&model),
+        Cmd::Perplexity(a) => cmd_perplexity(a),
+        Cmd::Pull { name } => {
+            let m = registry::find(&name).ok_or_else(|| {
+                Error::usage(format!("unknown model {name:?} (known: {})", registry::KNOWN_MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")))
+            })?;
+            pull::pull(m).map(|_| ())
+        }
+        Cmd::List => {
+            cmd_list();
+            Ok(())
+        }
+        Cmd::Bench(a) => bench::run(a),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}
