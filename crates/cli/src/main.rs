@@ -64,19 +64,19 @@ struct ModelArgs {
 #[derive(Args, Clone)]
 struct SamplingArgs {
     /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, default_value_t = 0.8, allow_hyphen_values = true)]
     temperature: f32,
     /// Top-p (nucleus) sampling; 1 disables.
-    #[arg(long = "top-p", default_value_t = 0.95)]
+    #[arg(long = "top-p", default_value_t = 0.95, allow_hyphen_values = true)]
     top_p: f32,
     /// Top-k sampling; 0 disables.
     #[arg(long = "top-k", default_value_t = 40)]
     top_k: usize,
     /// Min-p sampling; 0 disables.
-    #[arg(long = "min-p", default_value_t = 0.05)]
+    #[arg(long = "min-p", default_value_t = 0.05, allow_hyphen_values = true)]
     min_p: f32,
     /// Repetition penalty over the last 64 tokens; 1 disables.
-    #[arg(long = "repeat-penalty", default_value_t = 1.0)]
+    #[arg(long = "repeat-penalty", default_value_t = 1.0, allow_hyphen_values = true)]
     repeat_penalty: f32,
     /// Frequency penalty.
     #[arg(long = "frequency-penalty", default_value_t = 0.0, allow_hyphen_values = true)]

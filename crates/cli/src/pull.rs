@@ -37,6 +37,13 @@ fn python() -> String {
 /// Downloads and installs a known model; returns its path.
 pub fn pull(m: &KnownModel) -> Result<PathBuf, Error> {
     let dest = registry::model_path(m);
+    if dest.is_file() {
+        if sha256_file(&dest)? == m.sha256 {
+            eprintln!("{}: already pulled ({}, sha256 verified)", m.name, dest.display());
+            return Ok(dest);
+        }
+        eprintln!("{}: {} fails its sha256 check; fetching it again", m.name, dest.display());
+    }
     let dir = dest.parent().map(Path::to_path_buf).unwrap_or_default();
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
     let tmp = dir.join(format!(".pull-{}", std::process::id()));
@@ -46,6 +53,20 @@ pub fn pull(m: &KnownModel) -> Result<PathBuf, Error> {
     let _ = std::fs::remove_dir_all(&tmp);
     result?;
     Ok(dest)
+}
+
+fn sha256_file(p: &Path) -> Result<String, Error> {
+    let mut f = std::fs::File::open(p).map_err(|e| Error::io(format!("open {}", p.display()), e))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| Error::io(format!("read {}", p.display()), e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 fn fetch_into(m: &KnownModel, tmp: &Path, dest: &Path) -> Result<(), Error> {

