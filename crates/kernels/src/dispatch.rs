@@ -60,14 +60,68 @@ pub fn best_tier() -> Tier {
 /// A row dot product: weight row bytes · activation row.
 pub type DotFn = fn(&[u8], ActRow<'_>) -> f32;
 
-/// The dot function for a weight type at the process's tier.
-pub fn dot_fn(ty: GgmlType) -> DotFn {
-    dot_fn_for(ty, tier())
+/// One weight row · four activation rows; bit-identical to four [`DotFn`] calls.
+pub type Dot4Fn = fn(&[u8], [ActRow<'_>; 4]) -> [f32; 4];
+
+/// Rows `r0..r1` of a weight matrix (`row_bytes` each) times every row of `acts`, writing
+/// `out[t * ld + r]`.
+///
+/// # Safety
+/// `out` must point to at least `acts.n_rows × ld` floats that no one else writes at those
+/// `(t, r)` positions meanwhile, and the CPU must support the tier the function came from
+/// (guaranteed for functions obtained from [`kernels`] / [`kernels_for`]).
+pub type RowsFn = unsafe fn(&[u8], usize, usize, usize, &crate::act::QuantActs, crate::SyncPtr<f32>, usize);
+
+/// The kernels for one weight type at one tier.
+#[derive(Clone, Copy)]
+pub struct Kernels {
+    /// One row · one activation row.
+    pub dot: DotFn,
+    /// One row · four activation rows.
+    pub dot4: Dot4Fn,
+    /// A block of rows × all activation rows, where the tier has a fused loop.
+    pub rows: Option<RowsFn>,
 }
 
-/// The dot function for a weight type at a given tier (which must not exceed [`best_tier`]).
-pub fn dot_fn_for(ty: GgmlType, tier: Tier) -> DotFn {
-    crate::simd::select(ty, tier).unwrap_or_else(|| scalar_fn(ty))
+/// The kernels for a weight type at the process's tier.
+pub fn kernels(ty: GgmlType) -> Kernels {
+    kernels_for(ty, tier())
+}
+
+/// The kernels for a weight type at a given tier (capped at what the CPU supports).
+pub fn kernels_for(ty: GgmlType, tier: Tier) -> Kernels {
+    let tier = tier.min(best_tier());
+    crate::simd::select(ty, tier).unwrap_or_else(|| Kernels { dot: scalar_fn(ty), dot4: scalar4_fn(ty), rows: None })
+}
+
+/// The dot functions for a weight type at a given tier.
+pub fn dot_fns_for(ty: GgmlType, tier: Tier) -> (DotFn, Dot4Fn) {
+    let k = kernels_for(ty, tier);
+    (k.dot, k.dot4)
+}
+
+fn scalar4_fn(ty: GgmlType) -> Dot4Fn {
+    use GgmlType::*;
+    macro_rules! f {
+        ($t:expr) => {
+            |w, a: [ActRow<'_>; 4]| a.map(|r| crate::dot::dot_scalar($t, w, r))
+        };
+    }
+    match ty {
+        Q4_0 => f!(Q4_0),
+        Q4_1 => f!(Q4_1),
+        Q5_0 => f!(Q5_0),
+        Q5_1 => f!(Q5_1),
+        Q8_0 => f!(Q8_0),
+        Q2_K => f!(Q2_K),
+        Q3_K => f!(Q3_K),
+        Q4_K => f!(Q4_K),
+        Q5_K => f!(Q5_K),
+        Q6_K => f!(Q6_K),
+        F16 => f!(F16),
+        BF16 => f!(BF16),
+        _ => f!(F32),
+    }
 }
 
 fn scalar_fn(ty: GgmlType) -> DotFn {

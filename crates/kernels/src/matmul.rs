@@ -5,7 +5,7 @@
 //! dot function runs on the same quantized activation row in the same order.
 
 use crate::act::{ActFormat, QuantActs};
-use crate::dispatch::dot_fn;
+use crate::dispatch::kernels;
 use crate::pool::ThreadPool;
 use crate::{GgmlType, SyncPtr};
 
@@ -47,7 +47,9 @@ pub fn matmul(pool: &ThreadPool, w: &QMatrix<'_>, acts: &QuantActs, out: &mut [f
     debug_assert_eq!(acts.format, Some(w.act_format()));
     let n_tok = acts.n_rows;
     assert!(out.len() >= n_tok * w.rows, "matmul output too small");
-    let dot = dot_fn(w.ty);
+    let k = kernels(w.ty);
+    let (dot, dot4) = (k.dot, k.dot4);
+    let rb = w.row_bytes();
     let ptr = SyncPtr::new(out);
     let n_tasks = w.rows.div_ceil(ROWS_PER_TASK);
     let rows = w.rows;
@@ -55,13 +57,29 @@ pub fn matmul(pool: &ThreadPool, w: &QMatrix<'_>, acts: &QuantActs, out: &mut [f
         let p = ptr;
         let r0 = task * ROWS_PER_TASK;
         let r1 = (r0 + ROWS_PER_TASK).min(rows);
+        if let Some(f) = k.rows {
+            // SAFETY: out holds n_tok × rows floats (asserted above) and rows r0..r1 belong to
+            // this task alone; `kernels` only hands out functions the CPU supports.
+            unsafe { f(w.data, rb, r0, r1, acts, p, rows) };
+            return;
+        }
         for r in r0..r1 {
             let wr = w.row(r);
-            for t in 0..n_tok {
+            let mut t = 0;
+            while t + 4 <= n_tok {
+                let v = dot4(wr, [acts.row(t), acts.row(t + 1), acts.row(t + 2), acts.row(t + 3)]);
+                for (k, v) in v.into_iter().enumerate() {
+                    // SAFETY: index (t+k)*rows + r is in bounds (checked above) and row r
+                    // belongs to this task alone.
+                    unsafe { *p.0.add((t + k) * rows + r) = v };
+                }
+                t += 4;
+            }
+            while t < n_tok {
                 let v = dot(wr, acts.row(t));
-                // SAFETY: index t*rows + r is in bounds (checked above) and row r belongs to this
-                // task alone.
+                // SAFETY: as above.
                 unsafe { *p.0.add(t * rows + r) = v };
+                t += 1;
             }
         }
     });
