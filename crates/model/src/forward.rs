@@ -306,7 +306,14 @@ fn attention(pool: &ThreadPool, c: &crate::Config, kv: &KvCache, layer: usize, p
         let (i, h) = (task / nh, task % nh);
         let pos = pos0 + i;
         let start = window.map_or(0, |w| (pos + 1).saturating_sub(w));
-        let qh = &q[i * c.q_dim() + h * hd..i * c.q_dim() + (h + 1) * hd];
+        // NOTE: q is rounded to f16 like the keys it meets, as llama.cpp does (its K·Q product
+        // runs in f16 × f16 with f32 accumulation); this keeps our logits closest to its.
+        let mut qbuf = [0f32; 512];
+        let qh = &mut qbuf[..hd];
+        for (d, s) in qh.iter_mut().zip(&q[i * c.q_dim() + h * hd..i * c.q_dim() + (h + 1) * hd]) {
+            *d = f16::from_f32(*s).to_f32();
+        }
+        let qh = &*qh;
         let koff = (h / group) * hd;
         let mut acc = [0f32; 512];
         let acc = &mut acc[..hd];

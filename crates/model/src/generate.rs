@@ -210,7 +210,8 @@ mod tests {
         assert_eq!(m.push(" world\nUs"), (" world".into(), false));
         assert_eq!(m.push("ually"), ("\nUsually".into(), false));
         assert_eq!(m.push("\nUser: hi"), ("".into(), true));
-        let mut m = StopMatcher::new(&["ab".to_string(), "b".to_string()]);
-        assert_eq!(m.push("xxab"), ("xxa".into(), true), "earliest stop wins");
+        // "bc" is listed first but "ab" starts earlier in the text: the earliest match wins.
+        let mut m = StopMatcher::new(&["bc".to_string(), "ab".to_string()]);
+        assert_eq!(m.push("xabc"), ("x".into(), true));
     }
 }
