@@ -41,42 +41,72 @@ impl QMatrix<'_> {
 /// Rows per task: small enough to balance two to sixteen threads, large enough to amortize.
 const ROWS_PER_TASK: usize = 16;
 
+/// One product of a [`matmul_many`] call: `out[t][r] = w.row(r) · acts.row(t)`.
+pub struct MatJob<'a> {
+    /// The weights.
+    pub w: QMatrix<'a>,
+    /// The quantized inputs (in `w.act_format()`).
+    pub acts: &'a QuantActs,
+    /// The output, `acts.n_rows × w.rows`.
+    pub out: &'a mut [f32],
+}
+
 /// `out[t][r] = w.row(r) · acts.row(t)` for every activation row `t` (`out`: `n_rows × w.rows`).
 pub fn matmul(pool: &ThreadPool, w: &QMatrix<'_>, acts: &QuantActs, out: &mut [f32]) {
-    debug_assert_eq!(acts.cols, w.cols);
-    debug_assert_eq!(acts.format, Some(w.act_format()));
-    let n_tok = acts.n_rows;
-    assert!(out.len() >= n_tok * w.rows, "matmul output too small");
-    let k = kernels(w.ty);
-    let (dot, dot4) = (k.dot, k.dot4);
-    let rb = w.row_bytes();
-    let ptr = SyncPtr::new(out);
-    let n_tasks = w.rows.div_ceil(ROWS_PER_TASK);
-    let rows = w.rows;
+    matmul_many(pool, &mut [MatJob { w: *w, acts, out }]);
+}
+
+/// Most products one [`matmul_many`] call takes.
+pub const MAX_JOBS: usize = 4;
+
+/// Several independent products in one pass over the pool (e.g. Q, K and V of one input), so
+/// the threads synchronize once instead of once per matrix.
+pub fn matmul_many(pool: &ThreadPool, jobs: &mut [MatJob<'_>]) {
+    struct Prepared<'a> {
+        w: QMatrix<'a>,
+        acts: &'a QuantActs,
+        out: SyncPtr<f32>,
+        kernels: crate::dispatch::Kernels,
+        first_task: usize,
+    }
+    // A fixed array, not a Vec: this runs hundreds of times per decoded token.
+    assert!(jobs.len() <= MAX_JOBS, "matmul_many takes at most {MAX_JOBS} products");
+    let mut prepared: [Option<Prepared<'_>>; MAX_JOBS] = [None, None, None, None];
+    let mut n_tasks = 0;
+    for (slot, j) in prepared.iter_mut().zip(jobs.iter_mut()) {
+        debug_assert_eq!(j.acts.cols, j.w.cols);
+        debug_assert_eq!(j.acts.format, Some(j.w.act_format()));
+        assert!(j.out.len() >= j.acts.n_rows * j.w.rows, "matmul output too small");
+        *slot = Some(Prepared { w: j.w, acts: j.acts, out: SyncPtr::new(j.out), kernels: kernels(j.w.ty), first_task: n_tasks });
+        n_tasks += j.w.rows.div_ceil(ROWS_PER_TASK);
+    }
+    let prepared = &prepared[..jobs.len()];
     pool.run(n_tasks, &|task| {
-        let p = ptr;
-        let r0 = task * ROWS_PER_TASK;
+        let Some(j) = prepared.iter().rev().flatten().find(|p| p.first_task <= task) else { return };
+        let (w, rows, n_tok, p) = (&j.w, j.w.rows, j.acts.n_rows, j.out);
+        let r0 = (task - j.first_task) * ROWS_PER_TASK;
         let r1 = (r0 + ROWS_PER_TASK).min(rows);
-        if let Some(f) = k.rows {
+        if let Some(f) = j.kernels.rows {
             // SAFETY: out holds n_tok × rows floats (asserted above) and rows r0..r1 belong to
             // this task alone; `kernels` only hands out functions the CPU supports.
-            unsafe { f(w.data, rb, r0, r1, acts, p, rows) };
+            unsafe { f(w.data, w.row_bytes(), r0, r1, j.acts, p, rows) };
             return;
         }
+        let (dot, dot4) = (j.kernels.dot, j.kernels.dot4);
         for r in r0..r1 {
             let wr = w.row(r);
             let mut t = 0;
             while t + 4 <= n_tok {
-                let v = dot4(wr, [acts.row(t), acts.row(t + 1), acts.row(t + 2), acts.row(t + 3)]);
+                let v = dot4(wr, [j.acts.row(t), j.acts.row(t + 1), j.acts.row(t + 2), j.acts.row(t + 3)]);
                 for (k, v) in v.into_iter().enumerate() {
-                    // SAFETY: index (t+k)*rows + r is in bounds (checked above) and row r
+                    // SAFETY: index (t+k)*rows + r is in bounds (asserted above) and row r
                     // belongs to this task alone.
                     unsafe { *p.0.add((t + k) * rows + r) = v };
                 }
                 t += 4;
             }
             while t < n_tok {
-                let v = dot(wr, acts.row(t));
+                let v = dot(wr, j.acts.row(t));
                 // SAFETY: as above.
                 unsafe { *p.0.add(t * rows + r) = v };
                 t += 1;

@@ -16,6 +16,8 @@ struct Shared {
     next_task: AtomicUsize,
     n_tasks: AtomicUsize,
     finished_workers: AtomicUsize,
+    /// Workers blocked on the condition variable (the caller notifies only when there are some).
+    parked: AtomicUsize,
     shutdown: AtomicBool,
     lock: Mutex<()>,
     wake: Condvar,
@@ -50,6 +52,7 @@ impl ThreadPool {
             next_task: AtomicUsize::new(0),
             n_tasks: AtomicUsize::new(0),
             finished_workers: AtomicUsize::new(0),
+            parked: AtomicUsize::new(0),
             shutdown: AtomicBool::new(false),
             lock: Mutex::new(()),
             wake: Condvar::new(),
@@ -93,8 +96,10 @@ impl ThreadPool {
         s.next_task.store(0, Ordering::Relaxed);
         s.n_tasks.store(n_tasks, Ordering::Relaxed);
         s.finished_workers.store(0, Ordering::Relaxed);
-        s.generation.fetch_add(1, Ordering::Release);
-        {
+        s.generation.fetch_add(1, Ordering::SeqCst);
+        // A worker parks only after registering in `parked` and re-checking the generation under
+        // the lock (SeqCst on both sides), so either it sees the new generation or we see it.
+        if s.parked.load(Ordering::SeqCst) > 0 {
             let _g = s.lock.lock().unwrap_or_else(|p| p.into_inner());
             s.wake.notify_all();
         }
@@ -138,9 +143,13 @@ fn worker_loop(s: &Shared) {
                 std::hint::spin_loop();
             } else {
                 let guard = s.lock.lock().unwrap_or_else(|p| p.into_inner());
-                if s.generation.load(Ordering::Acquire) == seen && !s.shutdown.load(Ordering::Acquire) {
+                s.parked.fetch_add(1, Ordering::SeqCst);
+                if s.generation.load(Ordering::SeqCst) == seen && !s.shutdown.load(Ordering::Acquire) {
                     drop(s.wake.wait(guard).unwrap_or_else(|p| p.into_inner()));
+                } else {
+                    drop(guard);
                 }
+                s.parked.fetch_sub(1, Ordering::SeqCst);
                 spins = 0;
             }
         };

@@ -8,7 +8,7 @@ use crate::weights::{Model, Weight};
 use crate::{Error, ErrorKind};
 use half::f16;
 use ruvllm_kernels::act::{ActFormat, QuantActs};
-use ruvllm_kernels::matmul::matmul;
+use ruvllm_kernels::matmul::{matmul_many, MatJob};
 use ruvllm_kernels::ops::{self, rope_apply, rope_cache};
 use ruvllm_kernels::pool::ThreadPool;
 use ruvllm_kernels::SyncPtr;
@@ -39,22 +39,34 @@ impl ActCache {
     fn invalidate(&mut self) {
         self.fresh = [false; 3];
     }
-    fn get(&mut self, fmt: ActFormat, x: &[f32], cols: usize) -> &QuantActs {
-        let i = match fmt {
+    fn slot(fmt: ActFormat) -> usize {
+        match fmt {
             ActFormat::Q8x32 => 0,
             ActFormat::Q8K => 1,
             ActFormat::F32 => 2,
-        };
-        let slot = match i {
-            0 => &mut self.q32,
-            1 => &mut self.qk,
-            _ => &mut self.f,
-        };
+        }
+    }
+    /// Makes sure `x` is quantized in the format `w` needs.
+    fn prepare(&mut self, w: &Weight, x: &[f32], cols: usize) {
+        let fmt = ActFormat::for_weight(w.ty());
+        let i = Self::slot(fmt);
         if !self.fresh[i] {
+            let slot = match i {
+                0 => &mut self.q32,
+                1 => &mut self.qk,
+                _ => &mut self.f,
+            };
             slot.quantize(fmt, x, cols);
             self.fresh[i] = true;
         }
-        slot
+    }
+    /// The prepared activations for `w`.
+    fn get(&self, w: &Weight) -> &QuantActs {
+        match Self::slot(ActFormat::for_weight(w.ty())) {
+            0 => &self.q32,
+            1 => &self.qk,
+            _ => &self.f,
+        }
     }
 }
 
@@ -134,8 +146,21 @@ impl<'m> Runner<'m> {
         self.kv.capacity()
     }
 
-    fn mm(&self, w: &Weight, acts: &QuantActs, out: &mut [f32]) {
-        matmul(&self.pool, &self.model.mat(w), acts, out);
+    /// `outs[i] = ws[i] · x` for each weight, with `x` quantized once per format and one pass
+    /// over the thread pool for all of them.
+    fn mm<const K: usize>(&self, acts: &mut ActCache, x: &[f32], cols: usize, ws: [&Weight; K], outs: [&mut [f32]; K]) {
+        acts.invalidate();
+        for w in ws {
+            acts.prepare(w, x, cols);
+        }
+        let acts = &*acts;
+        let mut i = 0;
+        let mut jobs = outs.map(|out| {
+            let w = ws[i];
+            i += 1;
+            MatJob { w: self.model.mat(w), acts: acts.get(w), out }
+        });
+        matmul_many(&self.pool, &mut jobs);
     }
 
     /// Runs `tokens` at positions `kv.len()..` and returns the requested logits
@@ -195,10 +220,7 @@ impl<'m> Runner<'m> {
             for i in 0..n {
                 ops::rms_norm(&s.x[i * d..(i + 1) * d], &layer.attn_norm, c.rms_eps, &mut s.xn[i * d..(i + 1) * d]);
             }
-            s.acts.invalidate();
-            self.mm(&layer.wq, s.acts.get(layer.wq.ty().into_fmt(), &s.xn[..n * d], d), &mut s.q[..n * qd]);
-            self.mm(&layer.wk, s.acts.get(layer.wk.ty().into_fmt(), &s.xn[..n * d], d), &mut s.k[..n * kvd]);
-            self.mm(&layer.wv, s.acts.get(layer.wv.ty().into_fmt(), &s.xn[..n * d], d), &mut s.v[..n * kvd]);
+            self.mm(&mut s.acts, &s.xn[..n * d], d, [&layer.wq, &layer.wk, &layer.wv], [&mut s.q[..n * qd], &mut s.k[..n * kvd], &mut s.v[..n * kvd]]);
             for i in 0..n {
                 if let Some(b) = &layer.bq {
                     s.q[i * qd..(i + 1) * qd].iter_mut().zip(b).for_each(|(v, b)| *v += b);
@@ -227,8 +249,7 @@ impl<'m> Runner<'m> {
             }
             let window = if c.is_swa_layer(il) { c.sliding_window } else { None };
             attention(&self.pool, c, &self.kv, il, pos0, n, window, &s.q[..n * qd], &mut s.att[..n * qd]);
-            s.acts.invalidate();
-            self.mm(&layer.wo, s.acts.get(layer.wo.ty().into_fmt(), &s.att[..n * qd], qd), &mut s.out[..n * d]);
+            self.mm(&mut s.acts, &s.att[..n * qd], qd, [&layer.wo], [&mut s.out[..n * d]]);
             for i in 0..n {
                 let o = &mut s.out[i * d..(i + 1) * d];
                 if let Some(w) = &layer.post_attn_norm {
@@ -241,15 +262,12 @@ impl<'m> Runner<'m> {
             for i in 0..n {
                 ops::rms_norm(&s.x[i * d..(i + 1) * d], &layer.ffn_norm, c.rms_eps, &mut s.xn[i * d..(i + 1) * d]);
             }
-            s.acts.invalidate();
-            self.mm(&layer.gate, s.acts.get(layer.gate.ty().into_fmt(), &s.xn[..n * d], d), &mut s.gate[..n * ff]);
-            self.mm(&layer.up, s.acts.get(layer.up.ty().into_fmt(), &s.xn[..n * d], d), &mut s.up[..n * ff]);
+            self.mm(&mut s.acts, &s.xn[..n * d], d, [&layer.gate, &layer.up], [&mut s.gate[..n * ff], &mut s.up[..n * ff]]);
             match c.arch {
                 Arch::Gemma3 => ops::geglu(&mut s.gate[..n * ff], &s.up[..n * ff]),
                 Arch::Llama | Arch::Qwen2 => ops::swiglu(&mut s.gate[..n * ff], &s.up[..n * ff]),
             }
-            s.acts.invalidate();
-            self.mm(&layer.down, s.acts.get(layer.down.ty().into_fmt(), &s.gate[..n * ff], ff), &mut s.out[..n * d]);
+            self.mm(&mut s.acts, &s.gate[..n * ff], ff, [&layer.down], [&mut s.out[..n * d]]);
             for i in 0..n {
                 let o = &mut s.out[i * d..(i + 1) * d];
                 if let Some(w) = &layer.post_ffn_norm {
@@ -275,19 +293,9 @@ impl<'m> Runner<'m> {
             ops::rms_norm(&s.x[src..src + d], &m.output_norm, c.rms_eps, &mut s.xn[i * d..(i + 1) * d]);
         }
         grow(&mut s.logits, rows * c.n_vocab);
-        s.acts.invalidate();
-        self.mm(&m.output, s.acts.get(m.output.ty().into_fmt(), &s.xn[..rows * d], d), &mut s.logits[..rows * c.n_vocab]);
+        self.mm(&mut s.acts, &s.xn[..rows * d], d, [&m.output], [&mut s.logits[..rows * c.n_vocab]]);
         self.s = s;
         Ok(&self.s.logits[..rows * c.n_vocab])
-    }
-}
-
-trait IntoFmt {
-    fn into_fmt(self) -> ActFormat;
-}
-impl IntoFmt for ruvllm_gguf::GgmlType {
-    fn into_fmt(self) -> ActFormat {
-        ActFormat::for_weight(self)
     }
 }
 
