@@ -39,8 +39,13 @@ pub struct ThreadPool {
     busy: AtomicBool,
 }
 
-/// Spins before a worker parks.
-const SPIN_ITERS: u32 = 200_000;
+/// Spins (about 20–50 µs) before a worker parks: long enough to bridge the serial gaps between
+/// the matmuls of one decode step, short enough not to starve other threads when the machine is
+/// oversubscribed.
+const SPIN_ITERS: u32 = 50_000;
+
+/// Spins before the caller, waiting for workers to finish, starts yielding its time slice.
+const CALLER_SPIN_ITERS: u32 = 20_000;
 
 impl ThreadPool {
     /// A pool that runs operations on `n_threads` threads in all (the caller counts as one).
@@ -108,7 +113,7 @@ impl ThreadPool {
         let mut spins = 0u32;
         while s.finished_workers.load(Ordering::Acquire) < n_workers {
             spins += 1;
-            if spins < 1_000_000 {
+            if spins < CALLER_SPIN_ITERS {
                 std::hint::spin_loop();
             } else {
                 std::thread::yield_now();

@@ -299,56 +299,69 @@ impl<'m> Runner<'m> {
     }
 }
 
-/// Causal attention for `n` new tokens at positions `pos0..pos0+n`, one task per (token, head),
-/// with an online softmax over the cached keys (no score matrix), optionally limited to a
-/// sliding window of the most recent `window` positions.
+/// Query heads handled together per task (they share the KV head's converted keys/values).
+const MAX_GROUP: usize = 8;
+
+/// Causal attention for `n` new tokens at positions `pos0..pos0+n`, one task per (token, KV
+/// head) covering the query heads that share that KV head (GQA), with an online softmax over the
+/// cached keys (no score matrix), optionally limited to a sliding window of the most recent
+/// `window` positions. Each key and value row is converted from f16 once per task.
 #[allow(clippy::too_many_arguments)]
 fn attention(pool: &ThreadPool, c: &crate::Config, kv: &KvCache, layer: usize, pos0: usize, n: usize, window: Option<usize>, q: &[f32], out: &mut [f32]) {
-    let (hd, nh, kvd) = (c.head_dim, c.n_head, c.kv_dim());
+    let (hd, nkv, kvd, qd) = (c.head_dim, c.n_head_kv, c.kv_dim(), c.q_dim());
     let group = c.n_head / c.n_head_kv;
     let keys = kv.keys(layer);
     let values = kv.values(layer);
     let scale = c.attn_scale;
     let optr = SyncPtr::new(out);
-    pool.run(n * nh, &|task| {
-        let (i, h) = (task / nh, task % nh);
+    let sub_groups = group.div_ceil(MAX_GROUP);
+    pool.run(n * nkv * sub_groups, &|task| {
+        let (i, rest) = (task / (nkv * sub_groups), task % (nkv * sub_groups));
+        let (g, sg) = (rest / sub_groups, rest % sub_groups);
+        let h0 = g * group + sg * MAX_GROUP;
+        let gn = (group - sg * MAX_GROUP).min(MAX_GROUP);
         let pos = pos0 + i;
         let start = window.map_or(0, |w| (pos + 1).saturating_sub(w));
         // NOTE: q is rounded to f16 like the keys it meets, as llama.cpp does (its K·Q product
         // runs in f16 × f16 with f32 accumulation); this keeps our logits closest to its.
-        let mut qbuf = [0f32; 512];
-        let qh = &mut qbuf[..hd];
-        for (d, s) in qh.iter_mut().zip(&q[i * c.q_dim() + h * hd..i * c.q_dim() + (h + 1) * hd]) {
-            *d = f16::from_f32(*s).to_f32();
-        }
-        let qh = &*qh;
-        let koff = (h / group) * hd;
-        let mut acc = [0f32; 512];
-        let acc = &mut acc[..hd];
-        let mut kbuf = [0f32; 512];
-        let kbuf = &mut kbuf[..hd];
-        let (mut mx, mut sum) = (f32::NEG_INFINITY, 0f32);
-        for p in start..=pos {
-            let kr = &keys[p * kvd + koff..p * kvd + koff + hd];
-            f16_to_f32(kr, kbuf);
-            let sc = ops::dot_f32(qh, kbuf) * scale;
-            let vr = &values[p * kvd + koff..p * kvd + koff + hd];
-            f16_to_f32(vr, kbuf);
-            if sc > mx {
-                let r = (mx - sc).exp();
-                acc.iter_mut().for_each(|a| *a *= r);
-                sum *= r;
-                mx = sc;
+        let mut qs = [[0f32; 512]; MAX_GROUP];
+        for (j, qj) in qs.iter_mut().enumerate().take(gn) {
+            let src = &q[i * qd + (h0 + j) * hd..i * qd + (h0 + j + 1) * hd];
+            for (d, s) in qj[..hd].iter_mut().zip(src) {
+                *d = f16::from_f32(*s).to_f32();
             }
-            let w = (sc - mx).exp();
-            sum += w;
-            ops::axpy(w, kbuf, acc);
         }
-        // SAFETY: task (i, h) alone writes out[i*q_dim + h*hd ..][..hd], inside the buffer.
-        let o = unsafe { optr.slice(i * nh * hd + h * hd, hd) };
-        let inv = 1.0 / sum;
-        for (o, a) in o.iter_mut().zip(acc.iter()) {
-            *o = a * inv;
+        let mut acc = [[0f32; 512]; MAX_GROUP];
+        let mut mx = [f32::NEG_INFINITY; MAX_GROUP];
+        let mut sum = [0f32; MAX_GROUP];
+        let mut kbuf = [0f32; 512];
+        let mut vbuf = [0f32; 512];
+        let (kbuf, vbuf) = (&mut kbuf[..hd], &mut vbuf[..hd]);
+        let koff = g * hd;
+        for p in start..=pos {
+            f16_to_f32(&keys[p * kvd + koff..p * kvd + koff + hd], kbuf);
+            f16_to_f32(&values[p * kvd + koff..p * kvd + koff + hd], vbuf);
+            for j in 0..gn {
+                let sc = ops::dot_f32(&qs[j][..hd], kbuf) * scale;
+                let a = &mut acc[j][..hd];
+                if sc > mx[j] {
+                    let r = (mx[j] - sc).exp();
+                    a.iter_mut().for_each(|x| *x *= r);
+                    sum[j] *= r;
+                    mx[j] = sc;
+                }
+                let w = (sc - mx[j]).exp();
+                sum[j] += w;
+                ops::axpy(w, vbuf, a);
+            }
+        }
+        for j in 0..gn {
+            // SAFETY: this task alone writes query head h0 + j of token i, inside the buffer.
+            let o = unsafe { optr.slice(i * qd + (h0 + j) * hd, hd) };
+            let inv = 1.0 / sum[j];
+            for (o, a) in o.iter_mut().zip(&acc[j][..hd]) {
+                *o = a * inv;
+            }
         }
     });
 }

@@ -97,7 +97,10 @@ fn check(model_name: &str, json: &str, max_mean_abs: f64) {
     let Some(path) = registry::for_test(model_name) else { return };
     let model = Model::load(&path).unwrap();
     let tok = Tokenizer::from_gguf(model.gguf()).unwrap();
-    let pool = Arc::new(ThreadPool::new(2));
+    // One pool for all tests of this binary: tests run in parallel, and two spinning pools on a
+    // two-core machine would fight for the cores (the pool runs a second caller serially).
+    static POOL: std::sync::OnceLock<Arc<ThreadPool>> = std::sync::OnceLock::new();
+    let pool = POOL.get_or_init(|| Arc::new(ThreadPool::new(2))).clone();
     let g = golden(json);
 
     let st = teacher_force(&model, &pool, &g);
