@@ -111,6 +111,45 @@ impl QuantActs {
         }
     }
 
+    /// Like [`QuantActs::quantize`], splitting the rows over the pool when there are several.
+    pub fn quantize_par(&mut self, pool: &crate::pool::ThreadPool, format: ActFormat, x: &[f32], cols: usize) {
+        let n_rows = x.len() / cols;
+        if n_rows < 4 || format == ActFormat::F32 {
+            return self.quantize(format, x, cols);
+        }
+        self.format = Some(format);
+        self.cols = cols;
+        self.n_rows = n_rows;
+        let bs = if format == ActFormat::Q8K { QK_K } else { 32 };
+        let nb_row = cols / bs;
+        self.qs.resize(x.len(), 0);
+        self.d.resize(x.len() / bs, 0.0);
+        if format == ActFormat::Q8K {
+            self.bsums.resize(x.len() / 16, 0);
+        } else {
+            self.s.resize(x.len() / 32, 0.0);
+        }
+        let (qs, d, s, bsums) = (crate::SyncPtr::new(&mut self.qs), crate::SyncPtr::new(&mut self.d), crate::SyncPtr::new(&mut self.s), crate::SyncPtr::new(&mut self.bsums));
+        pool.run(n_rows, &|r| {
+            let xr = &x[r * cols..(r + 1) * cols];
+            // SAFETY: row r's ranges of each buffer (sized above) belong to this task alone.
+            let (q, dd) = unsafe { (qs.slice(r * cols, cols), d.slice(r * nb_row, nb_row)) };
+            if format == ActFormat::Q8K {
+                let b = unsafe { bsums.slice(r * cols / 16, cols / 16) };
+                for i in 0..nb_row {
+                    dd[i] = quantize_q8k_block(&xr[i * QK_K..(i + 1) * QK_K], &mut q[i * QK_K..(i + 1) * QK_K], &mut b[16 * i..16 * i + 16]);
+                }
+            } else {
+                let ss = unsafe { s.slice(r * nb_row, nb_row) };
+                for i in 0..nb_row {
+                    let (di, si) = quantize_q8_block(&xr[i * 32..(i + 1) * 32], &mut q[i * 32..(i + 1) * 32]);
+                    dd[i] = di;
+                    ss[i] = si;
+                }
+            }
+        });
+    }
+
     /// Row `r` of the batch.
     pub fn row(&self, r: usize) -> ActRow<'_> {
         let c = self.cols;
@@ -134,18 +173,27 @@ impl QuantActs {
     }
 }
 
-/// Quantizes 32 values to int8 (`quantize_row_q8_1_ref`); returns (d, d·Σq), both f16-rounded.
+/// ggml's `nearest_int`: round half to even through the 1.5·2^23 trick (|x| < 2^22).
+#[inline(always)]
+fn nearest_int(x: f32) -> i32 {
+    let v = x + 12_582_912.0;
+    (v.to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
+}
+
+/// Quantizes 32 values to int8 as ggml's x86 `quantize_row_q8_1` does (the path llama.cpp runs
+/// on this hardware): `d = amax / 127` stored as f16, `q = round_ties_even(x · 127 / amax)`,
+/// `s = f16(d · Σq)`. Returns (d, s), both f16-rounded.
 pub fn quantize_q8_block(x: &[f32], q: &mut [i8]) -> (f32, f32) {
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     let d = amax / 127.0;
-    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
     let mut sum = 0i32;
     for (qi, &v) in q.iter_mut().zip(x) {
-        let r = (v * id).round() as i32;
+        let r = nearest_int(v * id);
         *qi = r as i8;
         sum += r;
     }
-    (round_f16(d), round_f16(sum as f32 * d))
+    (round_f16(d), round_f16(d * sum as f32))
 }
 
 /// Quantizes 256 values to Q8_K (`quantize_row_q8_K_ref`); returns d and fills the partial sums.
@@ -165,9 +213,7 @@ pub fn quantize_q8k_block(x: &[f32], q: &mut [i8], bsums: &mut [i16]) -> f32 {
     }
     let iscale = -127.0 / max;
     for (qi, &v) in q.iter_mut().zip(x) {
-        // ggml's nearest_int rounds half to even via the 1.5·2^23 trick.
-        let v = (iscale * v).round_ties_even() as i32;
-        *qi = v.min(127) as i8;
+        *qi = nearest_int(iscale * v).min(127) as i8;
     }
     for (j, b) in bsums.iter_mut().enumerate() {
         *b = q[16 * j..16 * j + 16].iter().map(|&v| v as i16).sum();
@@ -190,6 +236,32 @@ mod tests {
             assert!((v - qi as f32 * d).abs() <= d * 0.5 + 1e-3);
         }
         assert_eq!(q.iter().map(|v| v.unsigned_abs()).max(), Some(127));
+    }
+
+    #[test]
+    fn fast_rounding_equals_ties_even_rounding() {
+        for i in -4000..=4000 {
+            for frac in [0.0f32, 0.25, 0.5, 0.4999999, 0.5000001, 0.75] {
+                let x = i as f32 * 0.0625 + frac;
+                assert_eq!(nearest_int(x), x.round_ties_even() as i32, "{x}");
+            }
+        }
+    }
+
+    #[test]
+    fn parallel_quantization_equals_serial() {
+        let pool = crate::pool::ThreadPool::new(2);
+        let x: Vec<f32> = (0..8 * 512).map(|i| ((i * 7919) % 1000) as f32 / 77.0 - 6.0).collect();
+        for fmt in [ActFormat::Q8x32, ActFormat::Q8K] {
+            let (mut a, mut b) = (QuantActs::default(), QuantActs::default());
+            a.quantize(fmt, &x, 512);
+            b.quantize_par(&pool, fmt, &x, 512);
+            assert_eq!((a.qs, a.d), (b.qs, b.d));
+            assert_eq!(a.bsums, b.bsums);
+            if fmt == ActFormat::Q8x32 {
+                assert_eq!(a.s, b.s);
+            }
+        }
     }
 
     #[test]

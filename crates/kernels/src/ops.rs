@@ -109,29 +109,108 @@ pub fn softmax(x: &mut [f32]) {
     }
 }
 
-/// `Σ a[i]·b[i]` in f32.
+/// `Σ a[i]·b[i]` in f32 (AVX2/FMA when the tier allows, chosen once).
 #[inline]
 pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    (f32_kernels().dot)(a, b)
+}
+
+/// `y += alpha · x` (AVX2/FMA when the tier allows).
+#[inline]
+pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+    (f32_kernels().axpy)(alpha, x, y)
+}
+
+/// The scalar twin of [`dot_f32`].
+pub fn dot_f32_scalar(a: &[f32], b: &[f32]) -> f32 {
     // Eight accumulators let the compiler vectorize without reassociating a single sum.
     let mut acc = [0f32; 8];
-    let chunks = a.len() / 8;
+    let chunks = a.len().min(b.len()) / 8;
     for c in 0..chunks {
         for l in 0..8 {
             acc[l] += a[8 * c + l] * b[8 * c + l];
         }
     }
     let mut s: f32 = acc.iter().sum();
-    for i in chunks * 8..a.len() {
+    for i in chunks * 8..a.len().min(b.len()) {
         s += a[i] * b[i];
     }
     s
 }
 
-/// `y += alpha · x`.
-#[inline]
-pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+/// The scalar twin of [`axpy`].
+pub fn axpy_scalar(alpha: f32, x: &[f32], y: &mut [f32]) {
     for (yi, &xi) in y.iter_mut().zip(x) {
         *yi += alpha * xi;
+    }
+}
+
+struct F32Kernels {
+    dot: fn(&[f32], &[f32]) -> f32,
+    axpy: fn(f32, &[f32], &mut [f32]),
+}
+
+fn f32_kernels() -> &'static F32Kernels {
+    static K: std::sync::OnceLock<F32Kernels> = std::sync::OnceLock::new();
+    K.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        if crate::dispatch::tier() >= crate::dispatch::Tier::Avx2 {
+            return F32Kernels {
+                // SAFETY: the tier check above guarantees AVX2 and FMA.
+                dot: |a, b| unsafe { x86::dot(a, b) },
+                // SAFETY: as above.
+                axpy: |al, x, y| unsafe { x86::axpy(al, x, y) },
+            };
+        }
+        F32Kernels { dot: dot_f32_scalar, axpy: axpy_scalar }
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut i = 0;
+        while i + 16 <= n {
+            // SAFETY: i + 16 <= n, within both slices.
+            unsafe {
+                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(i)), _mm256_loadu_ps(b.as_ptr().add(i)), s0);
+                s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(i + 8)), _mm256_loadu_ps(b.as_ptr().add(i + 8)), s1);
+            }
+            i += 16;
+        }
+        let v = _mm256_add_ps(s0, s1);
+        let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        let mut s = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+        while i < n {
+            s += a[i] * b[i];
+            i += 1;
+        }
+        s
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+        let n = x.len().min(y.len());
+        let al = _mm256_set1_ps(alpha);
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n, within both slices.
+            unsafe {
+                let r = _mm256_fmadd_ps(al, _mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(y.as_ptr().add(i)));
+                _mm256_storeu_ps(y.as_mut_ptr().add(i), r);
+            }
+            i += 8;
+        }
+        while i < n {
+            y[i] += alpha * x[i];
+            i += 1;
+        }
     }
 }
 
@@ -163,6 +242,24 @@ mod tests {
             let n0: f32 = orig.iter().map(|v| v * v).sum();
             let n1: f32 = y.iter().map(|v| v * v).sum();
             assert!((n0 - n1).abs() < 1e-3);
+        }
+    }
+
+    #[test]
+    fn simd_f32_ops_match_scalar_twins() {
+        for n in [0usize, 1, 7, 8, 15, 16, 33, 256, 1000] {
+            let a: Vec<f32> = (0..n).map(|i| ((i * 37) % 11) as f32 - 5.0).collect();
+            let b: Vec<f32> = (0..n).map(|i| ((i * 13) % 7) as f32 * 0.5).collect();
+            let (d, ds) = (dot_f32(&a, &b), dot_f32_scalar(&a, &b));
+            assert!((d - ds).abs() <= 1e-4 * ds.abs().max(1.0), "{n}: {d} vs {ds}");
+            let (mut y1, mut y2) = (b.clone(), b.clone());
+            axpy(0.3, &a, &mut y1);
+            axpy_scalar(0.3, &a, &mut y2);
+            // A fused multiply-add rounds once where mul+add rounds twice: one rounding apart.
+            for i in 0..n {
+                let bound = 2.0 * f32::EPSILON * ((0.3 * a[i]).abs() + b[i].abs());
+                assert!((y1[i] - y2[i]).abs() <= bound, "{n}[{i}]: {} vs {}", y1[i], y2[i]);
+            }
         }
     }
 

@@ -47,7 +47,7 @@ impl ActCache {
         }
     }
     /// Makes sure `x` is quantized in the format `w` needs.
-    fn prepare(&mut self, w: &Weight, x: &[f32], cols: usize) {
+    fn prepare(&mut self, pool: &ThreadPool, w: &Weight, x: &[f32], cols: usize) {
         let fmt = ActFormat::for_weight(w.ty());
         let i = Self::slot(fmt);
         if !self.fresh[i] {
@@ -56,7 +56,7 @@ impl ActCache {
                 1 => &mut self.qk,
                 _ => &mut self.f,
             };
-            slot.quantize(fmt, x, cols);
+            slot.quantize_par(pool, fmt, x, cols);
             self.fresh[i] = true;
         }
     }
@@ -151,7 +151,7 @@ impl<'m> Runner<'m> {
     fn mm<const K: usize>(&self, acts: &mut ActCache, x: &[f32], cols: usize, ws: [&Weight; K], outs: [&mut [f32]; K]) {
         acts.invalidate();
         for w in ws {
-            acts.prepare(w, x, cols);
+            acts.prepare(&self.pool, w, x, cols);
         }
         let acts = &*acts;
         let mut i = 0;
@@ -263,10 +263,19 @@ impl<'m> Runner<'m> {
                 ops::rms_norm(&s.x[i * d..(i + 1) * d], &layer.ffn_norm, c.rms_eps, &mut s.xn[i * d..(i + 1) * d]);
             }
             self.mm(&mut s.acts, &s.xn[..n * d], d, [&layer.gate, &layer.up], [&mut s.gate[..n * ff], &mut s.up[..n * ff]]);
-            match c.arch {
-                Arch::Gemma3 => ops::geglu(&mut s.gate[..n * ff], &s.up[..n * ff]),
-                Arch::Llama | Arch::Qwen2 => ops::swiglu(&mut s.gate[..n * ff], &s.up[..n * ff]),
-            }
+            // The gated activation, split over the pool by rows (tanh/exp are not cheap).
+            let gptr = SyncPtr::new(&mut s.gate[..n * ff]);
+            let up = &s.up[..n * ff];
+            let gemma = c.arch == Arch::Gemma3;
+            self.pool.run(n, &|i| {
+                // SAFETY: row i of the gate buffer belongs to this task alone.
+                let g = unsafe { gptr.slice(i * ff, ff) };
+                if gemma {
+                    ops::geglu(g, &up[i * ff..(i + 1) * ff]);
+                } else {
+                    ops::swiglu(g, &up[i * ff..(i + 1) * ff]);
+                }
+            });
             self.mm(&mut s.acts, &s.gate[..n * ff], ff, [&layer.down], [&mut s.out[..n * d]]);
             for i in 0..n {
                 let o = &mut s.out[i * d..(i + 1) * d];
@@ -302,10 +311,21 @@ impl<'m> Runner<'m> {
 /// Query heads handled together per task (they share the KV head's converted keys/values).
 const MAX_GROUP: usize = 8;
 
+thread_local! {
+    /// Per-thread attention scores, `[MAX_GROUP × positions]`, grown to the longest context seen
+    /// and reused (no allocation per token once warm).
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Causal attention for `n` new tokens at positions `pos0..pos0+n`, one task per (token, KV
-/// head) covering the query heads that share that KV head (GQA), with an online softmax over the
-/// cached keys (no score matrix), optionally limited to a sliding window of the most recent
-/// `window` positions. Each key and value row is converted from f16 once per task.
+/// head) covering the query heads that share that KV head (GQA), optionally limited to a sliding
+/// window of the most recent `window` positions. Each key and value row is converted from f16
+/// once per task.
+///
+/// NOTE: the arithmetic follows llama.cpp's CPU path (flash attention off, its default here) so
+/// that near-ties resolve the same way: q is rounded to f16 (its K·Q runs f16 × f16 with f32
+/// sums), the softmax sums in f64, and the probabilities are rounded to f16 before they weight
+/// the values. Scores live in one vector per query head (one row, not a score matrix).
 #[allow(clippy::too_many_arguments)]
 fn attention(pool: &ThreadPool, c: &crate::Config, kv: &KvCache, layer: usize, pos0: usize, n: usize, window: Option<usize>, q: &[f32], out: &mut [f32]) {
     let (hd, nkv, kvd, qd) = (c.head_dim, c.n_head_kv, c.kv_dim(), c.q_dim());
@@ -322,8 +342,7 @@ fn attention(pool: &ThreadPool, c: &crate::Config, kv: &KvCache, layer: usize, p
         let gn = (group - sg * MAX_GROUP).min(MAX_GROUP);
         let pos = pos0 + i;
         let start = window.map_or(0, |w| (pos + 1).saturating_sub(w));
-        // NOTE: q is rounded to f16 like the keys it meets, as llama.cpp does (its K·Q product
-        // runs in f16 × f16 with f32 accumulation); this keeps our logits closest to its.
+        let len = pos + 1 - start;
         let mut qs = [[0f32; 512]; MAX_GROUP];
         for (j, qj) in qs.iter_mut().enumerate().take(gn) {
             let src = &q[i * qd + (h0 + j) * hd..i * qd + (h0 + j + 1) * hd];
@@ -331,38 +350,46 @@ fn attention(pool: &ThreadPool, c: &crate::Config, kv: &KvCache, layer: usize, p
                 *d = f16::from_f32(*s).to_f32();
             }
         }
-        let mut acc = [[0f32; 512]; MAX_GROUP];
-        let mut mx = [f32::NEG_INFINITY; MAX_GROUP];
-        let mut sum = [0f32; MAX_GROUP];
-        let mut kbuf = [0f32; 512];
-        let mut vbuf = [0f32; 512];
-        let (kbuf, vbuf) = (&mut kbuf[..hd], &mut vbuf[..hd]);
+        let mut buf = [0f32; 512];
+        let row = &mut buf[..hd];
         let koff = g * hd;
-        for p in start..=pos {
-            f16_to_f32(&keys[p * kvd + koff..p * kvd + koff + hd], kbuf);
-            f16_to_f32(&values[p * kvd + koff..p * kvd + koff + hd], vbuf);
-            for j in 0..gn {
-                let sc = ops::dot_f32(&qs[j][..hd], kbuf) * scale;
-                let a = &mut acc[j][..hd];
-                if sc > mx[j] {
-                    let r = (mx[j] - sc).exp();
-                    a.iter_mut().for_each(|x| *x *= r);
-                    sum[j] *= r;
-                    mx[j] = sc;
+        SCORES.with(|cell| {
+            let mut scores = cell.borrow_mut();
+            if scores.len() < gn * len {
+                scores.resize(gn * len, 0.0);
+            }
+            for p in start..=pos {
+                f16_to_f32(&keys[p * kvd + koff..p * kvd + koff + hd], row);
+                for j in 0..gn {
+                    scores[j * len + p - start] = ops::dot_f32(&qs[j][..hd], row) * scale;
                 }
-                let w = (sc - mx[j]).exp();
-                sum[j] += w;
-                ops::axpy(w, vbuf, a);
             }
-        }
-        for j in 0..gn {
-            // SAFETY: this task alone writes query head h0 + j of token i, inside the buffer.
-            let o = unsafe { optr.slice(i * qd + (h0 + j) * hd, hd) };
-            let inv = 1.0 / sum[j];
-            for (o, a) in o.iter_mut().zip(&acc[j][..hd]) {
-                *o = a * inv;
+            for j in 0..gn {
+                let sj = &mut scores[j * len..(j + 1) * len];
+                let mx = sj.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                let mut sum = 0f64;
+                for v in sj.iter_mut() {
+                    *v = (*v - mx).exp();
+                    sum += *v as f64;
+                }
+                let inv = (1.0 / sum) as f32;
+                for v in sj.iter_mut() {
+                    *v = f16::from_f32(*v * inv).to_f32();
+                }
             }
-        }
+            let mut acc = [[0f32; 512]; MAX_GROUP];
+            for p in start..=pos {
+                f16_to_f32(&values[p * kvd + koff..p * kvd + koff + hd], row);
+                for j in 0..gn {
+                    ops::axpy(scores[j * len + p - start], row, &mut acc[j][..hd]);
+                }
+            }
+            for j in 0..gn {
+                // SAFETY: this task alone writes query head h0 + j of token i, inside the buffer.
+                let o = unsafe { optr.slice(i * qd + (h0 + j) * hd, hd) };
+                o.copy_from_slice(&acc[j][..hd]);
+            }
+        });
     });
 }
 

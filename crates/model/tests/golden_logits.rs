@@ -47,6 +47,10 @@ fn teacher_force(model: &Model, pool: &Arc<ThreadPool>, g: &serde_json::Value) -
             let our_top = ruvllm_model::sampler::argmax(ours) as usize;
             st.positions += 1;
             st.top1_agree += (our_top == ref_top) as usize;
+            if our_top != ref_top {
+                let gap = ref5[0][1].as_f64().unwrap() - ref5[1][1].as_f64().unwrap();
+                eprintln!("  flip at step {k} of {:?}: reference gap {gap:.3}, ours {:.3} vs {:.3}", case["prompt"].as_str().unwrap_or("").chars().take(20).collect::<String>(), ours[our_top], ours[ref_top]);
+            }
             for e in ref5 {
                 let id = e[0].as_u64().unwrap() as usize;
                 st.abs_diff_sum += (ours[id] as f64 - e[1].as_f64().unwrap()).abs();
