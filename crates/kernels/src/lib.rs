@@ -11,6 +11,7 @@
 
 pub mod act;
 pub mod dispatch;
+pub mod gemv;
 pub mod dot;
 pub mod matmul;
 pub mod ops;
