@@ -88,10 +88,27 @@ pub fn swiglu(gate: &mut [f32], up: &[f32]) {
     }
 }
 
-/// `gate[i] = gelu(gate[i]) * up[i]` (GeGLU).
+/// GELU of every f16 value, stored as f16 (ggml's `ggml_table_gelu_f16`).
+fn gelu_table() -> &'static [half::f16] {
+    static T: std::sync::OnceLock<Vec<half::f16>> = std::sync::OnceLock::new();
+    T.get_or_init(|| (0..=u16::MAX).map(|b| half::f16::from_f32(gelu(half::f16::from_bits(b).to_f32()))).collect())
+}
+
+/// `gate[i] = gelu(gate[i]) * up[i]` (GeGLU), computed as ggml does with `GGML_GELU_FP16` (its
+/// default): 0 below −10, identity above 10, otherwise a lookup of the f16-rounded input in a
+/// table of f16 GELU values. Faster than `tanh`, and the same numbers as llama.cpp.
 pub fn geglu(gate: &mut [f32], up: &[f32]) {
+    let t = gelu_table();
     for (g, &u) in gate.iter_mut().zip(up) {
-        *g = gelu(*g) * u;
+        let x = *g;
+        let y = if x <= -10.0 {
+            0.0
+        } else if x >= 10.0 {
+            x
+        } else {
+            t[half::f16::from_f32(x).to_bits() as usize].to_f32()
+        };
+        *g = y * u;
     }
 }
 
@@ -260,6 +277,17 @@ mod tests {
                 let bound = 2.0 * f32::EPSILON * ((0.3 * a[i]).abs() + b[i].abs());
                 assert!((y1[i] - y2[i]).abs() <= bound, "{n}[{i}]: {} vs {}", y1[i], y2[i]);
             }
+        }
+    }
+
+    #[test]
+    fn table_geglu_is_within_f16_rounding_of_exact() {
+        let xs: Vec<f32> = (-1200..1200).map(|i| i as f32 / 100.0).collect();
+        let mut g = xs.clone();
+        geglu(&mut g, &vec![1.0; xs.len()]);
+        for (x, y) in xs.iter().zip(&g) {
+            let exact = if *x <= -10.0 { 0.0 } else if *x >= 10.0 { *x } else { gelu(*x) };
+            assert!((y - exact).abs() <= 2e-3 * exact.abs().max(0.5) + 1e-3, "{x}: {y} vs {exact}");
         }
     }
 

@@ -97,6 +97,10 @@ struct Scratch {
     rope_full: Vec<(f32, f32)>,
     /// RoPE (cos, sin) per token for sliding layers: `[n × rope_dims/2]`.
     rope_swa: Vec<(f32, f32)>,
+    /// A layer's keys as f32 for a prefill batch: `[positions × kv_dim]`.
+    k32: Vec<f32>,
+    /// A layer's values as f32 for a prefill batch: `[positions × kv_dim]`.
+    v32: Vec<f32>,
     acts: ActCache,
 }
 
@@ -248,7 +252,29 @@ impl<'m> Runner<'m> {
                 self.kv.write(il, pos0 + i, &s.k[i * kvd..(i + 1) * kvd], &s.v[i * kvd..(i + 1) * kvd]);
             }
             let window = if c.is_swa_layer(il) { c.sliding_window } else { None };
-            attention(&self.pool, c, &self.kv, il, pos0, n, window, &s.q[..n * qd], &mut s.att[..n * qd]);
+            // A batch of several tokens reads each key many times: convert the layer's keys and
+            // values to f32 once (in parallel) instead of once per query. One token reads each
+            // once, so decode converts on the fly.
+            let kv_f32 = if n > 1 {
+                let first = window.map_or(0, |w| (pos0 + 1).saturating_sub(w));
+                let total = (pos0 + n) * kvd;
+                grow(&mut s.k32, total);
+                grow(&mut s.v32, total);
+                let (kp, vp) = (SyncPtr::new(&mut s.k32[..total]), SyncPtr::new(&mut s.v32[..total]));
+                let (keys, values) = (self.kv.keys(il), self.kv.values(il));
+                let rows = pos0 + n - first;
+                self.pool.run(rows.div_ceil(64), &|t| {
+                    let (r0, r1) = (first + t * 64, (first + (t + 1) * 64).min(pos0 + n));
+                    // SAFETY: rows r0..r1 of both buffers belong to this task alone.
+                    let (kd, vd) = unsafe { (kp.slice(r0 * kvd, (r1 - r0) * kvd), vp.slice(r0 * kvd, (r1 - r0) * kvd)) };
+                    f16_to_f32(&keys[r0 * kvd..r1 * kvd], kd);
+                    f16_to_f32(&values[r0 * kvd..r1 * kvd], vd);
+                });
+                Some((&s.k32[..total], &s.v32[..total]))
+            } else {
+                None
+            };
+            attention(&self.pool, c, &self.kv, kv_f32, il, pos0, n, window, &s.q[..n * qd], &mut s.att[..n * qd]);
             self.mm(&mut s.acts, &s.att[..n * qd], qd, [&layer.wo], [&mut s.out[..n * d]]);
             for i in 0..n {
                 let o = &mut s.out[i * d..(i + 1) * d];
@@ -327,7 +353,18 @@ thread_local! {
 /// sums), the softmax sums in f64, and the probabilities are rounded to f16 before they weight
 /// the values. Scores live in one vector per query head (one row, not a score matrix).
 #[allow(clippy::too_many_arguments)]
-fn attention(pool: &ThreadPool, c: &crate::Config, kv: &KvCache, layer: usize, pos0: usize, n: usize, window: Option<usize>, q: &[f32], out: &mut [f32]) {
+fn attention(
+    pool: &ThreadPool,
+    c: &crate::Config,
+    kv: &KvCache,
+    kv_f32: Option<(&[f32], &[f32])>,
+    layer: usize,
+    pos0: usize,
+    n: usize,
+    window: Option<usize>,
+    q: &[f32],
+    out: &mut [f32],
+) {
     let (hd, nkv, kvd, qd) = (c.head_dim, c.n_head_kv, c.kv_dim(), c.q_dim());
     let group = c.n_head / c.n_head_kv;
     let keys = kv.keys(layer);
@@ -359,9 +396,15 @@ fn attention(pool: &ThreadPool, c: &crate::Config, kv: &KvCache, layer: usize, p
                 scores.resize(gn * len, 0.0);
             }
             for p in start..=pos {
-                f16_to_f32(&keys[p * kvd + koff..p * kvd + koff + hd], row);
+                let k: &[f32] = match kv_f32 {
+                    Some((k32, _)) => &k32[p * kvd + koff..p * kvd + koff + hd],
+                    None => {
+                        f16_to_f32(&keys[p * kvd + koff..p * kvd + koff + hd], row);
+                        row
+                    }
+                };
                 for j in 0..gn {
-                    scores[j * len + p - start] = ops::dot_f32(&qs[j][..hd], row) * scale;
+                    scores[j * len + p - start] = ops::dot_f32(&qs[j][..hd], k) * scale;
                 }
             }
             for j in 0..gn {
@@ -379,9 +422,15 @@ fn attention(pool: &ThreadPool, c: &crate::Config, kv: &KvCache, layer: usize, p
             }
             let mut acc = [[0f32; 512]; MAX_GROUP];
             for p in start..=pos {
-                f16_to_f32(&values[p * kvd + koff..p * kvd + koff + hd], row);
+                let v: &[f32] = match kv_f32 {
+                    Some((_, v32)) => &v32[p * kvd + koff..p * kvd + koff + hd],
+                    None => {
+                        f16_to_f32(&values[p * kvd + koff..p * kvd + koff + hd], row);
+                        row
+                    }
+                };
                 for j in 0..gn {
-                    ops::axpy(scores[j * len + p - start], row, &mut acc[j][..hd]);
+                    ops::axpy(scores[j * len + p - start], v, &mut acc[j][..hd]);
                 }
             }
             for j in 0..gn {
