@@ -44,8 +44,29 @@ mod x86 {
                     if best_tier() < $tier {
                         return None;
                     }
+                    /// Single-token rows two at a time (two independent chains, one activation
+                    /// load), for kernels that have an R-row form.
+                    macro_rules! pair_rows {
+                        (none, $w:ident, $rb:ident, $r:ident, $r1:ident, $a1:ident, $out:ident, $t:ident, $ld:ident) => {};
+                        ($kr:ident, $w:ident, $rb:ident, $r:ident, $r1:ident, $a1:ident, $out:ident, $t:ident, $ld:ident) => {
+                            while $r + 2 <= $r1 {
+                                let mut o = [[0f32; 1]; 2];
+                                // SAFETY: same tier features; bounds checked inside.
+                                unsafe { $kr::<2, 1>([&$w[$r * $rb..($r + 1) * $rb], &$w[($r + 1) * $rb..($r + 2) * $rb]], $a1, &mut o) };
+                                // SAFETY: the caller guarantees out holds n × ld and rows r0..r1 are this call's.
+                                unsafe {
+                                    *$out.0.add($t * $ld + $r) = o[0][0];
+                                    *$out.0.add($t * $ld + $r + 1) = o[1][0];
+                                }
+                                $r += 2;
+                            }
+                        };
+                    }
                     macro_rules! pair {
-                        ($k:ident) => {{
+                        ($k:ident) => {
+                            pair!($k, none)
+                        };
+                        ($k:ident, $kr:tt) => {{
                             /// Rows r0..r1 × every activation row, tokens in fours; the loop
                             /// over rows lives here so the kernel inlines into it.
                             #[target_feature(enable = $feat)]
@@ -68,7 +89,10 @@ mod x86 {
                                 }
                                 while t < n {
                                     let a1 = [acts.row(t)];
-                                    for r in r0..r1 {
+                                    #[allow(unused_mut)]
+                                    let mut r = r0;
+                                    pair_rows!($kr, w, rb, r, r1, a1, out, t, ld);
+                                    for r in r..r1 {
                                         let mut o = [0f32; 1];
                                         // SAFETY: as above.
                                         unsafe { $k::<1>(&w[r * rb..(r + 1) * rb], a1, &mut o) };
@@ -97,10 +121,10 @@ mod x86 {
                         }};
                     }
                     match ty {
-                        GgmlType::Q4_0 => pair!(q4_0),
-                        GgmlType::Q4_1 => pair!(q4_1),
-                        GgmlType::Q5_0 => pair!(q5_0),
-                        GgmlType::Q8_0 => pair!(q8_0),
+                        GgmlType::Q4_0 => pair!(q4_0, q4_0_r),
+                        GgmlType::Q4_1 => pair!(q4_1, q4_1_r),
+                        GgmlType::Q5_0 => pair!(q5_0, q5_0_r),
+                        GgmlType::Q8_0 => pair!(q8_0, q8_0_r),
                         GgmlType::Q4_K => pair!(q4_k),
                         GgmlType::Q5_K => pair!(q5_k),
                         GgmlType::Q6_K => pair!(q6_k),
@@ -112,7 +136,7 @@ mod x86 {
 
                 /// How far ahead of the current weight block to prefetch. The hardware prefetcher
                 /// alone reached a third of the machine's read bandwidth in `benches/kernels.rs`.
-                const PREFETCH: usize = 1536;
+                const PREFETCH: usize = 3072;
 
                 /// Prefetches the cache lines of the block PREFETCH bytes ahead of `p`.
                 #[inline]
@@ -200,36 +224,53 @@ mod x86 {
                 /// Shared driver for the 32-element block formats: `block(ptr)` gives the weight
                 /// block's signed (or, with `unsigned_w`, unsigned) values, and `min` adds
                 /// `m·s` (Q4_1).
+                /// Shared body of the 32-element block formats: `R` weight rows × `N` activation
+                /// rows. `$vals` gives a weight block's signed (or unsigned) values from its
+                /// pointer; `min` adds Q4_1's `m·s`. Each (row, token) pair runs the same
+                /// operations in the same order whatever R and N are (batch invariance).
                 macro_rules! blocks32 {
                     ($w:ident, $a:ident, $out:ident, $ts:expr, |$p:ident| $vals:expr, signed = $signed:expr, min = $min:expr) => {{
-                        let nb = $w.len() / $ts;
+                        let nb = $w[0].len() / $ts;
+                        for wr in &$w {
+                            assert!(wr.len() >= nb * $ts);
+                        }
                         for r in &$a {
                             assert!(r.qs.len() >= nb * 32 && r.d.len() >= nb && ($min == false || r.s.len() >= nb));
                         }
                         // Two accumulators (even and odd blocks) halve the FMA dependency chain;
                         // the loop is unrolled so they stay in registers.
-                        let mut acc0 = [_mm256_setzero_ps(); N];
-                        let mut acc1 = [_mm256_setzero_ps(); N];
-                        let mut macc0 = [0f32; N];
-                        let mut macc1 = [0f32; N];
+                        let mut acc0 = [[_mm256_setzero_ps(); N]; R];
+                        let mut acc1 = [[_mm256_setzero_ps(); N]; R];
+                        let mut macc0 = [[0f32; N]; R];
+                        let mut macc1 = [[0f32; N]; R];
                         macro_rules! block {
                             ($i:expr, $acc:ident, $macc:ident) => {{
                                 let i = $i;
-                                // SAFETY: i < nb, so the block lies inside w.
-                                let $p = unsafe { $w.as_ptr().add(i * $ts) };
-                                // Prefetch weights PREFETCH bytes ahead (a prefetch past the end is harmless).
-                                _mm_prefetch::<_MM_HINT_T0>($p.wrapping_add(PREFETCH) as *const i8);
-                                let wv: __m256i = $vals;
-                                let dw = unsafe { f16($p) };
-                                let mw = if $min { unsafe { f16($p.add(2)) } } else { 0.0 };
+                                let mut wv = [_mm256_setzero_si256(); R];
+                                let mut dw = [0f32; R];
+                                let mut mw = [0f32; R];
+                                for rr in 0..R {
+                                    // SAFETY: i < nb, so the block lies inside row rr (asserted).
+                                    let $p = unsafe { $w[rr].as_ptr().add(i * $ts) };
+                                    // Prefetch PREFETCH bytes ahead (a prefetch past the end is harmless).
+                                    _mm_prefetch::<_MM_HINT_T0>($p.wrapping_add(PREFETCH) as *const i8);
+                                    wv[rr] = $vals;
+                                    dw[rr] = unsafe { f16($p) };
+                                    if $min {
+                                        mw[rr] = unsafe { f16($p.add(2)) };
+                                    }
+                                }
                                 for t in 0..N {
                                     // SAFETY: the assert above bounds every activation row.
                                     let av = unsafe { load($a[t].qs.as_ptr().add(i * 32)) };
-                                    let isum = if $signed { sdot(wv, av) } else { udot(wv, av) };
-                                    let d = dw * unsafe { *$a[t].d.get_unchecked(i) };
-                                    $acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(d), $acc[t]);
-                                    if $min {
-                                        $macc[t] += mw * unsafe { *$a[t].s.get_unchecked(i) };
+                                    let da = unsafe { *$a[t].d.get_unchecked(i) };
+                                    for rr in 0..R {
+                                        let isum = if $signed { sdot(wv[rr], av) } else { udot(wv[rr], av) };
+                                        let d = dw[rr] * da;
+                                        $acc[rr][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(d), $acc[rr][t]);
+                                        if $min {
+                                            $macc[rr][t] += mw[rr] * unsafe { *$a[t].s.get_unchecked(i) };
+                                        }
                                     }
                                 }
                             }};
@@ -243,36 +284,42 @@ mod x86 {
                         if i < nb {
                             block!(i, acc0, macc0);
                         }
-                        for t in 0..N {
-                            $out[t] = hsum(_mm256_add_ps(acc0[t], acc1[t])) + (macc0[t] + macc1[t]);
+                        for rr in 0..R {
+                            for t in 0..N {
+                                $out[rr][t] = hsum(_mm256_add_ps(acc0[rr][t], acc1[rr][t])) + (macc0[rr][t] + macc1[rr][t]);
+                            }
                         }
                     }};
                 }
 
-                #[target_feature(enable = $feat)]
-                unsafe fn q4_0<const N: usize>(w: &[u8], a: [ActRow<'_>; N], out: &mut [f32; N]) {
-                    blocks32!(w, a, out, 18, |p| _mm256_sub_epi8(unsafe { nibbles32(p.add(2)) }, _mm256_set1_epi8(8)), signed = true, min = false)
+                /// Defines `$name` (one row × N activations) and `$name_r` (R rows × N) for a
+                /// 32-element block format.
+                macro_rules! kernel32 {
+                    ($kname:ident, $kname_r:ident, $ts:expr, |$p:ident| $vals:expr, signed = $signed:expr, min = $min:expr) => {
+                        #[target_feature(enable = $feat)]
+                        unsafe fn $kname_r<const R: usize, const N: usize>(w: [&[u8]; R], a: [ActRow<'_>; N], out: &mut [[f32; N]; R]) {
+                            blocks32!(w, a, out, $ts, |$p| $vals, signed = $signed, min = $min)
+                        }
+
+                        #[target_feature(enable = $feat)]
+                        unsafe fn $kname<const N: usize>(w: &[u8], a: [ActRow<'_>; N], out: &mut [f32; N]) {
+                            let mut o = [[0f32; N]; 1];
+                            // SAFETY: same features; the callee checks every length.
+                            unsafe { $kname_r::<1, N>([w], a, &mut o) };
+                            *out = o[0];
+                        }
+                    };
                 }
 
-                #[target_feature(enable = $feat)]
-                unsafe fn q4_1<const N: usize>(w: &[u8], a: [ActRow<'_>; N], out: &mut [f32; N]) {
-                    blocks32!(w, a, out, 20, |p| unsafe { nibbles32(p.add(4)) }, signed = false, min = true)
-                }
-
-                #[target_feature(enable = $feat)]
-                unsafe fn q5_0<const N: usize>(w: &[u8], a: [ActRow<'_>; N], out: &mut [f32; N]) {
-                    // (nibble | high<<4) - 16, formed as: where the high bit is clear, OR 0xF0.
-                    blocks32!(w, a, out, 22, |p| {
-                        let q = unsafe { nibbles32(p.add(6)) };
-                        let hi = unsafe { bits32(p.add(2)) };
-                        _mm256_or_si256(q, _mm256_andnot_si256(hi, _mm256_set1_epi8(0xF0u8 as i8)))
-                    }, signed = true, min = false)
-                }
-
-                #[target_feature(enable = $feat)]
-                unsafe fn q8_0<const N: usize>(w: &[u8], a: [ActRow<'_>; N], out: &mut [f32; N]) {
-                    blocks32!(w, a, out, 34, |p| unsafe { load(p.add(2) as *const i8) }, signed = true, min = false)
-                }
+                kernel32!(q4_0, q4_0_r, 18, |p| _mm256_sub_epi8(unsafe { nibbles32(p.add(2)) }, _mm256_set1_epi8(8)), signed = true, min = false);
+                kernel32!(q4_1, q4_1_r, 20, |p| unsafe { nibbles32(p.add(4)) }, signed = false, min = true);
+                // Q5_0: (nibble | high<<4) - 16, formed as: where the high bit is clear, OR 0xF0.
+                kernel32!(q5_0, q5_0_r, 22, |p| {
+                    let q = unsafe { nibbles32(p.add(6)) };
+                    let hi = unsafe { bits32(p.add(2)) };
+                    _mm256_or_si256(q, _mm256_andnot_si256(hi, _mm256_set1_epi8(0xF0u8 as i8)))
+                }, signed = true, min = false);
+                kernel32!(q8_0, q8_0_r, 34, |p| unsafe { load(p.add(2) as *const i8) }, signed = true, min = false);
 
                 /// Decodes a Q4_K/Q5_K block's 8 scales and 8 mins (ggml's `get_scale_min_k4`).
                 #[inline]
