@@ -2,13 +2,16 @@
 //! multi-sequence cache of the serving engine is a separate component.
 
 use half::f16;
+use half::slice::HalfBitsSliceExt;
 
 /// Keys and values of one sequence for every layer.
 pub struct KvCache {
-    /// Per layer, keys: `[capacity × kv_dim]`.
-    k: Vec<Vec<f16>>,
-    /// Per layer, values: `[capacity × kv_dim]`.
-    v: Vec<Vec<f16>>,
+    /// Per layer, keys as f16 bit patterns: `[capacity × kv_dim]`. Stored as u16 so the
+    /// allocation is zeroed by the allocator (calloc) and pages become resident only when a
+    /// position is written: a 4096-token cache costs memory for the tokens actually used.
+    k: Vec<Vec<u16>>,
+    /// Per layer, values as f16 bits: `[capacity × kv_dim]`.
+    v: Vec<Vec<u16>>,
     kv_dim: usize,
     capacity: usize,
     len: usize,
@@ -18,8 +21,8 @@ impl KvCache {
     /// A cache for `capacity` positions.
     pub fn new(n_layer: usize, kv_dim: usize, capacity: usize) -> KvCache {
         KvCache {
-            k: (0..n_layer).map(|_| vec![f16::ZERO; capacity * kv_dim]).collect(),
-            v: (0..n_layer).map(|_| vec![f16::ZERO; capacity * kv_dim]).collect(),
+            k: (0..n_layer).map(|_| vec![0u16; capacity * kv_dim]).collect(),
+            v: (0..n_layer).map(|_| vec![0u16; capacity * kv_dim]).collect(),
             kv_dim,
             capacity,
             len: 0,
@@ -52,18 +55,18 @@ impl KvCache {
     pub(crate) fn write(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
         let o = pos * self.kv_dim;
         for (d, s) in self.k[layer][o..o + self.kv_dim].iter_mut().zip(k) {
-            *d = f16::from_f32(*s);
+            *d = f16::from_f32(*s).to_bits();
         }
         for (d, s) in self.v[layer][o..o + self.kv_dim].iter_mut().zip(v) {
-            *d = f16::from_f32(*s);
+            *d = f16::from_f32(*s).to_bits();
         }
     }
     /// All keys of a layer: `[capacity × kv_dim]`.
     pub(crate) fn keys(&self, layer: usize) -> &[f16] {
-        &self.k[layer]
+        self.k[layer].reinterpret_cast()
     }
     /// All values of a layer: `[capacity × kv_dim]`.
     pub(crate) fn values(&self, layer: usize) -> &[f16] {
-        &self.v[layer]
+        self.v[layer].reinterpret_cast()
     }
 }
