@@ -97,6 +97,10 @@ struct Scratch {
     rope_full: Vec<(f32, f32)>,
     /// RoPE (cos, sin) per token for sliding layers: `[n × rope_dims/2]`.
     rope_swa: Vec<(f32, f32)>,
+    /// Sequence index of each token of the batch: `[n]`.
+    tok_seq: Vec<usize>,
+    /// Position of each token of the batch: `[n]`.
+    tok_pos: Vec<usize>,
     /// A layer's keys as f32 for a prefill batch: `[positions × kv_dim]`.
     k32: Vec<f32>,
     /// A layer's values as f32 for a prefill batch: `[positions × kv_dim]`.
@@ -104,15 +108,35 @@ struct Scratch {
     acts: ActCache,
 }
 
-/// Runs a model over one sequence, owning its KV cache and scratch space.
-pub struct Runner<'m> {
+/// One sequence's part of a batched forward step.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqInput<'a> {
+    /// The tokens to run, at positions `pos0..pos0 + tokens.len()`.
+    pub tokens: &'a [u32],
+    /// Position of the first token (the number of tokens already cached).
+    pub pos0: usize,
+    /// Block ids holding positions `0..pos0 + tokens.len()` of this sequence.
+    pub block_table: &'a [u32],
+    /// Which of its rows need logits.
+    pub logits: Logits,
+}
+
+/// The forward pass over a batch of sequences sharing one paged KV cache: all tokens of all
+/// sequences go through each matmul together (weights read once per step), attention runs per
+/// sequence through its block table. Owns the scratch space, reused between steps.
+pub struct Forward<'m> {
     model: &'m Model,
     pool: Arc<ThreadPool>,
+    s: Scratch,
+}
+
+/// Runs a model over one sequence, owning its KV cache (one block spanning the context).
+pub struct Runner<'m> {
+    fwd: Forward<'m>,
     /// The sequence's KV cache.
     pub kv: KvCache,
     /// The tokens whose keys and values are cached, in order.
     history: Vec<u32>,
-    s: Scratch,
 }
 
 fn grow(v: &mut Vec<f32>, n: usize) {
@@ -126,12 +150,12 @@ impl<'m> Runner<'m> {
     pub fn new(model: &'m Model, pool: Arc<ThreadPool>, n_ctx: usize) -> Runner<'m> {
         let c = &model.config;
         let n_ctx = n_ctx.clamp(1, c.n_ctx_train);
-        Runner { model, pool, kv: KvCache::new(c.n_layer, c.kv_dim(), n_ctx), history: Vec::new(), s: Scratch::default() }
+        Runner { fwd: Forward::new(model, pool), kv: KvCache::new(c.n_layer, c.kv_dim(), n_ctx, 1), history: Vec::new() }
     }
 
     /// The model.
     pub fn model(&self) -> &'m Model {
-        self.model
+        self.fwd.model
     }
 
     /// The tokens in the KV cache.
@@ -141,13 +165,37 @@ impl<'m> Runner<'m> {
 
     /// Drops cached positions from `n` on, keeping the prefix for reuse.
     pub fn truncate(&mut self, n: usize) {
-        self.kv.truncate(n);
         self.history.truncate(n);
     }
 
     /// Context size in tokens.
     pub fn n_ctx(&self) -> usize {
         self.kv.capacity()
+    }
+
+    /// Runs `tokens` after the cached ones and returns the requested logits
+    /// (`[rows × n_vocab]`, rows = 1 for `Last`, `tokens.len()` for `All`, 0 for `None`).
+    pub fn forward(&mut self, tokens: &[u32], want: Logits) -> Result<&[f32], Error> {
+        let pos0 = self.history.len();
+        if pos0 + tokens.len() > self.kv.capacity() {
+            return Err(Error::new(ErrorKind::ContextOverflow { needed: pos0 + tokens.len(), context: self.kv.capacity() }));
+        }
+        let seq = SeqInput { tokens, pos0, block_table: &[0], logits: want };
+        let out = self.fwd.forward_batch(&mut self.kv, &[seq])?;
+        self.history.extend_from_slice(tokens);
+        Ok(out)
+    }
+}
+
+impl<'m> Forward<'m> {
+    /// A forward pass for `model` on `pool`.
+    pub fn new(model: &'m Model, pool: Arc<ThreadPool>) -> Forward<'m> {
+        Forward { model, pool, s: Scratch::default() }
+    }
+
+    /// The model.
+    pub fn model(&self) -> &'m Model {
+        self.model
     }
 
     /// `outs[i] = ws[i] · x` for each weight, with `x` quantized once per format and one pass
@@ -167,18 +215,20 @@ impl<'m> Runner<'m> {
         matmul_many(&self.pool, &mut jobs);
     }
 
-    /// Runs `tokens` at positions `kv.len()..` and returns the requested logits
-    /// (`[rows × n_vocab]`, rows = 1 for `Last`, `tokens.len()` for `All`, 0 for `None`).
-    pub fn forward(&mut self, tokens: &[u32], want: Logits) -> Result<&[f32], Error> {
+    /// Runs one step over `seqs` (their new tokens in order) against the paged `kv`, and returns
+    /// the logits each sequence asked for, concatenated in sequence order (`[rows × n_vocab]`).
+    pub fn forward_batch(&mut self, kv: &mut KvCache, seqs: &[SeqInput<'_>]) -> Result<&[f32], Error> {
         let m = self.model;
         let c = &m.config;
-        let n = tokens.len();
-        let pos0 = self.kv.len();
+        let n: usize = seqs.iter().map(|q| q.tokens.len()).sum();
         if n == 0 {
             return Ok(&[]);
         }
-        if pos0 + n > self.kv.capacity() {
-            return Err(Error::new(ErrorKind::ContextOverflow { needed: pos0 + n, context: self.kv.capacity() }));
+        for q in seqs {
+            let end = q.pos0 + q.tokens.len();
+            if end > 0 && kv.slot(q.block_table, end - 1).is_none() {
+                return Err(Error::new(ErrorKind::ContextOverflow { needed: end, context: q.block_table.len() * kv.block_size() }));
+            }
         }
         let (d, qd, kvd, hd, ff) = (c.n_embd, c.q_dim(), c.kv_dim(), c.head_dim, c.n_ff);
         let mut s = std::mem::take(&mut self.s);
@@ -191,10 +241,17 @@ impl<'m> Runner<'m> {
         grow(&mut s.out, n * d);
         grow(&mut s.gate, n * ff);
         grow(&mut s.up, n * ff);
-        for (i, &t) in tokens.iter().enumerate() {
-            if let Err(e) = m.embed(t, &mut s.x[i * d..(i + 1) * d]) {
-                self.s = s;
-                return Err(e);
+        s.tok_seq.clear();
+        s.tok_pos.clear();
+        for (si, q) in seqs.iter().enumerate() {
+            for (j, &t) in q.tokens.iter().enumerate() {
+                let i = s.tok_seq.len();
+                if let Err(e) = m.embed(t, &mut s.x[i * d..(i + 1) * d]) {
+                    self.s = s;
+                    return Err(e);
+                }
+                s.tok_seq.push(si);
+                s.tok_pos.push(q.pos0 + j);
             }
         }
         // RoPE tables for this batch's positions.
@@ -202,7 +259,7 @@ impl<'m> Runner<'m> {
         s.rope_full.resize(n * half, (1.0, 0.0));
         s.rope_swa.resize(n * half, (1.0, 0.0));
         for i in 0..n {
-            let p = pos0 + i;
+            let p = s.tok_pos[i];
             rope_cache(p, c.rope_dims, c.rope_base, c.rope_freq_scale, &mut s.rope_full[i * half..(i + 1) * half]);
             if let Some(ff) = &m.rope_freqs {
                 // theta_i /= freq_factor_i: recompute with the factors applied.
@@ -249,32 +306,37 @@ impl<'m> Runner<'m> {
                     }
                     rope_apply(h, cs, c.rope_dims, c.rope_style);
                 }
-                self.kv.write(il, pos0 + i, &s.k[i * kvd..(i + 1) * kvd], &s.v[i * kvd..(i + 1) * kvd]);
+                let q = &seqs[s.tok_seq[i]];
+                let slot = kv.slot(q.block_table, s.tok_pos[i]).unwrap_or(0); // checked above
+                kv.write(il, slot, &s.k[i * kvd..(i + 1) * kvd], &s.v[i * kvd..(i + 1) * kvd]);
             }
             let window = if c.is_swa_layer(il) { c.sliding_window } else { None };
-            // A batch of several tokens reads each key many times: convert the layer's keys and
-            // values to f32 once (in parallel) instead of once per query. One token reads each
-            // once, so decode converts on the fly.
-            let kv_f32 = if n > 1 {
-                let first = window.map_or(0, |w| (pos0 + 1).saturating_sub(w));
-                let total = (pos0 + n) * kvd;
+            // A sequence with several new tokens reads each key many times: convert its keys
+            // and values to f32 once (in parallel, indexed by position) instead of once per
+            // query. One token reads each once, so decode converts on the fly.
+            let kv_f32 = if seqs.len() == 1 && n > 1 {
+                let q = &seqs[0];
+                let first = window.map_or(0, |w| (q.pos0 + 1).saturating_sub(w));
+                let total = (q.pos0 + n) * kvd;
                 grow(&mut s.k32, total);
                 grow(&mut s.v32, total);
                 let (kp, vp) = (SyncPtr::new(&mut s.k32[..total]), SyncPtr::new(&mut s.v32[..total]));
-                let (keys, values) = (self.kv.keys(il), self.kv.values(il));
-                let rows = pos0 + n - first;
+                let (keys, values, kvr) = (kv.keys(il), kv.values(il), &*kv);
+                let rows = q.pos0 + n - first;
                 self.pool.run(rows.div_ceil(64), &|t| {
-                    let (r0, r1) = (first + t * 64, (first + (t + 1) * 64).min(pos0 + n));
-                    // SAFETY: rows r0..r1 of both buffers belong to this task alone.
-                    let (kd, vd) = unsafe { (kp.slice(r0 * kvd, (r1 - r0) * kvd), vp.slice(r0 * kvd, (r1 - r0) * kvd)) };
-                    f16_to_f32(&keys[r0 * kvd..r1 * kvd], kd);
-                    f16_to_f32(&values[r0 * kvd..r1 * kvd], vd);
+                    for p in first + t * 64..(first + (t + 1) * 64).min(q.pos0 + n) {
+                        let r = kvr.slot(q.block_table, p).unwrap_or(0);
+                        // SAFETY: position p's rows of both buffers belong to this task alone.
+                        let (kd, vd) = unsafe { (kp.slice(p * kvd, kvd), vp.slice(p * kvd, kvd)) };
+                        f16_to_f32(&keys[r * kvd..(r + 1) * kvd], kd);
+                        f16_to_f32(&values[r * kvd..(r + 1) * kvd], vd);
+                    }
                 });
                 Some((&s.k32[..total], &s.v32[..total]))
             } else {
                 None
             };
-            attention(&self.pool, c, &self.kv, kv_f32, il, pos0, n, window, &s.q[..n * qd], &mut s.att[..n * qd]);
+            attention(&self.pool, c, kv, seqs, &s.tok_seq, &s.tok_pos, kv_f32, il, window, &s.q[..n * qd], &mut s.att[..n * qd]);
             self.mm(&mut s.acts, &s.att[..n * qd], qd, [&layer.wo], [&mut s.out[..n * d]]);
             for i in 0..n {
                 let o = &mut s.out[i * d..(i + 1) * d];
@@ -311,21 +373,26 @@ impl<'m> Runner<'m> {
                 s.x[i * d..(i + 1) * d].iter_mut().zip(o.iter()).for_each(|(x, o)| *x += o);
             }
         }
-        self.kv.set_len(pos0 + n);
-        self.history.extend_from_slice(tokens);
-
-        let first = match want {
-            Logits::None => {
-                self.s = s;
-                return Ok(&[]);
+        // Rows that need logits: per sequence, its last token, all of them, or none.
+        let mut rows = 0;
+        let mut first = 0;
+        for q in seqs {
+            let (lo, hi) = match q.logits {
+                Logits::None => (0, 0),
+                Logits::Last => (q.tokens.len().saturating_sub(1), q.tokens.len()),
+                Logits::All => (0, q.tokens.len()),
+            };
+            for j in lo..hi {
+                let src = (first + j) * d;
+                let (x, xn) = (&s.x, &mut s.xn);
+                ops::rms_norm(&x[src..src + d], &m.output_norm, c.rms_eps, &mut xn[rows * d..(rows + 1) * d]);
+                rows += 1;
             }
-            Logits::Last => n - 1,
-            Logits::All => 0,
-        };
-        let rows = n - first;
-        for i in 0..rows {
-            let src = (first + i) * d;
-            ops::rms_norm(&s.x[src..src + d], &m.output_norm, c.rms_eps, &mut s.xn[i * d..(i + 1) * d]);
+            first += q.tokens.len();
+        }
+        if rows == 0 {
+            self.s = s;
+            return Ok(&[]);
         }
         grow(&mut s.logits, rows * c.n_vocab);
         self.mm(&mut s.acts, &s.xn[..rows * d], d, [&m.output], [&mut s.logits[..rows * c.n_vocab]]);
@@ -357,14 +424,16 @@ fn attention(
     pool: &ThreadPool,
     c: &crate::Config,
     kv: &KvCache,
+    seqs: &[SeqInput<'_>],
+    tok_seq: &[usize],
+    tok_pos: &[usize],
     kv_f32: Option<(&[f32], &[f32])>,
     layer: usize,
-    pos0: usize,
-    n: usize,
     window: Option<usize>,
     q: &[f32],
     out: &mut [f32],
 ) {
+    let n = tok_pos.len();
     let (hd, nkv, kvd, qd) = (c.head_dim, c.n_head_kv, c.kv_dim(), c.q_dim());
     let group = c.n_head / c.n_head_kv;
     let keys = kv.keys(layer);
@@ -377,7 +446,8 @@ fn attention(
         let (g, sg) = (rest / sub_groups, rest % sub_groups);
         let h0 = g * group + sg * MAX_GROUP;
         let gn = (group - sg * MAX_GROUP).min(MAX_GROUP);
-        let pos = pos0 + i;
+        let pos = tok_pos[i];
+        let table = seqs[tok_seq[i]].block_table;
         let start = window.map_or(0, |w| (pos + 1).saturating_sub(w));
         let len = pos + 1 - start;
         let mut qs = [[0f32; 512]; MAX_GROUP];
@@ -399,7 +469,8 @@ fn attention(
                 let k: &[f32] = match kv_f32 {
                     Some((k32, _)) => &k32[p * kvd + koff..p * kvd + koff + hd],
                     None => {
-                        f16_to_f32(&keys[p * kvd + koff..p * kvd + koff + hd], row);
+                        let r = kv.slot(table, p).unwrap_or(0);
+                        f16_to_f32(&keys[r * kvd + koff..r * kvd + koff + hd], row);
                         row
                     }
                 };
@@ -425,7 +496,8 @@ fn attention(
                 let v: &[f32] = match kv_f32 {
                     Some((_, v32)) => &v32[p * kvd + koff..p * kvd + koff + hd],
                     None => {
-                        f16_to_f32(&values[p * kvd + koff..p * kvd + koff + hd], row);
+                        let r = kv.slot(table, p).unwrap_or(0);
+                        f16_to_f32(&values[r * kvd + koff..r * kvd + koff + hd], row);
                         row
                     }
                 };

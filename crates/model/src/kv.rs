@@ -1,59 +1,74 @@
-//! A contiguous per-sequence KV cache in f16 (llama.cpp's default KV type). The paged,
-//! multi-sequence cache of the serving engine is a separate component.
+//! Paged KV storage in f16: per layer, a pool of `n_blocks` blocks of `block_size` positions.
+//! A sequence reaches its positions through a block table (`&[u32]` of block ids, as handed out
+//! by `ruvllm-kv`); a single sequence with one block of the whole context is the contiguous
+//! special case the [`Runner`](crate::Runner) uses.
 
 use half::f16;
 use half::slice::HalfBitsSliceExt;
 
-/// Keys and values of one sequence for every layer.
+/// Keys and values of every layer, in blocks.
 pub struct KvCache {
-    /// Per layer, keys as f16 bit patterns: `[capacity × kv_dim]`. Stored as u16 so the
-    /// allocation is zeroed by the allocator (calloc) and pages become resident only when a
-    /// position is written: a 4096-token cache costs memory for the tokens actually used.
+    /// Per layer, keys as f16 bit patterns: `[n_blocks × block_size × kv_dim]`. Stored as u16 so
+    /// the allocation is zeroed by the allocator (calloc) and pages become resident only when a
+    /// position is written.
     k: Vec<Vec<u16>>,
-    /// Per layer, values as f16 bits: `[capacity × kv_dim]`.
+    /// Per layer, values as f16 bits: `[n_blocks × block_size × kv_dim]`.
     v: Vec<Vec<u16>>,
     kv_dim: usize,
-    capacity: usize,
-    len: usize,
+    block_size: usize,
+    n_blocks: usize,
 }
 
 impl KvCache {
-    /// A cache for `capacity` positions.
-    pub fn new(n_layer: usize, kv_dim: usize, capacity: usize) -> KvCache {
+    /// Storage for `n_blocks` blocks of `block_size` positions in each of `n_layer` layers.
+    pub fn new(n_layer: usize, kv_dim: usize, block_size: usize, n_blocks: usize) -> KvCache {
+        let n = n_blocks * block_size * kv_dim;
         KvCache {
-            k: (0..n_layer).map(|_| vec![0u16; capacity * kv_dim]).collect(),
-            v: (0..n_layer).map(|_| vec![0u16; capacity * kv_dim]).collect(),
+            k: (0..n_layer).map(|_| vec![0u16; n]).collect(),
+            v: (0..n_layer).map(|_| vec![0u16; n]).collect(),
             kv_dim,
-            capacity,
-            len: 0,
+            block_size,
+            n_blocks,
         }
     }
-    /// Positions filled.
-    pub fn len(&self) -> usize {
-        self.len
+    /// Positions per block.
+    pub fn block_size(&self) -> usize {
+        self.block_size
     }
-    /// Whether nothing is cached.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
+    /// Blocks per layer.
+    pub fn n_blocks(&self) -> usize {
+        self.n_blocks
     }
-    /// Positions it can hold.
+    /// Positions the storage can hold across all blocks.
     pub fn capacity(&self) -> usize {
-        self.capacity
+        self.n_blocks * self.block_size
     }
-    /// Forgets positions from `n` on (to reuse a common prefix).
-    pub fn truncate(&mut self, n: usize) {
-        self.len = self.len.min(n);
+    /// Bytes of K and V per token over all layers.
+    pub fn bytes_per_token(&self) -> usize {
+        self.k.len() * 2 * self.kv_dim * 2
     }
-    pub(crate) fn set_len(&mut self, n: usize) {
-        self.len = n;
-    }
-    /// Bytes held.
+    /// Bytes allocated.
     pub fn bytes(&self) -> usize {
-        self.k.len() * 2 * self.capacity * self.kv_dim * 2
+        self.bytes_per_token() * self.capacity()
     }
-    /// Stores one position's keys and values for a layer.
-    pub(crate) fn write(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
-        let o = pos * self.kv_dim;
+    /// Row index of position `pos` of a sequence with block table `table`, or None when the
+    /// table does not reach that far or names a block outside the pool.
+    #[inline]
+    pub fn slot(&self, table: &[u32], pos: usize) -> Option<usize> {
+        let b = *table.get(pos / self.block_size)? as usize;
+        (b < self.n_blocks).then_some(b * self.block_size + pos % self.block_size)
+    }
+    /// Copies a whole block's keys and values (copy-on-write of a shared block).
+    pub fn copy_block(&mut self, src: u32, dst: u32) {
+        let w = self.block_size * self.kv_dim;
+        let (s, d) = (src as usize * w, dst as usize * w);
+        for layer in self.k.iter_mut().chain(self.v.iter_mut()) {
+            layer.copy_within(s..s + w, d);
+        }
+    }
+    /// Stores one position's keys and values for a layer at row `slot`.
+    pub(crate) fn write(&mut self, layer: usize, slot: usize, k: &[f32], v: &[f32]) {
+        let o = slot * self.kv_dim;
         for (d, s) in self.k[layer][o..o + self.kv_dim].iter_mut().zip(k) {
             *d = f16::from_f32(*s).to_bits();
         }
@@ -61,11 +76,11 @@ impl KvCache {
             *d = f16::from_f32(*s).to_bits();
         }
     }
-    /// All keys of a layer: `[capacity × kv_dim]`.
+    /// All key rows of a layer: `[rows × kv_dim]`.
     pub(crate) fn keys(&self, layer: usize) -> &[f16] {
         self.k[layer].reinterpret_cast()
     }
-    /// All values of a layer: `[capacity × kv_dim]`.
+    /// All value rows of a layer: `[rows × kv_dim]`.
     pub(crate) fn values(&self, layer: usize) -> &[f16] {
         self.v[layer].reinterpret_cast()
     }

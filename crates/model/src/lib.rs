@@ -11,7 +11,7 @@ pub mod sampler;
 pub mod weights;
 
 pub use config::{Arch, Config};
-pub use forward::{Logits, Runner};
+pub use forward::{Forward, Logits, Runner, SeqInput};
 pub use generate::{generate, FinishReason, GenerateParams, Generation, StopMatcher};
 pub use kv::KvCache;
 pub use sampler::{Sampler, SamplingParams};
