@@ -73,6 +73,24 @@ mod x86 {
                             unsafe fn rows(w: &[u8], rb: usize, r0: usize, r1: usize, acts: &QuantActs, out: SyncPtr<f32>, ld: usize) {
                                 let n = acts.n_rows;
                                 let mut t = 0;
+                                // Eight tokens per weight pass where the tier has 32 vector
+                                // registers (AVX-512VL); the per-token arithmetic is unchanged.
+                                if $tier == crate::dispatch::Tier::Avx512Vnni {
+                                    while t + 8 <= n {
+                                        let a8: [ActRow<'_>; 8] = std::array::from_fn(|k| acts.row(t + k));
+                                        for r in r0..r1 {
+                                            let mut o = [0f32; 8];
+                                            // SAFETY: same tier features; bounds checked inside.
+                                            unsafe { $k::<8>(&w[r * rb..(r + 1) * rb], a8, &mut o) };
+                                            for (k, v) in o.into_iter().enumerate() {
+                                                // SAFETY: the caller guarantees out holds n × ld and
+                                                // that rows r0..r1 are this call's alone.
+                                                unsafe { *out.0.add((t + k) * ld + r) = v };
+                                            }
+                                        }
+                                        t += 8;
+                                    }
+                                }
                                 while t + 4 <= n {
                                     let a4 = [acts.row(t), acts.row(t + 1), acts.row(t + 2), acts.row(t + 3)];
                                     for r in r0..r1 {
