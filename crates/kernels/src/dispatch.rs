@@ -91,7 +91,10 @@ pub fn kernels(ty: GgmlType) -> Kernels {
 /// The kernels for a weight type at a given tier (capped at what the CPU supports).
 pub fn kernels_for(ty: GgmlType, tier: Tier) -> Kernels {
     let tier = tier.min(best_tier());
-    crate::simd::select(ty, tier).unwrap_or_else(|| Kernels { dot: scalar_fn(ty), dot4: scalar4_fn(ty), rows: None })
+    crate::simd::select(ty, tier).unwrap_or_else(|| {
+        let (dot, dot4) = scalar_fns(ty);
+        Kernels { dot, dot4, rows: None }
+    })
 }
 
 /// The dot functions for a weight type at a given tier.
@@ -100,35 +103,12 @@ pub fn dot_fns_for(ty: GgmlType, tier: Tier) -> (DotFn, Dot4Fn) {
     (k.dot, k.dot4)
 }
 
-fn scalar4_fn(ty: GgmlType) -> Dot4Fn {
+/// The scalar twins as a (single-row, four-row) pair of dot functions.
+fn scalar_fns(ty: GgmlType) -> (DotFn, Dot4Fn) {
     use GgmlType::*;
     macro_rules! f {
         ($t:expr) => {
-            |w, a: [ActRow<'_>; 4]| a.map(|r| crate::dot::dot_scalar($t, w, r))
-        };
-    }
-    match ty {
-        Q4_0 => f!(Q4_0),
-        Q4_1 => f!(Q4_1),
-        Q5_0 => f!(Q5_0),
-        Q5_1 => f!(Q5_1),
-        Q8_0 => f!(Q8_0),
-        Q2_K => f!(Q2_K),
-        Q3_K => f!(Q3_K),
-        Q4_K => f!(Q4_K),
-        Q5_K => f!(Q5_K),
-        Q6_K => f!(Q6_K),
-        F16 => f!(F16),
-        BF16 => f!(BF16),
-        _ => f!(F32),
-    }
-}
-
-fn scalar_fn(ty: GgmlType) -> DotFn {
-    use GgmlType::*;
-    macro_rules! f {
-        ($t:expr) => {
-            |w, a| crate::dot::dot_scalar($t, w, a)
+            (|w, a| crate::dot::dot_scalar($t, w, a), |w, a: [ActRow<'_>; 4]| a.map(|r| crate::dot::dot_scalar($t, w, r)))
         };
     }
     match ty {

@@ -475,72 +475,47 @@ mod x86 {
                     }
                 }
 
-                #[target_feature(enable = $feat)]
-                unsafe fn f16w<const N: usize>(w: &[u8], a: [ActRow<'_>; N], out: &mut [f32; N]) {
-                    let n = w.len() / 2;
-                    for r in &a {
-                        assert!(r.f.len() >= n);
-                    }
-                    // Four accumulators per row (lanes i mod 32) hide the FMA latency.
-                    let mut acc4 = [[_mm256_setzero_ps(); 4]; N];
-                    let mut i = 0;
-                    while i + 8 <= n {
-                        if i % 32 == 0 {
-                            _mm_prefetch::<_MM_HINT_T0>(w.as_ptr().wrapping_add(2 * i + PREFETCH) as *const i8);
+                /// Float weight rows (f16 or f32, `$es` bytes per element, `$load` widening 8 of
+                /// them at element i) · f32 activations, four accumulators per row.
+                macro_rules! float_rows {
+                    ($fname:ident, $es:expr, |$wp:ident, $i:ident| $load:expr, |$wj:ident| $scalar:expr) => {
+                        #[target_feature(enable = $feat)]
+                        unsafe fn $fname<const N: usize>(w: &[u8], a: [ActRow<'_>; N], out: &mut [f32; N]) {
+                            let n = w.len() / $es;
+                            for r in &a {
+                                assert!(r.f.len() >= n);
+                            }
+                            // Four accumulators per row (lanes i mod 32) hide the FMA latency.
+                            let mut acc4 = [[_mm256_setzero_ps(); 4]; N];
+                            let mut $i = 0;
+                            let $wp = w.as_ptr();
+                            while $i + 8 <= n {
+                                if $i % 32 == 0 {
+                                    _mm_prefetch::<_MM_HINT_T0>($wp.wrapping_add($es * $i + PREFETCH) as *const i8);
+                                }
+                                // SAFETY: the 8 elements at i are inside w (i + 8 <= n).
+                                let wv = unsafe { $load };
+                                for t in 0..N {
+                                    let av = unsafe { _mm256_loadu_ps(a[t].f.as_ptr().add($i)) };
+                                    acc4[t][($i / 8) % 4] = _mm256_fmadd_ps(wv, av, acc4[t][($i / 8) % 4]);
+                                }
+                                $i += 8;
+                            }
+                            for t in 0..N {
+                                let acc = _mm256_add_ps(_mm256_add_ps(acc4[t][0], acc4[t][1]), _mm256_add_ps(acc4[t][2], acc4[t][3]));
+                                let mut s = hsum(acc);
+                                for j in $i..n {
+                                    let $wj = &w[$es * j..$es * (j + 1)];
+                                    s += $scalar * a[t].f[j];
+                                }
+                                out[t] = s;
+                            }
                         }
-                        // SAFETY: the 8 elements at i are inside w (i + 8 <= n).
-                        let wv = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(w.as_ptr().add(2 * i) as *const __m128i) });
-                        for t in 0..N {
-                            let av = unsafe { _mm256_loadu_ps(a[t].f.as_ptr().add(i)) };
-                            acc4[t][(i / 8) % 4] = _mm256_fmadd_ps(wv, av, acc4[t][(i / 8) % 4]);
-                        }
-                        i += 8;
-                    }
-                    let acc: [__m256; N] = std::array::from_fn(|t| {
-                        _mm256_add_ps(_mm256_add_ps(acc4[t][0], acc4[t][1]), _mm256_add_ps(acc4[t][2], acc4[t][3]))
-                    });
-                    for t in 0..N {
-                        let mut s = hsum(acc[t]);
-                        for j in i..n {
-                            s += half::f16::from_le_bytes([w[2 * j], w[2 * j + 1]]).to_f32() * a[t].f[j];
-                        }
-                        out[t] = s;
-                    }
+                    };
                 }
 
-                #[target_feature(enable = $feat)]
-                unsafe fn f32w<const N: usize>(w: &[u8], a: [ActRow<'_>; N], out: &mut [f32; N]) {
-                    let n = w.len() / 4;
-                    for r in &a {
-                        assert!(r.f.len() >= n);
-                    }
-                    // Four accumulators per row (lanes i mod 32) hide the FMA latency.
-                    let mut acc4 = [[_mm256_setzero_ps(); 4]; N];
-                    let mut i = 0;
-                    while i + 8 <= n {
-                        if i % 32 == 0 {
-                            _mm_prefetch::<_MM_HINT_T0>(w.as_ptr().wrapping_add(4 * i + PREFETCH) as *const i8);
-                        }
-                        // SAFETY: the 8 elements at i are inside w (i + 8 <= n).
-                        let wv = unsafe { _mm256_loadu_ps(w.as_ptr().add(4 * i) as *const f32) };
-                        for t in 0..N {
-                            let av = unsafe { _mm256_loadu_ps(a[t].f.as_ptr().add(i)) };
-                            acc4[t][(i / 8) % 4] = _mm256_fmadd_ps(wv, av, acc4[t][(i / 8) % 4]);
-                        }
-                        i += 8;
-                    }
-                    let acc: [__m256; N] = std::array::from_fn(|t| {
-                        _mm256_add_ps(_mm256_add_ps(acc4[t][0], acc4[t][1]), _mm256_add_ps(acc4[t][2], acc4[t][3]))
-                    });
-                    for t in 0..N {
-                        let mut s = hsum(acc[t]);
-                        for j in i..n {
-                            let b = &w[4 * j..4 * j + 4];
-                            s += f32::from_le_bytes([b[0], b[1], b[2], b[3]]) * a[t].f[j];
-                        }
-                        out[t] = s;
-                    }
-                }
+                float_rows!(f16w, 2, |wp, i| _mm256_cvtph_ps(_mm_loadu_si128(wp.add(2 * i) as *const __m128i)), |b| half::f16::from_le_bytes([b[0], b[1]]).to_f32());
+                float_rows!(f32w, 4, |wp, i| _mm256_loadu_ps(wp.add(4 * i) as *const f32), |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
             }
         };
     }

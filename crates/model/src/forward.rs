@@ -466,14 +466,7 @@ fn attention(
                 scores.resize(gn * len, 0.0);
             }
             for p in start..=pos {
-                let k: &[f32] = match kv_f32 {
-                    Some((k32, _)) => &k32[p * kvd + koff..p * kvd + koff + hd],
-                    None => {
-                        let r = kv.slot(table, p).unwrap_or(0);
-                        f16_to_f32(&keys[r * kvd + koff..r * kvd + koff + hd], row);
-                        row
-                    }
-                };
+                let k = head_row(kv_f32.map(|x| x.0), keys, kv, table, p, kvd, koff, row);
                 for j in 0..gn {
                     scores[j * len + p - start] = ops::dot_f32(&qs[j][..hd], k) * scale;
                 }
@@ -493,14 +486,7 @@ fn attention(
             }
             let mut acc = [[0f32; 512]; MAX_GROUP];
             for p in start..=pos {
-                let v: &[f32] = match kv_f32 {
-                    Some((_, v32)) => &v32[p * kvd + koff..p * kvd + koff + hd],
-                    None => {
-                        let r = kv.slot(table, p).unwrap_or(0);
-                        f16_to_f32(&values[r * kvd + koff..r * kvd + koff + hd], row);
-                        row
-                    }
-                };
+                let v = head_row(kv_f32.map(|x| x.1), values, kv, table, p, kvd, koff, row);
                 for j in 0..gn {
                     ops::axpy(scores[j * len + p - start], v, &mut acc[j][..hd]);
                 }
@@ -512,6 +498,22 @@ fn attention(
             }
         });
     });
+}
+
+/// One KV head's row at position `p`: from the f32 copy made for a prefill batch (indexed by
+/// position) when there is one, else converted from the f16 cache row the block table points to.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn head_row<'a>(f32_rows: Option<&'a [f32]>, f16_rows: &[f16], kv: &KvCache, table: &[u32], p: usize, kvd: usize, koff: usize, buf: &'a mut [f32]) -> &'a [f32] {
+    let hd = buf.len();
+    match f32_rows {
+        Some(rows) => &rows[p * kvd + koff..p * kvd + koff + hd],
+        None => {
+            let r = kv.slot(table, p).unwrap_or(0);
+            f16_to_f32(&f16_rows[r * kvd + koff..r * kvd + koff + hd], buf);
+            buf
+        }
+    }
 }
 
 #[inline]
