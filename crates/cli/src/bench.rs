@@ -145,14 +145,7 @@ pub fn run(a: BenchArgs) -> Result<(), Error> {
         return Err(Error::usage(format!("bench needs {ctx} positions but the model's context is {}", l.model.config.n_ctx_train)));
     }
     let mut runner = Runner::new(&l.model, l.pool.clone(), ctx);
-    let mut seed = 0x2545_F491_4F6C_DD1Du64;
-    let mut next = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        (100 + seed % (nv - 100).max(1)) as u32
-    };
-    let tokens: Vec<u32> = (0..a.n_prompt.max(a.n_gen)).map(|_| next()).collect();
+    let tokens = tokens_for(&l, a.n_prompt.max(a.n_gen));
     let mut records = Vec::new();
     let path = crate::pull::resolve(a.model.model.as_deref())?;
     let file_name = path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
