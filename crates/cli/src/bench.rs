@@ -139,7 +139,6 @@ pub fn run(a: BenchArgs) -> Result<(), Error> {
         return Err(Error::usage("--repetitions must be at least 1"));
     }
     let l = load(&a.model)?;
-    let nv = l.model.config.n_vocab as u64;
     let ctx = (a.n_prompt.max(a.n_gen) + 1).max(16);
     if ctx > l.model.config.n_ctx_train {
         return Err(Error::usage(format!("bench needs {ctx} positions but the model's context is {}", l.model.config.n_ctx_train)));
