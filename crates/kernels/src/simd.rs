@@ -255,12 +255,8 @@ mod x86 {
                         for r in &$a {
                             assert!(r.qs.len() >= nb * 32 && r.d.len() >= nb && ($min == false || r.s.len() >= nb));
                         }
-                        // Two accumulators (even and odd blocks) halve the FMA dependency chain;
-                        // the loop is unrolled so they stay in registers.
                         let mut acc0 = [[_mm256_setzero_ps(); N]; R];
-                        let mut acc1 = [[_mm256_setzero_ps(); N]; R];
                         let mut macc0 = [[0f32; N]; R];
-                        let mut macc1 = [[0f32; N]; R];
                         macro_rules! block {
                             ($i:expr, $acc:ident, $macc:ident) => {{
                                 let i = $i;
@@ -293,18 +289,15 @@ mod x86 {
                                 }
                             }};
                         }
-                        let mut i = 0;
-                        while i + 2 <= nb {
-                            block!(i, acc0, macc0);
-                            block!(i + 1, acc1, macc1);
-                            i += 2;
-                        }
-                        if i < nb {
+                        // One accumulator per (row, token), blocks in order: ggml's summation
+                        // order, so near-ties in the logits resolve as in llama.cpp. Independent
+                        // chains come from the paired rows (decode) and the tokens (prefill).
+                        for i in 0..nb {
                             block!(i, acc0, macc0);
                         }
                         for rr in 0..R {
                             for t in 0..N {
-                                $out[rr][t] = hsum(_mm256_add_ps(acc0[rr][t], acc1[rr][t])) + (macc0[rr][t] + macc1[rr][t]);
+                                $out[rr][t] = hsum(acc0[rr][t]) + macc0[rr][t];
                             }
                         }
                     }};
