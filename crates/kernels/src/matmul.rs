@@ -38,8 +38,12 @@ impl QMatrix<'_> {
     }
 }
 
-/// Rows per task: small enough to balance two to sixteen threads, large enough to amortize.
-const ROWS_PER_TASK: usize = 16;
+/// Rows per task: about eight tasks per thread, at least 16 rows (to amortize the task hand-out,
+/// an atomic shared by all threads) and at most 512 (so a task's weights stay in L2 while a
+/// batch of tokens reuses them). Even, so single-token rows pair up.
+fn rows_per_task(rows: usize, n_threads: usize) -> usize {
+    (rows / (n_threads * 8)).clamp(16, 512).next_multiple_of(2)
+}
 
 /// One product of a [`matmul_many`] call: `out[t][r] = w.row(r) · acts.row(t)`.
 pub struct MatJob<'a> {
@@ -68,6 +72,7 @@ pub fn matmul_many(pool: &ThreadPool, jobs: &mut [MatJob<'_>]) {
         out: SyncPtr<f32>,
         kernels: crate::dispatch::Kernels,
         first_task: usize,
+        chunk: usize,
     }
     // A fixed array, not a Vec: this runs hundreds of times per decoded token.
     assert!(jobs.len() <= MAX_JOBS, "matmul_many takes at most {MAX_JOBS} products");
@@ -77,15 +82,16 @@ pub fn matmul_many(pool: &ThreadPool, jobs: &mut [MatJob<'_>]) {
         debug_assert_eq!(j.acts.cols, j.w.cols);
         debug_assert_eq!(j.acts.format, Some(j.w.act_format()));
         assert!(j.out.len() >= j.acts.n_rows * j.w.rows, "matmul output too small");
-        *slot = Some(Prepared { w: j.w, acts: j.acts, out: SyncPtr::new(j.out), kernels: kernels(j.w.ty), first_task: n_tasks });
-        n_tasks += j.w.rows.div_ceil(ROWS_PER_TASK);
+        let chunk = rows_per_task(j.w.rows, pool.n_threads());
+        *slot = Some(Prepared { w: j.w, acts: j.acts, out: SyncPtr::new(j.out), kernels: kernels(j.w.ty), first_task: n_tasks, chunk });
+        n_tasks += j.w.rows.div_ceil(chunk);
     }
     let prepared = &prepared[..jobs.len()];
     pool.run(n_tasks, &|task| {
         let Some(j) = prepared.iter().rev().flatten().find(|p| p.first_task <= task) else { return };
         let (w, rows, n_tok, p) = (&j.w, j.w.rows, j.acts.n_rows, j.out);
-        let r0 = (task - j.first_task) * ROWS_PER_TASK;
-        let r1 = (r0 + ROWS_PER_TASK).min(rows);
+        let r0 = (task - j.first_task) * j.chunk;
+        let r1 = (r0 + j.chunk).min(rows);
         if let Some(f) = j.kernels.rows {
             // SAFETY: out holds n_tok × rows floats (asserted above) and rows r0..r1 belong to
             // this task alone; `kernels` only hands out functions the CPU supports.
