@@ -78,7 +78,18 @@ pub struct Sampler {
     params: SamplingParams,
     rng: [u64; 4],
     cands: Vec<(f32, u32)>,
+    /// Probabilities of `cands` (reused buffer).
+    probs: Vec<f32>,
     counts: std::collections::HashMap<u32, u32>,
+}
+
+/// Softmax of candidate logits (sorted, best first) at temperature `t`, into a reused buffer.
+fn softmax_into(c: &[(f32, u32)], t: f32, out: &mut Vec<f32>) {
+    out.clear();
+    let mx = c.first().map_or(0.0, |x| x.0);
+    out.extend(c.iter().map(|&(l, _)| ((l - mx) / t).exp()));
+    let s: f32 = out.iter().sum();
+    out.iter_mut().for_each(|v| *v /= s);
 }
 
 fn splitmix(x: &mut u64) -> u64 {
@@ -98,7 +109,7 @@ impl Sampler {
             t ^ (std::process::id() as u64) << 32
         });
         let rng = [splitmix(&mut seed), splitmix(&mut seed), splitmix(&mut seed), splitmix(&mut seed)];
-        Ok(Sampler { params, rng, cands: Vec::new(), counts: Default::default() })
+        Ok(Sampler { params, rng, cands: Vec::new(), probs: Vec::new(), counts: Default::default() })
     }
 
     /// The parameters.
@@ -153,17 +164,11 @@ impl Sampler {
         }
         self.cands.sort_unstable_by(by_logit);
         // Probabilities at temperature 1 for top-p/min-p (llama.cpp applies temperature last).
-        let softmax = |c: &[(f32, u32)], t: f32| -> Vec<f32> {
-            let mx = c[0].0;
-            let e: Vec<f32> = c.iter().map(|&(l, _)| ((l - mx) / t).exp()).collect();
-            let s: f32 = e.iter().sum();
-            e.into_iter().map(|v| v / s).collect()
-        };
         if top_p < 1.0 {
-            let probs = softmax(&self.cands, 1.0);
+            softmax_into(&self.cands, 1.0, &mut self.probs);
             let mut cum = 0.0;
-            let mut keep = probs.len();
-            for (i, pr) in probs.iter().enumerate() {
+            let mut keep = self.probs.len();
+            for (i, pr) in self.probs.iter().enumerate() {
                 cum += pr;
                 if cum >= top_p {
                     keep = i + 1;
@@ -178,10 +183,10 @@ impl Sampler {
             let keep = self.cands.iter().take_while(|c| c.0 >= thresh).count();
             self.cands.truncate(keep.max(1));
         }
-        let probs = softmax(&self.cands, temp);
+        softmax_into(&self.cands, temp, &mut self.probs);
         let r = self.uniform();
         let mut cum = 0.0;
-        for (pr, c) in probs.iter().zip(&self.cands) {
+        for (pr, c) in self.probs.iter().zip(&self.cands) {
             cum += pr;
             if r < cum {
                 return c.1;
