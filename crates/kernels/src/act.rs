@@ -74,40 +74,35 @@ pub struct ActRow<'a> {
 }
 
 impl QuantActs {
-    /// Quantizes `x` (`n_rows × cols`, row-major) into `format`, reusing the buffers.
-    pub fn quantize(&mut self, format: ActFormat, x: &[f32], cols: usize) {
-        debug_assert_eq!(x.len() % cols, 0);
-        let n_rows = x.len() / cols;
+    /// Sets the shape and sizes the buffers for `x.len()` values in `format`.
+    fn reshape(&mut self, format: ActFormat, len: usize, cols: usize) {
+        debug_assert_eq!(len % cols, 0);
         self.format = Some(format);
         self.cols = cols;
-        self.n_rows = n_rows;
+        self.n_rows = len / cols;
         match format {
             ActFormat::Q8x32 => {
                 debug_assert_eq!(cols % 32, 0);
-                let nb = x.len() / 32;
-                self.qs.resize(x.len(), 0);
-                self.d.resize(nb, 0.0);
-                self.s.resize(nb, 0.0);
-                for (i, xb) in x.chunks_exact(32).enumerate() {
-                    let (d, s) = quantize_q8_block(xb, &mut self.qs[32 * i..32 * i + 32]);
-                    self.d[i] = d;
-                    self.s[i] = s;
-                }
+                self.qs.resize(len, 0);
+                self.d.resize(len / 32, 0.0);
+                self.s.resize(len / 32, 0.0);
             }
             ActFormat::Q8K => {
                 debug_assert_eq!(cols % QK_K, 0);
-                let nb = x.len() / QK_K;
-                self.qs.resize(x.len(), 0);
-                self.d.resize(nb, 0.0);
-                self.bsums.resize(x.len() / 16, 0);
-                for (i, xb) in x.chunks_exact(QK_K).enumerate() {
-                    self.d[i] = quantize_q8k_block(xb, &mut self.qs[QK_K * i..QK_K * (i + 1)], &mut self.bsums[16 * i..16 * (i + 1)]);
-                }
+                self.qs.resize(len, 0);
+                self.d.resize(len / QK_K, 0.0);
+                self.bsums.resize(len / 16, 0);
             }
-            ActFormat::F32 => {
-                self.f.clear();
-                self.f.extend_from_slice(x);
-            }
+            ActFormat::F32 => self.f.clear(),
+        }
+    }
+
+    /// Quantizes `x` (`n_rows × cols`, row-major) into `format`, reusing the buffers.
+    pub fn quantize(&mut self, format: ActFormat, x: &[f32], cols: usize) {
+        self.reshape(format, x.len(), cols);
+        match format {
+            ActFormat::F32 => self.f.extend_from_slice(x),
+            _ => quantize_blocks(format, x, &mut self.qs, &mut self.d, &mut self.s, &mut self.bsums),
         }
     }
 
@@ -117,36 +112,23 @@ impl QuantActs {
         if n_rows < 4 || format == ActFormat::F32 {
             return self.quantize(format, x, cols);
         }
-        self.format = Some(format);
-        self.cols = cols;
-        self.n_rows = n_rows;
+        self.reshape(format, x.len(), cols);
         let bs = if format == ActFormat::Q8K { QK_K } else { 32 };
         let nb_row = cols / bs;
-        self.qs.resize(x.len(), 0);
-        self.d.resize(x.len() / bs, 0.0);
-        if format == ActFormat::Q8K {
-            self.bsums.resize(x.len() / 16, 0);
-        } else {
-            self.s.resize(x.len() / 32, 0.0);
-        }
         let (qs, d, s, bsums) = (crate::SyncPtr::new(&mut self.qs), crate::SyncPtr::new(&mut self.d), crate::SyncPtr::new(&mut self.s), crate::SyncPtr::new(&mut self.bsums));
+        let q8k = format == ActFormat::Q8K;
         pool.run(n_rows, &|r| {
-            let xr = &x[r * cols..(r + 1) * cols];
-            // SAFETY: row r's ranges of each buffer (sized above) belong to this task alone.
-            let (q, dd) = unsafe { (qs.slice(r * cols, cols), d.slice(r * nb_row, nb_row)) };
-            if format == ActFormat::Q8K {
-                let b = unsafe { bsums.slice(r * cols / 16, cols / 16) };
-                for i in 0..nb_row {
-                    dd[i] = quantize_q8k_block(&xr[i * QK_K..(i + 1) * QK_K], &mut q[i * QK_K..(i + 1) * QK_K], &mut b[16 * i..16 * i + 16]);
-                }
-            } else {
-                let ss = unsafe { s.slice(r * nb_row, nb_row) };
-                for i in 0..nb_row {
-                    let (di, si) = quantize_q8_block(&xr[i * 32..(i + 1) * 32], &mut q[i * 32..(i + 1) * 32]);
-                    dd[i] = di;
-                    ss[i] = si;
-                }
-            }
+            // SAFETY: row r's ranges of each buffer (sized by reshape) belong to this task alone;
+            // the buffer a format does not use gets an empty slice.
+            let (q, dd, ss, b) = unsafe {
+                (
+                    qs.slice(r * cols, cols),
+                    d.slice(r * nb_row, nb_row),
+                    if q8k { s.slice(0, 0) } else { s.slice(r * nb_row, nb_row) },
+                    if q8k { bsums.slice(r * cols / 16, cols / 16) } else { bsums.slice(0, 0) },
+                )
+            };
+            quantize_blocks(format, &x[r * cols..(r + 1) * cols], q, dd, ss, b);
         });
     }
 
@@ -170,6 +152,24 @@ impl QuantActs {
             },
             _ => ActRow { qs: &[], d: &[], s: &[], bsums: &[], f: &self.f[r * c..(r + 1) * c] },
         }
+    }
+}
+
+/// Quantizes whole blocks of `x` into the quants, scales and sums of `format` (Q8x32 fills
+/// `s`, Q8K fills `bsums`).
+fn quantize_blocks(format: ActFormat, x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32], bsums: &mut [i16]) {
+    match format {
+        ActFormat::Q8x32 => {
+            for (i, xb) in x.chunks_exact(32).enumerate() {
+                (d[i], s[i]) = quantize_q8_block(xb, &mut q[32 * i..32 * i + 32]);
+            }
+        }
+        ActFormat::Q8K => {
+            for (i, xb) in x.chunks_exact(QK_K).enumerate() {
+                d[i] = quantize_q8k_block(xb, &mut q[QK_K * i..QK_K * (i + 1)], &mut bsums[16 * i..16 * (i + 1)]);
+            }
+        }
+        ActFormat::F32 => {}
     }
 }
 

@@ -34,12 +34,14 @@ pub enum RopeStyle {
 }
 
 /// Fills `cs` with `(cos, sin)` for `n_dims / 2` frequency pairs at `pos`, the way ggml does:
-/// `theta_i = pos · freq_scale · base^(-2i/n_dims)`, computed by repeated multiplication in f32.
-pub fn rope_cache(pos: usize, n_dims: usize, base: f32, freq_scale: f32, cs: &mut [(f32, f32)]) {
+/// `theta_i = pos · freq_scale · base^(-2i/n_dims) / factor_i`, the base part computed by repeated
+/// multiplication in f32; `factors` are per-pair frequency factors (Llama 3.1 `rope_freqs`).
+pub fn rope_cache(pos: usize, n_dims: usize, base: f32, freq_scale: f32, factors: Option<&[f32]>, cs: &mut [(f32, f32)]) {
     let theta_scale = base.powf(-2.0 / n_dims as f32);
     let mut theta = pos as f32 * freq_scale;
-    for c in cs.iter_mut().take(n_dims / 2) {
-        *c = (theta.cos(), theta.sin());
+    for (j, c) in cs.iter_mut().take(n_dims / 2).enumerate() {
+        let t = factors.map_or(theta, |f| theta / f[j]);
+        *c = (t.cos(), t.sin());
         theta *= theta_scale;
     }
 }
@@ -247,12 +249,12 @@ mod tests {
     #[test]
     fn rope_rotation_preserves_norm_and_position_zero_is_identity() {
         let mut cs = vec![(0f32, 0f32); 4];
-        rope_cache(0, 8, 10000.0, 1.0, &mut cs);
+        rope_cache(0, 8, 10000.0, 1.0, None, &mut cs);
         let mut x: Vec<f32> = (0..8).map(|i| i as f32).collect();
         let orig = x.clone();
         rope_apply(&mut x, &cs, 8, RopeStyle::Neox);
         assert_eq!(x, orig);
-        rope_cache(17, 8, 10000.0, 1.0, &mut cs);
+        rope_cache(17, 8, 10000.0, 1.0, None, &mut cs);
         for style in [RopeStyle::Normal, RopeStyle::Neox] {
             let mut y = orig.clone();
             rope_apply(&mut y, &cs, 8, style);

@@ -260,19 +260,9 @@ impl<'m> Forward<'m> {
         s.rope_swa.resize(n * half, (1.0, 0.0));
         for i in 0..n {
             let p = s.tok_pos[i];
-            rope_cache(p, c.rope_dims, c.rope_base, c.rope_freq_scale, &mut s.rope_full[i * half..(i + 1) * half]);
-            if let Some(ff) = &m.rope_freqs {
-                // theta_i /= freq_factor_i: recompute with the factors applied.
-                let theta_scale = c.rope_base.powf(-2.0 / c.rope_dims as f32);
-                let mut theta = p as f32 * c.rope_freq_scale;
-                for (j, cs) in s.rope_full[i * half..(i + 1) * half].iter_mut().enumerate() {
-                    let t = theta / ff[j];
-                    *cs = (t.cos(), t.sin());
-                    theta *= theta_scale;
-                }
-            }
+            rope_cache(p, c.rope_dims, c.rope_base, c.rope_freq_scale, m.rope_freqs.as_deref(), &mut s.rope_full[i * half..(i + 1) * half]);
             if c.sliding_window.is_some() {
-                rope_cache(p, c.rope_dims, c.rope_base_swa, 1.0, &mut s.rope_swa[i * half..(i + 1) * half]);
+                rope_cache(p, c.rope_dims, c.rope_base_swa, 1.0, None, &mut s.rope_swa[i * half..(i + 1) * half]);
             }
         }
 

@@ -88,8 +88,9 @@ impl StopMatcher {
         // Hold back the longest suffix that is a prefix of some stop string.
         let mut hold = 0;
         for s in &self.stops {
-            for (k, _) in s.char_indices().skip(1).chain(std::iter::once((s.len(), ' '))) {
-                if k <= self.pending.len() && k > hold && self.pending.ends_with(&s[..k]) && k < s.len() {
+            // Proper prefixes only (a whole stop string was found above).
+            for (k, _) in s.char_indices().skip(1) {
+                if k > hold && self.pending.ends_with(&s[..k]) {
                     hold = k;
                 }
             }

@@ -1,7 +1,7 @@
 //! SentencePiece-style tokenization as llama.cpp does it (`llm_tokenizer_spm_session`):
 //! start from UTF-8 characters, repeatedly merge the adjacent pair whose concatenation is the
-//! highest-scoring vocabulary entry (leftmost on ties), then emit each symbol, splitting symbols
-//! that are not tokens back along their merge history and finally into byte tokens.
+//! highest-scoring vocabulary entry (leftmost on ties), then emit each symbol, and characters that
+//! are not tokens as byte tokens.
 
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap};
@@ -49,8 +49,6 @@ pub(crate) fn encode(text: &str, vocab: &HashMap<String, u32>, scores: &[f32], b
     }
     syms[n - 1].next = NIL;
     let mut heap = BinaryHeap::new();
-    // (merged text span) → (left span, right span): how a non-token symbol was formed.
-    let mut rev_merge: HashMap<(usize, usize), ((usize, usize), (usize, usize))> = HashMap::new();
     let try_add = |heap: &mut BinaryHeap<Bigram>, syms: &[Sym], l: usize, r: usize| {
         if l == NIL || r == NIL {
             return;
@@ -69,7 +67,6 @@ pub(crate) fn encode(text: &str, vocab: &HashMap<String, u32>, scores: &[f32], b
         if syms[l].len == 0 || syms[r].len == 0 || syms[l].len + syms[r].len != b.size {
             continue;
         }
-        rev_merge.insert((syms[l].start, b.size), ((syms[l].start, syms[l].len), (syms[r].start, syms[r].len)));
         syms[l].len += syms[r].len;
         syms[r].len = 0;
         syms[l].next = syms[r].next;
@@ -80,32 +77,17 @@ pub(crate) fn encode(text: &str, vocab: &HashMap<String, u32>, scores: &[f32], b
         try_add(&mut heap, &syms, syms[l].prev, l);
         try_add(&mut heap, &syms, l, syms[l].next);
     }
+    // A merge happens only when the merged text is a token, so every symbol is either a token or
+    // a single character that is not; the latter falls back to byte tokens. (llama.cpp keeps a
+    // reverse-merge map for resegmenting, which this invariant makes unreachable.)
     let mut i = 0;
     while i != NIL {
-        let s = syms[i];
-        resegment(text, (s.start, s.len), vocab, &rev_merge, byte_tokens, out);
-        i = s.next;
-    }
-}
-
-fn resegment(
-    text: &str,
-    span: (usize, usize),
-    vocab: &HashMap<String, u32>,
-    rev_merge: &HashMap<(usize, usize), ((usize, usize), (usize, usize))>,
-    byte_tokens: &[Option<u32>; 256],
-    out: &mut Vec<u32>,
-) {
-    let piece = &text[span.0..span.0 + span.1];
-    if let Some(&id) = vocab.get(piece) {
-        out.push(id);
-        return;
-    }
-    match rev_merge.get(&span) {
-        Some(&(a, b)) => {
-            resegment(text, a, vocab, rev_merge, byte_tokens, out);
-            resegment(text, b, vocab, rev_merge, byte_tokens, out);
+        let sym = syms[i];
+        let piece = &text[sym.start..sym.start + sym.len];
+        match vocab.get(piece) {
+            Some(&id) => out.push(id),
+            None => out.extend(piece.bytes().filter_map(|b| byte_tokens[b as usize])),
         }
-        None => out.extend(piece.bytes().filter_map(|b| byte_tokens[b as usize])),
+        i = sym.next;
     }
 }
