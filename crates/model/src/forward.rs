@@ -23,6 +23,9 @@ pub enum Logits {
     All,
     /// None (prefilling a prefix).
     None,
+    /// No logits; instead the final normed hidden state of every new token of this sequence,
+    /// in [`Forward::hidden`] (embeddings).
+    Hidden,
 }
 
 /// Quantized copies of one activation buffer, made lazily per format and reused by every
@@ -93,6 +96,8 @@ struct Scratch {
     up: Vec<f32>,
     /// Logits: `[rows × n_vocab]`.
     logits: Vec<f32>,
+    /// Final normed hidden states of the tokens of `Hidden` sequences: `[tokens × n_embd]`.
+    hidden: Vec<f32>,
     /// RoPE (cos, sin) per token for full layers: `[n × rope_dims/2]`.
     rope_full: Vec<(f32, f32)>,
     /// RoPE (cos, sin) per token for sliding layers: `[n × rope_dims/2]`.
@@ -196,6 +201,12 @@ impl<'m> Forward<'m> {
     /// The model.
     pub fn model(&self) -> &'m Model {
         self.model
+    }
+
+    /// The final normed hidden states of the last step's [`Logits::Hidden`] sequences' tokens,
+    /// in batch order: `[tokens × n_embd]`.
+    pub fn hidden(&self) -> &[f32] {
+        &self.s.hidden
     }
 
     /// `outs[i] = ws[i] · x` for each weight, with `x` quantized once per format and one pass
@@ -366,9 +377,17 @@ impl<'m> Forward<'m> {
         // Rows that need logits: per sequence, its last token, all of them, or none.
         let mut rows = 0;
         let mut first = 0;
+        s.hidden.clear();
         for q in seqs {
+            if q.logits == Logits::Hidden {
+                for j in 0..q.tokens.len() {
+                    let (src, dst) = ((first + j) * d, s.hidden.len());
+                    s.hidden.resize(dst + d, 0.0);
+                    ops::rms_norm(&s.x[src..src + d], &m.output_norm, c.rms_eps, &mut s.hidden[dst..dst + d]);
+                }
+            }
             let (lo, hi) = match q.logits {
-                Logits::None => (0, 0),
+                Logits::None | Logits::Hidden => (0, 0),
                 Logits::Last => (q.tokens.len().saturating_sub(1), q.tokens.len()),
                 Logits::All => (0, q.tokens.len()),
             };

@@ -1,0 +1,393 @@
+//! The serving engine: many requests share one model, one paged KV pool and one batched forward
+//! pass per step. The server and the CLI both talk to it through [`Engine`]:
+//! [`Engine::submit`] validates a [`Request`] and returns a [`RequestHandle`] that streams
+//! [`Event`]s (tokens with their text and log-probabilities, per-choice finish reasons, usage);
+//! dropping the handle or calling [`RequestHandle::cancel`] frees the request's KV blocks at the
+//! next step.
+//!
+//! The engine runs on its own thread (see [`sched`]): each step it takes every running
+//! sequence's next token (decode) plus prefill chunks of waiting ones, up to a token budget,
+//! through one `forward_batch`, preempting the lowest-priority, newest sequences by recompute
+//! when the pool runs out of blocks.
+#![deny(missing_docs)]
+
+pub mod metrics;
+mod sched;
+
+pub use metrics::{Histogram, MetricsSnapshot};
+pub use ruvllm_model::FinishReason;
+
+use metrics::Metrics;
+use ruvllm_kernels::pool::ThreadPool;
+use ruvllm_model::{Config, Model, SamplingParams};
+use ruvllm_tokenizer::Tokenizer;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use tokio::sync::mpsc as tmpsc;
+
+/// Why a request was refused or failed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Error {
+    kind: ErrorKind,
+}
+
+/// The kinds of [`Error`].
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// A request parameter is out of range; names the parameter.
+    InvalidParam {
+        /// The parameter's name (OpenAI's spelling).
+        param: &'static str,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// Prompt plus requested tokens exceed the context or the KV pool.
+    ContextOverflow {
+        /// Tokens the request needs (prompt + max_tokens).
+        needed: usize,
+        /// Tokens available (context length or pool size, whichever is smaller).
+        limit: usize,
+    },
+    /// The waiting queue is full.
+    QueueFull(usize),
+    /// The engine has stopped (shutdown).
+    ShuttingDown,
+    /// The forward pass failed.
+    Model(String),
+}
+
+impl Error {
+    /// Wraps a kind.
+    pub fn new(kind: ErrorKind) -> Error {
+        Error { kind }
+    }
+    /// What went wrong.
+    pub fn kind(&self) -> &ErrorKind {
+        &self.kind
+    }
+    fn param(param: &'static str, message: impl Into<String>) -> Error {
+        Error::new(ErrorKind::InvalidParam { param, message: message.into() })
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            ErrorKind::InvalidParam { message, .. } => write!(f, "{message}"),
+            ErrorKind::ContextOverflow { needed, limit } => write!(
+                f,
+                "this request needs {needed} tokens (prompt + max_tokens) but at most {limit} fit; shorten the prompt or lower max_tokens"
+            ),
+            ErrorKind::QueueFull(n) => write!(f, "the server is busy: {n} requests are already waiting"),
+            ErrorKind::ShuttingDown => write!(f, "the engine is shutting down"),
+            ErrorKind::Model(m) => write!(f, "model error: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// Engine sizing and policy.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// Blocks in the KV pool (see [`blocks_for_memory`]).
+    pub n_blocks: usize,
+    /// Most tokens (decode + prefill chunks) in one forward step.
+    pub max_batch_tokens: usize,
+    /// Most sequences running at once.
+    pub max_seqs: usize,
+    /// Reuse cached prefix blocks across requests.
+    pub prefix_caching: bool,
+    /// Longest sequence (prompt + generation) accepted.
+    pub n_ctx: usize,
+    /// Most requests waiting for admission before [`ErrorKind::QueueFull`].
+    pub max_waiting: usize,
+}
+
+impl EngineConfig {
+    /// Defaults for `model` with a KV pool of `n_blocks` blocks of 16 tokens.
+    pub fn new(model: &Config, n_blocks: usize) -> EngineConfig {
+        EngineConfig {
+            block_size: 16,
+            n_blocks,
+            max_batch_tokens: 512,
+            max_seqs: 64,
+            prefix_caching: true,
+            n_ctx: model.n_ctx_train,
+            max_waiting: 1024,
+        }
+    }
+}
+
+/// K and V bytes per token for `c` in f16 (all layers).
+pub fn kv_bytes_per_token(c: &Config) -> usize {
+    c.n_layer * 2 * c.kv_dim() * 2
+}
+
+/// Blocks of `block_size` tokens that fit in `bytes` of f16 KV memory.
+pub fn blocks_for_memory(c: &Config, block_size: usize, bytes: u64) -> usize {
+    (bytes / (kv_bytes_per_token(c) * block_size.max(1)) as u64) as usize
+}
+
+/// One request: a prompt and how to continue it (or embed it).
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// Prompt token ids.
+    pub prompt: Vec<u32>,
+    /// Most tokens to generate per choice (at least 1).
+    pub max_tokens: usize,
+    /// Sampling parameters (validated on submit). With a seed, choice `i` uses `seed + i`.
+    pub sampling: SamplingParams,
+    /// Stop strings (not included in the output).
+    pub stop: Vec<String>,
+    /// Keep going past end-of-generation tokens (benchmarks).
+    pub ignore_eos: bool,
+    /// Number of choices sampled from one prompt (the prompt is computed once; the choices
+    /// share its KV blocks copy-on-write).
+    pub n: usize,
+    /// Higher runs first; ties go first-come first-served.
+    pub priority: i32,
+    /// Report the chosen token's log-probability and this many alternatives (0–20).
+    pub logprobs: Option<usize>,
+    /// Compute a normalized mean-pooled embedding of the prompt instead of generating.
+    pub embed: bool,
+    /// Mixed into every block hash (adapter id and version): KV computed under other weights
+    /// is never reused.
+    pub cache_salt: Vec<u64>,
+}
+
+impl Request {
+    /// A greedy request for `max_tokens` tokens after `prompt`.
+    pub fn greedy(prompt: Vec<u32>, max_tokens: usize) -> Request {
+        Request {
+            prompt,
+            max_tokens,
+            sampling: SamplingParams::greedy(),
+            stop: Vec::new(),
+            ignore_eos: false,
+            n: 1,
+            priority: 0,
+            logprobs: None,
+            embed: false,
+            cache_salt: Vec::new(),
+        }
+    }
+}
+
+/// A token's log-probability under the model (before penalties and temperature) and the most
+/// likely alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Logprob {
+    /// ln p(token).
+    pub logprob: f32,
+    /// The `logprobs` most likely tokens and their log-probabilities, best first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Token counts of a finished request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Prompt tokens whose KV came from the prefix cache (not computed).
+    pub cached_tokens: usize,
+    /// Generated tokens over all choices.
+    pub completion_tokens: usize,
+}
+
+/// What a request's stream carries, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// Choice `index` generated `token`; `text` is the text it completes (may be empty while a
+    /// multi-byte character or a possible stop string is pending).
+    Token {
+        /// Choice index.
+        index: usize,
+        /// Token id.
+        token: u32,
+        /// Newly released text.
+        text: String,
+        /// Present when the request asked for logprobs.
+        logprob: Option<Logprob>,
+    },
+    /// Choice `index` ended; `text` is any held-back text released at the end.
+    Finished {
+        /// Choice index.
+        index: usize,
+        /// Why.
+        reason: FinishReason,
+        /// Remaining text.
+        text: String,
+    },
+    /// The prompt's embedding (embedding requests).
+    Embedding(Vec<f32>),
+    /// Every choice has finished; the last event.
+    Done(Usage),
+    /// The request failed; the last event.
+    Failed(Error),
+}
+
+pub(crate) enum Command {
+    Submit { id: u64, req: Request, tx: tmpsc::UnboundedSender<Event> },
+    Cancel(u64),
+    Shutdown,
+}
+
+/// A submitted request: its id and event stream. Dropping it cancels the request.
+pub struct RequestHandle {
+    id: u64,
+    events: tmpsc::UnboundedReceiver<Event>,
+    cmd: mpsc::Sender<Command>,
+}
+
+impl RequestHandle {
+    /// The engine's id of this request.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+    /// The next event, or `None` once the stream has ended.
+    pub async fn next(&mut self) -> Option<Event> {
+        self.events.recv().await
+    }
+    /// The next event, blocking the thread (for non-async callers).
+    pub fn next_blocking(&mut self) -> Option<Event> {
+        self.events.blocking_recv()
+    }
+    /// Stops the request and frees its KV blocks at the next step.
+    pub fn cancel(&self) {
+        let _ = self.cmd.send(Command::Cancel(self.id));
+    }
+}
+
+impl Drop for RequestHandle {
+    fn drop(&mut self) {
+        self.cancel();
+    }
+}
+
+pub(crate) struct Shared {
+    pub(crate) metrics: Mutex<Metrics>,
+    /// Requests submitted but not yet admitted.
+    pub(crate) waiting: AtomicUsize,
+}
+
+/// A running engine. Cheap to share behind an `Arc`; [`Engine::shutdown`] stops it.
+pub struct Engine {
+    cmd: Mutex<mpsc::Sender<Command>>,
+    next_id: AtomicU64,
+    shared: Arc<Shared>,
+    cfg: EngineConfig,
+    n_vocab: usize,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Engine {
+    /// Starts the engine thread for `model` on `pool` (the thread pool the forward pass uses).
+    pub fn start(model: Arc<Model>, tok: Arc<Tokenizer>, pool: Arc<ThreadPool>, cfg: EngineConfig) -> Result<Engine, Error> {
+        if cfg.block_size == 0 || cfg.n_blocks == 0 || cfg.max_batch_tokens == 0 || cfg.max_seqs == 0 {
+            return Err(Error::param("engine", "block size, block count, batch tokens and max sequences must be positive"));
+        }
+        let (tx, rx) = mpsc::channel();
+        let shared = Arc::new(Shared { metrics: Mutex::new(Metrics::new(cfg.n_blocks)), waiting: AtomicUsize::new(0) });
+        let n_vocab = model.config.n_vocab;
+        let cfg2 = cfg.clone();
+        let sh = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("ruvllm-engine".into())
+            .spawn(move || sched::run(model, tok, pool, cfg2, sh, rx))
+            .map_err(|e| Error::new(ErrorKind::Model(format!("cannot start the engine thread: {e}"))))?;
+        Ok(Engine { cmd: Mutex::new(tx), next_id: AtomicU64::new(1), shared, cfg, n_vocab, thread: Mutex::new(Some(thread)) })
+    }
+
+    /// The configuration it runs with.
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    /// Tokens the KV pool holds.
+    pub fn kv_capacity_tokens(&self) -> usize {
+        self.cfg.n_blocks * self.cfg.block_size
+    }
+
+    /// Checks a request against the context, the pool and parameter ranges.
+    pub fn validate(&self, req: &Request) -> Result<(), Error> {
+        if req.prompt.is_empty() {
+            return Err(Error::param("prompt", "the prompt is empty"));
+        }
+        if let Some(&t) = req.prompt.iter().find(|&&t| t as usize >= self.n_vocab) {
+            return Err(Error::param("prompt", format!("token id {t} is outside the vocabulary ({} tokens)", self.n_vocab)));
+        }
+        if req.n == 0 || req.n > self.cfg.max_seqs.min(128) {
+            return Err(Error::param("n", format!("n must be between 1 and {}, got {}", self.cfg.max_seqs.min(128), req.n)));
+        }
+        if let Some(k) = req.logprobs {
+            if k > 20 {
+                return Err(Error::param("top_logprobs", format!("top_logprobs must be between 0 and 20, got {k}")));
+            }
+        }
+        let gen = if req.embed { 0 } else { req.max_tokens };
+        if !req.embed && gen == 0 {
+            return Err(Error::param("max_tokens", "max_tokens must be at least 1"));
+        }
+        let needed = req.prompt.len().saturating_add(gen);
+        let limit = self.cfg.n_ctx.min(self.kv_capacity_tokens());
+        if needed > limit {
+            return Err(Error::new(ErrorKind::ContextOverflow { needed, limit }));
+        }
+        req.sampling.validate().map_err(|e| {
+            let m = e.to_string();
+            let param = ["temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty"]
+                .into_iter()
+                .find(|p| m.contains(p))
+                .unwrap_or("sampling");
+            Error::param(param, m)
+        })
+    }
+
+    /// Validates and queues a request; events arrive on the returned handle.
+    pub fn submit(&self, req: Request) -> Result<RequestHandle, Error> {
+        self.validate(&req)?;
+        let waiting = self.shared.waiting.load(Ordering::Relaxed);
+        if waiting >= self.cfg.max_waiting {
+            return Err(Error::new(ErrorKind::QueueFull(waiting)));
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = tmpsc::unbounded_channel();
+        let cmd = self.cmd.lock().map_err(|_| Error::new(ErrorKind::ShuttingDown))?.clone();
+        self.shared.waiting.fetch_add(1, Ordering::Relaxed);
+        if cmd.send(Command::Submit { id, req, tx }).is_err() {
+            self.shared.waiting.fetch_sub(1, Ordering::Relaxed);
+            return Err(Error::new(ErrorKind::ShuttingDown));
+        }
+        Ok(RequestHandle { id, events: rx, cmd })
+    }
+
+    /// Current counters, gauges and histograms.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        match self.shared.metrics.lock() {
+            Ok(m) => m.snapshot(),
+            Err(p) => p.into_inner().snapshot(),
+        }
+    }
+
+    /// Cancels everything in flight (their streams get [`Event::Failed`] with
+    /// [`ErrorKind::ShuttingDown`]) and waits for the engine thread to exit.
+    pub fn shutdown(&self) {
+        if let Ok(tx) = self.cmd.lock() {
+            let _ = tx.send(Command::Shutdown);
+        }
+        if let Some(t) = self.thread.lock().ok().and_then(|mut g| g.take()) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}

@@ -1,0 +1,357 @@
+//! The engine against the model run alone: 16 concurrent requests give exactly the tokens each
+//! gives alone (greedy), with and without prefix caching, under forced preemption and with
+//! chunked prefill; n > 1 choices equal single requests with the matching seeds; prefix caching
+//! skips computing a shared prefix; cancellation and random workloads leak no blocks; priorities
+//! order admission; embeddings do not depend on their batch.
+
+use ruvllm_engine::{Engine, EngineConfig, ErrorKind, Event, FinishReason, Request, Usage};
+use ruvllm_kernels::pool::ThreadPool;
+use ruvllm_model::{generate, registry, GenerateParams, Model, Runner, SamplingParams};
+use ruvllm_tokenizer::Tokenizer;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+struct Fixture {
+    model: Arc<Model>,
+    tok: Arc<Tokenizer>,
+    pool: Arc<ThreadPool>,
+}
+
+fn fixture() -> Option<&'static Fixture> {
+    static F: OnceLock<Option<Fixture>> = OnceLock::new();
+    F.get_or_init(|| {
+        let path = registry::for_test("smollm2-135m")?;
+        let model = Model::load(&path).expect("model loads");
+        let tok = Tokenizer::from_gguf(model.gguf()).expect("tokenizer");
+        Some(Fixture { model: Arc::new(model), tok: Arc::new(tok), pool: Arc::new(ThreadPool::new(2)) })
+    })
+    .as_ref()
+}
+
+fn engine(f: &Fixture, tweak: impl FnOnce(&mut EngineConfig)) -> Engine {
+    let mut cfg = EngineConfig::new(&f.model.config, 256);
+    tweak(&mut cfg);
+    Engine::start(f.model.clone(), f.tok.clone(), f.pool.clone(), cfg).expect("engine starts")
+}
+
+fn prompts(tok: &Tokenizer) -> Vec<Vec<u32>> {
+    let system = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\n";
+    let questions = [
+        "What is 2+2?", "Name a color.", "Write a haiku about rust.", "Why is the sky blue?", "Count to five.",
+        "What is the capital of Italy?", "Say hello in French.", "Give me a fruit.",
+    ];
+    let mut v: Vec<Vec<u32>> =
+        questions.iter().map(|q| tok.encode(&format!("{system}{q}<|im_end|>\n<|im_start|>assistant\n"), true, true)).collect();
+    for raw in ["Once upon a time", "def fibonacci(n):", "1, 2, 3, 4,", "The history of computing", "Rust is", "In 1969,", "The quick brown fox", "Dear diary,"] {
+        v.push(tok.encode(raw, true, true));
+    }
+    v
+}
+
+/// Everything a request produced.
+#[derive(Debug, Default, Clone, PartialEq)]
+struct Outcome {
+    tokens: Vec<Vec<u32>>,
+    text: Vec<String>,
+    finish: Vec<Option<FinishReason>>,
+    usage: Option<Usage>,
+    embedding: Option<Vec<f32>>,
+}
+
+fn collect(mut h: ruvllm_engine::RequestHandle, n: usize) -> Outcome {
+    let mut o = Outcome { tokens: vec![vec![]; n], text: vec![String::new(); n], finish: vec![None; n], ..Default::default() };
+    while let Some(e) = h.next_blocking() {
+        match e {
+            Event::Token { index, token, text, .. } => {
+                o.tokens[index].push(token);
+                o.text[index].push_str(&text);
+            }
+            Event::Finished { index, reason, text } => {
+                o.finish[index] = Some(reason);
+                o.text[index].push_str(&text);
+            }
+            Event::Embedding(e) => o.embedding = Some(e),
+            Event::Done(u) => {
+                o.usage = Some(u);
+                break;
+            }
+            Event::Failed(e) => panic!("request failed: {e}"),
+        }
+    }
+    o
+}
+
+fn alone(f: &Fixture, prompt: &[u32], params: &GenerateParams) -> (Vec<u32>, String) {
+    let mut r = Runner::new(&f.model, f.pool.clone(), 1024);
+    let g = generate(&mut r, &f.tok, prompt, params, |_| {}).expect("generate");
+    (g.tokens, g.text)
+}
+
+const MAX_NEW: usize = 16;
+
+fn check_concurrent_equals_alone(tweak: impl FnOnce(&mut EngineConfig), expect_preemption: bool) {
+    let Some(f) = fixture() else { return };
+    let ps = prompts(&f.tok);
+    let params = GenerateParams { max_tokens: Some(MAX_NEW), sampling: SamplingParams::greedy(), ..Default::default() };
+    let expected: Vec<(Vec<u32>, String)> = ps.iter().map(|p| alone(f, p, &params)).collect();
+    let e = engine(f, tweak);
+    let handles: Vec<_> = ps.iter().map(|p| e.submit(Request::greedy(p.clone(), MAX_NEW)).expect("submit")).collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        let o = collect(h, 1);
+        assert_eq!(o.tokens[0], expected[i].0, "prompt {i}: tokens differ from the solo run");
+        assert_eq!(o.text[0], expected[i].1, "prompt {i}: text differs");
+        let u = o.usage.expect("usage");
+        assert_eq!(u.prompt_tokens, ps[i].len());
+        assert_eq!(u.completion_tokens, o.tokens[0].len());
+    }
+    let m = e.metrics();
+    assert_eq!(m.kv_blocks_used, 0, "blocks leaked");
+    assert_eq!(m.requests_running + m.requests_waiting, 0);
+    assert_eq!(m.preemptions > 0, expect_preemption, "preemptions: {}", m.preemptions);
+}
+
+#[test]
+fn sixteen_concurrent_requests_equal_solo_runs_with_prefix_caching() {
+    check_concurrent_equals_alone(|_| {}, false);
+}
+
+#[test]
+fn sixteen_concurrent_requests_equal_solo_runs_without_prefix_caching() {
+    check_concurrent_equals_alone(|c| c.prefix_caching = false, false);
+}
+
+#[test]
+fn forced_preemption_and_chunked_prefill_keep_results_identical() {
+    // The longest prompt plus its output needs 4 blocks of 16; 8 blocks hold about two
+    // sequences, and 20 tokens per step split every prompt into chunks.
+    check_concurrent_equals_alone(
+        |c| {
+            c.n_blocks = 8;
+            c.max_batch_tokens = 20;
+        },
+        true,
+    );
+}
+
+#[test]
+fn n_choices_equal_single_requests_with_matching_seeds() {
+    let Some(f) = fixture() else { return };
+    let e = engine(f, |_| {});
+    let prompt = f.tok.encode("The three most important inventions are", true, true);
+    let sampling = SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.0, seed: Some(42), ..Default::default() };
+    let mut req = Request::greedy(prompt.clone(), 20);
+    req.sampling = sampling.clone();
+    req.n = 3;
+    req.ignore_eos = true;
+    let together = collect(e.submit(req.clone()).expect("submit"), 3);
+    for k in 0..3 {
+        let mut single = req.clone();
+        single.n = 1;
+        single.sampling.seed = Some(42 + k as u64);
+        let o = collect(e.submit(single).expect("submit"), 1);
+        assert_eq!(together.tokens[k], o.tokens[0], "choice {k} differs from a single request with seed {}", 42 + k);
+    }
+    assert_ne!(together.tokens[0], together.tokens[1], "choices should differ at temperature 1");
+    let u = together.usage.expect("usage");
+    assert_eq!(u.completion_tokens, 60);
+    assert_eq!(e.metrics().kv_blocks_used, 0);
+}
+
+#[test]
+fn shared_prefix_is_computed_once() {
+    let Some(f) = fixture() else { return };
+    let e = engine(f, |c| c.n_blocks = 512);
+    let text = "The history of the city begins with a small settlement on the river. ".repeat(100);
+    let mut base = f.tok.encode(&text, true, true);
+    base.truncate(1000);
+    assert_eq!(base.len(), 1000);
+    let mut a = base.clone();
+    a.extend(f.tok.encode(" First question:", false, false));
+    let mut b = base.clone();
+    b.extend(f.tok.encode(" Another, different question here:", false, false));
+    let oa = collect(e.submit(Request::greedy(a.clone(), 4)).expect("submit"), 1);
+    let m0 = e.metrics();
+    let ob = collect(e.submit(Request::greedy(b.clone(), 4)).expect("submit"), 1);
+    let m1 = e.metrics();
+    assert_eq!(oa.usage.expect("usage").cached_tokens, 0);
+    let cached = ob.usage.expect("usage").cached_tokens;
+    assert_eq!(cached, 1000 / 16 * 16, "every full block of the shared prefix is reused");
+    assert_eq!(m1.computed_prompt_tokens - m0.computed_prompt_tokens, (b.len() - cached) as u64, "only the suffix is computed");
+    // The cached run gives what a cold engine gives.
+    let cold = engine(f, |c| c.prefix_caching = false);
+    assert_eq!(collect(cold.submit(Request::greedy(b, 4)).expect("submit"), 1).tokens, ob.tokens);
+}
+
+#[test]
+fn cancellation_frees_blocks_at_once() {
+    let Some(f) = fixture() else { return };
+    let e = engine(f, |_| {});
+    let p = f.tok.encode("Tell me a very long story about dragons.", true, true);
+    let mut req = Request::greedy(p, 500);
+    req.ignore_eos = true;
+    let mut h = e.submit(req).expect("submit");
+    for _ in 0..5 {
+        assert!(matches!(h.next_blocking(), Some(Event::Token { .. })));
+    }
+    assert!(e.metrics().kv_blocks_used > 0);
+    drop(h);
+    let t = Instant::now();
+    while e.metrics().kv_blocks_used > 0 || e.metrics().requests_running > 0 {
+        assert!(t.elapsed() < Duration::from_secs(10), "cancelled request still holds blocks");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn higher_priority_is_admitted_first() {
+    let Some(f) = fixture() else { return };
+    let e = engine(f, |c| c.max_seqs = 1);
+    let p = f.tok.encode("Once upon a time", true, true);
+    let mut first = Request::greedy(p.clone(), 8);
+    first.ignore_eos = true;
+    let mut h1 = e.submit(first.clone()).expect("submit");
+    // Once the first request runs, the other two queue behind it.
+    assert!(matches!(h1.next_blocking(), Some(Event::Token { .. })));
+    let low = e.submit(first.clone()).expect("submit");
+    let mut hi = first.clone();
+    hi.priority = 10;
+    let high = e.submit(hi).expect("submit");
+    let order = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for (name, h) in [("first", h1), ("low", low), ("high", high)] {
+            let order = &order;
+            s.spawn(move || {
+                collect(h, 1);
+                order.lock().unwrap().push(name);
+            });
+        }
+    });
+    assert_eq!(*order.lock().unwrap(), vec!["first", "high", "low"]);
+}
+
+#[test]
+fn random_workload_with_cancellations_leaks_nothing() {
+    let Some(f) = fixture() else { return };
+    let e = engine(f, |c| {
+        c.n_blocks = 24;
+        c.max_batch_tokens = 64;
+    });
+    let mut seed = 0x1234_5678_9abc_def0u64;
+    let mut rnd = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let mut live: Vec<ruvllm_engine::RequestHandle> = Vec::new();
+    let mut finished = 0;
+    for _ in 0..1000 {
+        let len = 1 + rnd(40) as usize;
+        let prompt: Vec<u32> = (0..len).map(|_| 100 + rnd(64) as u32).collect();
+        let mut r = Request::greedy(prompt, 1 + rnd(3) as usize);
+        r.ignore_eos = true;
+        r.n = 1 + (rnd(4) == 0) as usize;
+        live.push(e.submit(r).expect("submit"));
+        // Cancel some at random points, drain others.
+        if rnd(4) == 0 {
+            let i = rnd(live.len() as u64) as usize;
+            drop(live.swap_remove(i));
+        }
+        if live.len() > 12 {
+            let h = live.remove(0);
+            let mut h = h;
+            while let Some(ev) = h.next_blocking() {
+                if matches!(ev, Event::Done(_) | Event::Failed(_)) {
+                    finished += 1;
+                    break;
+                }
+            }
+        }
+    }
+    drop(live);
+    let t = Instant::now();
+    loop {
+        let m = e.metrics();
+        if m.requests_running + m.requests_waiting == 0 && m.requests_finished == 1000 {
+            assert_eq!(m.kv_blocks_used, 0, "blocks leaked");
+            assert!(m.kv_blocks_cached + m.kv_blocks_used <= m.kv_blocks_total);
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "engine did not drain: {m:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(finished > 0);
+}
+
+#[test]
+fn invalid_requests_get_typed_errors() {
+    let Some(f) = fixture() else { return };
+    let e = engine(f, |c| c.n_ctx = 64);
+    let err = |r: Request| e.submit(r).err().expect("must be refused").kind().clone();
+    assert!(matches!(err(Request::greedy(vec![], 4)), ErrorKind::InvalidParam { param: "prompt", .. }));
+    assert!(matches!(err(Request::greedy(vec![1; 60], 10)), ErrorKind::ContextOverflow { needed: 70, limit: 64 }));
+    assert!(matches!(err(Request::greedy(vec![1], 0)), ErrorKind::InvalidParam { param: "max_tokens", .. }));
+    assert!(matches!(err(Request::greedy(vec![u32::MAX], 1)), ErrorKind::InvalidParam { param: "prompt", .. }));
+    let mut r = Request::greedy(vec![1], 1);
+    r.sampling.temperature = -1.0;
+    assert!(matches!(err(r), ErrorKind::InvalidParam { param: "temperature", .. }));
+    let mut r = Request::greedy(vec![1], 1);
+    r.logprobs = Some(21);
+    assert!(matches!(err(r), ErrorKind::InvalidParam { param: "top_logprobs", .. }));
+    // The engine still serves.
+    assert_eq!(collect(e.submit(Request::greedy(vec![1, 2, 3], 2)).expect("submit"), 1).tokens[0].len(), 2);
+}
+
+#[test]
+fn embeddings_are_normalized_and_batch_independent() {
+    let Some(f) = fixture() else { return };
+    let e = engine(f, |c| c.max_batch_tokens = 7);
+    let embed = |text: &str| {
+        let mut r = Request::greedy(f.tok.encode(text, true, true), 1);
+        r.embed = true;
+        r
+    };
+    let a1 = collect(e.submit(embed("The cat sat on the mat.")).expect("submit"), 1).embedding.expect("embedding");
+    // Now alongside others, chunked differently.
+    let hs: Vec<_> = ["A long unrelated sentence about finance and banks.", "The cat sat on the mat.", "Rust"]
+        .iter()
+        .map(|t| e.submit(embed(t)).expect("submit"))
+        .collect();
+    let outs: Vec<Vec<f32>> = hs.into_iter().map(|h| collect(h, 1).embedding.expect("embedding")).collect();
+    assert_eq!(outs[1], a1, "an embedding must not depend on its batch");
+    let norm: f32 = a1.iter().map(|v| v * v).sum::<f32>().sqrt();
+    assert!((norm - 1.0).abs() < 1e-4);
+    assert_eq!(a1.len(), f.model.config.n_embd);
+    assert_eq!(e.metrics().kv_blocks_used, 0);
+}
+
+#[test]
+fn logprobs_and_stop_strings_come_through() {
+    let Some(f) = fixture() else { return };
+    let e = engine(f, |_| {});
+    let p = f.tok.encode("1, 2, 3, 4,", true, true);
+    let mut r = Request::greedy(p.clone(), 30);
+    r.logprobs = Some(3);
+    let mut h = e.submit(r).expect("submit");
+    let mut n = 0;
+    while let Some(ev) = h.next_blocking() {
+        if let Event::Token { token, logprob, .. } = ev {
+            let lp = logprob.expect("logprobs requested");
+            assert_eq!(lp.top.len(), 3);
+            // Greedy: the chosen token is the most likely one.
+            assert_eq!(lp.top[0].0, token);
+            assert!((lp.top[0].1 - lp.logprob).abs() < 1e-6 && lp.logprob <= 0.0);
+            n += 1;
+        } else if matches!(ev, Event::Done(_)) {
+            break;
+        }
+    }
+    assert!(n > 0);
+    let full = collect(e.submit(Request::greedy(p.clone(), 30)).expect("submit"), 1).text[0].clone();
+    let cut = full.find(" 8").expect("the model counts on to 8");
+    let mut r = Request::greedy(p, 30);
+    r.stop = vec![" 8".into()];
+    let o = collect(e.submit(r).expect("submit"), 1);
+    assert_eq!(o.text[0], full[..cut]);
+    assert_eq!(o.finish[0], Some(FinishReason::Stop));
+}
