@@ -3,6 +3,7 @@
 mod bench;
 mod error;
 mod pull;
+mod serve;
 
 use clap::{Args, Parser, Subcommand};
 use error::{exit_code, Error};
@@ -46,6 +47,8 @@ enum Cmd {
     List,
     /// Measure prompt processing (pp) and generation (tg) speed, like llama-bench.
     Bench(bench::BenchArgs),
+    /// Serve an OpenAI-compatible HTTP API (continuous batching over a paged KV cache).
+    Serve(serve::ServeArgs),
 }
 
 #[derive(Args, Clone)]
@@ -203,24 +206,7 @@ fn load(args: &ModelArgs) -> Result<Loaded, Error> {
 }
 
 fn template(l: &Loaded) -> Result<ChatTemplate, Error> {
-    let f = l.model.gguf();
-    let name = |id: Option<u32>| id.and_then(|i| l.tok.token_text(i)).unwrap_or("").to_owned();
-    let tmpl = f.get("tokenizer.chat_template").and_then(|v| v.as_str());
-    Ok(ChatTemplate::for_model(tmpl, &l.model.config.arch_name, &name(l.tok.bos), &name(l.tok.eos))?)
-}
-
-/// Tokenizes a rendered chat prompt: special tokens parsed; BOS added only if the template did
-/// not already write it.
-fn encode_chat(tok: &Tokenizer, rendered: &str) -> Vec<u32> {
-    let mut ids = tok.encode(rendered, false, true);
-    if tok.add_bos {
-        if let Some(b) = tok.bos {
-            if ids.first() != Some(&b) {
-                ids.insert(0, b);
-            }
-        }
-    }
-    ids
+    Ok(ChatTemplate::from_gguf(l.model.gguf(), &l.tok)?)
 }
 
 fn cmd_run(a: RunArgs) -> Result<(), Error> {
@@ -245,7 +231,7 @@ fn cmd_run(a: RunArgs) -> Result<(), Error> {
             msgs.push(ChatMessage::new("system", s));
         }
         msgs.push(ChatMessage::new("user", &prompt));
-        encode_chat(&l.tok, &template(&l)?.render(&msgs, true)?)
+        l.tok.encode_chat(&template(&l)?.render(&msgs, true)?)
     };
     let mut runner = Runner::new(&l.model, l.pool.clone(), a.model.ctx_size);
     let stdout = std::io::stdout();
@@ -316,7 +302,7 @@ fn cmd_chat(a: ChatArgs) -> Result<(), Error> {
             _ => {}
         }
         msgs.push(ChatMessage::new("user", text));
-        let ids = encode_chat(&l.tok, &tmpl.render(&msgs, true)?);
+        let ids = l.tok.encode_chat(&tmpl.render(&msgs, true)?);
         let stdout = std::io::stdout();
         let gen = match generate(&mut runner, &l.tok, &ids, &params, |t| {
             let mut o = stdout.lock();
@@ -439,6 +425,7 @@ fn run(cli: Cli) -> Result<(), Error> {
     match cli.cmd {
         Cmd::Run(a) => cmd_run(a),
         Cmd::Chat(a) => cmd_chat(a),
+        Cmd::Serve(a) => serve::run(a),
         Cmd::Tokenize(a) => cmd_tokenize(a),
         Cmd::Info { model } => cmd_info(&model),
         Cmd::Perplexity(a) => cmd_perplexity(a),

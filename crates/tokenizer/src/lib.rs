@@ -135,6 +135,20 @@ fn meta_err(m: impl Into<String>) -> Error {
 }
 
 impl Tokenizer {
+    /// Tokenizes a rendered chat prompt: special tokens parsed; BOS added only if the template
+    /// did not already write it.
+    pub fn encode_chat(&self, rendered: &str) -> Vec<u32> {
+        let mut ids = self.encode(rendered, false, true);
+        if self.add_bos {
+            if let Some(b) = self.bos {
+                if ids.first() != Some(&b) {
+                    ids.insert(0, b);
+                }
+            }
+        }
+        ids
+    }
+
     /// Builds the tokenizer described by a GGUF file's `tokenizer.ggml.*` metadata.
     pub fn from_gguf(f: &GgufFile) -> Result<Tokenizer, Error> {
         let model = f.get_str("tokenizer.ggml.model").map_err(|e| meta_err(e.to_string()))?;

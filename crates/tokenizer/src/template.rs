@@ -51,6 +51,15 @@ impl ChatTemplate {
         Self::build(source.to_owned(), "gguf", bos_token, eos_token)
     }
 
+    /// The template of a GGUF model (`tokenizer.chat_template`, else the fallback for its
+    /// architecture), with its BOS/EOS token texts.
+    pub fn from_gguf(f: &ruvllm_gguf::GgufFile, tok: &crate::Tokenizer) -> Result<ChatTemplate, Error> {
+        let name = |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or("").to_owned();
+        let tmpl = f.get("tokenizer.chat_template").and_then(|v| v.as_str());
+        let arch = f.get("general.architecture").and_then(|v| v.as_str()).unwrap_or("");
+        Self::for_model(tmpl, arch, &name(tok.bos), &name(tok.eos))
+    }
+
     /// The template to use for a model: its own if it has one, else a fallback chosen by
     /// architecture (Gemma's turn format for gemma*, ChatML otherwise).
     pub fn for_model(template: Option<&str>, arch: &str, bos_token: &str, eos_token: &str) -> Result<ChatTemplate, Error> {
