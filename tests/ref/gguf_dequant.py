@@ -38,6 +38,19 @@ for t in [T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K,
     deq.tofile(os.path.join(out, name + ".f32"))
     manifest["synthetic"].append({"type": t.name, "q": name + ".q", "f32": name + ".f32", "n": int(deq.size)})
 
+# Quantization references (the KV cache quantizes with Q8_0 and Q4_0).
+from gguf.quants import quantize
+manifest["quantize"] = []
+for t in [T.Q8_0, T.Q4_0]:
+    x = rng.standard_normal((16, 128)).astype(np.float32) * rng.uniform(0.01, 10, (16, 1)).astype(np.float32)
+    x[0, :32] = 0.0  # an all-zero block
+    x[1, 5] = 1e-30  # a tiny one
+    q = quantize(x, t)
+    name = f"quant_{t.name}"
+    x.tofile(os.path.join(out, name + ".f32"))
+    np.asarray(q, dtype=np.uint8).tofile(os.path.join(out, name + ".q"))
+    manifest["quantize"].append({"type": t.name, "f32": name + ".f32", "q": name + ".q", "n": int(x.size)})
+
 for path in sys.argv[2:]:
     r = GGUFReader(path)
     seen = set()

@@ -7,7 +7,7 @@ use crate::error::Error;
 use crate::{load, ModelArgs};
 use clap::Args;
 use ruvllm_engine::{Engine, EngineConfig, Event, Request};
-use ruvllm_model::{Logits, Runner};
+use ruvllm_model::{KvType, Logits, Runner};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -39,6 +39,9 @@ pub struct BenchArgs {
     /// (after one that computed them) against the cold request.
     #[arg(long = "prefix-ttft", default_value_t = 0)]
     prefix_ttft: usize,
+    /// KV cache storage in serving mode: f16, q8_0, q4_0 or f32.
+    #[arg(long = "kv-type", default_value = "f16")]
+    kv_type: String,
 }
 
 fn tokens_for(l: &crate::Loaded, n: usize) -> Vec<u32> {
@@ -116,7 +119,9 @@ fn serving(a: &BenchArgs, l: crate::Loaded) -> Result<(), Error> {
     let per_seq = (a.np_prompt + a.n_gen).div_ceil(bs) + 1;
     let prefix = a.prefix_ttft;
     let n_blocks = (max_np * per_seq).max((prefix + 64).div_ceil(bs) * 2 + 4);
+    let kv_type = KvType::parse(&a.kv_type).ok_or_else(|| Error::usage(format!("--kv-type must be f16, q8_0, q4_0 or f32, got {:?}", a.kv_type)))?;
     let mut cfg = EngineConfig::new(&c, n_blocks);
+    cfg.kv_type = kv_type;
     cfg.max_seqs = max_np.max(1);
     cfg.n_ctx = c.n_ctx_train;
     let tokens = tokens_for(&l, a.np_prompt * max_np + prefix + 32);
@@ -146,7 +151,8 @@ fn serving(a: &BenchArgs, l: crate::Loaded) -> Result<(), Error> {
             "itl_p99_ms": pct(&mut itl, 0.99) * 1e3,
             "steps": m1.steps - m0.steps,
             "preemptions": m1.preemptions - m0.preemptions,
-            "kv_bytes_per_token": ruvllm_engine::kv_bytes_per_token(&c),
+            "kv_type": kv_type.name(),
+            "kv_bytes_per_token": ruvllm_engine::kv_bytes_per_token(&c, kv_type),
         }));
     }
     let mut prefix_record = None;

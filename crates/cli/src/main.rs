@@ -175,6 +175,9 @@ struct PerplexityArgs {
     /// Text file.
     #[arg(short = 'f', long = "file")]
     file: PathBuf,
+    /// KV cache storage: f16, q8_0, q4_0 or f32.
+    #[arg(long = "kv-type", default_value = "f16")]
+    kv_type: String,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -377,7 +380,8 @@ fn cmd_perplexity(a: PerplexityArgs) -> Result<(), Error> {
     // Score the text in windows of the context size; each window predicts all its tokens but
     // the first (for a text that fits one window this is the plain mean NLL).
     let n_ctx = a.model.ctx_size.min(l.model.config.n_ctx_train);
-    let mut runner = Runner::new(&l.model, l.pool.clone(), n_ctx);
+    let kv_type = ruvllm_model::KvType::parse(&a.kv_type).ok_or_else(|| Error::usage(format!("--kv-type must be f16, q8_0, q4_0 or f32, got {:?}", a.kv_type)))?;
+    let mut runner = Runner::with_kv_type(&l.model, l.pool.clone(), n_ctx, kv_type)?;
     let nv = l.model.config.n_vocab;
     let (mut nll, mut count) = (0f64, 0usize);
     let t0 = std::time::Instant::now();

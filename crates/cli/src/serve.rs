@@ -5,7 +5,7 @@ use crate::error::Error;
 use crate::{load, ModelArgs};
 use clap::Args;
 use ruvllm_engine::{blocks_for_memory, kv_bytes_per_token, Engine, EngineConfig};
-use ruvllm_model::registry;
+use ruvllm_model::{registry, KvType};
 use ruvllm_server::{AppState, ServerConfig};
 use ruvllm_tokenizer::ChatTemplate;
 use std::collections::HashSet;
@@ -33,6 +33,9 @@ pub struct ServeArgs {
     /// Default: 1 GiB or a quarter of available RAM, whichever is smaller.
     #[arg(long = "kv-cache-memory")]
     kv_cache_memory: Option<String>,
+    /// KV cache storage: f16, q8_0, q4_0 (quantized, with Hadamard-rotated heads) or f32.
+    #[arg(long = "kv-type", default_value = "f16")]
+    kv_type: String,
     /// Tokens per KV block.
     #[arg(long = "block-size", default_value_t = 16)]
     block_size: usize,
@@ -141,6 +144,7 @@ pub fn run(a: ServeArgs) -> Result<(), Error> {
     if a.block_size == 0 || a.max_num_seqs == 0 || a.max_batch_tokens == 0 {
         return Err(Error::usage("--block-size, --max-num-seqs and --max-batch-tokens must be at least 1"));
     }
+    let kv_type = KvType::parse(&a.kv_type).ok_or_else(|| Error::usage(format!("--kv-type must be f16, q8_0, q4_0 or f32, got {:?}", a.kv_type)))?;
     ruvllm_server::init_logging(a.log_format == "json");
     let keys = api_keys(&a)?;
     let path = crate::pull::resolve(a.model.model.as_deref())?;
@@ -151,19 +155,20 @@ pub fn run(a: ServeArgs) -> Result<(), Error> {
         Some(s) => parse_memory(s, avail)?,
         None => (1u64 << 30).min(avail / 4),
     };
-    let n_blocks = blocks_for_memory(c, a.block_size, budget);
+    let n_blocks = blocks_for_memory(c, kv_type, a.block_size, budget);
     let n_ctx = a.model.ctx_size.min(c.n_ctx_train);
     if n_blocks == 0 {
         return Err(Error::usage(format!("--kv-cache-memory {budget} bytes holds no block of {} tokens", a.block_size)));
     }
-    let per_token = kv_bytes_per_token(c);
+    let per_token = kv_bytes_per_token(c, kv_type);
     eprintln!(
-        "ruvllm: KV cache {} blocks × {} tokens = {} tokens ({:.1} MiB, {} bytes/token f16); context {} tokens; {} threads",
+        "ruvllm: KV cache {} blocks × {} tokens = {} tokens ({:.1} MiB, {} bytes/token {}); context {} tokens; {} threads",
         n_blocks,
         a.block_size,
         n_blocks * a.block_size,
         (n_blocks * a.block_size * per_token) as f64 / 1048576.0,
         per_token,
+        kv_type.name(),
         n_ctx,
         l.pool.n_threads()
     );
@@ -178,6 +183,7 @@ pub fn run(a: ServeArgs) -> Result<(), Error> {
     cfg.max_waiting = a.max_queue;
     cfg.prefix_caching = !a.no_prefix_caching;
     cfg.n_ctx = n_ctx;
+    cfg.kv_type = kv_type;
     let n_embd = c.n_embd;
     let tok = Arc::new(l.tok);
     let engine = Engine::start(Arc::new(l.model), tok.clone(), l.pool, cfg).map_err(|e| Error::usage(e.to_string()))?;

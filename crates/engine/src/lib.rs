@@ -19,7 +19,7 @@ pub use ruvllm_model::FinishReason;
 
 use metrics::Metrics;
 use ruvllm_kernels::pool::ThreadPool;
-use ruvllm_model::{Config, Model, SamplingParams};
+use ruvllm_model::{Config, KvType, Model, SamplingParams};
 use ruvllm_tokenizer::Tokenizer;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -106,6 +106,8 @@ pub struct EngineConfig {
     pub n_ctx: usize,
     /// Most requests waiting for admission before [`ErrorKind::QueueFull`].
     pub max_waiting: usize,
+    /// How keys and values are stored (f16 by default; q8_0/q4_0 quantize them).
+    pub kv_type: KvType,
 }
 
 impl EngineConfig {
@@ -119,18 +121,19 @@ impl EngineConfig {
             prefix_caching: true,
             n_ctx: model.n_ctx_train,
             max_waiting: 1024,
+            kv_type: KvType::F16,
         }
     }
 }
 
-/// K and V bytes per token for `c` in f16 (all layers).
-pub fn kv_bytes_per_token(c: &Config) -> usize {
-    c.n_layer * 2 * c.kv_dim() * 2
+/// K and V bytes per token for `c` stored as `ty` (all layers).
+pub fn kv_bytes_per_token(c: &Config, ty: KvType) -> usize {
+    ty.bytes_per_token(c.n_layer, c.kv_dim())
 }
 
-/// Blocks of `block_size` tokens that fit in `bytes` of f16 KV memory.
-pub fn blocks_for_memory(c: &Config, block_size: usize, bytes: u64) -> usize {
-    (bytes / (kv_bytes_per_token(c) * block_size.max(1)) as u64) as usize
+/// Blocks of `block_size` tokens that fit in `bytes` of KV memory of type `ty`.
+pub fn blocks_for_memory(c: &Config, ty: KvType, block_size: usize, bytes: u64) -> usize {
+    (bytes / (kv_bytes_per_token(c, ty) * block_size.max(1)) as u64) as usize
 }
 
 /// One request: a prompt and how to continue it (or embed it).
@@ -290,6 +293,10 @@ impl Engine {
     pub fn start(model: Arc<Model>, tok: Arc<Tokenizer>, pool: Arc<ThreadPool>, cfg: EngineConfig) -> Result<Engine, Error> {
         if cfg.block_size == 0 || cfg.n_blocks == 0 || cfg.max_batch_tokens == 0 || cfg.max_seqs == 0 {
             return Err(Error::param("engine", "block size, block count, batch tokens and max sequences must be positive"));
+        }
+        let c = &model.config;
+        if matches!(cfg.kv_type, KvType::Q8_0 | KvType::Q4_0) && c.head_dim % 32 != 0 {
+            return Err(Error::param("kv_type", format!("kv type {} needs heads of a multiple of 32 values; this model's have {}", cfg.kv_type.name(), c.head_dim)));
         }
         let (tx, rx) = mpsc::channel();
         let shared = Arc::new(Shared { metrics: Mutex::new(Metrics::new(cfg.n_blocks)), waiting: AtomicUsize::new(0) });

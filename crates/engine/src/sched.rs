@@ -114,7 +114,8 @@ pub(crate) fn run(model: Arc<Model>, tok: Arc<Tokenizer>, pool: Arc<ThreadPool>,
     let mut st = State {
         tok,
         fwd: Forward::new(&model, pool),
-        kv: KvCache::new(c.n_layer, c.kv_dim(), cfg.block_size, cfg.n_blocks),
+        kv: KvCache::with_type(c.n_layer, c.kv_dim(), c.head_dim, cfg.block_size, cfg.n_blocks, cfg.kv_type)
+            .unwrap_or_else(|| KvCache::new(c.n_layer, c.kv_dim(), cfg.block_size, cfg.n_blocks)),
         mgr: KvManager::new(cfg.n_blocks, cfg.block_size, cfg.prefix_caching),
         n_vocab: c.n_vocab,
         n_embd: c.n_embd,

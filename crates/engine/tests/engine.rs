@@ -6,7 +6,7 @@
 
 use ruvllm_engine::{Engine, EngineConfig, ErrorKind, Event, FinishReason, Request, Usage};
 use ruvllm_kernels::pool::ThreadPool;
-use ruvllm_model::{generate, registry, GenerateParams, Model, Runner, SamplingParams};
+use ruvllm_model::{generate, registry, GenerateParams, KvType, Model, Runner, SamplingParams};
 use ruvllm_tokenizer::Tokenizer;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -82,7 +82,11 @@ fn collect(mut h: ruvllm_engine::RequestHandle, n: usize) -> Outcome {
 }
 
 fn alone(f: &Fixture, prompt: &[u32], params: &GenerateParams) -> (Vec<u32>, String) {
-    let mut r = Runner::new(&f.model, f.pool.clone(), 1024);
+    alone_kv(f, prompt, params, KvType::F16)
+}
+
+fn alone_kv(f: &Fixture, prompt: &[u32], params: &GenerateParams, ty: KvType) -> (Vec<u32>, String) {
+    let mut r = Runner::with_kv_type(&f.model, f.pool.clone(), 1024, ty).expect("runner");
     let g = generate(&mut r, &f.tok, prompt, params, |_| {}).expect("generate");
     (g.tokens, g.text)
 }
@@ -354,4 +358,30 @@ fn logprobs_and_stop_strings_come_through() {
     let o = collect(e.submit(r).expect("submit"), 1);
     assert_eq!(o.text[0], full[..cut]);
     assert_eq!(o.finish[0], Some(FinishReason::Stop));
+}
+
+#[test]
+fn quantized_kv_cache_serves_like_its_solo_run_and_reports_its_size() {
+    let Some(f) = fixture() else { return };
+    let c = &f.model.config;
+    // SmolLM2: 30 layers × (K + V) × 192 values; Q8_0 stores 32 values in 34 bytes.
+    assert_eq!(ruvllm_engine::kv_bytes_per_token(c, KvType::Q8_0), 30 * 2 * (192 / 32 * 34));
+    assert_eq!(ruvllm_engine::kv_bytes_per_token(c, KvType::Q4_0), 30 * 2 * (192 / 32 * 18));
+    assert_eq!(ruvllm_engine::kv_bytes_per_token(c, KvType::F16), 30 * 2 * 192 * 2);
+    assert_eq!(ruvllm_engine::blocks_for_memory(c, KvType::Q8_0, 16, 1 << 20), (1 << 20) / (12240 * 16));
+    let ps = prompts(&f.tok);
+    let params = GenerateParams { max_tokens: Some(12), sampling: SamplingParams::greedy(), ..Default::default() };
+    for ty in [KvType::Q8_0, KvType::Q4_0] {
+        let e = engine(f, |c| {
+            c.kv_type = ty;
+            c.n_blocks = 8;
+            c.max_batch_tokens = 20;
+        });
+        let handles: Vec<_> = ps.iter().map(|p| e.submit(Request::greedy(p.clone(), 12)).expect("submit")).collect();
+        for (i, h) in handles.into_iter().enumerate() {
+            let o = collect(h, 1);
+            assert_eq!(o.tokens[0], alone_kv(f, &ps[i], &params, ty).0, "{ty:?} prompt {i}");
+        }
+        assert!(e.metrics().preemptions > 0);
+    }
 }

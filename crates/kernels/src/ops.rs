@@ -46,6 +46,28 @@ pub fn rope_cache(pos: usize, n_dims: usize, base: f32, freq_scale: f32, factors
     }
 }
 
+/// Multiplies `x` in place by the normalized Walsh–Hadamard matrix H/√n (n a power of two):
+/// an orthogonal, symmetric rotation, so applying it twice is the identity and it preserves dot
+/// products. Quantized KV caches store rotated keys and values: the rotation spreads a head's
+/// outlier channels over all of them, so 4-bit blocks lose far less (as in QuaRot).
+pub fn hadamard(x: &mut [f32]) {
+    let n = x.len();
+    debug_assert!(n.is_power_of_two());
+    let mut h = 1;
+    while h < n {
+        for i in (0..n).step_by(2 * h) {
+            for j in i..i + h {
+                let (a, b) = (x[j], x[j + h]);
+                x[j] = a + b;
+                x[j + h] = a - b;
+            }
+        }
+        h *= 2;
+    }
+    let s = 1.0 / (n as f32).sqrt();
+    x.iter_mut().for_each(|v| *v *= s);
+}
+
 /// Rotates one head vector in place with a precomputed cache from [`rope_cache`].
 pub fn rope_apply(x: &mut [f32], cs: &[(f32, f32)], n_dims: usize, style: RopeStyle) {
     match style {
@@ -300,5 +322,25 @@ mod tests {
         assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-6);
         assert!(gelu(0.0) == 0.0 && (gelu(1.0) - 0.841192).abs() < 1e-5);
         assert!((silu(1.0) - 0.7310586).abs() < 1e-6);
+    }
+
+    #[test]
+    fn hadamard_is_an_involution_that_keeps_dot_products() {
+        let a: Vec<f32> = (0..64).map(|i| ((i * 13 % 17) as f32 - 8.0) * 0.3).collect();
+        let b: Vec<f32> = (0..64).map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.7).collect();
+        let (mut ha, mut hb) = (a.clone(), b.clone());
+        hadamard(&mut ha);
+        hadamard(&mut hb);
+        let dot = |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(p, q)| p * q).sum::<f32>();
+        assert!((dot(&a, &b) - dot(&ha, &hb)).abs() < 1e-3);
+        hadamard(&mut ha);
+        for (x, y) in ha.iter().zip(&a) {
+            assert!((x - y).abs() < 1e-5);
+        }
+        // A single spike spreads evenly over every channel.
+        let mut e = vec![0f32; 16];
+        e[3] = 4.0;
+        hadamard(&mut e);
+        assert!(e.iter().all(|v| (v.abs() - 1.0).abs() < 1e-6));
     }
 }

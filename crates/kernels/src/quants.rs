@@ -244,6 +244,45 @@ pub fn dequantize_row(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> bool {
     true
 }
 
+/// Quantizes `x` (a multiple of 32 values) to Q8_0 blocks in `out` (34 bytes each), as ggml's
+/// `quantize_row_q8_0_ref` does: d = amax / 127, q = round-half-away(x / d). Used for the
+/// quantized KV cache; checked against gguf-py's `quants.quantize`.
+pub fn quantize_q8_0(x: &[f32], out: &mut [u8]) {
+    for (xb, b) in x.chunks_exact(32).zip(out.chunks_exact_mut(34)) {
+        let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        b[..2].copy_from_slice(&f16::from_f32(d).to_bits().to_le_bytes());
+        for (q, v) in b[2..].iter_mut().zip(xb) {
+            *q = (v * id).round() as i8 as u8;
+        }
+    }
+}
+
+/// Quantizes `x` (a multiple of 32 values) to Q4_0 blocks in `out` (18 bytes each), as ggml's
+/// `quantize_row_q4_0_ref` does: d = (the value of largest magnitude) / -8, nibbles
+/// min(15, trunc(x / d + 8.5)), element j in the low nibble of byte j and element j + 16 in its
+/// high nibble.
+pub fn quantize_q4_0(x: &[f32], out: &mut [u8]) {
+    for (xb, b) in x.chunks_exact(32).zip(out.chunks_exact_mut(18)) {
+        let (mut amax, mut max) = (0f32, 0f32);
+        for &v in xb {
+            if v.abs() > amax {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        let d = max / -8.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        b[..2].copy_from_slice(&f16::from_f32(d).to_bits().to_le_bytes());
+        for j in 0..16 {
+            let q0 = ((xb[j] * id + 8.5) as i8).min(15) as u8;
+            let q1 = ((xb[j + 16] * id + 8.5) as i8).min(15) as u8;
+            b[2 + j] = q0 | (q1 << 4);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,5 +315,34 @@ mod tests {
         b.extend([0u8; 16]);
         dequantize_row(GgmlType::Q5_0, &b, &mut y);
         assert!(y.iter().all(|&v| v == 0.0));
+    }
+
+    #[test]
+    fn quantizers_round_trip_within_half_a_step() {
+        let mut seed = 7u64;
+        let x: Vec<f32> = (0..256)
+            .map(|i| {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let v = ((seed >> 33) as f32 / (1u64 << 31) as f32 - 0.5) * 8.0;
+                if i % 64 == 0 { 0.0 } else { v }
+            })
+            .collect();
+        for (ty, bytes) in [(GgmlType::Q8_0, 34), (GgmlType::Q4_0, 18)] {
+            let mut q = vec![0u8; x.len() / 32 * bytes];
+            if ty == GgmlType::Q8_0 { quantize_q8_0(&x, &mut q) } else { quantize_q4_0(&x, &mut q) }
+            let mut y = vec![0f32; x.len()];
+            assert!(dequantize_row(ty, &q, &mut y));
+            for (b, (xb, yb)) in x.chunks(32).zip(y.chunks(32)).enumerate() {
+                let d = f16_at(&q, b * bytes).abs();
+                for (a, c) in xb.iter().zip(yb) {
+                    // Half a step, plus the f16 rounding of d times the largest code.
+                    assert!((a - c).abs() <= d * 0.5 + d * 8e-3 * 128.0 + 1e-6, "{ty:?}: {a} vs {c} (d {d})");
+                }
+            }
+        }
+        // All zeros quantize to zeros.
+        let mut q = [0xffu8; 34];
+        quantize_q8_0(&[0.0; 32], &mut q);
+        assert!(q.iter().all(|&b| b == 0));
     }
 }

@@ -158,6 +158,15 @@ impl<'m> Runner<'m> {
         Runner { fwd: Forward::new(model, pool), kv: KvCache::new(c.n_layer, c.kv_dim(), n_ctx, 1), history: Vec::new() }
     }
 
+    /// A runner whose KV cache stores keys and values as `ty`.
+    pub fn with_kv_type(model: &'m Model, pool: Arc<ThreadPool>, n_ctx: usize, ty: crate::KvType) -> Result<Runner<'m>, Error> {
+        let c = &model.config;
+        let n_ctx = n_ctx.clamp(1, c.n_ctx_train);
+        let kv = KvCache::with_type(c.n_layer, c.kv_dim(), c.head_dim, n_ctx, 1, ty)
+            .ok_or_else(|| Error::new(ErrorKind::InvalidParam(format!("--kv-type {} needs heads of a multiple of 32 values; this model's have {}", ty.name(), c.head_dim))))?;
+        Ok(Runner { fwd: Forward::new(model, pool), kv, history: Vec::new() })
+    }
+
     /// The model.
     pub fn model(&self) -> &'m Model {
         self.fwd.model
@@ -277,6 +286,8 @@ impl<'m> Forward<'m> {
             }
         }
 
+        // Quantized caches hold Hadamard-rotated keys and values (see `KvCache::rotated`).
+        let rotate = kv.rotated(hd);
         for (il, layer) in m.layers.iter().enumerate() {
             // ---- attention ----
             for i in 0..n {
@@ -300,12 +311,21 @@ impl<'m> Forward<'m> {
                         ops::rms_norm_inplace(h, w, c.rms_eps);
                     }
                     rope_apply(h, cs, c.rope_dims, c.rope_style);
+                    if rotate {
+                        ops::hadamard(h);
+                    }
                 }
                 for h in s.k[i * kvd..(i + 1) * kvd].chunks_exact_mut(hd) {
                     if let Some(w) = &layer.k_norm {
                         ops::rms_norm_inplace(h, w, c.rms_eps);
                     }
                     rope_apply(h, cs, c.rope_dims, c.rope_style);
+                    if rotate {
+                        ops::hadamard(h);
+                    }
+                }
+                if rotate {
+                    s.v[i * kvd..(i + 1) * kvd].chunks_exact_mut(hd).for_each(ops::hadamard);
                 }
                 let q = &seqs[s.tok_seq[i]];
                 let slot = kv.slot(q.block_table, s.tok_pos[i]).unwrap_or(0); // checked above
@@ -322,15 +342,15 @@ impl<'m> Forward<'m> {
                 grow(&mut s.k32, total);
                 grow(&mut s.v32, total);
                 let (kp, vp) = (SyncPtr::new(&mut s.k32[..total]), SyncPtr::new(&mut s.v32[..total]));
-                let (keys, values, kvr) = (kv.keys(il), kv.values(il), &*kv);
+                let kvr = &*kv;
                 let rows = q.pos0 + n - first;
                 self.pool.run(rows.div_ceil(64), &|t| {
                     for p in first + t * 64..(first + (t + 1) * 64).min(q.pos0 + n) {
                         let r = kvr.slot(q.block_table, p).unwrap_or(0);
                         // SAFETY: position p's rows of both buffers belong to this task alone.
                         let (kd, vd) = unsafe { (kp.slice(p * kvd, kvd), vp.slice(p * kvd, kvd)) };
-                        f16_to_f32(&keys[r * kvd..(r + 1) * kvd], kd);
-                        f16_to_f32(&values[r * kvd..(r + 1) * kvd], vd);
+                        kvr.read(il, false, r, 0, kd);
+                        kvr.read(il, true, r, 0, vd);
                     }
                 });
                 Some((&s.k32[..total], &s.v32[..total]))
@@ -338,6 +358,10 @@ impl<'m> Forward<'m> {
                 None
             };
             attention(&self.pool, c, kv, seqs, &s.tok_seq, &s.tok_pos, kv_f32, il, window, &s.q[..n * qd], &mut s.att[..n * qd]);
+            if rotate {
+                // Values were stored rotated: rotate each head's output back.
+                s.att[..n * qd].chunks_exact_mut(hd).for_each(ops::hadamard);
+            }
             self.mm(&mut s.acts, &s.att[..n * qd], qd, [&layer.wo], [&mut s.out[..n * d]]);
             for i in 0..n {
                 let o = &mut s.out[i * d..(i + 1) * d];
@@ -445,8 +469,8 @@ fn attention(
     let n = tok_pos.len();
     let (hd, nkv, kvd, qd) = (c.head_dim, c.n_head_kv, c.kv_dim(), c.q_dim());
     let group = c.n_head / c.n_head_kv;
-    let keys = kv.keys(layer);
-    let values = kv.values(layer);
+    let keys = kv.keys_f16(layer);
+    let values = kv.values_f16(layer);
     let scale = c.attn_scale;
     let optr = SyncPtr::new(out);
     let sub_groups = group.div_ceil(MAX_GROUP);
@@ -475,7 +499,7 @@ fn attention(
                 scores.resize(gn * len, 0.0);
             }
             for p in start..=pos {
-                let k = head_row(kv_f32.map(|x| x.0), keys, kv, table, p, kvd, koff, row);
+                let k = head_row(kv_f32.map(|x| x.0), keys, kv, layer, false, table, p, kvd, koff, row);
                 for j in 0..gn {
                     scores[j * len + p - start] = ops::dot_f32(&qs[j][..hd], k) * scale;
                 }
@@ -495,7 +519,7 @@ fn attention(
             }
             let mut acc = [[0f32; 512]; MAX_GROUP];
             for p in start..=pos {
-                let v = head_row(kv_f32.map(|x| x.1), values, kv, table, p, kvd, koff, row);
+                let v = head_row(kv_f32.map(|x| x.1), values, kv, layer, true, table, p, kvd, koff, row);
                 for j in 0..gn {
                     ops::axpy(scores[j * len + p - start], v, &mut acc[j][..hd]);
                 }
@@ -510,16 +534,31 @@ fn attention(
 }
 
 /// One KV head's row at position `p`: from the f32 copy made for a prefill batch (indexed by
-/// position) when there is one, else converted from the f16 cache row the block table points to.
+/// position) when there is one, else converted from the cache row the block table points to
+/// (directly from f16 on the default path, through the cache's decoder for other types).
 #[allow(clippy::too_many_arguments)]
 #[inline]
-fn head_row<'a>(f32_rows: Option<&'a [f32]>, f16_rows: &[f16], kv: &KvCache, table: &[u32], p: usize, kvd: usize, koff: usize, buf: &'a mut [f32]) -> &'a [f32] {
+fn head_row<'a>(
+    f32_rows: Option<&'a [f32]>,
+    f16_rows: Option<&[f16]>,
+    kv: &KvCache,
+    layer: usize,
+    value: bool,
+    table: &[u32],
+    p: usize,
+    kvd: usize,
+    koff: usize,
+    buf: &'a mut [f32],
+) -> &'a [f32] {
     let hd = buf.len();
     match f32_rows {
         Some(rows) => &rows[p * kvd + koff..p * kvd + koff + hd],
         None => {
             let r = kv.slot(table, p).unwrap_or(0);
-            f16_to_f32(&f16_rows[r * kvd + koff..r * kvd + koff + hd], buf);
+            match f16_rows {
+                Some(h) => f16_to_f32(&h[r * kvd + koff..r * kvd + koff + hd], buf),
+                None => kv.read(layer, value, r, koff, buf),
+            }
             buf
         }
     }

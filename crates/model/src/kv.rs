@@ -5,31 +5,113 @@
 
 use half::f16;
 use half::slice::HalfBitsSliceExt;
+use ruvllm_kernels::quants::{quantize_q4_0, quantize_q8_0};
+
+/// How keys and values are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvType {
+    /// 4 bytes per value (debugging).
+    F32,
+    /// 2 bytes per value (default; what llama.cpp uses).
+    F16,
+    /// ggml Q8_0: 34 bytes per 32 values (8.5 bits).
+    Q8_0,
+    /// ggml Q4_0: 18 bytes per 32 values (4.5 bits).
+    Q4_0,
+}
+
+impl KvType {
+    /// Parses `f32`, `f16`, `q8_0` or `q4_0`.
+    pub fn parse(s: &str) -> Option<KvType> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" => Some(KvType::F32),
+            "f16" => Some(KvType::F16),
+            "q8_0" => Some(KvType::Q8_0),
+            "q4_0" => Some(KvType::Q4_0),
+            _ => None,
+        }
+    }
+    /// The name `parse` reads.
+    pub fn name(self) -> &'static str {
+        match self {
+            KvType::F32 => "f32",
+            KvType::F16 => "f16",
+            KvType::Q8_0 => "q8_0",
+            KvType::Q4_0 => "q4_0",
+        }
+    }
+    /// Bytes of one row of `n` values (`n` a multiple of 32 for the quantized types).
+    pub fn row_bytes(self, n: usize) -> usize {
+        match self {
+            KvType::F32 => 4 * n,
+            KvType::F16 => 2 * n,
+            KvType::Q8_0 => n / 32 * 34,
+            KvType::Q4_0 => n / 32 * 18,
+        }
+    }
+    /// K and V bytes per token of a model with `n_layer` layers of `kv_dim` values.
+    pub fn bytes_per_token(self, n_layer: usize, kv_dim: usize) -> usize {
+        n_layer * 2 * self.row_bytes(kv_dim)
+    }
+}
 
 /// Keys and values of every layer, in blocks.
 pub struct KvCache {
-    /// Per layer, keys as f16 bit patterns: `[n_blocks × block_size × kv_dim]`. Stored as u16 so
-    /// the allocation is zeroed by the allocator (calloc) and pages become resident only when a
-    /// position is written.
+    /// Per layer, key rows as 16-bit words (f16 bits, f32 halves, or the bytes of ggml blocks
+    /// in little-endian pairs): `[n_blocks × block_size × row_words]`. u16 so the allocation is
+    /// zeroed by the allocator (calloc) and pages become resident only when written.
     k: Vec<Vec<u16>>,
-    /// Per layer, values as f16 bits: `[n_blocks × block_size × kv_dim]`.
+    /// Per layer, value rows: `[n_blocks × block_size × row_words]`.
     v: Vec<Vec<u16>>,
     kv_dim: usize,
     block_size: usize,
     n_blocks: usize,
+    ty: KvType,
+    /// 16-bit words per row.
+    row_words: usize,
 }
 
 impl KvCache {
-    /// Storage for `n_blocks` blocks of `block_size` positions in each of `n_layer` layers.
+    /// f16 storage for `n_blocks` blocks of `block_size` positions in each of `n_layer` layers.
     pub fn new(n_layer: usize, kv_dim: usize, block_size: usize, n_blocks: usize) -> KvCache {
-        let n = n_blocks * block_size * kv_dim;
+        Self::build(n_layer, kv_dim, block_size, n_blocks, KvType::F16)
+    }
+
+    /// Storage of type `ty`; the quantized types need heads of a multiple of 32 values (their
+    /// blocks must not straddle heads). Returns `None` otherwise.
+    pub fn with_type(n_layer: usize, kv_dim: usize, head_dim: usize, block_size: usize, n_blocks: usize, ty: KvType) -> Option<KvCache> {
+        if matches!(ty, KvType::Q8_0 | KvType::Q4_0) && head_dim % 32 != 0 {
+            return None;
+        }
+        Some(Self::build(n_layer, kv_dim, block_size, n_blocks, ty))
+    }
+
+    fn build(n_layer: usize, kv_dim: usize, block_size: usize, n_blocks: usize, ty: KvType) -> KvCache {
+        let row_words = ty.row_bytes(kv_dim) / 2;
+        let n = n_blocks * block_size * row_words;
         KvCache {
             k: (0..n_layer).map(|_| vec![0u16; n]).collect(),
             v: (0..n_layer).map(|_| vec![0u16; n]).collect(),
             kv_dim,
             block_size,
             n_blocks,
+            ty,
+            row_words,
         }
+    }
+
+    /// The storage type.
+    pub fn kv_type(&self) -> KvType {
+        self.ty
+    }
+
+    /// Whether keys and values of heads of `head_dim` values are stored Hadamard-rotated: for
+    /// the quantized types when `head_dim` is a power of two. Queries are rotated the same way
+    /// (dot products are unchanged) and attention outputs rotated back, so the model computes
+    /// the same function while 4-bit blocks no longer lose a head's small channels to its one
+    /// outlier channel.
+    pub fn rotated(&self, head_dim: usize) -> bool {
+        matches!(self.ty, KvType::Q8_0 | KvType::Q4_0) && head_dim.is_power_of_two()
     }
     /// Positions per block.
     pub fn block_size(&self) -> usize {
@@ -45,7 +127,7 @@ impl KvCache {
     }
     /// Bytes of K and V per token over all layers.
     pub fn bytes_per_token(&self) -> usize {
-        self.k.len() * 2 * self.kv_dim * 2
+        self.ty.bytes_per_token(self.k.len(), self.kv_dim)
     }
     /// Bytes allocated.
     pub fn bytes(&self) -> usize {
@@ -60,28 +142,159 @@ impl KvCache {
     }
     /// Copies a whole block's keys and values (copy-on-write of a shared block).
     pub fn copy_block(&mut self, src: u32, dst: u32) {
-        let w = self.block_size * self.kv_dim;
+        let w = self.block_size * self.row_words;
         let (s, d) = (src as usize * w, dst as usize * w);
         for layer in self.k.iter_mut().chain(self.v.iter_mut()) {
             layer.copy_within(s..s + w, d);
         }
     }
+
     /// Stores one position's keys and values for a layer at row `slot`.
     pub(crate) fn write(&mut self, layer: usize, slot: usize, k: &[f32], v: &[f32]) {
-        let o = slot * self.kv_dim;
-        for (d, s) in self.k[layer][o..o + self.kv_dim].iter_mut().zip(k) {
-            *d = f16::from_f32(*s).to_bits();
+        let (ty, rw) = (self.ty, self.row_words);
+        let o = slot * rw;
+        encode_row(ty, k, &mut self.k[layer][o..o + rw]);
+        encode_row(ty, v, &mut self.v[layer][o..o + rw]);
+    }
+
+    /// Key rows of a layer as f16, when the cache stores f16 (the fast path): `[rows × kv_dim]`.
+    pub(crate) fn keys_f16(&self, layer: usize) -> Option<&[f16]> {
+        (self.ty == KvType::F16).then(|| self.k[layer].reinterpret_cast())
+    }
+
+    /// Value rows of a layer as f16, when the cache stores f16: `[rows × kv_dim]`.
+    pub(crate) fn values_f16(&self, layer: usize) -> Option<&[f16]> {
+        (self.ty == KvType::F16).then(|| self.v[layer].reinterpret_cast())
+    }
+
+    /// Values `off..off + out.len()` of row `slot` of a layer's keys (`value = false`) or values,
+    /// as f32. For the quantized types `off` and the length are multiples of 32.
+    pub(crate) fn read(&self, layer: usize, value: bool, slot: usize, off: usize, out: &mut [f32]) {
+        let rows = if value { &self.v[layer] } else { &self.k[layer] };
+        let row = &rows[slot * self.row_words..(slot + 1) * self.row_words];
+        decode_row(self.ty, row, off, out);
+    }
+}
+
+/// Encodes `x` as one row of 16-bit words of type `ty`.
+fn encode_row(ty: KvType, x: &[f32], out: &mut [u16]) {
+    match ty {
+        KvType::F16 => x.iter().zip(out.iter_mut()).for_each(|(s, d)| *d = f16::from_f32(*s).to_bits()),
+        KvType::F32 => {
+            for (s, d) in x.iter().zip(out.chunks_exact_mut(2)) {
+                let b = s.to_bits();
+                d[0] = b as u16;
+                d[1] = (b >> 16) as u16;
+            }
         }
-        for (d, s) in self.v[layer][o..o + self.kv_dim].iter_mut().zip(v) {
-            *d = f16::from_f32(*s).to_bits();
+        KvType::Q8_0 | KvType::Q4_0 => {
+            let bytes_per = if ty == KvType::Q8_0 { 34 } else { 18 };
+            let mut blk = [0u8; 34];
+            for (xb, ob) in x.chunks_exact(32).zip(out.chunks_exact_mut(bytes_per / 2)) {
+                if ty == KvType::Q8_0 {
+                    quantize_q8_0(xb, &mut blk[..34]);
+                } else {
+                    quantize_q4_0(xb, &mut blk[..18]);
+                }
+                for (w, b) in ob.iter_mut().zip(blk.chunks_exact(2)) {
+                    *w = u16::from_le_bytes([b[0], b[1]]);
+                }
+            }
         }
     }
-    /// All key rows of a layer: `[rows × kv_dim]`.
-    pub(crate) fn keys(&self, layer: usize) -> &[f16] {
-        self.k[layer].reinterpret_cast()
+}
+
+/// Decodes values `off..off + out.len()` of a row of type `ty`.
+fn decode_row(ty: KvType, row: &[u16], off: usize, out: &mut [f32]) {
+    match ty {
+        KvType::F16 => {
+            use half::slice::HalfFloatSliceExt;
+            let h: &[f16] = row.reinterpret_cast();
+            h[off..off + out.len()].convert_to_f32_slice(out);
+        }
+        KvType::F32 => {
+            for (d, w) in out.iter_mut().zip(row[2 * off..].chunks_exact(2)) {
+                *d = f32::from_bits(w[0] as u32 | (w[1] as u32) << 16);
+            }
+        }
+        KvType::Q8_0 => {
+            for (yb, blk) in out.chunks_exact_mut(32).zip(row[off / 32 * 17..].chunks_exact(17)) {
+                let d = f16::from_bits(blk[0]).to_f32();
+                for (j, w) in blk[1..].iter().enumerate() {
+                    yb[2 * j] = (*w as u8) as i8 as f32 * d;
+                    yb[2 * j + 1] = ((*w >> 8) as u8) as i8 as f32 * d;
+                }
+            }
+        }
+        KvType::Q4_0 => {
+            for (yb, blk) in out.chunks_exact_mut(32).zip(row[off / 32 * 9..].chunks_exact(9)) {
+                let d = f16::from_bits(blk[0]).to_f32();
+                for (j, w) in blk[1..].iter().enumerate() {
+                    for (h, byte) in [(*w as u8), ((*w >> 8) as u8)].into_iter().enumerate() {
+                        let i = 2 * j + h;
+                        yb[i] = ((byte & 0x0F) as i32 - 8) as f32 * d;
+                        yb[i + 16] = ((byte >> 4) as i32 - 8) as f32 * d;
+                    }
+                }
+            }
+        }
     }
-    /// All value rows of a layer: `[rows × kv_dim]`.
-    pub(crate) fn values(&self, layer: usize) -> &[f16] {
-        self.v[layer].reinterpret_cast()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ruvllm_gguf::GgmlType;
+    use ruvllm_kernels::quants::dequantize_row;
+
+    #[test]
+    fn every_type_round_trips_through_its_rows() {
+        let kvd = 128;
+        let x: Vec<f32> = (0..kvd).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
+        let y: Vec<f32> = x.iter().map(|v| -v * 0.5).collect();
+        for (ty, tol) in [(KvType::F32, 0.0), (KvType::F16, 4e-3), (KvType::Q8_0, 0.03), (KvType::Q4_0, 0.5)] {
+            let mut kv = KvCache::with_type(2, kvd, 64, 4, 3, ty).unwrap();
+            assert_eq!(kv.bytes_per_token(), 2 * 2 * ty.row_bytes(kvd));
+            kv.write(1, 7, &x, &y);
+            kv.copy_block(1, 2); // slot 7 (block 1) → slot 11 (block 2)
+            for slot in [7, 11] {
+                let mut out = vec![0f32; 64];
+                kv.read(1, false, slot, 64, &mut out);
+                for (a, b) in out.iter().zip(&x[64..]) {
+                    assert!((a - b).abs() <= tol * b.abs().max(1.0), "{ty:?} key: {a} vs {b}");
+                }
+                kv.read(1, true, slot, 0, &mut out);
+                for (a, b) in out.iter().zip(&y[..64]) {
+                    assert!((a - b).abs() <= tol * b.abs().max(1.0), "{ty:?} value: {a} vs {b}");
+                }
+            }
+            // Other layers and rows are untouched.
+            let mut out = vec![1f32; kvd];
+            kv.read(0, false, 7, 0, &mut out);
+            assert!(out.iter().all(|&v| v == 0.0));
+        }
+        assert!(KvCache::with_type(1, 96, 48, 4, 1, KvType::Q8_0).is_none(), "heads must hold whole blocks");
+    }
+
+    #[test]
+    fn quantized_rows_decode_like_ggml_blocks() {
+        // The word packing is the ggml block layout: decoding equals ggml's dequantization of
+        // the same quantized bytes.
+        let x: Vec<f32> = (0..64).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+        for (ty, gt, bytes) in [(KvType::Q8_0, GgmlType::Q8_0, 34), (KvType::Q4_0, GgmlType::Q4_0, 18)] {
+            let mut q = vec![0u8; 2 * bytes];
+            if ty == KvType::Q8_0 {
+                quantize_q8_0(&x, &mut q)
+            } else {
+                quantize_q4_0(&x, &mut q)
+            }
+            let mut want = vec![0f32; 64];
+            assert!(dequantize_row(gt, &q, &mut want));
+            let mut kv = KvCache::with_type(1, 64, 64, 1, 1, ty).unwrap();
+            kv.write(0, 0, &x, &x);
+            let mut got = vec![0f32; 64];
+            kv.read(0, false, 0, 0, &mut got);
+            assert_eq!(got, want, "{ty:?}");
+        }
     }
 }

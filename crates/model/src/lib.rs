@@ -13,7 +13,7 @@ pub mod weights;
 pub use config::{Arch, Config};
 pub use forward::{Forward, Logits, Runner, SeqInput};
 pub use generate::{generate, FinishReason, GenerateParams, Generation, StopMatcher};
-pub use kv::KvCache;
+pub use kv::{KvCache, KvType};
 pub use sampler::{Sampler, SamplingParams};
 pub use weights::Model;
 

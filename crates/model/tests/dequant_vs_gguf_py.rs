@@ -5,7 +5,7 @@
 //! (`.ci/run` creates it). Skipped when absent unless `RUVLLM_REQUIRE_MODELS` is set.
 
 use ruvllm_gguf::{GgmlType, GgufFile};
-use ruvllm_kernels::quants::dequantize_row;
+use ruvllm_kernels::quants::{dequantize_row, quantize_q4_0, quantize_q8_0};
 use ruvllm_model::registry;
 use std::path::PathBuf;
 use std::process::Command;
@@ -77,5 +77,23 @@ fn dequantization_matches_gguf_py() {
         let mut ours = vec![0f32; rows * cols];
         assert!(dequantize_row(info.ggml_type, &f.tensor_data(info)[..rows * row_bytes], &mut ours));
         assert_same(&format!("{} {}", t["tensor"], info.ggml_type), &ours, &read_f32(out.join(t["f32"].as_str().unwrap())));
+    }
+
+    // Quantization (the KV cache's Q8_0 and Q4_0): byte-identical to gguf-py's `quantize`.
+    let quant = manifest["quantize"].as_array().unwrap();
+    assert_eq!(quant.len(), 2);
+    for q in quant {
+        let ty = q["type"].as_str().unwrap();
+        let x = read_f32(out.join(q["f32"].as_str().unwrap()));
+        let reference = std::fs::read(out.join(q["q"].as_str().unwrap())).unwrap();
+        let mut ours = vec![0u8; reference.len()];
+        match ty {
+            "Q8_0" => quantize_q8_0(&x, &mut ours),
+            "Q4_0" => quantize_q4_0(&x, &mut ours),
+            other => panic!("unexpected type {other}"),
+        }
+        let diff = ours.iter().zip(&reference).filter(|(a, b)| a != b).count();
+        assert_eq!(diff, 0, "quantize {ty}: {diff} of {} bytes differ from gguf-py", ours.len());
+        eprintln!("quantize {ty}: {} values, byte-identical to gguf-py", x.len());
     }
 }
