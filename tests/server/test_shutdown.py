@@ -5,6 +5,7 @@ import threading
 import time
 
 import httpx
+from pathlib import Path
 from conftest import MODEL, Server
 
 
@@ -49,3 +50,32 @@ def test_sigterm_cancels_what_outlives_the_grace_period():
     t.join(timeout=30)
     assert out[-1] == "[DONE]"
     assert any('"error"' in x for x in out)  # the stream says why it ended early
+
+
+def test_full_queue_gets_429_and_json_logs():
+    s = Server("--max-queue", "2", "--max-num-seqs", "1", "--log-format", "json")
+    try:
+        import concurrent.futures as cf
+        body = {"model": MODEL, "prompt": "Tell me a story", "max_tokens": 64, "ignore_eos": True}
+
+        def post(_):
+            return httpx.post(s.url + "/v1/completions", json=body, timeout=120)
+
+        with cf.ThreadPoolExecutor(12) as ex:
+            results = list(ex.map(post, range(12)))
+        codes = sorted(r.status_code for r in results)
+        assert 429 in codes and 200 in codes, codes
+        for r in results:
+            if r.status_code == 429:
+                err = r.json()["error"]
+                assert err["code"] == "queue_full" and err["type"] == "rate_limit_error"
+        # Still serving once the burst has drained.
+        assert post(0).status_code == 200
+    finally:
+        assert s.stop() == 0
+    import json
+    lines = [json.loads(l) for l in Path(s.log.name).read_text().splitlines() if l.startswith("{")]
+    completions = [l for l in lines if l.get("fields", {}).get("message") == "completion"]
+    assert completions, "one JSON log line per completion"
+    f = completions[0]["fields"]
+    assert f["id"].startswith("cmpl-") and f["completion_tokens"] == 64 and f["prompt_tokens"] > 0
