@@ -362,7 +362,7 @@ impl State<'_> {
                 Logits::None
             };
             let table = self.mgr.block_table(s.id).unwrap_or(&[]);
-            inputs.push(SeqInput { tokens: &s.tokens[s.n_computed..end], pos0: s.n_computed, block_table: table, logits });
+            inputs.push(SeqInput { tokens: &s.tokens[s.n_computed..end], pos0: s.n_computed, block_table: table, logits, lora: None });
         }
         let result = self.fwd.forward_batch(&mut self.kv, &inputs);
         drop(inputs);

@@ -4,6 +4,8 @@
 
 use crate::config::Arch;
 use crate::kv::KvCache;
+use crate::lora::{LoraAdapter, Proj};
+use ruvllm_kernels::gemv::{gemv_batched, Gemv};
 use crate::weights::{Model, Weight};
 use crate::{Error, ErrorKind};
 use half::f16;
@@ -110,6 +112,8 @@ struct Scratch {
     k32: Vec<f32>,
     /// A layer's values as f32 for a prefill batch: `[positions × kv_dim]`.
     v32: Vec<f32>,
+    /// LoRA intermediate `A·x` per token: `[n × rank]`.
+    lora_tmp: Vec<f32>,
     acts: ActCache,
 }
 
@@ -124,6 +128,8 @@ pub struct SeqInput<'a> {
     pub block_table: &'a [u32],
     /// Which of its rows need logits.
     pub logits: Logits,
+    /// The LoRA adapter this sequence runs with, if any.
+    pub lora: Option<&'a LoraAdapter>,
 }
 
 /// The forward pass over a batch of sequences sharing one paged KV cache: all tokens of all
@@ -194,7 +200,7 @@ impl<'m> Runner<'m> {
         if pos0 + tokens.len() > self.kv.capacity() {
             return Err(Error::new(ErrorKind::ContextOverflow { needed: pos0 + tokens.len(), context: self.kv.capacity() }));
         }
-        let seq = SeqInput { tokens, pos0, block_table: &[0], logits: want };
+        let seq = SeqInput { tokens, pos0, block_table: &[0], logits: want, lora: None };
         let out = self.fwd.forward_batch(&mut self.kv, &[seq])?;
         self.history.extend_from_slice(tokens);
         Ok(out)
@@ -233,6 +239,25 @@ impl<'m> Forward<'m> {
             MatJob { w: self.model.mat(w), acts: acts.get(w), out }
         });
         matmul_many(&self.pool, &mut jobs);
+    }
+
+    /// Adds each sequence's LoRA delta for projection `p` of layer `il` to its rows of `y`:
+    /// `y[t] += scale · B·(A·x[t])` (`x: [n × in_dim]`, `y: [n × out_dim]`).
+    #[allow(clippy::too_many_arguments)]
+    fn lora(&self, seqs: &[SeqInput<'_>], il: usize, p: Proj, x: &[f32], in_dim: usize, y: &mut [f32], out_dim: usize, tmp: &mut Vec<f32>) {
+        let mut t0 = 0;
+        for q in seqs {
+            let n = q.tokens.len();
+            if let Some(pair) = q.lora.and_then(|a| a.pair(il, p)) {
+                let r = pair.rank;
+                grow(tmp, n * r);
+                let xs = &x[t0 * in_dim..(t0 + n) * in_dim];
+                gemv_batched(&self.pool, Gemv { m: r, n: in_dim, lda: in_dim, alpha: 1.0, beta: 0.0 }, n, &pair.a, 0, xs, in_dim, &mut tmp[..n * r], r);
+                let ys = &mut y[t0 * out_dim..(t0 + n) * out_dim];
+                gemv_batched(&self.pool, Gemv { m: out_dim, n: r, lda: r, alpha: pair.scale, beta: 1.0 }, n, &pair.b, 0, &tmp[..n * r], r, ys, out_dim);
+            }
+            t0 += n;
+        }
     }
 
     /// Runs one step over `seqs` (their new tokens in order) against the paged `kv`, and returns
@@ -286,6 +311,7 @@ impl<'m> Forward<'m> {
             }
         }
 
+        let any_lora = seqs.iter().any(|q| q.lora.is_some());
         // Quantized caches hold Hadamard-rotated keys and values (see `KvCache::rotated`).
         let rotate = kv.rotated(hd);
         for (il, layer) in m.layers.iter().enumerate() {
@@ -294,6 +320,11 @@ impl<'m> Forward<'m> {
                 ops::rms_norm(&s.x[i * d..(i + 1) * d], &layer.attn_norm, c.rms_eps, &mut s.xn[i * d..(i + 1) * d]);
             }
             self.mm(&mut s.acts, &s.xn[..n * d], d, [&layer.wq, &layer.wk, &layer.wv], [&mut s.q[..n * qd], &mut s.k[..n * kvd], &mut s.v[..n * kvd]]);
+            if any_lora {
+                self.lora(seqs, il, Proj::Q, &s.xn[..n * d], d, &mut s.q[..n * qd], qd, &mut s.lora_tmp);
+                self.lora(seqs, il, Proj::K, &s.xn[..n * d], d, &mut s.k[..n * kvd], kvd, &mut s.lora_tmp);
+                self.lora(seqs, il, Proj::V, &s.xn[..n * d], d, &mut s.v[..n * kvd], kvd, &mut s.lora_tmp);
+            }
             for i in 0..n {
                 if let Some(b) = &layer.bq {
                     s.q[i * qd..(i + 1) * qd].iter_mut().zip(b).for_each(|(v, b)| *v += b);
@@ -363,6 +394,9 @@ impl<'m> Forward<'m> {
                 s.att[..n * qd].chunks_exact_mut(hd).for_each(ops::hadamard);
             }
             self.mm(&mut s.acts, &s.att[..n * qd], qd, [&layer.wo], [&mut s.out[..n * d]]);
+            if any_lora {
+                self.lora(seqs, il, Proj::O, &s.att[..n * qd], qd, &mut s.out[..n * d], d, &mut s.lora_tmp);
+            }
             for i in 0..n {
                 let o = &mut s.out[i * d..(i + 1) * d];
                 if let Some(w) = &layer.post_attn_norm {
@@ -376,6 +410,10 @@ impl<'m> Forward<'m> {
                 ops::rms_norm(&s.x[i * d..(i + 1) * d], &layer.ffn_norm, c.rms_eps, &mut s.xn[i * d..(i + 1) * d]);
             }
             self.mm(&mut s.acts, &s.xn[..n * d], d, [&layer.gate, &layer.up], [&mut s.gate[..n * ff], &mut s.up[..n * ff]]);
+            if any_lora {
+                self.lora(seqs, il, Proj::Gate, &s.xn[..n * d], d, &mut s.gate[..n * ff], ff, &mut s.lora_tmp);
+                self.lora(seqs, il, Proj::Up, &s.xn[..n * d], d, &mut s.up[..n * ff], ff, &mut s.lora_tmp);
+            }
             // The gated activation, split over the pool by rows (tanh/exp are not cheap).
             let gptr = SyncPtr::new(&mut s.gate[..n * ff]);
             let up = &s.up[..n * ff];
@@ -390,6 +428,9 @@ impl<'m> Forward<'m> {
                 }
             });
             self.mm(&mut s.acts, &s.gate[..n * ff], ff, [&layer.down], [&mut s.out[..n * d]]);
+            if any_lora {
+                self.lora(seqs, il, Proj::Down, &s.gate[..n * ff], ff, &mut s.out[..n * d], d, &mut s.lora_tmp);
+            }
             for i in 0..n {
                 let o = &mut s.out[i * d..(i + 1) * d];
                 if let Some(w) = &layer.post_ffn_norm {

@@ -6,6 +6,7 @@ pub mod config;
 pub mod forward;
 pub mod generate;
 pub mod kv;
+pub mod lora;
 pub mod registry;
 pub mod sampler;
 pub mod weights;
@@ -14,6 +15,7 @@ pub use config::{Arch, Config};
 pub use forward::{Forward, Logits, Runner, SeqInput};
 pub use generate::{generate, FinishReason, GenerateParams, Generation, StopMatcher};
 pub use kv::{KvCache, KvType};
+pub use lora::{LoraAdapter, LoraPair, Proj};
 pub use sampler::{Sampler, SamplingParams};
 pub use weights::Model;
 

@@ -101,7 +101,7 @@ fn together(model: &Model, pool: &Arc<ThreadPool>, prompts: &[Vec<u32>], n_block
                 (all[r.computed..].to_vec(), r.computed, mgr.block_table(r.id >> 16).unwrap().to_vec())
             })
             .collect();
-        let seqs: Vec<SeqInput<'_>> = inputs.iter().map(|(t, p, b)| SeqInput { tokens: t, pos0: *p, block_table: b, logits: Logits::Last }).collect();
+        let seqs: Vec<SeqInput<'_>> = inputs.iter().map(|(t, p, b)| SeqInput { tokens: t, pos0: *p, block_table: b, logits: Logits::Last, lora: None }).collect();
         let logits = fwd.forward_batch(&mut kv, &seqs).unwrap().to_vec();
         let nv = c.n_vocab;
         let mut finished = vec![];
