@@ -132,6 +132,9 @@ struct RunArgs {
     /// System message (chat template only).
     #[arg(long)]
     system: Option<String>,
+    /// LoRA adapter as PATH[:SCALE] (a PEFT directory or .safetensors file).
+    #[arg(long = "lora")]
+    lora: Option<String>,
     /// Print {"prompt_tokens":[..],"tokens":[..],"text":..} instead of streaming text.
     #[arg(long)]
     json: bool,
@@ -208,6 +211,19 @@ fn load(args: &ModelArgs) -> Result<Loaded, Error> {
     Ok(Loaded { model, tok, pool: Arc::new(ThreadPool::new(threads)) })
 }
 
+/// Splits `PATH[:SCALE]` (the scale only when the text after the last `:` is a number).
+fn split_scale(spec: &str) -> Result<(&str, f32), Error> {
+    if let Some((p, s)) = spec.rsplit_once(':') {
+        if let Ok(v) = s.parse::<f32>() {
+            if !v.is_finite() {
+                return Err(Error::usage(format!("LoRA scale must be finite, got {s}")));
+            }
+            return Ok((p, v));
+        }
+    }
+    Ok((spec, 1.0))
+}
+
 fn template(l: &Loaded) -> Result<ChatTemplate, Error> {
     Ok(ChatTemplate::from_gguf(l.model.gguf(), &l.tok)?)
 }
@@ -237,6 +253,10 @@ fn cmd_run(a: RunArgs) -> Result<(), Error> {
         l.tok.encode_chat(&template(&l)?.render(&msgs, true)?)
     };
     let mut runner = Runner::new(&l.model, l.pool.clone(), a.model.ctx_size);
+    if let Some(spec) = &a.lora {
+        let (path, scale) = split_scale(spec)?;
+        runner.set_lora(Some(ruvllm_model::LoraAdapter::load_peft(std::path::Path::new(path), &l.model, "cli", 1, scale)?));
+    }
     let stdout = std::io::stdout();
     let json = a.json;
     let gen = generate(&mut runner, &l.tok, &ids, &params, |t| {

@@ -36,6 +36,11 @@ pub struct ServeArgs {
     /// KV cache storage: f16, q8_0, q4_0 (quantized, with Hadamard-rotated heads) or f32.
     #[arg(long = "kv-type", default_value = "f16")]
     kv_type: String,
+    /// LoRA adapter to serve as NAME=PATH[:SCALE] (a PEFT directory or .safetensors file;
+    /// repeatable). Requests pick one with `"adapter": NAME` or `"model": NAME`; more can be
+    /// loaded or replaced at run time with `POST /v1/adapters`.
+    #[arg(long = "lora")]
+    lora: Vec<String>,
     /// Tokens per KV block.
     #[arg(long = "block-size", default_value_t = 16)]
     block_size: usize,
@@ -196,6 +201,12 @@ pub fn run(a: ServeArgs) -> Result<(), Error> {
     };
     eprintln!("ruvllm: serving model as {}", scfg.model_names.join(", "));
     let state = Arc::new(AppState::new(Arc::new(engine), tok, template, n_embd, &scfg));
+    for spec in &a.lora {
+        let (name, rest) = spec.split_once('=').ok_or_else(|| Error::usage(format!("--lora wants NAME=PATH[:SCALE], got {spec:?}")))?;
+        let (path, scale) = crate::split_scale(rest)?;
+        let ad = state.load_adapter(name, std::path::Path::new(path), scale)?;
+        eprintln!("ruvllm: adapter {name} from {path} (scale {scale}, id {})", ad.id);
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -19,7 +19,7 @@ pub use ruvllm_model::FinishReason;
 
 use metrics::Metrics;
 use ruvllm_kernels::pool::ThreadPool;
-use ruvllm_model::{Config, KvType, Model, SamplingParams};
+use ruvllm_model::{Config, KvType, LoraAdapter, Model, SamplingParams};
 use ruvllm_tokenizer::Tokenizer;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -158,9 +158,11 @@ pub struct Request {
     pub logprobs: Option<usize>,
     /// Compute a normalized mean-pooled embedding of the prompt instead of generating.
     pub embed: bool,
-    /// Mixed into every block hash (adapter id and version): KV computed under other weights
-    /// is never reused.
+    /// Mixed into every block hash besides the adapter's id and version: KV computed under
+    /// other weights is never reused.
     pub cache_salt: Vec<u64>,
+    /// The LoRA adapter to run with (the base model when `None`).
+    pub adapter: Option<Arc<LoraAdapter>>,
 }
 
 impl Request {
@@ -177,6 +179,7 @@ impl Request {
             logprobs: None,
             embed: false,
             cache_salt: Vec::new(),
+            adapter: None,
         }
     }
 }
@@ -285,6 +288,8 @@ pub struct Engine {
     shared: Arc<Shared>,
     cfg: EngineConfig,
     n_vocab: usize,
+    n_layer: usize,
+    model: Arc<Model>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -301,13 +306,20 @@ impl Engine {
         let (tx, rx) = mpsc::channel();
         let shared = Arc::new(Shared { metrics: Mutex::new(Metrics::new(cfg.n_blocks)), waiting: AtomicUsize::new(0) });
         let n_vocab = model.config.n_vocab;
+        let n_layer = model.config.n_layer;
+        let model2 = model.clone();
         let cfg2 = cfg.clone();
         let sh = shared.clone();
         let thread = std::thread::Builder::new()
             .name("ruvllm-engine".into())
-            .spawn(move || sched::run(model, tok, pool, cfg2, sh, rx))
+            .spawn(move || sched::run(model2, tok, pool, cfg2, sh, rx))
             .map_err(|e| Error::new(ErrorKind::Model(format!("cannot start the engine thread: {e}"))))?;
-        Ok(Engine { cmd: Mutex::new(tx), next_id: AtomicU64::new(1), shared, cfg, n_vocab, thread: Mutex::new(Some(thread)) })
+        Ok(Engine { cmd: Mutex::new(tx), next_id: AtomicU64::new(1), shared, cfg, n_vocab, n_layer, model, thread: Mutex::new(Some(thread)) })
+    }
+
+    /// The model it serves.
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
     }
 
     /// The configuration it runs with.
@@ -334,6 +346,11 @@ impl Engine {
         if let Some(k) = req.logprobs {
             if k > 20 {
                 return Err(Error::param("top_logprobs", format!("top_logprobs must be between 0 and 20, got {k}")));
+            }
+        }
+        if let Some(a) = &req.adapter {
+            if a.layers.len() != self.n_layer {
+                return Err(Error::param("adapter", format!("adapter {:?} has {} layers but the model has {}", a.name, a.layers.len(), self.n_layer)));
             }
         }
         let gen = if req.embed { 0 } else { req.max_tokens };

@@ -269,7 +269,11 @@ impl State<'_> {
     fn salt(&self, s: &Seq) -> Vec<u64> {
         match self.groups.get(&s.group) {
             Some(g) if g.req.embed => vec![EMBED_SALT, s.group, s.attempts],
-            Some(g) => g.req.cache_salt.clone(),
+            Some(g) => {
+                let mut salt: Vec<u64> = g.req.adapter.as_ref().map(|a| vec![a.id, a.version]).unwrap_or_default();
+                salt.extend_from_slice(&g.req.cache_salt);
+                salt
+            }
             None => Vec::new(),
         }
     }
@@ -353,7 +357,9 @@ impl State<'_> {
                 continue;
             }
             let end = s.n_computed + len;
-            let embed = self.groups.get(&s.group).is_some_and(|g| g.req.embed);
+            let g = self.groups.get(&s.group);
+            let embed = g.is_some_and(|g| g.req.embed);
+            let lora = g.and_then(|g| g.req.adapter.as_deref());
             let logits = if embed {
                 Logits::Hidden
             } else if end == s.tokens.len() {
@@ -362,7 +368,7 @@ impl State<'_> {
                 Logits::None
             };
             let table = self.mgr.block_table(s.id).unwrap_or(&[]);
-            inputs.push(SeqInput { tokens: &s.tokens[s.n_computed..end], pos0: s.n_computed, block_table: table, logits, lora: None });
+            inputs.push(SeqInput { tokens: &s.tokens[s.n_computed..end], pos0: s.n_computed, block_table: table, logits, lora });
         }
         let result = self.fwd.forward_batch(&mut self.kv, &inputs);
         drop(inputs);

@@ -385,3 +385,52 @@ fn quantized_kv_cache_serves_like_its_solo_run_and_reports_its_size() {
         assert!(e.metrics().preemptions > 0);
     }
 }
+
+#[test]
+fn adapters_apply_per_request_and_never_share_cached_prefixes() {
+    let Some(f) = fixture() else { return };
+    use ruvllm_model::{LoraAdapter, LoraPair, Proj};
+    let c = &f.model.config;
+    // A deterministic adapter on v and down of every layer, strong enough to change greedy output.
+    let mut ad = LoraAdapter::empty("t", 7, c.n_layer);
+    let mut seed = 99u64;
+    let mut rnd = move || {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2
+    };
+    for l in 0..c.n_layer {
+        for p in [Proj::V, Proj::Down] {
+            let (out, inp) = p.shape(c);
+            ad.set(l, p, LoraPair { rank: 2, a: (0..2 * inp).map(|_| rnd()).collect(), b: (0..out * 2).map(|_| rnd()).collect(), scale: 1.0 });
+        }
+    }
+    let ad = Arc::new(ad);
+    let e = engine(f, |_| {});
+    let prompt = f.tok.encode("The history of computing begins with the abacus, continues through mechanical calculators and the analytical engine, and arrives at electronic machines. In this essay we will see how each of these steps made the next one possible, and why the people who built them cared so much.", true, true);
+    assert!(prompt.len() > 32);
+    let params = GenerateParams { max_tokens: Some(12), sampling: SamplingParams::greedy(), ignore_eos: true, ..Default::default() };
+    let mut r = Runner::new(&f.model, f.pool.clone(), 512);
+    r.set_lora(Some((*ad).clone()));
+    let want_adapted = generate(&mut r, &f.tok, &prompt, &params, |_| {}).expect("generate").tokens;
+    let want_base = alone(f, &prompt, &params).0;
+    assert_ne!(want_adapted, want_base, "the adapter should change the output");
+    // Base first (its blocks are cached), then the adapted request with the same prompt, then
+    // both at once.
+    let mut base_req = Request::greedy(prompt.clone(), 12);
+    base_req.ignore_eos = true;
+    let mut ad_req = base_req.clone();
+    ad_req.adapter = Some(ad.clone());
+    assert_eq!(collect(e.submit(base_req.clone()).expect("submit"), 1).tokens[0], want_base);
+    let o = collect(e.submit(ad_req.clone()).expect("submit"), 1);
+    assert_eq!(o.tokens[0], want_adapted);
+    assert_eq!(o.usage.expect("usage").cached_tokens, 0, "KV computed without the adapter must not be reused");
+    let (h1, h2) = (e.submit(ad_req).expect("submit"), e.submit(base_req).expect("submit"));
+    let (o1, o2) = (collect(h1, 1), collect(h2, 1));
+    assert_eq!(o1.tokens[0], want_adapted);
+    assert_eq!(o2.tokens[0], want_base);
+    assert!(o1.usage.expect("usage").cached_tokens > 0, "same adapter, same version: its prefix is reused");
+    // An adapter for another model shape is refused.
+    let mut bad = Request::greedy(prompt, 2);
+    bad.adapter = Some(Arc::new(LoraAdapter::empty("x", 9, 3)));
+    assert!(matches!(e.submit(bad).err().expect("refused").kind(), ErrorKind::InvalidParam { param: "adapter", .. }));
+}

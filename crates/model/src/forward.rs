@@ -148,6 +148,8 @@ pub struct Runner<'m> {
     pub kv: KvCache,
     /// The tokens whose keys and values are cached, in order.
     history: Vec<u32>,
+    /// The LoRA adapter every step runs with.
+    lora: Option<LoraAdapter>,
 }
 
 fn grow(v: &mut Vec<f32>, n: usize) {
@@ -161,7 +163,7 @@ impl<'m> Runner<'m> {
     pub fn new(model: &'m Model, pool: Arc<ThreadPool>, n_ctx: usize) -> Runner<'m> {
         let c = &model.config;
         let n_ctx = n_ctx.clamp(1, c.n_ctx_train);
-        Runner { fwd: Forward::new(model, pool), kv: KvCache::new(c.n_layer, c.kv_dim(), n_ctx, 1), history: Vec::new() }
+        Runner { fwd: Forward::new(model, pool), kv: KvCache::new(c.n_layer, c.kv_dim(), n_ctx, 1), history: Vec::new(), lora: None }
     }
 
     /// A runner whose KV cache stores keys and values as `ty`.
@@ -170,7 +172,7 @@ impl<'m> Runner<'m> {
         let n_ctx = n_ctx.clamp(1, c.n_ctx_train);
         let kv = KvCache::with_type(c.n_layer, c.kv_dim(), c.head_dim, n_ctx, 1, ty)
             .ok_or_else(|| Error::new(ErrorKind::InvalidParam(format!("--kv-type {} needs heads of a multiple of 32 values; this model's have {}", ty.name(), c.head_dim))))?;
-        Ok(Runner { fwd: Forward::new(model, pool), kv, history: Vec::new() })
+        Ok(Runner { fwd: Forward::new(model, pool), kv, history: Vec::new(), lora: None })
     }
 
     /// The model.
@@ -181,6 +183,13 @@ impl<'m> Runner<'m> {
     /// The tokens in the KV cache.
     pub fn history(&self) -> &[u32] {
         &self.history
+    }
+
+    /// Runs every later step with `adapter` (or the base weights); clears the cache, which was
+    /// computed under other weights.
+    pub fn set_lora(&mut self, adapter: Option<LoraAdapter>) {
+        self.lora = adapter;
+        self.history.clear();
     }
 
     /// Drops cached positions from `n` on, keeping the prefix for reuse.
@@ -200,7 +209,7 @@ impl<'m> Runner<'m> {
         if pos0 + tokens.len() > self.kv.capacity() {
             return Err(Error::new(ErrorKind::ContextOverflow { needed: pos0 + tokens.len(), context: self.kv.capacity() }));
         }
-        let seq = SeqInput { tokens, pos0, block_table: &[0], logits: want, lora: None };
+        let seq = SeqInput { tokens, pos0, block_table: &[0], logits: want, lora: self.lora.as_ref() };
         let out = self.fwd.forward_batch(&mut self.kv, &[seq])?;
         self.history.extend_from_slice(tokens);
         Ok(out)

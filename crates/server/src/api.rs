@@ -12,7 +12,7 @@ use axum::{Extension, Json};
 use base64::Engine as _;
 use futures_util::stream::{self, Stream, StreamExt};
 use ruvllm_engine::{Error as EngineError, ErrorKind as EngineErrorKind, Event, FinishReason, Logprob, Request, RequestHandle, Usage};
-use ruvllm_model::SamplingParams;
+use ruvllm_model::{LoraAdapter, SamplingParams};
 use ruvllm_tokenizer::ChatMessage;
 use serde_json::{json, Map, Value};
 use std::convert::Infallible;
@@ -138,6 +138,22 @@ impl<'a> Fields<'a> {
     }
 }
 
+/// The served model a request names (`model`), and its adapter: the `adapter` field, or a
+/// `model` that names an adapter (as vLLM serves LoRA adapters as models).
+fn resolve(st: &AppState, f: &Fields<'_>) -> Result<(String, Option<Arc<LoraAdapter>>), ApiError> {
+    let requested = f.str("model")?;
+    let (model, mut adapter) = match requested.and_then(|m| st.adapter(m).map(|a| (m, a))) {
+        Some((m, a)) => (m.to_owned(), Some(a)),
+        None => (st.model(requested)?, None),
+    };
+    if let Some(name) = f.str("adapter")? {
+        adapter = Some(st.adapter(name).ok_or_else(|| {
+            ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", Some("adapter"), Some("adapter_not_found"), format!("no adapter named `{name}` is loaded"))
+        })?);
+    }
+    Ok((model, adapter))
+}
+
 /// Generation parameters common to chat and text completions.
 struct GenParams {
     max_tokens: Option<usize>,
@@ -149,6 +165,7 @@ struct GenParams {
     logprobs: Option<usize>,
     ignore_eos: bool,
     priority: i32,
+    adapter: Option<Arc<LoraAdapter>>,
 }
 
 fn parse_gen(f: &Fields<'_>, chat: bool) -> Result<GenParams, ApiError> {
@@ -254,7 +271,7 @@ fn parse_gen(f: &Fields<'_>, chat: bool) -> Result<GenParams, ApiError> {
     let ignore_eos = f.bool("ignore_eos")?.unwrap_or(false);
     let priority = f.int("priority")?.unwrap_or(0).clamp(i32::MIN as i64, i32::MAX as i64) as i32;
     f.str("user")?;
-    Ok(GenParams { max_tokens, sampling: s, stop, n, stream, include_usage, logprobs, ignore_eos, priority })
+    Ok(GenParams { max_tokens, sampling: s, stop, n, stream, include_usage, logprobs, ignore_eos, priority, adapter: None })
 }
 
 fn parse_messages(f: &Fields<'_>) -> Result<Vec<ChatMessage>, ApiError> {
@@ -332,6 +349,7 @@ fn engine_request(st: &AppState, prompt: Vec<u32>, g: &GenParams) -> Request {
         logprobs: g.logprobs,
         embed: false,
         cache_salt: Vec::new(),
+        adapter: g.adapter.clone(),
     }
 }
 
@@ -658,8 +676,9 @@ pub(crate) async fn chat_completions(State(st): State<Arc<AppState>>, Extension(
     let run = async {
         let body = parse_body(body)?;
         let f = Fields(&body);
-        let model = st.model(f.str("model")?)?;
-        let g = parse_gen(&f, true)?;
+        let (model, adapter) = resolve(&st, &f)?;
+        let mut g = parse_gen(&f, true)?;
+        g.adapter = adapter;
         let msgs = parse_messages(&f)?;
         let rendered = st.template.render(&msgs, true).map_err(|e| ApiError::invalid("messages", e.to_string()))?;
         let prompt = st.tok.encode_chat(&rendered);
@@ -675,8 +694,9 @@ pub(crate) async fn completions(State(st): State<Arc<AppState>>, Extension(calle
     let run = async {
         let body = parse_body(body)?;
         let f = Fields(&body);
-        let model = st.model(f.str("model")?)?;
-        let g = parse_gen(&f, false)?;
+        let (model, adapter) = resolve(&st, &f)?;
+        let mut g = parse_gen(&f, false)?;
+        g.adapter = adapter;
         let prompts = parse_prompts(&st, f.get("prompt"), "prompt")?;
         let n_prompts = prompts.len();
         let handles = submit_all(&st, prompts, &g, "prompt")?;
@@ -740,9 +760,16 @@ fn model_json(st: &AppState, id: &str) -> Value {
     json!({"id": id, "object": "model", "created": st.created, "owned_by": "ruvllm", "max_model_len": st.engine.config().n_ctx})
 }
 
-/// `GET /v1/models`.
+/// `GET /v1/models`: the base model's names, then each adapter (usable as a `model`).
 pub(crate) async fn list_models(State(st): State<Arc<AppState>>) -> Response {
-    let data: Vec<Value> = st.names.iter().map(|n| model_json(&st, n)).collect();
+    let mut data: Vec<Value> = st.names.iter().map(|n| model_json(&st, n)).collect();
+    let mut names: Vec<String> = st.adapters.read().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect();
+    names.sort();
+    for n in names {
+        let mut m = model_json(&st, &n);
+        m["parent"] = json!(st.names.first());
+        data.push(m);
+    }
     Json(json!({"object": "list", "data": data})).into_response()
 }
 
@@ -793,4 +820,48 @@ pub(crate) async fn detokenize(State(st): State<Arc<AppState>>, body: Result<Byt
         Ok(Json(json!({"prompt": text})).into_response())
     };
     run().unwrap_or_else(IntoResponse::into_response)
+}
+
+fn adapter_json(a: &LoraAdapter) -> Value {
+    let projections: usize = a.layers.iter().map(|l| l.iter().filter(|p| p.is_some()).count()).sum();
+    json!({"name": a.name, "id": a.id, "version": a.version, "projections": projections})
+}
+
+/// `GET /v1/adapters`.
+pub(crate) async fn list_adapters(State(st): State<Arc<AppState>>) -> Response {
+    let mut v: Vec<Value> = st.adapters.read().unwrap_or_else(|p| p.into_inner()).values().map(|a| adapter_json(a)).collect();
+    v.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+    Json(json!({"object": "list", "data": v})).into_response()
+}
+
+/// `POST /v1/adapters {name, path, scale?}`: loads a PEFT adapter from a path on the server, or
+/// replaces the one of that name (hot swap: requests already running keep the old weights;
+/// the version changes, so cached KV of the old one is never reused).
+pub(crate) async fn load_adapter(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+    let run = async {
+        let body = parse_body(body)?;
+        let f = Fields(&body);
+        let name = f.str("name")?.ok_or_else(|| ApiError::invalid("name", "`name` is required"))?.to_owned();
+        if name.is_empty() || st.names.contains(&name) {
+            return Err(ApiError::invalid("name", "`name` must be non-empty and differ from the base model's names"));
+        }
+        let path = std::path::PathBuf::from(f.str("path")?.ok_or_else(|| ApiError::invalid("path", "`path` is required"))?);
+        let scale = f.f64("scale")?.unwrap_or(1.0) as f32;
+        let st2 = st.clone();
+        let a = tokio::task::spawn_blocking(move || st2.load_adapter(&name, &path, scale))
+            .await
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", None, None, e.to_string()))?
+            .map_err(|e| ApiError::invalid("path", e.to_string()))?;
+        tracing::info!(name = a.name, version = a.version, "adapter loaded");
+        Ok(Json(adapter_json(&a)).into_response())
+    };
+    run.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// `DELETE /v1/adapters/{name}`.
+pub(crate) async fn delete_adapter(State(st): State<Arc<AppState>>, Path(name): Path<String>) -> Response {
+    match st.adapters.write().unwrap_or_else(|p| p.into_inner()).remove(&name) {
+        Some(a) => Json(json!({"name": a.name, "deleted": true})).into_response(),
+        None => ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", Some("name"), Some("adapter_not_found"), format!("no adapter named `{name}` is loaded")).into_response(),
+    }
 }

@@ -45,6 +45,9 @@ pub struct ServerConfig {
 /// Shared by every handler.
 pub struct AppState {
     pub(crate) engine: Arc<Engine>,
+    /// LoRA adapters by name, replaceable at run time (hot swap).
+    pub(crate) adapters: std::sync::RwLock<std::collections::HashMap<String, Arc<ruvllm_model::LoraAdapter>>>,
+    next_adapter_id: AtomicU64,
     pub(crate) tok: Arc<Tokenizer>,
     pub(crate) template: ChatTemplate,
     pub(crate) names: Vec<String>,
@@ -61,6 +64,8 @@ impl AppState {
         let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         AppState {
             engine,
+            adapters: Default::default(),
+            next_adapter_id: AtomicU64::new(1),
             tok,
             template,
             names: cfg.model_names.clone(),
@@ -70,6 +75,24 @@ impl AppState {
             ready: AtomicBool::new(true),
             next_id: AtomicU64::new(created.wrapping_mul(0x9E37_79B9) & 0xFFFF_FFFF_0000),
         }
+    }
+
+    /// Loads (or replaces, with a new version) the adapter `name` from a PEFT directory or file.
+    pub fn load_adapter(&self, name: &str, path: &std::path::Path, scale: f32) -> Result<Arc<ruvllm_model::LoraAdapter>, ruvllm_model::Error> {
+        let mut guard = self.adapters.write().unwrap_or_else(|p| p.into_inner());
+        let (id, version) = match guard.get(name) {
+            Some(old) => (old.id, old.version + 1),
+            None => (self.next_adapter_id.fetch_add(1, Ordering::Relaxed), 0),
+        };
+        let mut a = ruvllm_model::LoraAdapter::load_peft(path, self.engine.model(), name, id, scale)?;
+        a.version = version;
+        let a = Arc::new(a);
+        guard.insert(name.to_owned(), a.clone());
+        Ok(a)
+    }
+
+    pub(crate) fn adapter(&self, name: &str) -> Option<Arc<ruvllm_model::LoraAdapter>> {
+        self.adapters.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
     }
 
     /// A fresh response id with `prefix` (`chatcmpl`, `cmpl`, ...).
@@ -161,6 +184,8 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .route("/v1/embeddings", post(api::embeddings))
         .route("/v1/models", get(api::list_models))
         .route("/v1/models/{id}", get(api::get_model))
+        .route("/v1/adapters", get(api::list_adapters).post(api::load_adapter))
+        .route("/v1/adapters/{name}", axum::routing::delete(api::delete_adapter))
         .route("/tokenize", post(api::tokenize))
         .route("/detokenize", post(api::detokenize))
         .route("/health", get(health))
