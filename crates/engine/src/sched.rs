@@ -279,7 +279,28 @@ impl State<'_> {
     }
 
     /// One scheduling decision and one forward pass.
+    /// Makes room for a waiting sequence of higher priority than some running one: while the
+    /// best waiting sequence outranks the worst running one and cannot be admitted (no sequence
+    /// slot, or too few free blocks for its first chunk), the worst running one is preempted.
+    fn preempt_for_priority(&mut self) {
+        loop {
+            let Some(w) = self.waiting.front() else { return };
+            let Some(worst) = (0..self.running.len()).max_by_key(|&j| self.running[j].key()) else { return };
+            if self.running[worst].priority >= w.priority {
+                return;
+            }
+            let chunk = w.tokens.len().min(self.cfg.max_batch_tokens);
+            let needs_blocks = chunk.div_ceil(self.cfg.block_size) + 1;
+            if self.running.len() < self.cfg.max_seqs && self.mgr.n_free() >= needs_blocks {
+                return;
+            }
+            let v = self.running.remove(worst);
+            self.preempt(v);
+        }
+    }
+
     fn step(&mut self) {
+        self.preempt_for_priority();
         let mut budget = self.cfg.max_batch_tokens;
         // Decodes first (one token each), then prefill chunks; each by priority and arrival.
         self.running.sort_by_key(|s| (s.tokens.len() - s.n_computed > 1, s.key()));

@@ -207,7 +207,7 @@ fn cancellation_frees_blocks_at_once() {
 }
 
 #[test]
-fn higher_priority_is_admitted_first() {
+fn higher_priority_goes_first_and_equal_priorities_keep_arrival_order() {
     let Some(f) = fixture() else { return };
     let e = engine(f, |c| c.max_seqs = 1);
     let p = f.tok.encode("Once upon a time", true, true);
@@ -230,7 +230,8 @@ fn higher_priority_is_admitted_first() {
             });
         }
     });
-    assert_eq!(*order.lock().unwrap(), vec!["first", "high", "low"]);
+    // "high" preempts "first" (the only slot); "first" resumes before "low" (earlier arrival).
+    assert_eq!(*order.lock().unwrap(), vec!["high", "first", "low"]);
 }
 
 #[test]
@@ -433,4 +434,51 @@ fn adapters_apply_per_request_and_never_share_cached_prefixes() {
     let mut bad = Request::greedy(prompt, 2);
     bad.adapter = Some(Arc::new(LoraAdapter::empty("x", 9, 3)));
     assert!(matches!(e.submit(bad).err().expect("refused").kind(), ErrorKind::InvalidParam { param: "adapter", .. }));
+}
+
+#[test]
+fn a_higher_priority_arrival_preempts_a_running_request_which_resumes_identically() {
+    let Some(f) = fixture() else { return };
+    let e = engine(f, |c| c.max_seqs = 1);
+    let p = f.tok.encode("Once upon a time", true, true);
+    let mut low = Request::greedy(p.clone(), 40);
+    low.ignore_eos = true;
+    let want_low = collect(e.submit(low.clone()).expect("submit"), 1).tokens[0].clone();
+    let mut h_low = e.submit(low).expect("submit");
+    let mut got_low = Vec::new();
+    for _ in 0..5 {
+        match h_low.next_blocking() {
+            Some(Event::Token { token, .. }) => got_low.push(token),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // The only slot is taken; a higher-priority request must not wait for it.
+    let mut high = Request::greedy(f.tok.encode("The capital of France is", true, true), 8);
+    high.priority = 5;
+    high.ignore_eos = true;
+    let h_high = e.submit(high).expect("submit");
+    let mut high_done_first = false;
+    std::thread::scope(|s| {
+        let t = s.spawn(move || {
+            let o = collect(h_high, 1);
+            assert_eq!(o.tokens[0].len(), 8);
+            Instant::now()
+        });
+        let mut low_end = None;
+        while let Some(ev) = h_low.next_blocking() {
+            match ev {
+                Event::Token { token, .. } => got_low.push(token),
+                Event::Done(_) => {
+                    low_end = Some(Instant::now());
+                    break;
+                }
+                _ => {}
+            }
+        }
+        let high_end = t.join().expect("high thread");
+        high_done_first = high_end < low_end.expect("low finished");
+    });
+    assert!(high_done_first, "the high-priority request finished after the low one");
+    assert_eq!(got_low, want_low, "the preempted request resumed with identical tokens");
+    assert!(e.metrics().preemptions > 0);
 }
