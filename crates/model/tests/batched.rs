@@ -181,11 +181,11 @@ fn long_context_paged_equals_contiguous() {
         let mut fwd = Forward::new(&model, pool.clone());
         let mut pos = 0;
         for chunk in prompt.chunks(256) {
-            fwd.forward_batch(&mut kv, &[SeqInput { tokens: chunk, pos0: pos, block_table: &table, logits: Logits::None }]).unwrap();
+            fwd.forward_batch(&mut kv, &[SeqInput { tokens: chunk, pos0: pos, block_table: &table, logits: Logits::None, lora: None }]).unwrap();
             pos += chunk.len();
         }
         for (s, want) in contiguous.iter().enumerate() {
-            let got = fwd.forward_batch(&mut kv, &[SeqInput { tokens: &[prompt[s]], pos0: pos, block_table: &table, logits: Logits::Last }]).unwrap();
+            let got = fwd.forward_batch(&mut kv, &[SeqInput { tokens: &[prompt[s]], pos0: pos, block_table: &table, logits: Logits::Last, lora: None }]).unwrap();
             assert!(got.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits()), "{name}: step {s} differs");
             pos += 1;
         }
