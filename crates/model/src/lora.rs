@@ -112,31 +112,23 @@ fn err(m: impl Into<String>) -> Error {
 /// llama.cpp's row permutation of llama q/k weights (HF → GGUF): within each head of `hd`
 /// rows, row `j·hd/2 + i` moves to `2i + j`.
 pub fn permute_rows(b: &[f32], n_head: usize, cols: usize) -> Vec<f32> {
-    let rows = b.len() / cols;
-    let hd = rows / n_head;
-    let half = hd / 2;
-    let mut out = vec![0f32; b.len()];
-    for h in 0..n_head {
-        for i in 0..half {
-            for j in 0..2 {
-                let (dst, src) = (h * hd + 2 * i + j, h * hd + j * half + i);
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&b[src * cols..(src + 1) * cols]);
-            }
-        }
-    }
-    out
+    move_rows(b, n_head, cols, true)
 }
 
 /// The inverse of [`permute_rows`] (GGUF → HF).
 pub fn unpermute_rows(b: &[f32], n_head: usize, cols: usize) -> Vec<f32> {
-    let rows = b.len() / cols;
-    let hd = rows / n_head;
+    move_rows(b, n_head, cols, false)
+}
+
+fn move_rows(b: &[f32], n_head: usize, cols: usize, to_gguf: bool) -> Vec<f32> {
+    let hd = b.len() / cols / n_head;
     let half = hd / 2;
     let mut out = vec![0f32; b.len()];
     for h in 0..n_head {
         for i in 0..half {
             for j in 0..2 {
-                let (src, dst) = (h * hd + 2 * i + j, h * hd + j * half + i);
+                let (gguf, hf) = (h * hd + 2 * i + j, h * hd + j * half + i);
+                let (dst, src) = if to_gguf { (gguf, hf) } else { (hf, gguf) };
                 out[dst * cols..(dst + 1) * cols].copy_from_slice(&b[src * cols..(src + 1) * cols]);
             }
         }
