@@ -34,8 +34,14 @@ pub struct ServeArgs {
     #[arg(long = "kv-cache-memory")]
     kv_cache_memory: Option<String>,
     /// KV cache storage: f16, q8_0, q4_0 (quantized, with Hadamard-rotated heads) or f32.
+    /// With --kv-tail, the type of the cold tier.
     #[arg(long = "kv-type", default_value = "f16")]
     kv_type: String,
+    /// Two-tier KV: keep each sequence's most recent N tokens in f16 and move older full blocks
+    /// to --kv-type (q8_0 or q4_0). The f16 tier is sized for --max-num-seqs tails (at most
+    /// half the memory budget); the rest of the budget is the cold tier.
+    #[arg(long = "kv-tail")]
+    kv_tail: Option<usize>,
     /// LoRA adapter to serve as NAME=PATH[:SCALE] (a PEFT directory or .safetensors file;
     /// repeatable). Requests pick one with `"adapter": NAME` or `"model": NAME`; more can be
     /// loaded or replaced at run time with `POST /v1/adapters`.
@@ -160,13 +166,35 @@ pub fn run(a: ServeArgs) -> Result<(), Error> {
         Some(s) => parse_memory(s, avail)?,
         None => (1u64 << 30).min(avail / 4),
     };
-    let n_blocks = blocks_for_memory(c, kv_type, a.block_size, budget);
     let n_ctx = a.model.ctx_size.min(c.n_ctx_train);
+    let (n_blocks, n_cold) = match a.kv_tail {
+        None => (blocks_for_memory(c, kv_type, a.block_size, budget), 0),
+        Some(tail) => {
+            if kv_type == KvType::F16 || kv_type == KvType::F32 {
+                return Err(Error::usage("--kv-tail needs a quantized --kv-type for the cold tier (q8_0 or q4_0)"));
+            }
+            let per_seq = tail.div_ceil(a.block_size) + 2;
+            let min_hot = (tail + a.max_batch_tokens).div_ceil(a.block_size) + 2;
+            let hot = (a.max_num_seqs * per_seq).max(min_hot).min(blocks_for_memory(c, KvType::F16, a.block_size, budget / 2).max(min_hot));
+            let hot_bytes = (hot * a.block_size * kv_bytes_per_token(c, KvType::F16)) as u64;
+            (hot, blocks_for_memory(c, kv_type, a.block_size, budget.saturating_sub(hot_bytes)))
+        }
+    };
     if n_blocks == 0 {
         return Err(Error::usage(format!("--kv-cache-memory {budget} bytes holds no block of {} tokens", a.block_size)));
     }
     let per_token = kv_bytes_per_token(c, kv_type);
-    eprintln!(
+    if let Some(tail) = a.kv_tail {
+        let hot_pt = kv_bytes_per_token(c, KvType::F16);
+        eprintln!(
+            "ruvllm: two-tier KV: f16 tail of {tail} tokens, {n_blocks} f16 blocks ({:.1} MiB, {hot_pt} bytes/token) + {n_cold} {} blocks ({:.1} MiB, {per_token} bytes/token) = {} tokens",
+            (n_blocks * a.block_size * hot_pt) as f64 / 1048576.0,
+            kv_type.name(),
+            (n_cold * a.block_size * per_token) as f64 / 1048576.0,
+            (n_blocks + n_cold) * a.block_size
+        );
+    } else {
+        eprintln!(
         "ruvllm: KV cache {} blocks × {} tokens = {} tokens ({:.1} MiB, {} bytes/token {}); context {} tokens; {} threads",
         n_blocks,
         a.block_size,
@@ -177,6 +205,7 @@ pub fn run(a: ServeArgs) -> Result<(), Error> {
         n_ctx,
         l.pool.n_threads()
     );
+    }
     if n_blocks * a.block_size < n_ctx {
         eprintln!("ruvllm: note: the KV pool holds fewer tokens than the context; longer requests get 400");
     }
@@ -189,6 +218,8 @@ pub fn run(a: ServeArgs) -> Result<(), Error> {
     cfg.prefix_caching = !a.no_prefix_caching;
     cfg.n_ctx = n_ctx;
     cfg.kv_type = kv_type;
+    cfg.kv_tail = a.kv_tail;
+    cfg.n_cold_blocks = n_cold;
     let n_embd = c.n_embd;
     let tok = Arc::new(l.tok);
     let engine = Engine::start(Arc::new(l.model), tok.clone(), l.pool, cfg).map_err(|e| Error::usage(e.to_string()))?;

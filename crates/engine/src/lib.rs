@@ -106,8 +106,14 @@ pub struct EngineConfig {
     pub n_ctx: usize,
     /// Most requests waiting for admission before [`ErrorKind::QueueFull`].
     pub max_waiting: usize,
-    /// How keys and values are stored (f16 by default; q8_0/q4_0 quantize them).
+    /// How keys and values are stored (f16 by default; q8_0/q4_0 quantize them). In two-tier
+    /// mode, the type of the cold tier.
     pub kv_type: KvType,
+    /// Two-tier mode: keep each sequence's most recent `kv_tail` tokens in f16 blocks and move
+    /// full blocks older than that into `n_cold_blocks` blocks of `kv_type`.
+    pub kv_tail: Option<usize>,
+    /// Blocks of the cold tier (two-tier mode).
+    pub n_cold_blocks: usize,
 }
 
 impl EngineConfig {
@@ -122,6 +128,8 @@ impl EngineConfig {
             n_ctx: model.n_ctx_train,
             max_waiting: 1024,
             kv_type: KvType::F16,
+            kv_tail: None,
+            n_cold_blocks: 0,
         }
     }
 }
@@ -300,11 +308,20 @@ impl Engine {
             return Err(Error::param("engine", "block size, block count, batch tokens and max sequences must be positive"));
         }
         let c = &model.config;
+        if let Some(tail) = cfg.kv_tail {
+            let hot_needed = (tail + cfg.max_batch_tokens).div_ceil(cfg.block_size) + 2;
+            if tail < cfg.block_size || cfg.n_cold_blocks == 0 || cfg.n_blocks < hot_needed {
+                return Err(Error::param(
+                    "kv_tail",
+                    format!("two-tier KV needs a tail of at least one block, cold blocks, and at least {hot_needed} hot blocks (tail + one batch); got tail {tail}, {} hot, {} cold", cfg.n_blocks, cfg.n_cold_blocks),
+                ));
+            }
+        }
         if matches!(cfg.kv_type, KvType::Q8_0 | KvType::Q4_0) && c.head_dim % 32 != 0 {
             return Err(Error::param("kv_type", format!("kv type {} needs heads of a multiple of 32 values; this model's have {}", cfg.kv_type.name(), c.head_dim)));
         }
         let (tx, rx) = mpsc::channel();
-        let shared = Arc::new(Shared { metrics: Mutex::new(Metrics::new(cfg.n_blocks)), waiting: AtomicUsize::new(0) });
+        let shared = Arc::new(Shared { metrics: Mutex::new(Metrics::new(cfg.n_blocks, if cfg.kv_tail.is_some() { cfg.n_cold_blocks } else { 0 })), waiting: AtomicUsize::new(0) });
         let n_vocab = model.config.n_vocab;
         let n_layer = model.config.n_layer;
         let model2 = model.clone();
@@ -327,9 +344,10 @@ impl Engine {
         &self.cfg
     }
 
-    /// Tokens the KV pool holds.
+    /// Tokens the KV pool holds (both tiers).
     pub fn kv_capacity_tokens(&self) -> usize {
-        self.cfg.n_blocks * self.cfg.block_size
+        let cold = if self.cfg.kv_tail.is_some() { self.cfg.n_cold_blocks } else { 0 };
+        (self.cfg.n_blocks + cold) * self.cfg.block_size
     }
 
     /// Checks a request against the context, the pool and parameter ranges.

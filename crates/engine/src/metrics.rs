@@ -59,8 +59,14 @@ pub struct MetricsSnapshot {
     pub kv_blocks_used: usize,
     /// Free blocks still holding a cached prefix.
     pub kv_blocks_cached: usize,
-    /// Blocks in the pool.
+    /// Blocks in the pool (the hot tier in two-tier mode).
     pub kv_blocks_total: usize,
+    /// Two-tier mode: cold blocks held by live sequences.
+    pub kv_cold_blocks_used: usize,
+    /// Two-tier mode: blocks in the cold tier (0 otherwise).
+    pub kv_cold_blocks_total: usize,
+    /// Blocks moved to the cold tier.
+    pub kv_migrations: u64,
     /// Full prompt blocks looked up in the prefix cache.
     pub prefix_cache_queries: u64,
     /// Of those, blocks found.
@@ -92,7 +98,7 @@ pub(crate) struct Metrics {
 }
 
 impl Metrics {
-    pub(crate) fn new(n_blocks: usize) -> Metrics {
+    pub(crate) fn new(n_blocks: usize, n_cold: usize) -> Metrics {
         Metrics {
             s: MetricsSnapshot {
                 requests_running: 0,
@@ -100,6 +106,9 @@ impl Metrics {
                 kv_blocks_used: 0,
                 kv_blocks_cached: 0,
                 kv_blocks_total: n_blocks,
+                kv_cold_blocks_used: 0,
+                kv_cold_blocks_total: n_cold,
+                kv_migrations: 0,
                 prefix_cache_queries: 0,
                 prefix_cache_hits: 0,
                 prompt_tokens: 0,

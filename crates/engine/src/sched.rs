@@ -70,6 +70,8 @@ struct Seq {
     /// blocks of its own earlier attempt).
     attempts: u64,
     last_token_at: Option<Instant>,
+    /// Two-tier mode: blocks before this index have been considered for migration.
+    migrated: usize,
 }
 
 impl Seq {
@@ -104,6 +106,7 @@ struct State<'m> {
     delta_computed_prompt: u64,
     delta_preempted: u64,
     delta_finished: u64,
+    delta_migrated: u64,
     /// Final events held until the step's metrics are published.
     outbox: Vec<(tmpsc::UnboundedSender<Event>, Event)>,
 }
@@ -114,9 +117,15 @@ pub(crate) fn run(model: Arc<Model>, tok: Arc<Tokenizer>, pool: Arc<ThreadPool>,
     let mut st = State {
         tok,
         fwd: Forward::new(&model, pool),
-        kv: KvCache::with_type(c.n_layer, c.kv_dim(), c.head_dim, cfg.block_size, cfg.n_blocks, cfg.kv_type)
-            .unwrap_or_else(|| KvCache::new(c.n_layer, c.kv_dim(), cfg.block_size, cfg.n_blocks)),
-        mgr: KvManager::new(cfg.n_blocks, cfg.block_size, cfg.prefix_caching),
+        kv: match cfg.kv_tail {
+            Some(_) => KvCache::with_tiers(c.n_layer, c.kv_dim(), c.head_dim, cfg.block_size, cfg.n_blocks, cfg.n_cold_blocks, cfg.kv_type),
+            None => KvCache::with_type(c.n_layer, c.kv_dim(), c.head_dim, cfg.block_size, cfg.n_blocks, cfg.kv_type),
+        }
+        .unwrap_or_else(|| KvCache::new(c.n_layer, c.kv_dim(), cfg.block_size, cfg.n_blocks)),
+        mgr: match cfg.kv_tail {
+            Some(_) => KvManager::with_cold_tier(cfg.n_blocks, cfg.n_cold_blocks, cfg.block_size, cfg.prefix_caching),
+            None => KvManager::new(cfg.n_blocks, cfg.block_size, cfg.prefix_caching),
+        },
         n_vocab: c.n_vocab,
         n_embd: c.n_embd,
         cfg,
@@ -135,6 +144,7 @@ pub(crate) fn run(model: Arc<Model>, tok: Arc<Tokenizer>, pool: Arc<ThreadPool>,
         delta_computed_prompt: 0,
         delta_preempted: 0,
         delta_finished: 0,
+        delta_migrated: 0,
         outbox: Vec::new(),
     };
     loop {
@@ -217,6 +227,7 @@ impl State<'_> {
             embed_sum: Vec::new(),
             attempts: 0,
             last_token_at: None,
+            migrated: 0,
         };
         let usage = Usage { prompt_tokens: req.prompt.len(), ..Usage::default() };
         self.delta_prompt += req.prompt.len() as u64;
@@ -261,6 +272,7 @@ impl State<'_> {
     fn preempt(&mut self, mut s: Seq) {
         self.mgr.free(s.id);
         s.n_computed = 0;
+        s.migrated = 0;
         s.embed_sum.clear();
         self.delta_preempted += 1;
         self.enqueue(s);
@@ -369,6 +381,40 @@ impl State<'_> {
             return;
         }
         self.run_batch(&plan);
+        self.migrate_old_blocks();
+    }
+
+    /// Two-tier mode: moves every running sequence's full blocks older than the tail into the
+    /// cold tier. Blocks shared with other sequences (a common prefix, forks) stay hot and are
+    /// tried again at later steps; nothing moves while the cold tier is full.
+    fn migrate_old_blocks(&mut self) {
+        let Some(tail) = self.cfg.kv_tail else { return };
+        let bs = self.cfg.block_size;
+        for s in &mut self.running {
+            let upto = s.n_computed.saturating_sub(tail) / bs;
+            let mut first_kept = None;
+            for i in s.migrated..upto {
+                let Some(b) = self.mgr.block_table(s.id).and_then(|t| t.get(i).copied()) else { break };
+                if self.mgr.is_cold(b) {
+                    continue;
+                }
+                if self.mgr.ref_count(b) > 1 {
+                    first_kept.get_or_insert(i);
+                    continue;
+                }
+                match self.mgr.migrate(s.id, i) {
+                    Some(op) => {
+                        self.kv.migrate_block(op.src, op.dst);
+                        self.delta_migrated += 1;
+                    }
+                    None => {
+                        first_kept.get_or_insert(i);
+                        break;
+                    }
+                }
+            }
+            s.migrated = first_kept.unwrap_or(upto.max(s.migrated));
+        }
     }
 
     fn run_batch(&mut self, plan: &[usize]) {
@@ -477,6 +523,7 @@ impl State<'_> {
                         embed_sum: Vec::new(),
                         attempts: s.attempts,
                         last_token_at: None,
+                        migrated: s.migrated,
                     });
                 }
             }
@@ -593,6 +640,8 @@ impl State<'_> {
         let st = self.mgr.stats();
         m.s.kv_blocks_used = st.used;
         m.s.kv_blocks_cached = st.cached;
+        m.s.kv_cold_blocks_used = self.mgr.cold_stats().map_or(0, |c| c.used);
+        m.s.kv_migrations += std::mem::take(&mut self.delta_migrated);
         m.s.prefix_cache_queries = self.mgr.prefix_queries;
         m.s.prefix_cache_hits = self.mgr.prefix_hits;
         let mut running: Vec<u64> = self.running.iter().map(|s| s.group).collect();

@@ -482,3 +482,37 @@ fn a_higher_priority_arrival_preempts_a_running_request_which_resumes_identicall
     assert_eq!(got_low, want_low, "the preempted request resumed with identical tokens");
     assert!(e.metrics().preemptions > 0);
 }
+
+#[test]
+fn two_tier_kv_migrates_old_blocks_and_leaks_nothing() {
+    let Some(f) = fixture() else { return };
+    let e = engine(f, |c| {
+        c.kv_type = KvType::Q8_0;
+        c.kv_tail = Some(32);
+        c.n_blocks = 40;
+        c.n_cold_blocks = 64;
+        c.max_batch_tokens = 128;
+    });
+    // Four distinct 200-token prompts (nothing shared, so every old block may move).
+    let handles: Vec<_> = (0..4u32)
+        .map(|i| {
+            let p: Vec<u32> = (0..200u32).map(|j| 100 + (j * 7919 + i * 104729) % 20000).collect();
+            let mut r = Request::greedy(p, 24);
+            r.ignore_eos = true;
+            e.submit(r).expect("submit")
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(collect(h, 1).tokens[0].len(), 24);
+    }
+    let m = e.metrics();
+    // Each sequence reaches 223 computed tokens: its full blocks older than the 32-token tail
+    // ((223 − 32) / 16 = 11) move to the cold tier.
+    assert!(m.kv_migrations >= 4 * 11, "migrations: {}", m.kv_migrations);
+    assert_eq!(m.kv_cold_blocks_total, 64);
+    assert_eq!((m.kv_blocks_used, m.kv_cold_blocks_used), (0, 0), "blocks leaked");
+    assert_eq!(e.kv_capacity_tokens(), (40 + 64) * 16);
+    // A tail shorter than a block, or a hot tier too small for the tail plus a batch, is refused.
+    let bad = EngineConfig { kv_tail: Some(8), n_cold_blocks: 4, ..EngineConfig::new(&f.model.config, 64) };
+    assert!(Engine::start(f.model.clone(), f.tok.clone(), f.pool.clone(), bad).is_err());
+}

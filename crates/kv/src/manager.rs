@@ -33,10 +33,14 @@ struct Seq {
     extra: Vec<u64>,
 }
 
-/// Block tables of all live sequences over one pool.
+/// Block tables of all live sequences over one pool, and optionally a second, cold pool that
+/// older blocks migrate to (two-tier KV: recent tokens in full precision, older ones quantized).
+/// Cold block ids follow the hot ones (`n_hot..n_hot + n_cold`); cold blocks are never in the
+/// prefix cache (the hot original keeps its hash until evicted).
 #[derive(Debug)]
 pub struct KvManager {
     pool: BlockPool,
+    cold: Option<BlockPool>,
     block_size: usize,
     prefix_caching: bool,
     seqs: HashMap<SeqId, Seq>,
@@ -50,7 +54,69 @@ impl KvManager {
     /// A manager of `n_blocks` blocks of `block_size` tokens.
     pub fn new(n_blocks: usize, block_size: usize, prefix_caching: bool) -> KvManager {
         assert!(block_size > 0);
-        KvManager { pool: BlockPool::new(n_blocks), block_size, prefix_caching, seqs: HashMap::new(), prefix_queries: 0, prefix_hits: 0 }
+        KvManager { pool: BlockPool::new(n_blocks), cold: None, block_size, prefix_caching, seqs: HashMap::new(), prefix_queries: 0, prefix_hits: 0 }
+    }
+
+    /// A manager of `n_hot` blocks that new tokens go to and `n_cold` blocks that full blocks
+    /// can [`migrate`](Self::migrate) to.
+    pub fn with_cold_tier(n_hot: usize, n_cold: usize, block_size: usize, prefix_caching: bool) -> KvManager {
+        let mut m = Self::new(n_hot, block_size, prefix_caching);
+        m.cold = Some(BlockPool::new(n_cold));
+        m
+    }
+
+    fn acquire_any(&mut self, b: BlockId) {
+        let n_hot = self.pool.len() as u32;
+        match &mut self.cold {
+            Some(c) if b >= n_hot => c.acquire(b - n_hot),
+            _ => self.pool.acquire(b),
+        }
+    }
+
+    fn release_any(&mut self, b: BlockId) {
+        let n_hot = self.pool.len() as u32;
+        match &mut self.cold {
+            Some(c) if b >= n_hot => c.release(b - n_hot),
+            _ => self.pool.release(b),
+        }
+    }
+
+    /// The reference count of block `b` (hot or cold).
+    pub fn ref_count(&self, b: BlockId) -> u32 {
+        let n_hot = self.pool.len() as u32;
+        match &self.cold {
+            Some(c) if b >= n_hot => c.ref_count(b - n_hot),
+            _ => self.pool.ref_count(b),
+        }
+    }
+
+    /// Whether block `b` is in the cold tier.
+    pub fn is_cold(&self, b: BlockId) -> bool {
+        self.cold.is_some() && b as usize >= self.pool.len()
+    }
+
+    /// Moves block `index` of sequence `id` to the cold tier: only a full hot block that no
+    /// other sequence shares, and only when a cold block is free. Returns the copy to make
+    /// (hot `src` → cold `dst`, converting precision); the hot block is released and stays in
+    /// the prefix cache until evicted.
+    pub fn migrate(&mut self, id: SeqId, index: usize) -> Option<CopyOp> {
+        let bs = self.block_size;
+        let n_hot = self.pool.len() as u32;
+        let seq = self.seqs.get(&id)?;
+        let b = *seq.blocks.get(index)?;
+        if b >= n_hot || (index + 1) * bs > seq.tokens.len() || self.pool.ref_count(b) != 1 {
+            return None;
+        }
+        let c = self.cold.as_mut()?.allocate()? + n_hot;
+        let seq = self.seqs.get_mut(&id)?;
+        seq.blocks[index] = c;
+        self.pool.release(b);
+        Some(CopyOp { src: b, dst: c })
+    }
+
+    /// Counts of the cold pool (None without a cold tier).
+    pub fn cold_stats(&self) -> Option<PoolStats> {
+        self.cold.as_ref().map(BlockPool::stats)
     }
 
     /// Tokens per block.
@@ -92,7 +158,7 @@ impl KvManager {
         let bs = self.block_size;
         let seq = self.seqs.get(&id)?;
         let n0 = seq.tokens.len();
-        let partial_shared = n0 % bs != 0 && seq.blocks.last().is_some_and(|&b| self.pool.ref_count(b) > 1);
+        let partial_shared = n0 % bs != 0 && seq.blocks.last().is_some_and(|&b| self.ref_count(b) > 1);
         let needed = (n0 + tokens.len()).div_ceil(bs).saturating_sub(seq.blocks.len()) + partial_shared as usize;
         if needed > self.pool.n_free() {
             return None;
@@ -102,10 +168,11 @@ impl KvManager {
         if partial_shared && !tokens.is_empty() {
             let old = seq.blocks.pop()?;
             let new = self.pool.allocate()?;
-            self.pool.release(old);
             seq.blocks.push(new);
+            self.release_any(old);
             copies.push(CopyOp { src: old, dst: new });
         }
+        let seq = self.seqs.get_mut(&id)?;
         while seq.blocks.len() < (n0 + tokens.len()).div_ceil(bs) {
             let b = self.pool.allocate()?;
             seq.blocks.push(b);
@@ -130,7 +197,7 @@ impl KvManager {
         }
         let Some(seq) = self.seqs.get(&parent).cloned() else { return false };
         for &b in &seq.blocks {
-            self.pool.acquire(b);
+            self.acquire_any(b);
         }
         self.seqs.insert(child, seq);
         true
@@ -141,7 +208,7 @@ impl KvManager {
     pub fn free(&mut self, id: SeqId) -> bool {
         let Some(seq) = self.seqs.remove(&id) else { return false };
         for &b in seq.blocks.iter().rev() {
-            self.pool.release(b);
+            self.release_any(b);
         }
         true
     }
@@ -245,6 +312,48 @@ mod tests {
     }
 
     #[test]
+    fn full_unshared_blocks_migrate_to_the_cold_tier() {
+        // 4 hot blocks (ids 0..4) and 3 cold ones (ids 4..7), 4 tokens per block.
+        let mut m = KvManager::with_cold_tier(4, 3, 4, true);
+        let p: Vec<u32> = (0..10).collect();
+        m.add_sequence(1, &p, &[]);
+        m.append(1, &p).unwrap();
+        assert_eq!(m.block_table(1).unwrap(), &[0, 1, 2]);
+        // Block 2 is partial: stays hot.
+        assert_eq!(m.migrate(1, 2), None);
+        assert_eq!(m.migrate(1, 0), Some(CopyOp { src: 0, dst: 4 }));
+        assert_eq!(m.block_table(1).unwrap(), &[4, 1, 2]);
+        assert!(m.is_cold(4) && !m.is_cold(1));
+        assert_eq!(m.ref_count(4), 1);
+        assert_eq!(m.ref_count(0), 0);
+        assert_eq!(m.cold_stats().unwrap().used, 1);
+        // The hot original stays cached: a new sequence with the same prefix reuses it.
+        assert_eq!(m.add_sequence(2, &p, &[]), 8);
+        assert_eq!(m.block_table(2).unwrap(), &[0, 1]);
+        // Shared blocks do not migrate; forks share cold blocks with reference counts.
+        assert_eq!(m.migrate(1, 1), None);
+        assert!(m.fork(1, 3));
+        assert_eq!(m.ref_count(4), 2);
+        m.free(1);
+        m.free(3);
+        m.free(2);
+        assert_eq!(m.cold_stats().unwrap().used, 0);
+        assert_eq!(m.stats().used, 0);
+        // A full cold tier: migration declines, nothing changes.
+        let mut m = KvManager::with_cold_tier(4, 1, 4, false);
+        m.add_sequence(1, &[], &[]);
+        m.append(1, &[0; 12]).unwrap();
+        assert!(m.migrate(1, 0).is_some());
+        assert_eq!(m.migrate(1, 1), None);
+        assert_eq!(m.block_table(1).unwrap(), &[4, 1, 2]);
+        // Without a cold tier nothing migrates.
+        let mut m = KvManager::new(4, 4, false);
+        m.add_sequence(1, &[], &[]);
+        m.append(1, &[0; 8]).unwrap();
+        assert_eq!(m.migrate(1, 0), None);
+    }
+
+    #[test]
     fn allocation_failure_changes_nothing() {
         let mut m = KvManager::new(2, 4, false);
         m.add_sequence(1, &[], &[]);
@@ -263,6 +372,15 @@ mod tests {
     /// at the end every block is free (empty or cached) and nothing leaks.
     #[test]
     fn random_requests_never_leak_blocks() {
+        random_requests(false);
+    }
+
+    #[test]
+    fn random_requests_with_a_cold_tier_never_leak_blocks() {
+        random_requests(true);
+    }
+
+    fn random_requests(cold: bool) {
         let mut rng = 0x2545_F491_4F6C_DD1Du64;
         let mut rnd = move |m: u64| {
             rng ^= rng << 13;
@@ -271,7 +389,9 @@ mod tests {
             rng % m
         };
         let bs = 4;
-        let mut m = KvManager::new(64, bs, true);
+        let n_cold = if cold { 16 } else { 0 };
+        let mut m = if cold { KvManager::with_cold_tier(64, n_cold, bs, true) } else { KvManager::new(64, bs, true) };
+        let mut migrated = 0;
         let prefixes: Vec<Vec<u32>> = (0..5).map(|p| (0..12).map(|i| p * 100 + i).collect()).collect();
         let mut live: Vec<SeqId> = Vec::new();
         let mut next_id = 0u64;
@@ -295,6 +415,13 @@ mod tests {
                     let toks: Vec<u32> = (0..n).map(|_| rnd(1000) as u32).collect();
                     let _ = m.append(id, &toks); // None = would preempt; fine here
                 }
+                7 if cold && !live.is_empty() => {
+                    let id = live[rnd(live.len() as u64) as usize];
+                    let n = m.block_table(id).unwrap().len();
+                    if n > 0 && m.migrate(id, rnd(n as u64) as usize).is_some() {
+                        migrated += 1;
+                    }
+                }
                 6 if !live.is_empty() => {
                     let id = live[rnd(live.len() as u64) as usize];
                     let child = next_id;
@@ -317,18 +444,26 @@ mod tests {
                     *holders.entry(b).or_default() += 1;
                 }
             }
-            for b in 0..64u32 {
-                assert_eq!(m.pool().ref_count(b), holders.get(&b).copied().unwrap_or(0), "block {b}");
+            for b in 0..(64 + n_cold) as u32 {
+                assert_eq!(m.ref_count(b), holders.get(&b).copied().unwrap_or(0), "block {b}");
             }
-            assert_eq!(m.stats().used, holders.len());
-            assert_eq!(m.n_free(), 64 - holders.len());
+            let hot_held = holders.keys().filter(|&&b| b < 64).count();
+            assert_eq!(m.stats().used, hot_held);
+            assert_eq!(m.n_free(), 64 - hot_held);
+            if cold {
+                assert_eq!(m.cold_stats().unwrap().used, holders.len() - hot_held);
+            }
         }
+        assert_eq!(migrated > 0, cold);
         for id in live.drain(..) {
             m.free(id);
         }
         let s = m.stats();
         assert_eq!(s.used, 0);
         assert_eq!(s.cached + s.empty, 64);
+        if cold {
+            assert_eq!(m.cold_stats().unwrap().used, 0);
+        }
         assert_eq!(m.n_free(), 64);
         assert!(m.prefix_hits > 0, "the shared prefixes were reused");
     }

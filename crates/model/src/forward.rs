@@ -606,8 +606,8 @@ fn head_row<'a>(
         None => {
             let r = kv.slot(table, p).unwrap_or(0);
             match f16_rows {
-                Some(h) => f16_to_f32(&h[r * kvd + koff..r * kvd + koff + hd], buf),
-                None => kv.read(layer, value, r, koff, buf),
+                Some(h) if (r + 1) * kvd <= h.len() => f16_to_f32(&h[r * kvd + koff..r * kvd + koff + hd], buf),
+                _ => kv.read(layer, value, r, koff, buf),
             }
             buf
         }

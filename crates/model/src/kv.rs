@@ -69,6 +69,9 @@ pub struct KvCache {
     ty: KvType,
     /// 16-bit words per row.
     row_words: usize,
+    /// Two-tier mode: the cold tier, holding block ids `n_blocks..n_blocks + cold.n_blocks`
+    /// (rows after the hot ones) in a quantized type.
+    cold: Option<Box<KvCache>>,
 }
 
 impl KvCache {
@@ -97,6 +100,40 @@ impl KvCache {
             n_blocks,
             ty,
             row_words,
+            cold: None,
+        }
+    }
+
+    /// Two tiers: `n_hot` f16 blocks for recent tokens and `n_cold` blocks of `cold_ty` that
+    /// older blocks migrate to ([`migrate_block`](Self::migrate_block)); cold block ids follow
+    /// the hot ones, as `ruvllm-kv`'s two-tier manager hands them out. Keys and values are
+    /// stored Hadamard-rotated in both tiers (see [`rotated`](Self::rotated)).
+    pub fn with_tiers(n_layer: usize, kv_dim: usize, head_dim: usize, block_size: usize, n_hot: usize, n_cold: usize, cold_ty: KvType) -> Option<KvCache> {
+        let mut kv = Self::build(n_layer, kv_dim, block_size, n_hot, KvType::F16);
+        kv.cold = Some(Box::new(Self::with_type(n_layer, kv_dim, head_dim, block_size, n_cold, cold_ty)?));
+        Some(kv)
+    }
+
+    fn hot_rows(&self) -> usize {
+        self.n_blocks * self.block_size
+    }
+
+    /// Converts hot block `src` into cold block `dst` (ids as the manager gives them).
+    pub fn migrate_block(&mut self, src: u32, dst: u32) {
+        let (bs, kvd, n_hot) = (self.block_size, self.kv_dim, self.n_blocks as u32);
+        let Some(cold) = self.cold.as_mut() else { return };
+        if src >= n_hot || dst < n_hot {
+            return;
+        }
+        let mut k = vec![0f32; kvd];
+        let mut v = vec![0f32; kvd];
+        for layer in 0..self.k.len() {
+            for j in 0..bs {
+                let (hs, cs) = (src as usize * bs + j, (dst - n_hot) as usize * bs + j);
+                decode_row(self.ty, &self.k[layer][hs * self.row_words..(hs + 1) * self.row_words], 0, &mut k);
+                decode_row(self.ty, &self.v[layer][hs * self.row_words..(hs + 1) * self.row_words], 0, &mut v);
+                cold.write(layer, cs, &k, &v);
+            }
         }
     }
 
@@ -111,37 +148,47 @@ impl KvCache {
     /// the same function while 4-bit blocks no longer lose a head's small channels to its one
     /// outlier channel.
     pub fn rotated(&self, head_dim: usize) -> bool {
-        matches!(self.ty, KvType::Q8_0 | KvType::Q4_0) && head_dim.is_power_of_two()
+        let quantized = |t: KvType| matches!(t, KvType::Q8_0 | KvType::Q4_0);
+        (quantized(self.ty) || self.cold.as_ref().is_some_and(|c| quantized(c.ty))) && head_dim.is_power_of_two()
     }
     /// Positions per block.
     pub fn block_size(&self) -> usize {
         self.block_size
     }
-    /// Blocks per layer.
+    /// Blocks per layer (both tiers).
     pub fn n_blocks(&self) -> usize {
-        self.n_blocks
+        self.n_blocks + self.cold.as_ref().map_or(0, |c| c.n_blocks)
     }
     /// Positions the storage can hold across all blocks.
     pub fn capacity(&self) -> usize {
-        self.n_blocks * self.block_size
+        self.n_blocks() * self.block_size
     }
     /// Bytes of K and V per token over all layers.
     pub fn bytes_per_token(&self) -> usize {
         self.ty.bytes_per_token(self.k.len(), self.kv_dim)
     }
-    /// Bytes allocated.
+    /// Bytes allocated (both tiers).
     pub fn bytes(&self) -> usize {
-        self.bytes_per_token() * self.capacity()
+        self.bytes_per_token() * self.hot_rows() + self.cold.as_ref().map_or(0, |c| c.bytes())
     }
     /// Row index of position `pos` of a sequence with block table `table`, or None when the
     /// table does not reach that far or names a block outside the pool.
     #[inline]
     pub fn slot(&self, table: &[u32], pos: usize) -> Option<usize> {
         let b = *table.get(pos / self.block_size)? as usize;
-        (b < self.n_blocks).then_some(b * self.block_size + pos % self.block_size)
+        (b < self.n_blocks()).then_some(b * self.block_size + pos % self.block_size)
     }
     /// Copies a whole block's keys and values (copy-on-write of a shared block).
     pub fn copy_block(&mut self, src: u32, dst: u32) {
+        let n_hot = self.n_blocks as u32;
+        if src >= n_hot || dst >= n_hot {
+            match (self.cold.as_mut(), src >= n_hot, dst >= n_hot) {
+                (Some(c), true, true) => c.copy_block(src - n_hot, dst - n_hot),
+                (Some(_), false, true) => self.migrate_block(src, dst),
+                _ => {}
+            }
+            return;
+        }
         let w = self.block_size * self.row_words;
         let (s, d) = (src as usize * w, dst as usize * w);
         for layer in self.k.iter_mut().chain(self.v.iter_mut()) {
@@ -151,13 +198,21 @@ impl KvCache {
 
     /// Stores one position's keys and values for a layer at row `slot`.
     pub(crate) fn write(&mut self, layer: usize, slot: usize, k: &[f32], v: &[f32]) {
+        let hot = self.hot_rows();
+        if slot >= hot {
+            if let Some(c) = self.cold.as_mut() {
+                c.write(layer, slot - hot, k, v);
+            }
+            return;
+        }
         let (ty, rw) = (self.ty, self.row_words);
         let o = slot * rw;
         encode_row(ty, k, &mut self.k[layer][o..o + rw]);
         encode_row(ty, v, &mut self.v[layer][o..o + rw]);
     }
 
-    /// Key rows of a layer as f16, when the cache stores f16 (the fast path): `[rows × kv_dim]`.
+    /// Key rows of a layer as f16, when the cache stores f16 (the fast path; hot rows only in
+    /// two-tier mode): `[rows × kv_dim]`.
     pub(crate) fn keys_f16(&self, layer: usize) -> Option<&[f16]> {
         (self.ty == KvType::F16).then(|| self.k[layer].reinterpret_cast())
     }
@@ -170,6 +225,13 @@ impl KvCache {
     /// Values `off..off + out.len()` of row `slot` of a layer's keys (`value = false`) or values,
     /// as f32. For the quantized types `off` and the length are multiples of 32.
     pub(crate) fn read(&self, layer: usize, value: bool, slot: usize, off: usize, out: &mut [f32]) {
+        let hot = self.hot_rows();
+        if slot >= hot {
+            if let Some(c) = self.cold.as_ref() {
+                c.read(layer, value, slot - hot, off, out);
+            }
+            return;
+        }
         let rows = if value { &self.v[layer] } else { &self.k[layer] };
         let row = &rows[slot * self.row_words..(slot + 1) * self.row_words];
         decode_row(self.ty, row, off, out);
@@ -274,6 +336,29 @@ mod tests {
             assert!(out.iter().all(|&v| v == 0.0));
         }
         assert!(KvCache::with_type(1, 96, 48, 4, 1, KvType::Q8_0).is_none(), "heads must hold whole blocks");
+    }
+
+    #[test]
+    fn two_tiers_address_blocks_past_the_hot_ones_and_migrate() {
+        let kvd = 64;
+        let x: Vec<f32> = (0..kvd).map(|i| (i as f32 * 0.37).sin()).collect();
+        // 2 hot blocks (ids 0, 1) and 2 cold ones (ids 2, 3) of 4 positions.
+        let mut kv = KvCache::with_tiers(1, kvd, 64, 4, 2, 2, KvType::Q8_0).unwrap();
+        assert_eq!(kv.n_blocks(), 4);
+        assert_eq!(kv.slot(&[1, 3], 5), Some(13));
+        assert!(kv.rotated(64));
+        kv.write(0, 6, &x, &x); // block 1, position 2
+        kv.migrate_block(1, 3);
+        let mut out = vec![0f32; kvd];
+        kv.read(0, false, 14, 0, &mut out); // block 3, position 2
+        for (a, b) in out.iter().zip(&x) {
+            assert!((a - b).abs() < 0.02, "{a} vs {b}");
+        }
+        // Writes to cold rows land in the cold tier.
+        kv.write(0, 9, &x, &x);
+        kv.read(0, true, 9, 0, &mut out);
+        assert!((out[3] - x[3]).abs() < 0.02);
+        assert_eq!(kv.keys_f16(0).map(|k| k.len()), Some(8 * kvd));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! the first near-tie. The tolerances are the ones the reference's own self-disagreement allows.
 
 use ruvllm_kernels::pool::ThreadPool;
-use ruvllm_model::{generate, registry, GenerateParams, KvType, Logits, Model, Runner, SamplingParams};
+use ruvllm_model::{generate, registry, Forward, GenerateParams, KvCache, KvType, Logits, Model, Runner, SamplingParams, SeqInput};
 use ruvllm_tokenizer::Tokenizer;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -175,4 +175,63 @@ fn smollm2_kv_types_keep_perplexity() {
 #[test]
 fn gemma3_kv_types_keep_perplexity() {
     kv_types_keep_perplexity("gemma3-270m", "gemma3-270m-q4_k_m.json", 0.085);
+}
+
+/// Two-tier KV (recent `tail` tokens in f16, older full blocks moved to a quantized tier): the
+/// golden text fed in 16-token steps, migrating blocks as they fall out of the tail, keeps
+/// perplexity within 0.5% of the all-f16 cache with a q8_0 cold tier (`limit` for others).
+fn two_tier_keeps_perplexity(model_name: &str, json: &str, cold_ty: KvType, limit: f64) {
+    let Some(path) = registry::for_test(model_name) else { return };
+    let model = Model::load(&path).unwrap();
+    let tok = Tokenizer::from_gguf(model.gguf()).unwrap();
+    let pool = shared_pool();
+    let g = golden(json);
+    let (_, base) = perplexity(&model, &tok, &pool, &g);
+    let tokens = tok.encode(g["nll"][0]["text"].as_str().unwrap(), true, false);
+    let c = &model.config;
+    let (bs, tail) = (16, 64);
+    let n_blocks = tokens.len().div_ceil(bs);
+    let mut kv = KvCache::with_tiers(c.n_layer, c.kv_dim(), c.head_dim, bs, n_blocks, n_blocks, cold_ty).unwrap();
+    let mut table: Vec<u32> = (0..n_blocks as u32).collect();
+    let mut fwd = Forward::new(&model, pool.clone());
+    let nv = c.n_vocab;
+    let mut nll = 0f64;
+    let mut migrated = 0;
+    for (ci, chunk) in tokens.chunks(bs).enumerate() {
+        let pos0 = ci * bs;
+        let logits = fwd.forward_batch(&mut kv, &[SeqInput { tokens: chunk, pos0, block_table: &table, logits: Logits::All, lora: None }]).unwrap();
+        for (j, l) in logits.chunks(nv).enumerate() {
+            let p = pos0 + j;
+            if p + 1 < tokens.len() {
+                let mx = l.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+                let lse = mx + l.iter().map(|&v| (v as f64 - mx).exp()).sum::<f64>().ln();
+                nll += lse - l[tokens[p + 1] as usize] as f64;
+            }
+        }
+        // Blocks wholly older than the tail move to the cold tier.
+        let done = pos0 + chunk.len();
+        while migrated < done.saturating_sub(tail) / bs {
+            let (src, dst) = (migrated as u32, (n_blocks + migrated) as u32);
+            kv.migrate_block(src, dst);
+            table[migrated] = dst;
+            migrated += 1;
+        }
+    }
+    let ppl = (nll / (tokens.len() - 1) as f64).exp();
+    let rel = ppl / base - 1.0;
+    eprintln!("{model_name}: two-tier (f16 tail {tail}, {} cold; {migrated} of {n_blocks} blocks migrated): perplexity {ppl:.4} vs f16 {base:.4} ({:+.3}%)", cold_ty.name(), 100.0 * rel);
+    assert!(migrated > 0);
+    assert!(rel.abs() <= limit, "{model_name}: two-tier {} perplexity {ppl} vs f16 {base}", cold_ty.name());
+}
+
+#[test]
+fn smollm2_two_tier_kv_keeps_perplexity() {
+    two_tier_keeps_perplexity("smollm2-135m", "smollm2-135m-instruct-q4_1.json", KvType::Q8_0, 0.005);
+    two_tier_keeps_perplexity("smollm2-135m", "smollm2-135m-instruct-q4_1.json", KvType::Q4_0, 0.03);
+}
+
+#[test]
+fn gemma3_two_tier_kv_keeps_perplexity() {
+    two_tier_keeps_perplexity("gemma3-270m", "gemma3-270m-q4_k_m.json", KvType::Q8_0, 0.005);
+    two_tier_keeps_perplexity("gemma3-270m", "gemma3-270m-q4_k_m.json", KvType::Q4_0, 0.03);
 }

@@ -26,6 +26,9 @@ pub(crate) fn render(m: &MetricsSnapshot) -> String {
     scalar(&mut o, "ruvllm:kv_blocks_used", "gauge", "KV blocks held by live sequences.", m.kv_blocks_used as f64);
     scalar(&mut o, "ruvllm:kv_blocks_cached", "gauge", "Free KV blocks still holding a cached prefix.", m.kv_blocks_cached as f64);
     scalar(&mut o, "ruvllm:kv_blocks_total", "gauge", "KV blocks in the pool.", m.kv_blocks_total as f64);
+    scalar(&mut o, "ruvllm:kv_cold_blocks_used", "gauge", "Two-tier KV: cold (quantized) blocks held by live sequences.", m.kv_cold_blocks_used as f64);
+    scalar(&mut o, "ruvllm:kv_cold_blocks_total", "gauge", "Two-tier KV: blocks in the cold tier (0 when off).", m.kv_cold_blocks_total as f64);
+    scalar(&mut o, "ruvllm:kv_migrations_total", "counter", "Blocks moved from the f16 tier to the cold tier.", m.kv_migrations as f64);
     scalar(&mut o, "ruvllm:prefix_cache_queries_total", "counter", "Prompt blocks looked up in the prefix cache.", m.prefix_cache_queries as f64);
     scalar(&mut o, "ruvllm:prefix_cache_hits_total", "counter", "Prompt blocks found in the prefix cache.", m.prefix_cache_hits as f64);
     scalar(&mut o, "ruvllm:prompt_tokens_total", "counter", "Prompt tokens received.", m.prompt_tokens as f64);
