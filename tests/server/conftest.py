@@ -17,12 +17,12 @@ MODEL = "smollm2-135m"
 
 
 class Server:
-    def __init__(self, *extra):
+    def __init__(self, *extra, model=MODEL):
         # Output goes to files, never to pipes nobody drains (a full pipe would block the
         # server's logging and with it the server).
         self.log = tempfile.NamedTemporaryFile("w+", prefix="ruvllm-serve-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(
-            [BIN, "serve", "-m", MODEL, "--port", "0", "-t", "2", *extra],
+            [BIN, "serve", "-m", model, "--port", "0", "-t", "2", *extra],
             stdout=self.log, stderr=subprocess.STDOUT, text=True,
         )
         deadline = time.time() + 60
