@@ -27,7 +27,7 @@ struct Cli {
 enum Cmd {
     /// Generate a reply to PROMPT (or standard input), streamed to standard output.
     Run(RunArgs),
-    /// Interactive multi-turn chat; the KV cache is reused between turns.
+    /// Interactive multi-turn chat on the engine; earlier turns come from the prefix cache.
     Chat(ChatArgs),
     /// Print the token ids of TEXT as a JSON array.
     Tokenize(TokenizeArgs),
@@ -290,12 +290,21 @@ fn cmd_run(a: RunArgs) -> Result<(), Error> {
     Ok(())
 }
 
+/// The interactive chat runs on the engine: each turn submits the whole conversation, and the
+/// prefix cache finds the blocks of earlier turns, so only the new text is computed.
 fn cmd_chat(a: ChatArgs) -> Result<(), Error> {
+    use ruvllm_engine::{Engine, EngineConfig, Event, Request};
     let params = a.sampling.params();
     params.sampling.validate()?;
     let l = load(&a.model)?;
     let tmpl = template(&l)?;
-    let mut runner = Runner::new(&l.model, l.pool.clone(), a.model.ctx_size);
+    let c = &l.model.config;
+    let n_ctx = a.model.ctx_size.min(c.n_ctx_train);
+    let mut cfg = EngineConfig::new(c, n_ctx.div_ceil(16) * 2 + 4);
+    cfg.n_ctx = n_ctx;
+    cfg.max_seqs = 1;
+    let tok = Arc::new(l.tok);
+    let engine = Engine::start(Arc::new(l.model), tok.clone(), l.pool, cfg).map_err(|e| Error::usage(e.to_string()))?;
     let mut msgs: Vec<ChatMessage> = a.system.iter().map(|s| ChatMessage::new("system", s)).collect();
     let interactive = std::io::stdin().is_terminal();
     if interactive {
@@ -318,31 +327,59 @@ fn cmd_chat(a: ChatArgs) -> Result<(), Error> {
             "/exit" | "/quit" => break,
             "/reset" => {
                 msgs.retain(|m| m.role == "system");
-                runner.truncate(0);
                 eprintln!("[conversation cleared]");
                 continue;
             }
             _ => {}
         }
         msgs.push(ChatMessage::new("user", text));
-        let ids = l.tok.encode_chat(&tmpl.render(&msgs, true)?);
-        let stdout = std::io::stdout();
-        let gen = match generate(&mut runner, &l.tok, &ids, &params, |t| {
-            let mut o = stdout.lock();
-            let _ = o.write_all(t.as_bytes());
-            let _ = o.flush();
-        }) {
-            Ok(g) => g,
+        let ids = tok.encode_chat(&tmpl.render(&msgs, true)?);
+        let max_tokens = params.max_tokens.unwrap_or_else(|| n_ctx.saturating_sub(ids.len())).max(1);
+        let mut req = Request::greedy(ids.clone(), max_tokens);
+        req.sampling = params.sampling.clone();
+        req.stop = params.stop.clone();
+        let mut h = match engine.submit(req) {
+            Ok(h) => h,
             Err(e) => {
                 eprintln!("error: {e}");
                 msgs.pop();
                 continue;
             }
         };
+        let stdout = std::io::stdout();
+        let mut reply = String::new();
+        let mut usage = None;
+        while let Some(ev) = h.next_blocking() {
+            match ev {
+                Event::Token { text, .. } | Event::Finished { text, .. } => {
+                    let mut o = stdout.lock();
+                    let _ = o.write_all(text.as_bytes());
+                    let _ = o.flush();
+                    reply.push_str(&text);
+                }
+                Event::Done(u) => {
+                    usage = Some(u);
+                    break;
+                }
+                Event::Failed(e) => {
+                    eprintln!("error: {e}");
+                    break;
+                }
+                Event::Embedding(_) => {}
+            }
+        }
         println!();
-        eprintln!("[{} of {} prompt tokens computed, {} generated]", gen.prompt_computed, ids.len(), gen.tokens.len());
-        msgs.push(ChatMessage::new("assistant", &gen.text));
+        match usage {
+            Some(u) => {
+                eprintln!("[{} of {} prompt tokens computed, {} generated]", u.prompt_tokens - u.cached_tokens, u.prompt_tokens, u.completion_tokens);
+                msgs.push(ChatMessage::new("assistant", &reply));
+            }
+            None => {
+                msgs.pop();
+            }
+        }
     }
+    engine.shutdown();
     Ok(())
 }
 
