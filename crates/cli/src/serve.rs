@@ -102,7 +102,7 @@ pub fn parse_memory(s: &str, available: u64) -> Result<u64, Error> {
         "tib" => 1099511627776.0,
         _ => return Err(bad()),
     };
-    if !(n > 0.0) {
+    if n.is_nan() || n <= 0.0 {
         return Err(bad());
     }
     Ok((n * mult) as u64)
