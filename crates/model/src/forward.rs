@@ -132,6 +132,24 @@ pub struct SeqInput<'a> {
     pub lora: Option<&'a LoraAdapter>,
 }
 
+/// Activations of one layer's feed-forward kept from the last step, for training adapters on
+/// that layer's down projection without re-running the layers before it. Rows follow the
+/// batch's tokens.
+#[derive(Debug, Clone, Default)]
+pub struct Capture {
+    /// The captured layer.
+    pub layer: usize,
+    /// Input of the down projection (the gated activation): `[n × n_ff]`.
+    pub act: Vec<f32>,
+    /// The residual stream before the layer's feed-forward output is added: `[n × n_embd]`.
+    pub resid: Vec<f32>,
+    /// The down projection's output (with the step's adapters), before any post-FFN norm:
+    /// `[n × n_embd]`.
+    pub down: Vec<f32>,
+    /// The residual stream after the last layer (before the final norm): `[n × n_embd]`.
+    pub last: Vec<f32>,
+}
+
 /// The forward pass over a batch of sequences sharing one paged KV cache: all tokens of all
 /// sequences go through each matmul together (weights read once per step), attention runs per
 /// sequence through its block table. Owns the scratch space, reused between steps.
@@ -139,6 +157,7 @@ pub struct Forward<'m> {
     model: &'m Model,
     pool: Arc<ThreadPool>,
     s: Scratch,
+    capture: Option<Capture>,
 }
 
 /// Runs a model over one sequence, owning its KV cache (one block spanning the context).
@@ -219,12 +238,23 @@ impl<'m> Runner<'m> {
 impl<'m> Forward<'m> {
     /// A forward pass for `model` on `pool`.
     pub fn new(model: &'m Model, pool: Arc<ThreadPool>) -> Forward<'m> {
-        Forward { model, pool, s: Scratch::default() }
+        Forward { model, pool, s: Scratch::default(), capture: None }
     }
 
     /// The model.
     pub fn model(&self) -> &'m Model {
         self.model
+    }
+
+    /// Keeps the feed-forward activations of `layer` from every later step (see [`Capture`]);
+    /// `None` stops capturing.
+    pub fn set_capture(&mut self, layer: Option<usize>) {
+        self.capture = layer.map(|layer| Capture { layer, ..Capture::default() });
+    }
+
+    /// What the last step captured.
+    pub fn capture(&self) -> Option<&Capture> {
+        self.capture.as_ref()
     }
 
     /// The final normed hidden states of the last step's [`Logits::Hidden`] sequences' tokens,
@@ -440,6 +470,14 @@ impl<'m> Forward<'m> {
             if any_lora {
                 self.lora(seqs, il, Proj::Down, &s.gate[..n * ff], ff, &mut s.out[..n * d], d, &mut s.lora_tmp);
             }
+            if let Some(cap) = self.capture.as_mut().filter(|c| c.layer == il) {
+                cap.act.clear();
+                cap.act.extend_from_slice(&s.gate[..n * ff]);
+                cap.resid.clear();
+                cap.resid.extend_from_slice(&s.x[..n * d]);
+                cap.down.clear();
+                cap.down.extend_from_slice(&s.out[..n * d]);
+            }
             for i in 0..n {
                 let o = &mut s.out[i * d..(i + 1) * d];
                 if let Some(w) = &layer.post_ffn_norm {
@@ -447,6 +485,10 @@ impl<'m> Forward<'m> {
                 }
                 s.x[i * d..(i + 1) * d].iter_mut().zip(o.iter()).for_each(|(x, o)| *x += o);
             }
+        }
+        if let Some(cap) = self.capture.as_mut() {
+            cap.last.clear();
+            cap.last.extend_from_slice(&s.x[..n * d]);
         }
         // Rows that need logits: per sequence, its last token, all of them, or none.
         let mut rows = 0;

@@ -3,8 +3,12 @@
 //! (cross-entropy, RMSNorm, linear maps with frozen weights, LoRA, SwiGLU/GeGLU, RoPE,
 //! single-query causal attention), each tested against central finite differences.
 //!
-//! Not built yet (issue 6): their composition into a layer backward over kept activations,
-//! feedback, the instant/background/deep loops, EWC++, the ReasoningBank and persistence.
+//! [`train`] composes them for an adapter on one layer's down projection, trained from
+//! activations captured in a single forward pass.
+//!
+//! Not built yet (issue 6): adapters on earlier projections (a backward through attention over
+//! kept activations), feedback, the instant/background/deep loops, EWC++, the ReasoningBank and persistence.
 #![deny(missing_docs)]
 
 pub mod grad;
+pub mod train;

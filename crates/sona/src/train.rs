@@ -1,0 +1,168 @@
+//! Training a LoRA adapter on one layer's down projection from captured activations.
+//!
+//! With the adapter on layer `L`'s down projection only, nothing before that projection
+//! depends on the adapter: one forward pass (with [`Capture`] on `L`) supplies, for every
+//! token, the projection's input, the base output and the residual stream, and every training
+//! step recomputes just `down + scale·B·A·act → (post-norm) → residual → final norm → LM head`
+//! and backpropagates through the same path ([`crate::grad`]). The LM head is kept as f16
+//! copies in both orientations so both products are SIMD GEMVs.
+
+use crate::grad::{cross_entropy, lora_backward, rms_norm_backward};
+use half::f16;
+use ruvllm_kernels::gemv::{gemv, Gemv};
+use ruvllm_kernels::ops::rms_norm;
+use ruvllm_kernels::pool::ThreadPool;
+use ruvllm_kernels::quants::dequantize_row;
+use ruvllm_model::{Capture, LoraAdapter, LoraPair, Model, Proj};
+use std::sync::Arc;
+
+/// Adam state and parameters of a rank-`r` adapter on one down projection.
+pub struct DownTrainer<'m> {
+    model: &'m Model,
+    pool: Arc<ThreadPool>,
+    /// The adapted layer.
+    pub layer: usize,
+    rank: usize,
+    scale: f32,
+    /// `A: rank × n_ff`.
+    a: Vec<f32>,
+    /// `B: n_embd × rank`.
+    b: Vec<f32>,
+    adam: [Vec<f32>; 4],
+    steps: i32,
+    lr: f32,
+    /// LM head as f16: `[n_vocab × n_embd]`.
+    head: Vec<f16>,
+    /// Its transpose: `[n_embd × n_vocab]`.
+    head_t: Vec<f16>,
+}
+
+impl<'m> DownTrainer<'m> {
+    /// A trainer for the down projection of `layer`, rank `rank`, `scale = alpha / rank`,
+    /// learning rate `lr`. `A` starts small and random, `B` at zero (PEFT's initialization),
+    /// so the adapter starts as the identity change.
+    pub fn new(model: &'m Model, pool: Arc<ThreadPool>, layer: usize, rank: usize, alpha: f32, lr: f32, seed: u64) -> Option<DownTrainer<'m>> {
+        let c = &model.config;
+        if layer >= c.n_layer || rank == 0 {
+            return None;
+        }
+        let (d, ff, nv) = (c.n_embd, c.n_ff, c.n_vocab);
+        let m = model.mat(&model.output);
+        let mut head = vec![f16::ZERO; nv * d];
+        let mut row = vec![0f32; d];
+        let rb = m.data.len() / nv;
+        for v in 0..nv {
+            if !dequantize_row(m.ty, &m.data[v * rb..(v + 1) * rb], &mut row) {
+                return None;
+            }
+            for (h, x) in head[v * d..(v + 1) * d].iter_mut().zip(&row) {
+                *h = f16::from_f32(*x);
+            }
+        }
+        let mut head_t = vec![f16::ZERO; nv * d];
+        for v in 0..nv {
+            for j in 0..d {
+                head_t[j * nv + v] = head[v * d + j];
+            }
+        }
+        let mut s = seed | 1;
+        let bound = 1.0 / (ff as f32).sqrt();
+        let a: Vec<f32> = (0..rank * ff)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * bound
+            })
+            .collect();
+        let b = vec![0f32; d * rank];
+        let adam = [vec![0f32; a.len()], vec![0f32; a.len()], vec![0f32; b.len()], vec![0f32; b.len()]];
+        Some(DownTrainer { model, pool, layer, rank, scale: alpha / rank as f32, a, b, adam, steps: 0, lr, head, head_t })
+    }
+
+    /// The parameters `(A, B)`.
+    pub fn params(&self) -> (&[f32], &[f32]) {
+        (&self.a, &self.b)
+    }
+
+    /// Replaces the parameters (tests, restoring a snapshot).
+    pub fn set_params(&mut self, a: Vec<f32>, b: Vec<f32>) {
+        if a.len() == self.a.len() && b.len() == self.b.len() {
+            self.a = a;
+            self.b = b;
+        }
+    }
+
+    /// The adapter as the forward pass takes it.
+    pub fn adapter(&self, name: &str, id: u64, version: u64) -> LoraAdapter {
+        let mut ad = LoraAdapter::empty(name, id, self.model.config.n_layer);
+        ad.version = version;
+        ad.set(self.layer, Proj::Down, LoraPair { rank: self.rank, a: self.a.clone(), b: self.b.clone(), scale: self.scale });
+        ad
+    }
+
+    /// Mean cross-entropy over the rows of `cap` with a target, and its gradients with respect
+    /// to `A` and `B`. `cap` must come from a forward pass *without* this adapter.
+    pub fn loss_and_grads(&self, cap: &Capture, targets: &[Option<u32>]) -> (f32, Vec<f32>, Vec<f32>) {
+        let c = &self.model.config;
+        let (d, ff, nv, r) = (c.n_embd, c.n_ff, c.n_vocab, self.rank);
+        let post = self.model.layers[self.layer].post_ffn_norm.as_deref();
+        let mut da = vec![0f32; self.a.len()];
+        let mut db = vec![0f32; self.b.len()];
+        let mut total = 0f64;
+        let mut count = 0;
+        let mut logits = vec![0f32; nv];
+        let mut df = vec![0f32; d];
+        for (t, target) in targets.iter().enumerate() {
+            let Some(target) = *target else { continue };
+            let act = &cap.act[t * ff..(t + 1) * ff];
+            let h1: Vec<f32> = (0..r).map(|k| self.a[k * ff..(k + 1) * ff].iter().zip(act).map(|(w, x)| w * x).sum()).collect();
+            let tsum: Vec<f32> = (0..d).map(|j| cap.down[t * d + j] + self.scale * (0..r).map(|k| self.b[j * r + k] * h1[k]).sum::<f32>()).collect();
+            let mut o = tsum.clone();
+            if let Some(w) = post {
+                rms_norm(&tsum, w, c.rms_eps, &mut o);
+            }
+            let h: Vec<f32> = (0..d).map(|j| cap.resid[t * d + j] + o[j]).collect();
+            let mut f = vec![0f32; d];
+            rms_norm(&h, &self.model.output_norm, c.rms_eps, &mut f);
+            gemv(&self.pool, Gemv { m: nv, n: d, lda: d, alpha: 1.0, beta: 0.0 }, &self.head, &f, &mut logits);
+            let (loss, dlog) = cross_entropy(&logits, target as usize);
+            total += loss as f64;
+            count += 1;
+            gemv(&self.pool, Gemv { m: d, n: nv, lda: nv, alpha: 1.0, beta: 0.0 }, &self.head_t, &dlog, &mut df);
+            let dh = rms_norm_backward(&h, &self.model.output_norm, c.rms_eps, &df);
+            let dt = match post {
+                Some(w) => rms_norm_backward(&tsum, w, c.rms_eps, &dh),
+                None => dh,
+            };
+            let g = lora_backward(&self.a, &self.b, r, self.scale, act, &dt);
+            da.iter_mut().zip(&g.da).for_each(|(x, y)| *x += y);
+            db.iter_mut().zip(&g.db).for_each(|(x, y)| *x += y);
+        }
+        let n = count.max(1) as f32;
+        da.iter_mut().for_each(|x| *x /= n);
+        db.iter_mut().for_each(|x| *x /= n);
+        ((total / count.max(1) as f64) as f32, da, db)
+    }
+
+    /// One Adam step on the mean cross-entropy of the targeted rows; returns the loss before it.
+    pub fn step(&mut self, cap: &Capture, targets: &[Option<u32>]) -> f32 {
+        let (loss, da, db) = self.loss_and_grads(cap, targets);
+        self.steps += 1;
+        let (b1, b2, eps) = (0.9f32, 0.999f32, 1e-8f32);
+        let (c1, c2) = (1.0 - b1.powi(self.steps), 1.0 - b2.powi(self.steps));
+        let lr = self.lr;
+        let [ma, va, mb, vb] = &mut self.adam;
+        for (p, (g, (m, v))) in self.a.iter_mut().zip(da.iter().zip(ma.iter_mut().zip(va.iter_mut()))) {
+            *m = b1 * *m + (1.0 - b1) * g;
+            *v = b2 * *v + (1.0 - b2) * g * g;
+            *p -= lr * (*m / c1) / ((*v / c2).sqrt() + eps);
+        }
+        for (p, (g, (m, v))) in self.b.iter_mut().zip(db.iter().zip(mb.iter_mut().zip(vb.iter_mut()))) {
+            *m = b1 * *m + (1.0 - b1) * g;
+            *v = b2 * *v + (1.0 - b2) * g * g;
+            *p -= lr * (*m / c1) / ((*v / c2).sqrt() + eps);
+        }
+        loss
+    }
+}
