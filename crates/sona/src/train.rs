@@ -7,18 +7,53 @@
 //! and backpropagates through the same path ([`crate::grad`]). The LM head is kept as f16
 //! copies in both orientations so both products are SIMD GEMVs.
 
-use crate::grad::{cross_entropy, lora_backward, rms_norm_backward};
+use crate::grad::{cross_entropy, lora_backward, rms_norm_backward, unlikelihood};
 use half::f16;
 use ruvllm_kernels::gemv::{gemv, Gemv};
 use ruvllm_kernels::ops::rms_norm;
 use ruvllm_kernels::pool::ThreadPool;
 use ruvllm_kernels::quants::dequantize_row;
-use ruvllm_model::{Capture, LoraAdapter, LoraPair, Model, Proj};
+use ruvllm_model::{Capture, Forward, KvCache, Logits, LoraAdapter, LoraPair, Model, Proj, SeqInput};
 use std::sync::Arc;
 
+/// The LM head as f16 in both orientations, shared by every trainer of one model.
+pub struct Head {
+    /// `[n_vocab × n_embd]`.
+    w: Vec<f16>,
+    /// `[n_embd × n_vocab]`.
+    w_t: Vec<f16>,
+}
+
+impl Head {
+    /// Dequantizes `model`'s LM head (None when its type cannot be dequantized).
+    pub fn new(model: &Model) -> Option<Head> {
+        let c = &model.config;
+        let (d, nv) = (c.n_embd, c.n_vocab);
+        let m = model.mat(&model.output);
+        let mut w = vec![f16::ZERO; nv * d];
+        let mut row = vec![0f32; d];
+        let rb = m.data.len() / nv;
+        for v in 0..nv {
+            if !dequantize_row(m.ty, &m.data[v * rb..(v + 1) * rb], &mut row) {
+                return None;
+            }
+            for (h, x) in w[v * d..(v + 1) * d].iter_mut().zip(&row) {
+                *h = f16::from_f32(*x);
+            }
+        }
+        let mut w_t = vec![f16::ZERO; nv * d];
+        for v in 0..nv {
+            for j in 0..d {
+                w_t[j * nv + v] = w[v * d + j];
+            }
+        }
+        Some(Head { w, w_t })
+    }
+}
+
 /// Adam state and parameters of a rank-`r` adapter on one down projection.
-pub struct DownTrainer<'m> {
-    model: &'m Model,
+pub struct DownTrainer {
+    model: Arc<Model>,
     pool: Arc<ThreadPool>,
     /// The adapted layer.
     pub layer: usize,
@@ -31,40 +66,19 @@ pub struct DownTrainer<'m> {
     adam: [Vec<f32>; 4],
     steps: i32,
     lr: f32,
-    /// LM head as f16: `[n_vocab × n_embd]`.
-    head: Vec<f16>,
-    /// Its transpose: `[n_embd × n_vocab]`.
-    head_t: Vec<f16>,
+    head: Arc<Head>,
 }
 
-impl<'m> DownTrainer<'m> {
+impl DownTrainer {
     /// A trainer for the down projection of `layer`, rank `rank`, `scale = alpha / rank`,
     /// learning rate `lr`. `A` starts small and random, `B` at zero (PEFT's initialization),
-    /// so the adapter starts as the identity change.
-    pub fn new(model: &'m Model, pool: Arc<ThreadPool>, layer: usize, rank: usize, alpha: f32, lr: f32, seed: u64) -> Option<DownTrainer<'m>> {
+    /// so the adapter starts as no change.
+    pub fn new(model: Arc<Model>, head: Arc<Head>, pool: Arc<ThreadPool>, layer: usize, rank: usize, alpha: f32, lr: f32, seed: u64) -> Option<DownTrainer> {
         let c = &model.config;
         if layer >= c.n_layer || rank == 0 {
             return None;
         }
-        let (d, ff, nv) = (c.n_embd, c.n_ff, c.n_vocab);
-        let m = model.mat(&model.output);
-        let mut head = vec![f16::ZERO; nv * d];
-        let mut row = vec![0f32; d];
-        let rb = m.data.len() / nv;
-        for v in 0..nv {
-            if !dequantize_row(m.ty, &m.data[v * rb..(v + 1) * rb], &mut row) {
-                return None;
-            }
-            for (h, x) in head[v * d..(v + 1) * d].iter_mut().zip(&row) {
-                *h = f16::from_f32(*x);
-            }
-        }
-        let mut head_t = vec![f16::ZERO; nv * d];
-        for v in 0..nv {
-            for j in 0..d {
-                head_t[j * nv + v] = head[v * d + j];
-            }
-        }
+        let (d, ff) = (c.n_embd, c.n_ff);
         let mut s = seed | 1;
         let bound = 1.0 / (ff as f32).sqrt();
         let a: Vec<f32> = (0..rank * ff)
@@ -77,7 +91,7 @@ impl<'m> DownTrainer<'m> {
             .collect();
         let b = vec![0f32; d * rank];
         let adam = [vec![0f32; a.len()], vec![0f32; a.len()], vec![0f32; b.len()], vec![0f32; b.len()]];
-        Some(DownTrainer { model, pool, layer, rank, scale: alpha / rank as f32, a, b, adam, steps: 0, lr, head, head_t })
+        Some(DownTrainer { model, pool, layer, rank, scale: alpha / rank as f32, a, b, adam, steps: 0, lr, head })
     }
 
     /// The parameters `(A, B)`.
@@ -101,9 +115,10 @@ impl<'m> DownTrainer<'m> {
         ad
     }
 
-    /// Mean cross-entropy over the rows of `cap` with a target, and its gradients with respect
-    /// to `A` and `B`. `cap` must come from a forward pass *without* this adapter.
-    pub fn loss_and_grads(&self, cap: &Capture, targets: &[Option<u32>]) -> (f32, Vec<f32>, Vec<f32>) {
+    /// Mean cross-entropy over the rows of `cap` with a target (or, with `negative`, the mean
+    /// unlikelihood −ln(1 − p) of tokens to discourage), and its gradients with respect to `A`
+    /// and `B`. `cap` must come from a forward pass *without* this adapter.
+    pub fn loss_and_grads(&self, cap: &Capture, targets: &[Option<u32>], negative: bool) -> (f32, Vec<f32>, Vec<f32>) {
         let c = &self.model.config;
         let (d, ff, nv, r) = (c.n_embd, c.n_ff, c.n_vocab, self.rank);
         let post = self.model.layers[self.layer].post_ffn_norm.as_deref();
@@ -125,11 +140,11 @@ impl<'m> DownTrainer<'m> {
             let h: Vec<f32> = (0..d).map(|j| cap.resid[t * d + j] + o[j]).collect();
             let mut f = vec![0f32; d];
             rms_norm(&h, &self.model.output_norm, c.rms_eps, &mut f);
-            gemv(&self.pool, Gemv { m: nv, n: d, lda: d, alpha: 1.0, beta: 0.0 }, &self.head, &f, &mut logits);
-            let (loss, dlog) = cross_entropy(&logits, target as usize);
+            gemv(&self.pool, Gemv { m: nv, n: d, lda: d, alpha: 1.0, beta: 0.0 }, &self.head.w, &f, &mut logits);
+            let (loss, dlog) = if negative { unlikelihood(&logits, target as usize) } else { cross_entropy(&logits, target as usize) };
             total += loss as f64;
             count += 1;
-            gemv(&self.pool, Gemv { m: d, n: nv, lda: nv, alpha: 1.0, beta: 0.0 }, &self.head_t, &dlog, &mut df);
+            gemv(&self.pool, Gemv { m: d, n: nv, lda: nv, alpha: 1.0, beta: 0.0 }, &self.head.w_t, &dlog, &mut df);
             let dh = rms_norm_backward(&h, &self.model.output_norm, c.rms_eps, &df);
             let dt = match post {
                 Some(w) => rms_norm_backward(&tsum, w, c.rms_eps, &dh),
@@ -145,9 +160,10 @@ impl<'m> DownTrainer<'m> {
         ((total / count.max(1) as f64) as f32, da, db)
     }
 
-    /// One Adam step on the mean cross-entropy of the targeted rows; returns the loss before it.
-    pub fn step(&mut self, cap: &Capture, targets: &[Option<u32>]) -> f32 {
-        let (loss, da, db) = self.loss_and_grads(cap, targets);
+    /// One Adam step on the targeted rows' loss (see [`loss_and_grads`](Self::loss_and_grads));
+    /// returns the loss before it.
+    pub fn step(&mut self, cap: &Capture, targets: &[Option<u32>], negative: bool) -> f32 {
+        let (loss, da, db) = self.loss_and_grads(cap, targets, negative);
         self.steps += 1;
         let (b1, b2, eps) = (0.9f32, 0.999f32, 1e-8f32);
         let (c1, c2) = (1.0 - b1.powi(self.steps), 1.0 - b2.powi(self.steps));
@@ -164,5 +180,21 @@ impl<'m> DownTrainer<'m> {
             *p -= lr * (*m / c1) / ((*v / c2).sqrt() + eps);
         }
         loss
+    }
+}
+
+impl DownTrainer {
+    /// The adapted layer's activations for `tokens`, from one forward pass without adapters
+    /// (what [`step`](Self::step) trains on).
+    pub fn capture(&self, tokens: &[u32]) -> Option<Capture> {
+        let c = &self.model.config;
+        if tokens.is_empty() || tokens.len() > c.n_ctx_train {
+            return None;
+        }
+        let mut kv = KvCache::new(c.n_layer, c.kv_dim(), tokens.len(), 1);
+        let mut fwd = Forward::new(&self.model, self.pool.clone());
+        fwd.set_capture(Some(self.layer));
+        fwd.forward_batch(&mut kv, &[SeqInput { tokens, pos0: 0, block_table: &[0], logits: Logits::None, lora: None }]).ok()?;
+        fwd.capture().cloned()
     }
 }

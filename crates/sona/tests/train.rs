@@ -5,7 +5,7 @@
 use ruvllm_kernels::pool::ThreadPool;
 use ruvllm_model::{generate, registry, Capture, Forward, GenerateParams, KvCache, Logits, Model, Runner, SamplingParams, SeqInput};
 use ruvllm_sona::grad::cross_entropy;
-use ruvllm_sona::train::DownTrainer;
+use ruvllm_sona::train::{DownTrainer, Head};
 use ruvllm_tokenizer::Tokenizer;
 use std::sync::Arc;
 
@@ -32,9 +32,9 @@ fn capture(model: &Model, pool: &Arc<ThreadPool>, tokens: &[u32], layer: usize) 
     fwd.capture().unwrap().clone()
 }
 
-fn load() -> Option<(Model, Tokenizer, Arc<ThreadPool>)> {
+fn load() -> Option<(Arc<Model>, Tokenizer, Arc<ThreadPool>)> {
     let path = registry::for_test("smollm2-135m")?;
-    let model = Model::load(&path).unwrap();
+    let model = Arc::new(Model::load(&path).unwrap());
     let tok = Tokenizer::from_gguf(model.gguf()).unwrap();
     Some((model, tok, Arc::new(ThreadPool::new(2))))
 }
@@ -58,12 +58,13 @@ fn gradient_matches_finite_differences_and_loss_matches_the_model() {
     let last = c.n_layer - 1;
     let k = case(&tok, "The password of the blue castle is", " marmalade");
     let cap = capture(&model, &pool, &k.tokens, last);
-    let mut tr = DownTrainer::new(&model, pool.clone(), last, 4, 8.0, 1e-2, 7).unwrap();
+    let head = Arc::new(Head::new(&model).unwrap());
+    let mut tr = DownTrainer::new(model.clone(), head, pool.clone(), last, 4, 8.0, 1e-2, 7).unwrap();
     let (a0, _) = tr.params();
     let a0 = a0.to_vec();
     let b0 = small(c.n_embd * 4, 11, 0.05);
     tr.set_params(a0.clone(), b0.clone());
-    let (loss, da, db) = tr.loss_and_grads(&cap, &k.targets);
+    let (loss, da, db) = tr.loss_and_grads(&cap, &k.targets, false);
 
     // The model's own forward with this adapter gives the same loss (its LM head is quantized
     // and its activations are rounded to 8 bits; the trainer's copy is f16).
@@ -84,9 +85,9 @@ fn gradient_matches_finite_differences_and_loss_matches_the_model() {
 
     // Central differences of the trainer's loss on a few coordinates of A and B.
     let h = 2e-3f32;
-    let lossat = |tr: &mut DownTrainer<'_>, a: Vec<f32>, b: Vec<f32>| {
+    let lossat = |tr: &mut DownTrainer, a: Vec<f32>, b: Vec<f32>| {
         tr.set_params(a, b);
-        tr.loss_and_grads(&cap, &k.targets).0 as f64
+        tr.loss_and_grads(&cap, &k.targets, false).0 as f64
     };
     for &i in &[0usize, 17, 1000, 4 * c.n_ff - 1] {
         let (mut ap, mut am) = (a0.clone(), a0.clone());
@@ -112,11 +113,14 @@ fn a_few_steps_teach_a_fictional_fact() {
     let answer = " marmalade seventeen";
     let k = case(&tok, prompt, answer);
     let cap = capture(&model, &pool, &k.tokens, last);
-    let mut tr = DownTrainer::new(&model, pool.clone(), last, 8, 16.0, 1e-2, 3).unwrap();
-    let first = tr.step(&cap, &k.targets);
+    let head = Arc::new(Head::new(&model).unwrap());
+    let mut tr = DownTrainer::new(model.clone(), head, pool.clone(), last, 8, 16.0, 1e-2, 3).unwrap();
+    // The trainer's own capture equals the test's.
+    assert_eq!(tr.capture(&k.tokens).unwrap().act, cap.act);
+    let first = tr.step(&cap, &k.targets, false);
     let mut loss = first;
     for _ in 0..40 {
-        loss = tr.step(&cap, &k.targets);
+        loss = tr.step(&cap, &k.targets, false);
     }
     eprintln!("answer loss {first:.3} → {loss:.3}");
     assert!(loss < 0.25 * first, "training should cut the answer's loss: {first} → {loss}");
@@ -129,4 +133,13 @@ fn a_few_steps_teach_a_fictional_fact() {
     eprintln!("before: {before:?}; after: {after:?}");
     assert_ne!(before, answer);
     assert_eq!(after, answer);
+
+    // Negative feedback on the taught answer (unlikelihood) makes it less likely again.
+    let p_before = tr.loss_and_grads(&cap, &k.targets, false).0;
+    for _ in 0..5 {
+        tr.step(&cap, &k.targets, true);
+    }
+    let p_after = tr.loss_and_grads(&cap, &k.targets, false).0;
+    eprintln!("answer loss after unlikelihood steps: {p_before:.3} → {p_after:.3}");
+    assert!(p_after > p_before + 0.5);
 }
