@@ -65,6 +65,10 @@ pub struct ServeArgs {
     /// Largest request body in bytes.
     #[arg(long = "max-body-bytes", default_value_t = 4 << 20)]
     max_body_bytes: usize,
+    /// Do not learn from `POST /v1/feedback`: outputs stay the base model's (and the loaded
+    /// adapters').
+    #[arg(long = "no-learning")]
+    no_learning: bool,
     /// Log format: text or json.
     #[arg(long = "log-format", default_value = "text")]
     log_format: String,
@@ -229,6 +233,7 @@ pub fn run(a: ServeArgs) -> Result<(), Error> {
         max_body_bytes: a.max_body_bytes,
         model_names: model_names(a.model.model.as_deref(), &path),
         shutdown_grace: Duration::from_secs(a.shutdown_grace),
+        learning: !a.no_learning,
     };
     eprintln!("ruvllm: serving model as {}", scfg.model_names.join(", "));
     let state = Arc::new(AppState::new(Arc::new(engine), tok, template, n_embd, &scfg));

@@ -90,7 +90,7 @@ impl IntoResponse for ApiError {
 }
 
 /// Parses a body into a JSON object; size-limit rejections become 413.
-fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<Map<String, Value>, ApiError> {
+pub(crate) fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<Map<String, Value>, ApiError> {
     let bytes = body.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", None, Some("request_too_large"), "the request body is larger than the server accepts")
@@ -140,7 +140,7 @@ impl<'a> Fields<'a> {
 
 /// The served model a request names (`model`), and its adapter: the `adapter` field, or a
 /// `model` that names an adapter (as vLLM serves LoRA adapters as models).
-fn resolve(st: &AppState, f: &Fields<'_>) -> Result<(String, Option<Arc<LoraAdapter>>), ApiError> {
+fn resolve(st: &AppState, f: &Fields<'_>, caller: &Caller) -> Result<(String, Option<Arc<LoraAdapter>>), ApiError> {
     let requested = f.str("model")?;
     let (model, mut adapter) = match requested.and_then(|m| st.adapter(m).map(|a| (m, a))) {
         Some((m, a)) => (m.to_owned(), Some(a)),
@@ -150,6 +150,10 @@ fn resolve(st: &AppState, f: &Fields<'_>) -> Result<(String, Option<Arc<LoraAdap
         adapter = Some(st.adapter(name).ok_or_else(|| {
             ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", Some("adapter"), Some("adapter_not_found"), format!("no adapter named `{name}` is loaded"))
         })?);
+    }
+    // Otherwise the caller's own adapter, learned from its feedback.
+    if adapter.is_none() {
+        adapter = st.learning.as_ref().and_then(|l| l.adapter_for(&caller.0));
     }
     Ok((model, adapter))
 }
@@ -371,6 +375,7 @@ enum Kind {
 /// What one choice produced.
 #[derive(Default)]
 struct ChoiceOut {
+    tokens: Vec<u32>,
     text: String,
     finish: Option<FinishReason>,
     logprobs: Vec<(u32, Logprob)>,
@@ -455,6 +460,8 @@ struct Meta {
     n_prompts: usize,
     started: Instant,
     caller: String,
+    /// The first prompt's tokens (remembered with choice 0's answer for feedback).
+    prompt: Vec<u32>,
 }
 
 /// Runs a request to completion and builds the JSON response.
@@ -468,6 +475,7 @@ async fn collect(st: &AppState, meta: Meta, handles: Vec<RequestHandle>, g: &Gen
         match e {
             Event::Token { index, token, text, logprob } => {
                 let c = &mut choices[off + index];
+                c.tokens.push(token);
                 c.text.push_str(&text);
                 if let Some(lp) = logprob {
                     c.logprobs.push((token, lp));
@@ -506,6 +514,9 @@ async fn collect(st: &AppState, meta: Meta, handles: Vec<RequestHandle>, g: &Gen
             }
         })
         .collect();
+    if let Some(l) = &st.learning {
+        l.record(&meta.id, &meta.caller, &meta.prompt, &choices[0].tokens);
+    }
     let object = if meta.kind == Kind::Chat { "chat.completion" } else { "text_completion" };
     tracing::info!(
         id = meta.id,
@@ -539,6 +550,8 @@ struct StreamCtx {
     usage: Usage,
     done: usize,
     first_token_at: Option<f64>,
+    /// Choice 0's tokens (remembered for feedback).
+    answer: Vec<u32>,
 }
 
 impl StreamCtx {
@@ -593,6 +606,9 @@ impl StreamCtx {
                 if self.first_token_at.is_none() {
                     self.first_token_at = Some(self.meta.started.elapsed().as_secs_f64());
                 }
+                if off + index == 0 {
+                    self.answer.push(token);
+                }
                 let lp = if self.logprobs { logprob.as_ref().map(|l| (token, l)) } else { None };
                 (self.content(off + index, &text, lp, None), false)
             }
@@ -617,6 +633,9 @@ impl StreamCtx {
                     out.push(SseEvent::default().data(v.to_string()));
                 }
                 out.push(SseEvent::default().data("[DONE]"));
+                if let Some(l) = &self.st.learning {
+                    l.record(&self.meta.id, &self.meta.caller, &self.meta.prompt, &self.answer);
+                }
                 tracing::info!(
                     id = self.meta.id,
                     caller = self.meta.caller,
@@ -650,6 +669,7 @@ fn stream_response(st: Arc<AppState>, meta: Meta, handles: Vec<RequestHandle>, g
         usage: Usage::default(),
         done: 0,
         first_token_at: None,
+        answer: Vec::new(),
     };
     let events = Box::pin(merged(handles, g.n));
     // Dropping this stream (client gone) drops the handles, which cancels their sequences.
@@ -665,10 +685,10 @@ fn stream_response(st: Arc<AppState>, meta: Meta, handles: Vec<RequestHandle>, g
     Sse::new(s).keep_alive(KeepAlive::default()).into_response()
 }
 
-fn meta(st: &AppState, model: String, kind: Kind, n_prompts: usize, caller: &Caller) -> Meta {
+fn meta(st: &AppState, model: String, kind: Kind, n_prompts: usize, caller: &Caller, prompt: Vec<u32>) -> Meta {
     let prefix = if kind == Kind::Chat { "chatcmpl" } else { "cmpl" };
     let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    Meta { id: st.new_id(prefix), created, model, kind, n_prompts, started: Instant::now(), caller: caller.0.clone() }
+    Meta { id: st.new_id(prefix), created, model, kind, n_prompts, started: Instant::now(), caller: caller.0.clone(), prompt }
 }
 
 /// `POST /v1/chat/completions`.
@@ -676,14 +696,14 @@ pub(crate) async fn chat_completions(State(st): State<Arc<AppState>>, Extension(
     let run = async {
         let body = parse_body(body)?;
         let f = Fields(&body);
-        let (model, adapter) = resolve(&st, &f)?;
+        let (model, adapter) = resolve(&st, &f, &caller)?;
         let mut g = parse_gen(&f, true)?;
         g.adapter = adapter;
         let msgs = parse_messages(&f)?;
         let rendered = st.template.render(&msgs, true).map_err(|e| ApiError::invalid("messages", e.to_string()))?;
         let prompt = st.tok.encode_chat(&rendered);
-        let handles = submit_all(&st, vec![prompt], &g, "messages")?;
-        let m = meta(&st, model, Kind::Chat, 1, &caller);
+        let handles = submit_all(&st, vec![prompt.clone()], &g, "messages")?;
+        let m = meta(&st, model, Kind::Chat, 1, &caller, prompt);
         Ok::<_, ApiError>(if g.stream { stream_response(st.clone(), m, handles, &g) } else { collect(&st, m, handles, &g).await })
     };
     run.await.unwrap_or_else(IntoResponse::into_response)
@@ -694,13 +714,14 @@ pub(crate) async fn completions(State(st): State<Arc<AppState>>, Extension(calle
     let run = async {
         let body = parse_body(body)?;
         let f = Fields(&body);
-        let (model, adapter) = resolve(&st, &f)?;
+        let (model, adapter) = resolve(&st, &f, &caller)?;
         let mut g = parse_gen(&f, false)?;
         g.adapter = adapter;
         let prompts = parse_prompts(&st, f.get("prompt"), "prompt")?;
         let n_prompts = prompts.len();
+        let first = prompts[0].clone();
         let handles = submit_all(&st, prompts, &g, "prompt")?;
-        let m = meta(&st, model, Kind::Text, n_prompts, &caller);
+        let m = meta(&st, model, Kind::Text, n_prompts, &caller, first);
         Ok::<_, ApiError>(if g.stream { stream_response(st.clone(), m, handles, &g) } else { collect(&st, m, handles, &g).await })
     };
     run.await.unwrap_or_else(IntoResponse::into_response)

@@ -9,10 +9,12 @@
 #![deny(missing_docs)]
 
 mod api;
+mod learn;
 mod openapi;
 mod prom;
 
 pub use api::ApiError;
+pub use learn::Learning;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -40,11 +42,15 @@ pub struct ServerConfig {
     pub model_names: Vec<String>,
     /// How long in-flight requests may run after SIGINT/SIGTERM before they are cancelled.
     pub shutdown_grace: Duration,
+    /// Learn from `POST /v1/feedback` (off: outputs stay the base model's).
+    pub learning: bool,
 }
 
 /// Shared by every handler.
 pub struct AppState {
     pub(crate) engine: Arc<Engine>,
+    /// Learning from feedback; `None` with `--no-learning`.
+    pub(crate) learning: Option<Arc<Learning>>,
     /// LoRA adapters by name, replaceable at run time (hot swap).
     pub(crate) adapters: std::sync::RwLock<std::collections::HashMap<String, Arc<ruvllm_model::LoraAdapter>>>,
     next_adapter_id: AtomicU64,
@@ -64,6 +70,7 @@ impl AppState {
         let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         AppState {
             engine,
+            learning: cfg.learning.then(|| Arc::new(Learning::default())),
             adapters: Default::default(),
             next_adapter_id: AtomicU64::new(1),
             tok,
@@ -186,6 +193,7 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .route("/v1/models/{id}", get(api::get_model))
         .route("/v1/adapters", get(api::list_adapters).post(api::load_adapter))
         .route("/v1/adapters/{name}", axum::routing::delete(api::delete_adapter))
+        .route("/v1/feedback", post(learn::feedback))
         .route("/tokenize", post(api::tokenize))
         .route("/detokenize", post(api::detokenize))
         .route("/health", get(health))
