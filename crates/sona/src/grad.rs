@@ -187,17 +187,8 @@ pub fn attention_backward(q: &[f32], keys: &[f32], values: &[f32], scale: f32, d
 mod tests {
     use super::*;
 
-    /// Deterministic values in [−scale, scale].
     fn vals(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-            })
-            .collect()
+        crate::uniform(n, seed, scale)
     }
 
     /// Central finite differences of the scalar `f` at `x`, in f64.

@@ -79,16 +79,7 @@ impl DownTrainer {
             return None;
         }
         let (d, ff) = (c.n_embd, c.n_ff);
-        let mut s = seed | 1;
-        let bound = 1.0 / (ff as f32).sqrt();
-        let a: Vec<f32> = (0..rank * ff)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * bound
-            })
-            .collect();
+        let a = crate::uniform(rank * ff, seed, 1.0 / (ff as f32).sqrt());
         let b = vec![0f32; d * rank];
         let adam = [vec![0f32; a.len()], vec![0f32; a.len()], vec![0f32; b.len()], vec![0f32; b.len()]];
         Some(DownTrainer { model, pool, layer, rank, scale: alpha / rank as f32, a, b, adam, steps: 0, lr, head })

@@ -39,18 +39,6 @@ fn load() -> Option<(Arc<Model>, Tokenizer, Arc<ThreadPool>)> {
     Some((model, tok, Arc::new(ThreadPool::new(2))))
 }
 
-fn small(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut s = seed | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-        })
-        .collect()
-}
-
 #[test]
 fn gradient_matches_finite_differences_and_loss_matches_the_model() {
     let Some((model, tok, pool)) = load() else { return };
@@ -62,7 +50,7 @@ fn gradient_matches_finite_differences_and_loss_matches_the_model() {
     let mut tr = DownTrainer::new(model.clone(), head, pool.clone(), last, 4, 8.0, 1e-2, 7).unwrap();
     let (a0, _) = tr.params();
     let a0 = a0.to_vec();
-    let b0 = small(c.n_embd * 4, 11, 0.05);
+    let b0 = ruvllm_sona::uniform(c.n_embd * 4, 11, 0.05);
     tr.set_params(a0.clone(), b0.clone());
     let (loss, da, db) = tr.loss_and_grads(&cap, &k.targets, false);
 
