@@ -60,3 +60,20 @@ def test_no_learning_keeps_the_base_model():
         assert again["choices"][0]["text"] == r["choices"][0]["text"]
     finally:
         assert s.stop() == 0
+
+
+def test_later_lessons_do_not_overwrite_earlier_ones():
+    s = Server("--api-key", "carol")
+    try:
+        facts = [(f"The password of castle {i} is", f" marmalade {i}.") for i in (1, 2, 3)]
+        for prompt, answer in facts:
+            r = httpx.post(s.url + "/v1/completions", headers={"Authorization": "Bearer carol"}, timeout=120,
+                           json={"model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0}).json()
+            f = feedback(s.url, "carol", {"id": r["id"], "correction": answer})
+            assert f.status_code == 200, f.text
+        for prompt, answer in facts:
+            r = httpx.post(s.url + "/v1/completions", headers={"Authorization": "Bearer carol"}, timeout=120,
+                           json={"model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0}).json()
+            assert r["choices"][0]["text"].startswith(answer.strip(".")), (prompt, r["choices"][0]["text"])
+    finally:
+        assert s.stop() == 0

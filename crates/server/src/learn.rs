@@ -2,8 +2,9 @@
 //! id (prompt and answer tokens, caller); `POST /v1/feedback` with a correction or a rating
 //! trains the caller's own micro-adapter — rank 8 on the last layer's down projection, exact
 //! gradients from one captured forward ([`ruvllm_sona::train`]) — on a learning thread pool of
-//! its own, and publishes it with a new version; the caller's next requests run with it. One
-//! caller's feedback never changes another caller's outputs.
+//! its own, and publishes it with a new version; the caller's next requests run with it. Each
+//! new lesson is trained together with the caller's three most recent earlier ones (replay), so
+//! it does not overwrite them. One caller's feedback never changes another caller's outputs.
 
 use crate::api::ApiError;
 use crate::{AppState, Caller};
@@ -24,6 +25,22 @@ use std::time::Instant;
 /// Completions remembered for feedback.
 const RECORDS: usize = 4096;
 
+/// Earlier lessons of a scope replayed with each new one (most recent first).
+const REPLAY: usize = 3;
+
+/// A lesson: captured activations of prompt + answer, the rows to learn, and its sign.
+struct Lesson {
+    cap: ruvllm_model::Capture,
+    targets: Vec<Option<u32>>,
+    negative: bool,
+}
+
+/// A caller's learning state: its trainer and its recent lessons.
+struct Scope {
+    trainer: DownTrainer,
+    lessons: VecDeque<Lesson>,
+}
+
 /// What a completion was, for feedback on it.
 #[derive(Debug, Clone)]
 pub(crate) struct Record {
@@ -36,7 +53,7 @@ pub(crate) struct Record {
 pub struct Learning {
     head: OnceLock<Option<Arc<Head>>>,
     pool: Arc<ThreadPool>,
-    trainers: Mutex<HashMap<String, DownTrainer>>,
+    scopes: Mutex<HashMap<String, Scope>>,
     published: RwLock<HashMap<String, Arc<LoraAdapter>>>,
     records: Mutex<(VecDeque<String>, HashMap<String, Record>)>,
 }
@@ -46,7 +63,7 @@ impl Default for Learning {
         Learning {
             head: OnceLock::new(),
             pool: Arc::new(ThreadPool::new(1)),
-            trainers: Mutex::default(),
+            scopes: Mutex::default(),
             published: RwLock::default(),
             records: Mutex::default(),
         }
@@ -136,21 +153,31 @@ pub(crate) async fn feedback(State(st): State<Arc<AppState>>, Extension(caller):
         let t0 = Instant::now();
         let out = tokio::task::spawn_blocking(move || {
             let head = l2.head.get_or_init(|| Head::new(&model).map(Arc::new)).clone()?;
-            let mut trainers = l2.trainers.lock().unwrap_or_else(|p| p.into_inner());
+            let mut scopes = l2.scopes.lock().unwrap_or_else(|p| p.into_inner());
             let sid = scope_id(&scope);
-            let tr = match trainers.entry(scope.clone()) {
+            let sc = match scopes.entry(scope.clone()) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::hash_map::Entry::Vacant(v) => {
                     let last = model.config.n_layer - 1;
-                    v.insert(DownTrainer::new(model.clone(), head, l2.pool.clone(), last, 8, 16.0, 1e-2, sid)?)
+                    let trainer = DownTrainer::new(model.clone(), head, l2.pool.clone(), last, 8, 16.0, 2e-2, sid)?;
+                    v.insert(Scope { trainer, lessons: VecDeque::new() })
                 }
             };
-            let cap = tr.capture(&tokens)?;
-            let before = tr.step(&cap, &targets, negative);
-            for _ in 1..steps {
-                tr.step(&cap, &targets, negative);
-            }
-            let after = tr.loss_and_grads(&cap, &targets, false).0;
+            let cap = sc.trainer.capture(&tokens)?;
+            let new = Lesson { cap, targets, negative };
+            // The new lesson with the most recent earlier ones, so it does not overwrite them.
+            let (before, after) = {
+                let mut batch: Vec<(&ruvllm_model::Capture, &[Option<u32>], bool)> = vec![(&new.cap, &new.targets, new.negative)];
+                batch.extend(sc.lessons.iter().take(REPLAY).map(|l| (&l.cap, l.targets.as_slice(), l.negative)));
+                let before = sc.trainer.loss_and_grads(&new.cap, &new.targets, false).0;
+                for _ in 0..steps {
+                    sc.trainer.step_batch(&batch);
+                }
+                (before, sc.trainer.loss_and_grads(&new.cap, &new.targets, false).0)
+            };
+            sc.lessons.push_front(new);
+            sc.lessons.truncate(16);
+            let tr = &sc.trainer;
             let version = l2.adapter_for(&scope).map_or(0, |a| a.version + 1);
             let ad = Arc::new(tr.adapter(&format!("sona:{sid:016x}"), sid, version));
             l2.published.write().unwrap_or_else(|p| p.into_inner()).insert(scope, ad);

@@ -154,7 +154,26 @@ impl DownTrainer {
     /// One Adam step on the targeted rows' loss (see [`loss_and_grads`](Self::loss_and_grads));
     /// returns the loss before it.
     pub fn step(&mut self, cap: &Capture, targets: &[Option<u32>], negative: bool) -> f32 {
-        let (loss, da, db) = self.loss_and_grads(cap, targets, negative);
+        self.step_batch(&[(cap, targets, negative)])
+    }
+
+    /// One Adam step on the mean of several examples' losses (new feedback with replayed
+    /// earlier lessons, so a new lesson does not overwrite the old ones); returns the mean loss
+    /// before it.
+    pub fn step_batch(&mut self, batch: &[(&Capture, &[Option<u32>], bool)]) -> f32 {
+        let mut da = vec![0f32; self.a.len()];
+        let mut db = vec![0f32; self.b.len()];
+        let mut loss = 0f32;
+        for &(cap, targets, negative) in batch {
+            let (l, ga, gb) = self.loss_and_grads(cap, targets, negative);
+            loss += l;
+            da.iter_mut().zip(&ga).for_each(|(x, y)| *x += y);
+            db.iter_mut().zip(&gb).for_each(|(x, y)| *x += y);
+        }
+        let n = batch.len().max(1) as f32;
+        da.iter_mut().for_each(|x| *x /= n);
+        db.iter_mut().for_each(|x| *x /= n);
+        let loss = loss / n;
         self.steps += 1;
         let (b1, b2, eps) = (0.9f32, 0.999f32, 1e-8f32);
         let (c1, c2) = (1.0 - b1.powi(self.steps), 1.0 - b2.powi(self.steps));
