@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use ruvllm_kernels::pool::ThreadPool;
 use ruvllm_model::LoraAdapter;
-use ruvllm_sona::train::{DownTrainer, Head};
+use ruvllm_sona::train::{answer_targets, DownTrainer, Head};
 use serde_json::{json, Value};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
@@ -145,8 +145,7 @@ pub(crate) async fn feedback(State(st): State<Arc<AppState>>, Extension(caller):
         if tokens.len() > st.engine.config().n_ctx {
             return Err(ApiError::invalid("correction", "prompt and correction do not fit the context"));
         }
-        let targets: Vec<Option<u32>> =
-            (0..tokens.len()).map(|t| if t + 1 >= rec.prompt.len() && t + 1 < tokens.len() { Some(tokens[t + 1]) } else { None }).collect();
+        let targets = answer_targets(&tokens, rec.prompt.len());
         let model = st.engine.model().clone();
         let scope = caller.0.clone();
         let l2 = learning.clone();

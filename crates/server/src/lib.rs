@@ -17,7 +17,7 @@ pub use api::ApiError;
 pub use learn::Learning;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -177,8 +177,7 @@ async fn openapi_doc() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], openapi::DOCUMENT).into_response()
 }
 
-async fn not_found(headers: HeaderMap, req: Request) -> Response {
-    let _ = headers;
+async fn not_found(req: Request) -> Response {
     ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", None, Some("not_found"), format!("no route for {} {}", req.method(), req.uri().path()))
         .into_response()
 }

@@ -16,6 +16,12 @@ use ruvllm_kernels::quants::dequantize_row;
 use ruvllm_model::{Capture, Forward, KvCache, Logits, LoraAdapter, LoraPair, Model, Proj, SeqInput};
 use std::sync::Arc;
 
+/// Training targets for a sequence of `prompt_len` prompt tokens followed by an answer: row `t`
+/// predicts token `t + 1` for every answer token, and prompt rows predict nothing.
+pub fn answer_targets(tokens: &[u32], prompt_len: usize) -> Vec<Option<u32>> {
+    (0..tokens.len()).map(|t| if t + 1 >= prompt_len && t + 1 < tokens.len() { Some(tokens[t + 1]) } else { None }).collect()
+}
+
 /// The LM head as f16 in both orientations, shared by every trainer of one model.
 pub struct Head {
     /// `[n_vocab × n_embd]`.

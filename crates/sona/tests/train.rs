@@ -5,7 +5,7 @@
 use ruvllm_kernels::pool::ThreadPool;
 use ruvllm_model::{generate, registry, Capture, Forward, GenerateParams, KvCache, Logits, Model, Runner, SamplingParams, SeqInput};
 use ruvllm_sona::grad::cross_entropy;
-use ruvllm_sona::train::{DownTrainer, Head};
+use ruvllm_sona::train::{answer_targets, DownTrainer, Head};
 use ruvllm_tokenizer::Tokenizer;
 use std::sync::Arc;
 
@@ -19,7 +19,7 @@ fn case(tok: &Tokenizer, prompt: &str, answer: &str) -> Case {
     let p = tok.encode(prompt, true, true);
     let a = tok.encode(answer, false, false);
     let tokens: Vec<u32> = p.iter().chain(&a).copied().collect();
-    let targets = (0..tokens.len()).map(|t| if t + 1 >= p.len() && t + 1 < tokens.len() { Some(tokens[t + 1]) } else { None }).collect();
+    let targets = answer_targets(&tokens, p.len());
     Case { tokens, targets, prompt_len: p.len() }
 }
 
