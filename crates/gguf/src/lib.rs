@@ -445,6 +445,31 @@ impl GgufFile {
         &self.bytes[start..start + info.size as usize]
     }
 
+    /// Drops the resident pages wholly inside a tensor's data from this process's memory (a
+    /// mapped file only; an in-memory file keeps its bytes). The data stays readable: a later
+    /// read faults the pages back in from the file. Used after a weight has been repacked into
+    /// an owned copy, so the model does not occupy its memory twice.
+    pub fn release_tensor_pages(&self, info: &TensorInfo) {
+        self.release_tensor_range(info, 0, info.size as usize);
+    }
+
+    /// Like [`GgufFile::release_tensor_pages`] for bytes `from..to` of a tensor's data.
+    pub fn release_tensor_range(&self, info: &TensorInfo, from: usize, to: usize) {
+        let Bytes::Mapped(map) = &self.bytes else { return };
+        const PAGE: usize = 4096;
+        let base = (self.data_offset + info.offset) as usize;
+        let start = base + from.min(info.size as usize);
+        let end = (base + to.min(info.size as usize)).min(map.len());
+        let (first, last) = (start.next_multiple_of(PAGE), end / PAGE * PAGE);
+        if last > first {
+            // SAFETY: MADV_DONTNEED on a read-only private file mapping only discards clean
+            // pages, which the kernel re-reads from the file on the next access; no byte any
+            // slice of the map refers to changes value. The range is page-aligned and inside
+            // the map.
+            let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, first, last - first) };
+        }
+    }
+
     /// Alignment of the data section.
     pub fn alignment(&self) -> u64 {
         self.alignment

@@ -52,7 +52,8 @@ pub struct QuantActs {
     /// Q8x32: `d * Σq` per block (`n_rows × cols/32`); Q8K: the 16-element partial sums as f32
     /// would lose exactness, so they live in `bsums` instead and this is empty.
     pub s: Vec<f32>,
-    /// Q8K partial sums: `n_rows × cols/16`.
+    /// Integer sums of the quants: Q8K per 16 (`n_rows × cols/16`), Q8x32 per block of 32
+    /// (`n_rows × cols/32`, used by the row-interleaved kernels to undo their weight offset).
     pub bsums: Vec<i16>,
     /// F32 copy of the rows (`n_rows × cols`), for float weights.
     pub f: Vec<f32>,
@@ -67,7 +68,7 @@ pub struct ActRow<'a> {
     pub d: &'a [f32],
     /// Block sums (Q8x32).
     pub s: &'a [f32],
-    /// Partial sums (Q8K).
+    /// Integer quant sums: per 16 (Q8K) or per block of 32 (Q8x32).
     pub bsums: &'a [i16],
     /// F32 values (F32 format).
     pub f: &'a [f32],
@@ -86,6 +87,7 @@ impl QuantActs {
                 self.qs.resize(len, 0);
                 self.d.resize(len / 32, 0.0);
                 self.s.resize(len / 32, 0.0);
+                self.bsums.resize(len / 32, 0);
             }
             ActFormat::Q8K => {
                 debug_assert_eq!(cols % QK_K, 0);
@@ -125,7 +127,7 @@ impl QuantActs {
                     qs.slice(r * cols, cols),
                     d.slice(r * nb_row, nb_row),
                     if q8k { s.slice(0, 0) } else { s.slice(r * nb_row, nb_row) },
-                    if q8k { bsums.slice(r * cols / 16, cols / 16) } else { bsums.slice(0, 0) },
+                    if q8k { bsums.slice(r * cols / 16, cols / 16) } else { bsums.slice(r * nb_row, nb_row) },
                 )
             };
             quantize_blocks(format, &x[r * cols..(r + 1) * cols], q, dd, ss, b);
@@ -140,7 +142,7 @@ impl QuantActs {
                 qs: &self.qs[r * c..(r + 1) * c],
                 d: &self.d[r * c / 32..(r + 1) * c / 32],
                 s: &self.s[r * c / 32..(r + 1) * c / 32],
-                bsums: &[],
+                bsums: &self.bsums[r * c / 32..(r + 1) * c / 32],
                 f: &[],
             },
             Some(ActFormat::Q8K) => ActRow {
@@ -156,12 +158,14 @@ impl QuantActs {
 }
 
 /// Quantizes whole blocks of `x` into the quants, scales and sums of `format` (Q8x32 fills
-/// `s`, Q8K fills `bsums`).
+/// `s` and one integer sum per block in `bsums`, Q8K fills 16 partial sums per block).
 fn quantize_blocks(format: ActFormat, x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32], bsums: &mut [i16]) {
     match format {
         ActFormat::Q8x32 => {
             for (i, xb) in x.chunks_exact(32).enumerate() {
-                (d[i], s[i]) = quantize_q8_block(xb, &mut q[32 * i..32 * i + 32]);
+                let qb = &mut q[32 * i..32 * i + 32];
+                (d[i], s[i]) = quantize_q8_block(xb, qb);
+                bsums[i] = qb.iter().map(|&v| v as i16).sum();
             }
         }
         ActFormat::Q8K => {
@@ -257,6 +261,7 @@ mod tests {
             a.quantize(fmt, &x, 512);
             b.quantize_par(&pool, fmt, &x, 512);
             assert_eq!((a.qs, a.d), (b.qs, b.d));
+            assert_eq!(a.s, b.s);
             assert_eq!(a.bsums, b.bsums);
             if fmt == ActFormat::Q8x32 {
                 assert_eq!(a.s, b.s);

@@ -97,6 +97,22 @@ pub fn kernels_for(ty: GgmlType, tier: Tier) -> Kernels {
     })
 }
 
+/// Whether load-time repacking is allowed: on unless `RUVLLM_PACK=off` (for A/B measurements).
+pub fn packing_enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("RUVLLM_PACK").map_or(true, |v| v != "off" && v != "0"))
+}
+
+/// The row-interleaved kernel for `ty` at the process's tier, if there is one; a model packs a
+/// weight matrix exactly when this is Some (so `RUVLLM_SIMD=avx2` or `RUVLLM_PACK=off` turn
+/// packing off).
+pub fn packed_rows(ty: GgmlType) -> Option<crate::packed::PackedRowsFn> {
+    if tier() < Tier::Avx512Vnni || !crate::packed::packable(ty) || !packing_enabled() {
+        return None;
+    }
+    crate::packed::simd_rows(ty)
+}
+
 /// The dot functions for a weight type at a given tier.
 pub fn dot_fns_for(ty: GgmlType, tier: Tier) -> (DotFn, Dot4Fn) {
     let k = kernels_for(ty, tier);

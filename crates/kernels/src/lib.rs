@@ -6,6 +6,7 @@
 //! * [`dot`]: row dot products per weight type, scalar twins plus SIMD tiers picked once by
 //!   [`dispatch`].
 //! * [`matmul`]: weight matrix × batch of activations, split over the [`pool`].
+//! * [`packed`]: row-interleaved weight layouts made at load time for the VNNI tier.
 //! * [`ops`]: norms, RoPE, activations, softmax.
 #![deny(missing_docs)]
 
@@ -15,6 +16,7 @@ pub mod gemv;
 pub mod dot;
 pub mod matmul;
 pub mod ops;
+pub mod packed;
 pub mod pool;
 pub mod quants;
 mod simd;

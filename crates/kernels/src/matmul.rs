@@ -5,7 +5,8 @@
 //! dot function runs on the same quantized activation row in the same order.
 
 use crate::act::{ActFormat, QuantActs};
-use crate::dispatch::kernels;
+use crate::dispatch::{kernels, packed_rows};
+use crate::packed::GROUP;
 use crate::pool::ThreadPool;
 use crate::{GgmlType, SyncPtr};
 
@@ -20,6 +21,9 @@ pub struct QMatrix<'a> {
     pub cols: usize,
     /// `rows × row_bytes` bytes.
     pub data: &'a [u8],
+    /// The same matrix in the row-interleaved layout of [`crate::packed`], when the model made
+    /// one at load time; every product then uses it (one arithmetic for every batch size).
+    pub packed: Option<&'a [u8]>,
 }
 
 impl QMatrix<'_> {
@@ -71,6 +75,7 @@ pub fn matmul_many(pool: &ThreadPool, jobs: &mut [MatJob<'_>]) {
         acts: &'a QuantActs,
         out: SyncPtr<f32>,
         kernels: crate::dispatch::Kernels,
+        packed: Option<(&'a [u8], crate::packed::PackedRowsFn)>,
         first_task: usize,
         chunk: usize,
     }
@@ -82,8 +87,12 @@ pub fn matmul_many(pool: &ThreadPool, jobs: &mut [MatJob<'_>]) {
         debug_assert_eq!(j.acts.cols, j.w.cols);
         debug_assert_eq!(j.acts.format, Some(j.w.act_format()));
         assert!(j.out.len() >= j.acts.n_rows * j.w.rows, "matmul output too small");
-        let chunk = rows_per_task(j.w.rows, pool.n_threads());
-        *slot = Some(Prepared { w: j.w, acts: j.acts, out: SyncPtr::new(j.out), kernels: kernels(j.w.ty), first_task: n_tasks, chunk });
+        let packed = j.w.packed.and_then(|p| Some((p, packed_rows(j.w.ty)?)));
+        let mut chunk = rows_per_task(j.w.rows, pool.n_threads());
+        if packed.is_some() {
+            chunk = chunk.next_multiple_of(GROUP);
+        }
+        *slot = Some(Prepared { w: j.w, acts: j.acts, out: SyncPtr::new(j.out), kernels: kernels(j.w.ty), packed, first_task: n_tasks, chunk });
         n_tasks += j.w.rows.div_ceil(chunk);
     }
     let prepared = &prepared[..jobs.len()];
@@ -92,6 +101,12 @@ pub fn matmul_many(pool: &ThreadPool, jobs: &mut [MatJob<'_>]) {
         let (w, rows, n_tok, p) = (&j.w, j.w.rows, j.acts.n_rows, j.out);
         let r0 = (task - j.first_task) * j.chunk;
         let r1 = (r0 + j.chunk).min(rows);
+        if let Some((data, f)) = j.packed {
+            // SAFETY: as below; r0 and r1 are multiples of GROUP (chunk is, and packing
+            // requires rows to be), and `packed_rows` only hands out supported functions.
+            unsafe { f(data, w.cols, r0, r1, j.acts, p, rows) };
+            return;
+        }
         if let Some(f) = j.kernels.rows {
             // SAFETY: out holds n_tok × rows floats (asserted above) and rows r0..r1 belong to
             // this task alone; `kernels` only hands out functions the CPU supports.
@@ -151,7 +166,7 @@ mod tests {
                 } else {
                     data
                 };
-                let w = QMatrix { ty, rows, cols, data: &data };
+                let w = QMatrix { ty, rows, cols, data: &data, packed: None };
                 let x: Vec<f32> = (0..n_tok * cols).map(|i| ((i * 7919) % 97) as f32 / 13.0 - 3.5).collect();
                 let mut batch = QuantActs::default();
                 batch.quantize(w.act_format(), &x, cols);
@@ -172,6 +187,44 @@ mod tests {
         }
     }
 
+    /// The same for packed matrices through `matmul`: random batch sizes (1..=19, so 8-, 4- and
+    /// 1-token passes mix) give each token bit-identical results to it alone and to the scalar
+    /// twin of the packed layout.
+    #[test]
+    fn packed_matmul_is_batch_invariant() {
+        let pool = ThreadPool::new(2);
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0] {
+            if packed_rows(ty).is_none() {
+                eprintln!("no packed kernels at this tier");
+                return;
+            }
+            for (rows, cols, n_tok) in [(8, 32, 1), (40, 96, 19), (136, 64, 12), (64, 256, 5)] {
+                let data: Vec<u8> = (0..rows).flat_map(|r| crate::test_util::random_row(ty, cols, (r * 13 + cols) as u64)).collect();
+                let packed = crate::packed::pack(ty, rows, cols, &data).expect("packable");
+                let w = QMatrix { ty, rows, cols, data: &data, packed: Some(&packed) };
+                let x: Vec<f32> = (0..n_tok * cols).map(|i| ((i * 7919) % 101) as f32 / 11.0 - 4.5).collect();
+                let mut batch = QuantActs::default();
+                batch.quantize(w.act_format(), &x, cols);
+                let mut out = vec![0f32; n_tok * rows];
+                matmul(&pool, &w, &batch, &mut out);
+                for t in 0..n_tok {
+                    let mut one = QuantActs::default();
+                    one.quantize(w.act_format(), &x[t * cols..(t + 1) * cols], cols);
+                    let mut o1 = vec![0f32; rows];
+                    matmul(&pool, &w, &one, &mut o1);
+                    for g in 0..rows / GROUP {
+                        let twin = crate::packed::dot_group_scalar(ty, &packed, cols, g, one.row(0));
+                        for r in 0..GROUP {
+                            let row = g * GROUP + r;
+                            assert_eq!(o1[row].to_bits(), out[t * rows + row].to_bits(), "{ty} {rows}x{cols} batch {n_tok}: token {t} row {row}");
+                            assert_eq!(o1[row].to_bits(), twin[r].to_bits(), "{ty}: packed matmul vs scalar twin, row {row}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn batched_rows_equal_single_rows_bit_for_bit() {
         let pool = ThreadPool::new(2);
@@ -180,7 +233,7 @@ mod tests {
         for r in 0..rows {
             data.extend(crate::test_util::random_row(GgmlType::Q4_K, cols, r as u64));
         }
-        let w = QMatrix { ty: GgmlType::Q4_K, rows, cols, data: &data };
+        let w = QMatrix { ty: GgmlType::Q4_K, rows, cols, data: &data, packed: None };
         let x: Vec<f32> = (0..5 * cols).map(|i| ((i * 7919) % 97) as f32 / 13.0 - 3.5).collect();
         let mut batch = QuantActs::default();
         batch.quantize(ActFormat::Q8K, &x, cols);

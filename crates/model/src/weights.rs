@@ -7,6 +7,7 @@ use ruvllm_gguf::{GgmlType, GgufFile, TensorInfo};
 use ruvllm_kernels::matmul::QMatrix;
 use ruvllm_kernels::quants::{can_dequantize, dequantize_row};
 use std::path::Path;
+use std::sync::Arc;
 
 /// A weight matrix: a directory entry of the model file.
 #[derive(Debug, Clone)]
@@ -16,6 +17,9 @@ pub struct Weight {
     pub rows: usize,
     /// Input features.
     pub cols: usize,
+    /// The row-interleaved copy the kernels use when the SIMD tier has one (see
+    /// `ruvllm_kernels::packed`); shared, because a tied output matrix is the embedding.
+    packed: Option<Arc<Vec<u8>>>,
 }
 
 impl Weight {
@@ -150,8 +154,8 @@ impl Model {
     }
 
     /// A zero-copy view of a weight matrix.
-    pub fn mat(&self, w: &Weight) -> QMatrix<'_> {
-        QMatrix { ty: w.info.ggml_type, rows: w.rows, cols: w.cols, data: self.file.tensor_data(&w.info) }
+    pub fn mat<'a>(&'a self, w: &'a Weight) -> QMatrix<'a> {
+        QMatrix { ty: w.info.ggml_type, rows: w.rows, cols: w.cols, data: self.file.tensor_data(&w.info), packed: w.packed.as_deref().map(|v| v.as_slice()) }
     }
 
     /// Writes the embedding of `token` into `out` (`[n_embd]`).
@@ -179,7 +183,33 @@ fn matrix(f: &GgufFile, name: &str, rows: Option<usize>, cols: usize) -> Result<
         return Err(bad(format!("{name}: shape {:?}, expected [{cols}, {}]", info.dims, rows.map_or("n".to_string(), |r| r.to_string()))));
     }
     let rows = info.dims[1] as usize;
-    Ok(Weight { info, rows, cols })
+    let packed = pack(f, &info, rows, cols);
+    Ok(Weight { info, rows, cols, packed })
+}
+
+/// Repacks a matrix for the row-interleaved kernels where this CPU tier has them, in pieces of
+/// 4,096 rows, letting the file's pages of each piece go once it is copied, so the model never
+/// holds a large matrix twice (reads of single rows, e.g. embeddings, fault pages back in).
+fn pack(f: &GgufFile, info: &TensorInfo, rows: usize, cols: usize) -> Option<Arc<Vec<u8>>> {
+    use ruvllm_kernels::packed::{pack_rows, packable, GROUP};
+    let ty = info.ggml_type;
+    ruvllm_kernels::dispatch::packed_rows(ty)?;
+    if !packable(ty) || rows % GROUP != 0 || cols % 32 != 0 {
+        return None;
+    }
+    let data = f.tensor_data(info);
+    let row_bytes = cols / 32 * ty.type_size();
+    if data.len() != rows * row_bytes {
+        return None;
+    }
+    let mut out = vec![0u8; data.len()];
+    let piece = 4096 * row_bytes;
+    for start in (0..data.len()).step_by(piece) {
+        let end = (start + piece).min(data.len());
+        pack_rows(ty, cols, &data[start..end], &mut out[start..end]);
+        f.release_tensor_range(info, start, end);
+    }
+    Some(Arc::new(out))
 }
 
 /// A 1-D vector of length `n`, dequantized to f32.

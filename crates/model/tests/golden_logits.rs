@@ -142,28 +142,64 @@ fn gemma3_agrees_with_llama_cpp() {
     check("gemma3-270m", "gemma3-270m-q4_k_m.json", 0.35);
 }
 
-/// Quantized KV caches keep perplexity on the golden text within 0.5% (q8_0) of the f16 cache,
-/// and q4_0 within `q4_limit`; f32 is at least as good as f16.
+/// The text the KV-type tests measure perplexity on: the first 9,000 bytes (about 1,900
+/// tokens) of the GPL-3 text, committed verbatim in `tests/data`.
 ///
-/// NOTE: the target for q4_0 is 3%; these small models miss it (+5.2% SmolLM2, +7.8% Gemma-3
-/// with Hadamard-rotated heads; +18% and +17% without the rotation). Quantizing only K or only V
-/// to 4 bits costs about 2.0% and 1.4% on SmolLM2 (measured against f32 KV), so neither alone
-/// is the culprit. The bounds below pin today's quality so a regression fails.
+/// Why not the 150–220-token golden text: on it, perplexity moves by up to 1.2% under a pure
+/// change of float summation order (row-interleaved vs ggml-layout kernels, same KV type),
+/// because every layer requantizes its activations to int8 and a flipped rounding cascades.
+/// That is above the 0.5% the q8_0 check must resolve. Over ~1,900 tokens the same change moves
+/// it by at most 0.3%. The golden-text figures are still printed.
+fn long_text() -> String {
+    let t = include_str!("data/gpl-3.0.txt");
+    t[..9000].to_string()
+}
+
+fn perplexity_of(model: &Model, pool: &Arc<ThreadPool>, tokens: &[u32], ty: KvType) -> f64 {
+    let mut r = Runner::with_kv_type(model, pool.clone(), tokens.len(), ty).unwrap();
+    let logits = r.forward(tokens, Logits::All).unwrap();
+    let nv = model.config.n_vocab;
+    let mut nll = 0f64;
+    for i in 0..tokens.len() - 1 {
+        let l = &logits[i * nv..(i + 1) * nv];
+        let mx = l.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+        let lse = mx + l.iter().map(|&v| (v as f64 - mx).exp()).sum::<f64>().ln();
+        nll += lse - l[tokens[i + 1] as usize] as f64;
+    }
+    (nll / (tokens.len() - 1) as f64).exp()
+}
+
+/// Quantized KV caches keep perplexity within 0.5% (q8_0, and f32) of the f16 cache, and q4_0
+/// within `q4_limit`, measured on [`long_text`].
+///
+/// NOTE: the target for q4_0 is 3%; these small models miss it (on the long text +4.3% SmolLM2,
+/// +11.9% Gemma-3, with Hadamard-rotated heads; the two-tier mode with a 64-token f16 tail meets it). Quantizing only K or only V to 4 bits costs
+/// about 2.0% and 1.4% on SmolLM2, so neither alone is the culprit. The bounds below pin
+/// today's quality so a regression fails.
 fn kv_types_keep_perplexity(model_name: &str, json: &str, q4_limit: f64) {
     let Some(path) = registry::for_test(model_name) else { return };
     let model = Model::load(&path).unwrap();
     let tok = Tokenizer::from_gguf(model.gguf()).unwrap();
     let pool = shared_pool();
     let g = golden(json);
-    let (_, base) = perplexity_kv(&model, &tok, &pool, &g, KvType::F16);
+    let golden_tokens = tok.encode(g["nll"][0]["text"].as_str().unwrap(), true, false);
+    let tokens = tok.encode(&long_text(), true, false);
+    assert!(tokens.len() > 1500, "{}", tokens.len());
+    let base = perplexity_of(&model, &pool, &tokens, KvType::F16);
+    let golden_base = perplexity_of(&model, &pool, &golden_tokens, KvType::F16);
     for (ty, limit) in [(KvType::F32, 0.005), (KvType::Q8_0, 0.005), (KvType::Q4_0, q4_limit)] {
-        let (_, ppl) = perplexity_kv(&model, &tok, &pool, &g, ty);
+        let ppl = perplexity_of(&model, &pool, &tokens, ty);
         let rel = ppl / base - 1.0;
-        eprintln!("{model_name}: kv {}: perplexity {ppl:.4} vs f16 {base:.4} ({:+.3}%), {} bytes/token", ty.name(), 100.0 * rel, ty.bytes_per_token(model.config.n_layer, model.config.kv_dim()));
-        // f32 keeps more precision than f16, so it may only be better; the quantized types may
-        // drift either way by at most their limit.
-        let ok = if ty == KvType::F32 { rel <= limit } else { rel.abs() <= limit };
-        assert!(ok, "{model_name} kv {}: perplexity {ppl} vs f16 {base}", ty.name());
+        let gp = perplexity_of(&model, &pool, &golden_tokens, ty);
+        eprintln!(
+            "{model_name}: kv {}: perplexity {ppl:.4} vs f16 {base:.4} ({:+.3}%) over {} tokens; golden text {gp:.4} vs {golden_base:.4} ({:+.3}%); {} bytes/token",
+            ty.name(),
+            100.0 * rel,
+            tokens.len(),
+            100.0 * (gp / golden_base - 1.0),
+            ty.bytes_per_token(model.config.n_layer, model.config.kv_dim())
+        );
+        assert!(rel.abs() <= limit, "{model_name} kv {}: perplexity {ppl} vs f16 {base}", ty.name());
     }
 }
 
@@ -174,22 +210,21 @@ fn smollm2_kv_types_keep_perplexity() {
 
 #[test]
 fn gemma3_kv_types_keep_perplexity() {
-    kv_types_keep_perplexity("gemma3-270m", "gemma3-270m-q4_k_m.json", 0.085);
+    kv_types_keep_perplexity("gemma3-270m", "gemma3-270m-q4_k_m.json", 0.13);
 }
 
-/// Two-tier KV (recent `tail` tokens in f16, older full blocks moved to a quantized tier): the
-/// golden text fed in 16-token steps, migrating blocks as they fall out of the tail, keeps
+/// Two-tier KV (recent `tail` tokens in f16, older full blocks moved to a quantized tier):
+/// [`long_text`] fed in 64-token steps, migrating blocks as they fall out of the tail, keeps
 /// perplexity within 0.5% of the all-f16 cache with a q8_0 cold tier (`limit` for others).
-fn two_tier_keeps_perplexity(model_name: &str, json: &str, cold_ty: KvType, limit: f64) {
+fn two_tier_keeps_perplexity(model_name: &str, cold_ty: KvType, limit: f64) {
     let Some(path) = registry::for_test(model_name) else { return };
     let model = Model::load(&path).unwrap();
     let tok = Tokenizer::from_gguf(model.gguf()).unwrap();
     let pool = shared_pool();
-    let g = golden(json);
-    let (_, base) = perplexity(&model, &tok, &pool, &g);
-    let tokens = tok.encode(g["nll"][0]["text"].as_str().unwrap(), true, false);
+    let tokens = tok.encode(&long_text(), true, false);
+    let base = perplexity_of(&model, &pool, &tokens, KvType::F16);
     let c = &model.config;
-    let (bs, tail) = (16, 64);
+    let (bs, tail, step) = (16, 64, 64);
     let n_blocks = tokens.len().div_ceil(bs);
     let mut kv = KvCache::with_tiers(c.n_layer, c.kv_dim(), c.head_dim, bs, n_blocks, n_blocks, cold_ty).unwrap();
     let mut table: Vec<u32> = (0..n_blocks as u32).collect();
@@ -197,8 +232,8 @@ fn two_tier_keeps_perplexity(model_name: &str, json: &str, cold_ty: KvType, limi
     let nv = c.n_vocab;
     let mut nll = 0f64;
     let mut migrated = 0;
-    for (ci, chunk) in tokens.chunks(bs).enumerate() {
-        let pos0 = ci * bs;
+    for (ci, chunk) in tokens.chunks(step).enumerate() {
+        let pos0 = ci * step;
         let logits = fwd.forward_batch(&mut kv, &[SeqInput { tokens: chunk, pos0, block_table: &table, logits: Logits::All, lora: None }]).unwrap();
         for (j, l) in logits.chunks(nv).enumerate() {
             let p = pos0 + j;
@@ -226,12 +261,12 @@ fn two_tier_keeps_perplexity(model_name: &str, json: &str, cold_ty: KvType, limi
 
 #[test]
 fn smollm2_two_tier_kv_keeps_perplexity() {
-    two_tier_keeps_perplexity("smollm2-135m", "smollm2-135m-instruct-q4_1.json", KvType::Q8_0, 0.005);
-    two_tier_keeps_perplexity("smollm2-135m", "smollm2-135m-instruct-q4_1.json", KvType::Q4_0, 0.03);
+    two_tier_keeps_perplexity("smollm2-135m", KvType::Q8_0, 0.005);
+    two_tier_keeps_perplexity("smollm2-135m", KvType::Q4_0, 0.03);
 }
 
 #[test]
 fn gemma3_two_tier_kv_keeps_perplexity() {
-    two_tier_keeps_perplexity("gemma3-270m", "gemma3-270m-q4_k_m.json", KvType::Q8_0, 0.005);
-    two_tier_keeps_perplexity("gemma3-270m", "gemma3-270m-q4_k_m.json", KvType::Q4_0, 0.03);
+    two_tier_keeps_perplexity("gemma3-270m", KvType::Q8_0, 0.005);
+    two_tier_keeps_perplexity("gemma3-270m", KvType::Q4_0, 0.03);
 }
