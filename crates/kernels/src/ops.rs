@@ -186,9 +186,24 @@ pub fn axpy_scalar(alpha: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
+/// Widens f16 values to f32 (`dst.len()` of them; F16C when the tier allows). Exact: every f16
+/// is an f32.
+#[inline]
+pub fn f16_to_f32(src: &[half::f16], dst: &mut [f32]) {
+    (f32_kernels().f16_to_f32)(src, dst)
+}
+
+/// The scalar twin of [`f16_to_f32`].
+pub fn f16_to_f32_scalar(src: &[half::f16], dst: &mut [f32]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = s.to_f32();
+    }
+}
+
 struct F32Kernels {
     dot: fn(&[f32], &[f32]) -> f32,
     axpy: fn(f32, &[f32], &mut [f32]),
+    f16_to_f32: fn(&[half::f16], &mut [f32]),
 }
 
 fn f32_kernels() -> &'static F32Kernels {
@@ -201,15 +216,34 @@ fn f32_kernels() -> &'static F32Kernels {
                 dot: |a, b| unsafe { x86::dot(a, b) },
                 // SAFETY: as above.
                 axpy: |al, x, y| unsafe { x86::axpy(al, x, y) },
+                // SAFETY: the AVX2 tier includes F16C.
+                f16_to_f32: |s, d| unsafe { x86::f16_to_f32(s, d) },
             };
         }
-        F32Kernels { dot: dot_f32_scalar, axpy: axpy_scalar }
+        F32Kernels { dot: dot_f32_scalar, axpy: axpy_scalar, f16_to_f32: f16_to_f32_scalar }
     })
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn f16_to_f32(src: &[half::f16], dst: &mut [f32]) {
+        let n = src.len().min(dst.len());
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n, within both slices (f16 is 2 bytes, repr(transparent) u16).
+            unsafe {
+                let h = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
+                _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+            }
+            i += 8;
+        }
+        for j in i..n {
+            dst[j] = src[j].to_f32();
+        }
+    }
 
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -291,6 +325,11 @@ mod tests {
         for n in [0usize, 1, 7, 8, 15, 16, 33, 256, 1000] {
             let a: Vec<f32> = (0..n).map(|i| ((i * 37) % 11) as f32 - 5.0).collect();
             let b: Vec<f32> = (0..n).map(|i| ((i * 13) % 7) as f32 * 0.5).collect();
+            let h: Vec<half::f16> = a.iter().zip(&b).map(|(x, y)| half::f16::from_f32(x * 1e-3 + y * 1e4)).collect();
+            let (mut w1, mut w2) = (vec![0f32; n], vec![0f32; n]);
+            f16_to_f32(&h, &mut w1);
+            f16_to_f32_scalar(&h, &mut w2);
+            assert_eq!(w1, w2, "{n}: f16 widening");
             let (d, ds) = (dot_f32(&a, &b), dot_f32_scalar(&a, &b));
             assert!((d - ds).abs() <= 1e-4 * ds.abs().max(1.0), "{n}: {d} vs {ds}");
             let (mut y1, mut y2) = (b.clone(), b.clone());

@@ -658,6 +658,5 @@ fn head_row<'a>(
 
 #[inline]
 fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
-    use half::slice::HalfFloatSliceExt;
-    src.convert_to_f32_slice(dst);
+    ops::f16_to_f32(src, dst);
 }

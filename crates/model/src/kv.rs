@@ -270,9 +270,8 @@ fn encode_row(ty: KvType, x: &[f32], out: &mut [u16]) {
 fn decode_row(ty: KvType, row: &[u16], off: usize, out: &mut [f32]) {
     match ty {
         KvType::F16 => {
-            use half::slice::HalfFloatSliceExt;
             let h: &[f16] = row.reinterpret_cast();
-            h[off..off + out.len()].convert_to_f32_slice(out);
+            ruvllm_kernels::ops::f16_to_f32(&h[off..off + out.len()], out);
         }
         KvType::F32 => {
             for (d, w) in out.iter_mut().zip(row[2 * off..].chunks_exact(2)) {
