@@ -54,8 +54,10 @@ pub struct Gemv {
 /// Rows per pool task.
 const ROWS_PER_TASK: usize = 32;
 
-/// One row dot `Σ a[j]·x[j]` for the element types, scalar twin and SIMD.
-fn row_dot<A: Elem, X: Elem>(a: &[A], x: &[X]) -> f32 {
+/// `R` row dots `Σ a[r][j]·x[j]` for the element types, scalar twin and SIMD; each row's result
+/// is the same for every R.
+/// `ahead` is the prefetch distance in bytes.
+fn row_dots<const R: usize, A: Elem, X: Elem>(a: [&[A]; R], x: &[X], ahead: usize) -> [f32; R] {
     #[cfg(target_arch = "x86_64")]
     if crate::dispatch::tier() >= crate::dispatch::Tier::Avx2 {
         use std::any::TypeId;
@@ -64,17 +66,17 @@ fn row_dot<A: Elem, X: Elem>(a: &[A], x: &[X]) -> f32 {
         // element type was just checked to be exactly the target type.
         unsafe {
             if ta == TypeId::of::<f32>() && tx == TypeId::of::<f32>() {
-                return x86::dot_f32_f32(std::mem::transmute::<&[A], &[f32]>(a), std::mem::transmute::<&[X], &[f32]>(x));
+                return x86::dot_f32_f32(std::mem::transmute_copy::<[&[A]; R], [&[f32]; R]>(&a), std::mem::transmute::<&[X], &[f32]>(x), ahead);
             }
             if ta == TypeId::of::<f16>() && tx == TypeId::of::<f32>() {
-                return x86::dot_f16_f32(std::mem::transmute::<&[A], &[f16]>(a), std::mem::transmute::<&[X], &[f32]>(x));
+                return x86::dot_f16_f32(std::mem::transmute_copy::<[&[A]; R], [&[f16]; R]>(&a), std::mem::transmute::<&[X], &[f32]>(x), ahead);
             }
             if ta == TypeId::of::<f16>() && tx == TypeId::of::<f16>() {
-                return x86::dot_f16_f16(std::mem::transmute::<&[A], &[f16]>(a), std::mem::transmute::<&[X], &[f16]>(x));
+                return x86::dot_f16_f16(std::mem::transmute_copy::<[&[A]; R], [&[f16]; R]>(&a), std::mem::transmute::<&[X], &[f16]>(x), ahead);
             }
         }
     }
-    row_dot_scalar(a, x)
+    a.map(|r| row_dot_scalar(r, x))
 }
 
 /// The scalar twin of the row dot (four accumulators, like the SIMD paths' lanes).
@@ -123,10 +125,25 @@ pub fn gemv_batched<A: Elem, X: Elem, Y: Elem>(
         let xb = &x[b * stride_x..b * stride_x + g.n];
         // SAFETY: rows r0..r1 of output b belong to this task alone (stride_y ≥ m, asserted).
         let yb = unsafe { yp.slice(b * stride_y + r0, r1 - r0) };
-        for (k, r) in (r0..r1).enumerate() {
-            let row = &a[b * stride_a + r * g.lda..b * stride_a + r * g.lda + g.n];
-            let v = g.alpha * row_dot(row, xb);
+        let row = |r: usize| &a[b * stride_a + r * g.lda..b * stride_a + r * g.lda + g.n];
+        let mut put = |r: usize, v: f32| {
+            let (k, v) = (r - r0, g.alpha * v);
             yb[k] = Y::from_f32(if g.beta == 0.0 { v } else { v + g.beta * yb[k].to_f32() });
+        };
+        // Rows in fours (four memory streams), then singly. Prefetch 2 KiB ahead inside long
+        // rows; short rows are read whole, so prefetch the next four rows instead.
+        let row_bytes = g.n * std::mem::size_of::<A>();
+        let ahead = if row_bytes >= 4096 { 2048 } else { 4 * g.lda * std::mem::size_of::<A>() };
+        let mut r = r0;
+        while r + 4 <= r1 {
+            let v = row_dots([row(r), row(r + 1), row(r + 2), row(r + 3)], xb, ahead);
+            for (j, v) in v.into_iter().enumerate() {
+                put(r + j, v);
+            }
+            r += 4;
+        }
+        for r in r..r1 {
+            put(r, row_dots([row(r)], xb, ahead)[0]);
         }
     });
 }
@@ -145,31 +162,45 @@ mod x86 {
         _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)))
     }
 
+    /// Defines `$name::<R>`: R rows · one vector, the rows interleaved so R memory streams are
+    /// in flight and each vector load (and f16 widening) serves all of them. Each row keeps its
+    /// own four accumulators in the same order whatever R is, so results do not depend on R.
     macro_rules! dot_kernel {
         ($name:ident, $ta:ty, $tx:ty, |$pa:ident, $px:ident, $i:ident| ($la:expr, $lx:expr)) => {
             #[target_feature(enable = "avx2,fma,f16c")]
-            pub(super) unsafe fn $name(a: &[$ta], x: &[$tx]) -> f32 {
-                let n = a.len().min(x.len());
-                let ($pa, $px) = (a.as_ptr(), x.as_ptr());
-                let mut acc = [_mm256_setzero_ps(); 4];
+            pub(super) unsafe fn $name<const R: usize>(a: [&[$ta]; R], x: &[$tx], ahead: usize) -> [f32; R] {
+                let mut n = x.len();
+                for r in &a {
+                    n = n.min(r.len());
+                }
+                let $px = x.as_ptr();
+                let mut acc = [[_mm256_setzero_ps(); 4]; R];
                 let mut $i = 0;
                 while $i + 32 <= n {
-                    // Prefetch the matrix row ~2 KiB ahead (the vector stays in L1).
-                    _mm_prefetch::<_MM_HINT_T0>(($pa.wrapping_add($i) as *const u8).wrapping_add(2048) as *const i8);
+                    for r in 0..R {
+                        // Prefetch each matrix stream `ahead` bytes on (the vector stays in L1).
+                        _mm_prefetch::<_MM_HINT_T0>((a[r].as_ptr().wrapping_add($i) as *const u8).wrapping_add(ahead) as *const i8);
+                    }
                     for k in 0..4 {
                         let $i = $i + 8 * k;
-                        // SAFETY: i + 8 <= n for both slices.
-                        let (va, vx) = unsafe { ($la, $lx) };
-                        acc[k] = _mm256_fmadd_ps(va, vx, acc[k]);
+                        // SAFETY: i + 8 <= n for the vector.
+                        let vx = unsafe { $lx };
+                        for r in 0..R {
+                            let $pa = a[r].as_ptr();
+                            // SAFETY: i + 8 <= n for every row.
+                            let va = unsafe { $la };
+                            acc[r][k] = _mm256_fmadd_ps(va, vx, acc[r][k]);
+                        }
                     }
                     $i += 32;
                 }
-                let mut s = reduce(acc[0], acc[1], acc[2], acc[3]);
-                while $i < n {
-                    s += f32::from(a[$i].to_f32_lossless()) * x[$i].to_f32_lossless();
-                    $i += 1;
-                }
-                s
+                std::array::from_fn(|r| {
+                    let mut s = reduce(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+                    for j in $i..n {
+                        s += f32::from(a[r][j].to_f32_lossless()) * x[j].to_f32_lossless();
+                    }
+                    s
+                })
             }
         };
     }
@@ -262,6 +293,20 @@ mod tests {
         for r in 0..m {
             let s = row_dot_scalar(&a[r * n..(r + 1) * n], &x);
             assert!(y[r].is_finite() && (y[r] - s).abs() <= 1e-4 * s.abs().max(1.0));
+        }
+    }
+
+    #[test]
+    fn a_row_gives_the_same_bits_in_a_group_of_four_and_alone() {
+        // m = 5 rows with equal contents: rows 0..4 go through the four-row kernel, row 4 alone.
+        let pool = ThreadPool::new(1);
+        for n in [8usize, 100, 1000] {
+            let row = vals(n, 11);
+            let a: Vec<f16> = (0..5).flat_map(|_| row.iter().map(|&v| f16::from_f32(v))).collect();
+            let x = vals(n, 12);
+            let mut y = vec![0f32; 5];
+            gemv(&pool, Gemv { m: 5, n, lda: n, alpha: 1.0, beta: 0.0 }, &a, &x, &mut y);
+            assert!(y.iter().all(|v| v.to_bits() == y[4].to_bits()), "{n}: {y:?}");
         }
     }
 
