@@ -73,7 +73,7 @@ pub fn exit_code(e: &Error) -> u8 {
         ErrorKind::Usage(_) => 2,
         ErrorKind::Fetch(_) => 3,
         ErrorKind::Model(m) if matches!(m.kind(), ruvllm_model::ErrorKind::ContextOverflow { .. }) => 4,
-        ErrorKind::Model(m) if matches!(m.kind(), ruvllm_model::ErrorKind::InvalidParam(_)) => 2,
+        ErrorKind::Model(m) if matches!(m.kind(), ruvllm_model::ErrorKind::InvalidParam { .. }) => 2,
         _ => 1,
     }
 }

@@ -380,13 +380,9 @@ impl Engine {
         if needed > limit {
             return Err(Error::new(ErrorKind::ContextOverflow { needed, limit }));
         }
-        req.sampling.validate().map_err(|e| {
-            let m = e.to_string();
-            let param = ["temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty"]
-                .into_iter()
-                .find(|p| m.contains(p))
-                .unwrap_or("sampling");
-            Error::param(param, m)
+        req.sampling.validate().map_err(|e| match e.kind() {
+            ruvllm_model::ErrorKind::InvalidParam { param, message } => Error::param(param, message.clone()),
+            _ => Error::param("sampling", e.to_string()),
         })
     }
 

@@ -301,6 +301,12 @@ fn invalid_requests_get_typed_errors() {
     r.sampling.temperature = -1.0;
     assert!(matches!(err(r), ErrorKind::InvalidParam { param: "temperature", .. }));
     let mut r = Request::greedy(vec![1], 1);
+    r.sampling.presence_penalty = 3.0;
+    assert!(matches!(err(r), ErrorKind::InvalidParam { param: "presence_penalty", .. }));
+    let mut r = Request::greedy(vec![1], 1);
+    r.sampling.top_p = 0.0;
+    assert!(matches!(err(r), ErrorKind::InvalidParam { param: "top_p", .. }));
+    let mut r = Request::greedy(vec![1], 1);
     r.logprobs = Some(21);
     assert!(matches!(err(r), ErrorKind::InvalidParam { param: "top_logprobs", .. }));
     // The engine still serves.

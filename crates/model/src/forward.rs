@@ -190,7 +190,7 @@ impl<'m> Runner<'m> {
         let c = &model.config;
         let n_ctx = n_ctx.clamp(1, c.n_ctx_train);
         let kv = KvCache::with_type(c.n_layer, c.kv_dim(), c.head_dim, n_ctx, 1, ty)
-            .ok_or_else(|| Error::new(ErrorKind::InvalidParam(format!("--kv-type {} needs heads of a multiple of 32 values; this model's have {}", ty.name(), c.head_dim))))?;
+            .ok_or_else(|| Error::new(ErrorKind::InvalidParam { param: "kv_type", message: format!("--kv-type {} needs heads of a multiple of 32 values; this model's have {}", ty.name(), c.head_dim) }))?;
         Ok(Runner { fwd: Forward::new(model, pool), kv, history: Vec::new(), lora: None })
     }
 

@@ -117,7 +117,7 @@ pub fn generate(
 ) -> Result<Generation, Error> {
     let n_ctx = runner.n_ctx();
     if prompt.is_empty() {
-        return Err(Error::new(ErrorKind::InvalidParam("the prompt is empty".into())));
+        return Err(Error::new(ErrorKind::InvalidParam { param: "prompt", message: "the prompt is empty".into() }));
     }
     let budget = match params.max_tokens {
         Some(m) if prompt.len() + m > n_ctx => {

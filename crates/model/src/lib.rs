@@ -48,8 +48,13 @@ pub enum ErrorKind {
         /// The context size.
         context: usize,
     },
-    /// A sampling parameter out of range.
-    InvalidParam(String),
+    /// A request or sampling parameter out of range, named.
+    InvalidParam {
+        /// The parameter's name as callers spell it (`temperature`, `prompt`, `kv_type`, …).
+        param: &'static str,
+        /// What is wrong with it.
+        message: String,
+    },
     /// A token id outside the vocabulary.
     BadToken(u32),
 }
@@ -76,7 +81,7 @@ impl fmt::Display for Error {
             ErrorKind::ContextOverflow { needed, context } => {
                 write!(f, "prompt and generation need {needed} tokens but the context holds {context}")
             }
-            ErrorKind::InvalidParam(m) => write!(f, "invalid parameter: {m}"),
+            ErrorKind::InvalidParam { message, .. } => write!(f, "invalid parameter: {message}"),
             ErrorKind::BadToken(t) => write!(f, "token id {t} is outside the vocabulary"),
         }
     }

@@ -51,22 +51,22 @@ impl SamplingParams {
 
     /// Checks every parameter's range; the error names the parameter.
     pub fn validate(&self) -> Result<(), Error> {
-        let bad = |m: String| Err(Error::new(ErrorKind::InvalidParam(m)));
+        let bad = |param: &'static str, message: String| Err(Error::new(ErrorKind::InvalidParam { param, message }));
         if !self.temperature.is_finite() || self.temperature < 0.0 || self.temperature > 100.0 {
-            return bad(format!("temperature must be in [0, 100], got {}", self.temperature));
+            return bad("temperature", format!("temperature must be in [0, 100], got {}", self.temperature));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return bad(format!("top_p must be in (0, 1], got {}", self.top_p));
+            return bad("top_p", format!("top_p must be in (0, 1], got {}", self.top_p));
         }
         if !(0.0..=1.0).contains(&self.min_p) {
-            return bad(format!("min_p must be in [0, 1], got {}", self.min_p));
+            return bad("min_p", format!("min_p must be in [0, 1], got {}", self.min_p));
         }
         if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
-            return bad(format!("repetition_penalty must be > 0, got {}", self.repetition_penalty));
+            return bad("repetition_penalty", format!("repetition_penalty must be > 0, got {}", self.repetition_penalty));
         }
         for (name, v) in [("frequency_penalty", self.frequency_penalty), ("presence_penalty", self.presence_penalty)] {
             if !(-2.0..=2.0).contains(&v) {
-                return bad(format!("{name} must be in [-2, 2], got {v}"));
+                return bad(name, format!("{name} must be in [-2, 2], got {v}"));
             }
         }
         Ok(())
