@@ -154,17 +154,18 @@ mod tests {
             seed ^= seed << 17;
             (seed % m as u64) as usize
         };
-        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K, GgmlType::F16] {
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K, GgmlType::F16, GgmlType::BF16] {
             for _ in 0..4 {
                 let bs = ty.block_size().max(32);
                 let cols = bs * (1 + rnd(6));
                 let rows = 1 + rnd(70);
                 let n_tok = 1 + rnd(9);
                 let data: Vec<u8> = (0..rows).flat_map(|r| crate::test_util::random_row(ty, cols, (r * 31 + cols) as u64)).collect();
-                let data = if ty == GgmlType::F16 {
-                    (0..rows * cols).flat_map(|i| half::f16::from_f32(((i * 7) % 19) as f32 / 9.0 - 1.0).to_le_bytes()).collect()
-                } else {
-                    data
+                let value = |i: usize| ((i * 7) % 19) as f32 / 9.0 - 1.0;
+                let data = match ty {
+                    GgmlType::F16 => (0..rows * cols).flat_map(|i| half::f16::from_f32(value(i)).to_le_bytes()).collect(),
+                    GgmlType::BF16 => (0..rows * cols).flat_map(|i| half::bf16::from_f32(value(i)).to_le_bytes()).collect(),
+                    _ => data,
                 };
                 let w = QMatrix { ty, rows, cols, data: &data, packed: None };
                 let x: Vec<f32> = (0..n_tok * cols).map(|i| ((i * 7919) % 97) as f32 / 13.0 - 3.5).collect();

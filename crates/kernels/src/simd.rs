@@ -148,6 +148,7 @@ mod x86 {
                         GgmlType::Q6_K => pair!(q6_k),
                         GgmlType::F16 => pair!(f16w),
                         GgmlType::F32 => pair!(f32w),
+                        GgmlType::BF16 => pair!(bf16w),
                         _ => None,
                     }
                 }
@@ -509,6 +510,13 @@ mod x86 {
 
                 float_rows!(f16w, 2, |wp, i| _mm256_cvtph_ps(_mm_loadu_si128(wp.add(2 * i) as *const __m128i)), |b| half::f16::from_le_bytes([b[0], b[1]]).to_f32());
                 float_rows!(f32w, 4, |wp, i| _mm256_loadu_ps(wp.add(4 * i) as *const f32), |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+                // bf16 is the top half of an f32: widen to 32 bits and shift left by 16 (exact).
+                float_rows!(
+                    bf16w,
+                    2,
+                    |wp, i| _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(wp.add(2 * i) as *const __m128i)), 16)),
+                    |b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()
+                );
             }
         };
     }
@@ -530,12 +538,13 @@ mod tests {
     use crate::dot::dot_scalar;
     use crate::test_util::{bytes, random_row};
 
-    const TYPES: [GgmlType; 9] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K, GgmlType::F16, GgmlType::F32];
+    const TYPES: [GgmlType; 10] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K, GgmlType::F16, GgmlType::BF16, GgmlType::F32];
 
     fn float_row(ty: GgmlType, n: usize, seed: u64) -> Vec<u8> {
         let v: Vec<f32> = bytes(n, seed).iter().map(|&b| (b as f32 - 128.0) / 50.0).collect();
         match ty {
             GgmlType::F16 => v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
+            GgmlType::BF16 => v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect(),
             _ => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
         }
     }
@@ -555,7 +564,7 @@ mod tests {
                 for case in 0..6 {
                     let n = 1024;
                     let w = match ty {
-                        GgmlType::F16 | GgmlType::F32 => float_row(ty, n, case),
+                        GgmlType::F16 | GgmlType::BF16 | GgmlType::F32 => float_row(ty, n, case),
                         _ => {
                             let mut w = random_row(ty, n, 100 + case);
                             if case == 1 {
