@@ -77,3 +77,53 @@ def test_later_lessons_do_not_overwrite_earlier_ones():
             assert r["choices"][0]["text"].startswith(answer.strip(".")), (prompt, r["choices"][0]["text"])
     finally:
         assert s.stop() == 0
+
+
+def test_learned_state_survives_restart_and_a_crash_mid_write(tmp_path):
+    """--sona-dir: a restart serves each caller exactly the adapter it had (identical greedy
+    text), another caller still gets the base model, the files hold no API key, and the
+    temporary files a crash mid-write leaves behind are ignored (and removed): the last good
+    state loads. Learning then continues from the restored version."""
+    d = tmp_path / "sona"
+    s = Server("--api-key", "dave", "--api-key", "erin", "--sona-dir", str(d))
+    try:
+        base = ask(s.url, "erin")["choices"][0]["text"]
+        first = ask(s.url, "dave")
+        f = feedback(s.url, "dave", {"id": first["id"], "correction": ANSWER})
+        assert f.status_code == 200 and f.json()["persisted"] is True, f.text
+        taught = ask(s.url, "dave")["choices"][0]["text"]
+        assert taught.startswith(ANSWER.strip(".")), taught
+    finally:
+        assert s.stop() == 0
+    scopes = list((d / "scopes").iterdir())
+    assert len(scopes) == 1
+    files = {p.name for p in scopes[0].iterdir()}
+    assert files == {"adapter_model.safetensors", "adapter_config.json", "state.json"}, files
+    for p in scopes[0].iterdir():
+        assert b"dave" not in p.read_bytes()
+    # What a crash in the middle of the next write would leave: torn temporary files.
+    good = {p.name: p.read_bytes() for p in scopes[0].iterdir()}
+    (scopes[0] / "adapter_model.tmp").write_bytes(good["adapter_model.safetensors"][:100])
+    (scopes[0] / "state.tmp").write_bytes(b'{"format": 1, "vers')
+    s = Server("--api-key", "dave", "--api-key", "erin", "--sona-dir", str(d))
+    try:
+        assert "1 scopes restored" in open(s.log.name).read()
+        assert not list(scopes[0].glob("*.tmp"))
+        again = ask(s.url, "dave")
+        assert again["choices"][0]["text"] == taught
+        assert ask(s.url, "erin")["choices"][0]["text"] == base
+        # Learning goes on from the restored adapter: a negative rating gives version 1.
+        r = feedback(s.url, "dave", {"id": again["id"], "rating": -1})
+        assert r.status_code == 200 and r.json()["version"] == 1, r.text
+    finally:
+        assert s.stop() == 0
+    assert {p.name: p.read_bytes() for p in scopes[0].iterdir()} != good
+
+
+def test_unusable_sona_dir_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    import subprocess
+    from conftest import BIN
+    r = subprocess.run([BIN, "serve", "-m", MODEL, "--port", "0", "--sona-dir", str(blocker / "x")], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "--sona-dir" in r.stderr, (r.returncode, r.stderr)

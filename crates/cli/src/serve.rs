@@ -69,6 +69,10 @@ pub struct ServeArgs {
     /// adapters').
     #[arg(long = "no-learning")]
     no_learning: bool,
+    /// Persist learned adapters (per caller) under DIR, written atomically, and restore them
+    /// at start-up.
+    #[arg(long = "sona-dir", value_name = "DIR")]
+    sona_dir: Option<std::path::PathBuf>,
     /// Log format: text or json.
     #[arg(long = "log-format", default_value = "text")]
     log_format: String,
@@ -234,9 +238,10 @@ pub fn run(a: ServeArgs) -> Result<(), Error> {
         model_names: model_names(a.model.model.as_deref(), &path),
         shutdown_grace: Duration::from_secs(a.shutdown_grace),
         learning: !a.no_learning,
+        sona_dir: a.sona_dir.clone(),
     };
     eprintln!("ruvllm: serving model as {}", scfg.model_names.join(", "));
-    let state = Arc::new(AppState::new(Arc::new(engine), tok, template, n_embd, &scfg));
+    let state = Arc::new(AppState::new(Arc::new(engine), tok, template, n_embd, &scfg).map_err(|e| Error::usage(format!("--sona-dir: {e}")))?);
     for spec in &a.lora {
         let (name, rest) = spec.split_once('=').ok_or_else(|| Error::usage(format!("--lora wants NAME=PATH[:SCALE], got {spec:?}")))?;
         let (path, scale) = crate::split_scale(rest)?;

@@ -15,7 +15,7 @@ pub use config::{Arch, Config};
 pub use forward::{Capture, Forward, Logits, Runner, SeqInput};
 pub use generate::{generate, FinishReason, GenerateParams, Generation, StopMatcher};
 pub use kv::{KvCache, KvType};
-pub use lora::{LoraAdapter, LoraPair, Proj};
+pub use lora::{write_atomic, LoraAdapter, LoraPair, Proj};
 pub use sampler::{Sampler, SamplingParams};
 pub use weights::Model;
 

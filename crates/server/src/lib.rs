@@ -44,6 +44,8 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Learn from `POST /v1/feedback` (off: outputs stay the base model's).
     pub learning: bool,
+    /// Where learned state is persisted and restored from (`--sona-dir`).
+    pub sona_dir: Option<std::path::PathBuf>,
 }
 
 /// Shared by every handler.
@@ -65,12 +67,23 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// State for serving `engine` with the model's tokenizer and chat template.
-    pub fn new(engine: Arc<Engine>, tok: Arc<Tokenizer>, template: ChatTemplate, n_embd: usize, cfg: &ServerConfig) -> AppState {
+    /// State for serving `engine` with the model's tokenizer and chat template; with
+    /// `cfg.sona_dir`, learned adapters are restored from it (an unusable directory is an error).
+    pub fn new(engine: Arc<Engine>, tok: Arc<Tokenizer>, template: ChatTemplate, n_embd: usize, cfg: &ServerConfig) -> std::io::Result<AppState> {
         let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        AppState {
+        let learning = match (&cfg.sona_dir, cfg.learning) {
+            (_, false) => None,
+            (None, true) => Some(Arc::new(Learning::default())),
+            (Some(dir), true) => {
+                let (l, n) = Learning::open(dir, engine.model())?;
+                tracing::info!(dir = %dir.display(), scopes = n, "learned state restored");
+                eprintln!("ruvllm: learned state in {} ({n} scopes restored)", dir.display());
+                Some(Arc::new(l))
+            }
+        };
+        Ok(AppState {
             engine,
-            learning: cfg.learning.then(|| Arc::new(Learning::default())),
+            learning,
             adapters: Default::default(),
             next_adapter_id: AtomicU64::new(1),
             tok,
@@ -81,7 +94,7 @@ impl AppState {
             n_embd,
             ready: AtomicBool::new(true),
             next_id: AtomicU64::new(created.wrapping_mul(0x9E37_79B9) & 0xFFFF_FFFF_0000),
-        }
+        })
     }
 
     /// Loads (or replaces, with a new version) the adapter `name` from a PEFT directory or file.
