@@ -73,9 +73,9 @@ impl AppState {
         let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         let learning = match (&cfg.sona_dir, cfg.learning) {
             (_, false) => None,
-            (None, true) => Some(Arc::new(Learning::default())),
+            (None, true) => Some(Arc::new(Learning::new(engine.model().clone()))),
             (Some(dir), true) => {
-                let (l, n) = Learning::open(dir, engine.model())?;
+                let (l, n) = Learning::open(dir, engine.model().clone())?;
                 tracing::info!(dir = %dir.display(), scopes = n, "learned state restored");
                 eprintln!("ruvllm: learned state in {} ({n} scopes restored)", dir.display());
                 Some(Arc::new(l))

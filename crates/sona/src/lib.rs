@@ -4,13 +4,16 @@
 //! single-query causal attention), each tested against central finite differences.
 //!
 //! [`train`] composes them for an adapter on one layer's down projection, trained from
-//! activations captured in a single forward pass.
+//! activations captured in a single forward pass. [`learner`] is the instant loop on top: per
+//! scope adapters trained from feedback (corrections, ratings) with replay, published by
+//! version, optionally persisted atomically.
 //!
 //! Not built yet (issue 6): adapters on earlier projections (a backward through attention over
-//! kept activations), feedback, the instant/background/deep loops, EWC++, the ReasoningBank and persistence.
+//! kept activations), the background/deep loops, EWC++, the ReasoningBank.
 #![deny(missing_docs)]
 
 pub mod grad;
+pub mod learner;
 pub mod train;
 
 /// `n` deterministic values uniform in [−scale, scale] (xorshift64 from `seed`): adapter
