@@ -151,6 +151,13 @@ struct ChatArgs {
     /// System message.
     #[arg(long)]
     system: Option<String>,
+    /// Do not learn from `/good`, `/bad` and `/fix`.
+    #[arg(long = "no-learning")]
+    no_learning: bool,
+    /// Persist what `/good`, `/bad` and `/fix` teach under DIR (the same layout as `serve
+    /// --sona-dir`, scope `chat`), and start from it.
+    #[arg(long = "sona-dir", value_name = "DIR")]
+    sona_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Args)]
@@ -291,9 +298,13 @@ fn cmd_run(a: RunArgs) -> Result<(), Error> {
 }
 
 /// The interactive chat runs on the engine: each turn submits the whole conversation, and the
-/// prefix cache finds the blocks of earlier turns, so only the new text is computed.
+/// prefix cache finds the blocks of earlier turns, so only the new text is computed. `/good`,
+/// `/bad` and `/fix TEXT` teach the session's adapter (SONA's instant loop, scope `chat`), which
+/// every later turn runs with.
 fn cmd_chat(a: ChatArgs) -> Result<(), Error> {
     use ruvllm_engine::{Engine, EngineConfig, Event, Request};
+    use ruvllm_sona::learner::{Feedback, Learner};
+    const SCOPE: &str = "chat";
     let params = a.sampling.params();
     params.sampling.validate()?;
     let l = load(&a.model)?;
@@ -304,11 +315,25 @@ fn cmd_chat(a: ChatArgs) -> Result<(), Error> {
     cfg.n_ctx = n_ctx;
     cfg.max_seqs = 1;
     let tok = Arc::new(l.tok);
-    let engine = Engine::start(Arc::new(l.model), tok.clone(), l.pool, cfg).map_err(|e| Error::usage(e.to_string()))?;
+    let model = Arc::new(l.model);
+    let engine = Engine::start(model.clone(), tok.clone(), l.pool, cfg).map_err(|e| Error::usage(e.to_string()))?;
+    let learner = match (&a.sona_dir, a.no_learning) {
+        (_, true) => None,
+        (None, false) => Some(Learner::new(model.clone())),
+        (Some(dir), false) => {
+            let (l, report) = Learner::open(dir, model.clone()).map_err(|e| Error::usage(format!("--sona-dir {}: {e}", dir.display())))?;
+            for w in &report.warnings {
+                eprintln!("warning: {w}");
+            }
+            Some(l)
+        }
+    };
     let mut msgs: Vec<ChatMessage> = a.system.iter().map(|s| ChatMessage::new("system", s)).collect();
+    // The last exchange (prompt ids, answer ids), what /good, /bad and /fix refer to.
+    let mut last: Option<(Vec<u32>, Vec<u32>)> = None;
     let interactive = std::io::stdin().is_terminal();
     if interactive {
-        eprintln!("ruvllm chat ({}); /reset clears the conversation, /exit or Ctrl-D quits", tmpl.source);
+        eprintln!("ruvllm chat ({}); /reset clears the conversation, /good /bad /fix TEXT teach the model, /exit or Ctrl-D quits", tmpl.source);
     }
     let stdin = std::io::stdin();
     let mut line = String::new();
@@ -327,7 +352,34 @@ fn cmd_chat(a: ChatArgs) -> Result<(), Error> {
             "/exit" | "/quit" => break,
             "/reset" => {
                 msgs.retain(|m| m.role == "system");
+                last = None;
                 eprintln!("[conversation cleared]");
+                continue;
+            }
+            cmd @ ("/good" | "/bad") => {
+                teach(learner.as_ref(), last.as_ref(), Feedback::Rating(if cmd == "/good" { 1.0 } else { -1.0 }));
+                continue;
+            }
+            t if t == "/fix" || t.starts_with("/fix ") => {
+                let better = t["/fix".len()..].trim();
+                if better.is_empty() {
+                    eprintln!("[usage: /fix THE BETTER ANSWER]");
+                    continue;
+                }
+                let mut ids = tok.encode(better, false, false);
+                if let Some(e) = tok.eog.first().copied().or(tok.eos) {
+                    ids.push(e);
+                }
+                if teach(learner.as_ref(), last.as_ref(), Feedback::Correction(ids)) {
+                    // The conversation goes on from the corrected answer.
+                    if let Some(m) = msgs.last_mut().filter(|m| m.role == "assistant") {
+                        *m = ChatMessage::new("assistant", better);
+                    }
+                }
+                continue;
+            }
+            t if t.starts_with('/') && !t.starts_with("//") => {
+                eprintln!("[unknown command {t}; /reset /good /bad /fix TEXT /exit]");
                 continue;
             }
             _ => {}
@@ -338,6 +390,7 @@ fn cmd_chat(a: ChatArgs) -> Result<(), Error> {
         let mut req = Request::greedy(ids.clone(), max_tokens);
         req.sampling = params.sampling.clone();
         req.stop = params.stop.clone();
+        req.adapter = learner.as_ref().and_then(|l| l.adapter_for(SCOPE));
         let mut h = match engine.submit(req) {
             Ok(h) => h,
             Err(e) => {
@@ -348,8 +401,12 @@ fn cmd_chat(a: ChatArgs) -> Result<(), Error> {
         };
         let stdout = std::io::stdout();
         let mut reply = String::new();
+        let mut answer_ids = Vec::new();
         let mut usage = None;
         while let Some(ev) = h.next_blocking() {
+            if let Event::Token { token, .. } = &ev {
+                answer_ids.push(*token);
+            }
             match ev {
                 Event::Token { text, .. } | Event::Finished { text, .. } => {
                     let mut o = stdout.lock();
@@ -373,6 +430,7 @@ fn cmd_chat(a: ChatArgs) -> Result<(), Error> {
             Some(u) => {
                 eprintln!("[{} of {} prompt tokens computed, {} generated]", u.prompt_tokens - u.cached_tokens, u.prompt_tokens, u.completion_tokens);
                 msgs.push(ChatMessage::new("assistant", &reply));
+                last = Some((ids, answer_ids));
             }
             None => {
                 msgs.pop();
@@ -381,6 +439,42 @@ fn cmd_chat(a: ChatArgs) -> Result<(), Error> {
     }
     engine.shutdown();
     Ok(())
+}
+
+/// Runs one feedback event of the chat REPL on its last exchange and reports it; true when
+/// the adapter changed.
+fn teach(learner: Option<&ruvllm_sona::learner::Learner>, last: Option<&(Vec<u32>, Vec<u32>)>, fb: ruvllm_sona::learner::Feedback) -> bool {
+    let Some(learner) = learner else {
+        eprintln!("[learning is off (--no-learning)]");
+        return false;
+    };
+    let Some((prompt, answer)) = last else {
+        eprintln!("[nothing to give feedback on yet]");
+        return false;
+    };
+    let t0 = std::time::Instant::now();
+    match learner.learn("chat", prompt, answer, &fb) {
+        Ok(o) if o.updated => {
+            eprintln!(
+                "[learned in {:.1}s: {} steps, loss {:.3} -> {:.3}, adapter version {}{}]",
+                t0.elapsed().as_secs_f64(),
+                o.steps,
+                o.loss_before,
+                o.loss_after,
+                o.version,
+                if o.persisted { ", saved" } else { "" }
+            );
+            true
+        }
+        Ok(_) => {
+            eprintln!("[nothing to learn]");
+            false
+        }
+        Err(e) => {
+            eprintln!("[not learned: {e}]");
+            false
+        }
+    }
 }
 
 fn cmd_tokenize(a: TokenizeArgs) -> Result<(), Error> {

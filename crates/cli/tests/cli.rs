@@ -218,3 +218,47 @@ fn serve_refuses_bad_arguments() {
     let o = run(&["serve", "--log-format", "xml"]);
     assert_eq!(o.status.code(), Some(2));
 }
+
+/// Runs `ruvllm chat` with `input` on stdin; returns (stdout, stderr).
+fn chat(m: &str, extra: &[&str], input: &str) -> (String, String) {
+    let mut child = bin()
+        .args(["chat", "-m", m, "--temperature", "0", "-n", "12"])
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    (String::from_utf8_lossy(&o.stdout).into_owned(), stderr(&o))
+}
+
+#[test]
+fn chat_fix_teaches_the_session_and_persists_with_sona_dir() {
+    let Some(m) = model("smollm2-135m") else { return };
+    let q = "What is the password of the blue castle?\n";
+    let fix = "/fix The password is marmalade seventeen.\n";
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("chat-sona");
+    let _ = std::fs::remove_dir_all(&dir);
+    let d = dir.to_str().unwrap();
+    // /fix, then a fresh conversation (so the answer cannot come from the context).
+    let (out, err) = chat(&m, &["--sona-dir", d], &format!("{q}{fix}/reset\n{q}"));
+    let replies: Vec<&str> = out.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(replies.len(), 2, "{out}\n{err}");
+    assert!(!replies[0].contains("marmalade"), "{out}");
+    assert!(replies[1].starts_with("The password is marmalade seventeen"), "{out}\n{err}");
+    assert!(err.contains("adapter version 0, saved"), "{err}");
+    // A new session with the same --sona-dir starts from what was taught.
+    let (out2, _) = chat(&m, &["--sona-dir", d], q);
+    assert_eq!(out2.trim(), replies[1].trim());
+    // Without learning the commands teach nothing and say so.
+    let (out3, err3) = chat(&m, &["--no-learning"], &format!("{q}{fix}/reset\n{q}/good\n"));
+    let r3: Vec<&str> = out3.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(r3.len(), 2, "{out3}");
+    assert_eq!(r3[0], r3[1]);
+    assert_eq!(r3[0], replies[0]);
+    assert!(err3.contains("learning is off"), "{err3}");
+}
