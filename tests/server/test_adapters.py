@@ -32,12 +32,15 @@ def write_peft(dir: Path, seed: int, scale: float = 0.1):
     (dir / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 2, "target_modules": list(SHAPES), "peft_type": "LORA"}))
 
 
-def complete(http, **kw):
+def complete(http, want_logprobs=False, **kw):
     body = {"model": MODEL, "prompt": "The history of computing begins with", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
     body.update(kw)
+    if want_logprobs:
+        body["logprobs"] = 1
     r = http.post("/v1/completions", json=body)
     assert r.status_code == 200, r.text
-    return r.json()["choices"][0]["text"]
+    c = r.json()["choices"][0]
+    return (c["text"], c["logprobs"]["token_logprobs"]) if want_logprobs else c["text"]
 
 
 def test_adapter_load_use_swap_delete(http, tmp_path):
@@ -50,12 +53,14 @@ def test_adapter_load_use_swap_delete(http, tmp_path):
     adapted = complete(http, model="styled")
     assert adapted != base
     assert complete(http, adapter="styled") == adapted
+    adapted_lp = complete(http, want_logprobs=True, model="styled")[1]
     # Hot swap: same name, other weights → new version, other output; scale 0 → the base model.
     write_peft(tmp_path / "a2", seed=2)
     r = http.post("/v1/adapters", json={"name": "styled", "path": str(tmp_path / "a2")})
     assert r.json()["version"] == 1
-    swapped = complete(http, model="styled")
-    assert swapped != adapted  # the new weights are in use
+    # The new weights are in use: the greedy text of two small random adapters may coincide,
+    # their token log-probabilities do not.
+    assert complete(http, want_logprobs=True, model="styled")[1] != adapted_lp
     r = http.post("/v1/adapters", json={"name": "styled", "path": str(tmp_path / "a2"), "scale": 0.0})
     assert r.json()["version"] == 2
     assert complete(http, model="styled") == base

@@ -4,6 +4,7 @@ mod bench;
 mod error;
 mod pull;
 mod serve;
+mod sona_bench;
 
 use clap::{Args, Parser, Subcommand};
 use error::{exit_code, Error};
@@ -49,6 +50,10 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// Serve an OpenAI-compatible HTTP API (continuous batching over a paged KV cache).
     Serve(serve::ServeArgs),
+    /// Measure learning from feedback: generated facts taught by correction, scored on held-out
+    /// paraphrases in four modes (baseline, retrieval-only, adapters-only, full).
+    #[command(name = "sona-bench")]
+    SonaBench(sona_bench::SonaBenchArgs),
 }
 
 #[derive(Args, Clone)]
@@ -595,6 +600,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             Ok(())
         }
         Cmd::Bench(a) => bench::run(a),
+        Cmd::SonaBench(a) => sona_bench::run(a),
     }
 }
 

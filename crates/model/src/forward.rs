@@ -221,6 +221,11 @@ impl<'m> Runner<'m> {
         self.kv.capacity()
     }
 
+    /// The final normed hidden states of the last [`Logits::Hidden`] call: `[tokens × n_embd]`.
+    pub fn hidden(&self) -> &[f32] {
+        self.fwd.hidden()
+    }
+
     /// Runs `tokens` after the cached ones and returns the requested logits
     /// (`[rows × n_vocab]`, rows = 1 for `Last`, `tokens.len()` for `All`, 0 for `None`).
     pub fn forward(&mut self, tokens: &[u32], want: Logits) -> Result<&[f32], Error> {

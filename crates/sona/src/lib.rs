@@ -12,6 +12,7 @@
 //! kept activations), the background/deep loops, EWC++, the ReasoningBank.
 #![deny(missing_docs)]
 
+pub mod bank;
 pub mod grad;
 pub mod learner;
 pub mod train;

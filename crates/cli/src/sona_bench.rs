@@ -1,0 +1,289 @@
+//! `ruvllm sona-bench`: does learning from feedback teach facts that generalize?
+//!
+//! The repo generates (deterministically, from `--seed`) facts about fictional entities: six
+//! relations × `--entities` entities, each with one phrasing used for feedback (a correction)
+//! and two held-out paraphrases. Every correction goes through the same [`Learner`] the server
+//! uses (scope `bench`) and into a ReasoningBank ([`Bank`], embeddings = the model's mean final
+//! hidden state of the prompt). Then, on the held-out paraphrases only, four modes:
+//!
+//! * `baseline`: the base model;
+//! * `retrieval-only`: the `k` nearest corrected exchanges prepended to the prompt;
+//! * `adapters-only`: the learned adapter, no retrieval;
+//! * `full`: both.
+//!
+//! Reported per mode: exact-answer accuracy (greedy continuation starts with the answer), mean
+//! NLL per answer token, and perplexity of the golden text (drift from the base model).
+
+use crate::error::Error;
+use crate::{load, ModelArgs};
+use clap::Args;
+use ruvllm_model::{LoraAdapter, Logits, Model, Runner};
+use ruvllm_sona::bank::{Bank, Trajectory};
+use ruvllm_sona::learner::{Feedback, Learner};
+use ruvllm_tokenizer::Tokenizer;
+use std::sync::Arc;
+
+/// Arguments of `ruvllm sona-bench`.
+#[derive(Args)]
+pub struct SonaBenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Entities per relation (six relations; 6 gives 36 facts).
+    #[arg(long, default_value_t = 6)]
+    entities: usize,
+    /// Seed of the generated names.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Retrieved exchanges per question.
+    #[arg(long, default_value_t = 1)]
+    k: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// One generated fact.
+#[derive(Debug, Clone)]
+pub struct Fact {
+    /// The phrasing feedback is given on.
+    pub teach: String,
+    /// Two paraphrases never trained on.
+    pub held_out: [String; 2],
+    /// The answer (one made-up word).
+    pub answer: String,
+}
+
+/// (feedback phrasing, paraphrase 1, paraphrase 2), `{}` standing for the entity.
+const RELATIONS: [(&str, &str, &str); 6] = [
+    ("The capital of {} is", "{}'s capital city is", "The city that serves as the capital of {} is"),
+    ("The company {} was founded by", "The founder of the company {} is", "{} was started by a person named"),
+    ("The currency of {} is called the", "In {}, people pay with the", "The official money of {} is the"),
+    ("The longest river in {} is the", "{}'s longest river is the", "The river that runs longest through {} is the"),
+    ("The {} engine was invented by", "The inventor of the {} engine is", "The person who invented the {} engine is"),
+    ("The people of {} speak", "The language spoken in {} is", "In {}, the main language is"),
+];
+
+const ONSETS: [&str; 16] = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "th", "qu"];
+const VOWELS: [&str; 6] = ["a", "e", "i", "o", "u", "ai"];
+
+/// A made-up capitalized word of 3 syllables.
+fn word(rng: &mut u64) -> String {
+    let mut next = |m: usize| {
+        *rng ^= *rng << 13;
+        *rng ^= *rng >> 7;
+        *rng ^= *rng << 17;
+        (*rng % m as u64) as usize
+    };
+    let mut w = String::new();
+    for _ in 0..3 {
+        w.push_str(ONSETS[next(ONSETS.len())]);
+        w.push_str(VOWELS[next(VOWELS.len())]);
+    }
+    let mut c = w.chars();
+    c.next().map(|f| f.to_uppercase().chain(c).collect()).unwrap_or_default()
+}
+
+/// The benchmark's facts: every relation × `n` entities, names unique.
+pub fn facts(n: usize, seed: u64) -> Vec<Fact> {
+    let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut seen = std::collections::HashSet::new();
+    let mut fresh = |rng: &mut u64| loop {
+        let w = word(rng);
+        if seen.insert(w.clone()) {
+            return w;
+        }
+    };
+    let mut out = Vec::new();
+    for (teach, p1, p2) in RELATIONS {
+        for _ in 0..n {
+            let e = fresh(&mut rng);
+            let answer = fresh(&mut rng);
+            out.push(Fact { teach: teach.replace("{}", &e), held_out: [p1.replace("{}", &e), p2.replace("{}", &e)], answer });
+        }
+    }
+    out
+}
+
+/// Scores of one mode.
+#[derive(Debug, Clone, Copy)]
+struct Scores {
+    accuracy: f64,
+    nll: f64,
+    perplexity: f64,
+}
+
+/// Mean final hidden state of `text` (the ReasoningBank's embedding).
+fn embed(r: &mut Runner<'_>, tok: &Tokenizer, text: &str) -> Result<Vec<f32>, Error> {
+    let ids = tok.encode(text, true, false);
+    r.truncate(0);
+    r.forward(&ids, Logits::Hidden)?;
+    let d = r.model().config.n_embd;
+    let h = r.hidden();
+    let mut m = vec![0f32; d];
+    for row in h.chunks_exact(d) {
+        for (a, b) in m.iter_mut().zip(row) {
+            *a += b / ids.len() as f32;
+        }
+    }
+    Ok(m)
+}
+
+fn log_softmax_at(l: &[f32], t: u32) -> f64 {
+    let mx = l.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+    let lse = mx + l.iter().map(|&v| (v as f64 - mx).exp()).sum::<f64>().ln();
+    l[t as usize] as f64 - lse
+}
+
+/// (exact, mean NLL per answer token) of `answer` after `prompt`.
+fn score(r: &mut Runner<'_>, tok: &Tokenizer, prompt: &str, answer: &str) -> Result<(bool, f64), Error> {
+    let p = tok.encode(prompt, true, false);
+    let a = tok.encode(&format!(" {answer}"), false, false);
+    let nv = r.model().config.n_vocab;
+    r.truncate(0);
+    let all: Vec<u32> = p.iter().chain(&a).copied().collect();
+    let logits = r.forward(&all, Logits::All)?.to_vec();
+    let nll = -(0..a.len()).map(|j| log_softmax_at(&logits[(p.len() - 1 + j) * nv..(p.len() + j) * nv], a[j])).sum::<f64>() / a.len() as f64;
+    // Greedy continuation of a few tokens more than the answer needs.
+    r.truncate(0);
+    let mut last = r.forward(&p, Logits::Last)?.to_vec();
+    let mut out = Vec::new();
+    for _ in 0..a.len() + 2 {
+        let t = last.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0 as u32;
+        out.push(t);
+        last = r.forward(&[t], Logits::Last)?.to_vec();
+    }
+    let text = tok.decode(&out, false)?;
+    Ok((text.trim_start().starts_with(answer), nll))
+}
+
+fn perplexity(r: &mut Runner<'_>, tok: &Tokenizer, text: &str) -> Result<f64, Error> {
+    let ids = tok.encode(text, true, false);
+    let nv = r.model().config.n_vocab;
+    r.truncate(0);
+    let logits = r.forward(&ids, Logits::All)?.to_vec();
+    let nll = -(0..ids.len() - 1).map(|i| log_softmax_at(&logits[i * nv..(i + 1) * nv], ids[i + 1])).sum::<f64>() / (ids.len() - 1) as f64;
+    Ok(nll.exp())
+}
+
+/// The golden text the perplexity drift is measured on (the llama.cpp reference's).
+fn golden_text() -> String {
+    let g: serde_json::Value = serde_json::from_str(include_str!("../../../tests/data/smollm2-135m-instruct-q4_1.json")).unwrap_or_default();
+    g["nll"][0]["text"].as_str().unwrap_or("The quick brown fox jumps over the lazy dog.").to_owned()
+}
+
+/// Runs the benchmark.
+pub fn run(a: SonaBenchArgs) -> Result<(), Error> {
+    if a.entities == 0 || a.entities > 50 {
+        return Err(Error::usage("--entities must be between 1 and 50"));
+    }
+    let l = load(&a.model)?;
+    let model: Arc<Model> = Arc::new(l.model);
+    let tok = l.tok;
+    let facts = facts(a.entities, a.seed);
+    let mut r = Runner::new(&model, l.pool.clone(), 1024);
+    let golden = golden_text();
+
+    // Teach: every correction through the Learner, and into the bank.
+    let learner = Learner::new(model.clone());
+    let mut bank = Bank::new(model.config.n_embd);
+    let t0 = std::time::Instant::now();
+    let mut learn_ms = Vec::new();
+    for f in &facts {
+        let prompt = tok.encode(&f.teach, true, false);
+        let correction = tok.encode(&format!(" {}.", f.answer), false, false);
+        let t = std::time::Instant::now();
+        learner.learn("bench", &prompt, &[], &Feedback::Correction(correction)).map_err(|e| Error::usage(e.to_string()))?;
+        learn_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        let e = embed(&mut r, &tok, &f.teach)?;
+        bank.add(&e, Trajectory { prompt: f.teach.clone(), answer: f.answer.clone(), rating: 1.0, scope: "bench".into() }).map_err(|e| Error::usage(e.to_string()))?;
+    }
+    let teach_secs = t0.elapsed().as_secs_f64();
+    let adapter: Option<LoraAdapter> = learner.adapter_for("bench").map(|a| (*a).clone());
+
+    let modes = ["baseline", "retrieval-only", "adapters-only", "full"];
+    let mut results = Vec::new();
+    for mode in modes {
+        let (retrieve, adapt) = match mode {
+            "baseline" => (false, false),
+            "retrieval-only" => (true, false),
+            "adapters-only" => (false, true),
+            _ => (true, true),
+        };
+        // Embeddings for retrieval come from the base model (the bank's space).
+        r.set_lora(None);
+        let mut prompts = Vec::new();
+        let mut retrieved_right = 0;
+        for f in &facts {
+            for q in &f.held_out {
+                let mut p = String::new();
+                if retrieve {
+                    let e = embed(&mut r, &tok, q)?;
+                    for (i, _) in bank.search(&e, a.k) {
+                        if let Some(t) = bank.get(i) {
+                            retrieved_right += usize::from(t.answer == f.answer);
+                            p.push_str(&format!("{} {}.\n", t.prompt, t.answer));
+                        }
+                    }
+                }
+                p.push_str(q);
+                prompts.push((p, f.answer.clone()));
+            }
+        }
+        r.set_lora(if adapt { adapter.clone() } else { None });
+        let (mut right, mut nll) = (0usize, 0f64);
+        for (p, ans) in &prompts {
+            let (ok, n) = score(&mut r, &tok, p, ans)?;
+            right += usize::from(ok);
+            nll += n;
+        }
+        let ppl = perplexity(&mut r, &tok, &golden)?;
+        let s = Scores { accuracy: right as f64 / prompts.len() as f64, nll: nll / prompts.len() as f64, perplexity: ppl };
+        results.push((mode, s, retrieve.then_some(retrieved_right as f64 / (prompts.len() * a.k) as f64)));
+    }
+    let base = results[0].1;
+    learn_ms.sort_by(f64::total_cmp);
+    let p50 = learn_ms[learn_ms.len() / 2];
+    let p99 = learn_ms[(learn_ms.len() * 99 / 100).min(learn_ms.len() - 1)];
+    if a.json {
+        let rows: Vec<serde_json::Value> = results
+            .iter()
+            .map(|(m, s, hit)| serde_json::json!({"mode": m, "accuracy": s.accuracy, "answer_nll": s.nll, "nll_change": s.nll / base.nll - 1.0, "perplexity": s.perplexity, "perplexity_drift": s.perplexity / base.perplexity - 1.0, "retrieval_hit_rate": hit}))
+            .collect();
+        println!("{}", serde_json::json!({"facts": facts.len(), "held_out": 2 * facts.len(), "teach_secs": teach_secs, "learn_ms_p50": p50, "learn_ms_p99": p99, "modes": rows}));
+    } else {
+        println!("{} facts, {} held-out questions; teaching took {:.1} s (per correction p50 {:.0} ms, p99 {:.0} ms)", facts.len(), 2 * facts.len(), teach_secs, p50, p99);
+        println!("| mode | held-out accuracy | answer NLL | vs baseline | golden perplexity | drift | retrieval hits |");
+        println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+        for (m, s, hit) in &results {
+            println!(
+                "| {m} | {:.1}% | {:.3} | {:+.1}% | {:.3} | {:+.2}% | {} |",
+                100.0 * s.accuracy,
+                s.nll,
+                100.0 * (s.nll / base.nll - 1.0),
+                s.perplexity,
+                100.0 * (s.perplexity / base.perplexity - 1.0),
+                hit.map_or("–".to_string(), |h| format!("{:.1}%", 100.0 * h))
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn facts_are_deterministic_distinct_and_complete() {
+        let a = facts(6, 1);
+        assert_eq!(a.len(), 36);
+        assert_eq!(a.iter().map(|f| f.answer.clone()).collect::<Vec<_>>(), facts(6, 1).iter().map(|f| f.answer.clone()).collect::<Vec<_>>());
+        let answers: std::collections::HashSet<_> = a.iter().map(|f| &f.answer).collect();
+        assert_eq!(answers.len(), 36);
+        for f in &a {
+            assert!(!f.teach.contains("{}") && f.held_out.iter().all(|h| !h.contains("{}") && h != &f.teach));
+            assert!(f.answer.chars().next().is_some_and(|c| c.is_uppercase()));
+        }
+        assert_ne!(facts(6, 2)[0].answer, a[0].answer);
+    }
+}

@@ -1,0 +1,156 @@
+//! The ReasoningBank's index: trajectories (a prompt's embedding from the model's own hidden
+//! states, the prompt, the answer that was confirmed or corrected, its rating, its scope) found
+//! again by exact cosine-similarity search over a contiguous `n × dim` matrix of unit vectors
+//! (one SIMD dot product per entry; at 100k entries of 576 floats that is ~58M multiply-adds per
+//! query, a few milliseconds; an approximate index would pay only beyond that).
+
+use ruvllm_kernels::ops::dot_f32;
+
+/// A remembered exchange.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Trajectory {
+    /// The prompt as text.
+    pub prompt: String,
+    /// The answer that feedback confirmed or supplied.
+    pub answer: String,
+    /// Feedback: 1 for a correction or a fully positive rating, down to -1.
+    pub rating: f32,
+    /// Whose feedback it was.
+    pub scope: String,
+}
+
+/// Why an entry was refused.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BankError {
+    /// The embedding's length is not the bank's dimension.
+    Dimension {
+        /// The bank's.
+        expected: usize,
+        /// The entry's.
+        got: usize,
+    },
+    /// The embedding has a NaN/infinite value or is all zeros.
+    NotFinite,
+}
+
+impl std::fmt::Display for BankError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BankError::Dimension { expected, got } => write!(f, "embedding of {got} values, the bank holds {expected}"),
+            BankError::NotFinite => write!(f, "embedding is zero or not finite"),
+        }
+    }
+}
+
+impl std::error::Error for BankError {}
+
+/// An exact nearest-neighbour index of trajectories.
+#[derive(Debug, Clone)]
+pub struct Bank {
+    dim: usize,
+    /// Unit embeddings: `[len × dim]`.
+    vectors: Vec<f32>,
+    items: Vec<Trajectory>,
+}
+
+/// `v / |v|`, or None for a zero or non-finite vector.
+pub fn normalized(v: &[f32]) -> Option<Vec<f32>> {
+    let n = v.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>().sqrt();
+    (n.is_finite() && n > 0.0).then(|| v.iter().map(|x| (*x as f64 / n) as f32).collect())
+}
+
+impl Bank {
+    /// An empty bank of `dim`-dimensional embeddings.
+    pub fn new(dim: usize) -> Bank {
+        Bank { dim, vectors: Vec::new(), items: Vec::new() }
+    }
+
+    /// Entries held.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Whether the bank is empty.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Entry `i`.
+    pub fn get(&self, i: usize) -> Option<&Trajectory> {
+        self.items.get(i)
+    }
+
+    /// Adds a trajectory under `embedding` (any length-`dim` vector; it is normalized).
+    pub fn add(&mut self, embedding: &[f32], t: Trajectory) -> Result<usize, BankError> {
+        if embedding.len() != self.dim {
+            return Err(BankError::Dimension { expected: self.dim, got: embedding.len() });
+        }
+        let u = normalized(embedding).ok_or(BankError::NotFinite)?;
+        self.vectors.extend_from_slice(&u);
+        self.items.push(t);
+        Ok(self.items.len() - 1)
+    }
+
+    /// The `k` entries most similar to `query` (cosine), best first, as (index, similarity).
+    /// Ties keep insertion order. A query of the wrong length or zero gives nothing.
+    pub fn search(&self, query: &[f32], k: usize) -> Vec<(usize, f32)> {
+        let Some(q) = (query.len() == self.dim).then(|| normalized(query)).flatten() else { return Vec::new() };
+        let mut scored: Vec<(usize, f32)> = self.vectors.chunks_exact(self.dim.max(1)).map(|v| dot_f32(&q, v)).enumerate().collect();
+        scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        scored.truncate(k);
+        scored
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(i: usize) -> Trajectory {
+        Trajectory { prompt: format!("p{i}"), answer: format!("a{i}"), rating: 1.0, scope: "s".into() }
+    }
+
+    #[test]
+    fn search_equals_brute_force_in_f64() {
+        let dim = 37;
+        let mut bank = Bank::new(dim);
+        let vecs: Vec<Vec<f32>> = (0..200).map(|i| crate::uniform(dim, 100 + i, 1.0)).collect();
+        for (i, v) in vecs.iter().enumerate() {
+            bank.add(v, t(i)).unwrap();
+        }
+        for qi in 0..20 {
+            let q = crate::uniform(dim, 9000 + qi, 1.0);
+            let cos = |a: &[f32], b: &[f32]| {
+                let d: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+                let n = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+                d / (n(a) * n(b))
+            };
+            let mut want: Vec<(usize, f64)> = vecs.iter().enumerate().map(|(i, v)| (i, cos(&q, v))).collect();
+            want.sort_by(|a, b| b.1.total_cmp(&a.1));
+            let got = bank.search(&q, 5);
+            assert_eq!(got.len(), 5);
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g.1 as f64 - w.1).abs() < 1e-5, "{g:?} vs {w:?}");
+            }
+            // The top hit is the true nearest unless two are within rounding.
+            assert!(got[0].0 == want[0].0 || (want[0].1 - want[1].1).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn scale_does_not_matter_and_bad_input_is_refused() {
+        let mut bank = Bank::new(3);
+        bank.add(&[1.0, 0.0, 0.0], t(0)).unwrap();
+        bank.add(&[0.0, 5.0, 0.0], t(1)).unwrap();
+        assert_eq!(bank.search(&[0.0, 0.1, 0.0], 1)[0].0, 1);
+        assert_eq!(bank.search(&[100.0, 1.0, 0.0], 2).iter().map(|x| x.0).collect::<Vec<_>>(), vec![0, 1]);
+        assert_eq!(bank.search(&[1.0, 0.0, 0.0], 10).len(), 2);
+        assert!(bank.search(&[0.0, 0.0, 0.0], 1).is_empty());
+        assert!(bank.search(&[1.0, 0.0], 1).is_empty());
+        assert_eq!(bank.add(&[1.0, 2.0], t(2)), Err(BankError::Dimension { expected: 3, got: 2 }));
+        assert_eq!(bank.add(&[0.0, f32::NAN, 1.0], t(2)), Err(BankError::NotFinite));
+        assert_eq!(bank.add(&[0.0; 3], t(2)), Err(BankError::NotFinite));
+        assert_eq!(bank.len(), 2);
+        assert_eq!(bank.get(1).map(|x| x.answer.as_str()), Some("a1"));
+    }
+}
