@@ -308,7 +308,7 @@ fn cmd_run(a: RunArgs) -> Result<(), Error> {
 /// every later turn runs with.
 fn cmd_chat(a: ChatArgs) -> Result<(), Error> {
     use ruvllm_engine::{Engine, EngineConfig, Event, Request};
-    use ruvllm_sona::learner::{Feedback, Learner};
+    use ruvllm_sona::learner::{Feedback, LearnConfig, Learner, ANCHOR_TEXT};
     const SCOPE: &str = "chat";
     let params = a.sampling.params();
     params.sampling.validate()?;
@@ -322,7 +322,7 @@ fn cmd_chat(a: ChatArgs) -> Result<(), Error> {
     let tok = Arc::new(l.tok);
     let model = Arc::new(l.model);
     let engine = Engine::start(model.clone(), tok.clone(), l.pool, cfg).map_err(|e| Error::usage(e.to_string()))?;
-    let learner = match (&a.sona_dir, a.no_learning) {
+    let mut learner = match (&a.sona_dir, a.no_learning) {
         (_, true) => None,
         (None, false) => Some(Learner::new(model.clone())),
         (Some(dir), false) => {
@@ -333,6 +333,9 @@ fn cmd_chat(a: ChatArgs) -> Result<(), Error> {
             Some(l)
         }
     };
+    if let Some(l) = &mut learner {
+        l.configure(LearnConfig::default(), Some(tok.encode(ANCHOR_TEXT, true, false)));
+    }
     let mut msgs: Vec<ChatMessage> = a.system.iter().map(|s| ChatMessage::new("system", s)).collect();
     // The last exchange (prompt ids, answer ids), what /good, /bad and /fix refer to.
     let mut last: Option<(Vec<u32>, Vec<u32>)> = None;

@@ -19,7 +19,7 @@ use crate::{load, ModelArgs};
 use clap::Args;
 use ruvllm_model::{LoraAdapter, Logits, Model, Runner};
 use ruvllm_sona::bank::{Bank, Trajectory};
-use ruvllm_sona::learner::{Feedback, Learner};
+use ruvllm_sona::learner::{Feedback, LearnConfig, Learner, ANCHOR_TEXT};
 use ruvllm_tokenizer::Tokenizer;
 use std::sync::Arc;
 
@@ -40,6 +40,25 @@ pub struct SonaBenchArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Adam steps per correction.
+    #[arg(long, default_value_t = LearnConfig::default().steps)]
+    steps: usize,
+    /// Learning rate.
+    #[arg(long, default_value_t = LearnConfig::default().lr)]
+    lr: f32,
+    /// Earlier lessons replayed with each new one.
+    #[arg(long, default_value_t = LearnConfig::default().replay)]
+    replay: usize,
+    /// Weight of the anchor penalty (keeps the adapter's output on generic text near zero;
+    /// higher than the serving default, see `LearnConfig::anchor_weight`).
+    #[arg(long = "anchor-weight", default_value_t = 1.0)]
+    anchor_weight: f32,
+    /// Print every wrong answer (prompt, expected, generated) to standard error.
+    #[arg(long)]
+    show_errors: bool,
+    /// Modes to run (comma-separated); teaching is skipped when no adapter mode is asked for.
+    #[arg(long, value_delimiter = ',', default_value = "baseline,retrieval-only,adapters-only,full")]
+    modes: Vec<String>,
 }
 
 /// One generated fact.
@@ -134,8 +153,24 @@ fn log_softmax_at(l: &[f32], t: u32) -> f64 {
     l[t as usize] as f64 - lse
 }
 
-/// (exact, mean NLL per answer token) of `answer` after `prompt`.
-fn score(r: &mut Runner<'_>, tok: &Tokenizer, prompt: &str, answer: &str) -> Result<(bool, f64), Error> {
+/// `question` after the `k` exchanges of `bank` nearest to it (one line each), and the
+/// retrieved answers.
+fn with_context(r: &mut Runner<'_>, tok: &Tokenizer, bank: &Bank, k: usize, question: &str) -> Result<(String, Vec<String>), Error> {
+    let e = embed(r, tok, question)?;
+    let mut p = String::new();
+    let mut answers = Vec::new();
+    for (i, _) in bank.search(&e, k) {
+        if let Some(t) = bank.get(i) {
+            p.push_str(&format!("{} {}.\n", t.prompt, t.answer));
+            answers.push(t.answer.clone());
+        }
+    }
+    p.push_str(question);
+    Ok((p, answers))
+}
+
+/// (exact, mean NLL per answer token, generated text) of `answer` after `prompt`.
+fn score(r: &mut Runner<'_>, tok: &Tokenizer, prompt: &str, answer: &str) -> Result<(bool, f64, String), Error> {
     let p = tok.encode(prompt, true, false);
     let a = tok.encode(&format!(" {answer}"), false, false);
     let nv = r.model().config.n_vocab;
@@ -153,7 +188,7 @@ fn score(r: &mut Runner<'_>, tok: &Tokenizer, prompt: &str, answer: &str) -> Res
         last = r.forward(&[t], Logits::Last)?.to_vec();
     }
     let text = tok.decode(&out, false)?;
-    Ok((text.trim_start().starts_with(answer), nll))
+    Ok((text.trim_start().starts_with(answer), nll, text))
 }
 
 fn perplexity(r: &mut Runner<'_>, tok: &Tokenizer, text: &str) -> Result<f64, Error> {
@@ -183,26 +218,40 @@ pub fn run(a: SonaBenchArgs) -> Result<(), Error> {
     let mut r = Runner::new(&model, l.pool.clone(), 1024);
     let golden = golden_text();
 
-    // Teach: every correction through the Learner, and into the bank.
-    let learner = Learner::new(model.clone());
+    const MODES: [&str; 4] = ["baseline", "retrieval-only", "adapters-only", "full"];
+    if let Some(m) = a.modes.iter().find(|m| !MODES.contains(&m.as_str())) {
+        return Err(Error::usage(format!("unknown mode {m:?}; modes: {}", MODES.join(", "))));
+    }
+    // Every correction goes into the bank. Two scopes of one Learner learn them: `plain` on the
+    // phrasing as asked (what adapters-only serves with), `full` on the prompt the full system
+    // builds for that phrasing (retrieved exchanges + phrasing), as a correction given on a
+    // retrieval-augmented answer would be.
+    let mut learner = Learner::new(model.clone());
+    learner.configure(LearnConfig { steps: a.steps, lr: a.lr, replay: a.replay, anchor_weight: a.anchor_weight }, Some(tok.encode(ANCHOR_TEXT, true, false)));
     let mut bank = Bank::new(model.config.n_embd);
-    let t0 = std::time::Instant::now();
-    let mut learn_ms = Vec::new();
     for f in &facts {
-        let prompt = tok.encode(&f.teach, true, false);
-        let correction = tok.encode(&format!(" {}.", f.answer), false, false);
-        let t = std::time::Instant::now();
-        learner.learn("bench", &prompt, &[], &Feedback::Correction(correction)).map_err(|e| Error::usage(e.to_string()))?;
-        learn_ms.push(t.elapsed().as_secs_f64() * 1e3);
         let e = embed(&mut r, &tok, &f.teach)?;
         bank.add(&e, Trajectory { prompt: f.teach.clone(), answer: f.answer.clone(), rating: 1.0, scope: "bench".into() }).map_err(|e| Error::usage(e.to_string()))?;
     }
+    let t0 = std::time::Instant::now();
+    let mut learn_ms = Vec::new();
+    for (scope, mode, augmented) in [("plain", "adapters-only", false), ("full", "full", true)] {
+        if !a.modes.iter().any(|m| m == mode) {
+            continue;
+        }
+        for f in &facts {
+            let text = if augmented { with_context(&mut r, &tok, &bank, a.k, &f.teach)?.0 } else { f.teach.clone() };
+            let prompt = tok.encode(&text, true, false);
+            let correction = tok.encode(&format!(" {}.", f.answer), false, false);
+            let t = std::time::Instant::now();
+            learner.learn(scope, &prompt, &[], &Feedback::Correction(correction)).map_err(|e| Error::usage(e.to_string()))?;
+            learn_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
     let teach_secs = t0.elapsed().as_secs_f64();
-    let adapter: Option<LoraAdapter> = learner.adapter_for("bench").map(|a| (*a).clone());
 
-    let modes = ["baseline", "retrieval-only", "adapters-only", "full"];
     let mut results = Vec::new();
-    for mode in modes {
+    for mode in MODES.into_iter().filter(|m| a.modes.iter().any(|x| x == m)) {
         let (retrieve, adapt) = match mode {
             "baseline" => (false, false),
             "retrieval-only" => (true, false),
@@ -211,28 +260,28 @@ pub fn run(a: SonaBenchArgs) -> Result<(), Error> {
         };
         // Embeddings for retrieval come from the base model (the bank's space).
         r.set_lora(None);
+        let adapter: Option<LoraAdapter> = learner.adapter_for(if mode == "full" { "full" } else { "plain" }).map(|a| (*a).clone());
         let mut prompts = Vec::new();
         let mut retrieved_right = 0;
         for f in &facts {
             for q in &f.held_out {
-                let mut p = String::new();
-                if retrieve {
-                    let e = embed(&mut r, &tok, q)?;
-                    for (i, _) in bank.search(&e, a.k) {
-                        if let Some(t) = bank.get(i) {
-                            retrieved_right += usize::from(t.answer == f.answer);
-                            p.push_str(&format!("{} {}.\n", t.prompt, t.answer));
-                        }
-                    }
-                }
-                p.push_str(q);
+                let p = if retrieve {
+                    let (p, answers) = with_context(&mut r, &tok, &bank, a.k, q)?;
+                    retrieved_right += answers.iter().filter(|x| **x == f.answer).count();
+                    p
+                } else {
+                    q.clone()
+                };
                 prompts.push((p, f.answer.clone()));
             }
         }
         r.set_lora(if adapt { adapter.clone() } else { None });
         let (mut right, mut nll) = (0usize, 0f64);
         for (p, ans) in &prompts {
-            let (ok, n) = score(&mut r, &tok, p, ans)?;
+            let (ok, n, text) = score(&mut r, &tok, p, ans)?;
+            if a.show_errors && !ok {
+                eprintln!("[{mode}] {p:?} → {text:?} (expected {ans})");
+            }
             right += usize::from(ok);
             nll += n;
         }
@@ -240,10 +289,10 @@ pub fn run(a: SonaBenchArgs) -> Result<(), Error> {
         let s = Scores { accuracy: right as f64 / prompts.len() as f64, nll: nll / prompts.len() as f64, perplexity: ppl };
         results.push((mode, s, retrieve.then_some(retrieved_right as f64 / (prompts.len() * a.k) as f64)));
     }
-    let base = results[0].1;
+    let Some(&(_, base, _)) = results.first() else { return Err(Error::usage("no mode to run")) };
     learn_ms.sort_by(f64::total_cmp);
-    let p50 = learn_ms[learn_ms.len() / 2];
-    let p99 = learn_ms[(learn_ms.len() * 99 / 100).min(learn_ms.len() - 1)];
+    let p50 = learn_ms.get(learn_ms.len() / 2).copied().unwrap_or(0.0);
+    let p99 = learn_ms.get((learn_ms.len() * 99 / 100).min(learn_ms.len().saturating_sub(1))).copied().unwrap_or(0.0);
     if a.json {
         let rows: Vec<serde_json::Value> = results
             .iter()

@@ -12,7 +12,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use ruvllm_model::LoraAdapter;
-use ruvllm_sona::learner::{Feedback, LearnError, Learner};
+use ruvllm_sona::learner::{Feedback, LearnConfig, LearnError, Learner};
 use serde_json::{json, Value};
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
@@ -37,14 +37,17 @@ pub struct Learning {
 }
 
 impl Learning {
-    /// In-memory learning for `model`.
-    pub fn new(model: Arc<ruvllm_model::Model>) -> Learning {
-        Learning { learner: Learner::new(model), records: Mutex::default() }
+    /// In-memory learning for `model`; `anchor` is the anchor text's token ids.
+    pub fn new(model: Arc<ruvllm_model::Model>, anchor: Vec<u32>) -> Learning {
+        let mut learner = Learner::new(model);
+        learner.configure(LearnConfig::default(), Some(anchor));
+        Learning { learner, records: Mutex::default() }
     }
 
     /// Learning persisted under `dir`; returns it and how many scopes were restored.
-    pub fn open(dir: &Path, model: Arc<ruvllm_model::Model>) -> std::io::Result<(Learning, usize)> {
-        let (learner, report) = Learner::open(dir, model)?;
+    pub fn open(dir: &Path, model: Arc<ruvllm_model::Model>, anchor: Vec<u32>) -> std::io::Result<(Learning, usize)> {
+        let (mut learner, report) = Learner::open(dir, model)?;
+        learner.configure(LearnConfig::default(), Some(anchor));
         for w in &report.warnings {
             tracing::warn!(dir = %dir.display(), "{w}");
         }

@@ -71,11 +71,12 @@ impl AppState {
     /// `cfg.sona_dir`, learned adapters are restored from it (an unusable directory is an error).
     pub fn new(engine: Arc<Engine>, tok: Arc<Tokenizer>, template: ChatTemplate, n_embd: usize, cfg: &ServerConfig) -> std::io::Result<AppState> {
         let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let anchor = tok.encode(ruvllm_sona::learner::ANCHOR_TEXT, true, false);
         let learning = match (&cfg.sona_dir, cfg.learning) {
             (_, false) => None,
-            (None, true) => Some(Arc::new(Learning::new(engine.model().clone()))),
+            (None, true) => Some(Arc::new(Learning::new(engine.model().clone(), anchor))),
             (Some(dir), true) => {
-                let (l, n) = Learning::open(dir, engine.model().clone())?;
+                let (l, n) = Learning::open(dir, engine.model().clone(), anchor)?;
                 tracing::info!(dir = %dir.display(), scopes = n, "learned state restored");
                 eprintln!("ruvllm: learned state in {} ({n} scopes restored)", dir.display());
                 Some(Arc::new(l))

@@ -21,12 +21,42 @@ use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
-/// Earlier lessons of a scope replayed with each new one (most recent first).
-const REPLAY: usize = 3;
 /// Lessons a scope keeps.
 const KEEP: usize = 16;
-/// Adam steps for a correction; a rating `r` takes `round(10·|r|)`.
-const CORRECTION_STEPS: usize = 30;
+
+/// Generic text whose activations anchor every adapter (see [`LearnConfig::anchor_weight`]):
+/// what the adapter must leave alone.
+pub const ANCHOR_TEXT: &str = "The museum opens at nine in the morning and closes at five. Visitors can walk through rooms of old maps, \
+clocks and paintings, and a small garden sits behind the main hall. In the winter the roads are icy, so most people take the train, \
+which leaves every twenty minutes from the station near the river. def add(a, b):\n    return a + b\n\nQuestion: How many legs does a spider have? \
+Answer: Eight. The recipe needs two cups of flour, one egg and a pinch of salt; mix them slowly and bake for half an hour.";
+
+/// How feedback is learned.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LearnConfig {
+    /// Adam steps for a correction; a rating `r` takes `round(steps·|r|/3)`.
+    pub steps: usize,
+    /// Adam learning rate.
+    pub lr: f32,
+    /// Earlier lessons replayed with each new one (most recent first).
+    pub replay: usize,
+    /// Weight of the penalty on the adapter's output over [`ANCHOR_TEXT`]'s activations (0: none).
+    ///
+    /// A trade-off measured with `ruvllm sona-bench`, the chat REPL and the server tests: at
+    /// 1.0, 36 corrections leave golden-text perplexity within 2% (at 0.01: +7.5% after 18;
+    /// at 0: it explodes), but a single chat-format correction no longer converges in 30 steps
+    /// (loss 4.18 → 4.09; at 0.01: → 0.14), and at 0.01 three near-identical facts (castle
+    /// 1/2/3) interfere. Serving therefore defaults to 0 (corrections stick, general ability
+    /// degrades as a scope accumulates many); the benchmark runs at 1.0. Open: a penalty that
+    /// adapts to the number of lessons.
+    pub anchor_weight: f32,
+}
+
+impl Default for LearnConfig {
+    fn default() -> Self {
+        LearnConfig { steps: 30, lr: 2e-2, replay: 3, anchor_weight: 0.0 }
+    }
+}
 
 /// What a user said about an answer.
 #[derive(Debug, Clone, PartialEq)]
@@ -126,6 +156,10 @@ pub struct Learner {
     dir: Option<PathBuf>,
     /// Lessons read back from `dir`, recaptured when their scope next learns.
     restored: Mutex<HashMap<String, Vec<StoredLesson>>>,
+    cfg: LearnConfig,
+    /// Token ids of the anchor text, and (computed once) their activations.
+    anchor_tokens: Option<Vec<u32>>,
+    anchor: OnceLock<Option<Arc<Vec<f32>>>>,
 }
 
 /// A stable, non-reversible key for a scope name: the first 128 bits of SHA-256, in hex.
@@ -170,7 +204,18 @@ impl Learner {
             published: RwLock::default(),
             dir: None,
             restored: Mutex::default(),
+            cfg: LearnConfig::default(),
+            anchor_tokens: None,
+            anchor: OnceLock::new(),
         }
+    }
+
+    /// Sets how feedback is learned and the anchor text's token ids (normally
+    /// [`ANCHOR_TEXT`] encoded by the model's tokenizer); applies to scopes created afterwards.
+    pub fn configure(&mut self, cfg: LearnConfig, anchor_tokens: Option<Vec<u32>>) {
+        self.cfg = cfg;
+        self.anchor_tokens = anchor_tokens;
+        self.anchor = OnceLock::new();
     }
 
     /// A learner persisted under `dir` (created if missing): reads back every scope's adapter
@@ -231,8 +276,8 @@ impl Learner {
             return Err(LearnError::EmptyPrompt);
         }
         let (answer, negative, steps) = match feedback {
-            Feedback::Correction(a) => (a.as_slice(), false, CORRECTION_STEPS),
-            Feedback::Rating(r) if (-1.0..=1.0).contains(r) => (answer, *r < 0.0, (r.abs() * 10.0).round() as usize),
+            Feedback::Correction(a) => (a.as_slice(), false, self.cfg.steps),
+            Feedback::Rating(r) if (-1.0..=1.0).contains(r) => (answer, *r < 0.0, (r.abs() * self.cfg.steps as f64 / 3.0).round() as usize),
             Feedback::Rating(_) => return Err(LearnError::BadRating),
         };
         let key = scope_key(scope);
@@ -249,7 +294,13 @@ impl Learner {
         let sc = match scopes.entry(key.clone()) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(v) => {
-                let mut trainer = DownTrainer::new(self.model.clone(), head, self.pool.clone(), last, 8, 16.0, 2e-2, sid).ok_or(LearnError::HeadUnavailable)?;
+                let mut trainer = DownTrainer::new(self.model.clone(), head, self.pool.clone(), last, 8, 16.0, self.cfg.lr, sid).ok_or(LearnError::HeadUnavailable)?;
+                if self.cfg.anchor_weight > 0.0 {
+                    let acts = self.anchor.get_or_init(|| self.anchor_tokens.as_ref().and_then(|t| trainer.capture(t)).map(|c| Arc::new(c.act)));
+                    if let Some(acts) = acts {
+                        trainer.set_anchor(acts.clone(), self.cfg.anchor_weight);
+                    }
+                }
                 // A scope restored from disk continues from its adapter and lessons.
                 let mut lessons = VecDeque::new();
                 if let Some(p) = self.adapter_for_key(&key).as_ref().and_then(|ad| ad.pair(last, Proj::Down).cloned()) {
@@ -269,7 +320,7 @@ impl Learner {
         // The new lesson with the most recent earlier ones, so it does not overwrite them.
         let (loss_before, loss_after) = {
             let mut batch: Vec<(&Capture, &[Option<u32>], bool)> = vec![(&new.cap, &new.targets, new.negative)];
-            batch.extend(sc.lessons.iter().take(REPLAY).map(|l| (&l.cap, l.targets.as_slice(), l.negative)));
+            batch.extend(sc.lessons.iter().take(self.cfg.replay).map(|l| (&l.cap, l.targets.as_slice(), l.negative)));
             let before = sc.trainer.loss_and_grads(&new.cap, &new.targets, new.negative).0;
             for _ in 0..steps {
                 sc.trainer.step_batch(&batch);

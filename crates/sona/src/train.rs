@@ -73,6 +73,10 @@ pub struct DownTrainer {
     steps: i32,
     lr: f32,
     head: Arc<Head>,
+    /// Activations of generic text at the adapted projection (`[rows × n_ff]`) and the weight of
+    /// the penalty `weight · mean_t ‖scale·B·A·act_t‖²` that keeps the adapter from changing
+    /// the model there (general ability kept while facts are learned).
+    anchor: Option<(Arc<Vec<f32>>, f32)>,
 }
 
 impl DownTrainer {
@@ -88,7 +92,35 @@ impl DownTrainer {
         let a = crate::uniform(rank * ff, seed, 1.0 / (ff as f32).sqrt());
         let b = vec![0f32; d * rank];
         let adam = [vec![0f32; a.len()], vec![0f32; a.len()], vec![0f32; b.len()], vec![0f32; b.len()]];
-        Some(DownTrainer { model, pool, layer, rank, scale: alpha / rank as f32, a, b, adam, steps: 0, lr, head })
+        Some(DownTrainer { model, pool, layer, rank, scale: alpha / rank as f32, a, b, adam, steps: 0, lr, head, anchor: None })
+    }
+
+    /// Penalizes the adapter's output on `acts` (activations of generic text at this layer's
+    /// down projection, `[rows × n_ff]`, from [`capture`](Self::capture)) with `weight` in
+    /// every [`step_batch`](Self::step_batch).
+    pub fn set_anchor(&mut self, acts: Arc<Vec<f32>>, weight: f32) {
+        self.anchor = Some((acts, weight));
+    }
+
+    /// The anchor penalty `weight · mean_t ‖scale·B·A·act_t‖²` and its gradients (zero
+    /// without an anchor).
+    pub fn anchor_penalty_and_grads(&self) -> (f32, Vec<f32>, Vec<f32>) {
+        let mut da = vec![0f32; self.a.len()];
+        let mut db = vec![0f32; self.b.len()];
+        let Some((acts, weight)) = &self.anchor else { return (0.0, da, db) };
+        let (d, ff, r) = (self.model.config.n_embd, self.model.config.n_ff, self.rank);
+        let rows = acts.len() / ff;
+        let mut total = 0f64;
+        for act in acts.chunks_exact(ff) {
+            let h1: Vec<f32> = (0..r).map(|k| self.a[k * ff..(k + 1) * ff].iter().zip(act).map(|(w, x)| w * x).sum()).collect();
+            let delta: Vec<f32> = (0..d).map(|j| self.scale * (0..r).map(|k| self.b[j * r + k] * h1[k]).sum::<f32>()).collect();
+            total += delta.iter().map(|v| (*v as f64).powi(2)).sum::<f64>();
+            let dd: Vec<f32> = delta.iter().map(|v| 2.0 * weight * v / rows as f32).collect();
+            let g = lora_backward(&self.a, &self.b, r, self.scale, act, &dd);
+            da.iter_mut().zip(&g.da).for_each(|(x, y)| *x += y);
+            db.iter_mut().zip(&g.db).for_each(|(x, y)| *x += y);
+        }
+        ((*weight as f64 * total / rows.max(1) as f64) as f32, da, db)
     }
 
     /// The parameters `(A, B)`.
@@ -164,8 +196,8 @@ impl DownTrainer {
     }
 
     /// One Adam step on the mean of several examples' losses (new feedback with replayed
-    /// earlier lessons, so a new lesson does not overwrite the old ones); returns the mean loss
-    /// before it.
+    /// earlier lessons, so a new lesson does not overwrite the old ones) plus the anchor
+    /// penalty, if set; returns the examples' mean loss before it.
     pub fn step_batch(&mut self, batch: &[(&Capture, &[Option<u32>], bool)]) -> f32 {
         let mut da = vec![0f32; self.a.len()];
         let mut db = vec![0f32; self.b.len()];
@@ -180,6 +212,11 @@ impl DownTrainer {
         da.iter_mut().for_each(|x| *x /= n);
         db.iter_mut().for_each(|x| *x /= n);
         let loss = loss / n;
+        if self.anchor.is_some() {
+            let (_, ga, gb) = self.anchor_penalty_and_grads();
+            da.iter_mut().zip(&ga).for_each(|(x, y)| *x += y);
+            db.iter_mut().zip(&gb).for_each(|(x, y)| *x += y);
+        }
         self.steps += 1;
         let (b1, b2, eps) = (0.9f32, 0.999f32, 1e-8f32);
         let (c1, c2) = (1.0 - b1.powi(self.steps), 1.0 - b2.powi(self.steps));

@@ -93,6 +93,43 @@ fn gradient_matches_finite_differences_and_loss_matches_the_model() {
     }
 }
 
+/// The anchor penalty's gradient against central differences, and its effect: steps with it
+/// keep the adapter's output on the anchor text small.
+#[test]
+fn anchor_penalty_gradient_matches_finite_differences() {
+    let Some((model, tok, pool)) = load() else { return };
+    let c = &model.config;
+    let last = c.n_layer - 1;
+    let head = Arc::new(Head::new(&model).unwrap());
+    let mut tr = DownTrainer::new(model.clone(), head, pool.clone(), last, 4, 8.0, 1e-2, 7).unwrap();
+    let anchor = tr.capture(&tok.encode("Water boils at one hundred degrees at sea level.", true, false)).unwrap();
+    tr.set_anchor(Arc::new(anchor.act.clone()), 0.5);
+    let a0 = tr.params().0.to_vec();
+    let b0 = ruvllm_sona::uniform(c.n_embd * 4, 11, 0.05);
+    tr.set_params(a0.clone(), b0.clone());
+    let (p, da, db) = tr.anchor_penalty_and_grads();
+    assert!(p > 0.0);
+    let h = 1e-3f32;
+    let at = |tr: &mut DownTrainer, a: Vec<f32>, b: Vec<f32>| {
+        tr.set_params(a, b);
+        tr.anchor_penalty_and_grads().0 as f64
+    };
+    for &i in &[3usize, 999, 4 * c.n_ff - 2] {
+        let (mut ap, mut am) = (a0.clone(), a0.clone());
+        ap[i] += h;
+        am[i] -= h;
+        let fdv = (at(&mut tr, ap, b0.clone()) - at(&mut tr, am, b0.clone())) / (2.0 * h as f64);
+        assert!((fdv - da[i] as f64).abs() <= 0.05 * fdv.abs().max(da[i].abs() as f64) + 1e-4, "dA[{i}]: {} vs {fdv}", da[i]);
+    }
+    for &i in &[1usize, 77, c.n_embd * 4 - 3] {
+        let (mut bp, mut bm) = (b0.clone(), b0.clone());
+        bp[i] += h;
+        bm[i] -= h;
+        let fdv = (at(&mut tr, a0.clone(), bp) - at(&mut tr, a0.clone(), bm)) / (2.0 * h as f64);
+        assert!((fdv - db[i] as f64).abs() <= 0.05 * fdv.abs().max(db[i].abs() as f64) + 1e-4, "dB[{i}]: {} vs {fdv}", db[i]);
+    }
+}
+
 #[test]
 fn a_few_steps_teach_a_fictional_fact() {
     let Some((model, tok, pool)) = load() else { return };
