@@ -98,7 +98,7 @@ def test_learned_state_survives_restart_and_a_crash_mid_write(tmp_path):
     scopes = list((d / "scopes").iterdir())
     assert len(scopes) == 1
     files = {p.name for p in scopes[0].iterdir()}
-    assert files == {"adapter_model.safetensors", "adapter_config.json", "state.json"}, files
+    assert files == {"adapter_model.safetensors", "adapter_config.json", "state.json", "bank.json"}, files
     for p in scopes[0].iterdir():
         assert b"dave" not in p.read_bytes()
     # What a crash in the middle of the next write would leave: torn temporary files.
@@ -127,3 +127,47 @@ def test_unusable_sona_dir_is_a_clear_error(tmp_path):
     from conftest import BIN
     r = subprocess.run([BIN, "serve", "-m", MODEL, "--port", "0", "--sona-dir", str(blocker / "x")], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "--sona-dir" in r.stderr, (r.returncode, r.stderr)
+
+
+def test_retrieval_puts_the_callers_own_corrections_before_the_prompt(tmp_path):
+    """`"sona": {"retrieve": k}`: a correction goes into its caller's ReasoningBank; a later
+    request of that caller with retrieve=1 gets it put before its prompt (more prompt tokens,
+    the entry reported back), another caller gets nothing from it; bad values are 400s; the
+    bank survives a restart with --sona-dir."""
+    d = tmp_path / "sona"
+    s = Server("--api-key", "fay", "--api-key", "gus", "--sona-dir", str(d))
+
+    def complete(key, prompt, sona=None):
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": 4, "temperature": 0}
+        if sona is not None:
+            body["sona"] = sona
+        return httpx.post(s.url + "/v1/completions", headers={"Authorization": f"Bearer {key}"}, json=body, timeout=120)
+
+    try:
+        first = complete("fay", PROMPT).json()
+        assert feedback(s.url, "fay", {"id": first["id"], "correction": ANSWER}).status_code == 200
+        q = "The blue castle's password is"
+        plain = complete("fay", q).json()
+        rag = complete("fay", q, {"retrieve": 1}).json()
+        assert rag["sona"]["retrieved"][0]["question"] == PROMPT
+        assert rag["sona"]["retrieved"][0]["answer"] == ANSWER.strip()
+        assert 0.5 < rag["sona"]["retrieved"][0]["similarity"] <= 1.0001
+        assert rag["usage"]["prompt_tokens"] > plain["usage"]["prompt_tokens"] + 5
+        other = complete("gus", q, {"retrieve": 1}).json()
+        assert other["sona"]["retrieved"] == []
+        assert other["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"]
+        chat = httpx.post(s.url + "/v1/chat/completions", headers={"Authorization": "Bearer fay"}, timeout=120,
+                          json={"model": MODEL, "messages": [{"role": "user", "content": q}], "max_tokens": 4, "sona": {"retrieve": 2}}).json()
+        assert [h["answer"] for h in chat["sona"]["retrieved"]] == [ANSWER.strip()]
+        for bad in [{"retrieve": -1}, {"retrieve": 9}, {"retrieve": "1"}, {"k": 1}, 3]:
+            r = complete("fay", q, bad)
+            assert r.status_code == 400 and r.json()["error"]["param"] == "sona", (bad, r.text)
+    finally:
+        assert s.stop() == 0
+    s = Server("--api-key", "fay", "--sona-dir", str(d))
+    try:
+        rag2 = complete("fay", "The blue castle's password is", {"retrieve": 1}).json()
+        assert rag2["sona"]["retrieved"][0]["answer"] == ANSWER.strip()
+        assert rag2["usage"]["prompt_tokens"] == rag["usage"]["prompt_tokens"]
+    finally:
+        assert s.stop() == 0

@@ -462,6 +462,10 @@ struct Meta {
     caller: String,
     /// The first prompt's tokens (remembered with choice 0's answer for feedback).
     prompt: Vec<u32>,
+    /// What the caller asked, before retrieved context (the ReasoningBank's key text).
+    question: String,
+    /// Bank entries put before the first prompt (`"sona": {"retrieve": k}`), if asked for.
+    retrieved: Option<Vec<crate::learn::Retrieved>>,
 }
 
 /// Runs a request to completion and builds the JSON response.
@@ -515,7 +519,7 @@ async fn collect(st: &AppState, meta: Meta, handles: Vec<RequestHandle>, g: &Gen
         })
         .collect();
     if let Some(l) = &st.learning {
-        l.record(&meta.id, &meta.caller, &meta.prompt, &choices[0].tokens);
+        l.record(&meta.id, &meta.caller, &meta.question, &meta.prompt, &choices[0].tokens);
     }
     let object = if meta.kind == Kind::Chat { "chat.completion" } else { "text_completion" };
     tracing::info!(
@@ -527,7 +531,7 @@ async fn collect(st: &AppState, meta: Meta, handles: Vec<RequestHandle>, g: &Gen
         ms = meta.started.elapsed().as_secs_f64() * 1e3,
         "completion"
     );
-    Json(json!({
+    let mut body = json!({
         "id": meta.id,
         "object": object,
         "created": meta.created,
@@ -535,8 +539,12 @@ async fn collect(st: &AppState, meta: Meta, handles: Vec<RequestHandle>, g: &Gen
         "system_fingerprint": concat!("ruvllm-", env!("CARGO_PKG_VERSION")),
         "choices": items,
         "usage": usage_json(&usage),
-    }))
-    .into_response()
+    });
+    if let Some(hits) = &meta.retrieved {
+        let list: Vec<Value> = hits.iter().map(|h| json!({"question": h.question, "answer": h.answer, "similarity": h.similarity})).collect();
+        body["sona"] = json!({"retrieved": list});
+    }
+    Json(body).into_response()
 }
 
 /// Per-stream state for building SSE chunks.
@@ -634,7 +642,7 @@ impl StreamCtx {
                 }
                 out.push(SseEvent::default().data("[DONE]"));
                 if let Some(l) = &self.st.learning {
-                    l.record(&self.meta.id, &self.meta.caller, &self.meta.prompt, &self.answer);
+                    l.record(&self.meta.id, &self.meta.caller, &self.meta.question, &self.meta.prompt, &self.answer);
                 }
                 tracing::info!(
                     id = self.meta.id,
@@ -685,10 +693,62 @@ fn stream_response(st: Arc<AppState>, meta: Meta, handles: Vec<RequestHandle>, g
     Sse::new(s).keep_alive(KeepAlive::default()).into_response()
 }
 
-fn meta(st: &AppState, model: String, kind: Kind, n_prompts: usize, caller: &Caller, prompt: Vec<u32>) -> Meta {
+fn meta(st: &AppState, model: String, kind: Kind, n_prompts: usize, caller: &Caller, prompt: Vec<u32>, question: String, retrieved: Option<Vec<crate::learn::Retrieved>>) -> Meta {
     let prefix = if kind == Kind::Chat { "chatcmpl" } else { "cmpl" };
     let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    Meta { id: st.new_id(prefix), created, model, kind, n_prompts, started: Instant::now(), caller: caller.0.clone(), prompt }
+    Meta { id: st.new_id(prefix), created, model, kind, n_prompts, started: Instant::now(), caller: caller.0.clone(), prompt, question, retrieved }
+}
+
+/// `"sona": {"retrieve": k}`: how many of the caller's bank entries to put before the prompt
+/// (0 when absent; at most 8).
+fn parse_sona(f: &Fields<'_>) -> Result<usize, ApiError> {
+    let Some(v) = f.get("sona") else { return Ok(0) };
+    if v.is_null() {
+        return Ok(0);
+    }
+    let bad = || ApiError::invalid("sona", "`sona` must be an object like {\"retrieve\": k} with k an integer in [0, 8]");
+    let o = v.as_object().ok_or_else(bad)?;
+    if o.keys().any(|k| k != "retrieve") {
+        return Err(bad());
+    }
+    match o.get("retrieve") {
+        None | Some(Value::Null) => Ok(0),
+        Some(k) => k.as_u64().filter(|k| *k <= 8).map(|k| k as usize).ok_or_else(bad),
+    }
+}
+
+/// The caller's `k` bank entries nearest to `question` (none without learning, an empty bank
+/// or k = 0).
+async fn retrieve(st: &AppState, caller: &Caller, question: &str, k: usize) -> Result<Vec<crate::learn::Retrieved>, ApiError> {
+    let Some(l) = st.learning.as_ref().filter(|l| k > 0 && l.has_bank(&caller.0)) else { return Ok(Vec::new()) };
+    let emb = embed_tokens(st, st.tok.encode(question, true, false)).await?;
+    Ok(l.search(&caller.0, &emb, k))
+}
+
+/// Retrieved entries as context lines, one `question answer` per line.
+fn context_lines(hits: &[crate::learn::Retrieved]) -> String {
+    hits.iter().map(|h| format!("{} {}\n", h.question.trim(), h.answer.trim())).collect()
+}
+
+/// Waits for an embedding request's vector.
+async fn await_embedding(mut h: RequestHandle, param: &str) -> Result<Vec<f32>, ApiError> {
+    let mut emb = None;
+    while let Some(e) = h.next().await {
+        match e {
+            Event::Embedding(v) => emb = Some(v),
+            Event::Done(_) => break,
+            Event::Failed(e) => return Err(ApiError::from_engine(&e, param)),
+            _ => {}
+        }
+    }
+    emb.ok_or_else(|| ApiError::unavailable("the engine stopped"))
+}
+
+/// The model's embedding of `tokens` (mean-pooled, normalized final hidden states).
+pub(crate) async fn embed_tokens(st: &AppState, tokens: Vec<u32>) -> Result<Vec<f32>, ApiError> {
+    let mut r = Request::greedy(tokens, 1);
+    r.embed = true;
+    await_embedding(st.engine.submit(r).map_err(|e| ApiError::from_engine(&e, "input"))?, "input").await
 }
 
 /// `POST /v1/chat/completions`.
@@ -699,11 +759,21 @@ pub(crate) async fn chat_completions(State(st): State<Arc<AppState>>, Extension(
         let (model, adapter) = resolve(&st, &f, &caller)?;
         let mut g = parse_gen(&f, true)?;
         g.adapter = adapter;
-        let msgs = parse_messages(&f)?;
+        let k = parse_sona(&f)?;
+        let mut msgs = parse_messages(&f)?;
+        let question = msgs.iter().rev().find(|m| m.role == "user").map(|m| m.content.clone()).unwrap_or_default();
+        let hits = retrieve(&st, &caller, &question, k).await?;
+        if !hits.is_empty() {
+            let facts = format!("Facts from earlier corrections:\n{}", context_lines(&hits));
+            match msgs.first_mut().filter(|m| m.role == "system") {
+                Some(m) => m.content = format!("{}\n\n{facts}", m.content),
+                None => msgs.insert(0, ChatMessage::new("system", &facts)),
+            }
+        }
         let rendered = st.template.render(&msgs, true).map_err(|e| ApiError::invalid("messages", e.to_string()))?;
         let prompt = st.tok.encode_chat(&rendered);
         let handles = submit_all(&st, vec![prompt.clone()], &g, "messages")?;
-        let m = meta(&st, model, Kind::Chat, 1, &caller, prompt);
+        let m = meta(&st, model, Kind::Chat, 1, &caller, prompt, question, (k > 0).then_some(hits));
         Ok::<_, ApiError>(if g.stream { stream_response(st.clone(), m, handles, &g) } else { collect(&st, m, handles, &g).await })
     };
     run.await.unwrap_or_else(IntoResponse::into_response)
@@ -717,11 +787,26 @@ pub(crate) async fn completions(State(st): State<Arc<AppState>>, Extension(calle
         let (model, adapter) = resolve(&st, &f, &caller)?;
         let mut g = parse_gen(&f, false)?;
         g.adapter = adapter;
-        let prompts = parse_prompts(&st, f.get("prompt"), "prompt")?;
+        let k = parse_sona(&f)?;
+        let mut prompts = parse_prompts(&st, f.get("prompt"), "prompt")?;
         let n_prompts = prompts.len();
+        let question = st.tok.decode(&prompts[0], false).unwrap_or_default();
+        let mut first_hits = None;
+        if k > 0 {
+            for (i, p) in prompts.iter_mut().enumerate() {
+                let text = st.tok.decode(p, false).unwrap_or_default();
+                let hits = retrieve(&st, &caller, &text, k).await?;
+                if !hits.is_empty() {
+                    *p = st.tok.encode(&format!("{}{text}", context_lines(&hits)), true, false);
+                }
+                if i == 0 {
+                    first_hits = Some(hits);
+                }
+            }
+        }
         let first = prompts[0].clone();
         let handles = submit_all(&st, prompts, &g, "prompt")?;
-        let m = meta(&st, model, Kind::Text, n_prompts, &caller, first);
+        let m = meta(&st, model, Kind::Text, n_prompts, &caller, first, question, first_hits);
         Ok::<_, ApiError>(if g.stream { stream_response(st.clone(), m, handles, &g) } else { collect(&st, m, handles, &g).await })
     };
     run.await.unwrap_or_else(IntoResponse::into_response)
@@ -753,17 +838,8 @@ pub(crate) async fn embeddings(State(st): State<Arc<AppState>>, body: Result<Byt
             handles.push(st.engine.submit(r).map_err(|e| ApiError::from_engine(&e, "input"))?);
         }
         let mut data = Vec::new();
-        for (i, mut h) in handles.into_iter().enumerate() {
-            let mut emb = None;
-            while let Some(e) = h.next().await {
-                match e {
-                    Event::Embedding(v) => emb = Some(v),
-                    Event::Done(_) => break,
-                    Event::Failed(e) => return Err(ApiError::from_engine(&e, "input")),
-                    _ => {}
-                }
-            }
-            let v = emb.ok_or_else(|| ApiError::unavailable("the engine stopped"))?;
+        for (i, h) in handles.into_iter().enumerate() {
+            let v = await_embedding(h, "input").await?;
             let value = if base64 {
                 let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
                 json!(base64::engine::general_purpose::STANDARD.encode(bytes))

@@ -2,6 +2,11 @@
 //! tokens, caller); `POST /v1/feedback` with a correction or a rating hands it to the caller's
 //! scope of the [`ruvllm_sona::learner::Learner`] (the instant loop, persisted with
 //! `--sona-dir`), whose published adapter the caller's next requests run with.
+//!
+//! Corrections and positive ratings also go into the caller's ReasoningBank (question, answer,
+//! embedding of the question from the model's own hidden states); a request with
+//! `"sona": {"retrieve": k}` gets the caller's `k` nearest entries put before its prompt (a
+//! system message for chat). Banks are per caller and persisted beside the adapters.
 
 use crate::api::ApiError;
 use crate::{AppState, Caller};
@@ -12,10 +17,11 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use ruvllm_model::LoraAdapter;
-use ruvllm_sona::learner::{Feedback, LearnConfig, LearnError, Learner};
+use ruvllm_sona::bank::{Bank, Trajectory};
+use ruvllm_sona::learner::{scope_key, Feedback, LearnConfig, LearnError, Learner};
 use serde_json::{json, Value};
 use std::collections::{HashMap, VecDeque};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -26,36 +32,113 @@ const RECORDS: usize = 4096;
 #[derive(Debug, Clone)]
 pub(crate) struct Record {
     caller: String,
+    /// What the caller asked (before any retrieved context).
+    question: String,
     prompt: Vec<u32>,
     answer: Vec<u32>,
+}
+
+/// A bank entry handed to a request.
+#[derive(Debug, Clone)]
+pub(crate) struct Retrieved {
+    pub question: String,
+    pub answer: String,
+    pub similarity: f32,
 }
 
 /// Learning state of a server (absent with `--no-learning`).
 pub struct Learning {
     learner: Learner,
     records: Mutex<(VecDeque<String>, HashMap<String, Record>)>,
+    /// ReasoningBanks by scope key.
+    banks: Mutex<HashMap<String, Bank>>,
+    dim: usize,
+    dir: Option<PathBuf>,
+}
+
+fn bank_json(b: &Bank) -> Value {
+    let entries: Vec<Value> = (0..b.len())
+        .filter_map(|i| Some(json!({"question": b.get(i)?.prompt, "answer": b.get(i)?.answer, "rating": b.get(i)?.rating, "embedding": b.vector(i)?})))
+        .collect();
+    json!({"format": 1, "entries": entries})
+}
+
+fn parse_bank(v: &Value, dim: usize, scope: &str) -> Option<Bank> {
+    let mut b = Bank::new(dim);
+    for e in v.get("entries")?.as_array()? {
+        let emb: Vec<f32> = e.get("embedding")?.as_array()?.iter().map(|x| x.as_f64().map(|x| x as f32)).collect::<Option<_>>()?;
+        let t = Trajectory { prompt: e.get("question")?.as_str()?.to_owned(), answer: e.get("answer")?.as_str()?.to_owned(), rating: e.get("rating")?.as_f64()? as f32, scope: scope.to_owned() };
+        b.add(&emb, t).ok()?;
+    }
+    Some(b)
 }
 
 impl Learning {
     /// In-memory learning for `model`; `anchor` is the anchor text's token ids.
     pub fn new(model: Arc<ruvllm_model::Model>, anchor: Vec<u32>) -> Learning {
+        let dim = model.config.n_embd;
         let mut learner = Learner::new(model);
         learner.configure(LearnConfig::default(), Some(anchor));
-        Learning { learner, records: Mutex::default() }
+        Learning { learner, records: Mutex::default(), banks: Mutex::default(), dim, dir: None }
     }
 
     /// Learning persisted under `dir`; returns it and how many scopes were restored.
     pub fn open(dir: &Path, model: Arc<ruvllm_model::Model>, anchor: Vec<u32>) -> std::io::Result<(Learning, usize)> {
+        let dim = model.config.n_embd;
         let (mut learner, report) = Learner::open(dir, model)?;
         learner.configure(LearnConfig::default(), Some(anchor));
         for w in &report.warnings {
             tracing::warn!(dir = %dir.display(), "{w}");
         }
-        Ok((Learning { learner, records: Mutex::default() }, report.scopes))
+        let mut banks = HashMap::new();
+        for entry in std::fs::read_dir(dir.join("scopes"))?.flatten() {
+            let Some(key) = entry.file_name().to_str().map(str::to_owned) else { continue };
+            let Ok(bytes) = std::fs::read(entry.path().join("bank.json")) else { continue };
+            match serde_json::from_slice::<Value>(&bytes).ok().and_then(|v| parse_bank(&v, dim, &key)) {
+                Some(b) => {
+                    banks.insert(key, b);
+                }
+                None => tracing::warn!(scope = %key, "bank.json unreadable; bank skipped"),
+            }
+        }
+        Ok((Learning { learner, records: Mutex::default(), banks: Mutex::new(banks), dim, dir: Some(dir.to_path_buf()) }, report.scopes))
+    }
+
+    /// Whether the caller has bank entries (so a retrieval is worth an embedding pass).
+    pub(crate) fn has_bank(&self, caller: &str) -> bool {
+        self.banks.lock().unwrap_or_else(|p| p.into_inner()).get(&scope_key(caller)).is_some_and(|b| !b.is_empty())
+    }
+
+    /// The caller's `k` bank entries nearest to `embedding`.
+    pub(crate) fn search(&self, caller: &str, embedding: &[f32], k: usize) -> Vec<Retrieved> {
+        let g = self.banks.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(b) = g.get(&scope_key(caller)) else { return Vec::new() };
+        b.search(embedding, k)
+            .into_iter()
+            .filter_map(|(i, sim)| b.get(i).map(|t| Retrieved { question: t.prompt.clone(), answer: t.answer.clone(), similarity: sim }))
+            .collect()
+    }
+
+    /// Adds an entry to the caller's bank (and writes the bank when persisted).
+    fn remember(&self, caller: &str, embedding: &[f32], question: &str, answer: &str, rating: f32) {
+        let key = scope_key(caller);
+        let mut g = self.banks.lock().unwrap_or_else(|p| p.into_inner());
+        let b = g.entry(key.clone()).or_insert_with(|| Bank::new(self.dim));
+        if let Err(e) = b.add(embedding, Trajectory { prompt: question.to_owned(), answer: answer.to_owned(), rating, scope: key.clone() }) {
+            tracing::warn!(error = %e, "bank entry refused");
+            return;
+        }
+        if let Some(dir) = &self.dir {
+            let d = dir.join("scopes").join(&key);
+            let r = std::fs::create_dir_all(&d).map_err(|e| e.to_string()).and_then(|()| ruvllm_model::write_atomic(&d.join("bank.json"), bank_json(b).to_string().as_bytes()).map_err(|e| e.to_string()));
+            if let Err(e) = r {
+                tracing::error!(scope = %key, error = %e, "bank not persisted");
+            }
+        }
     }
 
     /// Remembers a finished completion.
-    pub(crate) fn record(&self, id: &str, caller: &str, prompt: &[u32], answer: &[u32]) {
+    pub(crate) fn record(&self, id: &str, caller: &str, question: &str, prompt: &[u32], answer: &[u32]) {
         let mut g = self.records.lock().unwrap_or_else(|p| p.into_inner());
         let (order, map) = &mut *g;
         if order.len() >= RECORDS {
@@ -64,7 +147,7 @@ impl Learning {
             }
         }
         order.push_back(id.to_owned());
-        map.insert(id.to_owned(), Record { caller: caller.to_owned(), prompt: prompt.to_vec(), answer: answer.to_vec() });
+        map.insert(id.to_owned(), Record { caller: caller.to_owned(), question: question.to_owned(), prompt: prompt.to_vec(), answer: answer.to_vec() });
     }
 
     /// The adapter the caller's requests run with, if its feedback produced one.
@@ -122,6 +205,13 @@ pub(crate) async fn feedback(State(st): State<Arc<AppState>>, Extension(caller):
         if rec.prompt.len() + answer_len > st.engine.config().n_ctx {
             return Err(ApiError::invalid("correction", "prompt and correction do not fit the context"));
         }
+        // What the bank keeps: the corrected answer, or the answer a positive rating confirms.
+        let remembered = match (&correction, rating) {
+            (Some(text), _) => Some((text.trim().to_owned(), 1.0f32)),
+            (None, Some(r)) if r > 0.0 => st.tok.decode(&rec.answer, false).ok().map(|t| (t.trim().to_owned(), r as f32)),
+            _ => None,
+        };
+        let question = rec.question.clone();
         let scope = caller.0.clone();
         let l2 = learning.clone();
         let t0 = Instant::now();
@@ -135,6 +225,10 @@ pub(crate) async fn feedback(State(st): State<Arc<AppState>>, Extension(caller):
         };
         if !o.updated {
             return Ok(Json(json!({"id": id, "updated": false})).into_response());
+        }
+        if let Some((answer, r)) = remembered.filter(|(a, _)| !a.is_empty() && !question.is_empty()) {
+            let emb = crate::api::embed_tokens(&st, st.tok.encode(&question, true, false)).await?;
+            learning.remember(&caller.0, &emb, &question, &answer, r);
         }
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         tracing::info!(id, steps = o.steps, loss_before = o.loss_before, loss_after = o.loss_after, version = o.version, persisted = o.persisted, ms, "feedback learned");

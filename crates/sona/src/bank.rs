@@ -80,6 +80,11 @@ impl Bank {
         self.items.get(i)
     }
 
+    /// Entry `i`'s unit embedding.
+    pub fn vector(&self, i: usize) -> Option<&[f32]> {
+        self.vectors.get(i * self.dim..(i + 1) * self.dim)
+    }
+
     /// Adds a trajectory under `embedding` (any length-`dim` vector; it is normalized).
     pub fn add(&mut self, embedding: &[f32], t: Trajectory) -> Result<usize, BankError> {
         if embedding.len() != self.dim {

@@ -226,13 +226,17 @@ impl Learner {
         std::fs::create_dir_all(&scopes_dir)?;
         let mut report = Restored::default();
         let (mut published, mut restored) = (HashMap::new(), HashMap::new());
-        for entry in std::fs::read_dir(&scopes_dir)? {
-            let path = entry?.path();
+        for entry in std::fs::read_dir(&scopes_dir)?.flatten() {
+            let path = entry.path();
             let Some(key) = path.file_name().and_then(|n| n.to_str()).map(str::to_owned) else { continue };
             if !path.is_dir() || key.len() != 32 || !key.bytes().all(|b| b.is_ascii_hexdigit()) {
                 continue;
             }
-            for f in std::fs::read_dir(&path)?.flatten() {
+            let Ok(files) = std::fs::read_dir(&path) else {
+                report.warnings.push(format!("scope {key}: directory unreadable; skipped"));
+                continue;
+            };
+            for f in files.flatten() {
                 if f.path().extension().is_some_and(|e| e == "tmp") {
                     report.warnings.push(format!("removed {} (a partial write left by a crash)", f.path().display()));
                     let _ = std::fs::remove_file(f.path());
