@@ -556,10 +556,7 @@ fn cmd_perplexity(a: PerplexityArgs) -> Result<(), Error> {
                 if gi + 1 >= window.len() {
                     break;
                 }
-                let row = &logits[i * nv..(i + 1) * nv];
-                let mx = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
-                let lse = mx + row.iter().map(|&v| (v as f64 - mx).exp()).sum::<f64>().ln();
-                nll += lse - row[window[gi + 1] as usize] as f64;
+                nll += ruvllm_kernels::ops::token_nll(&logits[i * nv..(i + 1) * nv], window[gi + 1] as usize);
                 count += 1;
             }
         }

@@ -17,6 +17,7 @@
 use crate::error::Error;
 use crate::{load, ModelArgs};
 use clap::Args;
+use ruvllm_kernels::ops::token_nll;
 use ruvllm_model::{LoraAdapter, Logits, Model, Runner};
 use ruvllm_sona::bank::{Bank, Trajectory};
 use ruvllm_sona::learner::{Feedback, LearnConfig, Learner, ANCHOR_TEXT};
@@ -147,12 +148,6 @@ fn embed(r: &mut Runner<'_>, tok: &Tokenizer, text: &str) -> Result<Vec<f32>, Er
     Ok(m)
 }
 
-fn log_softmax_at(l: &[f32], t: u32) -> f64 {
-    let mx = l.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
-    let lse = mx + l.iter().map(|&v| (v as f64 - mx).exp()).sum::<f64>().ln();
-    l[t as usize] as f64 - lse
-}
-
 /// `question` after the `k` exchanges of `bank` nearest to it (one line each), and the
 /// retrieved answers.
 fn with_context(r: &mut Runner<'_>, tok: &Tokenizer, bank: &Bank, k: usize, question: &str) -> Result<(String, Vec<String>), Error> {
@@ -177,7 +172,7 @@ fn score(r: &mut Runner<'_>, tok: &Tokenizer, prompt: &str, answer: &str) -> Res
     r.truncate(0);
     let all: Vec<u32> = p.iter().chain(&a).copied().collect();
     let logits = r.forward(&all, Logits::All)?.to_vec();
-    let nll = -(0..a.len()).map(|j| log_softmax_at(&logits[(p.len() - 1 + j) * nv..(p.len() + j) * nv], a[j])).sum::<f64>() / a.len() as f64;
+    let nll = (0..a.len()).map(|j| token_nll(&logits[(p.len() - 1 + j) * nv..(p.len() + j) * nv], a[j] as usize)).sum::<f64>() / a.len() as f64;
     // Greedy continuation of a few tokens more than the answer needs.
     r.truncate(0);
     let mut last = r.forward(&p, Logits::Last)?.to_vec();
@@ -196,7 +191,7 @@ fn perplexity(r: &mut Runner<'_>, tok: &Tokenizer, text: &str) -> Result<f64, Er
     let nv = r.model().config.n_vocab;
     r.truncate(0);
     let logits = r.forward(&ids, Logits::All)?.to_vec();
-    let nll = -(0..ids.len() - 1).map(|i| log_softmax_at(&logits[i * nv..(i + 1) * nv], ids[i + 1])).sum::<f64>() / (ids.len() - 1) as f64;
+    let nll = (0..ids.len() - 1).map(|i| token_nll(&logits[i * nv..(i + 1) * nv], ids[i + 1] as usize)).sum::<f64>() / (ids.len() - 1) as f64;
     Ok(nll.exp())
 }
 

@@ -150,6 +150,14 @@ pub fn softmax(x: &mut [f32]) {
     }
 }
 
+/// `−ln softmax(logits)[target]`, in f64 (max-shifted log-sum-exp): a token's negative
+/// log-likelihood, what perplexity and answer NLL are averaged from.
+pub fn token_nll(logits: &[f32], target: usize) -> f64 {
+    let mx = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+    let lse = mx + logits.iter().map(|&v| (v as f64 - mx).exp()).sum::<f64>().ln();
+    lse - logits[target] as f64
+}
+
 /// `Σ a[i]·b[i]` in f32 (AVX2/FMA when the tier allows, chosen once).
 #[inline]
 pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
@@ -318,6 +326,17 @@ mod tests {
             let n1: f32 = y.iter().map(|v| v * v).sum();
             assert!((n0 - n1).abs() < 1e-3);
         }
+    }
+
+    #[test]
+    fn token_nll_is_the_negative_log_softmax() {
+        let l = [1.0f32, 2.0, 3.0, -1.0];
+        let z: f64 = l.iter().map(|&v| (v as f64).exp()).sum();
+        for t in 0..4 {
+            assert!((token_nll(&l, t) - (z.ln() - l[t] as f64)).abs() < 1e-12);
+        }
+        // Large logits do not overflow.
+        assert!((token_nll(&[1000.0, 1000.0], 0) - std::f64::consts::LN_2).abs() < 1e-12);
     }
 
     #[test]

@@ -38,6 +38,11 @@ pub fn packable(ty: GgmlType) -> bool {
     matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q8_0)
 }
 
+/// Whether a `rows × cols` matrix of `ty` has a packed layout.
+pub fn can_pack(ty: GgmlType, rows: usize, cols: usize) -> bool {
+    packable(ty) && rows % GROUP == 0 && cols % 32 == 0
+}
+
 /// Bytes of one group record (eight rows × one block).
 pub fn record_bytes(ty: GgmlType) -> usize {
     GROUP * ty.type_size()
@@ -56,7 +61,7 @@ pub fn offset(ty: GgmlType) -> i32 {
 /// Repacks a `rows × cols` matrix of `ty` (ggml layout, `data`) into the row-interleaved layout,
 /// or None when the type has none or `rows` is not a multiple of [`GROUP`].
 pub fn pack(ty: GgmlType, rows: usize, cols: usize, data: &[u8]) -> Option<Vec<u8>> {
-    if !packable(ty) || rows % GROUP != 0 || cols % 32 != 0 || data.len() < rows * (cols / 32) * ty.type_size() {
+    if !can_pack(ty, rows, cols) || data.len() < rows * (cols / 32) * ty.type_size() {
         return None;
     }
     let mut out = vec![0u8; rows * (cols / 32) * ty.type_size()];
@@ -307,6 +312,27 @@ mod x86 {
         }
     }
 
+    /// Tokens `t..t + N` × groups of rows `r0..r1`; returns N.
+    ///
+    /// # Safety
+    /// As [`rows`] after its checks: the records of those groups and the activation rows are in
+    /// bounds, and `out` is the caller's at those positions.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn pass<const T: u8, const N: usize>(packed: &[u8], nb: usize, rb: usize, r0: usize, r1: usize, acts: &QuantActs, t: usize, out: SyncPtr<f32>, ld: usize) -> usize {
+        let a: [ActRow<'_>; N] = std::array::from_fn(|k| acts.row(t + k));
+        for g in r0 / GROUP..r1 / GROUP {
+            let mut o = [[0f32; GROUP]; N];
+            // SAFETY: group g's records lie inside packed and out is the caller's (see above).
+            unsafe {
+                group::<T, N>(packed.as_ptr().add(g * nb * rb), nb, &a, &mut o);
+                store(&o, out, t, ld, g * GROUP);
+            }
+        }
+        N
+    }
+
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
     unsafe fn rows<const T: u8>(packed: &[u8], cols: usize, r0: usize, r1: usize, acts: &QuantActs, out: SyncPtr<f32>, ld: usize) {
         let ty = ty_of(T);
@@ -322,44 +348,14 @@ mod x86 {
         // task's weights (at most 512 rows) come from L2.
         let mut t = 0;
         while t < n {
-            let step = if n - t >= 8 { 8 } else if n - t >= 4 { 4 } else { 1 };
-            match step {
-                8 => {
-                    let a: [ActRow<'_>; 8] = std::array::from_fn(|k| acts.row(t + k));
-                    for g in r0 / GROUP..r1 / GROUP {
-                        let mut o = [[0f32; GROUP]; 8];
-                        // SAFETY: same features; group g's records and the activation rows are
-                        // in bounds (asserted above); out per the caller's contract.
-                        unsafe {
-                            group::<T, 8>(packed.as_ptr().add(g * nb * rb), nb, &a, &mut o);
-                            store(&o, out, t, ld, g * GROUP);
-                        }
-                    }
+            // SAFETY: same features; bounds asserted above; out per the caller's contract.
+            t += unsafe {
+                match n - t {
+                    8.. => pass::<T, 8>(packed, nb, rb, r0, r1, acts, t, out, ld),
+                    4..=7 => pass::<T, 4>(packed, nb, rb, r0, r1, acts, t, out, ld),
+                    _ => pass::<T, 1>(packed, nb, rb, r0, r1, acts, t, out, ld),
                 }
-                4 => {
-                    let a: [ActRow<'_>; 4] = std::array::from_fn(|k| acts.row(t + k));
-                    for g in r0 / GROUP..r1 / GROUP {
-                        let mut o = [[0f32; GROUP]; 4];
-                        // SAFETY: as above.
-                        unsafe {
-                            group::<T, 4>(packed.as_ptr().add(g * nb * rb), nb, &a, &mut o);
-                            store(&o, out, t, ld, g * GROUP);
-                        }
-                    }
-                }
-                _ => {
-                    let a = [acts.row(t)];
-                    for g in r0 / GROUP..r1 / GROUP {
-                        let mut o = [[0f32; GROUP]; 1];
-                        // SAFETY: as above.
-                        unsafe {
-                            group::<T, 1>(packed.as_ptr().add(g * nb * rb), nb, &a, &mut o);
-                            store(&o, out, t, ld, g * GROUP);
-                        }
-                    }
-                }
-            }
-            t += step;
+            };
         }
     }
 }

@@ -191,10 +191,10 @@ fn matrix(f: &GgufFile, name: &str, rows: Option<usize>, cols: usize) -> Result<
 /// 4,096 rows, letting the file's pages of each piece go once it is copied, so the model never
 /// holds a large matrix twice (reads of single rows, e.g. embeddings, fault pages back in).
 fn pack(f: &GgufFile, info: &TensorInfo, rows: usize, cols: usize) -> Option<Arc<Vec<u8>>> {
-    use ruvllm_kernels::packed::{pack_rows, packable, GROUP};
+    use ruvllm_kernels::packed::{can_pack, pack_rows};
     let ty = info.ggml_type;
     ruvllm_kernels::dispatch::packed_rows(ty)?;
-    if !packable(ty) || rows % GROUP != 0 || cols % 32 != 0 {
+    if !can_pack(ty, rows, cols) {
         return None;
     }
     let data = f.tensor_data(info);

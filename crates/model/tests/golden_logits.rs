@@ -2,6 +2,7 @@
 //! teacher-forced top-1 agreement and top-5 logit error, perplexity, and greedy generation up to
 //! the first near-tie. The tolerances are the ones the reference's own self-disagreement allows.
 
+use ruvllm_kernels::ops::token_nll;
 use ruvllm_kernels::pool::ThreadPool;
 use ruvllm_model::{generate, registry, Forward, GenerateParams, KvCache, KvType, Logits, Model, Runner, SamplingParams, SeqInput};
 use ruvllm_tokenizer::Tokenizer;
@@ -62,23 +63,8 @@ fn teacher_force(model: &Model, pool: &Arc<ThreadPool>, g: &serde_json::Value) -
 }
 
 fn perplexity(model: &Model, tok: &Tokenizer, pool: &Arc<ThreadPool>, g: &serde_json::Value) -> (usize, f64) {
-    perplexity_kv(model, tok, pool, g, KvType::F16)
-}
-
-fn perplexity_kv(model: &Model, tok: &Tokenizer, pool: &Arc<ThreadPool>, g: &serde_json::Value, ty: KvType) -> (usize, f64) {
-    let case = &g["nll"][0];
-    let tokens = tok.encode(case["text"].as_str().unwrap(), true, false);
-    let mut r = Runner::with_kv_type(model, pool.clone(), tokens.len(), ty).unwrap();
-    let logits = r.forward(&tokens, Logits::All).unwrap();
-    let nv = model.config.n_vocab;
-    let mut nll = 0f64;
-    for i in 0..tokens.len() - 1 {
-        let l = &logits[i * nv..(i + 1) * nv];
-        let mx = l.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
-        let lse = mx + l.iter().map(|&v| (v as f64 - mx).exp()).sum::<f64>().ln();
-        nll += lse - l[tokens[i + 1] as usize] as f64;
-    }
-    (tokens.len(), (nll / (tokens.len() - 1) as f64).exp())
+    let tokens = tok.encode(g["nll"][0]["text"].as_str().unwrap(), true, false);
+    (tokens.len(), perplexity_of(model, pool, &tokens, KvType::F16))
 }
 
 /// Greedy generation equals the reference up to the first position where the reference's top
@@ -161,10 +147,7 @@ fn perplexity_of(model: &Model, pool: &Arc<ThreadPool>, tokens: &[u32], ty: KvTy
     let nv = model.config.n_vocab;
     let mut nll = 0f64;
     for i in 0..tokens.len() - 1 {
-        let l = &logits[i * nv..(i + 1) * nv];
-        let mx = l.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
-        let lse = mx + l.iter().map(|&v| (v as f64 - mx).exp()).sum::<f64>().ln();
-        nll += lse - l[tokens[i + 1] as usize] as f64;
+        nll += token_nll(&logits[i * nv..(i + 1) * nv], tokens[i + 1] as usize);
     }
     (nll / (tokens.len() - 1) as f64).exp()
 }
@@ -238,9 +221,7 @@ fn two_tier_keeps_perplexity(model_name: &str, cold_ty: KvType, limit: f64) {
         for (j, l) in logits.chunks(nv).enumerate() {
             let p = pos0 + j;
             if p + 1 < tokens.len() {
-                let mx = l.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
-                let lse = mx + l.iter().map(|&v| (v as f64 - mx).exp()).sum::<f64>().ln();
-                nll += lse - l[tokens[p + 1] as usize] as f64;
+                nll += token_nll(l, tokens[p + 1] as usize);
             }
         }
         // Blocks wholly older than the tail move to the cold tier.

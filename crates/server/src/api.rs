@@ -794,7 +794,7 @@ pub(crate) async fn completions(State(st): State<Arc<AppState>>, Extension(calle
         let mut first_hits = None;
         if k > 0 {
             for (i, p) in prompts.iter_mut().enumerate() {
-                let text = st.tok.decode(p, false).unwrap_or_default();
+                let text = if i == 0 { question.clone() } else { st.tok.decode(p, false).unwrap_or_default() };
                 let hits = retrieve(&st, &caller, &text, k).await?;
                 if !hits.is_empty() {
                     *p = st.tok.encode(&format!("{}{text}", context_lines(&hits)), true, false);

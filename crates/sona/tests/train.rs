@@ -32,6 +32,26 @@ fn capture(model: &Model, pool: &Arc<ThreadPool>, tokens: &[u32], layer: usize) 
     fwd.capture().unwrap().clone()
 }
 
+/// Checks analytic gradients `da`, `db` of `f` at `(a0, b0)` against central differences of
+/// step `h` at the given coordinates: within 5% relative plus `abs_tol`.
+#[allow(clippy::type_complexity)]
+fn check_fd(tr: &mut DownTrainer, a0: &[f32], b0: &[f32], h: f32, abs_tol: f64, f: &dyn Fn(&DownTrainer) -> f64, (da, ia): (&[f32], &[usize]), (db, ib): (&[f32], &[usize])) {
+    let mut at = |a: Vec<f32>, b: Vec<f32>| {
+        tr.set_params(a, b);
+        f(tr)
+    };
+    for (name, grad, coords, in_a) in [("dA", da, ia, true), ("dB", db, ib, false)] {
+        for &i in coords {
+            let (mut p, mut m) = if in_a { (a0.to_vec(), a0.to_vec()) } else { (b0.to_vec(), b0.to_vec()) };
+            p[i] += h;
+            m[i] -= h;
+            let (fp, fm) = if in_a { (at(p, b0.to_vec()), at(m, b0.to_vec())) } else { (at(a0.to_vec(), p), at(a0.to_vec(), m)) };
+            let fdv = (fp - fm) / (2.0 * h as f64);
+            assert!((fdv - grad[i] as f64).abs() <= 0.05 * fdv.abs().max(grad[i].abs() as f64) + abs_tol, "{name}[{i}]: analytic {} vs fd {fdv}", grad[i]);
+        }
+    }
+}
+
 fn load() -> Option<(Arc<Model>, Tokenizer, Arc<ThreadPool>)> {
     let path = registry::for_test("smollm2-135m")?;
     let model = Arc::new(Model::load(&path).unwrap());
@@ -73,28 +93,10 @@ fn gradient_matches_finite_differences_and_loss_matches_the_model() {
 
     // Central differences of the trainer's loss on a few coordinates of A and B.
     let h = 2e-3f32;
-    let lossat = |tr: &mut DownTrainer, a: Vec<f32>, b: Vec<f32>| {
-        tr.set_params(a, b);
-        tr.loss_and_grads(&cap, &k.targets, false).0 as f64
-    };
-    for &i in &[0usize, 17, 1000, 4 * c.n_ff - 1] {
-        let (mut ap, mut am) = (a0.clone(), a0.clone());
-        ap[i] += h;
-        am[i] -= h;
-        let fdv = (lossat(&mut tr, ap, b0.clone()) - lossat(&mut tr, am, b0.clone())) / (2.0 * h as f64);
-        assert!((fdv - da[i] as f64).abs() <= 0.05 * fdv.abs().max(da[i].abs() as f64) + 1e-3, "dA[{i}]: analytic {} vs fd {fdv}", da[i]);
-    }
-    for &i in &[0usize, 5, 333, c.n_embd * 4 - 1] {
-        let (mut bp, mut bm) = (b0.clone(), b0.clone());
-        bp[i] += h;
-        bm[i] -= h;
-        let fdv = (lossat(&mut tr, a0.clone(), bp) - lossat(&mut tr, a0.clone(), bm)) / (2.0 * h as f64);
-        assert!((fdv - db[i] as f64).abs() <= 0.05 * fdv.abs().max(db[i].abs() as f64) + 1e-3, "dB[{i}]: analytic {} vs fd {fdv}", db[i]);
-    }
+    check_fd(&mut tr, &a0, &b0, h, 1e-3, &|tr| tr.loss_and_grads(&cap, &k.targets, false).0 as f64, (&da, &[0, 17, 1000, 4 * c.n_ff - 1]), (&db, &[0, 5, 333, c.n_embd * 4 - 1]));
 }
 
-/// The anchor penalty's gradient against central differences, and its effect: steps with it
-/// keep the adapter's output on the anchor text small.
+/// The anchor penalty's gradient against central differences.
 #[test]
 fn anchor_penalty_gradient_matches_finite_differences() {
     let Some((model, tok, pool)) = load() else { return };
@@ -110,24 +112,7 @@ fn anchor_penalty_gradient_matches_finite_differences() {
     let (p, da, db) = tr.anchor_penalty_and_grads();
     assert!(p > 0.0);
     let h = 1e-3f32;
-    let at = |tr: &mut DownTrainer, a: Vec<f32>, b: Vec<f32>| {
-        tr.set_params(a, b);
-        tr.anchor_penalty_and_grads().0 as f64
-    };
-    for &i in &[3usize, 999, 4 * c.n_ff - 2] {
-        let (mut ap, mut am) = (a0.clone(), a0.clone());
-        ap[i] += h;
-        am[i] -= h;
-        let fdv = (at(&mut tr, ap, b0.clone()) - at(&mut tr, am, b0.clone())) / (2.0 * h as f64);
-        assert!((fdv - da[i] as f64).abs() <= 0.05 * fdv.abs().max(da[i].abs() as f64) + 1e-4, "dA[{i}]: {} vs {fdv}", da[i]);
-    }
-    for &i in &[1usize, 77, c.n_embd * 4 - 3] {
-        let (mut bp, mut bm) = (b0.clone(), b0.clone());
-        bp[i] += h;
-        bm[i] -= h;
-        let fdv = (at(&mut tr, a0.clone(), bp) - at(&mut tr, a0.clone(), bm)) / (2.0 * h as f64);
-        assert!((fdv - db[i] as f64).abs() <= 0.05 * fdv.abs().max(db[i].abs() as f64) + 1e-4, "dB[{i}]: {} vs {fdv}", db[i]);
-    }
+    check_fd(&mut tr, &a0, &b0, h, 1e-4, &|tr| tr.anchor_penalty_and_grads().0 as f64, (&da, &[3, 999, 4 * c.n_ff - 2]), (&db, &[1, 77, c.n_embd * 4 - 3]));
 }
 
 #[test]
