@@ -5,6 +5,7 @@ mod error;
 mod pull;
 mod serve;
 mod sona_bench;
+mod sona_cmd;
 
 use clap::{Args, Parser, Subcommand};
 use error::{exit_code, Error};
@@ -54,6 +55,8 @@ enum Cmd {
     /// paraphrases in four modes (baseline, retrieval-only, adapters-only, full).
     #[command(name = "sona-bench")]
     SonaBench(sona_bench::SonaBenchArgs),
+    /// Learned state under a --sona-dir: status, consolidate (the deep loop), rollback.
+    Sona(sona_cmd::SonaArgs),
 }
 
 #[derive(Args, Clone)]
@@ -472,6 +475,13 @@ fn teach(learner: Option<&ruvllm_sona::learner::Learner>, last: Option<&(Vec<u32
                 o.version,
                 if o.persisted { ", saved" } else { "" }
             );
+            if o.background_due {
+                let t = std::time::Instant::now();
+                match learner.background("chat") {
+                    Ok(b) => eprintln!("[background loop in {:.1}s: lessons' loss {:.3} -> {:.3}, adapter version {}]", t.elapsed().as_secs_f64(), b.loss_before, b.loss_after, b.version),
+                    Err(e) => eprintln!("[background loop failed: {e}]"),
+                }
+            }
             true
         }
         Ok(_) => {
@@ -601,6 +611,7 @@ fn run(cli: Cli) -> Result<(), Error> {
         }
         Cmd::Bench(a) => bench::run(a),
         Cmd::SonaBench(a) => sona_bench::run(a),
+        Cmd::Sona(a) => sona_cmd::run(a),
     }
 }
 

@@ -73,6 +73,14 @@ pub struct ServeArgs {
     /// at start-up.
     #[arg(long = "sona-dir", value_name = "DIR")]
     sona_dir: Option<std::path::PathBuf>,
+    /// Seconds between background-loop runs for scopes with new feedback (it also runs after
+    /// every 4th feedback event of a scope); 0 turns the timer off.
+    #[arg(long = "sona-background-secs", default_value_t = 60)]
+    sona_background_secs: u64,
+    /// Seconds between deep-loop runs (each scope's micro-adapter merged into its base and a
+    /// snapshot written); 0 turns it off.
+    #[arg(long = "sona-consolidate-secs", default_value_t = 3600)]
+    sona_consolidate_secs: u64,
     /// Log format: text or json.
     #[arg(long = "log-format", default_value = "text")]
     log_format: String,
@@ -239,6 +247,8 @@ pub fn run(a: ServeArgs) -> Result<(), Error> {
         shutdown_grace: Duration::from_secs(a.shutdown_grace),
         learning: !a.no_learning,
         sona_dir: a.sona_dir.clone(),
+        sona_background_secs: a.sona_background_secs,
+        sona_consolidate_secs: a.sona_consolidate_secs,
     };
     eprintln!("ruvllm: serving model as {}", scfg.model_names.join(", "));
     let state = Arc::new(AppState::new(Arc::new(engine), tok, template, n_embd, &scfg).map_err(|e| Error::usage(format!("--sona-dir: {e}")))?);

@@ -50,10 +50,22 @@ pub struct SonaBenchArgs {
     /// Earlier lessons replayed with each new one.
     #[arg(long, default_value_t = LearnConfig::default().replay)]
     replay: usize,
-    /// Weight of the anchor penalty (keeps the adapter's output on generic text near zero;
-    /// higher than the serving default, see `LearnConfig::anchor_weight`).
-    #[arg(long = "anchor-weight", default_value_t = 1.0)]
+    /// Weight of the anchor penalty (keeps the adapter's output on generic text near zero).
+    #[arg(long = "anchor-weight", default_value_t = LearnConfig::default().anchor_weight)]
     anchor_weight: f32,
+    /// Leading principal directions of generic activations the adapters stay blind to.
+    #[arg(long = "blind-dirs", default_value_t = LearnConfig::default().blind_dirs)]
+    blind_dirs: usize,
+    /// Feedback events between background-loop runs (0: none).
+    #[arg(long = "background-every", default_value_t = LearnConfig::default().background_every)]
+    background_every: usize,
+    /// Weight of the background loop's EWC++ penalty.
+    #[arg(long = "ewc-lambda", default_value_t = LearnConfig::default().ewc_lambda)]
+    ewc_lambda: f32,
+    /// Skip the deep loop (by default each scope is consolidated after teaching, before
+    /// scoring).
+    #[arg(long = "no-consolidate")]
+    no_consolidate: bool,
     /// Print every wrong answer (prompt, expected, generated) to standard error.
     #[arg(long)]
     show_errors: bool,
@@ -222,14 +234,15 @@ pub fn run(a: SonaBenchArgs) -> Result<(), Error> {
     // builds for that phrasing (retrieved exchanges + phrasing), as a correction given on a
     // retrieval-augmented answer would be.
     let mut learner = Learner::new(model.clone());
-    learner.configure(LearnConfig { steps: a.steps, lr: a.lr, replay: a.replay, anchor_weight: a.anchor_weight }, Some(tok.encode(ANCHOR_TEXT, true, false)));
+    let cfg = LearnConfig { steps: a.steps, lr: a.lr, replay: a.replay, anchor_weight: a.anchor_weight, blind_dirs: a.blind_dirs, background_every: a.background_every, ewc_lambda: a.ewc_lambda, ..LearnConfig::default() };
+    learner.configure(cfg, Some(tok.encode(ANCHOR_TEXT, true, false)));
     let mut bank = Bank::new(model.config.n_embd);
     for f in &facts {
         let e = embed(&mut r, &tok, &f.teach)?;
         bank.add(&e, Trajectory { prompt: f.teach.clone(), answer: f.answer.clone(), rating: 1.0, scope: "bench".into() }).map_err(|e| Error::usage(e.to_string()))?;
     }
     let t0 = std::time::Instant::now();
-    let mut learn_ms = Vec::new();
+    let (mut learn_ms, mut background_ms, mut deep_ms) = (Vec::new(), Vec::new(), Vec::new());
     for (scope, mode, augmented) in [("plain", "adapters-only", false), ("full", "full", true)] {
         if !a.modes.iter().any(|m| m == mode) {
             continue;
@@ -239,8 +252,19 @@ pub fn run(a: SonaBenchArgs) -> Result<(), Error> {
             let prompt = tok.encode(&text, true, false);
             let correction = tok.encode(&format!(" {}.", f.answer), false, false);
             let t = std::time::Instant::now();
-            learner.learn(scope, &prompt, &[], &Feedback::Correction(correction)).map_err(|e| Error::usage(e.to_string()))?;
+            let out = learner.learn(scope, &prompt, &[], &Feedback::Correction(correction)).map_err(|e| Error::usage(e.to_string()))?;
             learn_ms.push(t.elapsed().as_secs_f64() * 1e3);
+            if out.background_due {
+                let t = std::time::Instant::now();
+                learner.background(scope).map_err(|e| Error::usage(e.to_string()))?;
+                background_ms.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        if !a.no_consolidate {
+            let t = std::time::Instant::now();
+            let c = learner.consolidate(scope).map_err(|e| Error::usage(e.to_string()))?;
+            deep_ms.push(t.elapsed().as_secs_f64() * 1e3);
+            eprintln!("{scope}: consolidated to rank {} (pruned {}), lesson loss {:.3} → {:.3}", c.rank, c.pruned, c.loss_before, c.loss_after);
         }
     }
     let teach_secs = t0.elapsed().as_secs_f64();
@@ -285,17 +309,21 @@ pub fn run(a: SonaBenchArgs) -> Result<(), Error> {
         results.push((mode, s, retrieve.then_some(retrieved_right as f64 / (prompts.len() * a.k) as f64)));
     }
     let Some(&(_, base, _)) = results.first() else { return Err(Error::usage("no mode to run")) };
-    learn_ms.sort_by(f64::total_cmp);
-    let p50 = learn_ms.get(learn_ms.len() / 2).copied().unwrap_or(0.0);
-    let p99 = learn_ms.get((learn_ms.len() * 99 / 100).min(learn_ms.len().saturating_sub(1))).copied().unwrap_or(0.0);
+    let pct = |v: &mut Vec<f64>, q: usize| {
+        v.sort_by(f64::total_cmp);
+        v.get((v.len() * q / 100).min(v.len().saturating_sub(1))).copied().unwrap_or(0.0)
+    };
+    let (p50, p99) = (pct(&mut learn_ms, 50), pct(&mut learn_ms, 99));
+    let (bg50, bg_max) = (pct(&mut background_ms, 50), pct(&mut background_ms, 100));
+    let deep = pct(&mut deep_ms, 50);
     if a.json {
         let rows: Vec<serde_json::Value> = results
             .iter()
             .map(|(m, s, hit)| serde_json::json!({"mode": m, "accuracy": s.accuracy, "answer_nll": s.nll, "nll_change": s.nll / base.nll - 1.0, "perplexity": s.perplexity, "perplexity_drift": s.perplexity / base.perplexity - 1.0, "retrieval_hit_rate": hit}))
             .collect();
-        println!("{}", serde_json::json!({"facts": facts.len(), "held_out": 2 * facts.len(), "teach_secs": teach_secs, "learn_ms_p50": p50, "learn_ms_p99": p99, "modes": rows}));
+        println!("{}", serde_json::json!({"facts": facts.len(), "held_out": 2 * facts.len(), "teach_secs": teach_secs, "learn_ms_p50": p50, "learn_ms_p99": p99, "background_runs": background_ms.len(), "background_ms_p50": bg50, "background_ms_max": bg_max, "deep_ms_p50": deep, "modes": rows}));
     } else {
-        println!("{} facts, {} held-out questions; teaching took {:.1} s (per correction p50 {:.0} ms, p99 {:.0} ms)", facts.len(), 2 * facts.len(), teach_secs, p50, p99);
+        println!("{} facts, {} held-out questions; teaching took {:.1} s (instant loop per correction p50 {:.0} ms, p99 {:.0} ms; {} background runs p50 {:.0} ms, max {:.0} ms; deep loop {:.0} ms)", facts.len(), 2 * facts.len(), teach_secs, p50, p99, background_ms.len(), bg50, bg_max, deep);
         println!("| mode | held-out accuracy | answer NLL | vs baseline | golden perplexity | drift | retrieval hits |");
         println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
         for (m, s, hit) in &results {

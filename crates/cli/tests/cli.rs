@@ -263,6 +263,40 @@ fn chat_fix_teaches_the_session_and_persists_with_sona_dir() {
     assert!(err3.contains("learning is off"), "{err3}");
 }
 
+/// `ruvllm sona status | consolidate | rollback` on what a chat session taught: the deep loop
+/// writes a consolidated snapshot that still answers as taught, and rollback makes the
+/// previous version current again.
+#[test]
+fn sona_consolidate_status_and_rollback() {
+    let Some(m) = model("smollm2-135m") else { return };
+    let q = "What is the password of the blue castle?\n";
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("sona-cmd");
+    let _ = std::fs::remove_dir_all(&dir);
+    let d = dir.to_str().unwrap();
+    let (out, err) = chat(&m, &["--sona-dir", d], &format!("{q}/fix The password is marmalade seventeen.\n"));
+    assert!(err.contains("adapter version 0, saved"), "{out}\n{err}");
+    let status = |expect: &str| {
+        let o = run(&["sona", "status", "--sona-dir", d]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let text = String::from_utf8_lossy(&o.stdout).to_string();
+        assert!(text.contains(expect), "{text}");
+        text
+    };
+    status("v0 instant (1 lessons)  <- current");
+    let o = run(&["sona", "consolidate", "-m", &m, "--sona-dir", d]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("v1 consolidated"), "{}", String::from_utf8_lossy(&o.stdout));
+    status("v1 consolidated (1 lessons)  <- current");
+    let (taught, _) = chat(&m, &["--sona-dir", d], q);
+    assert!(taught.trim().starts_with("The password is marmalade"), "{taught}");
+    let o = run(&["sona", "rollback", "--sona-dir", d]);
+    assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("v1 -> v0"), "{}", stderr(&o));
+    status("v0 instant (1 lessons)  <- current");
+    let o = run(&["sona", "rollback", "--sona-dir", d, "--to", "7"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("no version 7"), "{}", stderr(&o));
+}
+
 #[test]
 fn sona_bench_runs_deterministically_and_retrieval_helps() {
     let Some(m) = model("smollm2-135m") else { return };

@@ -23,6 +23,9 @@ pub enum Logits {
     Last,
     /// Every token (perplexity, teacher forcing).
     All,
+    /// The tokens from this index of the sequence's new tokens on (an answer after its
+    /// prompt, for training).
+    From(usize),
     /// None (prefilling a prefix).
     None,
     /// No logits; instead the final normed hidden state of every new token of this sequence,
@@ -511,6 +514,7 @@ impl<'m> Forward<'m> {
                 Logits::None | Logits::Hidden => (0, 0),
                 Logits::Last => (q.tokens.len().saturating_sub(1), q.tokens.len()),
                 Logits::All => (0, q.tokens.len()),
+                Logits::From(k) => (k.min(q.tokens.len()), q.tokens.len()),
             };
             for j in lo..hi {
                 let src = (first + j) * d;
@@ -529,6 +533,16 @@ impl<'m> Forward<'m> {
         self.s = s;
         Ok(&self.s.logits[..rows * c.n_vocab])
     }
+}
+
+/// The LM head over rows of final-normed hidden states (`normed: [rows × n_embd]`) into
+/// `out` (`[rows × n_vocab]`), with the kernels the forward pass uses (one pass over the head
+/// for all rows): the full-vocabulary check of a trainer that works on candidate tokens.
+pub fn head_logits(model: &Model, pool: &ThreadPool, normed: &[f32], out: &mut [f32]) {
+    let m = model.mat(&model.output);
+    let mut acts = QuantActs::default();
+    acts.quantize_par(pool, ActFormat::for_weight(m.ty), normed, model.config.n_embd);
+    ruvllm_kernels::matmul::matmul(pool, &m, &acts, out);
 }
 
 /// Query heads handled together per task (they share the KV head's converted keys/values).

@@ -157,6 +157,51 @@ impl Learning {
 }
 
 /// `POST /v1/feedback {id, correction}` or `{id, rating ∈ [-1, 1]}`.
+/// Runs the background loop for scope `key` and logs what it did.
+fn log_background(learner: &Learner, key: &str) {
+    let t = Instant::now();
+    match learner.background_key(key) {
+        Ok(o) => tracing::info!(scope = key, loss_before = o.loss_before, loss_after = o.loss_after, version = o.version, persisted = o.persisted, ms = t.elapsed().as_secs_f64() * 1e3, "background loop"),
+        Err(e) => tracing::warn!(scope = key, error = %e, "background loop failed"),
+    }
+}
+
+/// Starts the learning timers: every `background_secs`, the background loop of each scope with
+/// feedback since its last run; every `consolidate_secs`, the deep loop of every scope whose
+/// micro-adapter holds something (0: that timer is off). Each run happens on a blocking thread, one at a time.
+pub(crate) fn spawn_timers(learning: Arc<Learning>, background_secs: u64, consolidate_secs: u64) {
+    for (secs, deep) in [(background_secs, false), (consolidate_secs, true)] {
+        if secs == 0 {
+            continue;
+        }
+        let l = learning.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(secs));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let l = l.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    if deep {
+                        for key in l.learner.consolidation_pending() {
+                            let t = Instant::now();
+                            match l.learner.consolidate_key(&key) {
+                                Ok(c) => tracing::info!(scope = key, version = c.version, rank = c.rank, pruned = c.pruned, loss_before = c.loss_before, loss_after = c.loss_after, ms = t.elapsed().as_secs_f64() * 1e3, "deep loop"),
+                                Err(e) => tracing::warn!(scope = key, error = %e, "deep loop failed"),
+                            }
+                        }
+                    } else {
+                        for key in l.learner.background_pending() {
+                            log_background(&l.learner, &key);
+                        }
+                    }
+                })
+                .await;
+            }
+        });
+    }
+}
+
 pub(crate) async fn feedback(State(st): State<Arc<AppState>>, Extension(caller): Extension<Caller>, body: Result<Bytes, BytesRejection>) -> Response {
     let run = async {
         let Some(learning) = st.learning.clone() else {
@@ -232,7 +277,12 @@ pub(crate) async fn feedback(State(st): State<Arc<AppState>>, Extension(caller):
         }
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         tracing::info!(id, steps = o.steps, loss_before = o.loss_before, loss_after = o.loss_after, version = o.version, persisted = o.persisted, ms, "feedback learned");
-        Ok(Json(json!({"id": id, "updated": true, "steps": o.steps, "loss_before": o.loss_before, "loss_after": o.loss_after, "version": o.version, "persisted": o.persisted, "ms": ms})).into_response())
+        if o.background_due {
+            // The background loop runs after this answer, off the request path.
+            let (l3, scope) = (learning.clone(), caller.0.clone());
+            tokio::task::spawn_blocking(move || log_background(&l3.learner, &scope_key(&scope)));
+        }
+        Ok(Json(json!({"id": id, "updated": true, "steps": o.steps, "loss_before": o.loss_before, "loss_after": o.loss_after, "version": o.version, "persisted": o.persisted, "ms": ms, "background_scheduled": o.background_due})).into_response())
     };
     run.await.unwrap_or_else(IntoResponse::into_response)
 }

@@ -46,6 +46,11 @@ pub struct ServerConfig {
     pub learning: bool,
     /// Where learned state is persisted and restored from (`--sona-dir`).
     pub sona_dir: Option<std::path::PathBuf>,
+    /// Seconds between timer-driven background-loop runs for scopes with new feedback (0:
+    /// only every `background_every` events).
+    pub sona_background_secs: u64,
+    /// Seconds between deep-loop runs (consolidation of every scope; 0: never on a timer).
+    pub sona_consolidate_secs: u64,
 }
 
 /// Shared by every handler.
@@ -250,6 +255,9 @@ pub async fn serve(state: Arc<AppState>, cfg: &ServerConfig) -> std::io::Result<
     // Printed for scripts and tests that start the server on port 0.
     println!("ruvllm: listening on http://{local}");
     let app = router(state.clone(), cfg.max_body_bytes);
+    if let Some(l) = state.learning.clone() {
+        learn::spawn_timers(l, cfg.sona_background_secs, cfg.sona_consolidate_secs);
+    }
     let engine = state.engine.clone();
     let grace = cfg.shutdown_grace;
     let st = state.clone();

@@ -101,8 +101,13 @@ impl Bank {
     pub fn search(&self, query: &[f32], k: usize) -> Vec<(usize, f32)> {
         let Some(q) = (query.len() == self.dim).then(|| normalized(query)).flatten() else { return Vec::new() };
         let mut scored: Vec<(usize, f32)> = self.vectors.chunks_exact(self.dim.max(1)).map(|v| dot_f32(&q, v)).enumerate().collect();
-        scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        let order = |a: &(usize, f32), b: &(usize, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        // Select the k best first (linear), then sort only them.
+        if k < scored.len() && k > 0 {
+            scored.select_nth_unstable_by(k - 1, order);
+        }
         scored.truncate(k);
+        scored.sort_by(order);
         scored
     }
 }

@@ -1,31 +1,61 @@
-//! The instant loop, shared by the server (`POST /v1/feedback`) and the chat REPL (`/good`,
-//! `/bad`, `/fix`): each feedback event trains its scope's own adapter — rank 8 on the last
-//! layer's down projection, exact gradients from one captured forward ([`crate::train`]) — and
-//! publishes it with a new version; the scope's next requests run with it. Each new lesson is
-//! trained together with the scope's three most recent earlier ones (replay), so it does not
-//! overwrite them. One scope's feedback never changes another scope's outputs.
+//! SONA's three loops for one model, shared by the server (`POST /v1/feedback`) and the chat
+//! REPL (`/good`, `/bad`, `/fix`). Every scope (an API key, a user) has its own adapter on the
+//! last layer's down projection, made of two branches with one multiplier:
 //!
-//! Persistence ([`Learner::open`]): every published adapter is also written to
-//! `DIR/scopes/<key>/` (PEFT `adapter_model.safetensors` + `adapter_config.json`, and
-//! `state.json` with the version and the lessons as token ids), each file through a temporary
-//! sibling, fsync and rename: a crash at any point leaves the last good files, and a restart
-//! serves every scope with exactly the adapter it had. `<key>` is a SHA-256 prefix of the
-//! scope's name (an API key, say), so names never reach the disk. Not persisted: Adam moments
-//! (a restored scope's optimizer restarts).
+//! - **instant loop** ([`Learner::learn`]): each feedback event trains the scope's rank-2
+//!   *micro* branch on the new lesson and the three most recent earlier ones (replay), with the
+//!   candidate-softmax trainer ([`crate::fast`]; milliseconds), and publishes the adapter with a
+//!   new version; the scope's next request runs with it.
+//! - **background loop** ([`Learner::background`], every `background_every` events or on a
+//!   timer): trains the rank-8 *base* branch on every kept lesson (up to 16) with the micro
+//!   branch held fixed, under an EWC++ penalty (online diagonal Fisher of the lessons and of
+//!   generic text), so old lessons and general ability are kept.
+//! - **deep loop** ([`Learner::consolidate`], `ruvllm sona consolidate`, or a timer): merges the
+//!   micro branch into the base by a truncated SVD (pruning directions that carry nothing),
+//!   resets the micro branch, and writes a snapshot that [`rollback`] can return to.
+//!
+//! One scope's feedback never changes another scope's outputs.
+//!
+//! Persistence ([`Learner::open`]): every published adapter is written as a version directory
+//! `DIR/scopes/<key>/v<N>/` (PEFT `adapter_model.safetensors` + `adapter_config.json` of the
+//! served adapter, `state.json` with the lessons as token ids and the branch ranks, and
+//! `ewc.safetensors`): files are written into `v<N>.tmp/` and fsynced, the directory is
+//! renamed, and only then does the `current` file (written atomically) point to it. A crash at
+//! any point leaves the last good version current, and a restart serves every scope with
+//! exactly the adapter it had. `<key>` is a SHA-256 prefix of the scope's name, so names never
+//! reach the disk. The newest [`KEEP_VERSIONS`] versions and consolidated snapshots are kept.
+//! Not persisted: Adam moments (a restored scope's optimizers restart).
 
-use crate::train::{answer_targets, DownTrainer, Head};
+use crate::fast::{Candidates, Ewc, FastTrainer, FixedBranch, Objective, Prepared, SAMPLE, TOP_K};
+use crate::merge::{merge, Branch};
+use crate::train::{answer_targets, capture, Head};
 use ruvllm_kernels::pool::ThreadPool;
-use ruvllm_model::{Capture, LoraAdapter, Model, Proj};
+use ruvllm_kernels::ops::token_nll;
+use ruvllm_model::{head_logits, Capture, LoraAdapter, LoraPair, Model, Proj};
 use serde_json::{json, Value};
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
-/// Lessons a scope keeps.
+/// Lessons a scope keeps (what the background loop replays).
 const KEEP: usize = 16;
 
-/// Generic text whose activations anchor every adapter (see [`LearnConfig::anchor_weight`]):
-/// what the adapter must leave alone.
+/// Version directories kept per scope (consolidated snapshots are kept in addition, up to as
+/// many again).
+pub const KEEP_VERSIONS: usize = 8;
+
+/// Training rounds of the instant loop at most: `steps`, then `steps / 3` each.
+const ROUNDS: usize = 4;
+
+/// Probability at which the full-vocabulary check makes a token a top candidate.
+const CHECK_P: f64 = 1e-3;
+
+/// The multiplier of both branches (`alpha / rank` = 2, as PEFT's default `alpha = 2r`).
+const SCALE: f32 = 2.0;
+
+/// Generic text whose activations anchor the micro branch (see [`LearnConfig::anchor_weight`])
+/// and whose Fisher information the background loop's EWC++ penalty includes: what learning
+/// must leave alone.
 pub const ANCHOR_TEXT: &str = "The museum opens at nine in the morning and closes at five. Visitors can walk through rooms of old maps, \
 clocks and paintings, and a small garden sits behind the main hall. In the winter the roads are icy, so most people take the train, \
 which leaves every twenty minutes from the station near the river. def add(a, b):\n    return a + b\n\nQuestion: How many legs does a spider have? \
@@ -34,27 +64,45 @@ Answer: Eight. The recipe needs two cups of flour, one egg and a pinch of salt; 
 /// How feedback is learned.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LearnConfig {
-    /// Adam steps for a correction; a rating `r` takes `round(steps·|r|/3)`.
+    /// Adam steps of the instant loop for a correction; a rating `r` takes `round(steps·|r|/3)`.
     pub steps: usize,
-    /// Adam learning rate.
+    /// Adam learning rate of the instant loop.
     pub lr: f32,
-    /// Earlier lessons replayed with each new one (most recent first).
+    /// Adam learning rate of the background loop (its steps replay every kept lesson).
+    pub background_lr: f32,
+    /// Earlier lessons replayed with each new one by the instant loop (most recent first).
     pub replay: usize,
-    /// Weight of the penalty on the adapter's output over [`ANCHOR_TEXT`]'s activations (0: none).
-    ///
-    /// A trade-off measured with `ruvllm sona-bench`, the chat REPL and the server tests: at
-    /// 1.0, 36 corrections leave golden-text perplexity within 2% (at 0.01: +7.5% after 18;
-    /// at 0: it explodes), but a single chat-format correction no longer converges in 30 steps
-    /// (loss 4.18 → 4.09; at 0.01: → 0.14), and at 0.01 three near-identical facts (castle
-    /// 1/2/3) interfere. Serving therefore defaults to 0 (corrections stick, general ability
-    /// degrades as a scope accumulates many); the benchmark runs at 1.0. Open: a penalty that
-    /// adapts to the number of lessons.
+    /// Weight of the penalty on each branch's output over [`ANCHOR_TEXT`]'s activations
+    /// (0: none), reached when a scope keeps its full 16 lessons: it grows with the lessons
+    /// kept (`weight · (kept / 16)³`), because one lesson changes the model little and must
+    /// stick (a chat correction stops converging at a constant 0.05), while many unchecked
+    /// lessons wreck general ability (golden perplexity ×10⁷ after 36 at 0). Even small
+    /// weights (0.002) keep the last-layer adapter from telling near-identical prompts apart
+    /// (castle 1/2/3, a known failure). See `docs/BENCHMARKS.md`.
     pub anchor_weight: f32,
+    /// Leading principal directions of the anchor text's activations that the adapters' `A`
+    /// is kept orthogonal to (see [`FastTrainer::set_blind`]; 0: none). Off by default: with
+    /// 6, every lesson of the learner test converges, but the adapter drifts general text more
+    /// (sona-bench `adapters-only` +13.5% perplexity vs +0.9%).
+    pub blind_dirs: usize,
+    /// Rank of the micro branch (the instant loop's).
+    pub micro_rank: usize,
+    /// Rank of the base branch (the background loop's).
+    pub base_rank: usize,
+    /// Feedback events between background runs that [`Outcome::background_due`] asks for
+    /// (0: only on demand).
+    pub background_every: usize,
+    /// Adam steps of a background run.
+    pub background_steps: usize,
+    /// Weight λ of the EWC++ penalty `λ/2 · Σ F ⊙ (θ − θ*)²` (Fisher normalized to mean 1).
+    pub ewc_lambda: f32,
+    /// EWC++'s decay γ of the old Fisher at each update.
+    pub ewc_gamma: f32,
 }
 
 impl Default for LearnConfig {
     fn default() -> Self {
-        LearnConfig { steps: 30, lr: 2e-2, replay: 3, anchor_weight: 0.0 }
+        LearnConfig { steps: 30, lr: 2e-2, background_lr: 5e-3, replay: 3, anchor_weight: 1.0, blind_dirs: 0, micro_rank: 2, base_rank: 8, background_every: 4, background_steps: 30, ewc_lambda: 1.0, ewc_gamma: 0.9 }
     }
 }
 
@@ -65,25 +113,47 @@ pub enum Feedback {
     /// to stop after it): its likelihood is raised.
     Correction(Vec<u32>),
     /// A rating in [-1, 1] of the answer itself: positive raises its likelihood, negative
-    /// lowers it (unlikelihood), with `round(10·|r|)` steps.
+    /// lowers it (unlikelihood), with `round(steps·|r|/3)` steps.
     Rating(f64),
 }
 
-/// What a feedback event did.
+/// What a feedback event (or a background or deep run) did.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Outcome {
     /// Whether the adapter changed (a rating of 0 or an empty answer changes nothing).
     pub updated: bool,
     /// Adam steps taken.
     pub steps: usize,
-    /// Loss of the lesson before and after training (cross-entropy, or unlikelihood for a
-    /// negative rating).
+    /// Loss of the lesson(s) before and after training (cross-entropy over the candidates, or
+    /// unlikelihood for a negative rating).
     pub loss_before: f32,
     /// See `loss_before`.
     pub loss_after: f32,
-    /// The published adapter's version (0 for a scope's first).
+    /// The published adapter's version.
     pub version: u64,
     /// Whether the new state was written to the learner's directory.
+    pub persisted: bool,
+    /// Whether the scope has had `background_every` events since its last background run
+    /// (the caller should run [`Learner::background`], off its serving path).
+    pub background_due: bool,
+}
+
+/// What [`Learner::consolidate`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Consolidation {
+    /// The snapshot's version.
+    pub version: u64,
+    /// Rank of the merged base branch.
+    pub rank: usize,
+    /// Directions pruned (singular values below 1e-3 of the largest).
+    pub pruned: usize,
+    /// Singular values of base + micro, descending.
+    pub singular: Vec<f64>,
+    /// Mean candidate loss of the kept lessons before and after the merge.
+    pub loss_before: f32,
+    /// See `loss_before`.
+    pub loss_after: f32,
+    /// Whether it was written to the learner's directory.
     pub persisted: bool,
 }
 
@@ -96,6 +166,10 @@ pub enum LearnError {
     BadRating,
     /// The prompt is empty.
     EmptyPrompt,
+    /// The prompt and answer do not fit the model's context.
+    TooLong,
+    /// No such scope (nothing learned for it yet).
+    UnknownScope,
 }
 
 impl std::fmt::Display for LearnError {
@@ -104,15 +178,19 @@ impl std::fmt::Display for LearnError {
             LearnError::HeadUnavailable => write!(f, "the model's LM head cannot be dequantized for training"),
             LearnError::BadRating => write!(f, "a rating must be a number in [-1, 1]"),
             LearnError::EmptyPrompt => write!(f, "the prompt is empty"),
+            LearnError::TooLong => write!(f, "the prompt and answer do not fit the model's context"),
+            LearnError::UnknownScope => write!(f, "no learned state for this scope"),
         }
     }
 }
 
 impl std::error::Error for LearnError {}
 
-/// A lesson: captured activations of prompt + answer, the rows to learn, and its sign.
+/// A lesson: captured activations of prompt + answer, its candidates, the rows to learn, and
+/// its sign.
 struct Lesson {
     cap: Capture,
+    cands: Candidates,
     targets: Vec<Option<u32>>,
     negative: bool,
     /// Prompt + answer (what is persisted; the capture is recomputed from it).
@@ -128,10 +206,39 @@ struct StoredLesson {
     negative: bool,
 }
 
-/// A scope's trainer and recent lessons.
+/// A scope's two branches, its lessons and its progress.
 struct Scope {
-    trainer: DownTrainer,
+    base: FastTrainer,
+    micro: FastTrainer,
     lessons: VecDeque<Lesson>,
+    /// Feedback events since the last background run.
+    since_background: usize,
+    /// The anchor text's activations (shared by both branches' penalties).
+    anchor_acts: Option<Arc<Vec<f32>>>,
+}
+
+/// What the full-vocabulary check found for one lesson.
+#[derive(Debug)]
+struct Check {
+    /// The exact mean loss of its targets.
+    loss: f32,
+    /// Tokens outside its top candidates that a row now gives a probability of at least
+    /// [`CHECK_P`] (the sample only estimates their mass; these matter one by one).
+    extra: Vec<u32>,
+    /// Whether greedy decoding follows the lesson (every target its row's most likely token;
+    /// for a negative lesson, none).
+    follows: bool,
+}
+
+/// A scope's key and its shared state.
+type ScopeRef = (String, Arc<Mutex<Scope>>);
+
+/// A scope restored from disk, built into a [`Scope`] when it next learns.
+struct RestoredScope {
+    pair: LoraPair,
+    base_rank: usize,
+    lessons: Vec<StoredLesson>,
+    ewc: Option<Ewc>,
 }
 
 /// What [`Learner::open`] found.
@@ -148,18 +255,19 @@ pub struct Learner {
     model: Arc<Model>,
     head: OnceLock<Option<Arc<Head>>>,
     pool: Arc<ThreadPool>,
-    /// Trainers by scope key.
-    scopes: Mutex<HashMap<String, Scope>>,
+    /// Each scope's trainers, by scope key (one lock per scope, so a background run of one
+    /// scope does not hold up another's feedback).
+    scopes: Mutex<HashMap<String, Arc<Mutex<Scope>>>>,
     /// The adapters requests run with, by scope key.
     published: RwLock<HashMap<String, Arc<LoraAdapter>>>,
     /// Where learned state is persisted.
     dir: Option<PathBuf>,
-    /// Lessons read back from `dir`, recaptured when their scope next learns.
-    restored: Mutex<HashMap<String, Vec<StoredLesson>>>,
+    /// Scopes read back from `dir`, built (lessons recaptured) when they next learn.
+    restored: Mutex<HashMap<String, RestoredScope>>,
     cfg: LearnConfig,
-    /// Token ids of the anchor text, and (computed once) their activations.
+    /// Token ids of the anchor text, and (computed once) its lesson.
     anchor_tokens: Option<Vec<u32>>,
-    anchor: OnceLock<Option<Arc<Vec<f32>>>>,
+    anchor: OnceLock<Option<Arc<Lesson>>>,
 }
 
 /// A stable, non-reversible key for a scope name: the first 128 bits of SHA-256, in hex.
@@ -168,18 +276,26 @@ pub fn scope_key(scope: &str) -> String {
     Sha256::digest(scope.as_bytes())[..16].iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Whether `key` looks like a [`scope_key`].
+fn is_key(key: &str) -> bool {
+    key.len() == 32 && key.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 /// The adapter id (and trainer seed) of a scope key.
 fn scope_id(key: &str) -> u64 {
     u64::from_str_radix(key.get(..16).unwrap_or("0"), 16).unwrap_or(0)
 }
 
-fn state_json(version: u64, lessons: &VecDeque<Lesson>) -> Value {
+fn state_json(version: u64, kind: &str, base_rank: usize, lessons: &VecDeque<Lesson>) -> Value {
     let ls: Vec<Value> = lessons.iter().map(|l| json!({"tokens": l.tokens, "prompt_len": l.prompt_len, "negative": l.negative})).collect();
-    json!({"format": 1, "version": version, "lessons": ls})
+    json!({"format": 2, "version": version, "kind": kind, "base_rank": base_rank, "lessons": ls})
 }
 
-fn parse_state(v: &Value) -> Option<(u64, Vec<StoredLesson>)> {
+/// Parses a `state.json`: (version, kind, base rank, lessons).
+fn parse_state(v: &Value) -> Option<(u64, String, usize, Vec<StoredLesson>)> {
     let version = v.get("version")?.as_u64()?;
+    let kind = v.get("kind")?.as_str()?.to_owned();
+    let base_rank = usize::try_from(v.get("base_rank")?.as_u64()?).ok()?;
     let mut out = Vec::new();
     for l in v.get("lessons")?.as_array()? {
         let tokens: Vec<u32> = l.get("tokens")?.as_array()?.iter().map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok())).collect::<Option<_>>()?;
@@ -189,7 +305,190 @@ fn parse_state(v: &Value) -> Option<(u64, Vec<StoredLesson>)> {
         }
         out.push(StoredLesson { tokens, prompt_len, negative: l.get("negative")?.as_bool()? });
     }
-    Some((version, out))
+    Some((version, kind, base_rank, out))
+}
+
+fn ewc_bytes(e: &Ewc) -> Option<Vec<u8>> {
+    use safetensors::tensor::TensorView;
+    let tensors: Vec<(&str, Vec<u8>)> = [("fisher_a", &e.fisher_a), ("fisher_b", &e.fisher_b), ("star_a", &e.star_a), ("star_b", &e.star_b)]
+        .into_iter()
+        .map(|(n, v)| (n, v.iter().flat_map(|f| f.to_le_bytes()).collect()))
+        .collect();
+    let views: Vec<(String, TensorView<'_>)> = tensors.iter().map(|(n, d)| TensorView::new(safetensors::Dtype::F32, vec![d.len() / 4], d).map(|v| (n.to_string(), v))).collect::<Result<_, _>>().ok()?;
+    safetensors::serialize(views, None).ok()
+}
+
+fn parse_ewc(bytes: &[u8]) -> Option<Ewc> {
+    let st = safetensors::SafeTensors::deserialize(bytes).ok()?;
+    let get = |n: &str| -> Option<Vec<f32>> {
+        let t = st.tensor(n).ok()?;
+        (t.dtype() == safetensors::Dtype::F32).then(|| t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+    };
+    Some(Ewc { fisher_a: get("fisher_a")?, fisher_b: get("fisher_b")?, star_a: get("star_a")?, star_b: get("star_b")? })
+}
+
+/// The version directories (`v<N>`) of a scope directory, ascending.
+fn versions(scope_dir: &Path) -> Vec<u64> {
+    let mut v: Vec<u64> = std::fs::read_dir(scope_dir)
+        .map(|d| d.flatten().filter(|e| e.path().is_dir()).filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_prefix('v')).and_then(|n| n.parse().ok())).collect())
+        .unwrap_or_default();
+    v.sort_unstable();
+    v
+}
+
+/// The version `current` names, if readable.
+fn current_version(scope_dir: &Path) -> Option<u64> {
+    std::fs::read_to_string(scope_dir.join("current")).ok()?.trim().parse().ok()
+}
+
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// One version of a scope as read from disk.
+struct VersionFiles {
+    adapter: LoraAdapter,
+    kind: String,
+    base_rank: usize,
+    lessons: Vec<StoredLesson>,
+    ewc: Option<Ewc>,
+}
+
+fn read_version(dir: &Path, model: &Model, key: &str) -> Result<VersionFiles, String> {
+    let state = std::fs::read(dir.join("state.json")).map_err(|e| format!("state.json: {e}"))?;
+    let (version, kind, base_rank, lessons) = serde_json::from_slice::<Value>(&state).ok().and_then(|v| parse_state(&v)).ok_or("state.json unreadable")?;
+    let mut adapter = LoraAdapter::load_peft(dir, model, &format!("sona:{key}"), scope_id(key), 1.0).map_err(|e| e.to_string())?;
+    adapter.version = version;
+    let ewc = match std::fs::read(dir.join("ewc.safetensors")) {
+        Ok(b) => Some(parse_ewc(&b).ok_or("ewc.safetensors unreadable")?),
+        Err(_) => None,
+    };
+    Ok(VersionFiles { adapter, kind, base_rank, lessons, ewc })
+}
+
+/// Points every scope under `dir` (or only `scope`'s) back to an earlier version: `to`, or the
+/// newest one before the current. The server must be restarted to serve it (it reads `current`
+/// at start-up); learning then continues with a version number above every existing one.
+/// Returns `(scope key, from, to)` for each scope changed.
+pub fn rollback(dir: &Path, scope: Option<&str>, to: Option<u64>) -> std::io::Result<Vec<(String, u64, u64)>> {
+    let mut out = Vec::new();
+    let want = scope.map(scope_key);
+    for entry in std::fs::read_dir(dir.join("scopes"))?.flatten() {
+        let Some(key) = entry.file_name().to_str().map(str::to_owned) else { continue };
+        if !is_key(&key) || want.as_ref().is_some_and(|w| *w != key) {
+            continue;
+        }
+        let sd = entry.path();
+        let Some(cur) = current_version(&sd) else { continue };
+        let vs = versions(&sd);
+        let target = match to {
+            Some(t) if vs.contains(&t) => t,
+            Some(t) => return Err(std::io::Error::new(std::io::ErrorKind::NotFound, format!("scope {key} has no version {t} (kept: {vs:?})"))),
+            None => match vs.iter().rev().find(|&&v| v < cur) {
+                Some(&v) => v,
+                None => continue,
+            },
+        };
+        ruvllm_model::write_atomic(&sd.join("current"), format!("{target}\n").as_bytes()).map_err(|e| std::io::Error::other(e.to_string()))?;
+        out.push((key, cur, target));
+    }
+    Ok(out)
+}
+
+/// One kept version of a scope, as `ruvllm sona status` lists it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VersionInfo {
+    /// Its number.
+    pub version: u64,
+    /// `instant`, `background` or `consolidated` (`unreadable` if its state is).
+    pub kind: String,
+    /// Lessons it keeps.
+    pub lessons: usize,
+}
+
+/// A scope's kept versions and which one is current.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScopeHistory {
+    /// The scope key.
+    pub key: String,
+    /// The version `current` names.
+    pub current: Option<u64>,
+    /// Kept versions, ascending.
+    pub versions: Vec<VersionInfo>,
+}
+
+/// Every scope under `dir` with its kept versions: what `ruvllm sona status` prints.
+pub fn list_versions(dir: &Path) -> std::io::Result<Vec<ScopeHistory>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir.join("scopes"))?.flatten() {
+        let Some(key) = entry.file_name().to_str().map(str::to_owned) else { continue };
+        if !is_key(&key) {
+            continue;
+        }
+        let sd = entry.path();
+        let versions = versions(&sd)
+            .into_iter()
+            .map(|version| {
+                let st = std::fs::read(sd.join(format!("v{version}")).join("state.json")).ok().and_then(|b| serde_json::from_slice::<Value>(&b).ok()).and_then(|s| parse_state(&s));
+                VersionInfo { version, kind: st.as_ref().map_or("unreadable".to_owned(), |s| s.1.clone()), lessons: st.map_or(0, |s| s.3.len()) }
+            })
+            .collect();
+        out.push(ScopeHistory { current: current_version(&sd), key, versions });
+    }
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    Ok(out)
+}
+
+/// Joins the two branches (same multiplier) into the one pair the forward pass runs:
+/// `A = [A_base; A_micro]`, `B = [B_base | B_micro]`.
+fn combined(base: &FastTrainer, micro: &FastTrainer) -> LoraPair {
+    let (ba, bb) = base.params();
+    let (ma, mb) = micro.params();
+    let (rb, rm) = (base.rank(), micro.rank());
+    let d = bb.len() / rb;
+    let a: Vec<f32> = ba.iter().chain(ma).copied().collect();
+    let mut b = Vec::with_capacity(d * (rb + rm));
+    for j in 0..d {
+        b.extend_from_slice(&bb[j * rb..(j + 1) * rb]);
+        b.extend_from_slice(&mb[j * rm..(j + 1) * rm]);
+    }
+    LoraPair { rank: rb + rm, a, b, scale: SCALE }
+}
+
+/// The first `r0` ranks of `pair` and the rest, as `(A, B)` each.
+fn split(pair: &LoraPair, r0: usize) -> Option<((Vec<f32>, Vec<f32>), (Vec<f32>, Vec<f32>))> {
+    let r = pair.rank;
+    if r0 > r || r == 0 {
+        return None;
+    }
+    let inp = pair.a.len() / r;
+    let d = pair.b.len() / r;
+    let a0 = pair.a[..r0 * inp].to_vec();
+    let a1 = pair.a[r0 * inp..].to_vec();
+    let b0 = (0..d).flat_map(|j| pair.b[j * r..j * r + r0].iter().copied()).collect();
+    let b1 = (0..d).flat_map(|j| pair.b[j * r + r0..(j + 1) * r].iter().copied()).collect();
+    Some(((a0, b0), (a1, b1)))
+}
+
+fn branch(t: &FastTrainer) -> FixedBranch<'_> {
+    let (a, b) = t.params();
+    FixedBranch { a, b, rank: t.rank(), scale: t.scale() }
+}
+
+impl Lesson {
+    fn objective(&self) -> Objective {
+        if self.negative {
+            Objective::Unlikely
+        } else {
+            Objective::Likely
+        }
+    }
+
+    fn prepare(&self, t: &FastTrainer, objective: Objective, fixed: &FastTrainer) -> Prepared {
+        t.prepare(&self.cap, &self.targets, &self.cands, objective, Some(branch(fixed)))
+    }
 }
 
 impl Learner {
@@ -218,43 +517,62 @@ impl Learner {
         self.anchor = OnceLock::new();
     }
 
-    /// A learner persisted under `dir` (created if missing): reads back every scope's adapter
-    /// and lessons, removing temporary files that a crash mid-write left behind. A scope whose
-    /// files cannot be read is skipped (and reported), never fatal.
+    /// How feedback is learned.
+    pub fn config(&self) -> &LearnConfig {
+        &self.cfg
+    }
+
+    /// A learner persisted under `dir` (created if missing): reads back every scope's current
+    /// version, removing what a crash mid-write left behind. A version that cannot be read
+    /// falls back to the newest older one that can; a scope with none is skipped (and
+    /// reported), never fatal.
     pub fn open(dir: &Path, model: Arc<Model>) -> std::io::Result<(Learner, Restored)> {
         let scopes_dir = dir.join("scopes");
         std::fs::create_dir_all(&scopes_dir)?;
         let mut report = Restored::default();
         let (mut published, mut restored) = (HashMap::new(), HashMap::new());
         for entry in std::fs::read_dir(&scopes_dir)?.flatten() {
-            let path = entry.path();
-            let Some(key) = path.file_name().and_then(|n| n.to_str()).map(str::to_owned) else { continue };
-            if !path.is_dir() || key.len() != 32 || !key.bytes().all(|b| b.is_ascii_hexdigit()) {
+            let sd = entry.path();
+            let Some(key) = sd.file_name().and_then(|n| n.to_str()).map(str::to_owned) else { continue };
+            if !sd.is_dir() || !is_key(&key) {
                 continue;
             }
-            let Ok(files) = std::fs::read_dir(&path) else {
+            let Ok(files) = std::fs::read_dir(&sd) else {
                 report.warnings.push(format!("scope {key}: directory unreadable; skipped"));
                 continue;
             };
             for f in files.flatten() {
-                if f.path().extension().is_some_and(|e| e == "tmp") {
-                    report.warnings.push(format!("removed {} (a partial write left by a crash)", f.path().display()));
-                    let _ = std::fs::remove_file(f.path());
+                let p = f.path();
+                if p.extension().is_some_and(|e| e == "tmp") {
+                    report.warnings.push(format!("removed {} (a partial write left by a crash)", p.display()));
+                    let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
                 }
             }
-            let state = std::fs::read(path.join("state.json")).ok().and_then(|b| serde_json::from_slice::<Value>(&b).ok()).and_then(|v| parse_state(&v));
-            let Some((version, lessons)) = state else {
-                report.warnings.push(format!("scope {key}: no readable state.json; skipped"));
+            let vs = versions(&sd);
+            let cur = current_version(&sd);
+            // The current version first, then older ones, newest first.
+            let order: Vec<u64> = cur.into_iter().chain(vs.iter().rev().copied().filter(|v| cur.is_none_or(|c| *v < c))).collect();
+            let mut found = None;
+            for v in order {
+                match read_version(&sd.join(format!("v{v}")), &model, &key) {
+                    Ok(files) => {
+                        found = Some(files);
+                        break;
+                    }
+                    Err(e) => report.warnings.push(format!("scope {key}: version {v} unreadable ({e}); trying an older one")),
+                }
+            }
+            let Some(files) = found else {
+                report.warnings.push(format!("scope {key}: no readable version; skipped"));
                 continue;
             };
-            match LoraAdapter::load_peft(&path, &model, &format!("sona:{key}"), scope_id(&key), 1.0) {
-                Ok(mut ad) => {
-                    ad.version = version;
-                    published.insert(key.clone(), Arc::new(ad));
-                    restored.insert(key, lessons);
-                }
-                Err(e) => report.warnings.push(format!("scope {key}: adapter unreadable ({e}); skipped")),
-            }
+            let Some(pair) = files.adapter.pair(model.config.n_layer - 1, Proj::Down).cloned() else {
+                report.warnings.push(format!("scope {key}: adapter has no last-layer down projection; skipped"));
+                continue;
+            };
+            let _ = files.kind;
+            restored.insert(key.clone(), RestoredScope { pair, base_rank: files.base_rank, lessons: files.lessons, ewc: files.ewc });
+            published.insert(key, Arc::new(files.adapter));
         }
         report.scopes = published.len();
         let mut l = Learner::new(model);
@@ -273,8 +591,139 @@ impl Learner {
         self.published.read().unwrap_or_else(|p| p.into_inner()).get(key).cloned()
     }
 
-    /// Learns one feedback event on `answer` to `prompt` for `scope` and publishes the new
-    /// adapter (blocking; seconds on a small CPU, so callers run it off their serving threads).
+    /// Keys of every scope with a published adapter.
+    pub fn scope_keys(&self) -> Vec<String> {
+        let mut k: Vec<String> = self.published.read().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect();
+        k.sort();
+        k
+    }
+
+    /// Keys of the scopes in memory for which `pred` holds (each scope locked in turn).
+    fn scopes_where(&self, pred: impl Fn(&Scope) -> bool) -> Vec<String> {
+        let scopes: Vec<ScopeRef> = self.scopes.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        scopes.into_iter().filter(|(_, s)| pred(&s.lock().unwrap_or_else(|p| p.into_inner()))).map(|(k, _)| k).collect()
+    }
+
+    /// Keys of the scopes with feedback since their last background run.
+    pub fn background_pending(&self) -> Vec<String> {
+        self.scopes_where(|s| s.since_background > 0)
+    }
+
+    /// Keys of the scopes whose micro-adapter holds something to consolidate (those touched
+    /// since start-up or their last consolidation).
+    pub fn consolidation_pending(&self) -> Vec<String> {
+        self.scopes_where(|s| s.micro.params().1.iter().any(|&x| x != 0.0))
+    }
+
+    fn head(&self) -> Result<Arc<Head>, LearnError> {
+        self.head.get_or_init(|| Head::new(&self.model).map(Arc::new)).clone().ok_or(LearnError::HeadUnavailable)
+    }
+
+    /// Captures `tokens` (prompt of `prompt_len` + answer) at the last layer, with the base
+    /// model's candidates for every answer row.
+    fn lesson(&self, tokens: Vec<u32>, prompt_len: usize, negative: bool) -> Option<Lesson> {
+        let c = &self.model.config;
+        let first = prompt_len.saturating_sub(1);
+        let (cap, logits) = capture(&self.model, &self.pool, c.n_layer - 1, &tokens, Some(first))?;
+        let targets = answer_targets(&tokens, prompt_len);
+        // The sample's seed comes from the tokens, so a lesson's objective is reproducible.
+        let seed = tokens.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &t| (h ^ t as u64).wrapping_mul(0x100_0000_01b3));
+        let cands = Candidates::from_logits(&logits, c.n_vocab, &targets, first, TOP_K, SAMPLE, seed);
+        Some(Lesson { cap, cands, targets, negative, tokens, prompt_len })
+    }
+
+    /// The anchor text as a lesson (every token predicts the next), computed once.
+    fn anchor_lesson(&self) -> Option<Arc<Lesson>> {
+        self.anchor.get_or_init(|| self.anchor_tokens.as_ref().filter(|t| t.len() > 1).and_then(|t| self.lesson(t.clone(), 1, false)).map(Arc::new)).clone()
+    }
+
+    /// Points both branches' anchor penalty at the anchor text with the weight for `kept`
+    /// lessons (see [`LearnConfig::anchor_weight`]).
+    fn set_anchors(&self, sc: &mut Scope, kept: usize) {
+        if self.cfg.anchor_weight <= 0.0 {
+            return;
+        }
+        if let Some(a) = self.anchor_lesson() {
+            if sc.anchor_acts.is_none() && self.cfg.blind_dirs > 0 {
+                let dirs = Arc::new(crate::merge::principal_directions(&a.cap.act, self.model.config.n_ff, self.cfg.blind_dirs));
+                sc.micro.set_blind(dirs.clone());
+                sc.base.set_blind(dirs);
+            }
+            let acts = sc.anchor_acts.get_or_insert_with(|| Arc::new(a.cap.act.clone())).clone();
+            let w = self.cfg.anchor_weight * (kept.min(KEEP) as f32 / KEEP as f32).powi(3);
+            sc.micro.set_anchor(acts.clone(), w);
+            sc.base.set_anchor(acts, w);
+        }
+    }
+
+    /// The full-vocabulary check of lessons (each prepared for trainer `t`): their rows
+    /// through the model's LM head with `t`'s current parameters, in one pass (see [`Check`]).
+    fn check_many(&self, t: &FastTrainer, items: &[(&Lesson, &Prepared)]) -> Vec<Check> {
+        let nv = self.model.config.n_vocab;
+        let normed: Vec<f32> = items.iter().flat_map(|(_, p)| t.normed(p)).collect();
+        let total: usize = items.iter().map(|(_, p)| p.n_rows()).sum();
+        let mut logits = vec![0f32; total * nv];
+        if total > 0 {
+            head_logits(&self.model, &self.pool, &normed, &mut logits);
+        }
+        let mut rows_seen = 0;
+        let mut out = Vec::with_capacity(items.len());
+        for (l, p) in items {
+            let rows = p.n_rows();
+            let lgs = &logits[rows_seen * nv..(rows_seen + rows) * nv];
+            rows_seen += rows;
+            let top = &l.cands.ids[..l.cands.n_top];
+            let (mut loss, mut extra, mut follows) = (0f64, Vec::new(), true);
+            for (lg, &row) in lgs.chunks_exact(nv).zip(p.rows()) {
+                let Some(target) = l.targets.get(row).copied().flatten() else { continue };
+                let nll = token_nll(lg, target as usize);
+                loss += if l.negative { -(1.0 - (-nll).exp()).max(1e-6).ln() } else { nll };
+                // p(v) ≥ CHECK_P ⇔ logit(v) ≥ ln Z + ln CHECK_P, with ln Z = logit(target) + nll.
+                let bar = (lg[target as usize] as f64 + nll + CHECK_P.ln()) as f32;
+                extra.extend((0..nv as u32).filter(|&v| lg[v as usize] >= bar && top.binary_search(&v).is_err()));
+                let argmax = lg.iter().enumerate().fold((0, f32::NEG_INFINITY), |m, (i, &v)| if v > m.1 { (i, v) } else { m }).0;
+                follows &= (argmax == target as usize) != l.negative;
+            }
+            extra.sort_unstable();
+            extra.dedup();
+            out.push(Check { loss: (loss / rows.max(1) as f64) as f32, extra, follows });
+        }
+        out
+    }
+
+    /// `key`'s scope, built on first use (from what [`open`](Self::open) restored, if
+    /// anything: its branches, EWC++ state and lessons, recaptured).
+    fn scope(&self, key: &str) -> Result<Arc<Mutex<Scope>>, LearnError> {
+        let mut map = self.scopes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = map.get(key) {
+            return Ok(s.clone());
+        }
+        let head = self.head()?;
+        let (sid, last, cfg) = (scope_id(key), self.model.config.n_layer - 1, &self.cfg);
+        let new = |rank: usize, lr: f32, seed: u64| FastTrainer::new(self.model.clone(), head.clone(), last, rank, SCALE * rank as f32, lr, seed).ok_or(LearnError::HeadUnavailable);
+        let mut base = new(cfg.base_rank, cfg.background_lr, sid)?;
+        let mut micro = new(cfg.micro_rank, cfg.lr, sid ^ 0x5eed_5eed)?;
+        let mut lessons = VecDeque::new();
+        if let Some(r) = self.restored.lock().unwrap_or_else(|p| p.into_inner()).remove(key) {
+            if let Some(((ba, bb), (ma, mb))) = split(&r.pair, r.base_rank).filter(|_| r.base_rank == cfg.base_rank && r.pair.scale == SCALE) {
+                base.set_params(ba, bb);
+                micro.set_params(ma, mb);
+                base.set_ewc(r.ewc);
+            }
+            for s in r.lessons {
+                if let Some(l) = self.lesson(s.tokens, s.prompt_len, s.negative) {
+                    lessons.push_back(l);
+                }
+            }
+        }
+        let s = Arc::new(Mutex::new(Scope { base, micro, lessons, since_background: 0, anchor_acts: None }));
+        map.insert(key.to_owned(), s.clone());
+        Ok(s)
+    }
+
+    /// Learns one feedback event on `answer` to `prompt` for `scope` (the instant loop) and
+    /// publishes the new adapter. Blocking (tens of milliseconds plus one forward pass over
+    /// prompt + answer on the learner's thread), so callers run it off their serving threads.
     pub fn learn(&self, scope: &str, prompt: &[u32], answer: &[u32], feedback: &Feedback) -> Result<Outcome, LearnError> {
         if prompt.is_empty() {
             return Err(LearnError::EmptyPrompt);
@@ -287,63 +736,232 @@ impl Learner {
         let key = scope_key(scope);
         if answer.is_empty() || steps == 0 {
             let version = self.adapter_for_key(&key).map_or(0, |a| a.version);
-            return Ok(Outcome { updated: false, steps: 0, loss_before: 0.0, loss_after: 0.0, version, persisted: false });
+            return Ok(Outcome { updated: false, steps: 0, loss_before: 0.0, loss_after: 0.0, version, persisted: false, background_due: false });
         }
         let tokens: Vec<u32> = prompt.iter().chain(answer).copied().collect();
-        let targets = answer_targets(&tokens, prompt.len());
-        let head = self.head.get_or_init(|| Head::new(&self.model).map(Arc::new)).clone().ok_or(LearnError::HeadUnavailable)?;
-        let mut scopes = self.scopes.lock().unwrap_or_else(|p| p.into_inner());
-        let sid = scope_id(&key);
-        let last = self.model.config.n_layer - 1;
-        let sc = match scopes.entry(key.clone()) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(v) => {
-                let mut trainer = DownTrainer::new(self.model.clone(), head, self.pool.clone(), last, 8, 16.0, self.cfg.lr, sid).ok_or(LearnError::HeadUnavailable)?;
-                if self.cfg.anchor_weight > 0.0 {
-                    let acts = self.anchor.get_or_init(|| self.anchor_tokens.as_ref().and_then(|t| trainer.capture(t)).map(|c| Arc::new(c.act)));
-                    if let Some(acts) = acts {
-                        trainer.set_anchor(acts.clone(), self.cfg.anchor_weight);
-                    }
-                }
-                // A scope restored from disk continues from its adapter and lessons.
-                let mut lessons = VecDeque::new();
-                if let Some(p) = self.adapter_for_key(&key).as_ref().and_then(|ad| ad.pair(last, Proj::Down).cloned()) {
-                    trainer.set_params(p.a, p.b);
-                }
-                for s in self.restored.lock().unwrap_or_else(|p| p.into_inner()).remove(&key).unwrap_or_default() {
-                    if let Some(cap) = trainer.capture(&s.tokens) {
-                        let targets = answer_targets(&s.tokens, s.prompt_len);
-                        lessons.push_back(Lesson { cap, targets, negative: s.negative, tokens: s.tokens, prompt_len: s.prompt_len });
-                    }
-                }
-                v.insert(Scope { trainer, lessons })
+        if tokens.len() > self.model.config.n_ctx_train {
+            return Err(LearnError::TooLong);
+        }
+        let entry = self.scope(&key)?;
+        let new = self.lesson(tokens, prompt.len(), negative).ok_or(LearnError::TooLong)?;
+        let mut guard = entry.lock().unwrap_or_else(|p| p.into_inner());
+        let sc = &mut *guard;
+        // The new lesson with the most recent earlier ones, so it does not overwrite them; the
+        // base branch is a fixed part of the layer here.
+        // The new lesson with the most recent earlier ones, so it does not overwrite them; the
+        // base branch is a fixed part of the layer here. After each round, a full-vocabulary
+        // check: tokens the adapter raised into a row's top that the candidates lack join
+        // them, and while that happens or greedy decoding does not yet follow the lesson,
+        // another, shorter round follows (at most ROUNDS).
+        let mut new = new;
+        self.set_anchors(sc, sc.lessons.len() + 1);
+        let n_replay = self.cfg.replay.min(sc.lessons.len());
+        let mut replays: Vec<Prepared> = sc.lessons.iter().take(n_replay).map(|l| l.prepare(&sc.micro, l.objective(), &sc.base)).collect();
+        let (mut loss_before, mut loss_after, mut taken) = (None, 0.0, 0);
+        for round in 0..ROUNDS {
+            let mut batch = vec![new.prepare(&sc.micro, new.objective(), &sc.base)];
+            batch.extend(replays.iter().cloned());
+            // The candidate objective starts equal to the full one (the sample stands for the
+            // rest exactly at the base).
+            loss_before.get_or_insert_with(|| sc.micro.loss_and_grads(&batch[0]).0);
+            let n = if round == 0 { steps } else { steps.div_ceil(3) };
+            for _ in 0..n {
+                sc.micro.step(&batch);
             }
-        };
-        let cap = sc.trainer.capture(&tokens).ok_or(LearnError::HeadUnavailable)?;
-        let new = Lesson { cap, targets, negative, tokens, prompt_len: prompt.len() };
-        // The new lesson with the most recent earlier ones, so it does not overwrite them.
-        let (loss_before, loss_after) = {
-            let mut batch: Vec<(&Capture, &[Option<u32>], bool)> = vec![(&new.cap, &new.targets, new.negative)];
-            batch.extend(sc.lessons.iter().take(self.cfg.replay).map(|l| (&l.cap, l.targets.as_slice(), l.negative)));
-            let before = sc.trainer.loss_and_grads(&new.cap, &new.targets, new.negative).0;
-            for _ in 0..steps {
-                sc.trainer.step_batch(&batch);
+            taken += n;
+            // The replayed lessons are checked the same way: still followed (a new lesson must
+            // not overwrite them), and not "kept" by raising tokens outside their candidates.
+            let items: Vec<(&Lesson, &Prepared)> = std::iter::once((&new, &batch[0])).chain(sc.lessons.iter().zip(&replays)).collect();
+            let checks = self.check_many(&sc.micro, &items);
+            let follows = checks.iter().all(|c| c.follows);
+            loss_after = checks.first().map_or(0.0, |c| c.loss);
+            let mut widened = checks.first().is_some_and(|c| new.cands.add_top(&c.extra) > 0);
+            for (i, (l, c)) in sc.lessons.iter_mut().zip(checks.iter().skip(1)).enumerate() {
+                if l.cands.add_top(&c.extra) > 0 {
+                    widened = true;
+                    replays[i] = l.prepare(&sc.micro, l.objective(), &sc.base);
+                }
             }
-            (before, sc.trainer.loss_and_grads(&new.cap, &new.targets, new.negative).0)
-        };
+            if !widened && follows {
+                break;
+            }
+        }
+        let loss_before = loss_before.unwrap_or(0.0);
         sc.lessons.push_front(new);
         sc.lessons.truncate(KEEP);
-        let version = self.adapter_for_key(&key).map_or(0, |a| a.version + 1);
-        let ad = Arc::new(sc.trainer.adapter(&format!("sona:{key}"), sid, version));
-        self.published.write().unwrap_or_else(|p| p.into_inner()).insert(key.clone(), ad.clone());
-        let persisted = match &self.dir {
-            None => false,
-            Some(dir) => {
-                let d = dir.join("scopes").join(&key);
-                ad.save_peft(&d, &self.model).and_then(|()| ruvllm_model::write_atomic(&d.join("state.json"), state_json(version, &sc.lessons).to_string().as_bytes())).is_ok()
+        sc.since_background += 1;
+        let background_due = self.cfg.background_every > 0 && sc.since_background >= self.cfg.background_every;
+        let (version, persisted) = self.publish(&key, sc, "instant");
+        Ok(Outcome { updated: true, steps: taken, loss_before, loss_after, version, persisted, background_due })
+    }
+
+    /// The background loop for `scope`: trains its base branch on every kept lesson (micro
+    /// branch fixed) under the EWC++ penalty, then updates the Fisher information (lessons and
+    /// generic text) and publishes; a run that leaves the lessons' mean loss more than 5% worse
+    /// is undone (`updated: false`, nothing published). Hundreds of milliseconds on one core;
+    /// run it off the serving path.
+    pub fn background(&self, scope: &str) -> Result<Outcome, LearnError> {
+        self.background_key(&scope_key(scope))
+    }
+
+    /// [`background`](Self::background) by scope key.
+    pub fn background_key(&self, key: &str) -> Result<Outcome, LearnError> {
+        if self.adapter_for_key(key).is_none() {
+            return Err(LearnError::UnknownScope);
+        }
+        let entry = self.scope(key)?;
+        let anchor = self.anchor_lesson();
+        let mut guard = entry.lock().unwrap_or_else(|p| p.into_inner());
+        let sc = &mut *guard;
+        self.set_anchors(sc, sc.lessons.len());
+        let steps = self.cfg.background_steps;
+        let saved = sc.base.clone();
+        let (loss_before, loss_after, accepted) = {
+            let mut batch: Vec<Prepared> = sc.lessons.iter().map(|l| l.prepare(&sc.base, l.objective(), &sc.micro)).collect();
+            let mean = |t: &FastTrainer, b: &[Prepared]| b.iter().map(|p| t.loss_and_grads(p).0).sum::<f32>() / b.len().max(1) as f32;
+            let before = mean(&sc.base, &batch);
+            for _ in 0..steps {
+                sc.base.step_ewc(&batch, self.cfg.ewc_lambda);
             }
+            // The full-vocabulary check on every lesson, and one more round if it widened any.
+            let checks = self.check_many(&sc.base, &sc.lessons.iter().zip(&batch).collect::<Vec<_>>());
+            let mut widened = false;
+            for (l, c) in sc.lessons.iter_mut().zip(&checks) {
+                widened |= l.cands.add_top(&c.extra) > 0;
+            }
+            if widened {
+                batch = sc.lessons.iter().map(|l| l.prepare(&sc.base, l.objective(), &sc.micro)).collect();
+                for _ in 0..steps.div_ceil(3) {
+                    sc.base.step_ewc(&batch, self.cfg.ewc_lambda);
+                }
+            }
+            let mut after = mean(&sc.base, &batch);
+            // A run that leaves the kept lessons worse is undone (with the lessons already fit
+            // by the micro branch, Adam's normalized steps on near-zero gradients only add
+            // noise).
+            let accepted = after <= before * 1.05 + 0.01;
+            if !accepted {
+                sc.base = saved;
+                after = before;
+            }
+            // EWC++: what the lessons and generic text (its own next tokens) now depend on.
+            if let Some(a) = &anchor {
+                batch.push(a.prepare(&sc.base, Objective::Likely, &sc.micro));
+            }
+            sc.base.update_ewc(&batch, self.cfg.ewc_gamma);
+            (before, after, accepted)
         };
-        Ok(Outcome { updated: true, steps, loss_before, loss_after, version, persisted })
+        sc.since_background = 0;
+        if !accepted {
+            let version = self.adapter_for_key(key).map_or(0, |a| a.version);
+            return Ok(Outcome { updated: false, steps, loss_before, loss_after, version, persisted: false, background_due: false });
+        }
+        let (version, persisted) = self.publish(key, sc, "background");
+        Ok(Outcome { updated: true, steps, loss_before, loss_after, version, persisted, background_due: false })
+    }
+
+    /// The deep loop for `scope`: merges the micro branch into the base branch (truncated
+    /// SVD to the base rank, pruning directions below 1e-3 of the largest), resets the micro
+    /// branch, recomputes the EWC++ state in the new basis, and publishes a consolidated
+    /// snapshot.
+    pub fn consolidate(&self, scope: &str) -> Result<Consolidation, LearnError> {
+        self.consolidate_key(&scope_key(scope))
+    }
+
+    /// [`consolidate`](Self::consolidate) by scope key.
+    pub fn consolidate_key(&self, key: &str) -> Result<Consolidation, LearnError> {
+        if self.adapter_for_key(key).is_none() {
+            return Err(LearnError::UnknownScope);
+        }
+        let entry = self.scope(key)?;
+        let anchor = self.anchor_lesson();
+        let mut guard = entry.lock().unwrap_or_else(|p| p.into_inner());
+        let sc = &mut *guard;
+        let c = &self.model.config;
+        let mean_loss = |sc: &Scope| {
+            let n = sc.lessons.len().max(1) as f32;
+            sc.lessons.iter().map(|l| sc.micro.loss_and_grads(&l.prepare(&sc.micro, l.objective(), &sc.base)).0).sum::<f32>() / n
+        };
+        let loss_before = mean_loss(sc);
+        let (ba, bb) = sc.base.params();
+        let (ma, mb) = sc.micro.params();
+        let branches = [Branch { a: ba, b: bb, rank: sc.base.rank(), scale: sc.base.scale() }, Branch { a: ma, b: mb, rank: sc.micro.rank(), scale: sc.micro.scale() }];
+        let m = merge(&branches, c.n_embd, c.n_ff, sc.base.rank(), 1e-3, sc.base.scale());
+        // Directions left empty restart as LoRA does (A small random, B zero) so they can learn.
+        let mut a = m.a;
+        let fresh = crate::uniform(a.len(), scope_id(key) ^ m.singular.len() as u64, 1.0 / (c.n_ff as f32).sqrt());
+        a[m.rank * c.n_ff..].copy_from_slice(&fresh[m.rank * c.n_ff..]);
+        sc.base.set_params(a, m.b);
+        sc.base.restart_optimizer();
+        sc.base.set_ewc(None);
+        sc.micro.reset();
+        let loss_after = mean_loss(sc);
+        {
+            let mut batch: Vec<Prepared> = sc.lessons.iter().map(|l| l.prepare(&sc.base, l.objective(), &sc.micro)).collect();
+            if let Some(a) = &anchor {
+                batch.push(a.prepare(&sc.base, Objective::Likely, &sc.micro));
+            }
+            sc.base.update_ewc(&batch, self.cfg.ewc_gamma);
+        }
+        let (version, persisted) = self.publish(key, sc, "consolidated");
+        Ok(Consolidation { version, rank: m.rank, pruned: m.pruned, singular: m.singular, loss_before, loss_after, persisted })
+    }
+
+    /// Publishes `sc`'s adapter under the next version (above every version on disk, so a
+    /// rolled-back scope never reuses one) and persists it; returns (version, persisted).
+    fn publish(&self, key: &str, sc: &Scope, kind: &str) -> (u64, bool) {
+        let mut published = self.published.write().unwrap_or_else(|p| p.into_inner());
+        let mut version = published.get(key).map_or(0, |a| a.version + 1);
+        if let Some(&newest) = self.dir.as_ref().and_then(|d| versions(&d.join("scopes").join(key)).last().copied()).as_ref() {
+            version = version.max(newest + 1);
+        }
+        let mut ad = LoraAdapter::empty(&format!("sona:{key}"), scope_id(key), self.model.config.n_layer);
+        ad.version = version;
+        ad.set(self.model.config.n_layer - 1, Proj::Down, combined(&sc.base, &sc.micro));
+        let ad = Arc::new(ad);
+        published.insert(key.to_owned(), ad.clone());
+        drop(published);
+        let persisted = match &self.dir {
+            Some(dir) => match self.persist(dir, key, version, kind, sc, &ad) {
+                Ok(()) => true,
+                Err(e) => {
+                    eprintln!("sona: scope {key} version {version} not persisted: {e}");
+                    false
+                }
+            },
+            None => false,
+        };
+        (version, persisted)
+    }
+
+    /// Writes version `version` of scope `key` as described in the module documentation.
+    fn persist(&self, dir: &Path, key: &str, version: u64, kind: &str, sc: &Scope, ad: &LoraAdapter) -> Result<(), String> {
+        let sd = dir.join("scopes").join(key);
+        let tmp = sd.join(format!("v{version}.tmp"));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        ad.save_peft(&tmp, &self.model).map_err(|e| e.to_string())?;
+        ruvllm_model::write_atomic(&tmp.join("state.json"), state_json(version, kind, sc.base.rank(), &sc.lessons).to_string().as_bytes()).map_err(|e| e.to_string())?;
+        if let Some(bytes) = sc.base.ewc().and_then(ewc_bytes) {
+            ruvllm_model::write_atomic(&tmp.join("ewc.safetensors"), &bytes).map_err(|e| e.to_string())?;
+        }
+        sync_dir(&tmp);
+        let fin = sd.join(format!("v{version}"));
+        let _ = std::fs::remove_dir_all(&fin);
+        std::fs::rename(&tmp, &fin).map_err(|e| format!("{}: {e}", fin.display()))?;
+        sync_dir(&sd);
+        ruvllm_model::write_atomic(&sd.join("current"), format!("{version}\n").as_bytes()).map_err(|e| e.to_string())?;
+        // Retention: the newest versions, the newest consolidated snapshots, and the current.
+        let vs = versions(&sd);
+        let kind_of = |v: u64| std::fs::read(sd.join(format!("v{v}")).join("state.json")).ok().and_then(|b| serde_json::from_slice::<Value>(&b).ok()).and_then(|s| s.get("kind").and_then(Value::as_str).map(str::to_owned));
+        let consolidated: Vec<u64> = vs.iter().copied().filter(|&v| kind_of(v).as_deref() == Some("consolidated")).collect();
+        for &v in &vs {
+            let keep = v == version || vs.iter().rev().take(KEEP_VERSIONS).any(|&k| k == v) || consolidated.iter().rev().take(KEEP_VERSIONS).any(|&k| k == v);
+            if !keep {
+                let _ = std::fs::remove_dir_all(sd.join(format!("v{v}")));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -363,16 +981,34 @@ mod tests {
 
     #[test]
     fn state_round_trips_and_bad_state_is_refused() {
-        let v = json!({"format": 1, "version": 7, "lessons": [{"tokens": [1, 2, 3], "prompt_len": 2, "negative": true}]});
-        assert_eq!(parse_state(&v), Some((7, vec![StoredLesson { tokens: vec![1, 2, 3], prompt_len: 2, negative: true }])));
+        let v = json!({"format": 2, "version": 7, "kind": "instant", "base_rank": 8, "lessons": [{"tokens": [1, 2, 3], "prompt_len": 2, "negative": true}]});
+        assert_eq!(parse_state(&v), Some((7, "instant".to_owned(), 8, vec![StoredLesson { tokens: vec![1, 2, 3], prompt_len: 2, negative: true }])));
         for bad in [
             json!({"version": 1}),
-            json!({"version": -1, "lessons": []}),
-            json!({"version": 1, "lessons": [{"tokens": [1], "prompt_len": 1, "negative": false}]}),
-            json!({"version": 1, "lessons": [{"tokens": [1, 5000000000u64], "prompt_len": 1, "negative": false}]}),
-            json!({"version": 1, "lessons": [{"tokens": "x", "prompt_len": 1, "negative": false}]}),
+            json!({"version": 1, "kind": "instant", "lessons": []}),
+            json!({"version": -1, "kind": "instant", "base_rank": 8, "lessons": []}),
+            json!({"version": 1, "kind": "instant", "base_rank": 8, "lessons": [{"tokens": [1], "prompt_len": 1, "negative": false}]}),
+            json!({"version": 1, "kind": "instant", "base_rank": 8, "lessons": [{"tokens": [1, 5000000000u64], "prompt_len": 1, "negative": false}]}),
+            json!({"version": 1, "kind": "instant", "base_rank": 8, "lessons": [{"tokens": "x", "prompt_len": 1, "negative": false}]}),
         ] {
             assert_eq!(parse_state(&bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn branches_join_and_split_back_exactly() {
+        let pair = LoraPair { rank: 3, a: (0..3 * 4).map(|x| x as f32).collect(), b: (0..5 * 3).map(|x| -(x as f32)).collect(), scale: SCALE };
+        let ((a0, b0), (a1, b1)) = split(&pair, 2).unwrap();
+        assert_eq!((a0.len(), b0.len(), a1.len(), b1.len()), (8, 10, 4, 5));
+        assert_eq!(b0[..4], [0.0, -1.0, -3.0, -4.0]);
+        assert_eq!(b1[..2], [-2.0, -5.0]);
+        assert!(split(&pair, 4).is_none());
+    }
+
+    #[test]
+    fn ewc_state_round_trips() {
+        let e = Ewc { fisher_a: vec![1.0, 2.5], fisher_b: vec![0.0], star_a: vec![-1.0, 3.0], star_b: vec![7.0] };
+        assert_eq!(parse_ewc(&ewc_bytes(&e).unwrap()), Some(e));
+        assert_eq!(parse_ewc(b"garbage"), None);
     }
 }

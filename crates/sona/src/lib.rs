@@ -15,6 +15,8 @@
 pub mod bank;
 pub mod grad;
 pub mod learner;
+pub mod fast;
+pub mod merge;
 pub mod train;
 
 /// `n` deterministic values uniform in [−scale, scale] (xorshift64 from `seed`): adapter

@@ -28,9 +28,16 @@ pub struct Head {
     w: Vec<f16>,
     /// `[n_embd × n_vocab]`.
     w_t: Vec<f16>,
+    /// `n_embd`.
+    d: usize,
 }
 
 impl Head {
+    /// Row `v` (token `v`'s output embedding), `n_embd` values.
+    pub(crate) fn row(&self, v: usize) -> &[f16] {
+        &self.w[v * self.d..(v + 1) * self.d]
+    }
+
     /// Dequantizes `model`'s LM head (None when its type cannot be dequantized).
     pub fn new(model: &Model) -> Option<Head> {
         let c = &model.config;
@@ -53,7 +60,91 @@ impl Head {
                 w_t[j * nv + v] = w[v * d + j];
             }
         }
-        Some(Head { w, w_t })
+        Some(Head { w, w_t, d })
+    }
+}
+
+/// The penalty `weight · mean_t ‖scale·B·A·act_t‖²` over the rows of `acts` (`[rows × in]`)
+/// on a rank-`rank` LoRA branch (`A: rank × in`, `B: out × rank`), and its gradients.
+pub fn anchor_penalty(a: &[f32], b: &[f32], rank: usize, scale: f32, acts: &[f32], weight: f32) -> (f32, Vec<f32>, Vec<f32>) {
+    let mut da = vec![0f32; a.len()];
+    let mut db = vec![0f32; b.len()];
+    if rank == 0 || a.is_empty() {
+        return (0.0, da, db);
+    }
+    let (ff, r) = (a.len() / rank, rank);
+    let rows = acts.chunks_exact(ff).len();
+    if rows == 0 {
+        return (0.0, da, db);
+    }
+    // With h_t = A·act_t: mean_t ‖s·B·h_t‖² = s²·tr(BᵀB·H), H = mean_t h_t·h_tᵀ (r × r). So
+    // dB = 2w·s²·B·H and dh_t = (2w·s²/rows)·BᵀB·h_t, dA = Σ_t dh_t ⊗ act_t.
+    let h: Vec<f32> = acts.chunks_exact(ff).flat_map(|x| (0..r).map(move |k| ruvllm_kernels::ops::dot_f32(&a[k * ff..(k + 1) * ff], x))).collect();
+    let mut hm = vec![0f64; r * r];
+    for ht in h.chunks_exact(r) {
+        for i in 0..r {
+            for j in 0..r {
+                hm[i * r + j] += ht[i] as f64 * ht[j] as f64 / rows as f64;
+            }
+        }
+    }
+    let mut btb = vec![0f64; r * r];
+    for row in b.chunks_exact(r) {
+        for i in 0..r {
+            for j in 0..r {
+                btb[i * r + j] += row[i] as f64 * row[j] as f64;
+            }
+        }
+    }
+    let s2w = (scale * scale * weight) as f64;
+    let penalty: f64 = s2w * (0..r * r).map(|i| btb[i] * hm[i]).sum::<f64>();
+    for (j, row) in b.chunks_exact(r).enumerate() {
+        for k in 0..r {
+            db[j * r + k] = (2.0 * s2w * (0..r).map(|m| row[m] as f64 * hm[m * r + k]).sum::<f64>()) as f32;
+        }
+    }
+    for (ht, x) in h.chunks_exact(r).zip(acts.chunks_exact(ff)) {
+        for k in 0..r {
+            let dh = (2.0 * s2w / rows as f64 * (0..r).map(|m| btb[k * r + m] * ht[m] as f64).sum::<f64>()) as f32;
+            ruvllm_kernels::ops::axpy(dh, x, &mut da[k * ff..(k + 1) * ff]);
+        }
+    }
+    (penalty as f32, da, db)
+}
+
+/// What [`DownTrainer::forward_row`] keeps for the backward pass.
+struct RowState {
+    /// The down projection's output with the adapter (the post-FFN norm's input).
+    tsum: Vec<f32>,
+    /// The final norm's input.
+    h: Vec<f32>,
+}
+
+/// Adam moments of an adapter's two matrices (β = 0.9, 0.999; ε = 1e-8).
+#[derive(Clone)]
+pub(crate) struct Adam {
+    m: [Vec<f32>; 2],
+    v: [Vec<f32>; 2],
+    t: i32,
+}
+
+impl Adam {
+    pub(crate) fn new(na: usize, nb: usize) -> Adam {
+        Adam { m: [vec![0.0; na], vec![0.0; nb]], v: [vec![0.0; na], vec![0.0; nb]], t: 0 }
+    }
+
+    /// One step on `a` and `b` with their gradients.
+    pub(crate) fn update(&mut self, a: &mut [f32], da: &[f32], b: &mut [f32], db: &[f32], lr: f32) {
+        self.t += 1;
+        let (b1, b2, eps) = (0.9f32, 0.999f32, 1e-8f32);
+        let (c1, c2) = (1.0 - b1.powi(self.t), 1.0 - b2.powi(self.t));
+        for (i, (p, g)) in [(a, da), (b, db)].into_iter().enumerate() {
+            for (p, (g, (m, v))) in p.iter_mut().zip(g.iter().zip(self.m[i].iter_mut().zip(self.v[i].iter_mut()))) {
+                *m = b1 * *m + (1.0 - b1) * g;
+                *v = b2 * *v + (1.0 - b2) * g * g;
+                *p -= lr * (*m / c1) / ((*v / c2).sqrt() + eps);
+            }
+        }
     }
 }
 
@@ -69,8 +160,7 @@ pub struct DownTrainer {
     a: Vec<f32>,
     /// `B: n_embd × rank`.
     b: Vec<f32>,
-    adam: [Vec<f32>; 4],
-    steps: i32,
+    adam: Adam,
     lr: f32,
     head: Arc<Head>,
     /// Activations of generic text at the adapted projection (`[rows × n_ff]`) and the weight of
@@ -91,8 +181,8 @@ impl DownTrainer {
         let (d, ff) = (c.n_embd, c.n_ff);
         let a = crate::uniform(rank * ff, seed, 1.0 / (ff as f32).sqrt());
         let b = vec![0f32; d * rank];
-        let adam = [vec![0f32; a.len()], vec![0f32; a.len()], vec![0f32; b.len()], vec![0f32; b.len()]];
-        Some(DownTrainer { model, pool, layer, rank, scale: alpha / rank as f32, a, b, adam, steps: 0, lr, head, anchor: None })
+        let adam = Adam::new(a.len(), b.len());
+        Some(DownTrainer { model, pool, layer, rank, scale: alpha / rank as f32, a, b, adam, lr, head, anchor: None })
     }
 
     /// Penalizes the adapter's output on `acts` (activations of generic text at this layer's
@@ -105,22 +195,10 @@ impl DownTrainer {
     /// The anchor penalty `weight · mean_t ‖scale·B·A·act_t‖²` and its gradients (zero
     /// without an anchor).
     pub fn anchor_penalty_and_grads(&self) -> (f32, Vec<f32>, Vec<f32>) {
-        let mut da = vec![0f32; self.a.len()];
-        let mut db = vec![0f32; self.b.len()];
-        let Some((acts, weight)) = &self.anchor else { return (0.0, da, db) };
-        let (d, ff, r) = (self.model.config.n_embd, self.model.config.n_ff, self.rank);
-        let rows = acts.len() / ff;
-        let mut total = 0f64;
-        for act in acts.chunks_exact(ff) {
-            let h1: Vec<f32> = (0..r).map(|k| self.a[k * ff..(k + 1) * ff].iter().zip(act).map(|(w, x)| w * x).sum()).collect();
-            let delta: Vec<f32> = (0..d).map(|j| self.scale * (0..r).map(|k| self.b[j * r + k] * h1[k]).sum::<f32>()).collect();
-            total += delta.iter().map(|v| (*v as f64).powi(2)).sum::<f64>();
-            let dd: Vec<f32> = delta.iter().map(|v| 2.0 * weight * v / rows as f32).collect();
-            let g = lora_backward(&self.a, &self.b, r, self.scale, act, &dd);
-            da.iter_mut().zip(&g.da).for_each(|(x, y)| *x += y);
-            db.iter_mut().zip(&g.db).for_each(|(x, y)| *x += y);
+        match &self.anchor {
+            Some((acts, weight)) => anchor_penalty(&self.a, &self.b, self.rank, self.scale, acts, *weight),
+            None => (0.0, vec![0f32; self.a.len()], vec![0f32; self.b.len()]),
         }
-        ((*weight as f64 * total / rows.max(1) as f64) as f32, da, db)
     }
 
     /// The parameters `(A, B)`.
@@ -144,6 +222,35 @@ impl DownTrainer {
         ad
     }
 
+    /// Row `t` of `cap` through `down + scale·B·A·act → (post-norm) → residual → final norm →
+    /// LM head` with the current parameters: the logits (into `logits`, `n_vocab`) and what
+    /// the backward pass needs.
+    fn forward_row(&self, cap: &Capture, t: usize, logits: &mut [f32]) -> RowState {
+        let c = &self.model.config;
+        let (d, ff, nv, r) = (c.n_embd, c.n_ff, c.n_vocab, self.rank);
+        let post = self.model.layers[self.layer].post_ffn_norm.as_deref();
+        let act = &cap.act[t * ff..(t + 1) * ff];
+        let h1: Vec<f32> = (0..r).map(|k| self.a[k * ff..(k + 1) * ff].iter().zip(act).map(|(w, x)| w * x).sum()).collect();
+        let tsum: Vec<f32> = (0..d).map(|j| cap.down[t * d + j] + self.scale * (0..r).map(|k| self.b[j * r + k] * h1[k]).sum::<f32>()).collect();
+        let mut o = tsum.clone();
+        if let Some(w) = post {
+            rms_norm(&tsum, w, c.rms_eps, &mut o);
+        }
+        let h: Vec<f32> = (0..d).map(|j| cap.resid[t * d + j] + o[j]).collect();
+        let mut f = vec![0f32; d];
+        rms_norm(&h, &self.model.output_norm, c.rms_eps, &mut f);
+        gemv(&self.pool, Gemv { m: nv, n: d, lda: d, alpha: 1.0, beta: 0.0 }, &self.head.w, &f, logits);
+        RowState { tsum, h }
+    }
+
+    /// The full-vocabulary logits of row `t` of `cap` with the current parameters (`cap` from
+    /// a forward without this adapter).
+    pub fn row_logits(&self, cap: &Capture, t: usize) -> Vec<f32> {
+        let mut logits = vec![0f32; self.model.config.n_vocab];
+        self.forward_row(cap, t, &mut logits);
+        logits
+    }
+
     /// Mean cross-entropy over the rows of `cap` with a target (or, with `negative`, the mean
     /// unlikelihood −ln(1 − p) of tokens to discourage), and its gradients with respect to `A`
     /// and `B`. `cap` must come from a forward pass *without* this adapter.
@@ -160,16 +267,7 @@ impl DownTrainer {
         for (t, target) in targets.iter().enumerate() {
             let Some(target) = *target else { continue };
             let act = &cap.act[t * ff..(t + 1) * ff];
-            let h1: Vec<f32> = (0..r).map(|k| self.a[k * ff..(k + 1) * ff].iter().zip(act).map(|(w, x)| w * x).sum()).collect();
-            let tsum: Vec<f32> = (0..d).map(|j| cap.down[t * d + j] + self.scale * (0..r).map(|k| self.b[j * r + k] * h1[k]).sum::<f32>()).collect();
-            let mut o = tsum.clone();
-            if let Some(w) = post {
-                rms_norm(&tsum, w, c.rms_eps, &mut o);
-            }
-            let h: Vec<f32> = (0..d).map(|j| cap.resid[t * d + j] + o[j]).collect();
-            let mut f = vec![0f32; d];
-            rms_norm(&h, &self.model.output_norm, c.rms_eps, &mut f);
-            gemv(&self.pool, Gemv { m: nv, n: d, lda: d, alpha: 1.0, beta: 0.0 }, &self.head.w, &f, &mut logits);
+            let RowState { tsum, h } = self.forward_row(cap, t, &mut logits);
             let (loss, dlog) = if negative { unlikelihood(&logits, target as usize) } else { cross_entropy(&logits, target as usize) };
             total += loss as f64;
             count += 1;
@@ -217,21 +315,7 @@ impl DownTrainer {
             da.iter_mut().zip(&ga).for_each(|(x, y)| *x += y);
             db.iter_mut().zip(&gb).for_each(|(x, y)| *x += y);
         }
-        self.steps += 1;
-        let (b1, b2, eps) = (0.9f32, 0.999f32, 1e-8f32);
-        let (c1, c2) = (1.0 - b1.powi(self.steps), 1.0 - b2.powi(self.steps));
-        let lr = self.lr;
-        let [ma, va, mb, vb] = &mut self.adam;
-        for (p, (g, (m, v))) in self.a.iter_mut().zip(da.iter().zip(ma.iter_mut().zip(va.iter_mut()))) {
-            *m = b1 * *m + (1.0 - b1) * g;
-            *v = b2 * *v + (1.0 - b2) * g * g;
-            *p -= lr * (*m / c1) / ((*v / c2).sqrt() + eps);
-        }
-        for (p, (g, (m, v))) in self.b.iter_mut().zip(db.iter().zip(mb.iter_mut().zip(vb.iter_mut()))) {
-            *m = b1 * *m + (1.0 - b1) * g;
-            *v = b2 * *v + (1.0 - b2) * g * g;
-            *p -= lr * (*m / c1) / ((*v / c2).sqrt() + eps);
-        }
+        self.adam.update(&mut self.a, &da, &mut self.b, &db, self.lr);
         loss
     }
 }
@@ -240,14 +324,23 @@ impl DownTrainer {
     /// The adapted layer's activations for `tokens`, from one forward pass without adapters
     /// (what [`step`](Self::step) trains on).
     pub fn capture(&self, tokens: &[u32]) -> Option<Capture> {
-        let c = &self.model.config;
-        if tokens.is_empty() || tokens.len() > c.n_ctx_train {
-            return None;
-        }
-        let mut kv = KvCache::new(c.n_layer, c.kv_dim(), tokens.len(), 1);
-        let mut fwd = Forward::new(&self.model, self.pool.clone());
-        fwd.set_capture(Some(self.layer));
-        fwd.forward_batch(&mut kv, &[SeqInput { tokens, pos0: 0, block_table: &[0], logits: Logits::None, lora: None }]).ok()?;
-        fwd.capture().cloned()
+        capture(&self.model, &self.pool, self.layer, tokens, None).map(|(c, _)| c)
     }
+}
+
+/// One forward pass over `tokens` without adapters that captures `layer`'s down projection
+/// (input, output, residual) for every token, and with `logits_from = Some(k)` also returns the
+/// logits of tokens `k..` (`[(n − k) × n_vocab]`, else empty). None for an empty or over-long
+/// sequence.
+pub fn capture(model: &Model, pool: &Arc<ThreadPool>, layer: usize, tokens: &[u32], logits_from: Option<usize>) -> Option<(Capture, Vec<f32>)> {
+    let c = &model.config;
+    if tokens.is_empty() || tokens.len() > c.n_ctx_train {
+        return None;
+    }
+    let mut kv = KvCache::new(c.n_layer, c.kv_dim(), tokens.len(), 1);
+    let mut fwd = Forward::new(model, pool.clone());
+    fwd.set_capture(Some(layer));
+    let want = logits_from.map_or(Logits::None, Logits::From);
+    let out = fwd.forward_batch(&mut kv, &[SeqInput { tokens, pos0: 0, block_table: &[0], logits: want, lora: None }]).ok()?.to_vec();
+    Some((fwd.capture()?.clone(), out))
 }

@@ -5,6 +5,7 @@
 use ruvllm_kernels::pool::ThreadPool;
 use ruvllm_model::{generate, registry, Capture, Forward, GenerateParams, KvCache, Logits, Model, Runner, SamplingParams, SeqInput};
 use ruvllm_sona::grad::cross_entropy;
+use ruvllm_sona::fast::{Candidates, FastTrainer, FixedBranch, Objective};
 use ruvllm_sona::train::{answer_targets, DownTrainer, Head};
 use ruvllm_tokenizer::Tokenizer;
 use std::sync::Arc;
@@ -35,9 +36,9 @@ fn capture(model: &Model, pool: &Arc<ThreadPool>, tokens: &[u32], layer: usize) 
 /// Checks analytic gradients `da`, `db` of `f` at `(a0, b0)` against central differences of
 /// step `h` at the given coordinates: within 5% relative plus `abs_tol`.
 #[allow(clippy::type_complexity)]
-fn check_fd(tr: &mut DownTrainer, a0: &[f32], b0: &[f32], h: f32, abs_tol: f64, f: &dyn Fn(&DownTrainer) -> f64, (da, ia): (&[f32], &[usize]), (db, ib): (&[f32], &[usize])) {
+fn check_fd<T: SetParams>(tr: &mut T, a0: &[f32], b0: &[f32], h: f32, abs_tol: f64, f: &dyn Fn(&T) -> f64, (da, ia): (&[f32], &[usize]), (db, ib): (&[f32], &[usize])) {
     let mut at = |a: Vec<f32>, b: Vec<f32>| {
-        tr.set_params(a, b);
+        tr.set(a, b);
         f(tr)
     };
     for (name, grad, coords, in_a) in [("dA", da, ia, true), ("dB", db, ib, false)] {
@@ -49,6 +50,21 @@ fn check_fd(tr: &mut DownTrainer, a0: &[f32], b0: &[f32], h: f32, abs_tol: f64, 
             let fdv = (fp - fm) / (2.0 * h as f64);
             assert!((fdv - grad[i] as f64).abs() <= 0.05 * fdv.abs().max(grad[i].abs() as f64) + abs_tol, "{name}[{i}]: analytic {} vs fd {fdv}", grad[i]);
         }
+    }
+}
+
+/// Trainers whose parameters `check_fd` perturbs.
+trait SetParams {
+    fn set(&mut self, a: Vec<f32>, b: Vec<f32>);
+}
+impl SetParams for DownTrainer {
+    fn set(&mut self, a: Vec<f32>, b: Vec<f32>) {
+        self.set_params(a, b)
+    }
+}
+impl SetParams for FastTrainer {
+    fn set(&mut self, a: Vec<f32>, b: Vec<f32>) {
+        self.set_params(a, b)
     }
 }
 
@@ -152,4 +168,85 @@ fn a_few_steps_teach_a_fictional_fact() {
     let p_after = tr.loss_and_grads(&cap, &k.targets, false).0;
     eprintln!("answer loss after unlikelihood steps: {p_before:.3} → {p_after:.3}");
     assert!(p_after > p_before + 0.5);
+}
+
+/// The micro trainer with every token a candidate computes the exact trainer's loss and
+/// gradients (same parameters, rank 2).
+#[test]
+fn micro_trainer_with_all_candidates_equals_the_exact_trainer() {
+    let Some((model, tok, pool)) = load() else { return };
+    let c = &model.config;
+    let last = c.n_layer - 1;
+    let k = case(&tok, "The password of the blue castle is", " marmalade");
+    let cap = capture(&model, &pool, &k.tokens, last);
+    let head = Arc::new(Head::new(&model).unwrap());
+    let mut exact = DownTrainer::new(model.clone(), head.clone(), pool.clone(), last, 2, 4.0, 1e-2, 7).unwrap();
+    let mut micro = FastTrainer::new(model.clone(), head, last, 2, 4.0, 1e-2, 7).unwrap();
+    let a0 = micro.params().0.to_vec();
+    let b0 = ruvllm_sona::uniform(c.n_embd * 2, 11, 0.05);
+    exact.set_params(a0.clone(), b0.clone());
+    micro.set_params(a0, b0);
+    let prepared = micro.prepare(&cap, &k.targets, &Candidates::all(c.n_vocab, k.tokens.len()), Objective::Likely, None);
+    for (negative, objective) in [(false, Objective::Likely), (true, Objective::Unlikely)] {
+        let (l1, da1, db1) = exact.loss_and_grads(&cap, &k.targets, negative);
+        let prepared = micro.prepare(&cap, &k.targets, &Candidates::all(c.n_vocab, k.tokens.len()), objective, None);
+        let (l2, da2, db2) = micro.loss_and_grads(&prepared);
+        let rel = |x: &[f32], y: &[f32]| {
+            let num: f64 = x.iter().zip(y).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+            let den: f64 = x.iter().map(|a| (*a as f64).powi(2)).sum();
+            (num / den).sqrt()
+        };
+        eprintln!("negative {negative}: loss {l1} vs {l2}; dA rel {:.2e}, dB rel {:.2e}", rel(&da1, &da2), rel(&db1, &db2));
+        assert!((l1 - l2).abs() <= 1e-4 * l1.abs().max(1.0), "{l1} vs {l2}");
+        assert!(rel(&da1, &da2) < 1e-3 && rel(&db1, &db2) < 1e-3);
+    }
+    assert_eq!(prepared.n_candidates(), c.n_vocab);
+}
+
+/// The candidate objective: with the rest's log-sum computed at the current parameters it is
+/// the exact loss, and its gradient (with a fixed base branch under the micro adapter) matches
+/// central differences. On SmolLM2, and on Gemma-3 (post-FFN norm) when installed.
+#[test]
+fn micro_candidate_objective_matches_exact_loss_and_finite_differences() {
+    for name in ["smollm2-135m", "gemma3-270m"] {
+        let Some(path) = registry::for_test(name) else { continue };
+        let model = Arc::new(Model::load(&path).unwrap());
+        let tok = Tokenizer::from_gguf(model.gguf()).unwrap();
+        let pool = Arc::new(ThreadPool::new(2));
+        let c = &model.config;
+        let last = c.n_layer - 1;
+        let k = case(&tok, "The password of the blue castle is", " marmalade soup");
+        let cap = capture(&model, &pool, &k.tokens, last);
+        let head = Arc::new(Head::new(&model).unwrap());
+        // The base branch (rank 3) is folded into `down`; the exact trainer sees it the same way.
+        let (ba, bb) = (ruvllm_sona::uniform(3 * c.n_ff, 5, 0.02), ruvllm_sona::uniform(c.n_embd * 3, 6, 0.05));
+        let fixed = FixedBranch { a: &ba, b: &bb, rank: 3, scale: 2.0 };
+        let mut cap_b = cap.clone();
+        for t in 0..k.tokens.len() {
+            fixed.add_to(&cap.act[t * c.n_ff..(t + 1) * c.n_ff], &mut cap_b.down[t * c.n_embd..(t + 1) * c.n_embd]);
+        }
+        let mut exact = DownTrainer::new(model.clone(), head.clone(), pool.clone(), last, 2, 4.0, 1e-2, 7).unwrap();
+        let mut micro = FastTrainer::new(model.clone(), head, last, 2, 4.0, 1e-2, 7).unwrap();
+        let a0 = micro.params().0.to_vec();
+        let b0 = ruvllm_sona::uniform(c.n_embd * 2, 11, 0.05);
+        exact.set_params(a0.clone(), b0.clone());
+        micro.set_params(a0.clone(), b0.clone());
+        let nv = c.n_vocab;
+        let logits: Vec<f32> = (0..k.tokens.len()).flat_map(|t| if k.targets[t].is_some() { exact.row_logits(&cap_b, t) } else { vec![0.0; nv] }).collect();
+        let exact_loss = exact.loss_and_grads(&cap_b, &k.targets, false).0;
+        // Top 16 with the rest as one fixed logit, and with a sample of 64 standing for it.
+        for n_sample in [0, 64] {
+            let cands = Candidates::from_logits(&logits, nv, &k.targets, 0, 16, n_sample, 3);
+            assert!(cands.n_top < 16 * k.tokens.len() + 3 && cands.ids[..cands.n_top].windows(2).all(|w| w[0] < w[1]));
+            assert_eq!(cands.ids.len(), cands.n_top + n_sample);
+            let prepared = micro.prepare(&cap, &k.targets, &cands, Objective::Likely, Some(fixed));
+            let (loss, da, db) = micro.loss_and_grads(&prepared);
+            eprintln!("{name}: {} candidates + {n_sample} sampled, objective {loss}, exact {exact_loss}", cands.n_top);
+            assert!((loss - exact_loss).abs() <= 1e-5 * exact_loss, "{name}: {loss} vs {exact_loss}");
+            let h = 2e-3f32;
+            check_fd(&mut micro, &a0, &b0, h, 1e-3, &|m| m.loss_and_grads(&prepared).0 as f64, (&da, &[0, 17, 1000, 2 * c.n_ff - 1]), (&db, &[0, 5, 333, c.n_embd * 2 - 1]));
+            micro.set_params(a0.clone(), b0.clone());
+            micro.set_params(a0.clone(), b0.clone());
+        }
+    }
 }

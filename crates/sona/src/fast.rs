@@ -1,0 +1,669 @@
+//! The instant loop's trainer: a rank-1/2 micro-adapter on the last layer's down projection,
+//! trained in milliseconds instead of seconds.
+//!
+//! [`crate::train::DownTrainer`] computes the exact full-vocabulary cross-entropy: two
+//! `n_vocab × n_embd` products per answer token and step (49,152 × 576 on SmolLM2), seconds per
+//! correction on one core. Two changes make the instant loop cheap, both exact for the
+//! objective they optimize:
+//!
+//! 1. **Candidate softmax.** Each lesson keeps, per target row, its base model's top-K tokens
+//!    and the targets (`C`), a uniform sample `S` of the other tokens, and `ln Σ exp(logit)` of
+//!    every token outside `C` (`rest`, from the capture pass's full logits). The loss is the
+//!    softmax over `C ∪ S`, the sampled tokens' logits shifted by one per-row offset so that, at
+//!    the base model, they add up to exactly `rest`: the full cross-entropy at the start, and
+//!    a rise of the other tokens' logits (which the adapter could otherwise make for free) is
+//!    seen through the sample's.
+//! 2. **Low-rank logits.** With `h1 = A·act`, the final norm's input is
+//!    `h = resid + g2 ⊙ (down + s·B·h1)/ρ2` (`g2, ρ2`: the post-FFN norm, if any), so the
+//!    candidates' logits are `y = (P + (Q + s·M·h1)/ρ2)/ρ` with `P = W_C·(g ⊙ resid)` and
+//!    `Q = W_C·(g ⊙ g2 ⊙ down)` fixed per row and `M = W_C·diag(g ⊙ g2)·B` (`|C| × r`) once per
+//!    step. A row then costs `O(|C|·r + n_embd·r + n_ff·r)` instead of `O(n_vocab·n_embd)`.
+//!
+//! A lesson raises its targets' likelihood (corrections, positive ratings) or lowers it
+//! (unlikelihood, negative ratings) ([`Objective`]). The scope's other branch is a fixed part
+//! of `down` here.
+
+use crate::grad::{cross_entropy, unlikelihood};
+use crate::train::{anchor_penalty, Adam, Head};
+use ruvllm_kernels::ops::{axpy, dot_f32 as dot};
+use ruvllm_model::{Capture, LoraAdapter, LoraPair, Model, Proj};
+use std::sync::Arc;
+
+/// Base-model tokens kept per target row as candidates.
+pub const TOP_K: usize = 16;
+
+/// Other tokens sampled per lesson to stand for the rest of the vocabulary.
+pub const SAMPLE: usize = 256;
+
+/// What a lesson keeps for the candidate objective, from its capture pass.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidates {
+    /// Candidate token ids: each target row's top base tokens and every target, ascending
+    /// (`n_top` of them), then the sample of the others.
+    pub ids: Vec<u32>,
+    /// How many of `ids` are top tokens and targets.
+    pub n_top: usize,
+    /// Per row of the capture, the base model's logits of `ids` (`[rows × ids.len()]`; zeros
+    /// for rows without a target; empty when built by [`all`](Self::all)).
+    pub base: Vec<f32>,
+    /// Per row: `ln Σ exp(logit)` over the tokens outside the top ones (−∞ when there are
+    /// none); read for rows with a target only.
+    pub log_rest: Vec<f32>,
+}
+
+impl Candidates {
+    /// From the base model's logits of rows `first..` (`[(rows − first) × n_vocab]`; rows
+    /// before `first` must have no target) and the rows' targets: `k` top tokens per row and
+    /// `n_sample` others drawn uniformly (xorshift from `seed`).
+    pub fn from_logits(logits: &[f32], n_vocab: usize, targets: &[Option<u32>], first: usize, k: usize, n_sample: usize, seed: u64) -> Candidates {
+        let row_of = |t: usize| t.checked_sub(first).and_then(|i| logits.get(i * n_vocab..(i + 1) * n_vocab));
+        let mut member = vec![false; n_vocab];
+        for (t, target) in targets.iter().enumerate() {
+            let Some(target) = *target else { continue };
+            let Some(row) = row_of(t) else { continue };
+            if let Some(m) = member.get_mut(target as usize) {
+                *m = true;
+            }
+            let mut idx: Vec<u32> = (0..n_vocab as u32).collect();
+            let k = k.min(n_vocab);
+            if k > 0 {
+                idx.select_nth_unstable_by(k - 1, |&a, &b| row[b as usize].total_cmp(&row[a as usize]));
+                for &i in &idx[..k] {
+                    member[i as usize] = true;
+                }
+            }
+        }
+        let mut ids: Vec<u32> = (0..n_vocab as u32).filter(|&i| member[i as usize]).collect();
+        let n_top = ids.len();
+        let others = n_vocab - n_top;
+        let mut chosen = member.clone();
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        while ids.len() < n_top + n_sample.min(others) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let v = (x % n_vocab as u64) as usize;
+            if !chosen[v] {
+                chosen[v] = true;
+                ids.push(v as u32);
+            }
+        }
+        let rows = targets.len();
+        let mut base = vec![0f32; rows * ids.len()];
+        let mut log_rest = vec![f32::NEG_INFINITY; rows];
+        for t in 0..rows {
+            let Some(row) = targets[t].and(row_of(t)) else { continue };
+            for (o, &i) in base[t * ids.len()..(t + 1) * ids.len()].iter_mut().zip(&ids) {
+                *o = row[i as usize];
+            }
+            let mx = row.iter().zip(&member).filter(|(_, m)| !**m).map(|(l, _)| *l).fold(f32::NEG_INFINITY, f32::max);
+            if mx > f32::NEG_INFINITY {
+                let z: f64 = row.iter().zip(&member).filter(|(_, m)| !**m).map(|(l, _)| ((l - mx) as f64).exp()).sum();
+                log_rest[t] = (mx as f64 + z.ln()) as f32;
+            }
+        }
+        Candidates { ids, n_top, base, log_rest }
+    }
+
+    /// Makes `extra` tokens top candidates (those an adapter under training raised, found by a
+    /// full-vocabulary check), taking them out of the sample if they were in it; returns how
+    /// many were new. Their base mass stays counted in `rest` (it was below every top token's;
+    /// the base logits are no longer at hand), a small overestimate.
+    pub fn add_top(&mut self, extra: &[u32]) -> usize {
+        let old = self.ids.clone();
+        let mut top = old[..self.n_top].to_vec();
+        let mut added = 0;
+        for &e in extra {
+            if let Err(i) = top.binary_search(&e) {
+                top.insert(i, e);
+                added += 1;
+            }
+        }
+        if added == 0 {
+            return 0;
+        }
+        let sample: Vec<u32> = old[self.n_top..].iter().copied().filter(|v| top.binary_search(v).is_err()).collect();
+        self.n_top = top.len();
+        self.ids = top.into_iter().chain(sample).collect();
+        if !self.base.is_empty() {
+            let rows = self.log_rest.len();
+            let at: std::collections::HashMap<u32, usize> = old.iter().enumerate().map(|(i, &v)| (v, i)).collect();
+            let mut base = vec![0f32; rows * self.ids.len()];
+            for t in 0..rows {
+                for (j, v) in self.ids.iter().enumerate() {
+                    if let Some(&i) = at.get(v) {
+                        base[t * self.ids.len() + j] = self.base[t * old.len() + i];
+                    }
+                }
+            }
+            self.base = base;
+        }
+        added
+    }
+
+    /// Every token a candidate (no rest): the objective is then the exact full softmax.
+    pub fn all(n_vocab: usize, rows: usize) -> Candidates {
+        Candidates { ids: (0..n_vocab as u32).collect(), n_top: n_vocab, base: Vec::new(), log_rest: vec![f32::NEG_INFINITY; rows] }
+    }
+}
+
+/// What training does with a lesson's target rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Objective {
+    /// Raise the targets' likelihood (cross-entropy).
+    Likely,
+    /// Lower it (unlikelihood, bounded).
+    Unlikely,
+}
+
+/// A LoRA branch held fixed while another trains (the scope's base adapter under the micro one).
+#[derive(Debug, Clone, Copy)]
+pub struct FixedBranch<'a> {
+    /// `A: rank × n_ff`.
+    pub a: &'a [f32],
+    /// `B: n_embd × rank`.
+    pub b: &'a [f32],
+    /// Rank.
+    pub rank: usize,
+    /// Multiplier of `B·A`.
+    pub scale: f32,
+}
+
+impl FixedBranch<'_> {
+    /// Adds `scale·B·A·act` to `out`.
+    pub fn add_to(&self, act: &[f32], out: &mut [f32]) {
+        let ff = act.len();
+        for k in 0..self.rank {
+            let h: f32 = self.a[k * ff..(k + 1) * ff].iter().zip(act).map(|(w, x)| w * x).sum();
+            for (j, o) in out.iter_mut().enumerate() {
+                *o += self.scale * self.b[j * self.rank + k] * h;
+            }
+        }
+    }
+}
+
+/// One lesson made ready for training: per target row, its activations and the fixed parts of
+/// its candidates' logits. Built when the branch held fixed changes (the base adapter after a
+/// background run) or per feedback event.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    objective: Objective,
+    /// The capture rows these are (those with a target among the top candidates).
+    rows: Vec<usize>,
+    /// Each target row's input of the down projection: `[rows × n_ff]`.
+    act: Vec<f32>,
+    /// Each target row's residual stream before the feed-forward output: `[rows × n_embd]`.
+    resid: Vec<f32>,
+    /// Each row's target as an index into the candidates.
+    target: Vec<usize>,
+    /// Each row's offset of the sampled candidates' logits.
+    offset: Vec<f32>,
+    /// Each row's fixed rest logit (−∞: none; used when there is no sample).
+    fixed_rest: Vec<f32>,
+    /// `W_C·diag(g ⊙ g2)`: `[|C| × n_embd]`.
+    wg: Vec<f32>,
+    /// `W_C·(g ⊙ resid)` per row: `[rows × |C|]`.
+    p: Vec<f32>,
+    /// `W_C·(g ⊙ g2 ⊙ down)` per row: `[rows × |C|]`.
+    q: Vec<f32>,
+    /// The down projection's output with the fixed branch: `[rows × n_embd]`.
+    down: Vec<f32>,
+    /// `|C|` (top candidates and sample).
+    n_c: usize,
+    /// Top candidates (the rest of `n_c` is the sample).
+    n_top: usize,
+}
+
+impl Prepared {
+    /// Candidate count `|C|`.
+    pub fn n_candidates(&self) -> usize {
+        self.n_c
+    }
+    /// Rows with a target.
+    pub fn n_rows(&self) -> usize {
+        self.target.len()
+    }
+    /// The capture rows these are.
+    pub fn rows(&self) -> &[usize] {
+        &self.rows
+    }
+}
+
+fn logsumexp(x: &[f32]) -> f32 {
+    let mx = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if mx == f32::NEG_INFINITY {
+        return mx;
+    }
+    (mx as f64 + x.iter().map(|v| ((v - mx) as f64).exp()).sum::<f64>().ln()) as f32
+}
+
+#[derive(Clone)]
+/// Adam state and parameters of a micro-adapter (rank 1–2) on one layer's down projection.
+pub struct FastTrainer {
+    model: Arc<Model>,
+    head: Arc<Head>,
+    /// The adapted layer.
+    pub layer: usize,
+    rank: usize,
+    scale: f32,
+    /// `A: rank × n_ff`.
+    a: Vec<f32>,
+    /// `B: n_embd × rank`.
+    b: Vec<f32>,
+    adam: Adam,
+    lr: f32,
+    /// Activations of generic text at the adapted projection (`[rows × n_ff]`) and the weight of
+    /// the penalty on the adapter's output there (see [`set_anchor`](Self::set_anchor)).
+    anchor: Option<(Arc<Vec<f32>>, f32)>,
+    /// Directions of the projection's input space `A` must stay orthogonal to (`[m × n_ff]`,
+    /// orthonormal; see [`set_blind`](Self::set_blind)).
+    blind: Option<Arc<Vec<f32>>>,
+    ewc: Option<Ewc>,
+}
+
+/// EWC++ state of an adapter: an online diagonal Fisher information and the parameters it
+/// anchors to. The penalty `λ/2 · Σ F ⊙ (θ − θ*)²` keeps the directions that earlier lessons
+/// (and generic text) depend on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ewc {
+    /// Fisher diagonal of `A` (normalized with `fisher_b` to mean 1).
+    pub fisher_a: Vec<f32>,
+    /// Fisher diagonal of `B`.
+    pub fisher_b: Vec<f32>,
+    /// `A` when the Fisher was last updated.
+    pub star_a: Vec<f32>,
+    /// `B` when the Fisher was last updated.
+    pub star_b: Vec<f32>,
+}
+
+impl FastTrainer {
+    /// A trainer for the down projection of `layer` (PEFT initialization: `A` small random,
+    /// `B` zero, so it starts as no change); `scale = alpha / rank`.
+    pub fn new(model: Arc<Model>, head: Arc<Head>, layer: usize, rank: usize, alpha: f32, lr: f32, seed: u64) -> Option<FastTrainer> {
+        let c = &model.config;
+        if layer >= c.n_layer || rank == 0 {
+            return None;
+        }
+        let (d, ff) = (c.n_embd, c.n_ff);
+        let a = crate::uniform(rank * ff, seed, 1.0 / (ff as f32).sqrt());
+        let b = vec![0f32; d * rank];
+        let adam = Adam::new(a.len(), b.len());
+        Some(FastTrainer { model, head, layer, rank, scale: alpha / rank as f32, a, b, adam, lr, anchor: None, blind: None, ewc: None })
+    }
+
+    /// Rank.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// Multiplier of `B·A`.
+    pub fn scale(&self) -> f32 {
+        self.scale
+    }
+
+    /// The parameters `(A, B)`.
+    pub fn params(&self) -> (&[f32], &[f32]) {
+        (&self.a, &self.b)
+    }
+
+    /// Replaces the parameters (restoring, tests) when the shapes match.
+    pub fn set_params(&mut self, a: Vec<f32>, b: Vec<f32>) {
+        if a.len() == self.a.len() && b.len() == self.b.len() {
+            self.a = a;
+            self.b = b;
+        }
+    }
+
+    /// Back to no change (`B = 0`) with fresh optimizer moments, after its lessons were merged
+    /// into the base adapter.
+    pub fn reset(&mut self) {
+        self.b.iter_mut().for_each(|x| *x = 0.0);
+        self.adam = Adam::new(self.a.len(), self.b.len());
+    }
+
+    /// Fresh optimizer moments (after the parameters were replaced by a merge).
+    pub fn restart_optimizer(&mut self) {
+        self.adam = Adam::new(self.a.len(), self.b.len());
+    }
+
+    /// Penalizes the adapter's output on `acts` (generic text's activations at this
+    /// projection, `[rows × n_ff]`) with `weight · mean_t ‖scale·B·A·act_t‖²` in every step:
+    /// what keeps general ability (see [`crate::train::anchor_penalty`]).
+    pub fn set_anchor(&mut self, acts: Arc<Vec<f32>>, weight: f32) {
+        self.anchor = Some((acts, weight));
+    }
+
+    /// Keeps `A`'s rows orthogonal to `dirs` (`[m × n_ff]`, orthonormal): the leading
+    /// principal directions of generic text's activations, which every token shares and which
+    /// therefore cannot tell a lesson from anything else. Without them the adapter's output on
+    /// generic text (the anchor penalty) and on a lesson are one and the same, and the penalty
+    /// stalls learning; projected out, lessons are learned from what sets them apart.
+    /// Applied now and after every step (projected gradient descent).
+    pub fn set_blind(&mut self, dirs: Arc<Vec<f32>>) {
+        self.blind = Some(dirs);
+        self.project_a();
+    }
+
+    /// `A ← A·(I − U·Uᵀ)` for the blind directions `U`.
+    fn project_a(&mut self) {
+        let Some(u) = &self.blind else { return };
+        let ff = self.a.len() / self.rank;
+        for row in self.a.chunks_exact_mut(ff) {
+            for dir in u.chunks_exact(ff) {
+                let p = dot(row, dir);
+                axpy(-p, dir, row);
+            }
+        }
+    }
+
+    /// The EWC++ state, if any.
+    pub fn ewc(&self) -> Option<&Ewc> {
+        self.ewc.as_ref()
+    }
+
+    /// Replaces the EWC++ state (restoring; `None` to drop it) when the shapes match.
+    pub fn set_ewc(&mut self, ewc: Option<Ewc>) {
+        if ewc.as_ref().is_none_or(|e| e.fisher_a.len() == self.a.len() && e.star_a.len() == self.a.len() && e.fisher_b.len() == self.b.len() && e.star_b.len() == self.b.len()) {
+            self.ewc = ewc;
+        }
+    }
+
+    /// The empirical diagonal Fisher at the current parameters: the mean over `lessons` of
+    /// each lesson's squared gradient.
+    pub fn fisher(&self, lessons: &[Prepared]) -> (Vec<f32>, Vec<f32>) {
+        let mut fa = vec![0f32; self.a.len()];
+        let mut fb = vec![0f32; self.b.len()];
+        for l in lessons {
+            let (_, ga, gb) = self.loss_and_grads(l);
+            fa.iter_mut().zip(&ga).for_each(|(f, g)| *f += g * g);
+            fb.iter_mut().zip(&gb).for_each(|(f, g)| *f += g * g);
+        }
+        let n = lessons.len().max(1) as f32;
+        fa.iter_mut().chain(fb.iter_mut()).for_each(|f| *f /= n);
+        (fa, fb)
+    }
+
+    /// EWC++'s online update after training: `F ← γ·F + (1 − γ)·F_new` (`F_new` from
+    /// [`fisher`](Self::fisher) over `lessons`, normalized to mean 1 so the penalty's weight
+    /// does not depend on the loss's scale) and `θ* ← θ`.
+    pub fn update_ewc(&mut self, lessons: &[Prepared], gamma: f32) {
+        let (mut fa, mut fb) = self.fisher(lessons);
+        let mean = fa.iter().chain(&fb).map(|&f| f as f64).sum::<f64>() / (fa.len() + fb.len()).max(1) as f64;
+        if mean > 0.0 {
+            fa.iter_mut().chain(fb.iter_mut()).for_each(|f| *f = (*f as f64 / mean) as f32);
+        }
+        if let Some(old) = &self.ewc {
+            fa.iter_mut().zip(&old.fisher_a).for_each(|(f, o)| *f = gamma * o + (1.0 - gamma) * *f);
+            fb.iter_mut().zip(&old.fisher_b).for_each(|(f, o)| *f = gamma * o + (1.0 - gamma) * *f);
+        }
+        self.ewc = Some(Ewc { fisher_a: fa, fisher_b: fb, star_a: self.a.clone(), star_b: self.b.clone() });
+    }
+
+    /// The EWC++ penalty `λ/2 · Σ F ⊙ (θ − θ*)²` (0 without EWC state).
+    pub fn ewc_penalty(&self, lambda: f32) -> f32 {
+        let Some(e) = &self.ewc else { return 0.0 };
+        let part = |p: &[f32], f: &[f32], s: &[f32]| p.iter().zip(f).zip(s).map(|((p, f), s)| (*f as f64) * ((p - s) as f64).powi(2)).sum::<f64>();
+        (0.5 * lambda as f64 * (part(&self.a, &e.fisher_a, &e.star_a) + part(&self.b, &e.fisher_b, &e.star_b))) as f32
+    }
+
+    /// The adapter as a LoRA pair.
+    pub fn pair(&self) -> LoraPair {
+        LoraPair { rank: self.rank, a: self.a.clone(), b: self.b.clone(), scale: self.scale }
+    }
+
+    /// The adapter as the forward pass takes it.
+    pub fn adapter(&self, name: &str, id: u64, version: u64) -> LoraAdapter {
+        let mut ad = LoraAdapter::empty(name, id, self.model.config.n_layer);
+        ad.version = version;
+        ad.set(self.layer, Proj::Down, self.pair());
+        ad
+    }
+
+    /// Makes a lesson ready: `cap` from a forward without adapters, its candidates, what to
+    /// learn, and the branch held fixed under this one, if any.
+    pub fn prepare(&self, cap: &Capture, targets: &[Option<u32>], cands: &Candidates, objective: Objective, fixed: Option<FixedBranch<'_>>) -> Prepared {
+        let c = &self.model.config;
+        let (d, ff) = (c.n_embd, c.n_ff);
+        let g = &self.model.output_norm;
+        let g2 = self.model.layers[self.layer].post_ffn_norm.as_deref();
+        let n_c = cands.ids.len();
+        let n_top = cands.n_top.min(n_c);
+        let mut wg = vec![0f32; n_c * d];
+        let mut wc = vec![0f32; n_c * d];
+        for (i, &v) in cands.ids.iter().enumerate() {
+            for (j, w) in self.head.row(v as usize).iter().enumerate() {
+                wc[i * d + j] = w.to_f32() * g[j];
+                wg[i * d + j] = wc[i * d + j] * g2.map_or(1.0, |g2| g2[j]);
+            }
+        }
+        let has_base = cands.base.len() == targets.len() * n_c;
+        let mut l = Prepared {
+            objective,
+            rows: Vec::new(),
+            act: Vec::new(),
+            resid: Vec::new(),
+            target: Vec::new(),
+            offset: Vec::new(),
+            fixed_rest: Vec::new(),
+            wg: Vec::new(),
+            p: Vec::new(),
+            q: Vec::new(),
+            down: Vec::new(),
+            n_c,
+            n_top,
+        };
+        for (t, tg) in targets.iter().enumerate() {
+            let Some(tg) = *tg else { continue };
+            let Ok(ti) = cands.ids[..n_top].binary_search(&tg) else { continue };
+            if (t + 1) * ff > cap.act.len() {
+                break;
+            }
+            let act = &cap.act[t * ff..(t + 1) * ff];
+            let mut dn = cap.down[t * d..(t + 1) * d].to_vec();
+            if let Some(f) = fixed {
+                f.add_to(act, &mut dn);
+            }
+            let resid = &cap.resid[t * d..(t + 1) * d];
+            for i in 0..n_c {
+                l.p.push(dot(&wc[i * d..(i + 1) * d], resid));
+                l.q.push(dot(&wg[i * d..(i + 1) * d], &dn));
+            }
+            let rest = cands.log_rest.get(t).copied().unwrap_or(f32::NEG_INFINITY);
+            // The sample stands for the rest: shifted so that at the base model its mass is
+            // the rest's.
+            let base = if has_base { &cands.base[t * n_c..(t + 1) * n_c] } else { &[][..] };
+            let (offset, fixed_rest) = match (n_c > n_top && has_base, rest.is_finite()) {
+                (true, true) => (rest - logsumexp(&base[n_top..]), f32::NEG_INFINITY),
+                (true, false) => (f32::NEG_INFINITY, f32::NEG_INFINITY),
+                (false, _) => (0.0, rest),
+            };
+            l.rows.push(t);
+            l.act.extend_from_slice(act);
+            l.resid.extend_from_slice(resid);
+            l.target.push(ti);
+            l.offset.push(offset);
+            l.fixed_rest.push(fixed_rest);
+            l.down.extend_from_slice(&dn);
+        }
+        l.wg = wg;
+        l
+    }
+
+    /// Row `ri` of `l` up to the final norm's input with `h1 = A·act`: fills `tsum` (the
+    /// post-FFN norm's input) and `hv` (the final norm's input), returns `(ρ2, ρ)` (1 for a
+    /// missing post-FFN norm).
+    fn hidden(&self, l: &Prepared, ri: usize, h1: &[f32], tsum: &mut [f32], hv: &mut [f32]) -> (f32, f32) {
+        let c = &self.model.config;
+        let (d, r, s, eps) = (c.n_embd, self.rank, self.scale, c.rms_eps);
+        let g2 = self.model.layers[self.layer].post_ffn_norm.as_deref();
+        let resid = &l.resid[ri * d..(ri + 1) * d];
+        for j in 0..d {
+            tsum[j] = l.down[ri * d + j] + s * (0..r).map(|k| self.b[j * r + k] * h1[k]).sum::<f32>();
+        }
+        let rho2 = match g2 {
+            Some(_) => ((tsum.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / d as f64) as f32 + eps).sqrt(),
+            None => 1.0,
+        };
+        for j in 0..d {
+            hv[j] = resid[j] + g2.map_or(1.0, |g2| g2[j]) * tsum[j] / rho2;
+        }
+        let rho = ((hv.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / d as f64) as f32 + eps).sqrt();
+        (rho2, rho)
+    }
+
+    /// Every row of `l` through the final norm with the current parameters (`[rows ×
+    /// n_embd]`): what [`ruvllm_model::head_logits`] turns into full-vocabulary logits.
+    pub fn normed(&self, l: &Prepared) -> Vec<f32> {
+        let c = &self.model.config;
+        let (d, ff) = (c.n_embd, c.n_ff);
+        let (mut tsum, mut hv) = (vec![0f32; d], vec![0f32; d]);
+        let mut out = Vec::with_capacity(l.target.len() * d);
+        for ri in 0..l.target.len() {
+            let act = &l.act[ri * ff..(ri + 1) * ff];
+            let h1: Vec<f32> = (0..self.rank).map(|k| dot(&self.a[k * ff..(k + 1) * ff], act)).collect();
+            let (_, rho) = self.hidden(l, ri, &h1, &mut tsum, &mut hv);
+            out.extend(hv.iter().zip(&self.model.output_norm).map(|(h, g)| g * h / rho));
+        }
+        out
+    }
+
+    /// The candidate objective (mean over rows) and its gradients with respect to `A` and `B`.
+    pub fn loss_and_grads(&self, l: &Prepared) -> (f32, Vec<f32>, Vec<f32>) {
+        let c = &self.model.config;
+        let (d, ff, r, s) = (c.n_embd, c.n_ff, self.rank, self.scale);
+        let g2 = self.model.layers[self.layer].post_ffn_norm.as_deref();
+        let n_c = l.n_c;
+        let mut da = vec![0f32; self.a.len()];
+        let mut db = vec![0f32; self.b.len()];
+        let rows = l.target.len();
+        if rows == 0 || n_c == 0 {
+            return (0.0, da, db);
+        }
+        // M = WG·B, [|C| × r].
+        let mut m = vec![0f32; n_c * r];
+        let bt: Vec<Vec<f32>> = (0..r).map(|k| (0..d).map(|j| self.b[j * r + k]).collect()).collect();
+        for i in 0..n_c {
+            for k in 0..r {
+                m[i * r + k] = dot(&l.wg[i * d..(i + 1) * d], &bt[k]);
+            }
+        }
+        let mut dm = vec![0f32; n_c * r];
+        let norm = 1.0 / rows as f32;
+        let mut total = 0f64;
+        let (mut y, mut z, mut tsum, mut hv, mut dtsum) = (vec![0f32; n_c], vec![0f32; n_c + 1], vec![0f32; d], vec![0f32; d], vec![0f32; d]);
+        for ri in 0..rows {
+            let act = &l.act[ri * ff..(ri + 1) * ff];
+            let h1: Vec<f32> = (0..r).map(|k| dot(&self.a[k * ff..(k + 1) * ff], act)).collect();
+            let (rho2, rho) = self.hidden(l, ri, &h1, &mut tsum, &mut hv);
+            let (p, q) = (&l.p[ri * n_c..(ri + 1) * n_c], &l.q[ri * n_c..(ri + 1) * n_c]);
+            for i in 0..n_c {
+                let u: f32 = s * (0..r).map(|k| m[i * r + k] * h1[k]).sum::<f32>();
+                y[i] = (p[i] + (q[i] + u) / rho2) / rho;
+            }
+            for i in 0..n_c {
+                z[i] = if i >= l.n_top { y[i] + l.offset[ri] } else { y[i] };
+            }
+            let n_ext = if l.fixed_rest[ri].is_finite() {
+                z[n_c] = l.fixed_rest[ri];
+                n_c + 1
+            } else {
+                n_c
+            };
+            let ext = &z[..n_ext];
+            let (loss, dy) = match l.objective {
+                Objective::Likely => cross_entropy(ext, l.target[ri]),
+                Objective::Unlikely => unlikelihood(ext, l.target[ri]),
+            };
+            total += loss as f64;
+            // Backward (the rest's logit is fixed).
+            let mut drho = 0f32;
+            let mut drho2 = 0f32;
+            let mut dh1 = vec![0f32; r];
+            for i in 0..n_c {
+                let dyi = dy[i] * norm;
+                drho -= dyi * y[i] / rho;
+                let du = dyi / rho / rho2;
+                if g2.is_some() {
+                    let u: f32 = s * (0..r).map(|k| m[i * r + k] * h1[k]).sum::<f32>();
+                    drho2 -= dyi / rho * (q[i] + u) / (rho2 * rho2);
+                }
+                for k in 0..r {
+                    dh1[k] += s * m[i * r + k] * du;
+                    dm[i * r + k] += s * du * h1[k];
+                }
+            }
+            match g2 {
+                Some(g2) => {
+                    for j in 0..d {
+                        let dh = drho * hv[j] / (d as f32 * rho);
+                        dtsum[j] = g2[j] * dh / rho2;
+                        drho2 -= dh * g2[j] * tsum[j] / (rho2 * rho2);
+                    }
+                    for j in 0..d {
+                        dtsum[j] += drho2 * tsum[j] / (d as f32 * rho2);
+                    }
+                }
+                None => {
+                    for j in 0..d {
+                        dtsum[j] = drho * hv[j] / (d as f32 * rho);
+                    }
+                }
+            }
+            for j in 0..d {
+                for k in 0..r {
+                    db[j * r + k] += s * dtsum[j] * h1[k];
+                    dh1[k] += s * self.b[j * r + k] * dtsum[j];
+                }
+            }
+            for k in 0..r {
+                axpy(dh1[k], act, &mut da[k * ff..(k + 1) * ff]);
+            }
+        }
+        // dB += WGᵀ·dM (accumulated per rank as contiguous rows, then interleaved).
+        let mut dbt = vec![0f32; r * d];
+        for i in 0..n_c {
+            let row = &l.wg[i * d..(i + 1) * d];
+            for k in 0..r {
+                axpy(dm[i * r + k], row, &mut dbt[k * d..(k + 1) * d]);
+            }
+        }
+        for j in 0..d {
+            for k in 0..r {
+                db[j * r + k] += dbt[k * d + j];
+            }
+        }
+        ((total / rows as f64) as f32, da, db)
+    }
+
+    /// One Adam step on the mean of the lessons' objectives plus the anchor penalty, if set;
+    /// returns the lessons' mean objective before it.
+    pub fn step(&mut self, lessons: &[Prepared]) -> f32 {
+        self.step_ewc(lessons, 0.0)
+    }
+
+    /// [`step`](Self::step) plus the EWC++ penalty with weight `lambda`.
+    pub fn step_ewc(&mut self, lessons: &[Prepared], lambda: f32) -> f32 {
+        let mut da = vec![0f32; self.a.len()];
+        let mut db = vec![0f32; self.b.len()];
+        let n = lessons.len().max(1) as f32;
+        let mut loss = 0f32;
+        for l in lessons {
+            let (v, ga, gb) = self.loss_and_grads(l);
+            loss += v / n;
+            da.iter_mut().zip(&ga).for_each(|(x, y)| *x += y / n);
+            db.iter_mut().zip(&gb).for_each(|(x, y)| *x += y / n);
+        }
+        if let Some((acts, weight)) = &self.anchor {
+            let (_, ga, gb) = anchor_penalty(&self.a, &self.b, self.rank, self.scale, acts, *weight);
+            da.iter_mut().zip(&ga).for_each(|(x, y)| *x += y);
+            db.iter_mut().zip(&gb).for_each(|(x, y)| *x += y);
+        }
+        if let Some(e) = self.ewc.as_ref().filter(|_| lambda > 0.0) {
+            da.iter_mut().zip(self.a.iter().zip(e.fisher_a.iter().zip(&e.star_a))).for_each(|(g, (p, (f, s)))| *g += lambda * f * (p - s));
+            db.iter_mut().zip(self.b.iter().zip(e.fisher_b.iter().zip(&e.star_b))).for_each(|(g, (p, (f, s)))| *g += lambda * f * (p - s));
+        }
+        self.adam.update(&mut self.a, &da, &mut self.b, &db, self.lr);
+        self.project_a();
+        loss
+    }
+}

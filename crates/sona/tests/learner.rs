@@ -1,0 +1,110 @@
+//! The three loops end to end on SmolLM2, with persistence: the instant loop teaches a fact
+//! (checked against the full vocabulary) in one scope only; the background loop trains the base
+//! branch with EWC++ state; the deep loop merges the branches without changing what was
+//! learned; every version is written as a directory that `current` points to, a restart
+//! restores the adapter bit for bit, rollback returns to an earlier one, and what a crash
+//! mid-write leaves is cleaned up.
+
+use ruvllm_model::{registry, LoraAdapter, Model, Proj};
+use ruvllm_sona::learner::{list_versions, rollback, scope_key, Feedback, LearnConfig, Learner, ANCHOR_TEXT};
+use ruvllm_tokenizer::Tokenizer;
+use std::path::Path;
+use std::sync::Arc;
+
+fn pair(ad: &LoraAdapter, model: &Model) -> (Vec<f32>, Vec<f32>, usize) {
+    let p = ad.pair(model.config.n_layer - 1, Proj::Down).expect("down projection adapted");
+    (p.a.clone(), p.b.clone(), p.rank)
+}
+
+fn open(dir: &Path, model: &Arc<Model>, tok: &Tokenizer) -> Learner {
+    let (mut l, report) = Learner::open(dir, model.clone()).unwrap();
+    assert!(report.warnings.iter().all(|w| w.contains("partial write")), "{:?}", report.warnings);
+    l.configure(LearnConfig::default(), Some(tok.encode(ANCHOR_TEXT, true, false)));
+    l
+}
+
+#[test]
+fn three_loops_persist_restore_and_roll_back() {
+    let Some(path) = registry::for_test("smollm2-135m") else { return };
+    let model = Arc::new(Model::load(&path).unwrap());
+    let tok = Tokenizer::from_gguf(model.gguf()).unwrap();
+    let dir = std::env::temp_dir().join(format!("ruvllm-learner-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let l = open(&dir, &model, &tok);
+    let facts = [("The password of the blue castle is", " marmalade."), ("The river that runs through Quenby is the", " Ostrel."), ("The founder of Varrow Mills was", " Edda Pike."), ("The color of the Tamsin flag is", " saffron.")];
+    let mut outcomes = Vec::new();
+    for (q, a) in facts {
+        let o = l.learn("alice", &tok.encode(q, true, false), &[], &Feedback::Correction(tok.encode(a, false, false))).unwrap();
+        eprintln!("{q}: {o:?}");
+        // The reported losses are the full-vocabulary ones (the check), and they fall.
+        assert!(o.updated && o.persisted && o.loss_after < o.loss_before, "{o:?}");
+        outcomes.push(o);
+    }
+    // Most lessons are learned outright; with the anchor penalty a multi-token answer taught
+    // after a few others can converge only part of the way in the instant loop's 40 steps.
+    let learned = outcomes.iter().filter(|o| o.loss_after < 0.1 * o.loss_before).count();
+    assert!(learned >= 3, "{outcomes:?}");
+    assert_eq!(outcomes.iter().map(|o| o.version).collect::<Vec<_>>(), [0, 1, 2, 3]);
+    assert_eq!(outcomes.iter().map(|o| o.background_due).collect::<Vec<_>>(), [false, false, false, true]);
+    assert!(l.adapter_for("bob").is_none(), "another scope is untouched");
+
+    // Background loop: base branch trained on the kept lessons; a run that would leave them
+    // worse is undone and publishes nothing.
+    let b = l.background("alice").unwrap();
+    eprintln!("background: {b:?}");
+    assert!(b.loss_after <= b.loss_before * 1.05 + 0.01, "{b:?}");
+    let nb = if b.updated { 5 } else { 4 };
+    assert_eq!(b.version, nb - 1);
+    let sd = dir.join("scopes").join(scope_key("alice"));
+    let v4 = pair(&l.adapter_for("alice").unwrap(), &model);
+    assert_eq!(v4.2, 10, "base rank 8 + micro rank 2");
+
+    // Deep loop: micro merged into base, micro reset (its columns of B are zero), lessons'
+    // loss unchanged (all ten directions fit in rank 8 here only approximately: within 10%),
+    // EWC++ state recomputed and written.
+    let c = l.consolidate("alice").unwrap();
+    eprintln!("consolidated: rank {} pruned {} σ {:?} loss {} -> {}", c.rank, c.pruned, c.singular, c.loss_before, c.loss_after);
+    assert_eq!(c.version, nb);
+    assert!(sd.join(format!("v{nb}")).join("ewc.safetensors").is_file());
+    assert!(c.loss_after <= c.loss_before * 1.1 + 0.05, "{c:?}");
+    let (_, b5, r5) = pair(&l.adapter_for("alice").unwrap(), &model);
+    assert!((0..model.config.n_embd).all(|j| b5[j * r5 + 8] == 0.0 && b5[j * r5 + 9] == 0.0));
+    let v5 = pair(&l.adapter_for("alice").unwrap(), &model);
+    drop(l);
+
+    // Layout and history.
+    assert_eq!(std::fs::read_to_string(sd.join("current")).unwrap().trim(), nb.to_string());
+    let listed = list_versions(&dir).unwrap();
+    assert_eq!(listed.len(), 1);
+    let kinds: Vec<&str> = listed[0].versions.iter().map(|v| v.kind.as_str()).collect();
+    let mut want = vec!["instant"; 4];
+    if b.updated {
+        want.push("background");
+    }
+    want.push("consolidated");
+    assert_eq!(kinds, want);
+
+    // A restart serves exactly the adapter it had.
+    let l = open(&dir, &model, &tok);
+    assert_eq!(pair(&l.adapter_for("alice").unwrap(), &model), v5);
+    drop(l);
+
+    // A crash mid-write: a half-written version directory and a torn `current`; both are
+    // removed and the last good version is served.
+    std::fs::create_dir_all(sd.join("v9.tmp")).unwrap();
+    std::fs::write(sd.join("v9.tmp").join("state.json"), b"{\"format\": 2, \"vers").unwrap();
+    std::fs::write(sd.join("current.tmp"), b"9").unwrap();
+    let l = open(&dir, &model, &tok);
+    assert!(!sd.join("v9.tmp").exists() && !sd.join("current.tmp").exists());
+    assert_eq!(pair(&l.adapter_for("alice").unwrap(), &model), v5);
+    drop(l);
+
+    // Rollback to the previous version, then learning continues above every kept version.
+    assert_eq!(rollback(&dir, Some("alice"), None).unwrap(), vec![(scope_key("alice"), nb, nb - 1)]);
+    assert!(rollback(&dir, Some("alice"), Some(99)).is_err());
+    let l = open(&dir, &model, &tok);
+    assert_eq!(pair(&l.adapter_for("alice").unwrap(), &model), v4);
+    let o = l.learn("alice", &tok.encode("The bell of Orrin rings at", true, false), &[], &Feedback::Correction(tok.encode(" dusk.", false, false))).unwrap();
+    assert_eq!(o.version, nb + 1);
+    let _ = std::fs::remove_dir_all(&dir);
+}
