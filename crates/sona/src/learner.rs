@@ -751,13 +751,13 @@ impl Learner {
         // The new lesson with the most recent earlier ones, so it does not overwrite them; the
         // base branch is a fixed part of the layer here. After each round, a full-vocabulary
         // check: tokens the adapter raised into a row's top that the candidates lack join
-        // them, and while that happens or greedy decoding does not yet follow the lesson,
-        // another, shorter round follows (at most ROUNDS).
+        // them; while that happens, or while greedy decoding does not yet follow the lessons
+        // and training still makes progress, another, shorter round follows (at most ROUNDS).
         let mut new = new;
         self.set_anchors(sc, sc.lessons.len() + 1);
         let n_replay = self.cfg.replay.min(sc.lessons.len());
         let mut replays: Vec<Prepared> = sc.lessons.iter().take(n_replay).map(|l| l.prepare(&sc.micro, l.objective(), &sc.base)).collect();
-        let (mut loss_before, mut loss_after, mut taken) = (None, 0.0, 0);
+        let (mut loss_before, mut loss_after, mut taken, mut prev_total) = (None, 0.0, 0, f32::INFINITY);
         for round in 0..ROUNDS {
             let mut batch = vec![new.prepare(&sc.micro, new.objective(), &sc.base)];
             batch.extend(replays.iter().cloned());
@@ -782,7 +782,12 @@ impl Learner {
                     replays[i] = l.prepare(&sc.micro, l.objective(), &sc.base);
                 }
             }
-            if !widened && follows {
+            // Another round when the candidates grew, or when a lesson is not yet followed and
+            // the last round still made progress (≥ 10% off the checked lessons' total loss).
+            let total: f32 = checks.iter().map(|c| c.loss).sum();
+            let progress = total < 0.9 * prev_total;
+            prev_total = total;
+            if !widened && (follows || !progress) {
                 break;
             }
         }
