@@ -18,7 +18,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use ruvllm_model::LoraAdapter;
 use ruvllm_sona::bank::{Bank, Trajectory};
-use ruvllm_sona::learner::{scope_key, Feedback, LearnConfig, LearnError, Learner};
+use ruvllm_sona::learner::{scope_dirs, scope_key, Feedback, LearnConfig, LearnError, Learner};
 use serde_json::{json, Value};
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -91,9 +91,8 @@ impl Learning {
             tracing::warn!(dir = %dir.display(), "{w}");
         }
         let mut banks = HashMap::new();
-        for entry in std::fs::read_dir(dir.join("scopes"))?.flatten() {
-            let Some(key) = entry.file_name().to_str().map(str::to_owned) else { continue };
-            let Ok(bytes) = std::fs::read(entry.path().join("bank.json")) else { continue };
+        for (key, path) in scope_dirs(dir)? {
+            let Ok(bytes) = std::fs::read(path.join("bank.json")) else { continue };
             match serde_json::from_slice::<Value>(&bytes).ok().and_then(|v| parse_bank(&v, dim, &key)) {
                 Some(b) => {
                     banks.insert(key, b);

@@ -24,9 +24,10 @@
 //! of `down` here.
 
 use crate::grad::{cross_entropy, unlikelihood};
-use crate::train::{anchor_penalty, Adam, Head};
+use crate::merge::Branch;
+use crate::train::{AdapterParams, Head};
 use ruvllm_kernels::ops::{axpy, dot_f32 as dot};
-use ruvllm_model::{Capture, LoraAdapter, LoraPair, Model, Proj};
+use ruvllm_model::{Capture, LoraAdapter, LoraPair, Model};
 use std::sync::Arc;
 
 /// Base-model tokens kept per target row as candidates.
@@ -43,9 +44,9 @@ pub struct Candidates {
     pub ids: Vec<u32>,
     /// How many of `ids` are top tokens and targets.
     pub n_top: usize,
-    /// Per row of the capture, the base model's logits of `ids` (`[rows × ids.len()]`; zeros
-    /// for rows without a target; empty when built by [`all`](Self::all)).
-    pub base: Vec<f32>,
+    /// Per row of the capture, the base model's logits of the sampled ids (`ids[n_top..]`,
+    /// `[rows × n_sample]`; zeros for rows without a target): what places the sample.
+    pub sample_base: Vec<f32>,
     /// Per row: `ln Σ exp(logit)` over the tokens outside the top ones (−∞ when there are
     /// none); read for rows with a target only.
     pub log_rest: Vec<f32>,
@@ -88,12 +89,12 @@ impl Candidates {
                 ids.push(v as u32);
             }
         }
-        let rows = targets.len();
-        let mut base = vec![0f32; rows * ids.len()];
+        let (rows, n_s) = (targets.len(), ids.len() - n_top);
+        let mut sample_base = vec![0f32; rows * n_s];
         let mut log_rest = vec![f32::NEG_INFINITY; rows];
         for t in 0..rows {
             let Some(row) = targets[t].and(row_of(t)) else { continue };
-            for (o, &i) in base[t * ids.len()..(t + 1) * ids.len()].iter_mut().zip(&ids) {
+            for (o, &i) in sample_base[t * n_s..(t + 1) * n_s].iter_mut().zip(&ids[n_top..]) {
                 *o = row[i as usize];
             }
             let mx = row.iter().zip(&member).filter(|(_, m)| !**m).map(|(l, _)| *l).fold(f32::NEG_INFINITY, f32::max);
@@ -102,7 +103,7 @@ impl Candidates {
                 log_rest[t] = (mx as f64 + z.ln()) as f32;
             }
         }
-        Candidates { ids, n_top, base, log_rest }
+        Candidates { ids, n_top, sample_base, log_rest }
     }
 
     /// Makes `extra` tokens top candidates (those an adapter under training raised, found by a
@@ -110,8 +111,7 @@ impl Candidates {
     /// many were new. Their base mass stays counted in `rest` (it was below every top token's;
     /// the base logits are no longer at hand), a small overestimate.
     pub fn add_top(&mut self, extra: &[u32]) -> usize {
-        let old = self.ids.clone();
-        let mut top = old[..self.n_top].to_vec();
+        let mut top = self.ids[..self.n_top].to_vec();
         let mut added = 0;
         for &e in extra {
             if let Err(i) = top.binary_search(&e) {
@@ -122,28 +122,21 @@ impl Candidates {
         if added == 0 {
             return 0;
         }
-        let sample: Vec<u32> = old[self.n_top..].iter().copied().filter(|v| top.binary_search(v).is_err()).collect();
+        // The sample keeps the ids (and their base logits) that did not become top ones.
+        let old_sample = &self.ids[self.n_top..];
+        let keep: Vec<bool> = old_sample.iter().map(|v| top.binary_search(v).is_err()).collect();
+        let sample: Vec<u32> = old_sample.iter().zip(&keep).filter(|(_, k)| **k).map(|(v, _)| *v).collect();
+        if !old_sample.is_empty() {
+            self.sample_base = self.sample_base.chunks_exact(old_sample.len()).flat_map(|row| row.iter().zip(&keep).filter(|(_, k)| **k).map(|(v, _)| *v)).collect();
+        }
         self.n_top = top.len();
         self.ids = top.into_iter().chain(sample).collect();
-        if !self.base.is_empty() {
-            let rows = self.log_rest.len();
-            let at: std::collections::HashMap<u32, usize> = old.iter().enumerate().map(|(i, &v)| (v, i)).collect();
-            let mut base = vec![0f32; rows * self.ids.len()];
-            for t in 0..rows {
-                for (j, v) in self.ids.iter().enumerate() {
-                    if let Some(&i) = at.get(v) {
-                        base[t * self.ids.len() + j] = self.base[t * old.len() + i];
-                    }
-                }
-            }
-            self.base = base;
-        }
         added
     }
 
     /// Every token a candidate (no rest): the objective is then the exact full softmax.
     pub fn all(n_vocab: usize, rows: usize) -> Candidates {
-        Candidates { ids: (0..n_vocab as u32).collect(), n_top: n_vocab, base: Vec::new(), log_rest: vec![f32::NEG_INFINITY; rows] }
+        Candidates { ids: (0..n_vocab as u32).collect(), n_top: n_vocab, sample_base: Vec::new(), log_rest: vec![f32::NEG_INFINITY; rows] }
     }
 }
 
@@ -154,32 +147,6 @@ pub enum Objective {
     Likely,
     /// Lower it (unlikelihood, bounded).
     Unlikely,
-}
-
-/// A LoRA branch held fixed while another trains (the scope's base adapter under the micro one).
-#[derive(Debug, Clone, Copy)]
-pub struct FixedBranch<'a> {
-    /// `A: rank × n_ff`.
-    pub a: &'a [f32],
-    /// `B: n_embd × rank`.
-    pub b: &'a [f32],
-    /// Rank.
-    pub rank: usize,
-    /// Multiplier of `B·A`.
-    pub scale: f32,
-}
-
-impl FixedBranch<'_> {
-    /// Adds `scale·B·A·act` to `out`.
-    pub fn add_to(&self, act: &[f32], out: &mut [f32]) {
-        let ff = act.len();
-        for k in 0..self.rank {
-            let h: f32 = self.a[k * ff..(k + 1) * ff].iter().zip(act).map(|(w, x)| w * x).sum();
-            for (j, o) in out.iter_mut().enumerate() {
-                *o += self.scale * self.b[j * self.rank + k] * h;
-            }
-        }
-    }
 }
 
 /// One lesson made ready for training: per target row, its activations and the fixed parts of
@@ -237,24 +204,14 @@ fn logsumexp(x: &[f32]) -> f32 {
     (mx as f64 + x.iter().map(|v| ((v - mx) as f64).exp()).sum::<f64>().ln()) as f32
 }
 
+/// A LoRA adapter on one layer's down projection trained on the candidate objective (rank 2
+/// for the instant loop's micro-adapter, 8 for the background loop's base adapter).
 #[derive(Clone)]
-/// Adam state and parameters of a micro-adapter (rank 1–2) on one layer's down projection.
 pub struct FastTrainer {
     model: Arc<Model>,
     head: Arc<Head>,
-    /// The adapted layer.
-    pub layer: usize,
-    rank: usize,
-    scale: f32,
-    /// `A: rank × n_ff`.
-    a: Vec<f32>,
-    /// `B: n_embd × rank`.
-    b: Vec<f32>,
-    adam: Adam,
-    lr: f32,
-    /// Activations of generic text at the adapted projection (`[rows × n_ff]`) and the weight of
-    /// the penalty on the adapter's output there (see [`set_anchor`](Self::set_anchor)).
-    anchor: Option<(Arc<Vec<f32>>, f32)>,
+    /// Parameters, Adam state and anchor penalty.
+    p: AdapterParams,
     /// Directions of the projection's input space `A` must stay orthogonal to (`[m × n_ff]`,
     /// orthonormal; see [`set_blind`](Self::set_blind)).
     blind: Option<Arc<Vec<f32>>>,
@@ -280,57 +237,52 @@ impl FastTrainer {
     /// A trainer for the down projection of `layer` (PEFT initialization: `A` small random,
     /// `B` zero, so it starts as no change); `scale = alpha / rank`.
     pub fn new(model: Arc<Model>, head: Arc<Head>, layer: usize, rank: usize, alpha: f32, lr: f32, seed: u64) -> Option<FastTrainer> {
-        let c = &model.config;
-        if layer >= c.n_layer || rank == 0 {
-            return None;
-        }
-        let (d, ff) = (c.n_embd, c.n_ff);
-        let a = crate::uniform(rank * ff, seed, 1.0 / (ff as f32).sqrt());
-        let b = vec![0f32; d * rank];
-        let adam = Adam::new(a.len(), b.len());
-        Some(FastTrainer { model, head, layer, rank, scale: alpha / rank as f32, a, b, adam, lr, anchor: None, blind: None, ewc: None })
+        let p = AdapterParams::new(&model.config, layer, rank, alpha, lr, seed)?;
+        Some(FastTrainer { model, head, p, blind: None, ewc: None })
     }
 
     /// Rank.
     pub fn rank(&self) -> usize {
-        self.rank
+        self.p.rank
     }
 
     /// Multiplier of `B·A`.
     pub fn scale(&self) -> f32 {
-        self.scale
+        self.p.scale
     }
 
     /// The parameters `(A, B)`.
     pub fn params(&self) -> (&[f32], &[f32]) {
-        (&self.a, &self.b)
+        (&self.p.a, &self.p.b)
     }
 
     /// Replaces the parameters (restoring, tests) when the shapes match.
     pub fn set_params(&mut self, a: Vec<f32>, b: Vec<f32>) {
-        if a.len() == self.a.len() && b.len() == self.b.len() {
-            self.a = a;
-            self.b = b;
-        }
+        self.p.set_params(a, b);
+    }
+
+    /// The adapter as a branch (to hold fixed under another, or to merge).
+    pub fn branch(&self) -> Branch<'_> {
+        self.p.branch()
     }
 
     /// Back to no change (`B = 0`) with fresh optimizer moments, after its lessons were merged
     /// into the base adapter.
     pub fn reset(&mut self) {
-        self.b.iter_mut().for_each(|x| *x = 0.0);
-        self.adam = Adam::new(self.a.len(), self.b.len());
+        self.p.b.iter_mut().for_each(|x| *x = 0.0);
+        self.p.restart_optimizer();
     }
 
     /// Fresh optimizer moments (after the parameters were replaced by a merge).
     pub fn restart_optimizer(&mut self) {
-        self.adam = Adam::new(self.a.len(), self.b.len());
+        self.p.restart_optimizer();
     }
 
     /// Penalizes the adapter's output on `acts` (generic text's activations at this
     /// projection, `[rows × n_ff]`) with `weight · mean_t ‖scale·B·A·act_t‖²` in every step:
     /// what keeps general ability (see [`crate::train::anchor_penalty`]).
     pub fn set_anchor(&mut self, acts: Arc<Vec<f32>>, weight: f32) {
-        self.anchor = Some((acts, weight));
+        self.p.anchor = Some((acts, weight));
     }
 
     /// Keeps `A`'s rows orthogonal to `dirs` (`[m × n_ff]`, orthonormal): the leading
@@ -347,8 +299,8 @@ impl FastTrainer {
     /// `A ← A·(I − U·Uᵀ)` for the blind directions `U`.
     fn project_a(&mut self) {
         let Some(u) = &self.blind else { return };
-        let ff = self.a.len() / self.rank;
-        for row in self.a.chunks_exact_mut(ff) {
+        let ff = self.p.a.len() / self.p.rank;
+        for row in self.p.a.chunks_exact_mut(ff) {
             for dir in u.chunks_exact(ff) {
                 let p = dot(row, dir);
                 axpy(-p, dir, row);
@@ -363,7 +315,7 @@ impl FastTrainer {
 
     /// Replaces the EWC++ state (restoring; `None` to drop it) when the shapes match.
     pub fn set_ewc(&mut self, ewc: Option<Ewc>) {
-        if ewc.as_ref().is_none_or(|e| e.fisher_a.len() == self.a.len() && e.star_a.len() == self.a.len() && e.fisher_b.len() == self.b.len() && e.star_b.len() == self.b.len()) {
+        if ewc.as_ref().is_none_or(|e| e.fisher_a.len() == self.p.a.len() && e.star_a.len() == self.p.a.len() && e.fisher_b.len() == self.p.b.len() && e.star_b.len() == self.p.b.len()) {
             self.ewc = ewc;
         }
     }
@@ -371,8 +323,8 @@ impl FastTrainer {
     /// The empirical diagonal Fisher at the current parameters: the mean over `lessons` of
     /// each lesson's squared gradient.
     pub fn fisher(&self, lessons: &[Prepared]) -> (Vec<f32>, Vec<f32>) {
-        let mut fa = vec![0f32; self.a.len()];
-        let mut fb = vec![0f32; self.b.len()];
+        let mut fa = vec![0f32; self.p.a.len()];
+        let mut fb = vec![0f32; self.p.b.len()];
         for l in lessons {
             let (_, ga, gb) = self.loss_and_grads(l);
             fa.iter_mut().zip(&ga).for_each(|(f, g)| *f += g * g);
@@ -396,36 +348,33 @@ impl FastTrainer {
             fa.iter_mut().zip(&old.fisher_a).for_each(|(f, o)| *f = gamma * o + (1.0 - gamma) * *f);
             fb.iter_mut().zip(&old.fisher_b).for_each(|(f, o)| *f = gamma * o + (1.0 - gamma) * *f);
         }
-        self.ewc = Some(Ewc { fisher_a: fa, fisher_b: fb, star_a: self.a.clone(), star_b: self.b.clone() });
+        self.ewc = Some(Ewc { fisher_a: fa, fisher_b: fb, star_a: self.p.a.clone(), star_b: self.p.b.clone() });
     }
 
     /// The EWC++ penalty `λ/2 · Σ F ⊙ (θ − θ*)²` (0 without EWC state).
     pub fn ewc_penalty(&self, lambda: f32) -> f32 {
         let Some(e) = &self.ewc else { return 0.0 };
         let part = |p: &[f32], f: &[f32], s: &[f32]| p.iter().zip(f).zip(s).map(|((p, f), s)| (*f as f64) * ((p - s) as f64).powi(2)).sum::<f64>();
-        (0.5 * lambda as f64 * (part(&self.a, &e.fisher_a, &e.star_a) + part(&self.b, &e.fisher_b, &e.star_b))) as f32
+        (0.5 * lambda as f64 * (part(&self.p.a, &e.fisher_a, &e.star_a) + part(&self.p.b, &e.fisher_b, &e.star_b))) as f32
     }
 
     /// The adapter as a LoRA pair.
     pub fn pair(&self) -> LoraPair {
-        LoraPair { rank: self.rank, a: self.a.clone(), b: self.b.clone(), scale: self.scale }
+        self.p.pair()
     }
 
     /// The adapter as the forward pass takes it.
     pub fn adapter(&self, name: &str, id: u64, version: u64) -> LoraAdapter {
-        let mut ad = LoraAdapter::empty(name, id, self.model.config.n_layer);
-        ad.version = version;
-        ad.set(self.layer, Proj::Down, self.pair());
-        ad
+        self.p.adapter(self.model.config.n_layer, name, id, version)
     }
 
     /// Makes a lesson ready: `cap` from a forward without adapters, its candidates, what to
     /// learn, and the branch held fixed under this one, if any.
-    pub fn prepare(&self, cap: &Capture, targets: &[Option<u32>], cands: &Candidates, objective: Objective, fixed: Option<FixedBranch<'_>>) -> Prepared {
+    pub fn prepare(&self, cap: &Capture, targets: &[Option<u32>], cands: &Candidates, objective: Objective, fixed: Option<Branch<'_>>) -> Prepared {
         let c = &self.model.config;
         let (d, ff) = (c.n_embd, c.n_ff);
         let g = &self.model.output_norm;
-        let g2 = self.model.layers[self.layer].post_ffn_norm.as_deref();
+        let g2 = self.model.layers[self.p.layer].post_ffn_norm.as_deref();
         let n_c = cands.ids.len();
         let n_top = cands.n_top.min(n_c);
         let mut wg = vec![0f32; n_c * d];
@@ -436,7 +385,8 @@ impl FastTrainer {
                 wg[i * d + j] = wc[i * d + j] * g2.map_or(1.0, |g2| g2[j]);
             }
         }
-        let has_base = cands.base.len() == targets.len() * n_c;
+        let n_s = n_c - n_top;
+        let sampled = n_s > 0 && cands.sample_base.len() == targets.len() * n_s;
         let mut l = Prepared {
             objective,
             rows: Vec::new(),
@@ -471,9 +421,8 @@ impl FastTrainer {
             let rest = cands.log_rest.get(t).copied().unwrap_or(f32::NEG_INFINITY);
             // The sample stands for the rest: shifted so that at the base model its mass is
             // the rest's.
-            let base = if has_base { &cands.base[t * n_c..(t + 1) * n_c] } else { &[][..] };
-            let (offset, fixed_rest) = match (n_c > n_top && has_base, rest.is_finite()) {
-                (true, true) => (rest - logsumexp(&base[n_top..]), f32::NEG_INFINITY),
+            let (offset, fixed_rest) = match (sampled, rest.is_finite()) {
+                (true, true) => (rest - logsumexp(&cands.sample_base[t * n_s..(t + 1) * n_s]), f32::NEG_INFINITY),
                 (true, false) => (f32::NEG_INFINITY, f32::NEG_INFINITY),
                 (false, _) => (0.0, rest),
             };
@@ -494,11 +443,11 @@ impl FastTrainer {
     /// missing post-FFN norm).
     fn hidden(&self, l: &Prepared, ri: usize, h1: &[f32], tsum: &mut [f32], hv: &mut [f32]) -> (f32, f32) {
         let c = &self.model.config;
-        let (d, r, s, eps) = (c.n_embd, self.rank, self.scale, c.rms_eps);
-        let g2 = self.model.layers[self.layer].post_ffn_norm.as_deref();
+        let (d, r, s, eps) = (c.n_embd, self.p.rank, self.p.scale, c.rms_eps);
+        let g2 = self.model.layers[self.p.layer].post_ffn_norm.as_deref();
         let resid = &l.resid[ri * d..(ri + 1) * d];
         for j in 0..d {
-            tsum[j] = l.down[ri * d + j] + s * (0..r).map(|k| self.b[j * r + k] * h1[k]).sum::<f32>();
+            tsum[j] = l.down[ri * d + j] + s * (0..r).map(|k| self.p.b[j * r + k] * h1[k]).sum::<f32>();
         }
         let rho2 = match g2 {
             Some(_) => ((tsum.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / d as f64) as f32 + eps).sqrt(),
@@ -520,7 +469,7 @@ impl FastTrainer {
         let mut out = Vec::with_capacity(l.target.len() * d);
         for ri in 0..l.target.len() {
             let act = &l.act[ri * ff..(ri + 1) * ff];
-            let h1: Vec<f32> = (0..self.rank).map(|k| dot(&self.a[k * ff..(k + 1) * ff], act)).collect();
+            let h1: Vec<f32> = (0..self.p.rank).map(|k| dot(&self.p.a[k * ff..(k + 1) * ff], act)).collect();
             let (_, rho) = self.hidden(l, ri, &h1, &mut tsum, &mut hv);
             out.extend(hv.iter().zip(&self.model.output_norm).map(|(h, g)| g * h / rho));
         }
@@ -530,18 +479,18 @@ impl FastTrainer {
     /// The candidate objective (mean over rows) and its gradients with respect to `A` and `B`.
     pub fn loss_and_grads(&self, l: &Prepared) -> (f32, Vec<f32>, Vec<f32>) {
         let c = &self.model.config;
-        let (d, ff, r, s) = (c.n_embd, c.n_ff, self.rank, self.scale);
-        let g2 = self.model.layers[self.layer].post_ffn_norm.as_deref();
+        let (d, ff, r, s) = (c.n_embd, c.n_ff, self.p.rank, self.p.scale);
+        let g2 = self.model.layers[self.p.layer].post_ffn_norm.as_deref();
         let n_c = l.n_c;
-        let mut da = vec![0f32; self.a.len()];
-        let mut db = vec![0f32; self.b.len()];
+        let mut da = vec![0f32; self.p.a.len()];
+        let mut db = vec![0f32; self.p.b.len()];
         let rows = l.target.len();
         if rows == 0 || n_c == 0 {
             return (0.0, da, db);
         }
         // M = WG·B, [|C| × r].
         let mut m = vec![0f32; n_c * r];
-        let bt: Vec<Vec<f32>> = (0..r).map(|k| (0..d).map(|j| self.b[j * r + k]).collect()).collect();
+        let bt: Vec<Vec<f32>> = (0..r).map(|k| (0..d).map(|j| self.p.b[j * r + k]).collect()).collect();
         for i in 0..n_c {
             for k in 0..r {
                 m[i * r + k] = dot(&l.wg[i * d..(i + 1) * d], &bt[k]);
@@ -553,7 +502,7 @@ impl FastTrainer {
         let (mut y, mut z, mut tsum, mut hv, mut dtsum) = (vec![0f32; n_c], vec![0f32; n_c + 1], vec![0f32; d], vec![0f32; d], vec![0f32; d]);
         for ri in 0..rows {
             let act = &l.act[ri * ff..(ri + 1) * ff];
-            let h1: Vec<f32> = (0..r).map(|k| dot(&self.a[k * ff..(k + 1) * ff], act)).collect();
+            let h1: Vec<f32> = (0..r).map(|k| dot(&self.p.a[k * ff..(k + 1) * ff], act)).collect();
             let (rho2, rho) = self.hidden(l, ri, &h1, &mut tsum, &mut hv);
             let (p, q) = (&l.p[ri * n_c..(ri + 1) * n_c], &l.q[ri * n_c..(ri + 1) * n_c]);
             for i in 0..n_c {
@@ -612,7 +561,7 @@ impl FastTrainer {
             for j in 0..d {
                 for k in 0..r {
                     db[j * r + k] += s * dtsum[j] * h1[k];
-                    dh1[k] += s * self.b[j * r + k] * dtsum[j];
+                    dh1[k] += s * self.p.b[j * r + k] * dtsum[j];
                 }
             }
             for k in 0..r {
@@ -643,8 +592,8 @@ impl FastTrainer {
 
     /// [`step`](Self::step) plus the EWC++ penalty with weight `lambda`.
     pub fn step_ewc(&mut self, lessons: &[Prepared], lambda: f32) -> f32 {
-        let mut da = vec![0f32; self.a.len()];
-        let mut db = vec![0f32; self.b.len()];
+        let mut da = vec![0f32; self.p.a.len()];
+        let mut db = vec![0f32; self.p.b.len()];
         let n = lessons.len().max(1) as f32;
         let mut loss = 0f32;
         for l in lessons {
@@ -653,16 +602,12 @@ impl FastTrainer {
             da.iter_mut().zip(&ga).for_each(|(x, y)| *x += y / n);
             db.iter_mut().zip(&gb).for_each(|(x, y)| *x += y / n);
         }
-        if let Some((acts, weight)) = &self.anchor {
-            let (_, ga, gb) = anchor_penalty(&self.a, &self.b, self.rank, self.scale, acts, *weight);
-            da.iter_mut().zip(&ga).for_each(|(x, y)| *x += y);
-            db.iter_mut().zip(&gb).for_each(|(x, y)| *x += y);
-        }
+        self.p.add_anchor_grads(&mut da, &mut db);
         if let Some(e) = self.ewc.as_ref().filter(|_| lambda > 0.0) {
-            da.iter_mut().zip(self.a.iter().zip(e.fisher_a.iter().zip(&e.star_a))).for_each(|(g, (p, (f, s)))| *g += lambda * f * (p - s));
-            db.iter_mut().zip(self.b.iter().zip(e.fisher_b.iter().zip(&e.star_b))).for_each(|(g, (p, (f, s)))| *g += lambda * f * (p - s));
+            da.iter_mut().zip(self.p.a.iter().zip(e.fisher_a.iter().zip(&e.star_a))).for_each(|(g, (p, (f, s)))| *g += lambda * f * (p - s));
+            db.iter_mut().zip(self.p.b.iter().zip(e.fisher_b.iter().zip(&e.star_b))).for_each(|(g, (p, (f, s)))| *g += lambda * f * (p - s));
         }
-        self.adam.update(&mut self.a, &da, &mut self.b, &db, self.lr);
+        self.p.update(&da, &db);
         self.project_a();
         loss
     }

@@ -26,8 +26,8 @@
 //! reach the disk. The newest [`KEEP_VERSIONS`] versions and consolidated snapshots are kept.
 //! Not persisted: Adam moments (a restored scope's optimizers restart).
 
-use crate::fast::{Candidates, Ewc, FastTrainer, FixedBranch, Objective, Prepared, SAMPLE, TOP_K};
-use crate::merge::{merge, Branch};
+use crate::fast::{Candidates, Ewc, FastTrainer, Objective, Prepared, SAMPLE, TOP_K};
+use crate::merge::merge;
 use crate::train::{answer_targets, capture, Head};
 use ruvllm_kernels::pool::ThreadPool;
 use ruvllm_kernels::ops::token_nll;
@@ -281,6 +281,15 @@ fn is_key(key: &str) -> bool {
     key.len() == 32 && key.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
+/// Every scope directory under `DIR/scopes` (named by a [`scope_key`]), as (key, path).
+pub fn scope_dirs(dir: &Path) -> std::io::Result<Vec<(String, PathBuf)>> {
+    Ok(std::fs::read_dir(dir.join("scopes"))?
+        .flatten()
+        .filter_map(|e| Some((e.file_name().to_str()?.to_owned(), e.path())))
+        .filter(|(key, path)| is_key(key) && path.is_dir())
+        .collect())
+}
+
 /// The adapter id (and trainer seed) of a scope key.
 fn scope_id(key: &str) -> u64 {
     u64::from_str_radix(key.get(..16).unwrap_or("0"), 16).unwrap_or(0)
@@ -375,12 +384,10 @@ fn read_version(dir: &Path, model: &Model, key: &str) -> Result<VersionFiles, St
 pub fn rollback(dir: &Path, scope: Option<&str>, to: Option<u64>) -> std::io::Result<Vec<(String, u64, u64)>> {
     let mut out = Vec::new();
     let want = scope.map(scope_key);
-    for entry in std::fs::read_dir(dir.join("scopes"))?.flatten() {
-        let Some(key) = entry.file_name().to_str().map(str::to_owned) else { continue };
-        if !is_key(&key) || want.as_ref().is_some_and(|w| *w != key) {
+    for (key, sd) in scope_dirs(dir)? {
+        if want.as_ref().is_some_and(|w| *w != key) {
             continue;
         }
-        let sd = entry.path();
         let Some(cur) = current_version(&sd) else { continue };
         let vs = versions(&sd);
         let target = match to {
@@ -422,12 +429,7 @@ pub struct ScopeHistory {
 /// Every scope under `dir` with its kept versions: what `ruvllm sona status` prints.
 pub fn list_versions(dir: &Path) -> std::io::Result<Vec<ScopeHistory>> {
     let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir.join("scopes"))?.flatten() {
-        let Some(key) = entry.file_name().to_str().map(str::to_owned) else { continue };
-        if !is_key(&key) {
-            continue;
-        }
-        let sd = entry.path();
+    for (key, sd) in scope_dirs(dir)? {
         let versions = versions(&sd)
             .into_iter()
             .map(|version| {
@@ -457,8 +459,11 @@ fn combined(base: &FastTrainer, micro: &FastTrainer) -> LoraPair {
     LoraPair { rank: rb + rm, a, b, scale: SCALE }
 }
 
-/// The first `r0` ranks of `pair` and the rest, as `(A, B)` each.
-fn split(pair: &LoraPair, r0: usize) -> Option<((Vec<f32>, Vec<f32>), (Vec<f32>, Vec<f32>))> {
+/// A branch's `(A, B)`.
+type Factors = (Vec<f32>, Vec<f32>);
+
+/// The first `r0` ranks of `pair` and the rest.
+fn split(pair: &LoraPair, r0: usize) -> Option<(Factors, Factors)> {
     let r = pair.rank;
     if r0 > r || r == 0 {
         return None;
@@ -472,11 +477,6 @@ fn split(pair: &LoraPair, r0: usize) -> Option<((Vec<f32>, Vec<f32>), (Vec<f32>,
     Some(((a0, b0), (a1, b1)))
 }
 
-fn branch(t: &FastTrainer) -> FixedBranch<'_> {
-    let (a, b) = t.params();
-    FixedBranch { a, b, rank: t.rank(), scale: t.scale() }
-}
-
 impl Lesson {
     fn objective(&self) -> Objective {
         if self.negative {
@@ -487,8 +487,18 @@ impl Lesson {
     }
 
     fn prepare(&self, t: &FastTrainer, objective: Objective, fixed: &FastTrainer) -> Prepared {
-        t.prepare(&self.cap, &self.targets, &self.cands, objective, Some(branch(fixed)))
+        t.prepare(&self.cap, &self.targets, &self.cands, objective, Some(fixed.branch()))
     }
+}
+
+/// `sc`'s kept lessons prepared for its base branch, the micro branch held fixed.
+fn base_batch(sc: &Scope) -> Vec<Prepared> {
+    sc.lessons.iter().map(|l| l.prepare(&sc.base, l.objective(), &sc.micro)).collect()
+}
+
+/// The mean of `t`'s objective over `batch`.
+fn mean_loss(t: &FastTrainer, batch: &[Prepared]) -> f32 {
+    batch.iter().map(|p| t.loss_and_grads(p).0).sum::<f32>() / batch.len().max(1) as f32
 }
 
 impl Learner {
@@ -527,16 +537,10 @@ impl Learner {
     /// falls back to the newest older one that can; a scope with none is skipped (and
     /// reported), never fatal.
     pub fn open(dir: &Path, model: Arc<Model>) -> std::io::Result<(Learner, Restored)> {
-        let scopes_dir = dir.join("scopes");
-        std::fs::create_dir_all(&scopes_dir)?;
+        std::fs::create_dir_all(dir.join("scopes"))?;
         let mut report = Restored::default();
         let (mut published, mut restored) = (HashMap::new(), HashMap::new());
-        for entry in std::fs::read_dir(&scopes_dir)?.flatten() {
-            let sd = entry.path();
-            let Some(key) = sd.file_name().and_then(|n| n.to_str()).map(str::to_owned) else { continue };
-            if !sd.is_dir() || !is_key(&key) {
-                continue;
-            }
+        for (key, sd) in scope_dirs(dir)? {
             let Ok(files) = std::fs::read_dir(&sd) else {
                 report.warnings.push(format!("scope {key}: directory unreadable; skipped"));
                 continue;
@@ -811,10 +815,7 @@ impl Learner {
 
     /// [`background`](Self::background) by scope key.
     pub fn background_key(&self, key: &str) -> Result<Outcome, LearnError> {
-        if self.adapter_for_key(key).is_none() {
-            return Err(LearnError::UnknownScope);
-        }
-        let entry = self.scope(key)?;
+        let entry = self.learned_scope(key)?;
         let anchor = self.anchor_lesson();
         let mut guard = entry.lock().unwrap_or_else(|p| p.into_inner());
         let sc = &mut *guard;
@@ -822,9 +823,8 @@ impl Learner {
         let steps = self.cfg.background_steps;
         let saved = sc.base.clone();
         let (loss_before, loss_after, accepted) = {
-            let mut batch: Vec<Prepared> = sc.lessons.iter().map(|l| l.prepare(&sc.base, l.objective(), &sc.micro)).collect();
-            let mean = |t: &FastTrainer, b: &[Prepared]| b.iter().map(|p| t.loss_and_grads(p).0).sum::<f32>() / b.len().max(1) as f32;
-            let before = mean(&sc.base, &batch);
+            let mut batch = base_batch(sc);
+            let before = mean_loss(&sc.base, &batch);
             for _ in 0..steps {
                 sc.base.step_ewc(&batch, self.cfg.ewc_lambda);
             }
@@ -835,12 +835,12 @@ impl Learner {
                 widened |= l.cands.add_top(&c.extra) > 0;
             }
             if widened {
-                batch = sc.lessons.iter().map(|l| l.prepare(&sc.base, l.objective(), &sc.micro)).collect();
+                batch = base_batch(sc);
                 for _ in 0..steps.div_ceil(3) {
                     sc.base.step_ewc(&batch, self.cfg.ewc_lambda);
                 }
             }
-            let mut after = mean(&sc.base, &batch);
+            let mut after = mean_loss(&sc.base, &batch);
             // A run that leaves the kept lessons worse is undone (with the lessons already fit
             // by the micro branch, Adam's normalized steps on near-zero gradients only add
             // noise).
@@ -849,11 +849,7 @@ impl Learner {
                 sc.base = saved;
                 after = before;
             }
-            // EWC++: what the lessons and generic text (its own next tokens) now depend on.
-            if let Some(a) = &anchor {
-                batch.push(a.prepare(&sc.base, Objective::Likely, &sc.micro));
-            }
-            sc.base.update_ewc(&batch, self.cfg.ewc_gamma);
+            self.update_fisher(sc, batch, anchor.as_deref());
             (before, after, accepted)
         };
         sc.since_background = 0;
@@ -875,23 +871,15 @@ impl Learner {
 
     /// [`consolidate`](Self::consolidate) by scope key.
     pub fn consolidate_key(&self, key: &str) -> Result<Consolidation, LearnError> {
-        if self.adapter_for_key(key).is_none() {
-            return Err(LearnError::UnknownScope);
-        }
-        let entry = self.scope(key)?;
+        let entry = self.learned_scope(key)?;
         let anchor = self.anchor_lesson();
         let mut guard = entry.lock().unwrap_or_else(|p| p.into_inner());
         let sc = &mut *guard;
         let c = &self.model.config;
-        let mean_loss = |sc: &Scope| {
-            let n = sc.lessons.len().max(1) as f32;
-            sc.lessons.iter().map(|l| sc.micro.loss_and_grads(&l.prepare(&sc.micro, l.objective(), &sc.base)).0).sum::<f32>() / n
-        };
-        let loss_before = mean_loss(sc);
-        let (ba, bb) = sc.base.params();
-        let (ma, mb) = sc.micro.params();
-        let branches = [Branch { a: ba, b: bb, rank: sc.base.rank(), scale: sc.base.scale() }, Branch { a: ma, b: mb, rank: sc.micro.rank(), scale: sc.micro.scale() }];
-        let m = merge(&branches, c.n_embd, c.n_ff, sc.base.rank(), 1e-3, sc.base.scale());
+        // The lessons' loss under both branches (from the micro branch's side).
+        let lessons_loss = |sc: &Scope| mean_loss(&sc.micro, &sc.lessons.iter().map(|l| l.prepare(&sc.micro, l.objective(), &sc.base)).collect::<Vec<_>>());
+        let loss_before = lessons_loss(sc);
+        let m = merge(&[sc.base.branch(), sc.micro.branch()], c.n_embd, c.n_ff, sc.base.rank(), 1e-3, sc.base.scale());
         // Directions left empty restart as LoRA does (A small random, B zero) so they can learn.
         let mut a = m.a;
         let fresh = crate::uniform(a.len(), scope_id(key) ^ m.singular.len() as u64, 1.0 / (c.n_ff as f32).sqrt());
@@ -900,16 +888,30 @@ impl Learner {
         sc.base.restart_optimizer();
         sc.base.set_ewc(None);
         sc.micro.reset();
-        let loss_after = mean_loss(sc);
-        {
-            let mut batch: Vec<Prepared> = sc.lessons.iter().map(|l| l.prepare(&sc.base, l.objective(), &sc.micro)).collect();
-            if let Some(a) = &anchor {
-                batch.push(a.prepare(&sc.base, Objective::Likely, &sc.micro));
-            }
-            sc.base.update_ewc(&batch, self.cfg.ewc_gamma);
-        }
+        let loss_after = lessons_loss(sc);
+        let batch = base_batch(sc);
+        self.update_fisher(sc, batch, anchor.as_deref());
         let (version, persisted) = self.publish(key, sc, "consolidated");
         Ok(Consolidation { version, rank: m.rank, pruned: m.pruned, singular: m.singular, loss_before, loss_after, persisted })
+    }
+
+    /// `key`'s scope when it has learned something (a published adapter), else
+    /// [`LearnError::UnknownScope`].
+    fn learned_scope(&self, key: &str) -> Result<Arc<Mutex<Scope>>, LearnError> {
+        if self.adapter_for_key(key).is_none() {
+            return Err(LearnError::UnknownScope);
+        }
+        self.scope(key)
+    }
+
+    /// EWC++'s update of `sc`'s base branch over `batch` (its kept lessons prepared for it by
+    /// [`base_batch`]) and the anchor text's own next tokens: what lessons and generic text
+    /// now depend on.
+    fn update_fisher(&self, sc: &mut Scope, mut batch: Vec<Prepared>, anchor: Option<&Lesson>) {
+        if let Some(a) = anchor {
+            batch.push(a.prepare(&sc.base, Objective::Likely, &sc.micro));
+        }
+        sc.base.update_ewc(&batch, self.cfg.ewc_gamma);
     }
 
     /// Publishes `sc`'s adapter under the next version (above every version on disk, so a

@@ -7,7 +7,9 @@
 //! Keeping the largest `r` is the best rank-`r` approximation (Eckart–Young); directions below a
 //! relative threshold are pruned.
 
-/// One LoRA branch `scale·B·A` (`A: rank × in`, `B: out × rank`).
+/// One LoRA branch `scale·B·A` (`A: rank × in`, `B: out × rank`), borrowed: what a merge
+/// takes, and what a trainer holds fixed while another branch trains (the scope's base
+/// adapter under its micro-adapter).
 #[derive(Debug, Clone, Copy)]
 pub struct Branch<'a> {
     /// `A: rank × in`.
@@ -18,6 +20,19 @@ pub struct Branch<'a> {
     pub rank: usize,
     /// Multiplier of `B·A`.
     pub scale: f32,
+}
+
+impl Branch<'_> {
+    /// Adds `scale·B·A·x` to `out` (`x: in`, `out: out`).
+    pub fn add_to(&self, x: &[f32], out: &mut [f32]) {
+        let inp = x.len();
+        for k in 0..self.rank {
+            let h: f32 = self.a[k * inp..(k + 1) * inp].iter().zip(x).map(|(w, v)| w * v).sum();
+            for (j, o) in out.iter_mut().enumerate() {
+                *o += self.scale * self.b[j * self.rank + k] * h;
+            }
+        }
+    }
 }
 
 /// The merged branch.
@@ -43,11 +58,12 @@ fn qr(cols: &mut [Vec<f64>]) -> Vec<f64> {
     let mut r = vec![0f64; n * n];
     let scale = cols.iter().map(|c| c.iter().map(|x| x * x).sum::<f64>()).fold(0f64, f64::max).sqrt();
     for j in 0..n {
-        for i in 0..j {
-            let d: f64 = cols[i].iter().zip(&cols[j]).map(|(x, y)| x * y).sum();
+        let (done, rest) = cols.split_at_mut(j);
+        let cj = &mut rest[0];
+        for (i, qi) in done.iter().enumerate() {
+            let d: f64 = qi.iter().zip(cj.iter()).map(|(x, y)| x * y).sum();
             r[i * n + j] = d;
-            let qi = cols[i].clone();
-            cols[j].iter_mut().zip(&qi).for_each(|(y, x)| *y -= d * x);
+            cj.iter_mut().zip(qi).for_each(|(y, x)| *y -= d * x);
         }
         let norm = cols[j].iter().map(|x| x * x).sum::<f64>().sqrt();
         if norm <= 1e-12 * scale.max(f64::MIN_POSITIVE) {

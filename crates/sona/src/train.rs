@@ -148,33 +148,30 @@ impl Adam {
     }
 }
 
-/// Adam state and parameters of a rank-`r` adapter on one down projection.
-pub struct DownTrainer {
-    model: Arc<Model>,
-    pool: Arc<ThreadPool>,
+/// What both trainers keep of the adapter they train: a rank-`r` LoRA pair on one layer's
+/// down projection, its Adam state, and the anchor penalty (see [`anchor_penalty`]).
+#[derive(Clone)]
+pub(crate) struct AdapterParams {
     /// The adapted layer.
-    pub layer: usize,
-    rank: usize,
-    scale: f32,
+    pub(crate) layer: usize,
+    pub(crate) rank: usize,
+    pub(crate) scale: f32,
     /// `A: rank × n_ff`.
-    a: Vec<f32>,
+    pub(crate) a: Vec<f32>,
     /// `B: n_embd × rank`.
-    b: Vec<f32>,
+    pub(crate) b: Vec<f32>,
     adam: Adam,
     lr: f32,
-    head: Arc<Head>,
     /// Activations of generic text at the adapted projection (`[rows × n_ff]`) and the weight of
     /// the penalty `weight · mean_t ‖scale·B·A·act_t‖²` that keeps the adapter from changing
     /// the model there (general ability kept while facts are learned).
-    anchor: Option<(Arc<Vec<f32>>, f32)>,
+    pub(crate) anchor: Option<(Arc<Vec<f32>>, f32)>,
 }
 
-impl DownTrainer {
-    /// A trainer for the down projection of `layer`, rank `rank`, `scale = alpha / rank`,
-    /// learning rate `lr`. `A` starts small and random, `B` at zero (PEFT's initialization),
-    /// so the adapter starts as no change.
-    pub fn new(model: Arc<Model>, head: Arc<Head>, pool: Arc<ThreadPool>, layer: usize, rank: usize, alpha: f32, lr: f32, seed: u64) -> Option<DownTrainer> {
-        let c = &model.config;
+impl AdapterParams {
+    /// PEFT's initialization (`A` small and random from `seed`, `B` zero: no change yet),
+    /// `scale = alpha / rank`. None for a layer the model lacks or rank 0.
+    pub(crate) fn new(c: &ruvllm_model::Config, layer: usize, rank: usize, alpha: f32, lr: f32, seed: u64) -> Option<AdapterParams> {
         if layer >= c.n_layer || rank == 0 {
             return None;
         }
@@ -182,44 +179,106 @@ impl DownTrainer {
         let a = crate::uniform(rank * ff, seed, 1.0 / (ff as f32).sqrt());
         let b = vec![0f32; d * rank];
         let adam = Adam::new(a.len(), b.len());
-        Some(DownTrainer { model, pool, layer, rank, scale: alpha / rank as f32, a, b, adam, lr, head, anchor: None })
+        Some(AdapterParams { layer, rank, scale: alpha / rank as f32, a, b, adam, lr, anchor: None })
     }
 
-    /// Penalizes the adapter's output on `acts` (activations of generic text at this layer's
-    /// down projection, `[rows × n_ff]`, from [`capture`](Self::capture)) with `weight` in
-    /// every [`step_batch`](Self::step_batch).
-    pub fn set_anchor(&mut self, acts: Arc<Vec<f32>>, weight: f32) {
-        self.anchor = Some((acts, weight));
-    }
-
-    /// The anchor penalty `weight · mean_t ‖scale·B·A·act_t‖²` and its gradients (zero
-    /// without an anchor).
-    pub fn anchor_penalty_and_grads(&self) -> (f32, Vec<f32>, Vec<f32>) {
-        match &self.anchor {
-            Some((acts, weight)) => anchor_penalty(&self.a, &self.b, self.rank, self.scale, acts, *weight),
-            None => (0.0, vec![0f32; self.a.len()], vec![0f32; self.b.len()]),
-        }
-    }
-
-    /// The parameters `(A, B)`.
-    pub fn params(&self) -> (&[f32], &[f32]) {
-        (&self.a, &self.b)
-    }
-
-    /// Replaces the parameters (tests, restoring a snapshot).
-    pub fn set_params(&mut self, a: Vec<f32>, b: Vec<f32>) {
+    /// Replaces `A` and `B` when the shapes match.
+    pub(crate) fn set_params(&mut self, a: Vec<f32>, b: Vec<f32>) {
         if a.len() == self.a.len() && b.len() == self.b.len() {
             self.a = a;
             self.b = b;
         }
     }
 
+    pub(crate) fn branch(&self) -> crate::merge::Branch<'_> {
+        crate::merge::Branch { a: &self.a, b: &self.b, rank: self.rank, scale: self.scale }
+    }
+
+    pub(crate) fn pair(&self) -> LoraPair {
+        LoraPair { rank: self.rank, a: self.a.clone(), b: self.b.clone(), scale: self.scale }
+    }
+
+    /// The adapter as the forward pass takes it, for a model of `n_layer` layers.
+    pub(crate) fn adapter(&self, n_layer: usize, name: &str, id: u64, version: u64) -> LoraAdapter {
+        let mut ad = LoraAdapter::empty(name, id, n_layer);
+        ad.version = version;
+        ad.set(self.layer, Proj::Down, self.pair());
+        ad
+    }
+
+    /// The anchor penalty and its gradients (zero without an anchor).
+    pub(crate) fn anchor_penalty(&self) -> (f32, Vec<f32>, Vec<f32>) {
+        match &self.anchor {
+            Some((acts, weight)) => anchor_penalty(&self.a, &self.b, self.rank, self.scale, acts, *weight),
+            None => (0.0, vec![0f32; self.a.len()], vec![0f32; self.b.len()]),
+        }
+    }
+
+    /// Adds the anchor penalty's gradients to `da` and `db`, if there is an anchor.
+    pub(crate) fn add_anchor_grads(&self, da: &mut [f32], db: &mut [f32]) {
+        if self.anchor.is_some() {
+            let (_, ga, gb) = self.anchor_penalty();
+            da.iter_mut().zip(&ga).for_each(|(x, y)| *x += y);
+            db.iter_mut().zip(&gb).for_each(|(x, y)| *x += y);
+        }
+    }
+
+    /// One Adam step with these gradients.
+    pub(crate) fn update(&mut self, da: &[f32], db: &[f32]) {
+        self.adam.update(&mut self.a, da, &mut self.b, db, self.lr);
+    }
+
+    /// Fresh Adam moments.
+    pub(crate) fn restart_optimizer(&mut self) {
+        self.adam = Adam::new(self.a.len(), self.b.len());
+    }
+}
+
+/// The reference trainer: an adapter on one down projection trained on the exact
+/// full-vocabulary loss.
+pub struct DownTrainer {
+    model: Arc<Model>,
+    pool: Arc<ThreadPool>,
+    head: Arc<Head>,
+    /// Parameters, Adam state and anchor penalty.
+    p: AdapterParams,
+}
+
+impl DownTrainer {
+    /// A trainer for the down projection of `layer`, rank `rank`, `scale = alpha / rank`,
+    /// learning rate `lr`. `A` starts small and random, `B` at zero (PEFT's initialization),
+    /// so the adapter starts as no change.
+    pub fn new(model: Arc<Model>, head: Arc<Head>, pool: Arc<ThreadPool>, layer: usize, rank: usize, alpha: f32, lr: f32, seed: u64) -> Option<DownTrainer> {
+        let p = AdapterParams::new(&model.config, layer, rank, alpha, lr, seed)?;
+        Some(DownTrainer { model, pool, head, p })
+    }
+
+    /// Penalizes the adapter's output on `acts` (activations of generic text at this layer's
+    /// down projection, `[rows × n_ff]`, from [`capture`](Self::capture)) with `weight` in
+    /// every [`step_batch`](Self::step_batch).
+    pub fn set_anchor(&mut self, acts: Arc<Vec<f32>>, weight: f32) {
+        self.p.anchor = Some((acts, weight));
+    }
+
+    /// The anchor penalty `weight · mean_t ‖scale·B·A·act_t‖²` and its gradients (zero
+    /// without an anchor).
+    pub fn anchor_penalty_and_grads(&self) -> (f32, Vec<f32>, Vec<f32>) {
+        self.p.anchor_penalty()
+    }
+
+    /// The parameters `(A, B)`.
+    pub fn params(&self) -> (&[f32], &[f32]) {
+        (&self.p.a, &self.p.b)
+    }
+
+    /// Replaces the parameters (tests, restoring a snapshot).
+    pub fn set_params(&mut self, a: Vec<f32>, b: Vec<f32>) {
+        self.p.set_params(a, b);
+    }
+
     /// The adapter as the forward pass takes it.
     pub fn adapter(&self, name: &str, id: u64, version: u64) -> LoraAdapter {
-        let mut ad = LoraAdapter::empty(name, id, self.model.config.n_layer);
-        ad.version = version;
-        ad.set(self.layer, Proj::Down, LoraPair { rank: self.rank, a: self.a.clone(), b: self.b.clone(), scale: self.scale });
-        ad
+        self.p.adapter(self.model.config.n_layer, name, id, version)
     }
 
     /// Row `t` of `cap` through `down + scale·B·A·act → (post-norm) → residual → final norm →
@@ -227,11 +286,11 @@ impl DownTrainer {
     /// the backward pass needs.
     fn forward_row(&self, cap: &Capture, t: usize, logits: &mut [f32]) -> RowState {
         let c = &self.model.config;
-        let (d, ff, nv, r) = (c.n_embd, c.n_ff, c.n_vocab, self.rank);
-        let post = self.model.layers[self.layer].post_ffn_norm.as_deref();
+        let (d, ff, nv, r) = (c.n_embd, c.n_ff, c.n_vocab, self.p.rank);
+        let post = self.model.layers[self.p.layer].post_ffn_norm.as_deref();
         let act = &cap.act[t * ff..(t + 1) * ff];
-        let h1: Vec<f32> = (0..r).map(|k| self.a[k * ff..(k + 1) * ff].iter().zip(act).map(|(w, x)| w * x).sum()).collect();
-        let tsum: Vec<f32> = (0..d).map(|j| cap.down[t * d + j] + self.scale * (0..r).map(|k| self.b[j * r + k] * h1[k]).sum::<f32>()).collect();
+        let h1: Vec<f32> = (0..r).map(|k| self.p.a[k * ff..(k + 1) * ff].iter().zip(act).map(|(w, x)| w * x).sum()).collect();
+        let tsum: Vec<f32> = (0..d).map(|j| cap.down[t * d + j] + self.p.scale * (0..r).map(|k| self.p.b[j * r + k] * h1[k]).sum::<f32>()).collect();
         let mut o = tsum.clone();
         if let Some(w) = post {
             rms_norm(&tsum, w, c.rms_eps, &mut o);
@@ -256,10 +315,10 @@ impl DownTrainer {
     /// and `B`. `cap` must come from a forward pass *without* this adapter.
     pub fn loss_and_grads(&self, cap: &Capture, targets: &[Option<u32>], negative: bool) -> (f32, Vec<f32>, Vec<f32>) {
         let c = &self.model.config;
-        let (d, ff, nv, r) = (c.n_embd, c.n_ff, c.n_vocab, self.rank);
-        let post = self.model.layers[self.layer].post_ffn_norm.as_deref();
-        let mut da = vec![0f32; self.a.len()];
-        let mut db = vec![0f32; self.b.len()];
+        let (d, ff, nv, r) = (c.n_embd, c.n_ff, c.n_vocab, self.p.rank);
+        let post = self.model.layers[self.p.layer].post_ffn_norm.as_deref();
+        let mut da = vec![0f32; self.p.a.len()];
+        let mut db = vec![0f32; self.p.b.len()];
         let mut total = 0f64;
         let mut count = 0;
         let mut logits = vec![0f32; nv];
@@ -277,7 +336,7 @@ impl DownTrainer {
                 Some(w) => rms_norm_backward(&tsum, w, c.rms_eps, &dh),
                 None => dh,
             };
-            let g = lora_backward(&self.a, &self.b, r, self.scale, act, &dt);
+            let g = lora_backward(&self.p.a, &self.p.b, r, self.p.scale, act, &dt);
             da.iter_mut().zip(&g.da).for_each(|(x, y)| *x += y);
             db.iter_mut().zip(&g.db).for_each(|(x, y)| *x += y);
         }
@@ -297,8 +356,8 @@ impl DownTrainer {
     /// earlier lessons, so a new lesson does not overwrite the old ones) plus the anchor
     /// penalty, if set; returns the examples' mean loss before it.
     pub fn step_batch(&mut self, batch: &[(&Capture, &[Option<u32>], bool)]) -> f32 {
-        let mut da = vec![0f32; self.a.len()];
-        let mut db = vec![0f32; self.b.len()];
+        let mut da = vec![0f32; self.p.a.len()];
+        let mut db = vec![0f32; self.p.b.len()];
         let mut loss = 0f32;
         for &(cap, targets, negative) in batch {
             let (l, ga, gb) = self.loss_and_grads(cap, targets, negative);
@@ -310,12 +369,8 @@ impl DownTrainer {
         da.iter_mut().for_each(|x| *x /= n);
         db.iter_mut().for_each(|x| *x /= n);
         let loss = loss / n;
-        if self.anchor.is_some() {
-            let (_, ga, gb) = self.anchor_penalty_and_grads();
-            da.iter_mut().zip(&ga).for_each(|(x, y)| *x += y);
-            db.iter_mut().zip(&gb).for_each(|(x, y)| *x += y);
-        }
-        self.adam.update(&mut self.a, &da, &mut self.b, &db, self.lr);
+        self.p.add_anchor_grads(&mut da, &mut db);
+        self.p.update(&da, &db);
         loss
     }
 }
@@ -324,7 +379,7 @@ impl DownTrainer {
     /// The adapted layer's activations for `tokens`, from one forward pass without adapters
     /// (what [`step`](Self::step) trains on).
     pub fn capture(&self, tokens: &[u32]) -> Option<Capture> {
-        capture(&self.model, &self.pool, self.layer, tokens, None).map(|(c, _)| c)
+        capture(&self.model, &self.pool, self.p.layer, tokens, None).map(|(c, _)| c)
     }
 }
 

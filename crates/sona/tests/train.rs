@@ -5,7 +5,8 @@
 use ruvllm_kernels::pool::ThreadPool;
 use ruvllm_model::{generate, registry, Capture, Forward, GenerateParams, KvCache, Logits, Model, Runner, SamplingParams, SeqInput};
 use ruvllm_sona::grad::cross_entropy;
-use ruvllm_sona::fast::{Candidates, FastTrainer, FixedBranch, Objective};
+use ruvllm_sona::fast::{Candidates, FastTrainer, Objective};
+use ruvllm_sona::merge::Branch;
 use ruvllm_sona::train::{answer_targets, DownTrainer, Head};
 use ruvllm_tokenizer::Tokenizer;
 use std::sync::Arc;
@@ -69,10 +70,21 @@ impl SetParams for FastTrainer {
 }
 
 fn load() -> Option<(Arc<Model>, Tokenizer, Arc<ThreadPool>)> {
-    let path = registry::for_test("smollm2-135m")?;
+    load_named("smollm2-135m")
+}
+
+fn load_named(name: &str) -> Option<(Arc<Model>, Tokenizer, Arc<ThreadPool>)> {
+    let path = registry::for_test(name)?;
     let model = Arc::new(Model::load(&path).unwrap());
     let tok = Tokenizer::from_gguf(model.gguf()).unwrap();
     Some((model, tok, Arc::new(ThreadPool::new(2))))
+}
+
+/// "The password of the blue castle is" + `answer`, captured at the last layer, and the LM head.
+fn castle(model: &Model, tok: &Tokenizer, pool: &Arc<ThreadPool>, answer: &str) -> (Case, Capture, Arc<Head>) {
+    let k = case(tok, "The password of the blue castle is", answer);
+    let cap = capture(model, pool, &k.tokens, model.config.n_layer - 1);
+    (k, cap, Arc::new(Head::new(model).unwrap()))
 }
 
 #[test]
@@ -80,9 +92,7 @@ fn gradient_matches_finite_differences_and_loss_matches_the_model() {
     let Some((model, tok, pool)) = load() else { return };
     let c = &model.config;
     let last = c.n_layer - 1;
-    let k = case(&tok, "The password of the blue castle is", " marmalade");
-    let cap = capture(&model, &pool, &k.tokens, last);
-    let head = Arc::new(Head::new(&model).unwrap());
+    let (k, cap, head) = castle(&model, &tok, &pool, " marmalade");
     let mut tr = DownTrainer::new(model.clone(), head, pool.clone(), last, 4, 8.0, 1e-2, 7).unwrap();
     let (a0, _) = tr.params();
     let a0 = a0.to_vec();
@@ -135,11 +145,8 @@ fn anchor_penalty_gradient_matches_finite_differences() {
 fn a_few_steps_teach_a_fictional_fact() {
     let Some((model, tok, pool)) = load() else { return };
     let last = model.config.n_layer - 1;
-    let prompt = "The password of the blue castle is";
     let answer = " marmalade seventeen";
-    let k = case(&tok, prompt, answer);
-    let cap = capture(&model, &pool, &k.tokens, last);
-    let head = Arc::new(Head::new(&model).unwrap());
+    let (k, cap, head) = castle(&model, &tok, &pool, answer);
     let mut tr = DownTrainer::new(model.clone(), head, pool.clone(), last, 8, 16.0, 1e-2, 3).unwrap();
     // The trainer's own capture equals the test's.
     assert_eq!(tr.capture(&k.tokens).unwrap().act, cap.act);
@@ -177,16 +184,13 @@ fn micro_trainer_with_all_candidates_equals_the_exact_trainer() {
     let Some((model, tok, pool)) = load() else { return };
     let c = &model.config;
     let last = c.n_layer - 1;
-    let k = case(&tok, "The password of the blue castle is", " marmalade");
-    let cap = capture(&model, &pool, &k.tokens, last);
-    let head = Arc::new(Head::new(&model).unwrap());
+    let (k, cap, head) = castle(&model, &tok, &pool, " marmalade");
     let mut exact = DownTrainer::new(model.clone(), head.clone(), pool.clone(), last, 2, 4.0, 1e-2, 7).unwrap();
     let mut micro = FastTrainer::new(model.clone(), head, last, 2, 4.0, 1e-2, 7).unwrap();
     let a0 = micro.params().0.to_vec();
     let b0 = ruvllm_sona::uniform(c.n_embd * 2, 11, 0.05);
     exact.set_params(a0.clone(), b0.clone());
     micro.set_params(a0, b0);
-    let prepared = micro.prepare(&cap, &k.targets, &Candidates::all(c.n_vocab, k.tokens.len()), Objective::Likely, None);
     for (negative, objective) in [(false, Objective::Likely), (true, Objective::Unlikely)] {
         let (l1, da1, db1) = exact.loss_and_grads(&cap, &k.targets, negative);
         let prepared = micro.prepare(&cap, &k.targets, &Candidates::all(c.n_vocab, k.tokens.len()), objective, None);
@@ -199,8 +203,8 @@ fn micro_trainer_with_all_candidates_equals_the_exact_trainer() {
         eprintln!("negative {negative}: loss {l1} vs {l2}; dA rel {:.2e}, dB rel {:.2e}", rel(&da1, &da2), rel(&db1, &db2));
         assert!((l1 - l2).abs() <= 1e-4 * l1.abs().max(1.0), "{l1} vs {l2}");
         assert!(rel(&da1, &da2) < 1e-3 && rel(&db1, &db2) < 1e-3);
+        assert_eq!(prepared.n_candidates(), c.n_vocab);
     }
-    assert_eq!(prepared.n_candidates(), c.n_vocab);
 }
 
 /// The candidate objective: with the rest's log-sum computed at the current parameters it is
@@ -209,18 +213,13 @@ fn micro_trainer_with_all_candidates_equals_the_exact_trainer() {
 #[test]
 fn micro_candidate_objective_matches_exact_loss_and_finite_differences() {
     for name in ["smollm2-135m", "gemma3-270m"] {
-        let Some(path) = registry::for_test(name) else { continue };
-        let model = Arc::new(Model::load(&path).unwrap());
-        let tok = Tokenizer::from_gguf(model.gguf()).unwrap();
-        let pool = Arc::new(ThreadPool::new(2));
+        let Some((model, tok, pool)) = load_named(name) else { continue };
         let c = &model.config;
         let last = c.n_layer - 1;
-        let k = case(&tok, "The password of the blue castle is", " marmalade soup");
-        let cap = capture(&model, &pool, &k.tokens, last);
-        let head = Arc::new(Head::new(&model).unwrap());
+        let (k, cap, head) = castle(&model, &tok, &pool, " marmalade soup");
         // The base branch (rank 3) is folded into `down`; the exact trainer sees it the same way.
         let (ba, bb) = (ruvllm_sona::uniform(3 * c.n_ff, 5, 0.02), ruvllm_sona::uniform(c.n_embd * 3, 6, 0.05));
-        let fixed = FixedBranch { a: &ba, b: &bb, rank: 3, scale: 2.0 };
+        let fixed = Branch { a: &ba, b: &bb, rank: 3, scale: 2.0 };
         let mut cap_b = cap.clone();
         for t in 0..k.tokens.len() {
             fixed.add_to(&cap.act[t * c.n_ff..(t + 1) * c.n_ff], &mut cap_b.down[t * c.n_embd..(t + 1) * c.n_embd]);
