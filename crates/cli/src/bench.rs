@@ -18,6 +18,10 @@ pub struct BenchArgs {
     /// Prompt tokens for the pp test (0 skips it).
     #[arg(short = 'p', long = "n-prompt", default_value_t = 512)]
     n_prompt: usize,
+    /// Tokens already in the context before each pp/tg test (prefilled, not timed), as
+    /// llama-bench's `-d`: long-context attention speed.
+    #[arg(short = 'd', long = "depth", default_value_t = 0)]
+    depth: usize,
     /// Generated tokens for the tg test (0 skips it).
     #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
     n_gen: usize,
@@ -121,6 +125,7 @@ fn serving(a: &BenchArgs, l: crate::Loaded) -> Result<(), Error> {
     let n_blocks = (max_np * per_seq).max((prefix + 64).div_ceil(bs) * 2 + 4);
     let kv_type = KvType::parse(&a.kv_type).ok_or_else(|| Error::usage(format!("--kv-type must be f16, q8_0, q4_0 or f32, got {:?}", a.kv_type)))?;
     let mut cfg = EngineConfig::new(&c, n_blocks);
+    cfg.attn = l.attn;
     cfg.kv_type = kv_type;
     cfg.max_seqs = max_np.max(1);
     cfg.n_ctx = c.n_ctx_train;
@@ -220,12 +225,14 @@ pub fn run(a: BenchArgs) -> Result<(), Error> {
         return Err(Error::usage("--repetitions must be at least 1"));
     }
     let l = load(&a.model)?;
-    let ctx = (a.n_prompt.max(a.n_gen) + 1).max(16);
+    let ctx = (a.depth + a.n_prompt.max(a.n_gen) + 1).max(16);
     if ctx > l.model.config.n_ctx_train {
         return Err(Error::usage(format!("bench needs {ctx} positions but the model's context is {}", l.model.config.n_ctx_train)));
     }
     let mut runner = Runner::new(&l.model, l.pool.clone(), ctx);
-    let tokens = tokens_for(&l, a.n_prompt.max(a.n_gen));
+    runner.set_attention(l.attn);
+    let tokens = tokens_for(&l, a.depth + a.n_prompt.max(a.n_gen));
+    let (context, tokens) = tokens.split_at(a.depth);
     let mut records = Vec::new();
     let path = crate::pull::resolve(a.model.model.as_deref())?;
     let file_name = path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
@@ -245,6 +252,9 @@ pub fn run(a: BenchArgs) -> Result<(), Error> {
         let mut samples = Vec::new();
         for rep in 0..=a.reps {
             runner.truncate(0);
+            if !context.is_empty() {
+                runner.forward(context, Logits::None)?;
+            }
             let t = Instant::now();
             if np > 0 {
                 runner.forward(&tokens[..np], Logits::Last)?;
@@ -267,6 +277,7 @@ pub fn run(a: BenchArgs) -> Result<(), Error> {
             "n_threads": threads,
             "n_prompt": np,
             "n_gen": ng,
+            "n_depth": a.depth,
             "avg_ts": avg,
             "stddev_ts": std,
             "samples_ts": samples,
@@ -281,7 +292,10 @@ pub fn run(a: BenchArgs) -> Result<(), Error> {
         println!("| model | size | threads | simd | test | t/s |");
         println!("| --- | ---: | ---: | --- | ---: | ---: |");
         for r in &records {
-            let test = if r["n_prompt"].as_u64() > Some(0) { format!("pp{}", r["n_prompt"]) } else { format!("tg{}", r["n_gen"]) };
+            let mut test = if r["n_prompt"].as_u64() > Some(0) { format!("pp{}", r["n_prompt"]) } else { format!("tg{}", r["n_gen"]) };
+            if a.depth > 0 {
+                test.push_str(&format!(" @ d{}", a.depth));
+            }
             println!(
                 "| {} | {:.1} MiB | {} | {} | {test} | {:.2} ± {:.2} |",
                 r["model_filename"].as_str().unwrap_or(""),

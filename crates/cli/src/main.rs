@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use error::{exit_code, Error};
 use ruvllm_gguf::GgufFile;
 use ruvllm_kernels::pool::ThreadPool;
-use ruvllm_model::{generate, registry, GenerateParams, Logits, Model, Runner, SamplingParams};
+use ruvllm_model::{generate, registry, AttnKernel, GenerateParams, Logits, Model, Runner, SamplingParams};
 use ruvllm_tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
@@ -70,6 +70,10 @@ struct ModelArgs {
     /// Context size in tokens (default: 4096, capped at the model's trained context).
     #[arg(short = 'c', long = "ctx-size", default_value_t = 4096)]
     ctx_size: usize,
+    /// Attention kernel: on (flash-style online softmax), off (two-pass, llama.cpp's default
+    /// arithmetic) or auto (flash for spans over 1,024 positions).
+    #[arg(long = "flash-attn", default_value = "auto")]
+    flash_attn: String,
 }
 
 #[derive(Args, Clone)]
@@ -206,6 +210,8 @@ struct Loaded {
     model: Model,
     tok: Tokenizer,
     pool: Arc<ThreadPool>,
+    /// The attention kernel `--flash-attn` chose.
+    attn: AttnKernel,
 }
 
 fn load(args: &ModelArgs) -> Result<Loaded, Error> {
@@ -223,7 +229,8 @@ fn load(args: &ModelArgs) -> Result<Loaded, Error> {
     if args.ctx_size == 0 {
         return Err(Error::usage("--ctx-size must be at least 1"));
     }
-    Ok(Loaded { model, tok, pool: Arc::new(ThreadPool::new(threads)) })
+    let attn = AttnKernel::parse(&args.flash_attn).ok_or_else(|| Error::usage(format!("--flash-attn must be on, off or auto, got {:?}", args.flash_attn)))?;
+    Ok(Loaded { model, tok, pool: Arc::new(ThreadPool::new(threads)), attn })
 }
 
 /// Splits `PATH[:SCALE]` (the scale only when the text after the last `:` is a number).
@@ -268,6 +275,7 @@ fn cmd_run(a: RunArgs) -> Result<(), Error> {
         l.tok.encode_chat(&template(&l)?.render(&msgs, true)?)
     };
     let mut runner = Runner::new(&l.model, l.pool.clone(), a.model.ctx_size);
+    runner.set_attention(l.attn);
     if let Some(spec) = &a.lora {
         let (path, scale) = split_scale(spec)?;
         runner.set_lora(Some(ruvllm_model::LoraAdapter::load_peft(std::path::Path::new(path), &l.model, "cli", 1, scale)?));
@@ -320,6 +328,7 @@ fn cmd_chat(a: ChatArgs) -> Result<(), Error> {
     let c = &l.model.config;
     let n_ctx = a.model.ctx_size.min(c.n_ctx_train);
     let mut cfg = EngineConfig::new(c, n_ctx.div_ceil(16) * 2 + 4);
+    cfg.attn = l.attn;
     cfg.n_ctx = n_ctx;
     cfg.max_seqs = 1;
     let tok = Arc::new(l.tok);
@@ -433,7 +442,7 @@ fn cmd_chat(a: ChatArgs) -> Result<(), Error> {
                     eprintln!("error: {e}");
                     break;
                 }
-                Event::Embedding(_) => {}
+                Event::Embedding(_) | Event::Captured(_) => {}
             }
         }
         println!();
@@ -551,6 +560,7 @@ fn cmd_perplexity(a: PerplexityArgs) -> Result<(), Error> {
     let n_ctx = a.model.ctx_size.min(l.model.config.n_ctx_train);
     let kv_type = ruvllm_model::KvType::parse(&a.kv_type).ok_or_else(|| Error::usage(format!("--kv-type must be f16, q8_0, q4_0 or f32, got {:?}", a.kv_type)))?;
     let mut runner = Runner::with_kv_type(&l.model, l.pool.clone(), n_ctx, kv_type)?;
+    runner.set_attention(l.attn);
     let nv = l.model.config.n_vocab;
     let (mut nll, mut count) = (0f64, 0usize);
     let t0 = std::time::Instant::now();

@@ -81,6 +81,10 @@ pub struct ServeArgs {
     /// snapshot written); 0 turns it off.
     #[arg(long = "sona-consolidate-secs", default_value_t = 3600)]
     sona_consolidate_secs: u64,
+    /// Threads the learner trains on (besides the engine's `-t`); one keeps the other cores
+    /// for serving.
+    #[arg(long = "sona-threads", default_value_t = 1)]
+    sona_threads: usize,
     /// Log format: text or json.
     #[arg(long = "log-format", default_value = "text")]
     log_format: String,
@@ -227,6 +231,7 @@ pub fn run(a: ServeArgs) -> Result<(), Error> {
     }
     let template = ChatTemplate::from_gguf(l.model.gguf(), &l.tok)?;
     let mut cfg = EngineConfig::new(c, n_blocks);
+    cfg.attn = l.attn;
     cfg.block_size = a.block_size;
     cfg.max_seqs = a.max_num_seqs;
     cfg.max_batch_tokens = a.max_batch_tokens;
@@ -249,6 +254,7 @@ pub fn run(a: ServeArgs) -> Result<(), Error> {
         sona_dir: a.sona_dir.clone(),
         sona_background_secs: a.sona_background_secs,
         sona_consolidate_secs: a.sona_consolidate_secs,
+        sona_threads: a.sona_threads,
     };
     eprintln!("ruvllm: serving model as {}", scfg.model_names.join(", "));
     let state = Arc::new(AppState::new(Arc::new(engine), tok, template, n_embd, &scfg).map_err(|e| Error::usage(format!("--sona-dir: {e}")))?);

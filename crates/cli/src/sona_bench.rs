@@ -18,7 +18,9 @@ use crate::error::Error;
 use crate::{load, ModelArgs};
 use clap::Args;
 use ruvllm_kernels::ops::token_nll;
+use ruvllm_engine::{Engine, EngineConfig, Event, Request};
 use ruvllm_model::{LoraAdapter, Logits, Model, Runner};
+use ruvllm_server::EngineCapture;
 use ruvllm_sona::bank::{Bank, Trajectory};
 use ruvllm_sona::learner::{Feedback, LearnConfig, Learner, ANCHOR_TEXT};
 use ruvllm_tokenizer::Tokenizer;
@@ -66,6 +68,14 @@ pub struct SonaBenchArgs {
     /// scoring).
     #[arg(long = "no-consolidate")]
     no_consolidate: bool,
+    /// Threads of the learner's pool (the engine that serves the questions has `-t`).
+    #[arg(long = "learn-threads", default_value_t = LearnConfig::default().threads)]
+    learn_threads: usize,
+    /// Capture lessons with the learner's own forward pass over prompt and correction (as
+    /// before the engine did it), instead of through the engine that served the question
+    /// (whose prefix cache holds the prompt).
+    #[arg(long = "own-capture")]
+    own_capture: bool,
     /// Print every wrong answer (prompt, expected, generated) to standard error.
     #[arg(long)]
     show_errors: bool,
@@ -233,8 +243,16 @@ pub fn run(a: SonaBenchArgs) -> Result<(), Error> {
     // phrasing as asked (what adapters-only serves with), `full` on the prompt the full system
     // builds for that phrasing (retrieved exchanges + phrasing), as a correction given on a
     // retrieval-augmented answer would be.
+    // Questions are served by an engine, as in the server: a correction then finds its prompt
+    // in the engine's prefix cache, and the learner captures through it.
+    let engine_tok = Tokenizer::from_gguf(model.gguf()).map_err(|e| Error::usage(e.to_string()))?;
+    let engine_pool = Arc::new(ruvllm_kernels::pool::ThreadPool::new(l.pool.n_threads()));
+    let engine = Arc::new(Engine::start(model.clone(), Arc::new(engine_tok), engine_pool, EngineConfig::new(&model.config, 256)).map_err(|e| Error::usage(e.to_string()))?);
     let mut learner = Learner::new(model.clone());
-    let cfg = LearnConfig { steps: a.steps, lr: a.lr, replay: a.replay, anchor_weight: a.anchor_weight, blind_dirs: a.blind_dirs, background_every: a.background_every, ewc_lambda: a.ewc_lambda, ..LearnConfig::default() };
+    if !a.own_capture {
+        learner.set_capture_source(Some(Arc::new(EngineCapture(engine.clone()))));
+    }
+    let cfg = LearnConfig { steps: a.steps, lr: a.lr, replay: a.replay, anchor_weight: a.anchor_weight, blind_dirs: a.blind_dirs, background_every: a.background_every, ewc_lambda: a.ewc_lambda, threads: a.learn_threads, ..LearnConfig::default() };
     learner.configure(cfg, Some(tok.encode(ANCHOR_TEXT, true, false)));
     let mut bank = Bank::new(model.config.n_embd);
     for f in &facts {
@@ -251,6 +269,7 @@ pub fn run(a: SonaBenchArgs) -> Result<(), Error> {
             let text = if augmented { with_context(&mut r, &tok, &bank, a.k, &f.teach)?.0 } else { f.teach.clone() };
             let prompt = tok.encode(&text, true, false);
             let correction = tok.encode(&format!(" {}.", f.answer), false, false);
+            serve(&engine, &prompt)?;
             let t = std::time::Instant::now();
             let out = learner.learn(scope, &prompt, &[], &Feedback::Correction(correction)).map_err(|e| Error::usage(e.to_string()))?;
             learn_ms.push(t.elapsed().as_secs_f64() * 1e3);
@@ -358,4 +377,18 @@ mod tests {
         }
         assert_ne!(facts(6, 2)[0].answer, a[0].answer);
     }
+}
+
+/// Serves `prompt` through the engine (up to 16 greedy tokens), as the answer a correction is
+/// given on.
+fn serve(engine: &Engine, prompt: &[u32]) -> Result<(), Error> {
+    let mut h = engine.submit(Request::greedy(prompt.to_vec(), 16)).map_err(|e| Error::usage(e.to_string()))?;
+    while let Some(e) = h.next_blocking() {
+        match e {
+            Event::Done(_) => return Ok(()),
+            Event::Failed(e) => return Err(Error::usage(e.to_string())),
+            _ => {}
+        }
+    }
+    Ok(())
 }

@@ -16,10 +16,11 @@ mod sched;
 
 pub use metrics::{Histogram, MetricsSnapshot};
 pub use ruvllm_model::FinishReason;
+pub use ruvllm_model::Capture;
 
 use metrics::Metrics;
 use ruvllm_kernels::pool::ThreadPool;
-use ruvllm_model::{Config, KvType, LoraAdapter, Model, SamplingParams};
+use ruvllm_model::{AttnKernel, Config, KvType, LoraAdapter, Model, SamplingParams};
 use ruvllm_tokenizer::Tokenizer;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -114,6 +115,8 @@ pub struct EngineConfig {
     pub kv_tail: Option<usize>,
     /// Blocks of the cold tier (two-tier mode).
     pub n_cold_blocks: usize,
+    /// The attention kernel (flash for long spans by default).
+    pub attn: AttnKernel,
 }
 
 impl EngineConfig {
@@ -130,6 +133,7 @@ impl EngineConfig {
             kv_type: KvType::F16,
             kv_tail: None,
             n_cold_blocks: 0,
+            attn: AttnKernel::Auto,
         }
     }
 }
@@ -171,6 +175,28 @@ pub struct Request {
     pub cache_salt: Vec<u64>,
     /// The LoRA adapter to run with (the base model when `None`).
     pub adapter: Option<Arc<LoraAdapter>>,
+    /// Compute the prompt for training instead of generating: one layer's activations and the
+    /// logits of positions `from..` come back as [`Event::Captured`]. Cached prefix blocks are
+    /// reused up to `from`, so a correction of an answer just served computes only its tail.
+    pub capture: Option<CaptureSpec>,
+}
+
+/// What a capture request asks for (see [`Request::capture`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CaptureSpec {
+    /// The layer whose down projection (input, output, residual) is captured.
+    pub layer: usize,
+    /// The first position whose activations and logits are needed.
+    pub from: usize,
+}
+
+/// A capture request's result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Captured {
+    /// Rows for every prompt position; rows before `from` are zero (not computed here).
+    pub cap: Capture,
+    /// Logits of positions `from..`: `[(prompt − from) × n_vocab]`.
+    pub logits: Vec<f32>,
 }
 
 impl Request {
@@ -188,6 +214,7 @@ impl Request {
             embed: false,
             cache_salt: Vec::new(),
             adapter: None,
+            capture: None,
         }
     }
 }
@@ -239,6 +266,8 @@ pub enum Event {
     },
     /// The prompt's embedding (embedding requests).
     Embedding(Vec<f32>),
+    /// A capture request's activations and logits.
+    Captured(Box<Captured>),
     /// Every choice has finished; the last event.
     Done(Usage),
     /// The request failed; the last event.
@@ -371,8 +400,17 @@ impl Engine {
                 return Err(Error::param("adapter", format!("adapter {:?} has {} layers but the model has {}", a.name, a.layers.len(), self.n_layer)));
             }
         }
-        let gen = if req.embed { 0 } else { req.max_tokens };
-        if !req.embed && gen == 0 {
+        if let Some(c) = req.capture {
+            if req.embed || req.n != 1 {
+                return Err(Error::param("capture", "a capture request computes its prompt once: no embedding, n = 1"));
+            }
+            if c.layer >= self.n_layer || c.from >= req.prompt.len() {
+                return Err(Error::param("capture", format!("capture of layer {} from position {} is outside the model ({} layers) or the prompt ({} tokens)", c.layer, c.from, self.n_layer, req.prompt.len())));
+            }
+        }
+        let prompt_only = req.embed || req.capture.is_some();
+        let gen = if prompt_only { 0 } else { req.max_tokens };
+        if !prompt_only && gen == 0 {
             return Err(Error::param("max_tokens", "max_tokens must be at least 1"));
         }
         let needed = req.prompt.len().saturating_add(gen);

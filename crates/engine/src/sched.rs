@@ -15,7 +15,7 @@
 //! original arrival order.
 
 use crate::metrics::Metrics;
-use crate::{Command, Error, ErrorKind, Event, FinishReason, Logprob, Request, Shared, Usage};
+use crate::{Capture, Captured, Command, Error, ErrorKind, Event, FinishReason, Logprob, Request, Shared, Usage};
 use ruvllm_kernels::pool::ThreadPool;
 use ruvllm_kv::KvManager;
 use ruvllm_model::{Forward, KvCache, Logits, Model, Sampler, SeqInput, StopMatcher};
@@ -72,6 +72,8 @@ struct Seq {
     last_token_at: Option<Instant>,
     /// Two-tier mode: blocks before this index have been considered for migration.
     migrated: usize,
+    /// Capture requests: the rows and logits gathered so far (reset by preemption).
+    captured: Option<Captured>,
 }
 
 impl Seq {
@@ -88,6 +90,7 @@ struct State<'m> {
     mgr: KvManager,
     n_vocab: usize,
     n_embd: usize,
+    n_ff: usize,
     groups: HashMap<u64, Group>,
     running: Vec<Seq>,
     waiting: VecDeque<Seq>,
@@ -128,6 +131,7 @@ pub(crate) fn run(model: Arc<Model>, tok: Arc<Tokenizer>, pool: Arc<ThreadPool>,
         },
         n_vocab: c.n_vocab,
         n_embd: c.n_embd,
+        n_ff: c.n_ff,
         cfg,
         groups: HashMap::new(),
         running: Vec::new(),
@@ -147,6 +151,7 @@ pub(crate) fn run(model: Arc<Model>, tok: Arc<Tokenizer>, pool: Arc<ThreadPool>,
         delta_migrated: 0,
         outbox: Vec::new(),
     };
+    st.fwd.set_attention(st.cfg.attn);
     loop {
         if st.running.is_empty() && st.waiting.is_empty() {
             st.publish();
@@ -228,10 +233,11 @@ impl State<'_> {
             attempts: 0,
             last_token_at: None,
             migrated: 0,
+            captured: None,
         };
         let usage = Usage { prompt_tokens: req.prompt.len(), ..Usage::default() };
         self.delta_prompt += req.prompt.len() as u64;
-        let remaining = if req.embed { 1 } else { req.n };
+        let remaining = if req.embed || req.capture.is_some() { 1 } else { req.n };
         self.groups.insert(id, Group { tx, req, remaining, usage, submitted: Instant::now(), got_first_token: false, admitted: false, cancelled: false });
         self.enqueue(seq);
     }
@@ -274,6 +280,7 @@ impl State<'_> {
         s.n_computed = 0;
         s.migrated = 0;
         s.embed_sum.clear();
+        s.captured = None;
         self.delta_preempted += 1;
         self.enqueue(s);
     }
@@ -282,7 +289,9 @@ impl State<'_> {
         match self.groups.get(&s.group) {
             Some(g) if g.req.embed => vec![EMBED_SALT, s.group, s.attempts],
             Some(g) => {
-                let mut salt: Vec<u64> = g.req.adapter.as_ref().map(|a| vec![a.id, a.version]).unwrap_or_default();
+                // An adapter that leaves every key and value as the base model's (SONA's) shares
+                // the base model's blocks.
+                let mut salt: Vec<u64> = g.req.adapter.as_ref().filter(|a| a.affects_kv()).map(|a| vec![a.id, a.version]).unwrap_or_default();
                 salt.extend_from_slice(&g.req.cache_salt);
                 salt
             }
@@ -344,7 +353,8 @@ impl State<'_> {
         while budget > 0 && self.running.len() < self.cfg.max_seqs {
             let Some(front) = self.waiting.front() else { break };
             let salt = self.salt(front);
-            let cached = self.mgr.add_sequence(front.id, &front.tokens, &salt);
+            let from = self.groups.get(&front.group).and_then(|g| g.req.capture).map_or(front.tokens.len(), |c| c.from);
+            let cached = self.mgr.add_sequence_computing_from(front.id, &front.tokens, &salt, from);
             let len = (front.tokens.len() - cached).min(budget);
             match self.mgr.append(front.id, &front.tokens[cached..cached + len]) {
                 Some(copies) => {
@@ -419,6 +429,7 @@ impl State<'_> {
 
     fn run_batch(&mut self, plan: &[usize]) {
         let mut inputs = Vec::new();
+        let mut capture_layers = Vec::new();
         for (s, &len) in self.running.iter().zip(plan) {
             if len == 0 {
                 continue;
@@ -426,9 +437,17 @@ impl State<'_> {
             let end = s.n_computed + len;
             let g = self.groups.get(&s.group);
             let embed = g.is_some_and(|g| g.req.embed);
+            let capture = g.and_then(|g| g.req.capture);
             let lora = g.and_then(|g| g.req.adapter.as_deref());
             let logits = if embed {
                 Logits::Hidden
+            } else if let Some(c) = capture {
+                capture_layers.push(c.layer);
+                if end > c.from {
+                    Logits::From(c.from.saturating_sub(s.n_computed))
+                } else {
+                    Logits::None
+                }
             } else if end == s.tokens.len() {
                 Logits::Last
             } else {
@@ -437,6 +456,9 @@ impl State<'_> {
             let table = self.mgr.block_table(s.id).unwrap_or(&[]);
             inputs.push(SeqInput { tokens: &s.tokens[s.n_computed..end], pos0: s.n_computed, block_table: table, logits, lora });
         }
+        capture_layers.sort_unstable();
+        capture_layers.dedup();
+        self.fwd.set_capture_layers(&capture_layers);
         let result = self.fwd.forward_batch(&mut self.kv, &inputs);
         drop(inputs);
         match result {
@@ -455,6 +477,7 @@ impl State<'_> {
         // Advance every scheduled sequence; sample for those that reached their end.
         let mut row = 0;
         let mut hidden_row = 0;
+        let mut batch_row = 0;
         let mut finished: Vec<usize> = Vec::new();
         let n_running = self.running.len();
         for i in 0..n_running {
@@ -463,6 +486,8 @@ impl State<'_> {
                 continue;
             }
             let s = &mut self.running[i];
+            let first_row = batch_row;
+            batch_row += len;
             let Some(g) = self.groups.get_mut(&s.group) else { continue };
             let start = s.n_computed;
             s.n_computed += len;
@@ -486,6 +511,38 @@ impl State<'_> {
                     }
                     if g.tx.send(Event::Embedding(e)).is_err() {
                         g.cancelled = true;
+                    }
+                    finished.push(i);
+                }
+                continue;
+            }
+            if let Some(spec) = g.req.capture {
+                // Rows of positions from..: activations at their place in the batch, logits as
+                // the forward pass laid them out (Logits::From).
+                let n = s.tokens.len();
+                let (d, ff, nv) = (self.n_embd, self.n_ff, self.n_vocab);
+                let out = s.captured.get_or_insert_with(|| Captured {
+                    cap: Capture { layer: spec.layer, act: vec![0.0; n * ff], resid: vec![0.0; n * d], down: vec![0.0; n * d], last: vec![0.0; n * d] },
+                    logits: Vec::with_capacity((n - spec.from) * nv),
+                });
+                let lo = start.max(spec.from);
+                if let Some(c) = self.fwd.captured(spec.layer) {
+                    for p in lo..s.n_computed {
+                        let r = first_row + p - start;
+                        out.cap.act[p * ff..(p + 1) * ff].copy_from_slice(&c.act[r * ff..(r + 1) * ff]);
+                        out.cap.resid[p * d..(p + 1) * d].copy_from_slice(&c.resid[r * d..(r + 1) * d]);
+                        out.cap.down[p * d..(p + 1) * d].copy_from_slice(&c.down[r * d..(r + 1) * d]);
+                        out.cap.last[p * d..(p + 1) * d].copy_from_slice(&c.last[r * d..(r + 1) * d]);
+                    }
+                }
+                let rows = s.n_computed.saturating_sub(lo);
+                out.logits.extend_from_slice(&self.logits[row * nv..(row + rows) * nv]);
+                row += rows;
+                if s.n_computed == n {
+                    if let Some(c) = s.captured.take() {
+                        if g.tx.send(Event::Captured(Box::new(c))).is_err() {
+                            g.cancelled = true;
+                        }
                     }
                     finished.push(i);
                 }
@@ -524,6 +581,7 @@ impl State<'_> {
                         attempts: s.attempts,
                         last_token_at: None,
                         migrated: s.migrated,
+                        captured: None,
                     });
                 }
             }

@@ -4,9 +4,9 @@
 //! skips computing a shared prefix; cancellation and random workloads leak no blocks; priorities
 //! order admission; embeddings do not depend on their batch.
 
-use ruvllm_engine::{Engine, EngineConfig, ErrorKind, Event, FinishReason, Request, Usage};
+use ruvllm_engine::{CaptureSpec, Captured, Engine, EngineConfig, ErrorKind, Event, FinishReason, Request, Usage};
 use ruvllm_kernels::pool::ThreadPool;
-use ruvllm_model::{generate, registry, GenerateParams, KvType, Model, Runner, SamplingParams};
+use ruvllm_model::{generate, registry, Forward, GenerateParams, KvCache, KvType, Logits, Model, Runner, SamplingParams, SeqInput};
 use ruvllm_tokenizer::Tokenizer;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -56,6 +56,7 @@ struct Outcome {
     finish: Vec<Option<FinishReason>>,
     usage: Option<Usage>,
     embedding: Option<Vec<f32>>,
+    captured: Option<Captured>,
 }
 
 fn collect(mut h: ruvllm_engine::RequestHandle, n: usize) -> Outcome {
@@ -71,6 +72,7 @@ fn collect(mut h: ruvllm_engine::RequestHandle, n: usize) -> Outcome {
                 o.text[index].push_str(&text);
             }
             Event::Embedding(e) => o.embedding = Some(e),
+            Event::Captured(c) => o.captured = Some(*c),
             Event::Done(u) => {
                 o.usage = Some(u);
                 break;
@@ -436,6 +438,22 @@ fn adapters_apply_per_request_and_never_share_cached_prefixes() {
     assert_eq!(o1.tokens[0], want_adapted);
     assert_eq!(o2.tokens[0], want_base);
     assert!(o1.usage.expect("usage").cached_tokens > 0, "same adapter, same version: its prefix is reused");
+    // An adapter that leaves every key and value alone (last layer's down projection only:
+    // SONA's) shares the base model's cached blocks, and still changes the output.
+    let mut last_only = LoraAdapter::empty("last", 8, c.n_layer);
+    let (out, inp) = Proj::Down.shape(c);
+    last_only.set(c.n_layer - 1, Proj::Down, LoraPair { rank: 2, a: (0..2 * inp).map(|_| rnd()).collect(), b: (0..out * 2).map(|_| 10.0 * rnd()).collect(), scale: 1.0 });
+    assert!(!last_only.affects_kv() && ad.affects_kv());
+    let mut r = Runner::new(&f.model, f.pool.clone(), 512);
+    r.set_lora(Some(last_only.clone()));
+    let want_last = generate(&mut r, &f.tok, &prompt, &params, |_| {}).expect("generate").tokens;
+    assert_ne!(want_last, want_base, "the last-layer adapter should change the output");
+    let mut last_req = Request::greedy(prompt.clone(), 12);
+    last_req.ignore_eos = true;
+    last_req.adapter = Some(Arc::new(last_only));
+    let o = collect(e.submit(last_req).expect("submit"), 1);
+    assert_eq!(o.tokens[0], want_last);
+    assert!(o.usage.expect("usage").cached_tokens > 0, "KV-invariant adapter: the base model's prefix is reused");
     // An adapter for another model shape is refused.
     let mut bad = Request::greedy(prompt, 2);
     bad.adapter = Some(Arc::new(LoraAdapter::empty("x", 9, 3)));
@@ -521,4 +539,64 @@ fn two_tier_kv_migrates_old_blocks_and_leaks_nothing() {
     // A tail shorter than a block, or a hot tier too small for the tail plus a batch, is refused.
     let bad = EngineConfig { kv_tail: Some(8), n_cold_blocks: 4, ..EngineConfig::new(&f.model.config, 64) };
     assert!(Engine::start(f.model.clone(), f.tok.clone(), f.pool.clone(), bad).is_err());
+}
+
+/// The reference capture: one forward pass of the model alone over `tokens`.
+fn solo_capture(f: &Fixture, tokens: &[u32], layer: usize, from: usize) -> Captured {
+    let c = &f.model.config;
+    let mut kv = KvCache::new(c.n_layer, c.kv_dim(), tokens.len(), 1);
+    let mut fwd = Forward::new(&f.model, f.pool.clone());
+    fwd.set_capture(Some(layer));
+    let logits = fwd.forward_batch(&mut kv, &[SeqInput { tokens, pos0: 0, block_table: &[0], logits: Logits::From(from), lora: None }]).expect("forward").to_vec();
+    Captured { cap: fwd.capture().expect("captured").clone(), logits }
+}
+
+/// Capture requests (what a learner trains on) give exactly the rows and logits of a solo pass
+/// from `from` on — reusing the cached prompt, in a batch with other requests, and split over
+/// several steps by chunked prefill — and never reuse cached blocks past `from`.
+#[test]
+fn capture_requests_equal_a_solo_pass_and_reuse_the_cached_prompt() {
+    let Some(f) = fixture() else { return };
+    let c = &f.model.config;
+    let ps = prompts(&f.tok);
+    for max_batch_tokens in [512, 7] {
+        let e = engine(f, |cfg| cfg.max_batch_tokens = max_batch_tokens);
+        for (i, p) in ps.iter().take(3).enumerate() {
+            // Serve the prompt first (its blocks are cached), as a correction follows an answer.
+            let mut served = Request::greedy(p.clone(), 20);
+            served.ignore_eos = true;
+            let answer = collect(e.submit(served).expect("submit"), 1).tokens.remove(0);
+            let tokens: Vec<u32> = p.iter().chain(&answer).copied().collect();
+            let (layer, from) = (c.n_layer - 1 - i % 2, p.len() - 1);
+            let want = solo_capture(f, &tokens, layer, from);
+            // Other traffic in the same steps.
+            let others: Vec<_> = ps[8..12].iter().map(|q| e.submit(Request::greedy(q.clone(), 8)).expect("submit")).collect();
+            let mut req = Request::greedy(tokens.clone(), 1);
+            req.capture = Some(CaptureSpec { layer, from });
+            let o = collect(e.submit(req).expect("submit"), 1);
+            for h in others {
+                collect(h, 1);
+            }
+            let got = o.captured.expect("captured");
+            let (d, ff) = (c.n_embd, c.n_ff);
+            assert_eq!(got.cap.layer, layer);
+            assert_eq!(got.cap.act.len(), tokens.len() * ff);
+            assert_eq!(&got.cap.act[from * ff..], &want.cap.act[from * ff..], "prompt {i}: activations");
+            assert_eq!(&got.cap.resid[from * d..], &want.cap.resid[from * d..], "prompt {i}: residual");
+            assert_eq!(&got.cap.down[from * d..], &want.cap.down[from * d..], "prompt {i}: down");
+            assert_eq!(&got.cap.last[from * d..], &want.cap.last[from * d..], "prompt {i}: last");
+            assert_eq!(got.logits.len(), (tokens.len() - from) * c.n_vocab);
+            assert_eq!(got.logits, want.logits, "prompt {i}: logits");
+            let u = o.usage.expect("usage");
+            assert!(u.cached_tokens >= 16 && u.cached_tokens <= from, "prompt {i}: {} cached of {from}", u.cached_tokens);
+            assert_eq!(u.completion_tokens, 0);
+        }
+        // Out-of-range captures are refused with a typed error.
+        let mut bad = Request::greedy(ps[0].clone(), 1);
+        bad.capture = Some(CaptureSpec { layer: c.n_layer, from: 0 });
+        assert!(matches!(e.submit(bad.clone()).err().expect("refused").kind(), ErrorKind::InvalidParam { param: "capture", .. }));
+        bad.capture = Some(CaptureSpec { layer: 0, from: ps[0].len() });
+        assert!(matches!(e.submit(bad).err().expect("refused").kind(), ErrorKind::InvalidParam { param: "capture", .. }));
+        assert_eq!(e.metrics().kv_blocks_used, 0, "blocks leaked");
+    }
 }

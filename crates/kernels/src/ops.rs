@@ -208,10 +208,56 @@ pub fn f16_to_f32_scalar(src: &[half::f16], dst: &mut [f32]) {
     }
 }
 
+/// `out[p] = q · rows[p·stride .. p·stride + q.len()]` for every `p < out.len()`: one query
+/// against a tile of keys (attention scores), eight rows per step with one transposing
+/// reduction instead of a horizontal sum per row.
+///
+/// # Panics
+/// If `rows` is shorter than `(out.len() − 1)·stride + q.len()` or `stride < q.len()`.
+#[inline]
+pub fn dot_rows(q: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
+    check_rows(q.len(), rows.len(), stride, out.len());
+    (f32_kernels().dot_rows)(q, rows, stride, out)
+}
+
+/// `acc += Σ_p w[p] · rows[p·stride .. p·stride + acc.len()]`: a tile of values weighted by
+/// attention probabilities, the accumulator kept in registers across the tile.
+///
+/// # Panics
+/// As [`dot_rows`], with `acc` for `q` and `w` for `out`.
+#[inline]
+pub fn weighted_sum(w: &[f32], rows: &[f32], stride: usize, acc: &mut [f32]) {
+    check_rows(acc.len(), rows.len(), stride, w.len());
+    (f32_kernels().weighted_sum)(w, rows, stride, acc)
+}
+
+fn check_rows(d: usize, have: usize, stride: usize, n: usize) {
+    assert!(stride >= d && (n == 0 || (n - 1) * stride + d <= have), "rows: {n} of {d} at stride {stride} need more than {have} values");
+}
+
+/// The scalar twin of [`dot_rows`].
+pub fn dot_rows_scalar(q: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
+    for (p, o) in out.iter_mut().enumerate() {
+        *o = q.iter().zip(&rows[p * stride..p * stride + q.len()]).map(|(a, b)| a * b).sum();
+    }
+}
+
+/// The scalar twin of [`weighted_sum`].
+pub fn weighted_sum_scalar(w: &[f32], rows: &[f32], stride: usize, acc: &mut [f32]) {
+    let d = acc.len();
+    for (p, &wp) in w.iter().enumerate() {
+        for (a, r) in acc.iter_mut().zip(&rows[p * stride..p * stride + d]) {
+            *a += wp * r;
+        }
+    }
+}
+
 struct F32Kernels {
     dot: fn(&[f32], &[f32]) -> f32,
     axpy: fn(f32, &[f32], &mut [f32]),
     f16_to_f32: fn(&[half::f16], &mut [f32]),
+    dot_rows: fn(&[f32], &[f32], usize, &mut [f32]),
+    weighted_sum: fn(&[f32], &[f32], usize, &mut [f32]),
 }
 
 fn f32_kernels() -> &'static F32Kernels {
@@ -226,9 +272,13 @@ fn f32_kernels() -> &'static F32Kernels {
                 axpy: |al, x, y| unsafe { x86::axpy(al, x, y) },
                 // SAFETY: the AVX2 tier includes F16C.
                 f16_to_f32: |s, d| unsafe { x86::f16_to_f32(s, d) },
+                // SAFETY: AVX2 and FMA as above; the public wrappers checked the bounds.
+                dot_rows: |q, r, st, o| unsafe { x86::dot_rows(q, r, st, o) },
+                // SAFETY: as above.
+                weighted_sum: |w, r, st, a| unsafe { x86::weighted_sum(w, r, st, a) },
             };
         }
-        F32Kernels { dot: dot_f32_scalar, axpy: axpy_scalar, f16_to_f32: f16_to_f32_scalar }
+        F32Kernels { dot: dot_f32_scalar, axpy: axpy_scalar, f16_to_f32: f16_to_f32_scalar, dot_rows: dot_rows_scalar, weighted_sum: weighted_sum_scalar }
     })
 }
 
@@ -277,6 +327,93 @@ mod x86 {
         s
     }
 
+    /// Eight row sums reduced into one vector: lane i = Σ of v[i]'s lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn reduce8(v: &[__m256; 8]) -> __m256 {
+        let a = _mm256_hadd_ps(v[0], v[1]);
+        let b = _mm256_hadd_ps(v[2], v[3]);
+        let c = _mm256_hadd_ps(v[4], v[5]);
+        let d = _mm256_hadd_ps(v[6], v[7]);
+        let ab = _mm256_hadd_ps(a, b);
+        let cd = _mm256_hadd_ps(c, d);
+        // ab = [r0 r1 r2 r3 | r0 r1 r2 r3] halves (low lane sums, high lane sums); same for cd.
+        let lo = _mm256_permute2f128_ps(ab, cd, 0x20);
+        let hi = _mm256_permute2f128_ps(ab, cd, 0x31);
+        _mm256_add_ps(lo, hi)
+    }
+
+    /// # Safety
+    /// AVX2 and FMA; `rows` holds `out.len()` rows of `q.len()` values at `stride`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_rows(q: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
+        let d = q.len();
+        let n = out.len();
+        let d8 = d / 8 * 8;
+        let mut p = 0;
+        while p + 8 <= n {
+            let mut acc = [_mm256_setzero_ps(); 8];
+            let mut i = 0;
+            while i < d8 {
+                // SAFETY: i + 8 <= d; rows p..p + 8 hold d values each at stride (checked by
+                // the caller).
+                unsafe {
+                    let qv = _mm256_loadu_ps(q.as_ptr().add(i));
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        *a = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows.as_ptr().add((p + r) * stride + i)), *a);
+                    }
+                }
+                i += 8;
+            }
+            let mut sums = [0f32; 8];
+            // SAFETY: sums holds 8 floats.
+            unsafe { _mm256_storeu_ps(sums.as_mut_ptr(), reduce8(&acc)) };
+            for (r, s) in sums.iter().enumerate() {
+                let row = &rows[(p + r) * stride..(p + r) * stride + d];
+                out[p + r] = s + (d8..d).map(|j| q[j] * row[j]).sum::<f32>();
+            }
+            p += 8;
+        }
+        for (p, o) in out.iter_mut().enumerate().skip(p) {
+            // SAFETY: AVX2 and FMA, as this function's.
+            *o = unsafe { dot(q, &rows[p * stride..p * stride + d]) };
+        }
+    }
+
+    /// # Safety
+    /// AVX2 and FMA; `rows` holds `w.len()` rows of `acc.len()` values at `stride`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn weighted_sum(w: &[f32], rows: &[f32], stride: usize, acc: &mut [f32]) {
+        let d = acc.len();
+        let d32 = d / 32 * 32;
+        let mut c = 0;
+        // 32 columns at a time in four registers, over every row.
+        while c < d32 {
+            // SAFETY: c + 32 <= d, inside acc and inside every row (checked by the caller).
+            unsafe {
+                let ap = acc.as_mut_ptr().add(c);
+                let mut a = [_mm256_loadu_ps(ap), _mm256_loadu_ps(ap.add(8)), _mm256_loadu_ps(ap.add(16)), _mm256_loadu_ps(ap.add(24))];
+                for (p, &wp) in w.iter().enumerate() {
+                    let wv = _mm256_set1_ps(wp);
+                    let rp = rows.as_ptr().add(p * stride + c);
+                    for (k, ak) in a.iter_mut().enumerate() {
+                        *ak = _mm256_fmadd_ps(wv, _mm256_loadu_ps(rp.add(8 * k)), *ak);
+                    }
+                }
+                for (k, ak) in a.iter().enumerate() {
+                    _mm256_storeu_ps(ap.add(8 * k), *ak);
+                }
+            }
+            c += 32;
+        }
+        if c < d {
+            for (p, &wp) in w.iter().enumerate() {
+                // SAFETY: AVX2 and FMA, as this function's.
+                unsafe { axpy(wp, &rows[p * stride + c..p * stride + d], &mut acc[c..]) };
+            }
+        }
+    }
+
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
         let n = x.len().min(y.len());
@@ -300,6 +437,33 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n).map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed.wrapping_mul(40503)) >> 8) % 2001) as f32 / 1000.0 - 1.0).collect()
+    }
+
+    /// The tile kernels against their scalar twins, for head sizes with and without a tail of
+    /// 8/32 columns, row counts with and without a tail of 8, and strided rows.
+    #[test]
+    fn dot_rows_and_weighted_sum_match_their_scalar_twins() {
+        for (d, n, stride) in [(64, 32, 64), (64, 13, 192), (256, 40, 256), (40, 9, 48), (7, 3, 7), (128, 0, 128)] {
+            let q = values(d, 1);
+            let rows = values(n.max(1) * stride, 2);
+            let (mut got, mut want) = (vec![0f32; n], vec![0f32; n]);
+            dot_rows(&q, &rows, stride, &mut got);
+            dot_rows_scalar(&q, &rows, stride, &mut want);
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "dot_rows d {d} n {n}: {g} vs {w}");
+            }
+            let wts = values(n, 3);
+            let (mut got, mut want) = (values(d, 4), values(d, 4));
+            weighted_sum(&wts, &rows, stride, &mut got);
+            weighted_sum_scalar(&wts, &rows, stride, &mut want);
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "weighted_sum d {d} n {n}: {g} vs {w}");
+            }
+        }
+    }
 
     #[test]
     fn rms_norm_unit_weight_has_unit_rms() {

@@ -129,10 +129,17 @@ impl KvManager {
     /// `extra` (adapter id, version, ...) is part of every block hash. Returns the number of
     /// prompt tokens already in the cache; the caller then [`append`](Self::append)s the rest.
     pub fn add_sequence(&mut self, id: SeqId, prompt: &[u32], extra: &[u64]) -> usize {
+        self.add_sequence_computing_from(id, prompt, extra, prompt.len().saturating_sub(1))
+    }
+
+    /// [`add_sequence`](Self::add_sequence) for a caller that needs the model's outputs at
+    /// positions `from..` (training captures): only blocks that end at or before `from` are
+    /// taken from the cache.
+    pub fn add_sequence_computing_from(&mut self, id: SeqId, prompt: &[u32], extra: &[u64], from: usize) -> usize {
         assert!(!self.seqs.contains_key(&id), "sequence {id} exists");
         let mut seq = Seq { blocks: Vec::new(), tokens: Vec::new(), hashes: Vec::new(), extra: extra.to_vec() };
         if self.prefix_caching && !prompt.is_empty() {
-            let max_blocks = (prompt.len() - 1) / self.block_size;
+            let max_blocks = from.min(prompt.len() - 1) / self.block_size;
             let mut parent = None;
             for chunk in prompt.chunks_exact(self.block_size).take(max_blocks) {
                 let h = hash_block(parent, chunk, extra);

@@ -138,7 +138,7 @@ pub struct SeqInput<'a> {
 /// Activations of one layer's feed-forward kept from the last step, for training adapters on
 /// that layer's down projection without re-running the layers before it. Rows follow the
 /// batch's tokens.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Capture {
     /// The captured layer.
     pub layer: usize,
@@ -160,7 +160,9 @@ pub struct Forward<'m> {
     model: &'m Model,
     pool: Arc<ThreadPool>,
     s: Scratch,
-    capture: Option<Capture>,
+    /// One capture per layer being captured (usually none or one).
+    captures: Vec<Capture>,
+    attn: AttnKernel,
 }
 
 /// Runs a model over one sequence, owning its KV cache (one block spanning the context).
@@ -214,6 +216,11 @@ impl<'m> Runner<'m> {
         self.history.clear();
     }
 
+    /// Chooses the attention kernel (see [`AttnKernel`]).
+    pub fn set_attention(&mut self, kernel: AttnKernel) {
+        self.fwd.set_attention(kernel);
+    }
+
     /// Drops cached positions from `n` on, keeping the prefix for reuse.
     pub fn truncate(&mut self, n: usize) {
         self.history.truncate(n);
@@ -246,7 +253,7 @@ impl<'m> Runner<'m> {
 impl<'m> Forward<'m> {
     /// A forward pass for `model` on `pool`.
     pub fn new(model: &'m Model, pool: Arc<ThreadPool>) -> Forward<'m> {
-        Forward { model, pool, s: Scratch::default(), capture: None }
+        Forward { model, pool, s: Scratch::default(), captures: Vec::new(), attn: AttnKernel::Auto }
     }
 
     /// The model.
@@ -254,15 +261,36 @@ impl<'m> Forward<'m> {
         self.model
     }
 
+    /// Chooses the attention kernel (default [`AttnKernel::Auto`]).
+    pub fn set_attention(&mut self, kernel: AttnKernel) {
+        self.attn = kernel;
+    }
+
     /// Keeps the feed-forward activations of `layer` from every later step (see [`Capture`]);
     /// `None` stops capturing.
     pub fn set_capture(&mut self, layer: Option<usize>) {
-        self.capture = layer.map(|layer| Capture { layer, ..Capture::default() });
+        self.set_capture_layers(layer.as_slice());
     }
 
-    /// What the last step captured.
+    /// Captures each of `layers` from every later step (a batch whose sequences want different
+    /// layers); empty stops capturing. Keeps the buffers of layers captured before.
+    pub fn set_capture_layers(&mut self, layers: &[usize]) {
+        self.captures.retain(|c| layers.contains(&c.layer));
+        for &l in layers {
+            if !self.captures.iter().any(|c| c.layer == l) {
+                self.captures.push(Capture { layer: l, ..Capture::default() });
+            }
+        }
+    }
+
+    /// What the last step captured (the first captured layer's rows).
     pub fn capture(&self) -> Option<&Capture> {
-        self.capture.as_ref()
+        self.captures.first()
+    }
+
+    /// What the last step captured of `layer`: rows of every token of the batch, in order.
+    pub fn captured(&self, layer: usize) -> Option<&Capture> {
+        self.captures.iter().find(|c| c.layer == layer)
     }
 
     /// The final normed hidden states of the last step's [`Logits::Hidden`] sequences' tokens,
@@ -435,7 +463,7 @@ impl<'m> Forward<'m> {
             } else {
                 None
             };
-            attention(&self.pool, c, kv, seqs, &s.tok_seq, &s.tok_pos, kv_f32, il, window, &s.q[..n * qd], &mut s.att[..n * qd]);
+            attention(&self.pool, c, kv, seqs, &s.tok_seq, &s.tok_pos, kv_f32, il, window, self.attn, &s.q[..n * qd], &mut s.att[..n * qd]);
             if rotate {
                 // Values were stored rotated: rotate each head's output back.
                 s.att[..n * qd].chunks_exact_mut(hd).for_each(ops::hadamard);
@@ -478,7 +506,7 @@ impl<'m> Forward<'m> {
             if any_lora {
                 self.lora(seqs, il, Proj::Down, &s.gate[..n * ff], ff, &mut s.out[..n * d], d, &mut s.lora_tmp);
             }
-            if let Some(cap) = self.capture.as_mut().filter(|c| c.layer == il) {
+            for cap in self.captures.iter_mut().filter(|c| c.layer == il) {
                 cap.act.clear();
                 cap.act.extend_from_slice(&s.gate[..n * ff]);
                 cap.resid.clear();
@@ -494,7 +522,7 @@ impl<'m> Forward<'m> {
                 s.x[i * d..(i + 1) * d].iter_mut().zip(o.iter()).for_each(|(x, o)| *x += o);
             }
         }
-        if let Some(cap) = self.capture.as_mut() {
+        for cap in self.captures.iter_mut() {
             cap.last.clear();
             cap.last.extend_from_slice(&s.x[..n * d]);
         }
@@ -548,10 +576,52 @@ pub fn head_logits(model: &Model, pool: &ThreadPool, normed: &[f32], out: &mut [
 /// Query heads handled together per task (they share the KV head's converted keys/values).
 const MAX_GROUP: usize = 8;
 
+/// Positions per tile of the flash kernel: scores of one tile live on the stack.
+const FLASH_TILE: usize = 32;
+
+/// Spans (positions one query attends to) longer than this use the flash kernel under
+/// [`AttnKernel::Auto`]; shorter ones the two-pass kernel, whose arithmetic follows llama.cpp's
+/// default (and with it the golden outputs' near-ties).
+pub const FLASH_MIN_SPAN: usize = 1024;
+
+/// Which attention kernel a forward pass uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AttnKernel {
+    /// Flash for spans longer than [`FLASH_MIN_SPAN`], two-pass for the rest.
+    #[default]
+    Auto,
+    /// Online softmax (flash-style) over tiles of keys and values: one pass, no score row.
+    Flash,
+    /// Scores of the whole span, softmax, then the weighted values (llama.cpp's `-fa off`).
+    TwoPass,
+}
+
+impl AttnKernel {
+    /// Parses `auto`, `on` (flash) or `off` (two-pass), as llama.cpp's `--flash-attn`.
+    pub fn parse(s: &str) -> Option<AttnKernel> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Some(AttnKernel::Auto),
+            "on" | "flash" => Some(AttnKernel::Flash),
+            "off" | "two-pass" => Some(AttnKernel::TwoPass),
+            _ => None,
+        }
+    }
+
+    fn flash_for(self, span: usize) -> bool {
+        match self {
+            AttnKernel::Auto => span > FLASH_MIN_SPAN,
+            AttnKernel::Flash => true,
+            AttnKernel::TwoPass => false,
+        }
+    }
+}
+
 thread_local! {
     /// Per-thread attention scores, `[MAX_GROUP × positions]`, grown to the longest context seen
     /// and reused (no allocation per token once warm).
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Per-thread tile of keys or values converted for the flash kernel, `[FLASH_TILE × hd]`.
+    static FLASH_ROWS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Causal attention for `n` new tokens at positions `pos0..pos0+n`, one task per (token, KV
@@ -559,10 +629,14 @@ thread_local! {
 /// window of the most recent `window` positions. Each key and value row is converted from f16
 /// once per task.
 ///
-/// NOTE: the arithmetic follows llama.cpp's CPU path (flash attention off, its default here) so
-/// that near-ties resolve the same way: q is rounded to f16 (its K·Q runs f16 × f16 with f32
-/// sums), the softmax sums in f64, and the probabilities are rounded to f16 before they weight
-/// the values. Scores live in one vector per query head (one row, not a score matrix).
+/// Two kernels (see [`AttnKernel`]). The two-pass kernel follows llama.cpp's CPU path (flash
+/// attention off, its default here) so that near-ties resolve the same way: q is rounded to f16
+/// (its K·Q runs f16 × f16 with f32 sums), the softmax sums in f64, and the probabilities are
+/// rounded to f16 before they weight the values; its scores live in one row per query head.
+/// The flash kernel reads keys and values tile by tile ([`FLASH_TILE`] positions) with an
+/// online softmax — a running maximum and sum, the accumulated output rescaled when the maximum
+/// grows — so nothing grows with the span; it keeps the f16-rounded q but not the f16
+/// probabilities.
 #[allow(clippy::too_many_arguments)]
 fn attention(
     pool: &ThreadPool,
@@ -574,6 +648,7 @@ fn attention(
     kv_f32: Option<(&[f32], &[f32])>,
     layer: usize,
     window: Option<usize>,
+    kernel: AttnKernel,
     q: &[f32],
     out: &mut [f32],
 ) {
@@ -604,6 +679,55 @@ fn attention(
         let mut buf = [0f32; 512];
         let row = &mut buf[..hd];
         let koff = g * hd;
+        if kernel.flash_for(len) {
+            let (mut mx, mut sum) = ([f32::NEG_INFINITY; MAX_GROUP], [0f32; MAX_GROUP]);
+            let mut acc = [[0f32; 512]; MAX_GROUP];
+            let mut tile = [[0f32; FLASH_TILE]; MAX_GROUP];
+            FLASH_ROWS.with(|cell| {
+                let mut rows = cell.borrow_mut();
+                if rows.len() < FLASH_TILE * hd {
+                    rows.resize(FLASH_TILE * hd, 0.0);
+                }
+                let rows = &mut rows[..FLASH_TILE * hd];
+                let mut p0 = start;
+                while p0 <= pos {
+                    let p1 = (p0 + FLASH_TILE).min(pos + 1);
+                    let m = p1 - p0;
+                    // The tile's keys: in place in the prefill's f32 copy (stride kvd), else
+                    // converted from the cache into a tile buffer (stride hd).
+                    let (keys_at, kstride) = tile_rows(kv_f32.map(|x| x.0), keys, kv, layer, false, table, p0, p1, kvd, koff, rows);
+                    for j in 0..gn {
+                        let t = &mut tile[j][..m];
+                        ops::dot_rows(&qs[j][..hd], keys_at.unwrap_or(rows), kstride, t);
+                        t.iter_mut().for_each(|v| *v *= scale);
+                        let mtile = t.iter().fold(mx[j], |m, &v| m.max(v));
+                        if mtile > mx[j] && sum[j] > 0.0 {
+                            // The maximum grew: what was accumulated against the old one shrinks.
+                            let c = (mx[j] - mtile).exp();
+                            sum[j] *= c;
+                            acc[j][..hd].iter_mut().for_each(|a| *a *= c);
+                        }
+                        mx[j] = mtile;
+                        for v in t.iter_mut() {
+                            *v = (*v - mtile).exp();
+                            sum[j] += *v;
+                        }
+                    }
+                    let (values_at, vstride) = tile_rows(kv_f32.map(|x| x.1), values, kv, layer, true, table, p0, p1, kvd, koff, rows);
+                    for j in 0..gn {
+                        ops::weighted_sum(&tile[j][..m], values_at.unwrap_or(rows), vstride, &mut acc[j][..hd]);
+                    }
+                    p0 = p1;
+                }
+            });
+            for j in 0..gn {
+                let inv = 1.0 / sum[j];
+                // SAFETY: this task alone writes query head h0 + j of token i, inside the buffer.
+                let o = unsafe { optr.slice(i * qd + (h0 + j) * hd, hd) };
+                o.iter_mut().zip(&acc[j][..hd]).for_each(|(o, a)| *o = a * inv);
+            }
+            return;
+        }
         SCORES.with(|cell| {
             let mut scores = cell.borrow_mut();
             if scores.len() < gn * len {
@@ -644,6 +768,34 @@ fn attention(
     });
 }
 
+/// One KV head's rows at positions `p0..p1` for the flash kernel: `(Some(rows), kvd)` pointing
+/// into the prefill's f32 copy (indexed by position), or `(None, hd)` after converting them
+/// from the cache into `buf` (`[(p1 − p0) × hd]`).
+#[allow(clippy::too_many_arguments)]
+fn tile_rows<'a>(
+    f32_rows: Option<&'a [f32]>,
+    f16_rows: Option<&[f16]>,
+    kv: &KvCache,
+    layer: usize,
+    value: bool,
+    table: &[u32],
+    p0: usize,
+    p1: usize,
+    kvd: usize,
+    koff: usize,
+    buf: &mut [f32],
+) -> (Option<&'a [f32]>, usize) {
+    if let Some(rows) = f32_rows {
+        return (Some(&rows[p0 * kvd + koff..]), kvd);
+    }
+    let hd = buf.len() / FLASH_TILE;
+    for p in p0..p1 {
+        let dst = &mut buf[(p - p0) * hd..(p - p0 + 1) * hd];
+        head_row(None, f16_rows, kv, layer, value, table, p, kvd, koff, dst);
+    }
+    (None, hd)
+}
+
 /// One KV head's row at position `p`: from the f32 copy made for a prefill batch (indexed by
 /// position) when there is one, else converted from the cache row the block table points to
 /// (directly from f16 on the default path, through the cache's decoder for other types).
@@ -678,4 +830,120 @@ fn head_row<'a>(
 #[inline]
 fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
     ops::f16_to_f32(src, dst);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ruvllm_kernels::ops::RopeStyle;
+
+    /// `n` values uniform in [−scale, scale] from `seed` (xorshift).
+    fn data(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+            })
+            .collect()
+    }
+
+    fn config(n_head: usize, n_head_kv: usize, head_dim: usize) -> crate::Config {
+        crate::Config {
+            arch: Arch::Llama,
+            arch_name: "llama".into(),
+            n_layer: 1,
+            n_embd: n_head * head_dim,
+            n_head,
+            n_head_kv,
+            head_dim,
+            n_ff: 4,
+            n_vocab: 4,
+            n_ctx_train: 4096,
+            rms_eps: 1e-5,
+            rope_base: 10000.0,
+            rope_freq_scale: 1.0,
+            rope_base_swa: 10000.0,
+            rope_dims: head_dim,
+            rope_style: RopeStyle::Normal,
+            sliding_window: None,
+            swa_pattern: 1,
+            embed_scale: None,
+            attn_scale: 1.0 / (head_dim as f32).sqrt(),
+        }
+    }
+
+    /// Attention of one query row against the cache, in f64 with the kernels' inputs (q rounded
+    /// to f16 as both kernels do; keys and values as the cache holds them).
+    fn reference(c: &crate::Config, kv: &KvCache, q: &[f32], pos: usize, window: Option<usize>) -> Vec<f32> {
+        let (hd, kvd, group) = (c.head_dim, c.kv_dim(), c.n_head / c.n_head_kv);
+        let start = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+        let mut out = vec![0f32; c.q_dim()];
+        let (mut k, mut v) = (vec![0f32; kvd], vec![0f32; kvd]);
+        for h in 0..c.n_head {
+            let g = h / group;
+            let qh: Vec<f64> = q[h * hd..(h + 1) * hd].iter().map(|x| f16::from_f32(*x).to_f32() as f64).collect();
+            let mut s = Vec::new();
+            for p in start..=pos {
+                kv.read(0, false, p, 0, &mut k);
+                s.push(qh.iter().zip(&k[g * hd..(g + 1) * hd]).map(|(a, b)| a * *b as f64).sum::<f64>() * c.attn_scale as f64);
+            }
+            let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+            let mut o = vec![0f64; hd];
+            for (i, p) in (start..=pos).enumerate() {
+                kv.read(0, true, p, 0, &mut v);
+                let w = (s[i] - m).exp() / z;
+                o.iter_mut().zip(&v[g * hd..(g + 1) * hd]).for_each(|(o, x)| *o += w * *x as f64);
+            }
+            out[h * hd..(h + 1) * hd].iter_mut().zip(&o).for_each(|(d, s)| *d = *s as f32);
+        }
+        out
+    }
+
+    /// Both attention kernels against an f64 reference, for GQA with spans across many flash
+    /// tiles (and a sliding window), decode from the f16 rows and prefill from f32 copies. The
+    /// flash kernel is within ~6e-7 of the reference; the two-pass one ~2.5e-4 (its
+    /// probabilities are rounded to f16, as llama.cpp's are).
+    #[test]
+    fn flash_and_two_pass_kernels_match_an_f64_reference() {
+        let pool = ThreadPool::new(2);
+        for (n_head, n_head_kv, hd, n_pos, window) in [(4, 2, 64, 300, None), (8, 1, 128, 97, None), (4, 4, 32, 200, Some(50))] {
+            let c = config(n_head, n_head_kv, hd);
+            let (kvd, qd) = (c.kv_dim(), c.q_dim());
+            let mut kv = KvCache::new(1, kvd, n_pos, 1);
+            let keys = data(n_pos * kvd, 1, 2.0);
+            let vals = data(n_pos * kvd, 2, 1.0);
+            for p in 0..n_pos {
+                kv.write(0, p, &keys[p * kvd..(p + 1) * kvd], &vals[p * kvd..(p + 1) * kvd]);
+            }
+            // The last 3 positions as new tokens of one sequence.
+            let n = 3;
+            let q = data(n * qd, 3, 3.0);
+            let tokens = vec![0u32; n];
+            let seqs = [SeqInput { tokens: &tokens, pos0: n_pos - n, block_table: &[0], logits: Logits::None, lora: None }];
+            let tok_seq = vec![0usize; n];
+            let tok_pos: Vec<usize> = (n_pos - n..n_pos).collect();
+            let (mut k32, mut v32) = (vec![0f32; n_pos * kvd], vec![0f32; n_pos * kvd]);
+            for p in 0..n_pos {
+                kv.read(0, false, p, 0, &mut k32[p * kvd..(p + 1) * kvd]);
+                kv.read(0, true, p, 0, &mut v32[p * kvd..(p + 1) * kvd]);
+            }
+            for f32_rows in [false, true] {
+                let rows = f32_rows.then_some((&k32[..], &v32[..]));
+                for (kernel, tol) in [(AttnKernel::Flash, 2e-6), (AttnKernel::TwoPass, 1e-3)] {
+                    let mut out = vec![0f32; n * qd];
+                    attention(&pool, &c, &kv, &seqs, &tok_seq, &tok_pos, rows, 0, window, kernel, &q, &mut out);
+                    for i in 0..n {
+                        let want = reference(&c, &kv, &q[i * qd..(i + 1) * qd], tok_pos[i], window);
+                        let err = want.iter().zip(&out[i * qd..(i + 1) * qd]).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                        let scale = want.iter().fold(0f32, |m, a| m.max(a.abs()));
+                        assert!(err <= tol * scale.max(1e-3), "{kernel:?} (f32 rows {f32_rows}), {n_head}/{n_head_kv} heads of {hd}, token {i}: error {err} of {scale}");
+                    }
+                }
+            }
+        }
+    }
 }

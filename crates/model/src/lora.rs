@@ -156,6 +156,18 @@ fn to_f32(dtype: Dtype, data: &[u8]) -> Result<Vec<f32>, Error> {
 }
 
 impl LoraAdapter {
+    /// Whether the adapter changes any layer's keys or values: K/V of layer `l` depend on every
+    /// projection of the layers before it and on `l`'s own k and v, so only an adapter on the
+    /// last layer's q, o, gate, up or down leaves the whole KV cache as the base model's (as
+    /// SONA's adapters on the last down projection do). Such an adapter's requests may share
+    /// prefix-cached blocks with the base model's.
+    pub fn affects_kv(&self) -> bool {
+        let last = self.layers.len().saturating_sub(1);
+        self.layers.iter().enumerate().any(|(l, projs)| {
+            projs.iter().zip(Proj::ALL).any(|(p, proj)| p.is_some() && (l < last || matches!(proj, Proj::K | Proj::V)))
+        })
+    }
+
     /// An adapter with no projections (a starting point for training).
     pub fn empty(name: &str, id: u64, n_layer: usize) -> LoraAdapter {
         LoraAdapter { name: name.into(), id, version: 0, layers: (0..n_layer).map(|_| Default::default()).collect() }

@@ -4,7 +4,7 @@
 
 use ruvllm_kernels::ops::token_nll;
 use ruvllm_kernels::pool::ThreadPool;
-use ruvllm_model::{generate, registry, Forward, GenerateParams, KvCache, KvType, Logits, Model, Runner, SamplingParams, SeqInput};
+use ruvllm_model::{generate, registry, AttnKernel, Forward, GenerateParams, KvCache, KvType, Logits, Model, Runner, SamplingParams, SeqInput};
 use ruvllm_tokenizer::Tokenizer;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -23,10 +23,12 @@ struct Stats {
     top1_agree: usize,
     abs_diff_sum: f64,
     abs_diff_n: usize,
+    /// Top-1 disagreements where the reference's top-1/top-2 gap is ≥ 0.5 (not a near-tie).
+    far_flips: usize,
 }
 
-fn teacher_force(model: &Model, pool: &Arc<ThreadPool>, g: &serde_json::Value) -> Stats {
-    let mut st = Stats { positions: 0, top1_agree: 0, abs_diff_sum: 0.0, abs_diff_n: 0 };
+fn teacher_force(model: &Model, pool: &Arc<ThreadPool>, g: &serde_json::Value, kernel: AttnKernel) -> Stats {
+    let mut st = Stats { positions: 0, top1_agree: 0, abs_diff_sum: 0.0, abs_diff_n: 0, far_flips: 0 };
     for case in g["generate"].as_array().unwrap() {
         let prompt = ids(&case["prompt_ids"]);
         let greedy = ids(&case["greedy_ids"]);
@@ -34,6 +36,7 @@ fn teacher_force(model: &Model, pool: &Arc<ThreadPool>, g: &serde_json::Value) -
         let mut seq = prompt.clone();
         seq.extend(&greedy);
         let mut r = Runner::new(model, pool.clone(), seq.len() + 1);
+        r.set_attention(kernel);
         // Prompt in one batch (only its last logits matter), then the rest in one batch.
         let nv = model.config.n_vocab;
         let mut all = r.forward(&prompt, Logits::Last).unwrap().to_vec();
@@ -50,6 +53,7 @@ fn teacher_force(model: &Model, pool: &Arc<ThreadPool>, g: &serde_json::Value) -
             st.top1_agree += (our_top == ref_top) as usize;
             if our_top != ref_top {
                 let gap = ref5[0][1].as_f64().unwrap() - ref5[1][1].as_f64().unwrap();
+                st.far_flips += (gap >= 0.5) as usize;
                 eprintln!("  flip at step {k} of {:?}: reference gap {gap:.3}, ours {:.3} vs {:.3}", case["prompt"].as_str().unwrap_or("").chars().take(20).collect::<String>(), ours[our_top], ours[ref_top]);
             }
             for e in ref5 {
@@ -62,14 +66,14 @@ fn teacher_force(model: &Model, pool: &Arc<ThreadPool>, g: &serde_json::Value) -
     st
 }
 
-fn perplexity(model: &Model, tok: &Tokenizer, pool: &Arc<ThreadPool>, g: &serde_json::Value) -> (usize, f64) {
+fn perplexity(model: &Model, tok: &Tokenizer, pool: &Arc<ThreadPool>, g: &serde_json::Value, kernel: AttnKernel) -> (usize, f64) {
     let tokens = tok.encode(g["nll"][0]["text"].as_str().unwrap(), true, false);
-    (tokens.len(), perplexity_of(model, pool, &tokens, KvType::F16))
+    (tokens.len(), perplexity_with(model, pool, &tokens, KvType::F16, kernel))
 }
 
 /// Greedy generation equals the reference up to the first position where the reference's top
 /// two logits are within 0.5 of each other.
-fn greedy_matches_up_to_near_tie(model: &Model, tok: &Tokenizer, pool: &Arc<ThreadPool>, g: &serde_json::Value) {
+fn greedy_matches_up_to_near_tie(model: &Model, tok: &Tokenizer, pool: &Arc<ThreadPool>, g: &serde_json::Value, kernel: AttnKernel) {
     for case in g["generate"].as_array().unwrap() {
         let prompt = ids(&case["prompt_ids"]);
         let want = ids(&case["greedy_ids"]);
@@ -79,6 +83,7 @@ fn greedy_matches_up_to_near_tie(model: &Model, tok: &Tokenizer, pool: &Arc<Thre
             .position(|t| t[0][1].as_f64().unwrap() - t[1][1].as_f64().unwrap() < 0.5)
             .unwrap_or(want.len());
         let mut r = Runner::new(model, pool.clone(), prompt.len() + want.len() + 1);
+        r.set_attention(kernel);
         let params = GenerateParams { max_tokens: Some(want.len()), sampling: SamplingParams::greedy(), ..Default::default() };
         let got = generate(&mut r, tok, &prompt, &params, |_| {}).unwrap();
         let n = tie.min(want.len());
@@ -94,38 +99,55 @@ fn shared_pool() -> Arc<ThreadPool> {
     POOL.get_or_init(|| Arc::new(ThreadPool::new(2))).clone()
 }
 
-fn check(model_name: &str, json: &str, max_mean_abs: f64) {
+fn check(model_name: &str, json: &str, max_mean_abs: f64, kernel: AttnKernel, min_top1: f64) {
     let Some(path) = registry::for_test(model_name) else { return };
     let model = Model::load(&path).unwrap();
     let tok = Tokenizer::from_gguf(model.gguf()).unwrap();
     let pool = shared_pool();
     let g = golden(json);
 
-    let st = teacher_force(&model, &pool, &g);
+    let st = teacher_force(&model, &pool, &g, kernel);
     let agree = st.top1_agree as f64 / st.positions as f64;
     let mean_abs = st.abs_diff_sum / st.abs_diff_n as f64;
-    eprintln!("{model_name}: top-1 agreement {}/{} = {agree:.4}, mean |Δlogit| over reference top-5 = {mean_abs:.4}", st.top1_agree, st.positions);
-    assert!(agree >= 0.97, "top-1 agreement {agree}");
+    eprintln!("{model_name} ({kernel:?} attention): top-1 agreement {}/{} = {agree:.4}, mean |Δlogit| over reference top-5 = {mean_abs:.4}", st.top1_agree, st.positions);
+    assert!(agree >= min_top1, "top-1 agreement {agree}");
+    assert_eq!(st.far_flips, 0, "top-1 flips away from near-ties");
     assert!(mean_abs <= max_mean_abs, "mean abs logit diff {mean_abs} > {max_mean_abs}");
 
-    let (n, ppl) = perplexity(&model, &tok, &pool, &g);
+    let (n, ppl) = perplexity(&model, &tok, &pool, &g, kernel);
     let want_n = g["nll"][0]["n_tokens"].as_u64().unwrap() as usize;
     let want_ppl = g["nll"][0]["perplexity"].as_f64().unwrap();
     eprintln!("{model_name}: perplexity {ppl:.4} vs reference {want_ppl:.4} ({:+.3}%)", 100.0 * (ppl / want_ppl - 1.0));
     assert_eq!(n, want_n, "perplexity text token count");
     assert!((ppl / want_ppl - 1.0).abs() <= 0.015, "perplexity {ppl} vs {want_ppl}");
 
-    greedy_matches_up_to_near_tie(&model, &tok, &pool, &g);
+    greedy_matches_up_to_near_tie(&model, &tok, &pool, &g, kernel);
 }
 
 #[test]
 fn smollm2_agrees_with_llama_cpp() {
-    check("smollm2-135m", "smollm2-135m-instruct-q4_1.json", 0.25);
+    check("smollm2-135m", "smollm2-135m-instruct-q4_1.json", 0.25, AttnKernel::Auto, 0.97);
+}
+
+/// The flash kernel forced on (`--flash-attn on`; by default it runs only for spans over
+/// 1,024 positions, which the golden texts do not reach). Its arithmetic is not llama.cpp's
+/// `-fa off` (exact probabilities instead of f16-rounded ones, see the kernel test), so
+/// near-ties resolve differently: on SmolLM2 7 of 220 positions flip (96.8% top-1 against the
+/// golden README's 97%; every flip at a reference gap ≤ 0.19), which is why short spans keep
+/// the two-pass kernel. No flip away from a near-tie, and the other bounds hold.
+#[test]
+fn smollm2_with_flash_attention_agrees_with_llama_cpp() {
+    check("smollm2-135m", "smollm2-135m-instruct-q4_1.json", 0.25, AttnKernel::Flash, 0.96);
 }
 
 #[test]
 fn gemma3_agrees_with_llama_cpp() {
-    check("gemma3-270m", "gemma3-270m-q4_k_m.json", 0.35);
+    check("gemma3-270m", "gemma3-270m-q4_k_m.json", 0.35, AttnKernel::Auto, 0.97);
+}
+
+#[test]
+fn gemma3_with_flash_attention_agrees_with_llama_cpp() {
+    check("gemma3-270m", "gemma3-270m-q4_k_m.json", 0.35, AttnKernel::Flash, 0.97);
 }
 
 /// The text the KV-type tests measure perplexity on: the first 9,000 bytes (about 1,900
@@ -142,7 +164,12 @@ fn long_text() -> String {
 }
 
 fn perplexity_of(model: &Model, pool: &Arc<ThreadPool>, tokens: &[u32], ty: KvType) -> f64 {
+    perplexity_with(model, pool, tokens, ty, AttnKernel::Auto)
+}
+
+fn perplexity_with(model: &Model, pool: &Arc<ThreadPool>, tokens: &[u32], ty: KvType, kernel: AttnKernel) -> f64 {
     let mut r = Runner::with_kv_type(model, pool.clone(), tokens.len(), ty).unwrap();
+    r.set_attention(kernel);
     let logits = r.forward(tokens, Logits::All).unwrap();
     let nv = model.config.n_vocab;
     let mut nll = 0f64;
@@ -250,4 +277,68 @@ fn smollm2_two_tier_kv_keeps_perplexity() {
 fn gemma3_two_tier_kv_keeps_perplexity() {
     two_tier_keeps_perplexity("gemma3-270m", KvType::Q8_0, 0.005);
     two_tier_keeps_perplexity("gemma3-270m", KvType::Q4_0, 0.03);
+}
+
+/// The flash kernel (online softmax over tiles of keys and values) against the two-pass kernel
+/// over [`long_text`] — prefilled in one batch, then its last 48 tokens decoded one at a time
+/// (the f16 rows read in place). The kernels differ by rounding only (the kernel test: flash
+/// within 6e-7 of an f64 reference, two-pass 2.5e-4), but these quantized models re-quantize
+/// activations to 8 bits before every matmul and amplify any rounding change: two-pass without
+/// its f16 probabilities moves as far from itself. So the bounds are the golden README's for a
+/// correct engine (mean |Δ| of the top-5 logits ≤ 0.25 / 0.35), argmax flips only where the
+/// top-1/top-2 gap is below llama.cpp's own largest self-disagreement (`tie_gap`: 0.722 /
+/// 1.154), and perplexity within 0.3% (what a pure change of summation order moved it by on
+/// this text, see [`long_text`]). Measured: mean 0.150 / 0.202, 88 / 103 flips of ~1,940
+/// positions (largest gaps 0.59 / 0.86), perplexity −0.11% / −0.12%.
+fn flash_matches_two_pass(model_name: &str, mean_limit: f64, tie_gap: f32) {
+    let Some(path) = registry::for_test(model_name) else { return };
+    let model = Model::load(&path).unwrap();
+    let tok = Tokenizer::from_gguf(model.gguf()).unwrap();
+    let pool = shared_pool();
+    let tokens = tok.encode(&long_text(), true, false);
+    let nv = model.config.n_vocab;
+    let split = tokens.len() - 48;
+    let run = |k: AttnKernel| {
+        let mut r = Runner::with_kv_type(&model, pool.clone(), tokens.len(), KvType::F16).unwrap();
+        r.set_attention(k);
+        let mut logits = r.forward(&tokens[..split], Logits::All).unwrap().to_vec();
+        for t in &tokens[split..] {
+            logits.extend_from_slice(r.forward(&[*t], Logits::Last).unwrap());
+        }
+        logits
+    };
+    let (two, flash) = (run(AttnKernel::TwoPass), run(AttnKernel::Flash));
+    let (mut sum, mut n, mut flips, mut bad_flips, mut nll_two, mut nll_flash) = (0f64, 0usize, 0, 0, 0f64, 0f64);
+    for (p, (a, b)) in two.chunks(nv).zip(flash.chunks(nv)).enumerate() {
+        let mut idx: Vec<usize> = (0..nv).collect();
+        idx.sort_unstable_by(|&x, &y| a[y].total_cmp(&a[x]));
+        for &i in &idx[..5] {
+            sum += (a[i] - b[i]).abs() as f64;
+            n += 1;
+        }
+        let top_b = (0..nv).fold(0, |m, i| if b[i] > b[m] { i } else { m });
+        if top_b != idx[0] {
+            flips += 1;
+            bad_flips += (a[idx[0]] - a[idx[1]] >= tie_gap) as usize;
+        }
+        if p + 1 < tokens.len() {
+            nll_two += token_nll(a, tokens[p + 1] as usize);
+            nll_flash += token_nll(b, tokens[p + 1] as usize);
+        }
+    }
+    let (mean, rel) = (sum / n as f64, (nll_flash - nll_two) / nll_two);
+    eprintln!("{model_name}: flash vs two-pass over {} positions: mean |Δ| of top-5 logits {mean:.4}, argmax flips {flips} ({bad_flips} at a gap ≥ {tie_gap}), mean NLL {:+.4}%", tokens.len(), 100.0 * rel);
+    assert!(mean <= mean_limit, "{model_name}: mean top-5 logit difference {mean}");
+    assert_eq!(bad_flips, 0, "{model_name}: argmax flips away from near-ties");
+    assert!(rel.abs() < 3e-3, "{model_name}: mean NLL moved {rel}");
+}
+
+#[test]
+fn smollm2_flash_attention_matches_two_pass() {
+    flash_matches_two_pass("smollm2-135m", 0.25, 0.722);
+}
+
+#[test]
+fn gemma3_flash_attention_matches_two_pass() {
+    flash_matches_two_pass("gemma3-270m", 0.35, 1.154);
 }

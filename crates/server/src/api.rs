@@ -354,6 +354,7 @@ fn engine_request(st: &AppState, prompt: Vec<u32>, g: &GenParams) -> Request {
         embed: false,
         cache_salt: Vec::new(),
         adapter: g.adapter.clone(),
+        capture: None,
     }
 }
 
@@ -490,7 +491,7 @@ async fn collect(st: &AppState, meta: Meta, handles: Vec<RequestHandle>, g: &Gen
                 c.text.push_str(&text);
                 c.finish = Some(reason);
             }
-            Event::Embedding(_) => {}
+            Event::Embedding(_) | Event::Captured(_) => {}
             Event::Done(u) => {
                 add_usage(&mut usage, &u);
                 done += 1;
@@ -621,7 +622,7 @@ impl StreamCtx {
                 (self.content(off + index, &text, lp, None), false)
             }
             Event::Finished { index, reason, text } => (self.content(off + index, &text, None, Some(reason)), false),
-            Event::Embedding(_) => (Vec::new(), false),
+            Event::Embedding(_) | Event::Captured(_) => (Vec::new(), false),
             Event::Done(u) => {
                 add_usage(&mut self.usage, &u);
                 self.done += 1;

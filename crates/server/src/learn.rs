@@ -16,9 +16,11 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use ruvllm_model::LoraAdapter;
+use ruvllm_engine::{CaptureSpec, Engine, Event, Request};
+use ruvllm_model::{Capture, LoraAdapter};
 use ruvllm_sona::bank::{Bank, Trajectory};
 use ruvllm_sona::learner::{scope_dirs, scope_key, Feedback, LearnConfig, LearnError, Learner};
+use ruvllm_sona::train::CaptureSource;
 use serde_json::{json, Value};
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -73,20 +75,46 @@ fn parse_bank(v: &Value, dim: usize, scope: &str) -> Option<Bank> {
     Some(b)
 }
 
+/// The engine as the learner's source of activations: a lesson's prompt was just served, so
+/// its KV blocks are in the prefix cache and only the answer is computed, in the engine's
+/// batched step (bit-identical to the learner's own pass: `engine` tests).
+pub struct EngineCapture(pub Arc<Engine>);
+
+impl CaptureSource for EngineCapture {
+    fn capture(&self, layer: usize, tokens: &[u32], from: usize) -> Option<(Capture, Vec<f32>)> {
+        let mut req = Request::greedy(tokens.to_vec(), 1);
+        req.capture = Some(CaptureSpec { layer, from });
+        let mut h = self.0.submit(req).ok()?;
+        while let Some(e) = h.next_blocking() {
+            match e {
+                Event::Captured(c) => return Some((c.cap, c.logits)),
+                Event::Failed(_) | Event::Done(_) => return None,
+                _ => {}
+            }
+        }
+        None
+    }
+}
+
 impl Learning {
-    /// In-memory learning for `model`; `anchor` is the anchor text's token ids.
-    pub fn new(model: Arc<ruvllm_model::Model>, anchor: Vec<u32>) -> Learning {
+    /// In-memory learning for `engine`'s model on `threads` threads of its own; `anchor` is
+    /// the anchor text's token ids.
+    pub fn new(engine: Arc<Engine>, anchor: Vec<u32>, threads: usize) -> Learning {
+        let model = engine.model().clone();
         let dim = model.config.n_embd;
         let mut learner = Learner::new(model);
-        learner.configure(LearnConfig::default(), Some(anchor));
+        learner.configure(LearnConfig { threads, ..LearnConfig::default() }, Some(anchor));
+        learner.set_capture_source(Some(Arc::new(EngineCapture(engine))));
         Learning { learner, records: Mutex::default(), banks: Mutex::default(), dim, dir: None }
     }
 
     /// Learning persisted under `dir`; returns it and how many scopes were restored.
-    pub fn open(dir: &Path, model: Arc<ruvllm_model::Model>, anchor: Vec<u32>) -> std::io::Result<(Learning, usize)> {
+    pub fn open(dir: &Path, engine: Arc<Engine>, anchor: Vec<u32>, threads: usize) -> std::io::Result<(Learning, usize)> {
+        let model = engine.model().clone();
         let dim = model.config.n_embd;
         let (mut learner, report) = Learner::open(dir, model)?;
-        learner.configure(LearnConfig::default(), Some(anchor));
+        learner.configure(LearnConfig { threads, ..LearnConfig::default() }, Some(anchor));
+        learner.set_capture_source(Some(Arc::new(EngineCapture(engine))));
         for w in &report.warnings {
             tracing::warn!(dir = %dir.display(), "{w}");
         }

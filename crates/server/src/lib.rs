@@ -14,7 +14,7 @@ mod openapi;
 mod prom;
 
 pub use api::ApiError;
-pub use learn::Learning;
+pub use learn::{EngineCapture, Learning};
 
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, StatusCode};
@@ -51,6 +51,8 @@ pub struct ServerConfig {
     pub sona_background_secs: u64,
     /// Seconds between deep-loop runs (consolidation of every scope; 0: never on a timer).
     pub sona_consolidate_secs: u64,
+    /// Threads of the learner's pool (`--sona-threads`).
+    pub sona_threads: usize,
 }
 
 /// Shared by every handler.
@@ -79,9 +81,9 @@ impl AppState {
         let anchor = tok.encode(ruvllm_sona::learner::ANCHOR_TEXT, true, false);
         let learning = match (&cfg.sona_dir, cfg.learning) {
             (_, false) => None,
-            (None, true) => Some(Arc::new(Learning::new(engine.model().clone(), anchor))),
+            (None, true) => Some(Arc::new(Learning::new(engine.clone(), anchor, cfg.sona_threads))),
             (Some(dir), true) => {
-                let (l, n) = Learning::open(dir, engine.model().clone(), anchor)?;
+                let (l, n) = Learning::open(dir, engine.clone(), anchor, cfg.sona_threads)?;
                 tracing::info!(dir = %dir.display(), scopes = n, "learned state restored");
                 eprintln!("ruvllm: learned state in {} ({n} scopes restored)", dir.display());
                 Some(Arc::new(l))

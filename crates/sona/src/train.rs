@@ -383,6 +383,16 @@ impl DownTrainer {
     }
 }
 
+/// Where a learner gets a lesson's activations and base logits. Without one it runs its own
+/// forward pass over prompt and answer ([`capture`]); a server hands it its engine, whose prefix
+/// cache still holds the prompt just served, so only the answer's tail is computed — in the
+/// engine's batched step, next to the traffic it serves.
+pub trait CaptureSource: Send + Sync {
+    /// What [`capture`] returns for `logits_from = Some(from)`, for rows `from..` (earlier
+    /// rows may be zero). None when the tokens cannot be run.
+    fn capture(&self, layer: usize, tokens: &[u32], from: usize) -> Option<(Capture, Vec<f32>)>;
+}
+
 /// One forward pass over `tokens` without adapters that captures `layer`'s down projection
 /// (input, output, residual) for every token, and with `logits_from = Some(k)` also returns the
 /// logits of tokens `k..` (`[(n − k) × n_vocab]`, else empty). None for an empty or over-long

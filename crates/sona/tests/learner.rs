@@ -5,7 +5,8 @@
 //! restores the adapter bit for bit, rollback returns to an earlier one, and what a crash
 //! mid-write leaves is cleaned up.
 
-use ruvllm_model::{registry, LoraAdapter, Model, Proj};
+use ruvllm_model::{registry, Capture, LoraAdapter, Model, Proj};
+use ruvllm_sona::train::{capture, CaptureSource};
 use ruvllm_sona::learner::{list_versions, rollback, scope_key, Feedback, LearnConfig, Learner, ANCHOR_TEXT};
 use ruvllm_tokenizer::Tokenizer;
 use std::path::Path;
@@ -107,4 +108,50 @@ fn three_loops_persist_restore_and_roll_back() {
     let o = l.learn("alice", &tok.encode("The bell of Orrin rings at", true, false), &[], &Feedback::Correction(tok.encode(" dusk.", false, false))).unwrap();
     assert_eq!(o.version, nb + 1);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A capture source that hands out only rows `from..` (earlier rows zero, as the engine's
+/// prefix cache leaves them) and counts its calls.
+struct ZeroedPrefix {
+    model: Arc<Model>,
+    pool: Arc<ruvllm_kernels::pool::ThreadPool>,
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+impl CaptureSource for ZeroedPrefix {
+    fn capture(&self, layer: usize, tokens: &[u32], from: usize) -> Option<(Capture, Vec<f32>)> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (mut cap, logits) = capture(&self.model, &self.pool, layer, tokens, Some(from))?;
+        let (d, ff) = (self.model.config.n_embd, self.model.config.n_ff);
+        cap.act[..from * ff].fill(0.0);
+        for v in [&mut cap.resid, &mut cap.down, &mut cap.last] {
+            v[..from * d].fill(0.0);
+        }
+        Some((cap, logits))
+    }
+}
+
+/// With a capture source (the server's engine) the learner learns exactly what it learns from
+/// its own forward pass: the prompt's rows are never used, only rows from the prompt's last
+/// token on.
+#[test]
+fn a_capture_source_with_only_the_answer_rows_teaches_identically() {
+    let Some(path) = registry::for_test("smollm2-135m") else { return };
+    let model = Arc::new(Model::load(&path).unwrap());
+    let tok = Tokenizer::from_gguf(model.gguf()).unwrap();
+    let cfg = || LearnConfig { background_every: 0, ..LearnConfig::default() };
+    let mut own = Learner::new(model.clone());
+    own.configure(cfg(), Some(tok.encode(ANCHOR_TEXT, true, false)));
+    let src = Arc::new(ZeroedPrefix { model: model.clone(), pool: Arc::new(ruvllm_kernels::pool::ThreadPool::new(1)), calls: Default::default() });
+    let mut via = Learner::new(model.clone());
+    via.configure(cfg(), Some(tok.encode(ANCHOR_TEXT, true, false)));
+    via.set_capture_source(Some(src.clone()));
+    for (q, a) in [("The password of the blue castle is", " marmalade."), ("The river that runs through Quenby is the", " Ostrel.")] {
+        let (p, c) = (tok.encode(q, true, false), Feedback::Correction(tok.encode(a, false, false)));
+        let (o1, o2) = (own.learn("s", &p, &[], &c).unwrap(), via.learn("s", &p, &[], &c).unwrap());
+        assert_eq!(o1, o2);
+        assert_eq!(own.adapter_for("s").unwrap().layers, via.adapter_for("s").unwrap().layers);
+    }
+    // Both lessons and the anchor text came from the source.
+    assert_eq!(src.calls.load(std::sync::atomic::Ordering::Relaxed), 3);
 }
