@@ -4,16 +4,20 @@
 //! single-query causal attention), each tested against central finite differences.
 //!
 //! [`train`] composes them for an adapter on one layer's down projection, trained from
-//! activations captured in a single forward pass. [`learner`] is the instant loop on top: per
-//! scope adapters trained from feedback (corrections, ratings) with replay, published by
-//! version, optionally persisted atomically.
+//! activations captured in a single forward pass (the learner's own, or the engine's through a
+//! [`train::CaptureSource`]); [`fast`] trains the same adapter on candidate tokens with low-rank
+//! logits. [`learner`] runs the three loops per scope on top — instant (micro-adapter, replay,
+//! full-vocabulary check), background (base adapter under EWC++), deep ([`merge`]: truncated-SVD
+//! consolidation) — with versioned atomic persistence and rollback. [`bank`] is the
+//! ReasoningBank (exact search, and the [`hnsw`] graph past 10k entries).
 //!
 //! Not built yet (issue 6): adapters on earlier projections (a backward through attention over
-//! kept activations), the background/deep loops, EWC++, the ReasoningBank.
+//! kept activations), routing requests to adapters by their nearest trajectories.
 #![deny(missing_docs)]
 
 pub mod bank;
 pub mod grad;
+pub mod hnsw;
 pub mod learner;
 pub mod fast;
 pub mod merge;
