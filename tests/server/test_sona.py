@@ -208,3 +208,59 @@ def test_retrieval_puts_the_callers_own_corrections_before_the_prompt(tmp_path):
         assert rag2["usage"]["prompt_tokens"] == rag["usage"]["prompt_tokens"]
     finally:
         assert s.stop() == 0
+
+
+def test_routing_follows_the_callers_nearest_successful_trajectories(tmp_path):
+    """`"sona": {"route": true}`: a request that names no adapter runs with the adapter of the
+    caller's nearest successfully rated trajectories — here an answer given with the named
+    adapter `law` and rated +1 — so a paraphrase gets exactly what naming `law` gives; with no
+    successful trajectory nothing is decided; another caller's trajectories never route; a
+    request that names an adapter is not rerouted; the adapter name survives a restart."""
+    from test_adapters import write_peft
+    d = tmp_path / "sona"
+    write_peft(tmp_path / "law", seed=3)
+
+    def start():
+        s = Server("--api-key", "hal", "--api-key", "ivy", "--sona-dir", str(d))
+        r = httpx.post(s.url + "/v1/adapters", headers={"Authorization": "Bearer hal"}, json={"name": "law", "path": str(tmp_path / "law")}, timeout=120)
+        assert r.status_code == 200, r.text
+        return s
+
+    def complete(s, key, prompt, **kw):
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+        body.update(kw)
+        r = httpx.post(s.url + "/v1/completions", headers={"Authorization": f"Bearer {key}"}, json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    q, q2 = "What does a contract need to be valid?", "What makes a contract valid?"
+    s = start()
+    try:
+        assert complete(s, "hal", q2, sona={"route": True})["sona"]["routed"] is None
+        answered = complete(s, "hal", q, adapter="law")
+        r = feedback(s.url, "hal", {"id": answered["id"], "rating": 1.0})
+        assert r.status_code == 200 and r.json()["updated"], r.text
+        routed = complete(s, "hal", q2, sona={"route": True})
+        assert routed["sona"]["routed"]["adapter"] == "law" and routed["sona"]["routed"]["voters"] == 1, routed["sona"]
+        named = complete(s, "hal", q2, adapter="law")
+        default = complete(s, "hal", q2)
+        assert named["choices"][0]["text"] != default["choices"][0]["text"]
+        assert routed["choices"][0]["text"] == named["choices"][0]["text"]
+        # Naming an adapter wins over routing; another caller has no trajectories.
+        assert "routed" not in complete(s, "hal", q2, adapter="law", sona={"route": True}).get("sona", {})
+        other = complete(s, "ivy", q2, sona={"route": True})
+        assert other["sona"]["routed"] is None
+        assert other["choices"][0]["text"] == complete(s, "ivy", q2)["choices"][0]["text"]
+        for bad in [{"route": "yes"}, {"route": 1}, {"routes": True}]:
+            r = httpx.post(s.url + "/v1/completions", headers={"Authorization": "Bearer hal"}, timeout=60,
+                           json={"model": MODEL, "prompt": q2, "max_tokens": 2, "sona": bad})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "sona", (bad, r.text)
+    finally:
+        assert s.stop() == 0
+    s = start()
+    try:
+        again = complete(s, "hal", q2, sona={"route": True})
+        assert again["sona"]["routed"]["adapter"] == "law"
+        assert again["choices"][0]["text"] == routed["choices"][0]["text"]
+    finally:
+        assert s.stop() == 0

@@ -257,7 +257,7 @@ pub fn run(a: SonaBenchArgs) -> Result<(), Error> {
     let mut bank = Bank::new(model.config.n_embd);
     for f in &facts {
         let e = embed(&mut r, &tok, &f.teach)?;
-        bank.add(&e, Trajectory { prompt: f.teach.clone(), answer: f.answer.clone(), rating: 1.0, scope: "bench".into() }).map_err(|e| Error::usage(e.to_string()))?;
+        bank.add(&e, Trajectory { prompt: f.teach.clone(), answer: f.answer.clone(), rating: 1.0, scope: "bench".into(), adapter: None }).map_err(|e| Error::usage(e.to_string()))?;
     }
     let t0 = std::time::Instant::now();
     let (mut learn_ms, mut background_ms, mut deep_ms) = (Vec::new(), Vec::new(), Vec::new());

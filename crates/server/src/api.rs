@@ -140,22 +140,24 @@ impl<'a> Fields<'a> {
 
 /// The served model a request names (`model`), and its adapter: the `adapter` field, or a
 /// `model` that names an adapter (as vLLM serves LoRA adapters as models).
-fn resolve(st: &AppState, f: &Fields<'_>, caller: &Caller) -> Result<(String, Option<Arc<LoraAdapter>>), ApiError> {
+fn resolve(st: &AppState, f: &Fields<'_>, caller: &Caller) -> Result<(String, Option<Arc<LoraAdapter>>, Option<String>), ApiError> {
     let requested = f.str("model")?;
     let (model, mut adapter) = match requested.and_then(|m| st.adapter(m).map(|a| (m, a))) {
         Some((m, a)) => (m.to_owned(), Some(a)),
         None => (st.model(requested)?, None),
     };
+    let mut named = adapter.is_some().then(|| model.clone());
     if let Some(name) = f.str("adapter")? {
         adapter = Some(st.adapter(name).ok_or_else(|| {
             ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", Some("adapter"), Some("adapter_not_found"), format!("no adapter named `{name}` is loaded"))
         })?);
+        named = Some(name.to_owned());
     }
     // Otherwise the caller's own adapter, learned from its feedback.
     if adapter.is_none() {
         adapter = st.learning.as_ref().and_then(|l| l.adapter_for(&caller.0));
     }
-    Ok((model, adapter))
+    Ok((model, adapter, named))
 }
 
 /// Generation parameters common to chat and text completions.
@@ -467,6 +469,10 @@ struct Meta {
     question: String,
     /// Bank entries put before the first prompt (`"sona": {"retrieve": k}`), if asked for.
     retrieved: Option<Vec<crate::learn::Retrieved>>,
+    /// The named adapter the request runs with (kept with its trajectory for routing).
+    adapter_name: Option<String>,
+    /// Where `"sona": {"route": true}` sent the request, when it asked.
+    routed: Option<Option<ruvllm_sona::bank::Route>>,
 }
 
 /// Runs a request to completion and builds the JSON response.
@@ -520,7 +526,7 @@ async fn collect(st: &AppState, meta: Meta, handles: Vec<RequestHandle>, g: &Gen
         })
         .collect();
     if let Some(l) = &st.learning {
-        l.record(&meta.id, &meta.caller, &meta.question, &meta.prompt, &choices[0].tokens);
+        l.record(&meta.id, &meta.caller, &meta.question, &meta.prompt, &choices[0].tokens, meta.adapter_name.clone());
     }
     let object = if meta.kind == Kind::Chat { "chat.completion" } else { "text_completion" };
     tracing::info!(
@@ -544,6 +550,12 @@ async fn collect(st: &AppState, meta: Meta, handles: Vec<RequestHandle>, g: &Gen
     if let Some(hits) = &meta.retrieved {
         let list: Vec<Value> = hits.iter().map(|h| json!({"question": h.question, "answer": h.answer, "similarity": h.similarity})).collect();
         body["sona"] = json!({"retrieved": list});
+    }
+    if let Some(r) = &meta.routed {
+        if !body["sona"].is_object() {
+            body["sona"] = json!({});
+        }
+        body["sona"]["routed"] = routed_json(r.as_ref());
     }
     Json(body).into_response()
 }
@@ -643,7 +655,7 @@ impl StreamCtx {
                 }
                 out.push(SseEvent::default().data("[DONE]"));
                 if let Some(l) = &self.st.learning {
-                    l.record(&self.meta.id, &self.meta.caller, &self.meta.question, &self.meta.prompt, &self.answer);
+                    l.record(&self.meta.id, &self.meta.caller, &self.meta.question, &self.meta.prompt, &self.answer, self.meta.adapter_name.clone());
                 }
                 tracing::info!(
                     id = self.meta.id,
@@ -697,33 +709,77 @@ fn stream_response(st: Arc<AppState>, meta: Meta, handles: Vec<RequestHandle>, g
 fn meta(st: &AppState, model: String, kind: Kind, n_prompts: usize, caller: &Caller, prompt: Vec<u32>, question: String, retrieved: Option<Vec<crate::learn::Retrieved>>) -> Meta {
     let prefix = if kind == Kind::Chat { "chatcmpl" } else { "cmpl" };
     let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    Meta { id: st.new_id(prefix), created, model, kind, n_prompts, started: Instant::now(), caller: caller.0.clone(), prompt, question, retrieved }
+    Meta { id: st.new_id(prefix), created, model, kind, n_prompts, started: Instant::now(), caller: caller.0.clone(), prompt, question, retrieved, adapter_name: None, routed: None }
 }
 
-/// `"sona": {"retrieve": k}`: how many of the caller's bank entries to put before the prompt
-/// (0 when absent; at most 8).
-fn parse_sona(f: &Fields<'_>) -> Result<usize, ApiError> {
-    let Some(v) = f.get("sona") else { return Ok(0) };
-    if v.is_null() {
-        return Ok(0);
+/// `{"adapter": name | null, "weight": w, "voters": n}`, or null when nothing decided.
+fn routed_json(r: Option<&ruvllm_sona::bank::Route>) -> Value {
+    r.map_or(Value::Null, |r| json!({"adapter": r.adapter, "weight": r.weight, "voters": r.voters}))
+}
+
+/// What a request asks of SONA (`"sona": {"retrieve": k, "route": bool}`).
+#[derive(Debug, Clone, Copy, Default)]
+struct SonaOpts {
+    /// Bank entries to put before the prompt (0–8).
+    retrieve: usize,
+    /// Run with the adapter of the caller's nearest successful trajectories (when the request
+    /// names no adapter).
+    route: bool,
+}
+
+/// The request's adapter after routing: unchanged when it named one or routing was not asked
+/// for; otherwise the adapter its nearest successful trajectories were answered with (when still
+/// loaded), or the caller's own adapter when they used none. Returns the decision for the response.
+fn route(st: &AppState, caller: &Caller, opts: SonaOpts, explicit: bool, embedding: Option<&[f32]>, g: &mut GenParams) -> (Option<String>, Option<Option<ruvllm_sona::bank::Route>>) {
+    if !opts.route || explicit {
+        return (None, None);
     }
-    let bad = || ApiError::invalid("sona", "`sona` must be an object like {\"retrieve\": k} with k an integer in [0, 8]");
+    let decision = st.learning.as_ref().zip(embedding).and_then(|(l, e)| l.route(&caller.0, e));
+    let name = decision.as_ref().and_then(|d| d.adapter.clone()).filter(|n| st.adapter(n).is_some());
+    if let Some(a) = name.as_deref().and_then(|n| st.adapter(n)) {
+        g.adapter = Some(a);
+    }
+    (name, Some(decision))
+}
+
+/// `"sona": {"retrieve": k, "route": bool}`: how many of the caller's bank entries to put
+/// before the prompt (0 when absent; at most 8), and whether to route by nearest trajectories.
+fn parse_sona(f: &Fields<'_>) -> Result<SonaOpts, ApiError> {
+    let Some(v) = f.get("sona") else { return Ok(SonaOpts::default()) };
+    if v.is_null() {
+        return Ok(SonaOpts::default());
+    }
+    let bad = || ApiError::invalid("sona", "`sona` must be an object like {\"retrieve\": k, \"route\": true} with k an integer in [0, 8]");
     let o = v.as_object().ok_or_else(bad)?;
-    if o.keys().any(|k| k != "retrieve") {
+    if o.keys().any(|k| k != "retrieve" && k != "route") {
         return Err(bad());
     }
-    match o.get("retrieve") {
-        None | Some(Value::Null) => Ok(0),
-        Some(k) => k.as_u64().filter(|k| *k <= 8).map(|k| k as usize).ok_or_else(bad),
-    }
+    let retrieve = match o.get("retrieve") {
+        None | Some(Value::Null) => 0,
+        Some(k) => k.as_u64().filter(|k| *k <= 8).map(|k| k as usize).ok_or_else(bad)?,
+    };
+    let route = match o.get("route") {
+        None | Some(Value::Null) => false,
+        Some(b) => b.as_bool().ok_or_else(bad)?,
+    };
+    Ok(SonaOpts { retrieve, route })
 }
 
-/// The caller's `k` bank entries nearest to `question` (none without learning, an empty bank
-/// or k = 0).
-async fn retrieve(st: &AppState, caller: &Caller, question: &str, k: usize) -> Result<Vec<crate::learn::Retrieved>, ApiError> {
-    let Some(l) = st.learning.as_ref().filter(|l| k > 0 && l.has_bank(&caller.0)) else { return Ok(Vec::new()) };
-    let emb = embed_tokens(st, st.tok.encode(question, true, false)).await?;
-    Ok(l.search(&caller.0, &emb, k))
+/// The embedding of `question` when the caller has a bank and the request retrieves or routes.
+async fn question_embedding(st: &AppState, caller: &Caller, question: &str, opts: SonaOpts) -> Result<Option<Vec<f32>>, ApiError> {
+    let wanted = (opts.retrieve > 0 || opts.route) && st.learning.as_ref().is_some_and(|l| l.has_bank(&caller.0));
+    if !wanted {
+        return Ok(None);
+    }
+    Ok(Some(embed_tokens(st, st.tok.encode(question, true, false)).await?))
+}
+
+/// The caller's `k` bank entries nearest to `embedding` (none without one or for k = 0).
+fn retrieve(st: &AppState, caller: &Caller, embedding: Option<&[f32]>, k: usize) -> Vec<crate::learn::Retrieved> {
+    match (st.learning.as_ref(), embedding) {
+        (Some(l), Some(e)) if k > 0 => l.search(&caller.0, e, k),
+        _ => Vec::new(),
+    }
 }
 
 /// Retrieved entries as context lines, one `question answer` per line.
@@ -757,13 +813,16 @@ pub(crate) async fn chat_completions(State(st): State<Arc<AppState>>, Extension(
     let run = async {
         let body = parse_body(body)?;
         let f = Fields(&body);
-        let (model, adapter) = resolve(&st, &f, &caller)?;
+        let (model, adapter, named) = resolve(&st, &f, &caller)?;
         let mut g = parse_gen(&f, true)?;
         g.adapter = adapter;
-        let k = parse_sona(&f)?;
+        let opts = parse_sona(&f)?;
+        let k = opts.retrieve;
         let mut msgs = parse_messages(&f)?;
         let question = msgs.iter().rev().find(|m| m.role == "user").map(|m| m.content.clone()).unwrap_or_default();
-        let hits = retrieve(&st, &caller, &question, k).await?;
+        let emb = question_embedding(&st, &caller, &question, opts).await?;
+        let (routed_name, routed) = route(&st, &caller, opts, named.is_some(), emb.as_deref(), &mut g);
+        let hits = retrieve(&st, &caller, emb.as_deref(), k);
         if !hits.is_empty() {
             let facts = format!("Facts from earlier corrections:\n{}", context_lines(&hits));
             match msgs.first_mut().filter(|m| m.role == "system") {
@@ -774,7 +833,9 @@ pub(crate) async fn chat_completions(State(st): State<Arc<AppState>>, Extension(
         let rendered = st.template.render(&msgs, true).map_err(|e| ApiError::invalid("messages", e.to_string()))?;
         let prompt = st.tok.encode_chat(&rendered);
         let handles = submit_all(&st, vec![prompt.clone()], &g, "messages")?;
-        let m = meta(&st, model, Kind::Chat, 1, &caller, prompt, question, (k > 0).then_some(hits));
+        let mut m = meta(&st, model, Kind::Chat, 1, &caller, prompt, question, (k > 0).then_some(hits));
+        m.adapter_name = named.or(routed_name);
+        m.routed = routed;
         Ok::<_, ApiError>(if g.stream { stream_response(st.clone(), m, handles, &g) } else { collect(&st, m, handles, &g).await })
     };
     run.await.unwrap_or_else(IntoResponse::into_response)
@@ -785,18 +846,23 @@ pub(crate) async fn completions(State(st): State<Arc<AppState>>, Extension(calle
     let run = async {
         let body = parse_body(body)?;
         let f = Fields(&body);
-        let (model, adapter) = resolve(&st, &f, &caller)?;
+        let (model, adapter, named) = resolve(&st, &f, &caller)?;
         let mut g = parse_gen(&f, false)?;
         g.adapter = adapter;
-        let k = parse_sona(&f)?;
+        let opts = parse_sona(&f)?;
+        let k = opts.retrieve;
         let mut prompts = parse_prompts(&st, f.get("prompt"), "prompt")?;
         let n_prompts = prompts.len();
         let question = st.tok.decode(&prompts[0], false).unwrap_or_default();
+        // Routing follows the first prompt's question.
+        let first_emb = question_embedding(&st, &caller, &question, opts).await?;
+        let (routed_name, routed) = route(&st, &caller, opts, named.is_some(), first_emb.as_deref(), &mut g);
         let mut first_hits = None;
         if k > 0 {
             for (i, p) in prompts.iter_mut().enumerate() {
                 let text = if i == 0 { question.clone() } else { st.tok.decode(p, false).unwrap_or_default() };
-                let hits = retrieve(&st, &caller, &text, k).await?;
+                let emb = if i == 0 { first_emb.clone() } else { question_embedding(&st, &caller, &text, opts).await? };
+                let hits = retrieve(&st, &caller, emb.as_deref(), k);
                 if !hits.is_empty() {
                     *p = st.tok.encode(&format!("{}{text}", context_lines(&hits)), true, false);
                 }
@@ -807,7 +873,9 @@ pub(crate) async fn completions(State(st): State<Arc<AppState>>, Extension(calle
         }
         let first = prompts[0].clone();
         let handles = submit_all(&st, prompts, &g, "prompt")?;
-        let m = meta(&st, model, Kind::Text, n_prompts, &caller, first, question, first_hits);
+        let mut m = meta(&st, model, Kind::Text, n_prompts, &caller, first, question, first_hits);
+        m.adapter_name = named.or(routed_name);
+        m.routed = routed;
         Ok::<_, ApiError>(if g.stream { stream_response(st.clone(), m, handles, &g) } else { collect(&st, m, handles, &g).await })
     };
     run.await.unwrap_or_else(IntoResponse::into_response)

@@ -38,6 +38,8 @@ pub(crate) struct Record {
     question: String,
     prompt: Vec<u32>,
     answer: Vec<u32>,
+    /// The named adapter the completion ran with (`None`: the caller's own or the base model).
+    adapter: Option<String>,
 }
 
 /// A bank entry handed to a request.
@@ -60,7 +62,7 @@ pub struct Learning {
 
 fn bank_json(b: &Bank) -> Value {
     let entries: Vec<Value> = (0..b.len())
-        .filter_map(|i| Some(json!({"question": b.get(i)?.prompt, "answer": b.get(i)?.answer, "rating": b.get(i)?.rating, "embedding": b.vector(i)?})))
+        .filter_map(|i| Some(json!({"question": b.get(i)?.prompt, "answer": b.get(i)?.answer, "rating": b.get(i)?.rating, "adapter": b.get(i)?.adapter, "embedding": b.vector(i)?})))
         .collect();
     json!({"format": 1, "entries": entries})
 }
@@ -69,7 +71,7 @@ fn parse_bank(v: &Value, dim: usize, scope: &str) -> Option<Bank> {
     let mut b = Bank::new(dim);
     for e in v.get("entries")?.as_array()? {
         let emb: Vec<f32> = e.get("embedding")?.as_array()?.iter().map(|x| x.as_f64().map(|x| x as f32)).collect::<Option<_>>()?;
-        let t = Trajectory { prompt: e.get("question")?.as_str()?.to_owned(), answer: e.get("answer")?.as_str()?.to_owned(), rating: e.get("rating")?.as_f64()? as f32, scope: scope.to_owned() };
+        let t = Trajectory { prompt: e.get("question")?.as_str()?.to_owned(), answer: e.get("answer")?.as_str()?.to_owned(), rating: e.get("rating")?.as_f64()? as f32, scope: scope.to_owned(), adapter: e.get("adapter").and_then(Value::as_str).map(str::to_owned) };
         b.add(&emb, t).ok()?;
     }
     Some(b)
@@ -147,11 +149,11 @@ impl Learning {
     }
 
     /// Adds an entry to the caller's bank (and writes the bank when persisted).
-    fn remember(&self, caller: &str, embedding: &[f32], question: &str, answer: &str, rating: f32) {
+    fn remember(&self, caller: &str, embedding: &[f32], question: &str, answer: &str, rating: f32, adapter: Option<String>) {
         let key = scope_key(caller);
         let mut g = self.banks.lock().unwrap_or_else(|p| p.into_inner());
         let b = g.entry(key.clone()).or_insert_with(|| Bank::new(self.dim));
-        if let Err(e) = b.add(embedding, Trajectory { prompt: question.to_owned(), answer: answer.to_owned(), rating, scope: key.clone() }) {
+        if let Err(e) = b.add(embedding, Trajectory { prompt: question.to_owned(), answer: answer.to_owned(), rating, scope: key.clone(), adapter }) {
             tracing::warn!(error = %e, "bank entry refused");
             return;
         }
@@ -165,7 +167,7 @@ impl Learning {
     }
 
     /// Remembers a finished completion.
-    pub(crate) fn record(&self, id: &str, caller: &str, question: &str, prompt: &[u32], answer: &[u32]) {
+    pub(crate) fn record(&self, id: &str, caller: &str, question: &str, prompt: &[u32], answer: &[u32], adapter: Option<String>) {
         let mut g = self.records.lock().unwrap_or_else(|p| p.into_inner());
         let (order, map) = &mut *g;
         if order.len() >= RECORDS {
@@ -174,7 +176,14 @@ impl Learning {
             }
         }
         order.push_back(id.to_owned());
-        map.insert(id.to_owned(), Record { caller: caller.to_owned(), question: question.to_owned(), prompt: prompt.to_vec(), answer: answer.to_vec() });
+        map.insert(id.to_owned(), Record { caller: caller.to_owned(), question: question.to_owned(), prompt: prompt.to_vec(), answer: answer.to_vec(), adapter });
+    }
+
+    /// Where the caller's nearest successful trajectories (the 8 nearest bank entries rated
+    /// above 0) send a request with `embedding` (see [`Bank::route`]).
+    pub(crate) fn route(&self, caller: &str, embedding: &[f32]) -> Option<ruvllm_sona::bank::Route> {
+        let g = self.banks.lock().unwrap_or_else(|p| p.into_inner());
+        g.get(&scope_key(caller))?.route(embedding, 8)
     }
 
     /// The adapter the caller's requests run with, if its feedback produced one.
@@ -284,6 +293,7 @@ pub(crate) async fn feedback(State(st): State<Arc<AppState>>, Extension(caller):
             _ => None,
         };
         let question = rec.question.clone();
+        let used_adapter = rec.adapter.clone();
         let scope = caller.0.clone();
         let l2 = learning.clone();
         let t0 = Instant::now();
@@ -300,7 +310,7 @@ pub(crate) async fn feedback(State(st): State<Arc<AppState>>, Extension(caller):
         }
         if let Some((answer, r)) = remembered.filter(|(a, _)| !a.is_empty() && !question.is_empty()) {
             let emb = crate::api::embed_tokens(&st, st.tok.encode(&question, true, false)).await?;
-            learning.remember(&caller.0, &emb, &question, &answer, r);
+            learning.remember(&caller.0, &emb, &question, &answer, r, used_adapter);
         }
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         tracing::info!(id, steps = o.steps, loss_before = o.loss_before, loss_after = o.loss_after, version = o.version, persisted = o.persisted, ms, "feedback learned");

@@ -45,7 +45,7 @@ fn main() {
         let vectors = clustered(n, dim, clusters, 7, 8);
         let mut bank = Bank::new(dim);
         for v in vectors.chunks_exact(dim) {
-            let t = Trajectory { prompt: String::new(), answer: String::new(), rating: 1.0, scope: String::new() };
+            let t = Trajectory { prompt: String::new(), answer: String::new(), rating: 1.0, scope: String::new(), adapter: None };
             if bank.add(v, t).is_err() {
                 eprintln!("entry refused");
             }

@@ -24,6 +24,9 @@ pub struct Trajectory {
     pub rating: f32,
     /// Whose feedback it was.
     pub scope: String,
+    /// The named adapter the answer was produced with (`None`: the scope's own adapter or the
+    /// base model): what routing by nearest successful trajectories picks.
+    pub adapter: Option<String>,
 }
 
 /// Why an entry was refused.
@@ -62,6 +65,17 @@ pub struct Bank {
     /// at 100k), searched from `index_from` entries on.
     index: Hnsw,
     index_from: usize,
+}
+
+/// Where [`Bank::route`] sends a request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    /// The winning adapter name (`None`: the scope's own adapter / the base model).
+    pub adapter: Option<String>,
+    /// Its votes: Σ similarity × rating over the neighbours that used it.
+    pub weight: f32,
+    /// Successful neighbours that voted (for any adapter).
+    pub voters: usize,
 }
 
 /// `v / |v|`, or None for a zero or non-finite vector.
@@ -113,6 +127,27 @@ impl Bank {
         Ok(self.items.len() - 1)
     }
 
+    /// Routing by nearest successful trajectories: among the `k` entries nearest to `query`,
+    /// those rated above 0 vote for the adapter their answer came from, weighted by similarity ×
+    /// rating; the heaviest adapter wins (ties: the nearest voter's). None when no neighbour
+    /// succeeded (the request keeps its default).
+    pub fn route(&self, query: &[f32], k: usize) -> Option<Route> {
+        let mut votes: Vec<(Option<String>, f32)> = Vec::new();
+        let mut voters = 0;
+        for (i, sim) in self.search(query, k) {
+            let Some(t) = self.items.get(i).filter(|t| t.rating > 0.0) else { continue };
+            voters += 1;
+            match votes.iter_mut().find(|v| v.0 == t.adapter) {
+                Some(v) => v.1 += sim * t.rating,
+                None => votes.push((t.adapter.clone(), sim * t.rating)),
+            }
+        }
+        // First-seen order is nearest-first, so `max_by` keeping the earlier on ties needs a
+        // strict comparison.
+        let best = votes.into_iter().reduce(|a, b| if b.1 > a.1 { b } else { a })?;
+        Some(Route { adapter: best.0, weight: best.1, voters })
+    }
+
     /// The `k` entries most similar to `query` (cosine), best first, as (index, similarity):
     /// exact below the index threshold (ties keep insertion order), from the HNSW graph with a
     /// beam of `max(64, 4k)` above it. A query of the wrong length or zero gives nothing.
@@ -138,7 +173,7 @@ mod tests {
     use super::*;
 
     fn t(i: usize) -> Trajectory {
-        Trajectory { prompt: format!("p{i}"), answer: format!("a{i}"), rating: 1.0, scope: "s".into() }
+        Trajectory { prompt: format!("p{i}"), answer: format!("a{i}"), rating: 1.0, scope: "s".into(), adapter: None }
     }
 
     #[test]
@@ -193,6 +228,25 @@ mod tests {
             hits += got.iter().filter(|g| want.contains(&g.0)).count();
         }
         assert!(hits >= 245, "recall@5 {}/250", hits);
+    }
+
+    /// Routing follows the nearest successful trajectories: failed ones do not vote, similarity
+    /// and rating weigh, and nothing is decided without a successful neighbour.
+    #[test]
+    fn routing_follows_the_nearest_successful_trajectories() {
+        let mut bank = Bank::new(3);
+        let entry = |rating: f32, adapter: Option<&str>| Trajectory { prompt: String::new(), answer: String::new(), rating, scope: "s".into(), adapter: adapter.map(str::to_owned) };
+        assert_eq!(bank.route(&[1.0, 0.0, 0.0], 4), None);
+        bank.add(&[1.0, 0.05, 0.0], entry(-1.0, Some("bad"))).unwrap();
+        assert_eq!(bank.route(&[1.0, 0.0, 0.0], 4), None, "a failed trajectory does not vote");
+        bank.add(&[1.0, 0.1, 0.0], entry(1.0, Some("law"))).unwrap();
+        bank.add(&[1.0, 0.2, 0.0], entry(0.5, Some("law"))).unwrap();
+        bank.add(&[0.9, 0.0, 0.3], entry(1.0, None)).unwrap();
+        bank.add(&[0.0, 0.0, 1.0], entry(1.0, Some("med"))).unwrap();
+        let r = bank.route(&[1.0, 0.0, 0.0], 4).unwrap();
+        assert_eq!((r.adapter.as_deref(), r.voters), (Some("law"), 3));
+        assert_eq!(bank.route(&[0.0, 0.1, 1.0], 1).unwrap().adapter.as_deref(), Some("med"));
+        assert_eq!(bank.route(&[0.9, 0.0, 0.35], 1).unwrap().adapter, None, "the scope's own adapter can win");
     }
 
     #[test]
