@@ -25,6 +25,33 @@ pub(crate) mod test_util;
 
 pub use ruvllm_gguf::GgmlType;
 
+/// A xorshift64 stream: reproducible pseudo-random numbers for initializations and test data
+/// (not for sampling, which has its own generator).
+#[derive(Debug, Clone)]
+pub struct XorShift(u64);
+
+impl XorShift {
+    /// A stream from `seed` (any value; the state is never zero).
+    pub fn new(seed: u64) -> XorShift {
+        XorShift(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    /// The next 64 bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// `n` deterministic values uniform in [−scale, scale] from [`XorShift`] `seed`: adapter
+/// initialization, and reproducible test data.
+pub fn uniform(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut r = XorShift::new(seed);
+    (0..n).map(|_| ((r.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale).collect()
+}
+
 /// A raw pointer that parallel tasks use to write disjoint parts of one buffer.
 ///
 /// Whoever creates it promises that the buffer outlives every task and that no two tasks write

@@ -4,15 +4,8 @@ use crate::GgmlType;
 
 /// A deterministic pseudo-random byte stream (xorshift) for synthetic blocks.
 pub fn bytes(n: usize, seed: u64) -> Vec<u8> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 24) as u8
-        })
-        .collect()
+    let mut r = crate::XorShift::new(seed);
+    (0..n).map(|_| (r.next_u64() >> 24) as u8).collect()
 }
 
 /// Random blocks with sane (small, finite) f16 scales at the given byte offsets.

@@ -678,7 +678,8 @@ fn attention(
         }
         let mut buf = [0f32; 512];
         let row = &mut buf[..hd];
-        let koff = g * hd;
+        let keys = HeadRows { f32_rows: kv_f32.map(|x| x.0), f16_rows: keys, kv, layer, value: false, table, kvd, koff: g * hd };
+        let values = HeadRows { f32_rows: kv_f32.map(|x| x.1), f16_rows: values, value: true, ..keys };
         if kernel.flash_for(len) {
             let (mut mx, mut sum) = ([f32::NEG_INFINITY; MAX_GROUP], [0f32; MAX_GROUP]);
             let mut acc = [[0f32; 512]; MAX_GROUP];
@@ -695,7 +696,7 @@ fn attention(
                     let m = p1 - p0;
                     // The tile's keys: in place in the prefill's f32 copy (stride kvd), else
                     // converted from the cache into a tile buffer (stride hd).
-                    let (keys_at, kstride) = tile_rows(kv_f32.map(|x| x.0), keys, kv, layer, false, table, p0, p1, kvd, koff, rows);
+                    let (keys_at, kstride) = keys.tile(p0, p1, rows);
                     for j in 0..gn {
                         let t = &mut tile[j][..m];
                         ops::dot_rows(&qs[j][..hd], keys_at.unwrap_or(rows), kstride, t);
@@ -713,7 +714,7 @@ fn attention(
                             sum[j] += *v;
                         }
                     }
-                    let (values_at, vstride) = tile_rows(kv_f32.map(|x| x.1), values, kv, layer, true, table, p0, p1, kvd, koff, rows);
+                    let (values_at, vstride) = values.tile(p0, p1, rows);
                     for j in 0..gn {
                         ops::weighted_sum(&tile[j][..m], values_at.unwrap_or(rows), vstride, &mut acc[j][..hd]);
                     }
@@ -734,7 +735,7 @@ fn attention(
                 scores.resize(gn * len, 0.0);
             }
             for p in start..=pos {
-                let k = head_row(kv_f32.map(|x| x.0), keys, kv, layer, false, table, p, kvd, koff, row);
+                let k = keys.row(p, row);
                 for j in 0..gn {
                     scores[j * len + p - start] = ops::dot_f32(&qs[j][..hd], k) * scale;
                 }
@@ -754,7 +755,7 @@ fn attention(
             }
             let mut acc = [[0f32; 512]; MAX_GROUP];
             for p in start..=pos {
-                let v = head_row(kv_f32.map(|x| x.1), values, kv, layer, true, table, p, kvd, koff, row);
+                let v = values.row(p, row);
                 for j in 0..gn {
                     ops::axpy(scores[j * len + p - start], v, &mut acc[j][..hd]);
                 }
@@ -768,62 +769,57 @@ fn attention(
     });
 }
 
-/// One KV head's rows at positions `p0..p1` for the flash kernel: `(Some(rows), kvd)` pointing
-/// into the prefill's f32 copy (indexed by position), or `(None, hd)` after converting them
-/// from the cache into `buf` (`[(p1 − p0) × hd]`).
-#[allow(clippy::too_many_arguments)]
-fn tile_rows<'a>(
+/// Where one KV head's key (or value) rows of a layer are read from: the f32 copy made for a
+/// prefill batch (indexed by position) when there is one, else the cache rows the block table
+/// points to (directly from f16 on the default path, through the cache's decoder for other
+/// types).
+#[derive(Clone, Copy)]
+struct HeadRows<'a> {
     f32_rows: Option<&'a [f32]>,
-    f16_rows: Option<&[f16]>,
-    kv: &KvCache,
+    f16_rows: Option<&'a [f16]>,
+    kv: &'a KvCache,
     layer: usize,
     value: bool,
-    table: &[u32],
-    p0: usize,
-    p1: usize,
+    table: &'a [u32],
     kvd: usize,
+    /// Offset of the head in a row.
     koff: usize,
-    buf: &mut [f32],
-) -> (Option<&'a [f32]>, usize) {
-    if let Some(rows) = f32_rows {
-        return (Some(&rows[p0 * kvd + koff..]), kvd);
-    }
-    let hd = buf.len() / FLASH_TILE;
-    for p in p0..p1 {
-        let dst = &mut buf[(p - p0) * hd..(p - p0 + 1) * hd];
-        head_row(None, f16_rows, kv, layer, value, table, p, kvd, koff, dst);
-    }
-    (None, hd)
 }
 
-/// One KV head's row at position `p`: from the f32 copy made for a prefill batch (indexed by
-/// position) when there is one, else converted from the cache row the block table points to
-/// (directly from f16 on the default path, through the cache's decoder for other types).
-#[allow(clippy::too_many_arguments)]
-#[inline]
-fn head_row<'a>(
-    f32_rows: Option<&'a [f32]>,
-    f16_rows: Option<&[f16]>,
-    kv: &KvCache,
-    layer: usize,
-    value: bool,
-    table: &[u32],
-    p: usize,
-    kvd: usize,
-    koff: usize,
-    buf: &'a mut [f32],
-) -> &'a [f32] {
-    let hd = buf.len();
-    match f32_rows {
-        Some(rows) => &rows[p * kvd + koff..p * kvd + koff + hd],
-        None => {
-            let r = kv.slot(table, p).unwrap_or(0);
-            match f16_rows {
-                Some(h) if (r + 1) * kvd <= h.len() => f16_to_f32(&h[r * kvd + koff..r * kvd + koff + hd], buf),
-                _ => kv.read(layer, value, r, koff, buf),
+impl<'a> HeadRows<'a> {
+    /// The row at position `p` (`buf.len()` = head size), converted into `buf` unless it can be
+    /// read in place.
+    #[inline]
+    fn row<'b>(&self, p: usize, buf: &'b mut [f32]) -> &'b [f32]
+    where
+        'a: 'b,
+    {
+        let (hd, kvd, koff) = (buf.len(), self.kvd, self.koff);
+        match self.f32_rows {
+            Some(rows) => &rows[p * kvd + koff..p * kvd + koff + hd],
+            None => {
+                let r = self.kv.slot(self.table, p).unwrap_or(0);
+                match self.f16_rows {
+                    Some(h) if (r + 1) * kvd <= h.len() => f16_to_f32(&h[r * kvd + koff..r * kvd + koff + hd], buf),
+                    _ => self.kv.read(self.layer, self.value, r, koff, buf),
+                }
+                buf
             }
-            buf
         }
+    }
+
+    /// The rows at positions `p0..p1` for the flash kernel: `(Some(rows), kvd)` pointing into
+    /// the prefill's f32 copy, or `(None, hd)` after converting them into `buf`
+    /// (`[FLASH_TILE × hd]`).
+    fn tile(&self, p0: usize, p1: usize, buf: &mut [f32]) -> (Option<&'a [f32]>, usize) {
+        if let Some(rows) = self.f32_rows {
+            return (Some(&rows[p0 * self.kvd + self.koff..]), self.kvd);
+        }
+        let hd = buf.len() / FLASH_TILE;
+        for p in p0..p1 {
+            self.row(p, &mut buf[(p - p0) * hd..(p - p0 + 1) * hd]);
+        }
+        (None, hd)
     }
 }
 
@@ -836,19 +832,7 @@ fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
 mod tests {
     use super::*;
     use ruvllm_kernels::ops::RopeStyle;
-
-    /// `n` values uniform in [−scale, scale] from `seed` (xorshift).
-    fn data(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-            })
-            .collect()
-    }
+    use ruvllm_kernels::uniform;
 
     fn config(n_head: usize, n_head_kv: usize, head_dim: usize) -> crate::Config {
         crate::Config {
@@ -914,14 +898,14 @@ mod tests {
             let c = config(n_head, n_head_kv, hd);
             let (kvd, qd) = (c.kv_dim(), c.q_dim());
             let mut kv = KvCache::new(1, kvd, n_pos, 1);
-            let keys = data(n_pos * kvd, 1, 2.0);
-            let vals = data(n_pos * kvd, 2, 1.0);
+            let keys = uniform(n_pos * kvd, 1, 2.0);
+            let vals = uniform(n_pos * kvd, 2, 1.0);
             for p in 0..n_pos {
                 kv.write(0, p, &keys[p * kvd..(p + 1) * kvd], &vals[p * kvd..(p + 1) * kvd]);
             }
             // The last 3 positions as new tokens of one sequence.
             let n = 3;
-            let q = data(n * qd, 3, 3.0);
+            let q = uniform(n * qd, 3, 3.0);
             let tokens = vec![0u32; n];
             let seqs = [SeqInput { tokens: &tokens, pos0: n_pos - n, block_table: &[0], logits: Logits::None, lora: None }];
             let tok_seq = vec![0usize; n];

@@ -163,6 +163,15 @@ fn long_text() -> String {
     t[..9000].to_string()
 }
 
+/// The registry model `model_name` (None when it is not installed), its tokenizer, the shared
+/// pool and [`long_text`]'s tokens.
+fn with_long_text(model_name: &str) -> Option<(Model, Tokenizer, Arc<ThreadPool>, Vec<u32>)> {
+    let model = Model::load(&registry::for_test(model_name)?).unwrap();
+    let tok = Tokenizer::from_gguf(model.gguf()).unwrap();
+    let tokens = tok.encode(&long_text(), true, false);
+    Some((model, tok, shared_pool(), tokens))
+}
+
 fn perplexity_of(model: &Model, pool: &Arc<ThreadPool>, tokens: &[u32], ty: KvType) -> f64 {
     perplexity_with(model, pool, tokens, ty, AttnKernel::Auto)
 }
@@ -187,13 +196,9 @@ fn perplexity_with(model: &Model, pool: &Arc<ThreadPool>, tokens: &[u32], ty: Kv
 /// about 2.0% and 1.4% on SmolLM2, so neither alone is the culprit. The bounds below pin
 /// today's quality so a regression fails.
 fn kv_types_keep_perplexity(model_name: &str, json: &str, q4_limit: f64) {
-    let Some(path) = registry::for_test(model_name) else { return };
-    let model = Model::load(&path).unwrap();
-    let tok = Tokenizer::from_gguf(model.gguf()).unwrap();
-    let pool = shared_pool();
+    let Some((model, tok, pool, tokens)) = with_long_text(model_name) else { return };
     let g = golden(json);
     let golden_tokens = tok.encode(g["nll"][0]["text"].as_str().unwrap(), true, false);
-    let tokens = tok.encode(&long_text(), true, false);
     assert!(tokens.len() > 1500, "{}", tokens.len());
     let base = perplexity_of(&model, &pool, &tokens, KvType::F16);
     let golden_base = perplexity_of(&model, &pool, &golden_tokens, KvType::F16);
@@ -227,11 +232,7 @@ fn gemma3_kv_types_keep_perplexity() {
 /// [`long_text`] fed in 64-token steps, migrating blocks as they fall out of the tail, keeps
 /// perplexity within 0.5% of the all-f16 cache with a q8_0 cold tier (`limit` for others).
 fn two_tier_keeps_perplexity(model_name: &str, cold_ty: KvType, limit: f64) {
-    let Some(path) = registry::for_test(model_name) else { return };
-    let model = Model::load(&path).unwrap();
-    let tok = Tokenizer::from_gguf(model.gguf()).unwrap();
-    let pool = shared_pool();
-    let tokens = tok.encode(&long_text(), true, false);
+    let Some((model, _, pool, tokens)) = with_long_text(model_name) else { return };
     let base = perplexity_of(&model, &pool, &tokens, KvType::F16);
     let c = &model.config;
     let (bs, tail, step) = (16, 64, 64);
@@ -291,11 +292,7 @@ fn gemma3_two_tier_kv_keeps_perplexity() {
 /// this text, see [`long_text`]). Measured: mean 0.150 / 0.202, 88 / 103 flips of ~1,940
 /// positions (largest gaps 0.59 / 0.86), perplexity −0.11% / −0.12%.
 fn flash_matches_two_pass(model_name: &str, mean_limit: f64, tie_gap: f32) {
-    let Some(path) = registry::for_test(model_name) else { return };
-    let model = Model::load(&path).unwrap();
-    let tok = Tokenizer::from_gguf(model.gguf()).unwrap();
-    let pool = shared_pool();
-    let tokens = tok.encode(&long_text(), true, false);
+    let Some((model, _, pool, tokens)) = with_long_text(model_name) else { return };
     let nv = model.config.n_vocab;
     let split = tokens.len() - 48;
     let run = |k: AttnKernel| {

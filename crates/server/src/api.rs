@@ -735,10 +735,11 @@ fn route(st: &AppState, caller: &Caller, opts: SonaOpts, explicit: bool, embeddi
         return (None, None);
     }
     let decision = st.learning.as_ref().zip(embedding).and_then(|(l, e)| l.route(&caller.0, e));
-    let name = decision.as_ref().and_then(|d| d.adapter.clone()).filter(|n| st.adapter(n).is_some());
-    if let Some(a) = name.as_deref().and_then(|n| st.adapter(n)) {
+    let loaded = decision.as_ref().and_then(|d| d.adapter.as_deref()).and_then(|n| st.adapter(n).map(|a| (n.to_owned(), a)));
+    let name = loaded.map(|(n, a)| {
         g.adapter = Some(a);
-    }
+        n
+    });
     (name, Some(decision))
 }
 
@@ -855,13 +856,13 @@ pub(crate) async fn completions(State(st): State<Arc<AppState>>, Extension(calle
         let n_prompts = prompts.len();
         let question = st.tok.decode(&prompts[0], false).unwrap_or_default();
         // Routing follows the first prompt's question.
-        let first_emb = question_embedding(&st, &caller, &question, opts).await?;
+        let mut first_emb = question_embedding(&st, &caller, &question, opts).await?;
         let (routed_name, routed) = route(&st, &caller, opts, named.is_some(), first_emb.as_deref(), &mut g);
         let mut first_hits = None;
         if k > 0 {
             for (i, p) in prompts.iter_mut().enumerate() {
                 let text = if i == 0 { question.clone() } else { st.tok.decode(p, false).unwrap_or_default() };
-                let emb = if i == 0 { first_emb.clone() } else { question_embedding(&st, &caller, &text, opts).await? };
+                let emb = if i == 0 { first_emb.take() } else { question_embedding(&st, &caller, &text, opts).await? };
                 let hits = retrieve(&st, &caller, emb.as_deref(), k);
                 if !hits.is_empty() {
                     *p = st.tok.encode(&format!("{}{text}", context_lines(&hits)), true, false);

@@ -98,25 +98,28 @@ impl CaptureSource for EngineCapture {
     }
 }
 
+/// A learner configured as the server runs it: serving defaults on `threads` threads, the
+/// anchor text, lessons captured through the engine.
+fn serving_learner(mut learner: Learner, engine: Arc<Engine>, anchor: Vec<u32>, threads: usize) -> Learner {
+    learner.configure(LearnConfig { threads, ..LearnConfig::default() }, Some(anchor));
+    learner.set_capture_source(Some(Arc::new(EngineCapture(engine))));
+    learner
+}
+
 impl Learning {
     /// In-memory learning for `engine`'s model on `threads` threads of its own; `anchor` is
     /// the anchor text's token ids.
     pub fn new(engine: Arc<Engine>, anchor: Vec<u32>, threads: usize) -> Learning {
-        let model = engine.model().clone();
-        let dim = model.config.n_embd;
-        let mut learner = Learner::new(model);
-        learner.configure(LearnConfig { threads, ..LearnConfig::default() }, Some(anchor));
-        learner.set_capture_source(Some(Arc::new(EngineCapture(engine))));
+        let dim = engine.model().config.n_embd;
+        let learner = serving_learner(Learner::new(engine.model().clone()), engine, anchor, threads);
         Learning { learner, records: Mutex::default(), banks: Mutex::default(), dim, dir: None }
     }
 
     /// Learning persisted under `dir`; returns it and how many scopes were restored.
     pub fn open(dir: &Path, engine: Arc<Engine>, anchor: Vec<u32>, threads: usize) -> std::io::Result<(Learning, usize)> {
-        let model = engine.model().clone();
-        let dim = model.config.n_embd;
-        let (mut learner, report) = Learner::open(dir, model)?;
-        learner.configure(LearnConfig { threads, ..LearnConfig::default() }, Some(anchor));
-        learner.set_capture_source(Some(Arc::new(EngineCapture(engine))));
+        let dim = engine.model().config.n_embd;
+        let (learner, report) = Learner::open(dir, engine.model().clone())?;
+        let learner = serving_learner(learner, engine, anchor, threads);
         for w in &report.warnings {
             tracing::warn!(dir = %dir.display(), "{w}");
         }

@@ -96,13 +96,13 @@ impl Hnsw {
             self.top = level;
             return;
         };
-        let q = self.vec(vectors, id).to_vec();
+        let q = self.vec(vectors, id);
         for l in (level + 1..=self.top).rev() {
-            ep = self.greedy(vectors, &q, ep, l);
+            ep = self.greedy(vectors, q, ep, l);
         }
         let mut eps = vec![ep];
         for l in (0..=level.min(self.top)).rev() {
-            let found = self.search_layer(vectors, &q, &eps, self.ef_construction, l);
+            let found = self.search_layer(vectors, q, &eps, self.ef_construction, l);
             let max = if l == 0 { 2 * self.m } else { self.m };
             let chosen = self.select(vectors, &found, self.m);
             self.links[id as usize][l] = chosen.iter().map(|s| s.1).collect();
@@ -111,8 +111,8 @@ impl Hnsw {
                 self.links[n][l].push(id);
                 if self.links[n][l].len() > max {
                     // Too many links: keep the heuristic's choice among them.
-                    let nv = self.vec(vectors, s.1).to_vec();
-                    let cands: Vec<Sim> = self.links[n][l].iter().map(|&c| self.sim(vectors, &nv, c)).collect();
+                    let nv = self.vec(vectors, s.1);
+                    let cands: Vec<Sim> = self.links[n][l].iter().map(|&c| self.sim(vectors, nv, c)).collect();
                     self.links[n][l] = self.select(vectors, &cands, max).iter().map(|s| s.1).collect();
                 }
             }

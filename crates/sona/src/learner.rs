@@ -773,8 +773,6 @@ impl Learner {
         let mut guard = entry.lock().unwrap_or_else(|p| p.into_inner());
         let sc = &mut *guard;
         // The new lesson with the most recent earlier ones, so it does not overwrite them; the
-        // base branch is a fixed part of the layer here.
-        // The new lesson with the most recent earlier ones, so it does not overwrite them; the
         // base branch is a fixed part of the layer here. After each round, a full-vocabulary
         // check: tokens the adapter raised into a row's top that the candidates lack join
         // them; while that happens, or while greedy decoding does not yet follow the lessons

@@ -23,16 +23,4 @@ pub mod fast;
 pub mod merge;
 pub mod train;
 
-/// `n` deterministic values uniform in [−scale, scale] (xorshift64 from `seed`): adapter
-/// initialization, and reproducible test data.
-pub fn uniform(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-        })
-        .collect()
-}
+pub use ruvllm_kernels::uniform;
