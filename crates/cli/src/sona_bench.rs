@@ -34,9 +34,14 @@ pub struct SonaBenchArgs {
     /// Entities per relation (six relations; 6 gives 36 facts).
     #[arg(long, default_value_t = 6)]
     entities: usize,
-    /// Seed of the generated names.
+    /// Seed of the generated names (of the first fact set).
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Fact sets to run, seeds `seed`, `seed + 1`, …: one set's accuracy swings by ±10 points
+    /// with the facts drawn and with numerically tiny changes to training (see
+    /// docs/BENCHMARKS.md), so the table reports the mean and range over sets.
+    #[arg(long, default_value_t = 4)]
+    seeds: u64,
     /// Retrieved exchanges per question.
     #[arg(long, default_value_t = 1)]
     k: usize,
@@ -223,31 +228,139 @@ fn golden_text() -> String {
     g["nll"][0]["text"].as_str().unwrap_or("The quick brown fox jumps over the lazy dog.").to_owned()
 }
 
+/// What one fact set gave.
+struct SeedRun {
+    seed: u64,
+    facts: usize,
+    teach_secs: f64,
+    learn_ms: Vec<f64>,
+    background_ms: Vec<f64>,
+    deep_ms: Vec<f64>,
+    /// Per mode: scores and the retrieval hit rate (modes that retrieve).
+    results: Vec<(&'static str, Scores, Option<f64>)>,
+}
+
+const MODES: [&str; 4] = ["baseline", "retrieval-only", "adapters-only", "full"];
+
 /// Runs the benchmark.
 pub fn run(a: SonaBenchArgs) -> Result<(), Error> {
     if a.entities == 0 || a.entities > 50 {
         return Err(Error::usage("--entities must be between 1 and 50"));
     }
-    let l = load(&a.model)?;
-    let model: Arc<Model> = Arc::new(l.model);
-    let tok = l.tok;
-    let facts = facts(a.entities, a.seed);
-    let mut r = Runner::new(&model, l.pool.clone(), 1024);
-    let golden = golden_text();
-
-    const MODES: [&str; 4] = ["baseline", "retrieval-only", "adapters-only", "full"];
+    if a.seeds == 0 || a.seeds > 64 {
+        return Err(Error::usage("--seeds must be between 1 and 64"));
+    }
     if let Some(m) = a.modes.iter().find(|m| !MODES.contains(&m.as_str())) {
         return Err(Error::usage(format!("unknown mode {m:?}; modes: {}", MODES.join(", "))));
     }
-    // Every correction goes into the bank. Two scopes of one Learner learn them: `plain` on the
-    // phrasing as asked (what adapters-only serves with), `full` on the prompt the full system
-    // builds for that phrasing (retrieved exchanges + phrasing), as a correction given on a
-    // retrieval-augmented answer would be.
+    if !MODES.iter().any(|m| a.modes.iter().any(|x| x == m)) {
+        return Err(Error::usage("no mode to run"));
+    }
+    let l = load(&a.model)?;
+    let model: Arc<Model> = Arc::new(l.model);
+    let tok = l.tok;
+    let mut r = Runner::new(&model, l.pool.clone(), 1024);
+    let golden = golden_text();
     // Questions are served by an engine, as in the server: a correction then finds its prompt
     // in the engine's prefix cache, and the learner captures through it.
     let engine_tok = Tokenizer::from_gguf(model.gguf()).map_err(|e| Error::usage(e.to_string()))?;
     let engine_pool = Arc::new(ruvllm_kernels::pool::ThreadPool::new(l.pool.n_threads()));
     let engine = Arc::new(Engine::start(model.clone(), Arc::new(engine_tok), engine_pool, EngineConfig::new(&model.config, 256)).map_err(|e| Error::usage(e.to_string()))?);
+    let mut runs = Vec::new();
+    for seed in a.seed..a.seed + a.seeds {
+        let run = one_fact_set(&a, &model, &tok, &mut r, &engine, &golden, seed)?;
+        if a.seeds > 1 && !a.json {
+            let acc = |m: &str| run.results.iter().find(|x| x.0 == m).map_or("–".to_string(), |x| format!("{:.1}%", 100.0 * x.1.accuracy));
+            eprintln!("seed {seed}: {}", MODES.iter().filter(|m| a.modes.iter().any(|x| x == *m)).map(|m| format!("{m} {}", acc(m))).collect::<Vec<_>>().join(", "));
+        }
+        runs.push(run);
+    }
+    report(&a, &runs);
+    Ok(())
+}
+
+/// Prints per-set results (JSON) or the mean table over sets with per-set ranges.
+fn report(a: &SonaBenchArgs, runs: &[SeedRun]) {
+    let pct = |v: &[f64], q: usize| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v.get((v.len() * q / 100).min(v.len().saturating_sub(1))).copied().unwrap_or(0.0)
+    };
+    let all = |f: fn(&SeedRun) -> &Vec<f64>| runs.iter().flat_map(|r| f(r).iter().copied()).collect::<Vec<f64>>();
+    let (learn, bg, deep) = (all(|r| &r.learn_ms), all(|r| &r.background_ms), all(|r| &r.deep_ms));
+    let (p50, p99) = (pct(&learn, 50), pct(&learn, 99));
+    let (bg50, bg_max, deep50) = (pct(&bg, 50), pct(&bg, 100), pct(&deep, 50));
+    let teach_secs: f64 = runs.iter().map(|r| r.teach_secs).sum::<f64>() / runs.len().max(1) as f64;
+    let facts = runs.first().map_or(0, |r| r.facts);
+    // Per set, each mode against that set's first mode (the baseline when run).
+    let rel = |r: &SeedRun, s: &Scores| {
+        let b = r.results[0].1;
+        (s.nll / b.nll - 1.0, s.perplexity / b.perplexity - 1.0)
+    };
+    if a.json {
+        let sets: Vec<serde_json::Value> = runs
+            .iter()
+            .map(|r| {
+                let rows: Vec<serde_json::Value> = r
+                    .results
+                    .iter()
+                    .map(|(m, s, hit)| {
+                        let (dn, dp) = rel(r, s);
+                        serde_json::json!({"mode": m, "accuracy": s.accuracy, "answer_nll": s.nll, "nll_change": dn, "perplexity": s.perplexity, "perplexity_drift": dp, "retrieval_hit_rate": hit})
+                    })
+                    .collect();
+                serde_json::json!({"seed": r.seed, "teach_secs": r.teach_secs, "modes": rows})
+            })
+            .collect();
+        println!("{}", serde_json::json!({"facts": facts, "held_out": 2 * facts, "sets": sets, "learn_ms_p50": p50, "learn_ms_p99": p99, "background_runs": bg.len(), "background_ms_p50": bg50, "background_ms_max": bg_max, "deep_ms_p50": deep50}));
+        return;
+    }
+    println!(
+        "{} fact set(s) (seeds {}..={}) of {facts} facts, {} held-out questions each; teaching took {teach_secs:.1} s per set (instant loop per correction p50 {p50:.0} ms, p99 {p99:.0} ms; {} background runs p50 {bg50:.0} ms, max {bg_max:.0} ms; deep loop {deep50:.0} ms)",
+        runs.len(),
+        a.seed,
+        a.seed + runs.len() as u64 - 1,
+        2 * facts,
+        bg.len()
+    );
+    println!("| mode | held-out accuracy (range) | answer NLL | vs baseline | golden perplexity | drift (max) | retrieval hits |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let Some(first) = runs.first() else { return };
+    for (i, (m, _, hit)) in first.results.iter().enumerate() {
+        let n = runs.len() as f64;
+        let col = |f: &dyn Fn(&SeedRun) -> f64| runs.iter().map(f).collect::<Vec<f64>>();
+        let acc = col(&|r| r.results[i].1.accuracy);
+        let nll = col(&|r| r.results[i].1.nll);
+        let dn = col(&|r| rel(r, &r.results[i].1).0);
+        let ppl = col(&|r| r.results[i].1.perplexity);
+        let dp = col(&|r| rel(r, &r.results[i].1).1);
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / n;
+        let (lo, hi) = (acc.iter().copied().fold(f64::INFINITY, f64::min), acc.iter().copied().fold(f64::NEG_INFINITY, f64::max));
+        let dp_max = dp.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let hits = hit.map(|_| runs.iter().filter_map(|r| r.results[i].2).sum::<f64>() / n);
+        println!(
+            "| {m} | {:.1}% ({:.1}–{:.1}) | {:.3} | {:+.1}% | {:.3} | {:+.2}% ({:+.2}%) | {} |",
+            100.0 * mean(&acc),
+            100.0 * lo,
+            100.0 * hi,
+            mean(&nll),
+            100.0 * mean(&dn),
+            mean(&ppl),
+            100.0 * mean(&dp),
+            100.0 * dp_max,
+            hits.map_or("–".to_string(), |h| format!("{:.1}%", 100.0 * h))
+        );
+    }
+}
+
+/// Teaches and scores one fact set (seed `seed`) with a fresh learner and bank.
+#[allow(clippy::too_many_arguments)]
+fn one_fact_set(a: &SonaBenchArgs, model: &Arc<Model>, tok: &Tokenizer, r: &mut Runner<'_>, engine: &Arc<Engine>, golden: &str, seed: u64) -> Result<SeedRun, Error> {
+    let facts = facts(a.entities, seed);
+    // Every correction goes into the bank. Two scopes of one Learner learn them: `plain` on the
+    // phrasing as asked (what adapters-only serves with), `full` on the prompt the full system
+    // builds for that phrasing (retrieved exchanges + phrasing), as a correction given on a
+    // retrieval-augmented answer would be.
     let mut learner = Learner::new(model.clone());
     if !a.own_capture {
         learner.set_capture_source(Some(Arc::new(EngineCapture(engine.clone()))));
@@ -256,7 +369,7 @@ pub fn run(a: SonaBenchArgs) -> Result<(), Error> {
     learner.configure(cfg, Some(tok.encode(ANCHOR_TEXT, true, false)));
     let mut bank = Bank::new(model.config.n_embd);
     for f in &facts {
-        let e = embed(&mut r, &tok, &f.teach)?;
+        let e = embed(r, tok, &f.teach)?;
         bank.add(&e, Trajectory { prompt: f.teach.clone(), answer: f.answer.clone(), rating: 1.0, scope: "bench".into(), adapter: None }).map_err(|e| Error::usage(e.to_string()))?;
     }
     let t0 = std::time::Instant::now();
@@ -266,10 +379,10 @@ pub fn run(a: SonaBenchArgs) -> Result<(), Error> {
             continue;
         }
         for f in &facts {
-            let text = if augmented { with_context(&mut r, &tok, &bank, a.k, &f.teach)?.0 } else { f.teach.clone() };
+            let text = if augmented { with_context(r, tok, &bank, a.k, &f.teach)?.0 } else { f.teach.clone() };
             let prompt = tok.encode(&text, true, false);
             let correction = tok.encode(&format!(" {}.", f.answer), false, false);
-            serve(&engine, &prompt)?;
+            serve(engine, &prompt)?;
             let t = std::time::Instant::now();
             let out = learner.learn(scope, &prompt, &[], &Feedback::Correction(correction)).map_err(|e| Error::usage(e.to_string()))?;
             learn_ms.push(t.elapsed().as_secs_f64() * 1e3);
@@ -304,7 +417,7 @@ pub fn run(a: SonaBenchArgs) -> Result<(), Error> {
         for f in &facts {
             for q in &f.held_out {
                 let p = if retrieve {
-                    let (p, answers) = with_context(&mut r, &tok, &bank, a.k, q)?;
+                    let (p, answers) = with_context(r, tok, &bank, a.k, q)?;
                     retrieved_right += answers.iter().filter(|x| **x == f.answer).count();
                     p
                 } else {
@@ -316,48 +429,18 @@ pub fn run(a: SonaBenchArgs) -> Result<(), Error> {
         r.set_lora(if adapt { adapter.clone() } else { None });
         let (mut right, mut nll) = (0usize, 0f64);
         for (p, ans) in &prompts {
-            let (ok, n, text) = score(&mut r, &tok, p, ans)?;
+            let (ok, n, text) = score(r, tok, p, ans)?;
             if a.show_errors && !ok {
                 eprintln!("[{mode}] {p:?} → {text:?} (expected {ans})");
             }
             right += usize::from(ok);
             nll += n;
         }
-        let ppl = perplexity(&mut r, &tok, &golden)?;
+        let ppl = perplexity(r, tok, golden)?;
         let s = Scores { accuracy: right as f64 / prompts.len() as f64, nll: nll / prompts.len() as f64, perplexity: ppl };
         results.push((mode, s, retrieve.then_some(retrieved_right as f64 / (prompts.len() * a.k) as f64)));
     }
-    let Some(&(_, base, _)) = results.first() else { return Err(Error::usage("no mode to run")) };
-    let pct = |v: &mut Vec<f64>, q: usize| {
-        v.sort_by(f64::total_cmp);
-        v.get((v.len() * q / 100).min(v.len().saturating_sub(1))).copied().unwrap_or(0.0)
-    };
-    let (p50, p99) = (pct(&mut learn_ms, 50), pct(&mut learn_ms, 99));
-    let (bg50, bg_max) = (pct(&mut background_ms, 50), pct(&mut background_ms, 100));
-    let deep = pct(&mut deep_ms, 50);
-    if a.json {
-        let rows: Vec<serde_json::Value> = results
-            .iter()
-            .map(|(m, s, hit)| serde_json::json!({"mode": m, "accuracy": s.accuracy, "answer_nll": s.nll, "nll_change": s.nll / base.nll - 1.0, "perplexity": s.perplexity, "perplexity_drift": s.perplexity / base.perplexity - 1.0, "retrieval_hit_rate": hit}))
-            .collect();
-        println!("{}", serde_json::json!({"facts": facts.len(), "held_out": 2 * facts.len(), "teach_secs": teach_secs, "learn_ms_p50": p50, "learn_ms_p99": p99, "background_runs": background_ms.len(), "background_ms_p50": bg50, "background_ms_max": bg_max, "deep_ms_p50": deep, "modes": rows}));
-    } else {
-        println!("{} facts, {} held-out questions; teaching took {:.1} s (instant loop per correction p50 {:.0} ms, p99 {:.0} ms; {} background runs p50 {:.0} ms, max {:.0} ms; deep loop {:.0} ms)", facts.len(), 2 * facts.len(), teach_secs, p50, p99, background_ms.len(), bg50, bg_max, deep);
-        println!("| mode | held-out accuracy | answer NLL | vs baseline | golden perplexity | drift | retrieval hits |");
-        println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
-        for (m, s, hit) in &results {
-            println!(
-                "| {m} | {:.1}% | {:.3} | {:+.1}% | {:.3} | {:+.2}% | {} |",
-                100.0 * s.accuracy,
-                s.nll,
-                100.0 * (s.nll / base.nll - 1.0),
-                s.perplexity,
-                100.0 * (s.perplexity / base.perplexity - 1.0),
-                hit.map_or("–".to_string(), |h| format!("{:.1}%", 100.0 * h))
-            );
-        }
-    }
-    Ok(())
+    Ok(SeedRun { seed, facts: facts.len(), teach_secs, learn_ms, background_ms, deep_ms, results })
 }
 
 #[cfg(test)]

@@ -27,7 +27,8 @@ use crate::grad::{cross_entropy, unlikelihood};
 use crate::merge::Branch;
 use crate::train::{AdapterParams, Head};
 use ruvllm_kernels::ops::{axpy, dot_f32 as dot};
-use ruvllm_model::{Capture, LoraAdapter, LoraPair, Model};
+use ruvllm_kernels::pool::ThreadPool;
+use ruvllm_model::{head_logits, Capture, LoraAdapter, LoraPair, Model};
 use std::sync::Arc;
 
 /// Base-model tokens kept per target row as candidates.
@@ -193,6 +194,30 @@ impl Prepared {
     /// The capture rows these are.
     pub fn rows(&self) -> &[usize] {
         &self.rows
+    }
+}
+
+/// The parts of a prepared lesson's full-vocabulary logits that do not depend on the adapter
+/// being trained. With `h1 = A·act` the logits are `(P + (Q + s·M·h1)/ρ2)/ρ` with
+/// `P = W·(g ⊙ resid)`, `Q = W·(g ⊙ g2 ⊙ down)` (the fixed branch included) and
+/// `M = W·diag(g ⊙ g2)·B` ([`FastTrainer::full_basis`]); without a post-FFN norm (`g2 = 1`,
+/// `ρ2 = 1`) `P` holds `P + Q`. `ρ2` and `ρ` come from the row's `n_embd`-sized hidden state.
+/// So the instant loop's full-vocabulary checks pass the LM head once per feedback event
+/// instead of once per round.
+#[derive(Debug, Clone)]
+pub struct FullFixed {
+    /// Rows of the prepared lesson these belong to.
+    rows: usize,
+    /// `[rows × n_vocab]`.
+    p: Vec<f32>,
+    /// `[rows × n_vocab]`, with a post-FFN norm only.
+    q: Option<Vec<f32>>,
+}
+
+impl FullFixed {
+    /// Whether these are for a lesson prepared with `rows` rows.
+    pub fn fits(&self, l: &Prepared) -> bool {
+        self.rows == l.n_rows()
     }
 }
 
@@ -474,6 +499,84 @@ impl FastTrainer {
             out.extend(hv.iter().zip(&self.model.output_norm).map(|(h, g)| g * h / rho));
         }
         out
+    }
+
+    /// The adapter-independent parts of `lessons`' full-vocabulary logits (see [`FullFixed`]),
+    /// in one pass of the LM head over all their rows (two with a post-FFN norm).
+    pub fn full_fixed(&self, pool: &ThreadPool, lessons: &[&Prepared]) -> Vec<FullFixed> {
+        let c = &self.model.config;
+        let (d, nv) = (c.n_embd, c.n_vocab);
+        let g = &self.model.output_norm;
+        let g2 = self.model.layers[self.p.layer].post_ffn_norm.as_deref();
+        let total: usize = lessons.iter().map(|l| l.n_rows()).sum();
+        let (mut xp, mut xq) = (Vec::with_capacity(total * d), Vec::new());
+        for l in lessons {
+            for ri in 0..l.n_rows() {
+                let (resid, down) = (&l.resid[ri * d..(ri + 1) * d], &l.down[ri * d..(ri + 1) * d]);
+                match g2 {
+                    None => xp.extend((0..d).map(|j| g[j] * (resid[j] + down[j]))),
+                    Some(g2) => {
+                        xp.extend((0..d).map(|j| g[j] * resid[j]));
+                        xq.extend((0..d).map(|j| g[j] * g2[j] * down[j]));
+                    }
+                }
+            }
+        }
+        let through_head = |x: &[f32]| {
+            let mut out = vec![0f32; total * nv];
+            if total > 0 {
+                head_logits(&self.model, pool, x, &mut out);
+            }
+            out
+        };
+        let p = through_head(&xp);
+        let q = g2.map(|_| through_head(&xq));
+        let mut seen = 0;
+        lessons
+            .iter()
+            .map(|l| {
+                let span = seen * nv..(seen + l.n_rows()) * nv;
+                seen += l.n_rows();
+                FullFixed { rows: l.n_rows(), p: p[span.clone()].to_vec(), q: q.as_ref().map(|q| q[span].to_vec()) }
+            })
+            .collect()
+    }
+
+    /// `M = W·diag(g ⊙ g2)·B` for the current `B`: `[rank × n_vocab]` (one LM-head pass of
+    /// `rank` rows), what [`full_logits`](Self::full_logits) combines with a [`FullFixed`].
+    pub fn full_basis(&self, pool: &ThreadPool) -> Vec<f32> {
+        let c = &self.model.config;
+        let (d, r) = (c.n_embd, self.p.rank);
+        let g = &self.model.output_norm;
+        let g2 = self.model.layers[self.p.layer].post_ffn_norm.as_deref();
+        let x: Vec<f32> = (0..r).flat_map(|k| (0..d).map(move |j| g[j] * g2.map_or(1.0, |g2| g2[j]) * self.p.b[j * r + k])).collect();
+        let mut m = vec![0f32; r * c.n_vocab];
+        head_logits(&self.model, pool, &x, &mut m);
+        m
+    }
+
+    /// Row `ri` of `l`: its full-vocabulary logits under the current parameters (`n_vocab`
+    /// values into `out`) from its fixed parts and the current [`full_basis`](Self::full_basis),
+    /// `O(n_vocab·rank)` instead of an `n_vocab × n_embd` product.
+    pub fn full_logits(&self, l: &Prepared, fixed: &FullFixed, basis: &[f32], ri: usize, out: &mut [f32]) {
+        let c = &self.model.config;
+        let (d, ff, nv, r, s) = (c.n_embd, c.n_ff, c.n_vocab, self.p.rank, self.p.scale);
+        let act = &l.act[ri * ff..(ri + 1) * ff];
+        let h1: Vec<f32> = (0..r).map(|k| dot(&self.p.a[k * ff..(k + 1) * ff], act)).collect();
+        let (mut tsum, mut hv) = (vec![0f32; d], vec![0f32; d]);
+        let (rho2, rho) = self.hidden(l, ri, &h1, &mut tsum, &mut hv);
+        // (P + (Q + s·M·h1)/ρ2)/ρ, accumulated in place.
+        let out = &mut out[..nv];
+        match &fixed.q {
+            Some(q) => out.copy_from_slice(&q[ri * nv..(ri + 1) * nv]),
+            None => out.fill(0.0),
+        }
+        for k in 0..r {
+            axpy(s * h1[k], &basis[k * nv..(k + 1) * nv], out);
+        }
+        let p = &fixed.p[ri * nv..(ri + 1) * nv];
+        let (inv2, inv) = (1.0 / rho2, 1.0 / rho);
+        out.iter_mut().zip(p).for_each(|(o, p)| *o = (p + *o * inv2) * inv);
     }
 
     /// The candidate objective (mean over rows) and its gradients with respect to `A` and `B`.

@@ -26,11 +26,11 @@
 //! reach the disk. The newest [`KEEP_VERSIONS`] versions and consolidated snapshots are kept.
 //! Not persisted: Adam moments (a restored scope's optimizers restart).
 
-use crate::fast::{Candidates, Ewc, FastTrainer, Objective, Prepared, SAMPLE, TOP_K};
+use crate::fast::{Candidates, Ewc, FastTrainer, FullFixed, Objective, Prepared, SAMPLE, TOP_K};
 use crate::merge::merge;
 use crate::train::{answer_targets, capture, CaptureSource, Head};
 use ruvllm_kernels::pool::ThreadPool;
-use ruvllm_kernels::ops::token_nll;
+use ruvllm_kernels::ops::logit_stats;
 use ruvllm_model::{head_logits, Capture, LoraAdapter, LoraPair, Model, Proj};
 use serde_json::{json, Value};
 use std::collections::{HashMap, VecDeque};
@@ -232,6 +232,28 @@ struct Check {
     /// Whether greedy decoding follows the lesson (every target its row's most likely token;
     /// for a negative lesson, none).
     follows: bool,
+}
+
+/// Judges lesson `l` (prepared as `p`) from its rows' full-vocabulary logits, which
+/// `row_logits(ri, out)` writes row by row (`n_vocab` values).
+fn judge(l: &Lesson, p: &Prepared, nv: usize, mut row_logits: impl FnMut(usize, &mut [f32])) -> Check {
+    let top = &l.cands.ids[..l.cands.n_top];
+    let (mut loss, mut extra, mut follows) = (0f64, Vec::new(), true);
+    let mut lg = vec![0f32; nv];
+    for (ri, &row) in p.rows().iter().enumerate() {
+        let Some(target) = l.targets.get(row).copied().flatten() else { continue };
+        row_logits(ri, &mut lg);
+        let stats = logit_stats(&lg);
+        let nll = stats.lse - lg[target as usize] as f64;
+        loss += if l.negative { -(1.0 - (-nll).exp()).max(1e-6).ln() } else { nll };
+        // p(v) ≥ CHECK_P ⇔ logit(v) ≥ ln Z + ln CHECK_P.
+        let bar = (stats.lse + CHECK_P.ln()) as f32;
+        extra.extend((0..nv as u32).filter(|&v| lg[v as usize] >= bar && top.binary_search(&v).is_err()));
+        follows &= (stats.argmax == target as usize) != l.negative;
+    }
+    extra.sort_unstable();
+    extra.dedup();
+    Check { loss: (loss / p.n_rows().max(1) as f64) as f32, extra, follows }
 }
 
 /// A scope's key and its shared state.
@@ -695,26 +717,20 @@ impl Learner {
         let mut rows_seen = 0;
         let mut out = Vec::with_capacity(items.len());
         for (l, p) in items {
-            let rows = p.n_rows();
-            let lgs = &logits[rows_seen * nv..(rows_seen + rows) * nv];
-            rows_seen += rows;
-            let top = &l.cands.ids[..l.cands.n_top];
-            let (mut loss, mut extra, mut follows) = (0f64, Vec::new(), true);
-            for (lg, &row) in lgs.chunks_exact(nv).zip(p.rows()) {
-                let Some(target) = l.targets.get(row).copied().flatten() else { continue };
-                let nll = token_nll(lg, target as usize);
-                loss += if l.negative { -(1.0 - (-nll).exp()).max(1e-6).ln() } else { nll };
-                // p(v) ≥ CHECK_P ⇔ logit(v) ≥ ln Z + ln CHECK_P, with ln Z = logit(target) + nll.
-                let bar = (lg[target as usize] as f64 + nll + CHECK_P.ln()) as f32;
-                extra.extend((0..nv as u32).filter(|&v| lg[v as usize] >= bar && top.binary_search(&v).is_err()));
-                let argmax = lg.iter().enumerate().fold((0, f32::NEG_INFINITY), |m, (i, &v)| if v > m.1 { (i, v) } else { m }).0;
-                follows &= (argmax == target as usize) != l.negative;
-            }
-            extra.sort_unstable();
-            extra.dedup();
-            out.push(Check { loss: (loss / rows.max(1) as f64) as f32, extra, follows });
+            let lgs = &logits[rows_seen * nv..(rows_seen + p.n_rows()) * nv];
+            rows_seen += p.n_rows();
+            out.push(judge(l, p, nv, |ri, row| row.copy_from_slice(&lgs[ri * nv..(ri + 1) * nv])));
         }
         out
+    }
+
+    /// The same check from each lesson's adapter-independent logits `fixed` (computed once
+    /// per event, [`FastTrainer::full_fixed`]) and one LM-head pass of `t`'s `rank` rows:
+    /// the instant loop's rounds cost `O(n_vocab·rank)` per row instead of a head pass each.
+    fn check_low_rank(&self, t: &FastTrainer, items: &[(&Lesson, &Prepared)], fixed: &[FullFixed]) -> Vec<Check> {
+        let nv = self.model.config.n_vocab;
+        let basis = t.full_basis(&self.pool);
+        items.iter().zip(fixed).map(|((l, p), f)| judge(l, p, nv, |ri, row| t.full_logits(p, f, &basis, ri, row))).collect()
     }
 
     /// `key`'s scope, built on first use (from what [`open`](Self::open) restored, if
@@ -782,6 +798,7 @@ impl Learner {
         let n_replay = self.cfg.replay.min(sc.lessons.len());
         let mut replays: Vec<Prepared> = sc.lessons.iter().take(n_replay).map(|l| l.prepare(&sc.micro, l.objective(), &sc.base)).collect();
         let (mut loss_before, mut loss_after, mut taken, mut prev_total) = (None, 0.0, 0, f32::INFINITY);
+        let mut fixed: Vec<FullFixed> = Vec::new();
         for round in 0..ROUNDS {
             let mut batch = vec![new.prepare(&sc.micro, new.objective(), &sc.base)];
             batch.extend(replays.iter().cloned());
@@ -796,7 +813,12 @@ impl Learner {
             // The replayed lessons are checked the same way: still followed (a new lesson must
             // not overwrite them), and not "kept" by raising tokens outside their candidates.
             let items: Vec<(&Lesson, &Prepared)> = std::iter::once((&new, &batch[0])).chain(sc.lessons.iter().zip(&replays)).collect();
-            let checks = self.check_many(&sc.micro, &items);
+            // The lessons' adapter-independent logits once per event (their rows and the base
+            // branch do not change between rounds; a widened lesson keeps its rows).
+            if fixed.len() != items.len() || items.iter().zip(&fixed).any(|((_, p), f)| !f.fits(p)) {
+                fixed = sc.micro.full_fixed(&self.pool, &items.iter().map(|(_, p)| *p).collect::<Vec<_>>());
+            }
+            let checks = self.check_low_rank(&sc.micro, &items, &fixed);
             let follows = checks.iter().all(|c| c.follows);
             loss_after = checks.first().map_or(0.0, |c| c.loss);
             let mut widened = checks.first().is_some_and(|c| new.cands.add_top(&c.extra) > 0);
