@@ -287,6 +287,47 @@ pub fn weighted_sum(w: &[f32], rows: &[f32], stride: usize, acc: &mut [f32]) {
     (f32_kernels().weighted_sum)(w, rows, stride, acc)
 }
 
+/// [`dot_rows`] on f16 rows (a KV cache's keys, read in place): `out[p] = q · f32(rows_p)`
+/// with exactly [`dot_f32`]'s arithmetic per row (the same value as widening the row, then
+/// `dot_f32`), without the widened copy.
+///
+/// # Panics
+/// As [`dot_rows`].
+#[inline]
+pub fn dot_rows_f16(q: &[f32], rows: &[half::f16], stride: usize, out: &mut [f32]) {
+    check_rows(q.len(), rows.len(), stride, out.len());
+    (f32_kernels().dot_rows_f16)(q, rows, stride, out)
+}
+
+/// [`weighted_sum`] on f16 rows (a KV cache's values, read in place): per element, the same
+/// sequence of operations as one [`axpy`] per row in row order.
+///
+/// # Panics
+/// As [`weighted_sum`].
+#[inline]
+pub fn weighted_sum_f16(w: &[f32], rows: &[half::f16], stride: usize, acc: &mut [f32]) {
+    check_rows(acc.len(), rows.len(), stride, w.len());
+    (f32_kernels().weighted_sum_f16)(w, rows, stride, acc)
+}
+
+/// The scalar twin of [`dot_rows_f16`].
+pub fn dot_rows_f16_scalar(q: &[f32], rows: &[half::f16], stride: usize, out: &mut [f32]) {
+    let mut row = vec![0f32; q.len()];
+    for (p, o) in out.iter_mut().enumerate() {
+        f16_to_f32_scalar(&rows[p * stride..p * stride + q.len()], &mut row);
+        *o = dot_f32_scalar(q, &row);
+    }
+}
+
+/// The scalar twin of [`weighted_sum_f16`].
+pub fn weighted_sum_f16_scalar(w: &[f32], rows: &[half::f16], stride: usize, acc: &mut [f32]) {
+    let mut row = vec![0f32; acc.len()];
+    for (p, &wp) in w.iter().enumerate() {
+        f16_to_f32_scalar(&rows[p * stride..p * stride + acc.len()], &mut row);
+        axpy_scalar(wp, &row, acc);
+    }
+}
+
 fn check_rows(d: usize, have: usize, stride: usize, n: usize) {
     assert!(stride >= d && (n == 0 || (n - 1) * stride + d <= have), "rows: {n} of {d} at stride {stride} need more than {have} values");
 }
@@ -314,6 +355,8 @@ struct F32Kernels {
     f16_to_f32: fn(&[half::f16], &mut [f32]),
     dot_rows: fn(&[f32], &[f32], usize, &mut [f32]),
     weighted_sum: fn(&[f32], &[f32], usize, &mut [f32]),
+    dot_rows_f16: fn(&[f32], &[half::f16], usize, &mut [f32]),
+    weighted_sum_f16: fn(&[f32], &[half::f16], usize, &mut [f32]),
     max: fn(&[f32]) -> f32,
     sum_exp: fn(&[f32], f32) -> f32,
 }
@@ -334,13 +377,17 @@ fn f32_kernels() -> &'static F32Kernels {
                 dot_rows: |q, r, st, o| unsafe { x86::dot_rows(q, r, st, o) },
                 // SAFETY: as above.
                 weighted_sum: |w, r, st, a| unsafe { x86::weighted_sum(w, r, st, a) },
+                // SAFETY: AVX2, FMA and F16C as above; the public wrappers checked the bounds.
+                dot_rows_f16: |q, r, st, o| unsafe { x86::dot_rows_f16(q, r, st, o) },
+                // SAFETY: as above.
+                weighted_sum_f16: |w, r, st, a| unsafe { x86::weighted_sum_f16(w, r, st, a) },
                 // SAFETY: as above.
                 max: |x| unsafe { x86::max(x) },
                 // SAFETY: as above.
                 sum_exp: |x, sh| unsafe { x86::sum_exp(x, sh) },
             };
         }
-        F32Kernels { dot: dot_f32_scalar, axpy: axpy_scalar, f16_to_f32: f16_to_f32_scalar, dot_rows: dot_rows_scalar, weighted_sum: weighted_sum_scalar, max: max_f32_scalar, sum_exp: sum_exp_scalar }
+        F32Kernels { dot: dot_f32_scalar, axpy: axpy_scalar, f16_to_f32: f16_to_f32_scalar, dot_rows: dot_rows_scalar, weighted_sum: weighted_sum_scalar, dot_rows_f16: dot_rows_f16_scalar, weighted_sum_f16: weighted_sum_f16_scalar, max: max_f32_scalar, sum_exp: sum_exp_scalar }
     })
 }
 
@@ -472,6 +519,84 @@ mod x86 {
             for (p, &wp) in w.iter().enumerate() {
                 // SAFETY: AVX2 and FMA, as this function's.
                 unsafe { axpy(wp, &rows[p * stride + c..p * stride + d], &mut acc[c..]) };
+            }
+        }
+    }
+
+    /// # Safety
+    /// AVX2, FMA and F16C; `rows` holds `out.len()` rows of `q.len()` values at `stride`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_rows_f16(q: &[f32], rows: &[half::f16], stride: usize, out: &mut [f32]) {
+        let d = q.len();
+        for (p, o) in out.iter_mut().enumerate() {
+            let row = &rows[p * stride..p * stride + d];
+            // The arithmetic of `dot` on the widened row: two accumulators, 16 per step.
+            let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let mut i = 0;
+            while i + 16 <= d {
+                // SAFETY: i + 16 <= d, within q and row (f16 is a 2-byte repr(transparent) u16).
+                unsafe {
+                    let k0 = _mm256_cvtph_ps(_mm_loadu_si128(row.as_ptr().add(i) as *const __m128i));
+                    let k1 = _mm256_cvtph_ps(_mm_loadu_si128(row.as_ptr().add(i + 8) as *const __m128i));
+                    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(i)), k0, s0);
+                    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(i + 8)), k1, s1);
+                }
+                i += 16;
+            }
+            let v = _mm256_add_ps(s0, s1);
+            let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+            let mut s = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+            while i < d {
+                s += q[i] * row[i].to_f32();
+                i += 1;
+            }
+            *o = s;
+        }
+    }
+
+    /// # Safety
+    /// AVX2, FMA and F16C; `rows` holds `w.len()` rows of `acc.len()` values at `stride`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn weighted_sum_f16(w: &[f32], rows: &[half::f16], stride: usize, acc: &mut [f32]) {
+        let d = acc.len();
+        let (d32, d8) = (d / 32 * 32, d / 8 * 8);
+        let mut c = 0;
+        // 32 columns in four registers over every row; per element the fused multiply-adds of
+        // `axpy` in row order.
+        while c < d32 {
+            // SAFETY: c + 32 <= d, inside acc and inside every row (checked by the caller).
+            unsafe {
+                let ap = acc.as_mut_ptr().add(c);
+                let mut a = [_mm256_loadu_ps(ap), _mm256_loadu_ps(ap.add(8)), _mm256_loadu_ps(ap.add(16)), _mm256_loadu_ps(ap.add(24))];
+                for (p, &wp) in w.iter().enumerate() {
+                    let wv = _mm256_set1_ps(wp);
+                    let rp = rows.as_ptr().add(p * stride + c);
+                    for (k, ak) in a.iter_mut().enumerate() {
+                        *ak = _mm256_fmadd_ps(wv, _mm256_cvtph_ps(_mm_loadu_si128(rp.add(8 * k) as *const __m128i)), *ak);
+                    }
+                }
+                for (k, ak) in a.iter().enumerate() {
+                    _mm256_storeu_ps(ap.add(8 * k), *ak);
+                }
+            }
+            c += 32;
+        }
+        for (p, &wp) in w.iter().enumerate() {
+            let row = &rows[p * stride..p * stride + d];
+            let mut i = c;
+            while i < d8 {
+                // SAFETY: i + 8 <= d, inside acc and row.
+                unsafe {
+                    let x = _mm256_cvtph_ps(_mm_loadu_si128(row.as_ptr().add(i) as *const __m128i));
+                    let r = _mm256_fmadd_ps(_mm256_set1_ps(wp), x, _mm256_loadu_ps(acc.as_ptr().add(i)));
+                    _mm256_storeu_ps(acc.as_mut_ptr().add(i), r);
+                }
+                i += 8;
+            }
+            while i < d {
+                acc[i] += wp * row[i].to_f32();
+                i += 1;
             }
         }
     }
@@ -636,6 +761,42 @@ mod tests {
             for i in 0..n {
                 let bound = 2.0 * f32::EPSILON * ((0.3 * a[i]).abs() + b[i].abs());
                 assert!((y1[i] - y2[i]).abs() <= bound, "{n}[{i}]: {} vs {}", y1[i], y2[i]);
+            }
+        }
+    }
+
+    /// The f16-row tile kernels give bit for bit what widening each row and calling the
+    /// row-at-a-time kernels gives (what the attention's per-row path computes), on every tier.
+    #[test]
+    fn f16_row_kernels_equal_widen_then_dot_or_axpy() {
+        for (d, n, stride) in [(64, 16, 192), (64, 5, 64), (256, 16, 256), (40, 9, 48), (72, 3, 80), (128, 0, 128)] {
+            let q = values(d, 1);
+            let rows: Vec<half::f16> = values(n.max(1) * stride, 2).iter().map(|v| half::f16::from_f32(v * 3.0)).collect();
+            let widened = |p: usize| {
+                let mut r = vec![0f32; d];
+                f16_to_f32(&rows[p * stride..p * stride + d], &mut r);
+                r
+            };
+            let mut got = vec![0f32; n];
+            dot_rows_f16(&q, &rows, stride, &mut got);
+            let mut twin = vec![0f32; n];
+            dot_rows_f16_scalar(&q, &rows, stride, &mut twin);
+            for p in 0..n {
+                assert_eq!(got[p].to_bits(), dot_f32(&q, &widened(p)).to_bits(), "dot_rows_f16 d {d} row {p}");
+                assert!((got[p] - twin[p]).abs() <= 1e-5 * (1.0 + twin[p].abs()), "twin d {d} row {p}");
+            }
+            let wts = values(n, 3);
+            let mut got = values(d, 4);
+            weighted_sum_f16(&wts, &rows, stride, &mut got);
+            let mut want = values(d, 4);
+            for (p, &wp) in wts.iter().enumerate() {
+                axpy(wp, &widened(p), &mut want);
+            }
+            assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "weighted_sum_f16 d {d} n {n}");
+            let mut twin = values(d, 4);
+            weighted_sum_f16_scalar(&wts, &rows, stride, &mut twin);
+            for (g, w) in got.iter().zip(&twin) {
+                assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "weighted_sum_f16 twin d {d}: {g} vs {w}");
             }
         }
     }

@@ -301,14 +301,83 @@ mod x86 {
         }
     }
 
+    /// Two consecutive groups (sixteen rows) × `N` activation rows in 512-bit registers: each
+    /// vector holds the same 32 bytes of group `g`'s record (low half) and group `g + 1`'s
+    /// (high half), so one `vpdpbusd` serves sixteen rows; every lane does exactly the
+    /// arithmetic of [`group`] (and of the scalar twin) for its row. `out[t]` gets the sixteen
+    /// results of token t.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn group_pair<const T: u8, const N: usize>(rec_g: *const u8, rec_h: *const u8, nb: usize, a: &[ActRow<'_>; N], out: &mut [[f32; 2 * GROUP]; N]) {
+        let ty = ty_of(T);
+        let rb = super::record_bytes(ty);
+        let off = super::offset(ty);
+        let qs_off = match T {
+            Q4_0 => 16,
+            Q4_1 => 32,
+            Q5_0 => 48,
+            _ => 16,
+        };
+        let m4 = _mm512_set1_epi8(0x0F);
+        let sixteen = _mm512_set1_epi8(16);
+        let mut acc = [_mm512_setzero_ps(); N];
+        let mut macc = [_mm512_setzero_ps(); N];
+        // SAFETY (whole loop): the caller guarantees nb records of rb bytes at rec_g and at
+        // rec_h, and activation rows of nb blocks (checked in `rows`).
+        let pair = |p: *const u8, q: *const u8, o: usize| unsafe { _mm512_inserti64x4::<1>(_mm512_castsi256_si512(_mm256_loadu_si256(p.add(o) as *const __m256i)), _mm256_loadu_si256(q.add(o) as *const __m256i)) };
+        let halves = |p: *const u8, q: *const u8, o: usize| unsafe { _mm512_cvtph_ps(_mm256_inserti128_si256::<1>(_mm256_castsi128_si256(_mm_loadu_si128(p.add(o) as *const __m128i)), _mm_loadu_si128(q.add(o) as *const __m128i))) };
+        for i in 0..nb {
+            let (p, q) = unsafe { (rec_g.add(i * rb), rec_h.add(i * rb)) };
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(4 * rb) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(q.wrapping_add(4 * rb) as *const i8);
+            let dv = halves(p, q, 0);
+            let mut w = [_mm512_setzero_si512(); 8];
+            if T == Q8_0 {
+                for (k, wk) in w.iter_mut().enumerate() {
+                    *wk = pair(p, q, 16 + 32 * k);
+                }
+            } else {
+                for k in 0..4 {
+                    let v = pair(p, q, qs_off + 32 * k);
+                    w[k] = _mm512_and_si512(v, m4);
+                    w[k + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4);
+                }
+                if T == Q5_0 {
+                    for (k, wk) in w.iter_mut().enumerate() {
+                        let (lo, hi) = unsafe { (std::ptr::read_unaligned(p.add(16 + 4 * k) as *const u32), std::ptr::read_unaligned(q.add(16 + 4 * k) as *const u32)) };
+                        *wk = _mm512_mask_add_epi8(*wk, lo as u64 | (hi as u64) << 32, *wk, sixteen);
+                    }
+                }
+            }
+            let mv = if T == Q4_1 { halves(p, q, 16) } else { _mm512_setzero_ps() };
+            for t in 0..N {
+                let ap = unsafe { a[t].qs.as_ptr().add(32 * i) };
+                let mut isum = _mm512_set1_epi32(-off * unsafe { *a[t].bsums.get_unchecked(i) } as i32);
+                for (k, wk) in w.iter().enumerate() {
+                    let av = _mm512_set1_epi32(unsafe { std::ptr::read_unaligned(ap.add(4 * k) as *const i32) });
+                    isum = _mm512_dpbusd_epi32(isum, *wk, av);
+                }
+                let d = _mm512_mul_ps(dv, _mm512_set1_ps(unsafe { *a[t].d.get_unchecked(i) }));
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), d, acc[t]);
+                if T == Q4_1 {
+                    macc[t] = _mm512_fmadd_ps(mv, _mm512_set1_ps(unsafe { *a[t].s.get_unchecked(i) }), macc[t]);
+                }
+            }
+        }
+        for t in 0..N {
+            // SAFETY: out[t] is 16 floats.
+            unsafe { _mm512_storeu_ps(out[t].as_mut_ptr(), _mm512_add_ps(acc[t], macc[t])) };
+        }
+    }
+
     /// Writes a group's results for tokens t0.. into `out`.
     ///
     /// # Safety
     /// As [`PackedRowsFn`]'s contract.
-    unsafe fn store<const N: usize>(o: &[[f32; GROUP]; N], out: SyncPtr<f32>, t0: usize, ld: usize, r: usize) {
+    unsafe fn store<const N: usize, const W: usize>(o: &[[f32; W]; N], out: SyncPtr<f32>, t0: usize, ld: usize, r: usize) {
         for (k, v) in o.iter().enumerate() {
-            // SAFETY: the caller guarantees (t0 + k, r..r + 8) is inside out and its own.
-            unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), out.0.add((t0 + k) * ld + r), GROUP) };
+            // SAFETY: the caller guarantees (t0 + k, r..r + W) is inside out and its own.
+            unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), out.0.add((t0 + k) * ld + r), W) };
         }
     }
 
@@ -322,9 +391,21 @@ mod x86 {
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
     unsafe fn pass<const T: u8, const N: usize>(packed: &[u8], nb: usize, rb: usize, r0: usize, r1: usize, acts: &QuantActs, t: usize, out: SyncPtr<f32>, ld: usize) -> usize {
         let a: [ActRow<'_>; N] = std::array::from_fn(|k| acts.row(t + k));
-        for g in r0 / GROUP..r1 / GROUP {
+        let (mut g, end) = (r0 / GROUP, r1 / GROUP);
+        // Pairs of groups in 512-bit registers, a last odd group in 256-bit ones.
+        while g + 2 <= end {
+            let mut o = [[0f32; 2 * GROUP]; N];
+            // SAFETY: groups g and g + 1's records lie inside packed and out is the caller's
+            // (see above).
+            unsafe {
+                group_pair::<T, N>(packed.as_ptr().add(g * nb * rb), packed.as_ptr().add((g + 1) * nb * rb), nb, &a, &mut o);
+                store(&o, out, t, ld, g * GROUP);
+            }
+            g += 2;
+        }
+        if g < end {
             let mut o = [[0f32; GROUP]; N];
-            // SAFETY: group g's records lie inside packed and out is the caller's (see above).
+            // SAFETY: as above, for group g.
             unsafe {
                 group::<T, N>(packed.as_ptr().add(g * nb * rb), nb, &a, &mut o);
                 store(&o, out, t, ld, g * GROUP);
@@ -412,7 +493,8 @@ mod tests {
                 return;
             };
             for case in 0..4u64 {
-                let (rows, cols) = (24, 160);
+                // Rows 8..32: groups 1–2 as a 512-bit pair, group 3 alone.
+                let (rows, cols) = (32, 160);
                 let data: Vec<u8> = (0..rows).flat_map(|r| random_row(ty, cols, 3 * r as u64 + case)).collect();
                 let packed = pack(ty, rows, cols, &data).expect("packable");
                 let n_tok = 1 + (case as usize * 4) % 13 + if case == 3 { 9 } else { 0 };

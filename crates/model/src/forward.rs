@@ -734,11 +734,24 @@ fn attention(
             if scores.len() < gn * len {
                 scores.resize(gn * len, 0.0);
             }
-            for p in start..=pos {
+            // Runs of rows in one cache block are read in place from f16; any other row
+            // (the prefill's f32 copy, other cache types) one at a time. Same values either way.
+            let mut p = start;
+            while p <= pos {
+                if let Some((rows, m)) = keys.f16_run(p, pos + 1, hd) {
+                    for j in 0..gn {
+                        let s = &mut scores[j * len + p - start..j * len + p - start + m];
+                        ops::dot_rows_f16(&qs[j][..hd], rows, kvd, s);
+                        s.iter_mut().for_each(|v| *v *= scale);
+                    }
+                    p += m;
+                    continue;
+                }
                 let k = keys.row(p, row);
                 for j in 0..gn {
                     scores[j * len + p - start] = ops::dot_f32(&qs[j][..hd], k) * scale;
                 }
+                p += 1;
             }
             for j in 0..gn {
                 let sj = &mut scores[j * len..(j + 1) * len];
@@ -754,11 +767,20 @@ fn attention(
                 }
             }
             let mut acc = [[0f32; 512]; MAX_GROUP];
-            for p in start..=pos {
+            let mut p = start;
+            while p <= pos {
+                if let Some((rows, m)) = values.f16_run(p, pos + 1, hd) {
+                    for j in 0..gn {
+                        ops::weighted_sum_f16(&scores[j * len + p - start..j * len + p - start + m], rows, kvd, &mut acc[j][..hd]);
+                    }
+                    p += m;
+                    continue;
+                }
                 let v = values.row(p, row);
                 for j in 0..gn {
                     ops::axpy(scores[j * len + p - start], v, &mut acc[j][..hd]);
                 }
+                p += 1;
             }
             for j in 0..gn {
                 // SAFETY: this task alone writes query head h0 + j of token i, inside the buffer.
@@ -806,6 +828,22 @@ impl<'a> HeadRows<'a> {
                 buf
             }
         }
+    }
+
+    /// The f16 cache rows of positions `p..p + m` read in place, `m` reaching to the end of
+    /// `p`'s block or to `end` (rows of one block are consecutive slots, `kvd` apart): None
+    /// when rows come from the prefill's f32 copy, the cache is not f16, or `p`'s slot lies
+    /// outside the f16 rows (a two-tier cache's cold blocks).
+    #[inline]
+    fn f16_run(&self, p: usize, end: usize, hd: usize) -> Option<(&'a [f16], usize)> {
+        if self.f32_rows.is_some() {
+            return None;
+        }
+        let h = self.f16_rows?;
+        let bs = self.kv.block_size();
+        let m = (bs - p % bs).min(end - p);
+        let lo = self.kv.slot(self.table, p)? * self.kvd + self.koff;
+        h.get(lo..lo + (m - 1) * self.kvd + hd).map(|rows| (rows, m))
     }
 
     /// The rows at positions `p0..p1` for the flash kernel: `(Some(rows), kvd)` pointing into
