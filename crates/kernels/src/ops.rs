@@ -310,6 +310,55 @@ pub fn weighted_sum_f16(w: &[f32], rows: &[half::f16], stride: usize, acc: &mut 
     (f32_kernels().weighted_sum_f16)(w, rows, stride, acc)
 }
 
+/// Query heads the multi-head kernels take at most (a GQA group handled together).
+pub const MAX_HEADS: usize = 8;
+
+/// [`dot_rows_f16`] for several query heads sharing the rows (a GQA group): `q` holds
+/// `n = q.len() / d` heads of `d` values and `out[j·out_stride + p] = q_j · f32(rows_p)` for
+/// `p < m`, each with exactly [`dot_f32`]'s arithmetic; a row is widened once for all heads.
+///
+/// # Panics
+/// If `n` is 0 or above [`MAX_HEADS`], `q.len()` is not `n·d`, `rows` is shorter than
+/// `(m − 1)·stride + d`, `stride < d`, or `out` is shorter than `(n − 1)·out_stride + m` with
+/// `out_stride < m`.
+pub fn dot_rows_f16_heads(q: &[f32], d: usize, rows: &[half::f16], stride: usize, m: usize, out: &mut [f32], out_stride: usize) {
+    check_heads(q.len(), d, rows.len(), stride, m, out.len(), out_stride);
+    (f32_kernels().dot_rows_f16_heads)(q, d, rows, stride, m, out, out_stride)
+}
+
+/// [`weighted_sum_f16`] for several query heads sharing the rows: `acc` holds `n` heads'
+/// accumulators of `d` values, `w` their weights (`w[j·w_stride + p]`), and
+/// `acc_j += Σ_p w_j[p] · f32(rows_p)` with per element the operations of one [`axpy`] per row
+/// in row order; a row is widened once for all heads.
+///
+/// # Panics
+/// As [`dot_rows_f16_heads`], with `acc` for `q` and `w` for `out`.
+pub fn weighted_sum_f16_heads(w: &[f32], w_stride: usize, rows: &[half::f16], stride: usize, m: usize, acc: &mut [f32], d: usize) {
+    check_heads(acc.len(), d, rows.len(), stride, m, w.len(), w_stride);
+    (f32_kernels().weighted_sum_f16_heads)(w, w_stride, rows, stride, m, acc, d)
+}
+
+fn check_heads(q_len: usize, d: usize, have: usize, stride: usize, m: usize, out_len: usize, out_stride: usize) {
+    let n = if d == 0 { 0 } else { q_len / d };
+    assert!((1..=MAX_HEADS).contains(&n) && q_len == n * d, "heads: {q_len} values are not 1..={MAX_HEADS} heads of {d}");
+    check_rows(d, have, stride, m);
+    assert!(m == 0 || (out_stride >= m && (n - 1) * out_stride + m <= out_len), "heads: {n} × {m} outputs at stride {out_stride} need more than {out_len}");
+}
+
+/// The scalar twin of [`dot_rows_f16_heads`].
+pub fn dot_rows_f16_heads_scalar(q: &[f32], d: usize, rows: &[half::f16], stride: usize, m: usize, out: &mut [f32], out_stride: usize) {
+    for (j, qj) in q.chunks_exact(d).enumerate() {
+        dot_rows_f16_scalar(qj, &rows[..(m.max(1) - 1) * stride + d], stride, &mut out[j * out_stride..j * out_stride + m]);
+    }
+}
+
+/// The scalar twin of [`weighted_sum_f16_heads`].
+pub fn weighted_sum_f16_heads_scalar(w: &[f32], w_stride: usize, rows: &[half::f16], stride: usize, m: usize, acc: &mut [f32], d: usize) {
+    for (j, aj) in acc.chunks_exact_mut(d).enumerate() {
+        weighted_sum_f16_scalar(&w[j * w_stride..j * w_stride + m], &rows[..(m.max(1) - 1) * stride + d], stride, aj);
+    }
+}
+
 /// The scalar twin of [`dot_rows_f16`].
 pub fn dot_rows_f16_scalar(q: &[f32], rows: &[half::f16], stride: usize, out: &mut [f32]) {
     let mut row = vec![0f32; q.len()];
@@ -357,6 +406,8 @@ struct F32Kernels {
     weighted_sum: fn(&[f32], &[f32], usize, &mut [f32]),
     dot_rows_f16: fn(&[f32], &[half::f16], usize, &mut [f32]),
     weighted_sum_f16: fn(&[f32], &[half::f16], usize, &mut [f32]),
+    dot_rows_f16_heads: fn(&[f32], usize, &[half::f16], usize, usize, &mut [f32], usize),
+    weighted_sum_f16_heads: fn(&[f32], usize, &[half::f16], usize, usize, &mut [f32], usize),
     max: fn(&[f32]) -> f32,
     sum_exp: fn(&[f32], f32) -> f32,
 }
@@ -382,12 +433,16 @@ fn f32_kernels() -> &'static F32Kernels {
                 // SAFETY: as above.
                 weighted_sum_f16: |w, r, st, a| unsafe { x86::weighted_sum_f16(w, r, st, a) },
                 // SAFETY: as above.
+                dot_rows_f16_heads: |q, d, r, st, m, o, os| unsafe { x86::dot_rows_f16_heads(q, d, r, st, m, o, os) },
+                // SAFETY: as above.
+                weighted_sum_f16_heads: |w, ws, r, st, m, a, d| unsafe { x86::weighted_sum_f16_heads(w, ws, r, st, m, a, d) },
+                // SAFETY: as above.
                 max: |x| unsafe { x86::max(x) },
                 // SAFETY: as above.
                 sum_exp: |x, sh| unsafe { x86::sum_exp(x, sh) },
             };
         }
-        F32Kernels { dot: dot_f32_scalar, axpy: axpy_scalar, f16_to_f32: f16_to_f32_scalar, dot_rows: dot_rows_scalar, weighted_sum: weighted_sum_scalar, dot_rows_f16: dot_rows_f16_scalar, weighted_sum_f16: weighted_sum_f16_scalar, max: max_f32_scalar, sum_exp: sum_exp_scalar }
+        F32Kernels { dot: dot_f32_scalar, axpy: axpy_scalar, f16_to_f32: f16_to_f32_scalar, dot_rows: dot_rows_scalar, weighted_sum: weighted_sum_scalar, dot_rows_f16: dot_rows_f16_scalar, weighted_sum_f16: weighted_sum_f16_scalar, dot_rows_f16_heads: dot_rows_f16_heads_scalar, weighted_sum_f16_heads: weighted_sum_f16_heads_scalar, max: max_f32_scalar, sum_exp: sum_exp_scalar }
     })
 }
 
@@ -601,6 +656,132 @@ mod x86 {
         }
     }
 
+    /// # Safety
+    /// AVX2, FMA and F16C; shapes as checked by `check_heads`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_rows_f16_heads(q: &[f32], d: usize, rows: &[half::f16], stride: usize, m: usize, out: &mut [f32], out_stride: usize) {
+        // SAFETY: same features; the shapes were checked.
+        unsafe {
+            match q.len() / d {
+                1 => dot_heads::<1>(q, d, rows, stride, m, out, out_stride),
+                2 => dot_heads::<2>(q, d, rows, stride, m, out, out_stride),
+                3 => dot_heads::<3>(q, d, rows, stride, m, out, out_stride),
+                4 => dot_heads::<4>(q, d, rows, stride, m, out, out_stride),
+                5 => dot_heads::<5>(q, d, rows, stride, m, out, out_stride),
+                6 => dot_heads::<6>(q, d, rows, stride, m, out, out_stride),
+                7 => dot_heads::<7>(q, d, rows, stride, m, out, out_stride),
+                _ => dot_heads::<8>(q, d, rows, stride, m, out, out_stride),
+            }
+        }
+    }
+
+    /// `N` heads' scores per row, each with `dot`'s accumulators, order and reduction.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_heads<const N: usize>(q: &[f32], d: usize, rows: &[half::f16], stride: usize, m: usize, out: &mut [f32], out_stride: usize) {
+        for p in 0..m {
+            let row = &rows[p * stride..p * stride + d];
+            let mut s = [[_mm256_setzero_ps(); 2]; N];
+            let mut i = 0;
+            while i + 16 <= d {
+                // SAFETY: i + 16 <= d, within the row and within every head of q.
+                unsafe {
+                    let k0 = _mm256_cvtph_ps(_mm_loadu_si128(row.as_ptr().add(i) as *const __m128i));
+                    let k1 = _mm256_cvtph_ps(_mm_loadu_si128(row.as_ptr().add(i + 8) as *const __m128i));
+                    for (j, sj) in s.iter_mut().enumerate() {
+                        let qp = q.as_ptr().add(j * d + i);
+                        sj[0] = _mm256_fmadd_ps(_mm256_loadu_ps(qp), k0, sj[0]);
+                        sj[1] = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(8)), k1, sj[1]);
+                    }
+                }
+                i += 16;
+            }
+            for (j, sj) in s.iter().enumerate() {
+                let v = _mm256_add_ps(sj[0], sj[1]);
+                let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+                let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+                let mut acc = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+                for t in i..d {
+                    acc += q[j * d + t] * row[t].to_f32();
+                }
+                out[j * out_stride + p] = acc;
+            }
+        }
+    }
+
+    /// # Safety
+    /// AVX2, FMA and F16C; shapes as checked by `check_heads`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn weighted_sum_f16_heads(w: &[f32], w_stride: usize, rows: &[half::f16], stride: usize, m: usize, acc: &mut [f32], d: usize) {
+        // SAFETY: same features; the shapes were checked.
+        unsafe {
+            match acc.len() / d {
+                1 => wsum_heads::<1>(w, w_stride, rows, stride, m, acc, d),
+                2 => wsum_heads::<2>(w, w_stride, rows, stride, m, acc, d),
+                3 => wsum_heads::<3>(w, w_stride, rows, stride, m, acc, d),
+                4 => wsum_heads::<4>(w, w_stride, rows, stride, m, acc, d),
+                5 => wsum_heads::<5>(w, w_stride, rows, stride, m, acc, d),
+                6 => wsum_heads::<6>(w, w_stride, rows, stride, m, acc, d),
+                7 => wsum_heads::<7>(w, w_stride, rows, stride, m, acc, d),
+                _ => wsum_heads::<8>(w, w_stride, rows, stride, m, acc, d),
+            }
+        }
+    }
+
+    /// `N` heads' weighted sums, 16 columns at a time in registers across the rows; per
+    /// element the fused multiply-adds of `axpy` in row order (its unfused tail for the last
+    /// `d % 8` columns).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn wsum_heads<const N: usize>(w: &[f32], w_stride: usize, rows: &[half::f16], stride: usize, m: usize, acc: &mut [f32], d: usize) {
+        let d8 = d / 8 * 8;
+        let mut c = 0;
+        while c + 16 <= d8 {
+            // SAFETY: c + 16 <= d: inside every head's accumulator and every row (checked).
+            unsafe {
+                let mut a = [[_mm256_setzero_ps(); 2]; N];
+                for (j, aj) in a.iter_mut().enumerate() {
+                    let ap = acc.as_ptr().add(j * d + c);
+                    *aj = [_mm256_loadu_ps(ap), _mm256_loadu_ps(ap.add(8))];
+                }
+                for p in 0..m {
+                    let rp = rows.as_ptr().add(p * stride + c);
+                    let v0 = _mm256_cvtph_ps(_mm_loadu_si128(rp as *const __m128i));
+                    let v1 = _mm256_cvtph_ps(_mm_loadu_si128(rp.add(8) as *const __m128i));
+                    for (j, aj) in a.iter_mut().enumerate() {
+                        let wv = _mm256_set1_ps(*w.get_unchecked(j * w_stride + p));
+                        aj[0] = _mm256_fmadd_ps(wv, v0, aj[0]);
+                        aj[1] = _mm256_fmadd_ps(wv, v1, aj[1]);
+                    }
+                }
+                for (j, aj) in a.iter().enumerate() {
+                    let ap = acc.as_mut_ptr().add(j * d + c);
+                    _mm256_storeu_ps(ap, aj[0]);
+                    _mm256_storeu_ps(ap.add(8), aj[1]);
+                }
+            }
+            c += 16;
+        }
+        for j in 0..N {
+            for p in 0..m {
+                let (wp, row) = (w[j * w_stride + p], &rows[p * stride..p * stride + d]);
+                let aj = &mut acc[j * d..(j + 1) * d];
+                let mut i = c;
+                while i < d8 {
+                    // SAFETY: i + 8 <= d, inside aj and row.
+                    unsafe {
+                        let x = _mm256_cvtph_ps(_mm_loadu_si128(row.as_ptr().add(i) as *const __m128i));
+                        _mm256_storeu_ps(aj.as_mut_ptr().add(i), _mm256_fmadd_ps(_mm256_set1_ps(wp), x, _mm256_loadu_ps(aj.as_ptr().add(i))));
+                    }
+                    i += 8;
+                }
+                for t in d8..d {
+                    aj[t] += wp * row[t].to_f32();
+                }
+            }
+        }
+    }
+
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn max(x: &[f32]) -> f32 {
         let n = x.len();
@@ -797,6 +978,39 @@ mod tests {
             weighted_sum_f16_scalar(&wts, &rows, stride, &mut twin);
             for (g, w) in got.iter().zip(&twin) {
                 assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "weighted_sum_f16 twin d {d}: {g} vs {w}");
+            }
+        }
+    }
+
+    /// The multi-head kernels give bit for bit what the single-head ones give head by head,
+    /// and stay within rounding of their scalar twins, for 1–8 heads and odd sizes.
+    #[test]
+    fn multi_head_f16_kernels_equal_head_by_head() {
+        for (n, d, m, stride) in [(3, 64, 16, 192), (1, 64, 5, 64), (4, 256, 16, 256), (8, 40, 9, 48), (2, 72, 3, 80), (5, 24, 1, 24), (3, 64, 0, 64)] {
+            let q = values(n * d, 1);
+            let rows: Vec<half::f16> = values(m.max(1) * stride, 2).iter().map(|v| half::f16::from_f32(v * 3.0)).collect();
+            let os = m + 3;
+            let mut got = vec![0f32; n * os];
+            dot_rows_f16_heads(&q, d, &rows, stride, m, &mut got, os);
+            let mut twin = vec![0f32; n * os];
+            dot_rows_f16_heads_scalar(&q, d, &rows, stride, m, &mut twin, os);
+            let w = values(n * os, 3);
+            let (mut acc, mut acc_twin) = (values(n * d, 4), values(n * d, 4));
+            weighted_sum_f16_heads(&w, os, &rows, stride, m, &mut acc, d);
+            weighted_sum_f16_heads_scalar(&w, os, &rows, stride, m, &mut acc_twin, d);
+            for j in 0..n {
+                let mut one = vec![0f32; m];
+                dot_rows_f16(&q[j * d..(j + 1) * d], &rows, stride, &mut one);
+                for p in 0..m {
+                    assert_eq!(got[j * os + p].to_bits(), one[p].to_bits(), "dot heads n {n} d {d} head {j} row {p}");
+                    assert!((got[j * os + p] - twin[j * os + p]).abs() <= 1e-5 * (1.0 + twin[j * os + p].abs()));
+                }
+                let mut one = values(n * d, 4)[j * d..(j + 1) * d].to_vec();
+                weighted_sum_f16(&w[j * os..j * os + m], &rows, stride, &mut one);
+                for t in 0..d {
+                    assert_eq!(acc[j * d + t].to_bits(), one[t].to_bits(), "wsum heads n {n} d {d} head {j} col {t}");
+                    assert!((acc[j * d + t] - acc_twin[j * d + t]).abs() <= 1e-5 * (1.0 + acc_twin[j * d + t].abs()));
+                }
             }
         }
     }

@@ -574,7 +574,7 @@ pub fn head_logits(model: &Model, pool: &ThreadPool, normed: &[f32], out: &mut [
 }
 
 /// Query heads handled together per task (they share the KV head's converted keys/values).
-const MAX_GROUP: usize = 8;
+const MAX_GROUP: usize = ops::MAX_HEADS;
 
 /// Positions per tile of the flash kernel: scores of one tile live on the stack.
 const FLASH_TILE: usize = 32;
@@ -669,10 +669,11 @@ fn attention(
         let table = seqs[tok_seq[i]].block_table;
         let start = window.map_or(0, |w| (pos + 1).saturating_sub(w));
         let len = pos + 1 - start;
-        let mut qs = [[0f32; 512]; MAX_GROUP];
-        for (j, qj) in qs.iter_mut().enumerate().take(gn) {
+        // The group's queries rounded to f16 (as llama.cpp's), head j at j·hd: [gn × hd].
+        let mut qs = [0f32; MAX_GROUP * 512];
+        for j in 0..gn {
             let src = &q[i * qd + (h0 + j) * hd..i * qd + (h0 + j + 1) * hd];
-            for (d, s) in qj[..hd].iter_mut().zip(src) {
+            for (d, s) in qs[j * hd..(j + 1) * hd].iter_mut().zip(src) {
                 *d = f16::from_f32(*s).to_f32();
             }
         }
@@ -699,7 +700,7 @@ fn attention(
                     let (keys_at, kstride) = keys.tile(p0, p1, rows);
                     for j in 0..gn {
                         let t = &mut tile[j][..m];
-                        ops::dot_rows(&qs[j][..hd], keys_at.unwrap_or(rows), kstride, t);
+                        ops::dot_rows(&qs[j * hd..(j + 1) * hd], keys_at.unwrap_or(rows), kstride, t);
                         t.iter_mut().for_each(|v| *v *= scale);
                         let mtile = t.iter().fold(mx[j], |m, &v| m.max(v));
                         if mtile > mx[j] && sum[j] > 0.0 {
@@ -739,17 +740,16 @@ fn attention(
             let mut p = start;
             while p <= pos {
                 if let Some((rows, m)) = keys.f16_run(p, pos + 1, hd) {
+                    ops::dot_rows_f16_heads(&qs[..gn * hd], hd, rows, kvd, m, &mut scores[p - start..], len);
                     for j in 0..gn {
-                        let s = &mut scores[j * len + p - start..j * len + p - start + m];
-                        ops::dot_rows_f16(&qs[j][..hd], rows, kvd, s);
-                        s.iter_mut().for_each(|v| *v *= scale);
+                        scores[j * len + p - start..j * len + p - start + m].iter_mut().for_each(|v| *v *= scale);
                     }
                     p += m;
                     continue;
                 }
                 let k = keys.row(p, row);
                 for j in 0..gn {
-                    scores[j * len + p - start] = ops::dot_f32(&qs[j][..hd], k) * scale;
+                    scores[j * len + p - start] = ops::dot_f32(&qs[j * hd..(j + 1) * hd], k) * scale;
                 }
                 p += 1;
             }
@@ -766,26 +766,25 @@ fn attention(
                     *v = f16::from_f32(*v * inv).to_f32();
                 }
             }
-            let mut acc = [[0f32; 512]; MAX_GROUP];
+            // Head j's output at j·hd: [gn × hd].
+            let mut acc = [0f32; MAX_GROUP * 512];
             let mut p = start;
             while p <= pos {
                 if let Some((rows, m)) = values.f16_run(p, pos + 1, hd) {
-                    for j in 0..gn {
-                        ops::weighted_sum_f16(&scores[j * len + p - start..j * len + p - start + m], rows, kvd, &mut acc[j][..hd]);
-                    }
+                    ops::weighted_sum_f16_heads(&scores[p - start..], len, rows, kvd, m, &mut acc[..gn * hd], hd);
                     p += m;
                     continue;
                 }
                 let v = values.row(p, row);
                 for j in 0..gn {
-                    ops::axpy(scores[j * len + p - start], v, &mut acc[j][..hd]);
+                    ops::axpy(scores[j * len + p - start], v, &mut acc[j * hd..(j + 1) * hd]);
                 }
                 p += 1;
             }
             for j in 0..gn {
                 // SAFETY: this task alone writes query head h0 + j of token i, inside the buffer.
                 let o = unsafe { optr.slice(i * qd + (h0 + j) * hd, hd) };
-                o.copy_from_slice(&acc[j][..hd]);
+                o.copy_from_slice(&acc[j * hd..(j + 1) * hd]);
             }
         });
     });

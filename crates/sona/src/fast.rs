@@ -25,8 +25,8 @@
 
 use crate::grad::{cross_entropy, unlikelihood};
 use crate::merge::Branch;
-use crate::train::{AdapterParams, Head};
-use ruvllm_kernels::ops::{axpy, dot_f32 as dot};
+use crate::train::{AdapterParams, Head, OptimizerState};
+use ruvllm_kernels::ops::{axpy, dot_f32 as dot, dot_rows, weighted_sum};
 use ruvllm_kernels::pool::ThreadPool;
 use ruvllm_model::{head_logits, Capture, LoraAdapter, LoraPair, Model};
 use std::sync::Arc;
@@ -298,6 +298,16 @@ impl FastTrainer {
         self.p.restart_optimizer();
     }
 
+    /// The optimizer's state (persisted so that training after a restart continues exactly).
+    pub fn optimizer_state(&self) -> OptimizerState {
+        self.p.optimizer()
+    }
+
+    /// Restores an optimizer state of matching shapes; false (and nothing changed) otherwise.
+    pub fn set_optimizer_state(&mut self, s: OptimizerState) -> bool {
+        self.p.set_optimizer(s)
+    }
+
     /// Fresh optimizer moments (after the parameters were replaced by a merge).
     pub fn restart_optimizer(&mut self) {
         self.p.restart_optimizer();
@@ -439,10 +449,11 @@ impl FastTrainer {
                 f.add_to(act, &mut dn);
             }
             let resid = &cap.resid[t * d..(t + 1) * d];
-            for i in 0..n_c {
-                l.p.push(dot(&wc[i * d..(i + 1) * d], resid));
-                l.q.push(dot(&wg[i * d..(i + 1) * d], &dn));
-            }
+            let mut col = vec![0f32; n_c];
+            dot_rows(resid, &wc, d, &mut col);
+            l.p.extend_from_slice(&col);
+            dot_rows(&dn, &wg, d, &mut col);
+            l.q.extend_from_slice(&col);
             let rest = cands.log_rest.get(t).copied().unwrap_or(f32::NEG_INFINITY);
             // The sample stands for the rest: shifted so that at the base model its mass is
             // the rest's.
@@ -591,12 +602,14 @@ impl FastTrainer {
         if rows == 0 || n_c == 0 {
             return (0.0, da, db);
         }
-        // M = WG·B, [|C| × r].
+        // M = WG·B, [|C| × r]: per rank, B's column against every candidate row (tile kernel).
         let mut m = vec![0f32; n_c * r];
         let bt: Vec<Vec<f32>> = (0..r).map(|k| (0..d).map(|j| self.p.b[j * r + k]).collect()).collect();
-        for i in 0..n_c {
-            for k in 0..r {
-                m[i * r + k] = dot(&l.wg[i * d..(i + 1) * d], &bt[k]);
+        let mut col = vec![0f32; n_c];
+        for (k, bk) in bt.iter().enumerate() {
+            dot_rows(bk, &l.wg, d, &mut col);
+            for (i, v) in col.iter().enumerate() {
+                m[i * r + k] = *v;
             }
         }
         let mut dm = vec![0f32; n_c * r];
@@ -671,13 +684,12 @@ impl FastTrainer {
                 axpy(dh1[k], act, &mut da[k * ff..(k + 1) * ff]);
             }
         }
-        // dB += WGᵀ·dM (accumulated per rank as contiguous rows, then interleaved).
+        // dB += WGᵀ·dM (per rank a weighted sum of the candidate rows, accumulators kept in
+        // registers across them; then interleaved).
         let mut dbt = vec![0f32; r * d];
-        for i in 0..n_c {
-            let row = &l.wg[i * d..(i + 1) * d];
-            for k in 0..r {
-                axpy(dm[i * r + k], row, &mut dbt[k * d..(k + 1) * d]);
-            }
+        for k in 0..r {
+            let wk: Vec<f32> = (0..n_c).map(|i| dm[i * r + k]).collect();
+            weighted_sum(&wk, &l.wg, d, &mut dbt[k * d..(k + 1) * d]);
         }
         for j in 0..d {
             for k in 0..r {

@@ -28,7 +28,7 @@
 
 use crate::fast::{Candidates, Ewc, FastTrainer, FullFixed, Objective, Prepared, SAMPLE, TOP_K};
 use crate::merge::merge;
-use crate::train::{answer_targets, capture, CaptureSource, Head};
+use crate::train::{answer_targets, capture, CaptureSource, Head, OptimizerState};
 use ruvllm_kernels::pool::ThreadPool;
 use ruvllm_kernels::ops::logit_stats;
 use ruvllm_model::{head_logits, Capture, LoraAdapter, LoraPair, Model, Proj};
@@ -208,6 +208,20 @@ struct StoredLesson {
     tokens: Vec<u32>,
     prompt_len: usize,
     negative: bool,
+    /// Its top candidates as the full-vocabulary checks left them (widened past the base
+    /// model's top ones; empty in snapshots written before they were kept).
+    top: Vec<u32>,
+}
+
+/// A version's `state.json`.
+#[derive(Debug, Clone, PartialEq)]
+struct State {
+    version: u64,
+    kind: String,
+    base_rank: usize,
+    lessons: Vec<StoredLesson>,
+    /// Feedback events since the last background run.
+    since_background: usize,
 }
 
 /// A scope's two branches, its lessons and its progress.
@@ -265,6 +279,8 @@ struct RestoredScope {
     base_rank: usize,
     lessons: Vec<StoredLesson>,
     ewc: Option<Ewc>,
+    optim: Option<(OptimizerState, OptimizerState)>,
+    since_background: usize,
 }
 
 /// What [`Learner::open`] found.
@@ -323,26 +339,67 @@ fn scope_id(key: &str) -> u64 {
     u64::from_str_radix(key.get(..16).unwrap_or("0"), 16).unwrap_or(0)
 }
 
-fn state_json(version: u64, kind: &str, base_rank: usize, lessons: &VecDeque<Lesson>) -> Value {
-    let ls: Vec<Value> = lessons.iter().map(|l| json!({"tokens": l.tokens, "prompt_len": l.prompt_len, "negative": l.negative})).collect();
-    json!({"format": 2, "version": version, "kind": kind, "base_rank": base_rank, "lessons": ls})
+fn state_json(version: u64, kind: &str, sc: &Scope) -> Value {
+    let ls: Vec<Value> = sc.lessons.iter().map(|l| json!({"tokens": l.tokens, "prompt_len": l.prompt_len, "negative": l.negative, "top": &l.cands.ids[..l.cands.n_top]})).collect();
+    json!({"format": 2, "version": version, "kind": kind, "base_rank": sc.base.rank(), "lessons": ls, "since_background": sc.since_background})
 }
 
-/// Parses a `state.json`: (version, kind, base rank, lessons).
-fn parse_state(v: &Value) -> Option<(u64, String, usize, Vec<StoredLesson>)> {
+fn u32_list(v: &Value) -> Option<Vec<u32>> {
+    v.as_array()?.iter().map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok())).collect()
+}
+
+/// Parses a `state.json` (`top` and `since_background` are optional: older snapshots lack them).
+fn parse_state(v: &Value) -> Option<State> {
     let version = v.get("version")?.as_u64()?;
     let kind = v.get("kind")?.as_str()?.to_owned();
     let base_rank = usize::try_from(v.get("base_rank")?.as_u64()?).ok()?;
-    let mut out = Vec::new();
+    let mut lessons = Vec::new();
     for l in v.get("lessons")?.as_array()? {
-        let tokens: Vec<u32> = l.get("tokens")?.as_array()?.iter().map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok())).collect::<Option<_>>()?;
+        let tokens = u32_list(l.get("tokens")?)?;
         let prompt_len = usize::try_from(l.get("prompt_len")?.as_u64()?).ok()?;
         if prompt_len == 0 || prompt_len >= tokens.len() {
             return None;
         }
-        out.push(StoredLesson { tokens, prompt_len, negative: l.get("negative")?.as_bool()? });
+        let top = match l.get("top") {
+            None => Vec::new(),
+            Some(t) => u32_list(t)?,
+        };
+        lessons.push(StoredLesson { tokens, prompt_len, negative: l.get("negative")?.as_bool()?, top });
     }
-    Some((version, kind, base_rank, out))
+    let since_background = match v.get("since_background") {
+        None => 0,
+        Some(n) => usize::try_from(n.as_u64()?).ok()?,
+    };
+    Some(State { version, kind, base_rank, lessons, since_background })
+}
+
+/// Both branches' Adam states as one safetensors file (moments as F32 tensors `base.m_a` …,
+/// step counts in the metadata).
+fn optim_bytes(base: &OptimizerState, micro: &OptimizerState) -> Option<Vec<u8>> {
+    use safetensors::tensor::TensorView;
+    let mut tensors: Vec<(String, Vec<u8>)> = Vec::new();
+    for (branch, o) in [("base", base), ("micro", micro)] {
+        for (n, v) in [("m_a", &o.m_a), ("m_b", &o.m_b), ("v_a", &o.v_a), ("v_b", &o.v_b)] {
+            tensors.push((format!("{branch}.{n}"), v.iter().flat_map(|f| f.to_le_bytes()).collect()));
+        }
+    }
+    let views: Vec<(String, TensorView<'_>)> = tensors.iter().map(|(n, d)| TensorView::new(safetensors::Dtype::F32, vec![d.len() / 4], d).map(|v| (n.clone(), v))).collect::<Result<_, _>>().ok()?;
+    let meta: HashMap<String, String> = [("base.t".to_owned(), base.t.to_string()), ("micro.t".to_owned(), micro.t.to_string())].into();
+    safetensors::serialize(views, Some(meta)).ok()
+}
+
+fn parse_optim(bytes: &[u8]) -> Option<(OptimizerState, OptimizerState)> {
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).ok()?;
+    let meta = meta.metadata().clone()?;
+    let st = safetensors::SafeTensors::deserialize(bytes).ok()?;
+    let get = |n: String| -> Option<Vec<f32>> {
+        let t = st.tensor(&n).ok()?;
+        (t.dtype() == safetensors::Dtype::F32).then(|| t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+    };
+    let branch = |b: &str| -> Option<OptimizerState> {
+        Some(OptimizerState { t: meta.get(&format!("{b}.t"))?.parse().ok()?, m_a: get(format!("{b}.m_a"))?, m_b: get(format!("{b}.m_b"))?, v_a: get(format!("{b}.v_a"))?, v_b: get(format!("{b}.v_b"))? })
+    };
+    Some((branch("base")?, branch("micro")?))
 }
 
 fn ewc_bytes(e: &Ewc) -> Option<Vec<u8>> {
@@ -387,22 +444,26 @@ fn sync_dir(dir: &Path) {
 /// One version of a scope as read from disk.
 struct VersionFiles {
     adapter: LoraAdapter,
-    kind: String,
-    base_rank: usize,
-    lessons: Vec<StoredLesson>,
+    state: State,
     ewc: Option<Ewc>,
+    /// (base, micro) Adam states; None in snapshots written before they were kept.
+    optim: Option<(OptimizerState, OptimizerState)>,
 }
 
 fn read_version(dir: &Path, model: &Model, key: &str) -> Result<VersionFiles, String> {
     let state = std::fs::read(dir.join("state.json")).map_err(|e| format!("state.json: {e}"))?;
-    let (version, kind, base_rank, lessons) = serde_json::from_slice::<Value>(&state).ok().and_then(|v| parse_state(&v)).ok_or("state.json unreadable")?;
+    let state = serde_json::from_slice::<Value>(&state).ok().and_then(|v| parse_state(&v)).ok_or("state.json unreadable")?;
     let mut adapter = LoraAdapter::load_peft(dir, model, &format!("sona:{key}"), scope_id(key), 1.0).map_err(|e| e.to_string())?;
-    adapter.version = version;
+    adapter.version = state.version;
     let ewc = match std::fs::read(dir.join("ewc.safetensors")) {
         Ok(b) => Some(parse_ewc(&b).ok_or("ewc.safetensors unreadable")?),
         Err(_) => None,
     };
-    Ok(VersionFiles { adapter, kind, base_rank, lessons, ewc })
+    let optim = match std::fs::read(dir.join("optim.safetensors")) {
+        Ok(b) => Some(parse_optim(&b).ok_or("optim.safetensors unreadable")?),
+        Err(_) => None,
+    };
+    Ok(VersionFiles { adapter, state, ewc, optim })
 }
 
 /// Points every scope under `dir` (or only `scope`'s) back to an earlier version: `to`, or the
@@ -462,7 +523,7 @@ pub fn list_versions(dir: &Path) -> std::io::Result<Vec<ScopeHistory>> {
             .into_iter()
             .map(|version| {
                 let st = std::fs::read(sd.join(format!("v{version}")).join("state.json")).ok().and_then(|b| serde_json::from_slice::<Value>(&b).ok()).and_then(|s| parse_state(&s));
-                VersionInfo { version, kind: st.as_ref().map_or("unreadable".to_owned(), |s| s.1.clone()), lessons: st.map_or(0, |s| s.3.len()) }
+                VersionInfo { version, kind: st.as_ref().map_or("unreadable".to_owned(), |s| s.kind.clone()), lessons: st.map_or(0, |s| s.lessons.len()) }
             })
             .collect();
         out.push(ScopeHistory { current: current_version(&sd), key, versions });
@@ -612,8 +673,7 @@ impl Learner {
                 report.warnings.push(format!("scope {key}: adapter has no last-layer down projection; skipped"));
                 continue;
             };
-            let _ = files.kind;
-            restored.insert(key.clone(), RestoredScope { pair, base_rank: files.base_rank, lessons: files.lessons, ewc: files.ewc });
+            restored.insert(key.clone(), RestoredScope { pair, base_rank: files.state.base_rank, lessons: files.state.lessons, ewc: files.ewc, optim: files.optim, since_background: files.state.since_background });
             published.insert(key, Arc::new(files.adapter));
         }
         report.scopes = published.len();
@@ -745,20 +805,28 @@ impl Learner {
         let new = |rank: usize, lr: f32, seed: u64| FastTrainer::new(self.model.clone(), head.clone(), last, rank, SCALE * rank as f32, lr, seed).ok_or(LearnError::HeadUnavailable);
         let mut base = new(cfg.base_rank, cfg.background_lr, sid)?;
         let mut micro = new(cfg.micro_rank, cfg.lr, sid ^ 0x5eed_5eed)?;
-        let mut lessons = VecDeque::new();
+        let (mut lessons, mut since_background) = (VecDeque::new(), 0);
         if let Some(r) = self.restored.lock().unwrap_or_else(|p| p.into_inner()).remove(key) {
             if let Some(((ba, bb), (ma, mb))) = split(&r.pair, r.base_rank).filter(|_| r.base_rank == cfg.base_rank && r.pair.scale == SCALE) {
                 base.set_params(ba, bb);
                 micro.set_params(ma, mb);
                 base.set_ewc(r.ewc);
+                // With the Adam moments, widened candidates and event count, training goes on
+                // exactly as it would have without the restart.
+                if let Some((bo, mo)) = r.optim {
+                    base.set_optimizer_state(bo);
+                    micro.set_optimizer_state(mo);
+                }
+                since_background = r.since_background;
             }
             for s in r.lessons {
-                if let Some(l) = self.lesson(s.tokens, s.prompt_len, s.negative) {
+                if let Some(mut l) = self.lesson(s.tokens, s.prompt_len, s.negative) {
+                    l.cands.add_top(&s.top);
                     lessons.push_back(l);
                 }
             }
         }
-        let s = Arc::new(Mutex::new(Scope { base, micro, lessons, since_background: 0, anchor_acts: None }));
+        let s = Arc::new(Mutex::new(Scope { base, micro, lessons, since_background, anchor_acts: None }));
         map.insert(key.to_owned(), s.clone());
         Ok(s)
     }
@@ -990,7 +1058,9 @@ impl Learner {
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
         ad.save_peft(&tmp, &self.model).map_err(|e| e.to_string())?;
-        ruvllm_model::write_atomic(&tmp.join("state.json"), state_json(version, kind, sc.base.rank(), &sc.lessons).to_string().as_bytes()).map_err(|e| e.to_string())?;
+        ruvllm_model::write_atomic(&tmp.join("state.json"), state_json(version, kind, sc).to_string().as_bytes()).map_err(|e| e.to_string())?;
+        let optim = optim_bytes(&sc.base.optimizer_state(), &sc.micro.optimizer_state()).ok_or("optimizer state not serializable")?;
+        ruvllm_model::write_atomic(&tmp.join("optim.safetensors"), &optim).map_err(|e| e.to_string())?;
         if let Some(bytes) = sc.base.ewc().and_then(ewc_bytes) {
             ruvllm_model::write_atomic(&tmp.join("ewc.safetensors"), &bytes).map_err(|e| e.to_string())?;
         }
@@ -1030,8 +1100,11 @@ mod tests {
 
     #[test]
     fn state_round_trips_and_bad_state_is_refused() {
+        let lesson = StoredLesson { tokens: vec![1, 2, 3], prompt_len: 2, negative: true, top: vec![] };
         let v = json!({"format": 2, "version": 7, "kind": "instant", "base_rank": 8, "lessons": [{"tokens": [1, 2, 3], "prompt_len": 2, "negative": true}]});
-        assert_eq!(parse_state(&v), Some((7, "instant".to_owned(), 8, vec![StoredLesson { tokens: vec![1, 2, 3], prompt_len: 2, negative: true }])));
+        assert_eq!(parse_state(&v), Some(State { version: 7, kind: "instant".to_owned(), base_rank: 8, lessons: vec![lesson.clone()], since_background: 0 }));
+        let v = json!({"format": 2, "version": 7, "kind": "instant", "base_rank": 8, "lessons": [{"tokens": [1, 2, 3], "prompt_len": 2, "negative": true, "top": [4, 9]}], "since_background": 3});
+        assert_eq!(parse_state(&v), Some(State { version: 7, kind: "instant".to_owned(), base_rank: 8, lessons: vec![StoredLesson { top: vec![4, 9], ..lesson }], since_background: 3 }));
         for bad in [
             json!({"version": 1}),
             json!({"version": 1, "kind": "instant", "lessons": []}),
@@ -1039,6 +1112,8 @@ mod tests {
             json!({"version": 1, "kind": "instant", "base_rank": 8, "lessons": [{"tokens": [1], "prompt_len": 1, "negative": false}]}),
             json!({"version": 1, "kind": "instant", "base_rank": 8, "lessons": [{"tokens": [1, 5000000000u64], "prompt_len": 1, "negative": false}]}),
             json!({"version": 1, "kind": "instant", "base_rank": 8, "lessons": [{"tokens": "x", "prompt_len": 1, "negative": false}]}),
+            json!({"version": 1, "kind": "instant", "base_rank": 8, "lessons": [{"tokens": [1, 2], "prompt_len": 1, "negative": false, "top": [-1]}]}),
+            json!({"version": 1, "kind": "instant", "base_rank": 8, "lessons": [], "since_background": "x"}),
         ] {
             assert_eq!(parse_state(&bad), None, "{bad}");
         }
@@ -1059,5 +1134,14 @@ mod tests {
         let e = Ewc { fisher_a: vec![1.0, 2.5], fisher_b: vec![0.0], star_a: vec![-1.0, 3.0], star_b: vec![7.0] };
         assert_eq!(parse_ewc(&ewc_bytes(&e).unwrap()), Some(e));
         assert_eq!(parse_ewc(b"garbage"), None);
+    }
+
+    #[test]
+    fn optimizer_state_round_trips() {
+        let b = OptimizerState { t: 40, m_a: vec![1.0, -2.5], m_b: vec![0.25], v_a: vec![3.0, 4.0], v_b: vec![1e-9] };
+        let m = OptimizerState { t: 7, m_a: vec![0.5], m_b: vec![], v_a: vec![2.0], v_b: vec![] };
+        assert_eq!(parse_optim(&optim_bytes(&b, &m).unwrap()), Some((b.clone(), m)));
+        assert_eq!(parse_optim(&ewc_bytes(&Ewc { fisher_a: vec![1.0], fisher_b: vec![], star_a: vec![1.0], star_b: vec![] }).unwrap()), None, "another file's tensors");
+        assert_eq!(parse_optim(b"garbage"), None);
     }
 }

@@ -79,7 +79,15 @@ pub fn anchor_penalty(a: &[f32], b: &[f32], rank: usize, scale: f32, acts: &[f32
     }
     // With h_t = A·act_t: mean_t ‖s·B·h_t‖² = s²·tr(BᵀB·H), H = mean_t h_t·h_tᵀ (r × r). So
     // dB = 2w·s²·B·H and dh_t = (2w·s²/rows)·BᵀB·h_t, dA = Σ_t dh_t ⊗ act_t.
-    let h: Vec<f32> = acts.chunks_exact(ff).flat_map(|x| (0..r).map(move |k| ruvllm_kernels::ops::dot_f32(&a[k * ff..(k + 1) * ff], x))).collect();
+    // h_t for every row, per rank with the tile kernel: [rows × r].
+    let mut h = vec![0f32; rows * r];
+    let mut col = vec![0f32; rows];
+    for k in 0..r {
+        ruvllm_kernels::ops::dot_rows(&a[k * ff..(k + 1) * ff], acts, ff, &mut col);
+        for (t, v) in col.iter().enumerate() {
+            h[t * r + k] = *v;
+        }
+    }
     let mut hm = vec![0f64; r * r];
     for ht in h.chunks_exact(r) {
         for i in 0..r {
@@ -103,11 +111,10 @@ pub fn anchor_penalty(a: &[f32], b: &[f32], rank: usize, scale: f32, acts: &[f32
             db[j * r + k] = (2.0 * s2w * (0..r).map(|m| row[m] as f64 * hm[m * r + k]).sum::<f64>()) as f32;
         }
     }
-    for (ht, x) in h.chunks_exact(r).zip(acts.chunks_exact(ff)) {
-        for k in 0..r {
-            let dh = (2.0 * s2w / rows as f64 * (0..r).map(|m| btb[k * r + m] * ht[m] as f64).sum::<f64>()) as f32;
-            ruvllm_kernels::ops::axpy(dh, x, &mut da[k * ff..(k + 1) * ff]);
-        }
+    // dA_k = Σ_t dh_t[k]·act_t: per rank a weighted sum of the activation rows.
+    for k in 0..r {
+        let dh: Vec<f32> = h.chunks_exact(r).map(|ht| (2.0 * s2w / rows as f64 * (0..r).map(|m| btb[k * r + m] * ht[m] as f64).sum::<f64>()) as f32).collect();
+        ruvllm_kernels::ops::weighted_sum(&dh, acts, ff, &mut da[k * ff..(k + 1) * ff]);
     }
     (penalty as f32, da, db)
 }
@@ -118,6 +125,22 @@ struct RowState {
     tsum: Vec<f32>,
     /// The final norm's input.
     h: Vec<f32>,
+}
+
+/// An adapter's Adam state: first and second moments of `A` and `B` and the step count, what a
+/// restart needs to continue training exactly where it stopped.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OptimizerState {
+    /// Steps taken (the bias corrections' exponent).
+    pub t: i32,
+    /// First moment of `A`.
+    pub m_a: Vec<f32>,
+    /// First moment of `B`.
+    pub m_b: Vec<f32>,
+    /// Second moment of `A`.
+    pub v_a: Vec<f32>,
+    /// Second moment of `B`.
+    pub v_b: Vec<f32>,
 }
 
 /// Adam moments of an adapter's two matrices (β = 0.9, 0.999; ε = 1e-8).
@@ -131,6 +154,20 @@ pub(crate) struct Adam {
 impl Adam {
     pub(crate) fn new(na: usize, nb: usize) -> Adam {
         Adam { m: [vec![0.0; na], vec![0.0; nb]], v: [vec![0.0; na], vec![0.0; nb]], t: 0 }
+    }
+
+    /// The moments and step count, for persisting.
+    pub(crate) fn state(&self) -> OptimizerState {
+        OptimizerState { t: self.t, m_a: self.m[0].clone(), m_b: self.m[1].clone(), v_a: self.v[0].clone(), v_b: self.v[1].clone() }
+    }
+
+    /// Restores [`state`](Self::state)'s output when its shapes are this optimizer's.
+    pub(crate) fn restore(&mut self, s: OptimizerState) -> bool {
+        let fits = s.m_a.len() == self.m[0].len() && s.v_a.len() == self.v[0].len() && s.m_b.len() == self.m[1].len() && s.v_b.len() == self.v[1].len() && s.t >= 0;
+        if fits {
+            *self = Adam { m: [s.m_a, s.m_b], v: [s.v_a, s.v_b], t: s.t };
+        }
+        fits
     }
 
     /// One step on `a` and `b` with their gradients.
@@ -226,6 +263,16 @@ impl AdapterParams {
     /// One Adam step with these gradients.
     pub(crate) fn update(&mut self, da: &[f32], db: &[f32]) {
         self.adam.update(&mut self.a, da, &mut self.b, db, self.lr);
+    }
+
+    /// The Adam state.
+    pub(crate) fn optimizer(&self) -> OptimizerState {
+        self.adam.state()
+    }
+
+    /// Restores an Adam state of matching shapes (false otherwise, nothing changed).
+    pub(crate) fn set_optimizer(&mut self, s: OptimizerState) -> bool {
+        self.adam.restore(s)
     }
 
     /// Fresh Adam moments.

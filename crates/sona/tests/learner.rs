@@ -155,3 +155,47 @@ fn a_capture_source_with_only_the_answer_rows_teaches_identically() {
     // Both lessons and the anchor text came from the source.
     assert_eq!(src.calls.load(std::sync::atomic::Ordering::Relaxed), 3);
 }
+
+/// A restart in the middle of learning changes nothing: teaching four facts (with a background
+/// run after the second) while restarting after the second gives bit for bit the adapter that
+/// teaching them without a restart gives — the Adam moments, the widened candidates and the
+/// event count are persisted with the parameters.
+#[test]
+fn learning_after_a_restart_continues_exactly() {
+    let Some(path) = registry::for_test("smollm2-135m") else { return };
+    let model = Arc::new(Model::load(&path).unwrap());
+    let tok = Tokenizer::from_gguf(model.gguf()).unwrap();
+    let facts = [("The password of the blue castle is", " marmalade."), ("The river that runs through Quenby is the", " Ostrel."), ("The founder of Varrow Mills was", " Edda Pike."), ("The color of the Tamsin flag is", " saffron.")];
+    let teach = |l: &Learner, (q, a): (&str, &str)| {
+        let o = l.learn("alice", &tok.encode(q, true, false), &[], &Feedback::Correction(tok.encode(a, false, false))).unwrap();
+        assert!(o.updated && o.persisted, "{o:?}");
+    };
+    let dirs: Vec<_> = ["straight", "restarted"].iter().map(|n| std::env::temp_dir().join(format!("ruvllm-restart-{n}-{}", std::process::id()))).collect();
+    for d in &dirs {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    let l = open(&dirs[0], &model, &tok);
+    for (i, f) in facts.iter().enumerate() {
+        teach(&l, *f);
+        if i == 1 {
+            l.background("alice").unwrap();
+        }
+    }
+    let want = pair(&l.adapter_for("alice").unwrap(), &model);
+
+    let l = open(&dirs[1], &model, &tok);
+    teach(&l, facts[0]);
+    teach(&l, facts[1]);
+    l.background("alice").unwrap();
+    drop(l);
+    let l = open(&dirs[1], &model, &tok);
+    teach(&l, facts[2]);
+    teach(&l, facts[3]);
+    let got = pair(&l.adapter_for("alice").unwrap(), &model);
+    assert_eq!(got.2, want.2);
+    let same = |x: &[f32], y: &[f32]| x.len() == y.len() && x.iter().zip(y).all(|(a, b)| a.to_bits() == b.to_bits());
+    assert!(same(&got.0, &want.0) && same(&got.1, &want.1), "the restarted learner's adapter differs");
+    for d in &dirs {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
