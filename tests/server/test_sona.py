@@ -124,12 +124,13 @@ def test_learned_state_survives_restart_and_a_crash_mid_write(tmp_path):
         assert taught.startswith(ANSWER.strip(".")), taught
     finally:
         assert s.stop() == 0
-    scopes = list((d / "scopes").iterdir())
-    assert len(scopes) == 1
+    # dave's scope has a version; erin's holds only the trajectory of her completion.
+    scopes = [p for p in (d / "scopes").iterdir() if (p / "current").exists()]
+    assert len(scopes) == 1 and len(list((d / "scopes").iterdir())) == 2
     files = {p.name for p in scopes[0].iterdir()}
-    assert files == {"current", "v0", "bank.json"}, files
+    assert files == {"current", "v0", "bank.log"}, files
     assert (scopes[0] / "current").read_text().strip() == "0"
-    assert {p.name for p in (scopes[0] / "v0").iterdir()} == {"adapter_model.safetensors", "adapter_config.json", "state.json"}
+    assert {p.name for p in (scopes[0] / "v0").iterdir()} == {"adapter_model.safetensors", "adapter_config.json", "state.json", "optim.safetensors"}
     for p in scopes[0].rglob("*"):
         assert p.is_dir() or b"dave" not in p.read_bytes()
     # What a crash in the middle of the next write would leave: a half-written version
@@ -262,5 +263,69 @@ def test_routing_follows_the_callers_nearest_successful_trajectories(tmp_path):
         again = complete(s, "hal", q2, sona={"route": True})
         assert again["sona"]["routed"]["adapter"] == "law"
         assert again["choices"][0]["text"] == routed["choices"][0]["text"]
+    finally:
+        assert s.stop() == 0
+
+
+def test_every_completion_becomes_a_trajectory(tmp_path):
+    """Every completion enters its caller's ReasoningBank as an unrated trajectory (added off
+    the request path); feedback rates that same trajectory — a correction replaces its answer —
+    instead of adding another; unrated trajectories are never retrieved; the append-only log
+    survives a restart, and a torn last line (a crash mid-append) is cut off."""
+    d = tmp_path / "sona"
+    q = "The blue castle's password is"
+
+    def complete(s, prompt, sona=None):
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": 4, "temperature": 0}
+        if sona is not None:
+            body["sona"] = sona
+        r = httpx.post(s.url + "/v1/completions", headers={"Authorization": "Bearer kim"}, json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def counts(s):
+        text = httpx.get(s.url + "/metrics", headers={"Authorization": "Bearer kim"}, timeout=30).text
+        got = {}
+        for line in text.splitlines():
+            if line.startswith("ruvllm_sona_trajectories{"):
+                got[line.split('rated="')[1].split('"')[0]] = int(float(line.split()[-1]))
+        return got.get("false", 0), got.get("true", 0)
+
+    def wait_for(s, want):
+        for _ in range(200):
+            if counts(s) == want:
+                return
+            time.sleep(0.05)
+        assert counts(s) == want
+
+    def log_ops():
+        (scope,) = list((d / "scopes").iterdir())
+        return [json.loads(l) for l in (scope / "bank.log").read_text().splitlines()]
+
+    s = Server("--api-key", "kim", "--sona-dir", str(d))
+    try:
+        first = complete(s, PROMPT)
+        wait_for(s, (1, 0))
+        assert complete(s, q, {"retrieve": 1})["sona"]["retrieved"] == [], "unrated trajectories are not retrieved"
+        wait_for(s, (2, 0))
+        assert feedback(s.url, "kim", {"id": first["id"], "correction": ANSWER}).status_code == 200
+        wait_for(s, (1, 1))
+        ops = log_ops()
+        assert [o["op"] for o in ops] == ["add", "add", "rate"], ops
+        assert ops[0]["question"] == PROMPT and ops[0]["rating"] == 0 and ops[0]["answer"] == first["choices"][0]["text"].strip()
+        assert ops[2] == {"op": "rate", "index": 0, "rating": 1.0, "answer": ANSWER.strip()}
+        hit = complete(s, q, {"retrieve": 1})["sona"]["retrieved"]
+        assert [h["answer"] for h in hit] == [ANSWER.strip()]
+        wait_for(s, (2, 1))
+    finally:
+        assert s.stop() == 0
+    (scope,) = list((d / "scopes").iterdir())
+    good = (scope / "bank.log").read_bytes()
+    (scope / "bank.log").write_bytes(good + b'{"op": "add", "question": "torn')
+    s = Server("--api-key", "kim", "--sona-dir", str(d))
+    try:
+        assert counts(s) == (2, 1)
+        assert (scope / "bank.log").read_bytes() == good
+        assert [h["answer"] for h in complete(s, q, {"retrieve": 1})["sona"]["retrieved"]] == [ANSWER.strip()]
     finally:
         assert s.stop() == 0

@@ -212,7 +212,7 @@ fn exp_poly(x: f32) -> f32 {
 const EXP_CLAMP: f32 = 87.3;
 const LN2_HI: f32 = 0.693_359_4;
 const LN2_LO: f32 = -2.121_944_4e-4;
-const EXP_P: [f32; 6] = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1];
+const EXP_P: [f32; 6] = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5];
 
 /// `Σ a[i]·b[i]` in f32 (AVX2/FMA when the tier allows, chosen once).
 #[inline]
@@ -339,7 +339,7 @@ pub fn weighted_sum_f16_heads(w: &[f32], w_stride: usize, rows: &[half::f16], st
 }
 
 fn check_heads(q_len: usize, d: usize, have: usize, stride: usize, m: usize, out_len: usize, out_stride: usize) {
-    let n = if d == 0 { 0 } else { q_len / d };
+    let n = q_len.checked_div(d).unwrap_or(0);
     assert!((1..=MAX_HEADS).contains(&n) && q_len == n * d, "heads: {q_len} values are not 1..={MAX_HEADS} heads of {d}");
     check_rows(d, have, stride, m);
     assert!(m == 0 || (out_stride >= m && (n - 1) * out_stride + m <= out_len), "heads: {n} × {m} outputs at stride {out_stride} need more than {out_len}");
@@ -398,6 +398,10 @@ pub fn weighted_sum_scalar(w: &[f32], rows: &[f32], stride: usize, acc: &mut [f3
     }
 }
 
+/// The multi-head kernels' shape: (queries or weights, their size or stride, f16 rows, row
+/// stride, rows, outputs or accumulators, their stride or size).
+type HeadsFn = fn(&[f32], usize, &[half::f16], usize, usize, &mut [f32], usize);
+
 struct F32Kernels {
     dot: fn(&[f32], &[f32]) -> f32,
     axpy: fn(f32, &[f32], &mut [f32]),
@@ -406,8 +410,8 @@ struct F32Kernels {
     weighted_sum: fn(&[f32], &[f32], usize, &mut [f32]),
     dot_rows_f16: fn(&[f32], &[half::f16], usize, &mut [f32]),
     weighted_sum_f16: fn(&[f32], &[half::f16], usize, &mut [f32]),
-    dot_rows_f16_heads: fn(&[f32], usize, &[half::f16], usize, usize, &mut [f32], usize),
-    weighted_sum_f16_heads: fn(&[f32], usize, &[half::f16], usize, usize, &mut [f32], usize),
+    dot_rows_f16_heads: HeadsFn,
+    weighted_sum_f16_heads: HeadsFn,
     max: fn(&[f32]) -> f32,
     sum_exp: fn(&[f32], f32) -> f32,
 }

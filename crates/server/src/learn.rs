@@ -3,10 +3,13 @@
 //! scope of the [`ruvllm_sona::learner::Learner`] (the instant loop, persisted with
 //! `--sona-dir`), whose published adapter the caller's next requests run with.
 //!
-//! Corrections and positive ratings also go into the caller's ReasoningBank (question, answer,
-//! embedding of the question from the model's own hidden states); a request with
-//! `"sona": {"retrieve": k}` gets the caller's `k` nearest entries put before its prompt (a
-//! system message for chat). Banks are per caller and persisted beside the adapters.
+//! Every completion also becomes a trajectory in the caller's ReasoningBank (question, answer,
+//! embedding of the question from the model's own hidden states, adapter, rating 0 until
+//! feedback), added off the request path by one embedding pass through the engine; feedback
+//! rates it (a correction replaces its answer). A request with `"sona": {"retrieve": k}` gets
+//! the caller's `k` nearest rated-positive entries put before its prompt (a system message for
+//! chat), and `"route": true` follows the nearest successful ones. Banks are per caller,
+//! persisted beside the adapters as append-only logs (`bank.log`, see [`load_bank_log`]).
 
 use crate::api::ApiError;
 use crate::{AppState, Caller};
@@ -21,6 +24,7 @@ use ruvllm_model::{Capture, LoraAdapter};
 use ruvllm_sona::bank::{Bank, Trajectory};
 use ruvllm_sona::learner::{scope_dirs, scope_key, Feedback, LearnConfig, LearnError, Learner};
 use ruvllm_sona::train::CaptureSource;
+use ruvllm_tokenizer::Tokenizer;
 use serde_json::{json, Value};
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -29,6 +33,13 @@ use std::time::Instant;
 
 /// Completions remembered for feedback.
 const RECORDS: usize = 4096;
+
+/// Entries a caller's bank takes before unrated trajectories stop being added (rated ones
+/// still are): 100k × 576 floats ≈ 230 MB for SmolLM2.
+pub const MAX_TRAJECTORIES: usize = 100_000;
+
+/// A scope's bank log, next to its versions.
+const BANK_LOG: &str = "bank.log";
 
 /// What a completion was, for feedback on it.
 #[derive(Debug, Clone)]
@@ -40,6 +51,10 @@ pub(crate) struct Record {
     answer: Vec<u32>,
     /// The named adapter the completion ran with (`None`: the caller's own or the base model).
     adapter: Option<String>,
+    /// Its trajectory's index in the caller's bank, once added.
+    bank: Option<usize>,
+    /// The latest feedback on it (rating, corrected answer): what its trajectory carries.
+    feedback: Option<(f32, Option<String>)>,
 }
 
 /// A bank entry handed to a request.
@@ -53,6 +68,9 @@ pub(crate) struct Retrieved {
 /// Learning state of a server (absent with `--no-learning`).
 pub struct Learning {
     learner: Learner,
+    /// Embeds questions for trajectories.
+    engine: Arc<Engine>,
+    tok: Arc<Tokenizer>,
     records: Mutex<(VecDeque<String>, HashMap<String, Record>)>,
     /// ReasoningBanks by scope key.
     banks: Mutex<HashMap<String, Bank>>,
@@ -60,19 +78,72 @@ pub struct Learning {
     dir: Option<PathBuf>,
 }
 
-fn bank_json(b: &Bank) -> Value {
-    let entries: Vec<Value> = (0..b.len())
-        .filter_map(|i| Some(json!({"question": b.get(i)?.prompt, "answer": b.get(i)?.answer, "rating": b.get(i)?.rating, "adapter": b.get(i)?.adapter, "embedding": b.vector(i)?})))
-        .collect();
-    json!({"format": 1, "entries": entries})
+/// A bank log's line adding a trajectory (its unit embedding: exact in JSON's shortest
+/// round-trip form).
+fn add_line(t: &Trajectory, embedding: &[f32]) -> Value {
+    json!({"op": "add", "question": t.prompt, "answer": t.answer, "rating": t.rating, "adapter": t.adapter, "embedding": embedding})
 }
 
-fn parse_bank(v: &Value, dim: usize, scope: &str) -> Option<Bank> {
+/// A bank log's line rating entry `index` (and replacing its answer for a correction).
+fn rate_line(index: usize, rating: f32, answer: Option<&str>) -> Value {
+    json!({"op": "rate", "index": index, "rating": rating, "answer": answer})
+}
+
+/// Applies one log line (or one legacy `bank.json` entry, an "add" without "op").
+fn apply_line(b: &mut Bank, v: &Value, scope: &str) -> Option<()> {
+    match v.get("op").and_then(Value::as_str).unwrap_or("add") {
+        "add" => {
+            let emb: Vec<f32> = v.get("embedding")?.as_array()?.iter().map(|x| x.as_f64().map(|x| x as f32)).collect::<Option<_>>()?;
+            let t = Trajectory { prompt: v.get("question")?.as_str()?.to_owned(), answer: v.get("answer")?.as_str()?.to_owned(), rating: v.get("rating")?.as_f64()? as f32, scope: scope.to_owned(), adapter: v.get("adapter").and_then(Value::as_str).map(str::to_owned) };
+            b.add(&emb, t).ok().map(|_| ())
+        }
+        "rate" => {
+            let i = usize::try_from(v.get("index")?.as_u64()?).ok()?;
+            let answer = v.get("answer").and_then(Value::as_str).map(str::to_owned);
+            b.rate(i, v.get("rating")?.as_f64()? as f32, answer).then_some(())
+        }
+        _ => None,
+    }
+}
+
+/// Loads a bank log: lines are applied in order up to the first that is torn (no final
+/// newline: a crash mid-append) or unreadable, and the file is cut there so later appends
+/// follow good lines. Returns the bank and, if something was cut, how many bytes.
+pub fn load_bank_log(path: &Path, dim: usize, scope: &str) -> std::io::Result<(Bank, Option<usize>)> {
+    let bytes = std::fs::read(path)?;
+    let mut b = Bank::new(dim);
+    let mut good = 0;
+    for line in bytes.split_inclusive(|&c| c == b'\n') {
+        let complete = line.last() == Some(&b'\n');
+        let ok = complete && serde_json::from_slice::<Value>(line).ok().and_then(|v| apply_line(&mut b, &v, scope)).is_some();
+        if !ok {
+            break;
+        }
+        good += line.len();
+    }
+    if good < bytes.len() {
+        let f = std::fs::OpenOptions::new().write(true).open(path)?;
+        f.set_len(good as u64)?;
+        f.sync_all()?;
+        return Ok((b, Some(bytes.len() - good)));
+    }
+    Ok((b, None))
+}
+
+/// Appends lines to a bank log and makes them durable (fsync) before returning.
+fn append_lines(path: &Path, lines: &[Value]) -> std::io::Result<()> {
+    use std::io::Write;
+    let text: String = lines.iter().map(|v| format!("{v}\n")).collect();
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_data()
+}
+
+/// A bank from session 5's whole-file `bank.json` (converted to a log on first open).
+fn parse_legacy_bank(v: &Value, dim: usize, scope: &str) -> Option<Bank> {
     let mut b = Bank::new(dim);
     for e in v.get("entries")?.as_array()? {
-        let emb: Vec<f32> = e.get("embedding")?.as_array()?.iter().map(|x| x.as_f64().map(|x| x as f32)).collect::<Option<_>>()?;
-        let t = Trajectory { prompt: e.get("question")?.as_str()?.to_owned(), answer: e.get("answer")?.as_str()?.to_owned(), rating: e.get("rating")?.as_f64()? as f32, scope: scope.to_owned(), adapter: e.get("adapter").and_then(Value::as_str).map(str::to_owned) };
-        b.add(&emb, t).ok()?;
+        apply_line(&mut b, e, scope)?;
     }
     Some(b)
 }
@@ -109,77 +180,165 @@ fn serving_learner(mut learner: Learner, engine: Arc<Engine>, anchor: Vec<u32>, 
 impl Learning {
     /// In-memory learning for `engine`'s model on `threads` threads of its own; `anchor` is
     /// the anchor text's token ids.
-    pub fn new(engine: Arc<Engine>, anchor: Vec<u32>, threads: usize) -> Learning {
+    pub fn new(engine: Arc<Engine>, tok: Arc<Tokenizer>, anchor: Vec<u32>, threads: usize) -> Learning {
         let dim = engine.model().config.n_embd;
-        let learner = serving_learner(Learner::new(engine.model().clone()), engine, anchor, threads);
-        Learning { learner, records: Mutex::default(), banks: Mutex::default(), dim, dir: None }
+        let learner = serving_learner(Learner::new(engine.model().clone()), engine.clone(), anchor, threads);
+        Learning { learner, engine, tok, records: Mutex::default(), banks: Mutex::default(), dim, dir: None }
     }
 
     /// Learning persisted under `dir`; returns it and how many scopes were restored.
-    pub fn open(dir: &Path, engine: Arc<Engine>, anchor: Vec<u32>, threads: usize) -> std::io::Result<(Learning, usize)> {
+    pub fn open(dir: &Path, engine: Arc<Engine>, tok: Arc<Tokenizer>, anchor: Vec<u32>, threads: usize) -> std::io::Result<(Learning, usize)> {
         let dim = engine.model().config.n_embd;
         let (learner, report) = Learner::open(dir, engine.model().clone())?;
-        let learner = serving_learner(learner, engine, anchor, threads);
+        let learner = serving_learner(learner, engine.clone(), anchor, threads);
         for w in &report.warnings {
             tracing::warn!(dir = %dir.display(), "{w}");
         }
         let mut banks = HashMap::new();
         for (key, path) in scope_dirs(dir)? {
-            let Ok(bytes) = std::fs::read(path.join("bank.json")) else { continue };
-            match serde_json::from_slice::<Value>(&bytes).ok().and_then(|v| parse_bank(&v, dim, &key)) {
-                Some(b) => {
+            let log = path.join(BANK_LOG);
+            if !log.exists() {
+                // A whole-file bank from before the log: converted once.
+                let Ok(bytes) = std::fs::read(path.join("bank.json")) else { continue };
+                let Some(b) = serde_json::from_slice::<Value>(&bytes).ok().and_then(|v| parse_legacy_bank(&v, dim, &key)) else {
+                    tracing::warn!(scope = %key, "bank.json unreadable; bank skipped");
+                    continue;
+                };
+                let lines: Vec<Value> = (0..b.len()).filter_map(|i| Some(add_line(b.get(i)?, b.vector(i)?))).collect();
+                let text: String = lines.iter().map(|v| format!("{v}\n")).collect();
+                ruvllm_model::write_atomic(&log, text.as_bytes()).map_err(|e| std::io::Error::other(e.to_string()))?;
+                let _ = std::fs::remove_file(path.join("bank.json"));
+            }
+            match load_bank_log(&log, dim, &key) {
+                Ok((b, cut)) => {
+                    if let Some(n) = cut {
+                        tracing::warn!(scope = %key, bytes = n, "bank.log: a torn or unreadable tail was cut off");
+                    }
                     banks.insert(key, b);
                 }
-                None => tracing::warn!(scope = %key, "bank.json unreadable; bank skipped"),
+                Err(e) => tracing::warn!(scope = %key, error = %e, "bank.log unreadable; bank skipped"),
             }
         }
-        Ok((Learning { learner, records: Mutex::default(), banks: Mutex::new(banks), dim, dir: Some(dir.to_path_buf()) }, report.scopes))
+        Ok((Learning { learner, engine, tok, records: Mutex::default(), banks: Mutex::new(banks), dim, dir: Some(dir.to_path_buf()) }, report.scopes))
     }
 
-    /// Whether the caller has bank entries (so a retrieval is worth an embedding pass).
+    /// Whether the caller has rated-positive bank entries (so a retrieval or a route is worth
+    /// an embedding pass).
     pub(crate) fn has_bank(&self, caller: &str) -> bool {
-        self.banks.lock().unwrap_or_else(|p| p.into_inner()).get(&scope_key(caller)).is_some_and(|b| !b.is_empty())
+        self.banks.lock().unwrap_or_else(|p| p.into_inner()).get(&scope_key(caller)).is_some_and(|b| (0..b.len()).any(|i| b.get(i).is_some_and(|t| t.rating > 0.0)))
+    }
+
+    /// Trajectories over every caller's bank: (all, rated — any feedback, positive or not).
+    pub(crate) fn trajectory_counts(&self) -> (usize, usize) {
+        let g = self.banks.lock().unwrap_or_else(|p| p.into_inner());
+        g.values().fold((0, 0), |(n, r), b| (n + b.len(), r + (0..b.len()).filter(|&i| b.get(i).is_some_and(|t| t.rating != 0.0)).count()))
     }
 
     /// The caller's `k` bank entries nearest to `embedding`.
     pub(crate) fn search(&self, caller: &str, embedding: &[f32], k: usize) -> Vec<Retrieved> {
         let g = self.banks.lock().unwrap_or_else(|p| p.into_inner());
         let Some(b) = g.get(&scope_key(caller)) else { return Vec::new() };
-        b.search(embedding, k)
+        b.search_rated(embedding, k)
             .into_iter()
             .filter_map(|(i, sim)| b.get(i).map(|t| Retrieved { question: t.prompt.clone(), answer: t.answer.clone(), similarity: sim }))
             .collect()
     }
 
-    /// Adds an entry to the caller's bank (and writes the bank when persisted).
-    fn remember(&self, caller: &str, embedding: &[f32], question: &str, answer: &str, rating: f32, adapter: Option<String>) {
-        let key = scope_key(caller);
-        let mut g = self.banks.lock().unwrap_or_else(|p| p.into_inner());
-        let b = g.entry(key.clone()).or_insert_with(|| Bank::new(self.dim));
-        if let Err(e) = b.add(embedding, Trajectory { prompt: question.to_owned(), answer: answer.to_owned(), rating, scope: key.clone(), adapter }) {
-            tracing::warn!(error = %e, "bank entry refused");
-            return;
-        }
-        if let Some(dir) = &self.dir {
-            let d = dir.join("scopes").join(&key);
-            let r = std::fs::create_dir_all(&d).map_err(|e| e.to_string()).and_then(|()| ruvllm_model::write_atomic(&d.join("bank.json"), bank_json(b).to_string().as_bytes()).map_err(|e| e.to_string()));
-            if let Err(e) = r {
-                tracing::error!(scope = %key, error = %e, "bank not persisted");
-            }
+    /// Appends `lines` to scope `key`'s bank log when persisted (logged, never fatal: the
+    /// in-memory bank keeps serving).
+    fn persist_bank(&self, key: &str, lines: &[Value]) {
+        let Some(dir) = &self.dir else { return };
+        let d = dir.join("scopes").join(key);
+        if let Err(e) = std::fs::create_dir_all(&d).and_then(|()| append_lines(&d.join(BANK_LOG), lines)) {
+            tracing::error!(scope = %key, error = %e, "bank entry not persisted");
         }
     }
 
-    /// Remembers a finished completion.
-    pub(crate) fn record(&self, id: &str, caller: &str, question: &str, prompt: &[u32], answer: &[u32], adapter: Option<String>) {
-        let mut g = self.records.lock().unwrap_or_else(|p| p.into_inner());
-        let (order, map) = &mut *g;
-        if order.len() >= RECORDS {
-            if let Some(old) = order.pop_front() {
-                map.remove(&old);
+    /// Adds completion `id`'s trajectory to its caller's bank under `embedding` (its
+    /// question's), with its feedback if any arrived, else rating 0 and `answer` (the answer
+    /// as generated). Nothing when it has one already, was forgotten, or the bank is full and
+    /// it is unrated.
+    fn add_trajectory(&self, id: &str, embedding: &[f32], answer: &str) {
+        let mut recs = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(rec) = recs.1.get_mut(id).filter(|r| r.bank.is_none()) else { return };
+        let key = scope_key(&rec.caller);
+        let (rating, answer) = match &rec.feedback {
+            Some((r, Some(a))) => (*r, a.clone()),
+            Some((r, None)) => (*r, answer.to_owned()),
+            None => (0.0, answer.to_owned()),
+        };
+        let mut banks = self.banks.lock().unwrap_or_else(|p| p.into_inner());
+        let b = banks.entry(key.clone()).or_insert_with(|| Bank::new(self.dim));
+        if rating == 0.0 && b.len() >= MAX_TRAJECTORIES {
+            return;
+        }
+        let t = Trajectory { prompt: rec.question.clone(), answer, rating, scope: key.clone(), adapter: rec.adapter.clone() };
+        match b.add(embedding, t.clone()) {
+            Ok(i) => {
+                rec.bank = Some(i);
+                let line = add_line(&t, b.vector(i).unwrap_or(&[]));
+                self.persist_bank(&key, &[line]);
+            }
+            Err(e) => tracing::warn!(error = %e, "bank entry refused"),
+        }
+    }
+
+    /// Records feedback on completion `id` (a rating; for a correction rating 1 and the
+    /// corrected answer) and rates its trajectory if it has one. Returns whether it has one.
+    fn rate_trajectory(&self, id: &str, rating: f32, answer: Option<String>) -> bool {
+        let mut recs = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(rec) = recs.1.get_mut(id) else { return false };
+        rec.feedback = Some((rating, answer.clone()));
+        let Some(i) = rec.bank else { return false };
+        let key = scope_key(&rec.caller);
+        let mut banks = self.banks.lock().unwrap_or_else(|p| p.into_inner());
+        if banks.get_mut(&key).is_some_and(|b| b.rate(i, rating, answer.clone())) {
+            self.persist_bank(&key, &[rate_line(i, rating, answer.as_deref())]);
+        }
+        true
+    }
+
+    /// Remembers a finished completion and, off the request path, adds its trajectory to the
+    /// caller's bank (one embedding pass of its question through the engine).
+    pub(crate) fn record(self: &Arc<Self>, id: &str, caller: &str, question: &str, prompt: &[u32], answer: &[u32], adapter: Option<String>) {
+        {
+            let mut g = self.records.lock().unwrap_or_else(|p| p.into_inner());
+            let (order, map) = &mut *g;
+            if order.len() >= RECORDS {
+                if let Some(old) = order.pop_front() {
+                    map.remove(&old);
+                }
+            }
+            order.push_back(id.to_owned());
+            map.insert(id.to_owned(), Record { caller: caller.to_owned(), question: question.to_owned(), prompt: prompt.to_vec(), answer: answer.to_vec(), adapter, bank: None, feedback: None });
+        }
+        if question.trim().is_empty() || answer.is_empty() {
+            return;
+        }
+        let (me, id, question, answer) = (self.clone(), id.to_owned(), question.to_owned(), answer.to_vec());
+        tokio::spawn(async move {
+            let Ok(text) = me.tok.decode(&answer, false) else { return };
+            match me.embed(&question).await {
+                Some(e) => me.add_trajectory(&id, &e, text.trim()),
+                None => tracing::warn!(id, "trajectory not recorded: the embedding pass failed"),
+            }
+        });
+    }
+
+    /// The mean final hidden state of `text` (the bank's embedding), through the engine.
+    async fn embed(&self, text: &str) -> Option<Vec<f32>> {
+        let mut r = Request::greedy(self.tok.encode(text, true, false), 1);
+        r.embed = true;
+        let mut h = self.engine.submit(r).ok()?;
+        let mut out = None;
+        while let Some(e) = h.next().await {
+            match e {
+                Event::Embedding(v) => out = Some(v),
+                Event::Done(_) | Event::Failed(_) => break,
+                _ => {}
             }
         }
-        order.push_back(id.to_owned());
-        map.insert(id.to_owned(), Record { caller: caller.to_owned(), question: question.to_owned(), prompt: prompt.to_vec(), answer: answer.to_vec(), adapter });
+        out
     }
 
     /// Where the caller's nearest successful trajectories (the 8 nearest bank entries rated
@@ -296,7 +455,6 @@ pub(crate) async fn feedback(State(st): State<Arc<AppState>>, Extension(caller):
             _ => None,
         };
         let question = rec.question.clone();
-        let used_adapter = rec.adapter.clone();
         let scope = caller.0.clone();
         let l2 = learning.clone();
         let t0 = Instant::now();
@@ -311,9 +469,18 @@ pub(crate) async fn feedback(State(st): State<Arc<AppState>>, Extension(caller):
         if !o.updated {
             return Ok(Json(json!({"id": id, "updated": false})).into_response());
         }
-        if let Some((answer, r)) = remembered.filter(|(a, _)| !a.is_empty() && !question.is_empty()) {
+        // The completion's trajectory takes the feedback; one not added yet (its embedding
+        // pass still running) gets it when it is, except that a confirmed or corrected answer
+        // is added here at once, so the next request can retrieve it.
+        let (rated, corrected) = match (&correction, rating) {
+            (Some(text), _) => (1.0f32, Some(text.trim().to_owned())),
+            (None, Some(r)) => (r as f32, None),
+            (None, None) => unreachable!("checked above"),
+        };
+        let has = learning.rate_trajectory(&id, rated, corrected);
+        if let Some((answer, _)) = remembered.filter(|(a, _)| !has && !a.is_empty() && !question.is_empty()) {
             let emb = crate::api::embed_tokens(&st, st.tok.encode(&question, true, false)).await?;
-            learning.remember(&caller.0, &emb, &question, &answer, r, used_adapter);
+            learning.add_trajectory(&id, &emb, &answer);
         }
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         tracing::info!(id, steps = o.steps, loss_before = o.loss_before, loss_after = o.loss_after, version = o.version, persisted = o.persisted, ms, "feedback learned");
@@ -327,3 +494,57 @@ pub(crate) async fn feedback(State(st): State<Arc<AppState>>, Extension(caller):
     run.await.unwrap_or_else(IntoResponse::into_response)
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn traj(q: &str, rating: f32) -> Trajectory {
+        Trajectory { prompt: q.into(), answer: format!("answer to {q}"), rating, scope: "k".into(), adapter: (rating > 0.5).then(|| "law".to_owned()) }
+    }
+
+    /// The log replays adds and ratings exactly; a torn last line (a crash mid-append) and
+    /// anything after an unreadable line are cut off, and appends then follow the good lines.
+    #[test]
+    fn bank_log_replays_and_cuts_a_torn_tail() {
+        let dir = std::env::temp_dir().join(format!("ruvllm-banklog-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(BANK_LOG);
+        let (e0, e1) = (vec![1.0f32, 0.0, 0.0], vec![0.6f32, 0.8, 0.0]);
+        append_lines(&path, &[add_line(&traj("q0", 0.0), &e0), add_line(&traj("q1", 1.0), &e1)]).unwrap();
+        append_lines(&path, &[rate_line(0, 0.75, Some("fixed"))]).unwrap();
+        let good_len = std::fs::metadata(&path).unwrap().len();
+        let check = |b: &Bank| {
+            assert_eq!(b.len(), 2);
+            assert_eq!(b.get(0).map(|t| (t.rating, t.answer.as_str(), t.adapter.clone())), Some((0.75, "fixed", None)));
+            assert_eq!(b.get(1).map(|t| (t.rating, t.prompt.as_str(), t.adapter.as_deref())), Some((1.0, "q1", Some("law"))));
+            assert_eq!(b.vector(1), Some(&e1[..]));
+        };
+        let (b, cut) = load_bank_log(&path, 3, "k").unwrap();
+        check(&b);
+        assert_eq!(cut, None);
+        // A torn append.
+        std::fs::write(&path, [std::fs::read(&path).unwrap(), br#"{"op": "add", "question": "q2", "ans"#.to_vec()].concat()).unwrap();
+        let (b, cut) = load_bank_log(&path, 3, "k").unwrap();
+        check(&b);
+        assert!(cut.is_some() && std::fs::metadata(&path).unwrap().len() == good_len);
+        // An unreadable line (a rating of an entry that does not exist) stops the replay there.
+        append_lines(&path, &[rate_line(9, 1.0, None), add_line(&traj("q3", 1.0), &e0)]).unwrap();
+        let (b, cut) = load_bank_log(&path, 3, "k").unwrap();
+        check(&b);
+        assert!(cut.is_some());
+        append_lines(&path, &[add_line(&traj("q4", 0.0), &e0)]).unwrap();
+        assert_eq!(load_bank_log(&path, 3, "k").unwrap().0.len(), 3);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Session 5's whole-file bank (entries without "op") reads as adds.
+    #[test]
+    fn legacy_bank_json_reads_as_adds() {
+        let v = json!({"format": 1, "entries": [{"question": "q", "answer": "a", "rating": 1.0, "adapter": null, "embedding": [0.0, 2.0]}]});
+        let b = parse_legacy_bank(&v, 2, "k").unwrap();
+        assert_eq!((b.len(), b.vector(0)), (1, Some(&[0.0f32, 1.0][..])));
+        assert!(parse_legacy_bank(&json!({"entries": [{"question": "q"}]}), 2, "k").is_none());
+    }
+}

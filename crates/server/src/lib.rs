@@ -81,9 +81,9 @@ impl AppState {
         let anchor = tok.encode(ruvllm_sona::learner::ANCHOR_TEXT, true, false);
         let learning = match (&cfg.sona_dir, cfg.learning) {
             (_, false) => None,
-            (None, true) => Some(Arc::new(Learning::new(engine.clone(), anchor, cfg.sona_threads))),
+            (None, true) => Some(Arc::new(Learning::new(engine.clone(), tok.clone(), anchor, cfg.sona_threads))),
             (Some(dir), true) => {
-                let (l, n) = Learning::open(dir, engine.clone(), anchor, cfg.sona_threads)?;
+                let (l, n) = Learning::open(dir, engine.clone(), tok.clone(), anchor, cfg.sona_threads)?;
                 tracing::info!(dir = %dir.display(), scopes = n, "learned state restored");
                 eprintln!("ruvllm: learned state in {} ({n} scopes restored)", dir.display());
                 Some(Arc::new(l))
@@ -190,7 +190,14 @@ async fn ready(State(st): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics(State(st): State<Arc<AppState>>) -> Response {
-    let body = prom::render(&st.engine.metrics());
+    let mut body = prom::render(&st.engine.metrics());
+    if let Some(l) = &st.learning {
+        let (all, rated) = l.trajectory_counts();
+        body.push_str(&format!(
+            "# HELP ruvllm_sona_trajectories ReasoningBank trajectories held, over all callers.\n# TYPE ruvllm_sona_trajectories gauge\nruvllm_sona_trajectories{{rated=\"false\"}} {}\nruvllm_sona_trajectories{{rated=\"true\"}} {rated}\n",
+            all - rated
+        ));
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
 }
 

@@ -127,15 +127,26 @@ impl Bank {
         Ok(self.items.len() - 1)
     }
 
-    /// Routing by nearest successful trajectories: among the `k` entries nearest to `query`,
-    /// those rated above 0 vote for the adapter their answer came from, weighted by similarity ×
+    /// Records feedback on entry `i`: its rating and, for a correction, the answer that
+    /// replaces the one given. False when there is no entry `i`.
+    pub fn rate(&mut self, i: usize, rating: f32, answer: Option<String>) -> bool {
+        let Some(t) = self.items.get_mut(i) else { return false };
+        t.rating = rating;
+        if let Some(a) = answer {
+            t.answer = a;
+        }
+        true
+    }
+
+    /// Routing by nearest successful trajectories: among the `k` successful entries (rated
+    /// above 0) nearest to `query`, each votes for the adapter their answer came from, weighted by similarity ×
     /// rating; the heaviest adapter wins (ties: the nearest voter's). None when no neighbour
     /// succeeded (the request keeps its default).
     pub fn route(&self, query: &[f32], k: usize) -> Option<Route> {
         let mut votes: Vec<(Option<String>, f32)> = Vec::new();
         let mut voters = 0;
-        for (i, sim) in self.search(query, k) {
-            let Some(t) = self.items.get(i).filter(|t| t.rating > 0.0) else { continue };
+        for (i, sim) in self.search_rated(query, k) {
+            let Some(t) = self.items.get(i) else { continue };
             voters += 1;
             match votes.iter_mut().find(|v| v.0 == t.adapter) {
                 Some(v) => v.1 += sim * t.rating,
@@ -156,7 +167,32 @@ impl Bank {
         if self.len() >= self.index_from {
             return self.index.search(&self.vectors, &q, k, (4 * k).max(64));
         }
-        let mut scored: Vec<(usize, f32)> = self.vectors.chunks_exact(self.dim.max(1)).map(|v| dot_f32(&q, v)).enumerate().collect();
+        self.exact(&q, k, |_| true)
+    }
+
+    /// [`search`](Self::search) among the entries rated above 0 only (confirmed or corrected
+    /// answers; unrated and failed trajectories are skipped): what retrieval and routing use.
+    /// From the HNSW graph, the beam widens (×4) until it holds `k` such entries; a bank with
+    /// fewer than `k` of them in its graph's reach is searched exactly.
+    pub fn search_rated(&self, query: &[f32], k: usize) -> Vec<(usize, f32)> {
+        let Some(q) = (query.len() == self.dim).then(|| normalized(query)).flatten() else { return Vec::new() };
+        let rated = |i: usize| self.items.get(i).is_some_and(|t| t.rating > 0.0);
+        if self.len() >= self.index_from {
+            let mut ef = (4 * k).max(64);
+            while ef < self.len() {
+                let found: Vec<(usize, f32)> = self.index.search(&self.vectors, &q, ef, ef).into_iter().filter(|(i, _)| rated(*i)).take(k).collect();
+                if found.len() >= k {
+                    return found;
+                }
+                ef *= 4;
+            }
+        }
+        self.exact(&q, k, rated)
+    }
+
+    /// Exact cosine search of unit query `q` among the entries `keep` admits.
+    fn exact(&self, q: &[f32], k: usize, keep: impl Fn(usize) -> bool) -> Vec<(usize, f32)> {
+        let mut scored: Vec<(usize, f32)> = self.vectors.chunks_exact(self.dim.max(1)).map(|v| dot_f32(q, v)).enumerate().filter(|(i, _)| keep(*i)).collect();
         let order = |a: &(usize, f32), b: &(usize, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         // Select the k best first (linear), then sort only them.
         if k < scored.len() && k > 0 {
@@ -174,6 +210,34 @@ mod tests {
 
     fn t(i: usize) -> Trajectory {
         Trajectory { prompt: format!("p{i}"), answer: format!("a{i}"), rating: 1.0, scope: "s".into(), adapter: None }
+    }
+
+    /// Unrated (0) and failed (< 0) trajectories are never retrieved nor vote, exactly or
+    /// through the graph (whose beam widens past a crowd of unrated neighbours); rating one
+    /// makes it findable.
+    #[test]
+    fn rated_search_skips_unrated_entries() {
+        let dim = 16;
+        for index_from in [usize::MAX, 1] {
+            let mut bank = Bank::with_index_from(dim, index_from);
+            let centre = crate::uniform(dim, 1, 1.0);
+            // 300 unrated entries right around the query, 2 rated ones further away.
+            for i in 0..300 {
+                let v: Vec<f32> = centre.iter().zip(crate::uniform(dim, 10 + i, 0.05)).map(|(c, n)| c + n).collect();
+                bank.add(&v, Trajectory { rating: 0.0, ..t(i as usize) }).unwrap();
+            }
+            let far: Vec<f32> = centre.iter().zip(crate::uniform(dim, 5000, 0.6)).map(|(c, n)| c + n).collect();
+            let a = bank.add(&far, t(1000)).unwrap();
+            let b = bank.add(&crate::uniform(dim, 5001, 1.0), Trajectory { rating: -1.0, ..t(1001) }).unwrap();
+            assert!(bank.search(&centre, 5).iter().all(|(i, _)| *i < 300), "plain search sees the unrated crowd");
+            let got = bank.search_rated(&centre, 5);
+            assert_eq!(got.iter().map(|x| x.0).collect::<Vec<_>>(), vec![a], "index_from {index_from}");
+            assert_eq!(bank.route(&centre, 8).map(|r| r.voters), Some(1));
+            assert!(bank.rate(7, 0.5, Some("fixed".into())) && !bank.rate(99_999, 1.0, None));
+            assert_eq!(bank.get(7).map(|t| (t.rating, t.answer.as_str())), Some((0.5, "fixed")));
+            let got: Vec<usize> = bank.search_rated(&centre, 5).iter().map(|x| x.0).collect();
+            assert_eq!((got[0], got.len(), got.contains(&b)), (7, 2, false), "index_from {index_from}");
+        }
     }
 
     #[test]
@@ -243,8 +307,9 @@ mod tests {
         bank.add(&[1.0, 0.2, 0.0], entry(0.5, Some("law"))).unwrap();
         bank.add(&[0.9, 0.0, 0.3], entry(1.0, None)).unwrap();
         bank.add(&[0.0, 0.0, 1.0], entry(1.0, Some("med"))).unwrap();
+        // The 4 nearest successful trajectories vote (the failed one is skipped, not counted).
         let r = bank.route(&[1.0, 0.0, 0.0], 4).unwrap();
-        assert_eq!((r.adapter.as_deref(), r.voters), (Some("law"), 3));
+        assert_eq!((r.adapter.as_deref(), r.voters), (Some("law"), 4));
         assert_eq!(bank.route(&[0.0, 0.1, 1.0], 1).unwrap().adapter.as_deref(), Some("med"));
         assert_eq!(bank.route(&[0.9, 0.0, 0.35], 1).unwrap().adapter, None, "the scope's own adapter can win");
     }
