@@ -301,14 +301,18 @@ fn sona_consolidate_status_and_rollback() {
 fn sona_bench_runs_deterministically_and_retrieval_helps() {
     let Some(m) = model("smollm2-135m") else { return };
     let run_json = || {
-        let o = run(&["sona-bench", "-m", &m, "--entities", "1", "--modes", "baseline,retrieval-only", "--json"]);
+        let o = run(&["sona-bench", "-m", &m, "--entities", "1", "--seeds", "2", "--modes", "baseline,retrieval-only", "--json"]);
         assert!(o.status.success(), "{}", stderr(&o));
         serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
     };
     let v = run_json();
     assert_eq!(v["facts"], 6);
     assert_eq!(v["held_out"], 12);
-    let modes = v["modes"].as_array().unwrap();
+    // One result per fact set (seeds 1 and 2: different made-up facts).
+    let sets = v["sets"].as_array().unwrap();
+    assert_eq!(sets.iter().map(|s| s["seed"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 2]);
+    assert_ne!(sets[0]["modes"], sets[1]["modes"]);
+    let modes = sets[0]["modes"].as_array().unwrap();
     assert_eq!(modes.len(), 2);
     let (base, rag) = (&modes[0], &modes[1]);
     assert_eq!(base["mode"], "baseline");
@@ -319,8 +323,12 @@ fn sona_bench_runs_deterministically_and_retrieval_helps() {
     // Without learning nothing changes the model: no perplexity drift.
     assert_eq!(rag["perplexity_drift"], 0.0);
     // Deterministic: same facts, same numbers.
-    assert_eq!(run_json()["modes"], v["modes"]);
+    let modes_of = |v: &serde_json::Value| v["sets"].as_array().unwrap().iter().map(|s| s["modes"].clone()).collect::<Vec<_>>();
+    assert_eq!(modes_of(&run_json()), modes_of(&v));
     let o = run(&["sona-bench", "-m", &m, "--modes", "nonsense"]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("unknown mode"));
+    let o = run(&["sona-bench", "-m", &m, "--seeds", "0"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--seeds"));
 }

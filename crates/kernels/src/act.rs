@@ -161,19 +161,83 @@ impl QuantActs {
 /// `s` and one integer sum per block in `bsums`, Q8K fills 16 partial sums per block).
 fn quantize_blocks(format: ActFormat, x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32], bsums: &mut [i16]) {
     match format {
-        ActFormat::Q8x32 => {
-            for (i, xb) in x.chunks_exact(32).enumerate() {
-                let qb = &mut q[32 * i..32 * i + 32];
-                (d[i], s[i]) = quantize_q8_block(xb, qb);
-                bsums[i] = qb.iter().map(|&v| v as i16).sum();
-            }
-        }
+        ActFormat::Q8x32 => (q8x32_row())(x, q, d, s, bsums),
         ActFormat::Q8K => {
             for (i, xb) in x.chunks_exact(QK_K).enumerate() {
                 d[i] = quantize_q8k_block(xb, &mut q[QK_K * i..QK_K * (i + 1)], &mut bsums[16 * i..16 * (i + 1)]);
             }
         }
         ActFormat::F32 => {}
+    }
+}
+
+/// Quantizes a row (`x.len()` a multiple of 32) into blocks of [`quantize_q8_block`]:
+/// quants `q`, scales `d`, scaled sums `s` and quant sums `bsums`. The scalar twin of the
+/// AVX2 kernel [`q8x32_row`] picks.
+pub fn quantize_q8x32_row_scalar(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32], bsums: &mut [i16]) {
+    for (i, xb) in x.chunks_exact(32).enumerate() {
+        let qb = &mut q[32 * i..32 * i + 32];
+        (d[i], s[i]) = quantize_q8_block(xb, qb);
+        bsums[i] = qb.iter().map(|&v| v as i16).sum();
+    }
+}
+
+type Q8RowFn = fn(&[f32], &mut [i8], &mut [f32], &mut [f32], &mut [i16]);
+
+/// The row quantizer for this CPU, chosen once: AVX2 (bit-identical to the scalar twin: the
+/// same max, the same single multiply, round-half-even conversion, exact integer sums) or
+/// scalar.
+fn q8x32_row() -> Q8RowFn {
+    static F: std::sync::OnceLock<Q8RowFn> = std::sync::OnceLock::new();
+    *F.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        if crate::dispatch::tier() >= crate::dispatch::Tier::Avx2 {
+            // SAFETY: the tier check guarantees AVX2; the wrapper passes slices whose lengths
+            // the kernel checks.
+            return |x, q, d, s, b| unsafe { x86::q8x32_row(x, q, d, s, b) };
+        }
+        quantize_q8x32_row_scalar
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// AVX2. Lengths: `q` ≥ `x`, `d`, `s`, `bsums` ≥ `x.len() / 32` (asserted).
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn q8x32_row(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32], bsums: &mut [i16]) {
+        let nb = x.len() / 32;
+        assert!(q.len() >= nb * 32 && d.len() >= nb && s.len() >= nb && bsums.len() >= nb, "q8x32_row: buffers too short");
+        let sign = _mm256_set1_ps(-0.0);
+        for i in 0..nb {
+            // SAFETY: block i's 32 values and 32 quants are inside x and q (asserted above).
+            unsafe {
+                let p = x.as_ptr().add(32 * i);
+                let v = [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))];
+                let a = v.map(|vk| _mm256_andnot_ps(sign, vk));
+                let m = _mm256_max_ps(_mm256_max_ps(a[0], a[1]), _mm256_max_ps(a[2], a[3]));
+                let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+                let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+                let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+                let dd = amax / 127.0;
+                let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+                let r = v.map(|vk| _mm256_cvtps_epi32(_mm256_mul_ps(vk, id)));
+                let sum = _mm256_add_epi32(_mm256_add_epi32(r[0], r[1]), _mm256_add_epi32(r[2], r[3]));
+                let sum = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+                let sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0b01_00_11_10));
+                let total = _mm_cvtsi128_si32(_mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0b10_11_00_01)));
+                // i32 → i16 → i8 packs work per 128-bit lane; the permute restores the order.
+                let w01 = _mm256_packs_epi32(r[0], r[1]);
+                let w23 = _mm256_packs_epi32(r[2], r[3]);
+                let b = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w01, w23), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+                _mm256_storeu_si256(q.as_mut_ptr().add(32 * i) as *mut __m256i, b);
+                d[i] = super::round_f16(dd);
+                s[i] = super::round_f16(dd * total as f32);
+                bsums[i] = total as i16;
+            }
+        }
     }
 }
 
@@ -228,6 +292,26 @@ pub fn quantize_q8k_block(x: &[f32], q: &mut [i8], bsums: &mut [i16]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The row quantizer this CPU uses equals its scalar twin bit for bit (quants, scales,
+    /// sums), on rows with ties at .5 steps, zeros, one huge value and random values.
+    #[test]
+    fn q8x32_row_matches_its_scalar_twin() {
+        let mut rows: Vec<Vec<f32>> = vec![vec![0.0; 64], (0..96).map(|i| (i as f32 - 40.0) * 0.5).collect()];
+        rows.push((0..64).map(|i| if i == 17 { 3e4 } else { (i as f32).sin() }).collect());
+        rows.push(crate::test_util::bytes(4096, 5).iter().map(|&b| (b as f32 - 127.5) / 9.0).collect());
+        for x in rows {
+            let nb = x.len() / 32;
+            let (mut q1, mut d1, mut s1, mut b1) = (vec![0i8; x.len()], vec![0f32; nb], vec![0f32; nb], vec![0i16; nb]);
+            let (mut q2, mut d2, mut s2, mut b2) = (q1.clone(), d1.clone(), s1.clone(), b1.clone());
+            (q8x32_row())(&x, &mut q1, &mut d1, &mut s1, &mut b1);
+            quantize_q8x32_row_scalar(&x, &mut q2, &mut d2, &mut s2, &mut b2);
+            assert_eq!(q1, q2);
+            assert_eq!(b1, b2);
+            assert_eq!(d1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), d2.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+            assert_eq!(s1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), s2.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+        }
+    }
 
     #[test]
     fn q8_block_round_trips_within_half_a_step() {
