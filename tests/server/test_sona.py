@@ -329,3 +329,20 @@ def test_every_completion_becomes_a_trajectory(tmp_path):
         assert [h["answer"] for h in complete(s, q, {"retrieve": 1})["sona"]["retrieved"]] == [ANSWER.strip()]
     finally:
         assert s.stop() == 0
+
+
+def test_feedback_only_trajectories_skip_unrated_completions():
+    """`--sona-trajectories feedback`: a completion nobody rates costs no embedding pass and
+    adds nothing; a correction still enters the bank, rated."""
+    s = Server("--api-key", "lou", "--sona-trajectories", "feedback")
+    try:
+        first = ask(s.url, "lou")
+        ask(s.url, "lou")
+        time.sleep(1.0)
+        m = httpx.get(s.url + "/metrics", headers={"Authorization": "Bearer lou"}, timeout=30).text
+        assert 'ruvllm_sona_trajectories{rated="false"} 0' in m and 'ruvllm_sona_trajectories{rated="true"} 0' in m, m
+        assert feedback(s.url, "lou", {"id": first["id"], "correction": ANSWER}).status_code == 200
+        m = httpx.get(s.url + "/metrics", headers={"Authorization": "Bearer lou"}, timeout=30).text
+        assert 'ruvllm_sona_trajectories{rated="true"} 1' in m and 'ruvllm_sona_trajectories{rated="false"} 0' in m, m
+    finally:
+        assert s.stop() == 0

@@ -85,6 +85,10 @@ pub struct ServeArgs {
     /// for serving.
     #[arg(long = "sona-threads", default_value_t = 1)]
     sona_threads: usize,
+    /// Which completions become ReasoningBank trajectories: `all` (each costs one embedding
+    /// pass of its question, off the request path) or `feedback` (only rated/corrected ones).
+    #[arg(long = "sona-trajectories", default_value = "all", value_parser = ["all", "feedback"])]
+    sona_trajectories: String,
     /// Log format: text or json.
     #[arg(long = "log-format", default_value = "text")]
     log_format: String,
@@ -255,6 +259,7 @@ pub fn run(a: ServeArgs) -> Result<(), Error> {
         sona_background_secs: a.sona_background_secs,
         sona_consolidate_secs: a.sona_consolidate_secs,
         sona_threads: a.sona_threads,
+        sona_all_trajectories: a.sona_trajectories == "all",
     };
     eprintln!("ruvllm: serving model as {}", scfg.model_names.join(", "));
     let state = Arc::new(AppState::new(Arc::new(engine), tok, template, n_embd, &scfg).map_err(|e| Error::usage(format!("--sona-dir: {e}")))?);

@@ -53,6 +53,9 @@ pub struct ServerConfig {
     pub sona_consolidate_secs: u64,
     /// Threads of the learner's pool (`--sona-threads`).
     pub sona_threads: usize,
+    /// Whether every completion becomes a ReasoningBank trajectory (`--sona-trajectories all`,
+    /// one embedding pass each) or only those that get feedback (`feedback`).
+    pub sona_all_trajectories: bool,
 }
 
 /// Shared by every handler.
@@ -81,9 +84,10 @@ impl AppState {
         let anchor = tok.encode(ruvllm_sona::learner::ANCHOR_TEXT, true, false);
         let learning = match (&cfg.sona_dir, cfg.learning) {
             (_, false) => None,
-            (None, true) => Some(Arc::new(Learning::new(engine.clone(), tok.clone(), anchor, cfg.sona_threads))),
+            (None, true) => Some(Arc::new(Learning::new(engine.clone(), tok.clone(), anchor, cfg.sona_threads).with_all_trajectories(cfg.sona_all_trajectories))),
             (Some(dir), true) => {
                 let (l, n) = Learning::open(dir, engine.clone(), tok.clone(), anchor, cfg.sona_threads)?;
+                let l = l.with_all_trajectories(cfg.sona_all_trajectories);
                 tracing::info!(dir = %dir.display(), scopes = n, "learned state restored");
                 eprintln!("ruvllm: learned state in {} ({n} scopes restored)", dir.display());
                 Some(Arc::new(l))
