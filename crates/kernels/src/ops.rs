@@ -287,35 +287,14 @@ pub fn weighted_sum(w: &[f32], rows: &[f32], stride: usize, acc: &mut [f32]) {
     (f32_kernels().weighted_sum)(w, rows, stride, acc)
 }
 
-/// [`dot_rows`] on f16 rows (a KV cache's keys, read in place): `out[p] = q · f32(rows_p)`
-/// with exactly [`dot_f32`]'s arithmetic per row (the same value as widening the row, then
-/// `dot_f32`), without the widened copy.
-///
-/// # Panics
-/// As [`dot_rows`].
-#[inline]
-pub fn dot_rows_f16(q: &[f32], rows: &[half::f16], stride: usize, out: &mut [f32]) {
-    check_rows(q.len(), rows.len(), stride, out.len());
-    (f32_kernels().dot_rows_f16)(q, rows, stride, out)
-}
-
-/// [`weighted_sum`] on f16 rows (a KV cache's values, read in place): per element, the same
-/// sequence of operations as one [`axpy`] per row in row order.
-///
-/// # Panics
-/// As [`weighted_sum`].
-#[inline]
-pub fn weighted_sum_f16(w: &[f32], rows: &[half::f16], stride: usize, acc: &mut [f32]) {
-    check_rows(acc.len(), rows.len(), stride, w.len());
-    (f32_kernels().weighted_sum_f16)(w, rows, stride, acc)
-}
-
 /// Query heads the multi-head kernels take at most (a GQA group handled together).
 pub const MAX_HEADS: usize = 8;
 
-/// [`dot_rows_f16`] for several query heads sharing the rows (a GQA group): `q` holds
-/// `n = q.len() / d` heads of `d` values and `out[j·out_stride + p] = q_j · f32(rows_p)` for
-/// `p < m`, each with exactly [`dot_f32`]'s arithmetic; a row is widened once for all heads.
+/// [`dot_rows`] on f16 rows (a KV cache's keys, read in place) for several query heads sharing
+/// them (a GQA group): `q` holds `n = q.len() / d` heads of `d` values and
+/// `out[j·out_stride + p] = q_j · f32(rows_p)` for `p < m`, each with exactly [`dot_f32`]'s
+/// arithmetic (the value of widening the row, then `dot_f32`); a row is widened once, in
+/// registers, for all heads.
 ///
 /// # Panics
 /// If `n` is 0 or above [`MAX_HEADS`], `q.len()` is not `n·d`, `rows` is shorter than
@@ -326,10 +305,10 @@ pub fn dot_rows_f16_heads(q: &[f32], d: usize, rows: &[half::f16], stride: usize
     (f32_kernels().dot_rows_f16_heads)(q, d, rows, stride, m, out, out_stride)
 }
 
-/// [`weighted_sum_f16`] for several query heads sharing the rows: `acc` holds `n` heads'
-/// accumulators of `d` values, `w` their weights (`w[j·w_stride + p]`), and
-/// `acc_j += Σ_p w_j[p] · f32(rows_p)` with per element the operations of one [`axpy`] per row
-/// in row order; a row is widened once for all heads.
+/// [`weighted_sum`] on f16 rows (a KV cache's values, read in place) for several query heads
+/// sharing them: `acc` holds `n` heads' accumulators of `d` values, `w` their weights
+/// (`w[j·w_stride + p]`), and `acc_j += Σ_p w_j[p] · f32(rows_p)` with per element the
+/// operations of one [`axpy`] per row in row order; a row is widened once for all heads.
 ///
 /// # Panics
 /// As [`dot_rows_f16_heads`], with `acc` for `q` and `w` for `out`.
@@ -345,35 +324,25 @@ fn check_heads(q_len: usize, d: usize, have: usize, stride: usize, m: usize, out
     assert!(m == 0 || (out_stride >= m && (n - 1) * out_stride + m <= out_len), "heads: {n} × {m} outputs at stride {out_stride} need more than {out_len}");
 }
 
-/// The scalar twin of [`dot_rows_f16_heads`].
+/// The scalar twin of [`dot_rows_f16_heads`]: each row widened, then [`dot_f32_scalar`].
 pub fn dot_rows_f16_heads_scalar(q: &[f32], d: usize, rows: &[half::f16], stride: usize, m: usize, out: &mut [f32], out_stride: usize) {
-    for (j, qj) in q.chunks_exact(d).enumerate() {
-        dot_rows_f16_scalar(qj, &rows[..(m.max(1) - 1) * stride + d], stride, &mut out[j * out_stride..j * out_stride + m]);
+    let mut row = vec![0f32; d];
+    for p in 0..m {
+        f16_to_f32_scalar(&rows[p * stride..p * stride + d], &mut row);
+        for (j, qj) in q.chunks_exact(d).enumerate() {
+            out[j * out_stride + p] = dot_f32_scalar(qj, &row);
+        }
     }
 }
 
-/// The scalar twin of [`weighted_sum_f16_heads`].
+/// The scalar twin of [`weighted_sum_f16_heads`]: each row widened, then [`axpy_scalar`].
 pub fn weighted_sum_f16_heads_scalar(w: &[f32], w_stride: usize, rows: &[half::f16], stride: usize, m: usize, acc: &mut [f32], d: usize) {
-    for (j, aj) in acc.chunks_exact_mut(d).enumerate() {
-        weighted_sum_f16_scalar(&w[j * w_stride..j * w_stride + m], &rows[..(m.max(1) - 1) * stride + d], stride, aj);
-    }
-}
-
-/// The scalar twin of [`dot_rows_f16`].
-pub fn dot_rows_f16_scalar(q: &[f32], rows: &[half::f16], stride: usize, out: &mut [f32]) {
-    let mut row = vec![0f32; q.len()];
-    for (p, o) in out.iter_mut().enumerate() {
-        f16_to_f32_scalar(&rows[p * stride..p * stride + q.len()], &mut row);
-        *o = dot_f32_scalar(q, &row);
-    }
-}
-
-/// The scalar twin of [`weighted_sum_f16`].
-pub fn weighted_sum_f16_scalar(w: &[f32], rows: &[half::f16], stride: usize, acc: &mut [f32]) {
-    let mut row = vec![0f32; acc.len()];
-    for (p, &wp) in w.iter().enumerate() {
-        f16_to_f32_scalar(&rows[p * stride..p * stride + acc.len()], &mut row);
-        axpy_scalar(wp, &row, acc);
+    let mut row = vec![0f32; d];
+    for p in 0..m {
+        f16_to_f32_scalar(&rows[p * stride..p * stride + d], &mut row);
+        for (j, aj) in acc.chunks_exact_mut(d).enumerate() {
+            axpy_scalar(w[j * w_stride + p], &row, aj);
+        }
     }
 }
 
@@ -408,8 +377,6 @@ struct F32Kernels {
     f16_to_f32: fn(&[half::f16], &mut [f32]),
     dot_rows: fn(&[f32], &[f32], usize, &mut [f32]),
     weighted_sum: fn(&[f32], &[f32], usize, &mut [f32]),
-    dot_rows_f16: fn(&[f32], &[half::f16], usize, &mut [f32]),
-    weighted_sum_f16: fn(&[f32], &[half::f16], usize, &mut [f32]),
     dot_rows_f16_heads: HeadsFn,
     weighted_sum_f16_heads: HeadsFn,
     max: fn(&[f32]) -> f32,
@@ -432,11 +399,7 @@ fn f32_kernels() -> &'static F32Kernels {
                 dot_rows: |q, r, st, o| unsafe { x86::dot_rows(q, r, st, o) },
                 // SAFETY: as above.
                 weighted_sum: |w, r, st, a| unsafe { x86::weighted_sum(w, r, st, a) },
-                // SAFETY: AVX2, FMA and F16C as above; the public wrappers checked the bounds.
-                dot_rows_f16: |q, r, st, o| unsafe { x86::dot_rows_f16(q, r, st, o) },
-                // SAFETY: as above.
-                weighted_sum_f16: |w, r, st, a| unsafe { x86::weighted_sum_f16(w, r, st, a) },
-                // SAFETY: as above.
+                // SAFETY: AVX2, FMA and F16C as above; the public wrappers checked the shapes.
                 dot_rows_f16_heads: |q, d, r, st, m, o, os| unsafe { x86::dot_rows_f16_heads(q, d, r, st, m, o, os) },
                 // SAFETY: as above.
                 weighted_sum_f16_heads: |w, ws, r, st, m, a, d| unsafe { x86::weighted_sum_f16_heads(w, ws, r, st, m, a, d) },
@@ -446,7 +409,7 @@ fn f32_kernels() -> &'static F32Kernels {
                 sum_exp: |x, sh| unsafe { x86::sum_exp(x, sh) },
             };
         }
-        F32Kernels { dot: dot_f32_scalar, axpy: axpy_scalar, f16_to_f32: f16_to_f32_scalar, dot_rows: dot_rows_scalar, weighted_sum: weighted_sum_scalar, dot_rows_f16: dot_rows_f16_scalar, weighted_sum_f16: weighted_sum_f16_scalar, dot_rows_f16_heads: dot_rows_f16_heads_scalar, weighted_sum_f16_heads: weighted_sum_f16_heads_scalar, max: max_f32_scalar, sum_exp: sum_exp_scalar }
+        F32Kernels { dot: dot_f32_scalar, axpy: axpy_scalar, f16_to_f32: f16_to_f32_scalar, dot_rows: dot_rows_scalar, weighted_sum: weighted_sum_scalar, dot_rows_f16_heads: dot_rows_f16_heads_scalar, weighted_sum_f16_heads: weighted_sum_f16_heads_scalar, max: max_f32_scalar, sum_exp: sum_exp_scalar }
     })
 }
 
@@ -484,15 +447,23 @@ mod x86 {
             }
             i += 16;
         }
-        let v = _mm256_add_ps(s0, s1);
-        let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        let mut s = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+        let mut s = hsum2(s0, s1);
         while i < n {
             s += a[i] * b[i];
             i += 1;
         }
         s
+    }
+
+    /// `Σ` of the lanes of `s0 + s1`, in `dot`'s order (which the f16 multi-head kernel
+    /// repeats so that both give the same bits).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum2(s0: __m256, s1: __m256) -> f32 {
+        let v = _mm256_add_ps(s0, s1);
+        let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)))
     }
 
     /// Eight row sums reduced into one vector: lane i = Σ of v[i]'s lanes.
@@ -582,82 +553,20 @@ mod x86 {
         }
     }
 
-    /// # Safety
-    /// AVX2, FMA and F16C; `rows` holds `out.len()` rows of `q.len()` values at `stride`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_rows_f16(q: &[f32], rows: &[half::f16], stride: usize, out: &mut [f32]) {
-        let d = q.len();
-        for (p, o) in out.iter_mut().enumerate() {
-            let row = &rows[p * stride..p * stride + d];
-            // The arithmetic of `dot` on the widened row: two accumulators, 16 per step.
-            let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-            let mut i = 0;
-            while i + 16 <= d {
-                // SAFETY: i + 16 <= d, within q and row (f16 is a 2-byte repr(transparent) u16).
-                unsafe {
-                    let k0 = _mm256_cvtph_ps(_mm_loadu_si128(row.as_ptr().add(i) as *const __m128i));
-                    let k1 = _mm256_cvtph_ps(_mm_loadu_si128(row.as_ptr().add(i + 8) as *const __m128i));
-                    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(i)), k0, s0);
-                    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(i + 8)), k1, s1);
-                }
-                i += 16;
+    /// Calls the const-generic kernel `f::<N>` for `n` heads (1..=8, checked by the caller).
+    macro_rules! by_heads {
+        ($n:expr, $f:ident($($arg:expr),*)) => {
+            match $n {
+                1 => $f::<1>($($arg),*),
+                2 => $f::<2>($($arg),*),
+                3 => $f::<3>($($arg),*),
+                4 => $f::<4>($($arg),*),
+                5 => $f::<5>($($arg),*),
+                6 => $f::<6>($($arg),*),
+                7 => $f::<7>($($arg),*),
+                _ => $f::<8>($($arg),*),
             }
-            let v = _mm256_add_ps(s0, s1);
-            let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-            let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-            let mut s = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
-            while i < d {
-                s += q[i] * row[i].to_f32();
-                i += 1;
-            }
-            *o = s;
-        }
-    }
-
-    /// # Safety
-    /// AVX2, FMA and F16C; `rows` holds `w.len()` rows of `acc.len()` values at `stride`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn weighted_sum_f16(w: &[f32], rows: &[half::f16], stride: usize, acc: &mut [f32]) {
-        let d = acc.len();
-        let (d32, d8) = (d / 32 * 32, d / 8 * 8);
-        let mut c = 0;
-        // 32 columns in four registers over every row; per element the fused multiply-adds of
-        // `axpy` in row order.
-        while c < d32 {
-            // SAFETY: c + 32 <= d, inside acc and inside every row (checked by the caller).
-            unsafe {
-                let ap = acc.as_mut_ptr().add(c);
-                let mut a = [_mm256_loadu_ps(ap), _mm256_loadu_ps(ap.add(8)), _mm256_loadu_ps(ap.add(16)), _mm256_loadu_ps(ap.add(24))];
-                for (p, &wp) in w.iter().enumerate() {
-                    let wv = _mm256_set1_ps(wp);
-                    let rp = rows.as_ptr().add(p * stride + c);
-                    for (k, ak) in a.iter_mut().enumerate() {
-                        *ak = _mm256_fmadd_ps(wv, _mm256_cvtph_ps(_mm_loadu_si128(rp.add(8 * k) as *const __m128i)), *ak);
-                    }
-                }
-                for (k, ak) in a.iter().enumerate() {
-                    _mm256_storeu_ps(ap.add(8 * k), *ak);
-                }
-            }
-            c += 32;
-        }
-        for (p, &wp) in w.iter().enumerate() {
-            let row = &rows[p * stride..p * stride + d];
-            let mut i = c;
-            while i < d8 {
-                // SAFETY: i + 8 <= d, inside acc and row.
-                unsafe {
-                    let x = _mm256_cvtph_ps(_mm_loadu_si128(row.as_ptr().add(i) as *const __m128i));
-                    let r = _mm256_fmadd_ps(_mm256_set1_ps(wp), x, _mm256_loadu_ps(acc.as_ptr().add(i)));
-                    _mm256_storeu_ps(acc.as_mut_ptr().add(i), r);
-                }
-                i += 8;
-            }
-            while i < d {
-                acc[i] += wp * row[i].to_f32();
-                i += 1;
-            }
-        }
+        };
     }
 
     /// # Safety
@@ -665,18 +574,7 @@ mod x86 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dot_rows_f16_heads(q: &[f32], d: usize, rows: &[half::f16], stride: usize, m: usize, out: &mut [f32], out_stride: usize) {
         // SAFETY: same features; the shapes were checked.
-        unsafe {
-            match q.len() / d {
-                1 => dot_heads::<1>(q, d, rows, stride, m, out, out_stride),
-                2 => dot_heads::<2>(q, d, rows, stride, m, out, out_stride),
-                3 => dot_heads::<3>(q, d, rows, stride, m, out, out_stride),
-                4 => dot_heads::<4>(q, d, rows, stride, m, out, out_stride),
-                5 => dot_heads::<5>(q, d, rows, stride, m, out, out_stride),
-                6 => dot_heads::<6>(q, d, rows, stride, m, out, out_stride),
-                7 => dot_heads::<7>(q, d, rows, stride, m, out, out_stride),
-                _ => dot_heads::<8>(q, d, rows, stride, m, out, out_stride),
-            }
-        }
+        unsafe { by_heads!(q.len() / d, dot_heads(q, d, rows, stride, m, out, out_stride)) }
     }
 
     /// `N` heads' scores per row, each with `dot`'s accumulators, order and reduction.
@@ -701,10 +599,7 @@ mod x86 {
                 i += 16;
             }
             for (j, sj) in s.iter().enumerate() {
-                let v = _mm256_add_ps(sj[0], sj[1]);
-                let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-                let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-                let mut acc = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+                let mut acc = hsum2(sj[0], sj[1]);
                 for t in i..d {
                     acc += q[j * d + t] * row[t].to_f32();
                 }
@@ -718,18 +613,7 @@ mod x86 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn weighted_sum_f16_heads(w: &[f32], w_stride: usize, rows: &[half::f16], stride: usize, m: usize, acc: &mut [f32], d: usize) {
         // SAFETY: same features; the shapes were checked.
-        unsafe {
-            match acc.len() / d {
-                1 => wsum_heads::<1>(w, w_stride, rows, stride, m, acc, d),
-                2 => wsum_heads::<2>(w, w_stride, rows, stride, m, acc, d),
-                3 => wsum_heads::<3>(w, w_stride, rows, stride, m, acc, d),
-                4 => wsum_heads::<4>(w, w_stride, rows, stride, m, acc, d),
-                5 => wsum_heads::<5>(w, w_stride, rows, stride, m, acc, d),
-                6 => wsum_heads::<6>(w, w_stride, rows, stride, m, acc, d),
-                7 => wsum_heads::<7>(w, w_stride, rows, stride, m, acc, d),
-                _ => wsum_heads::<8>(w, w_stride, rows, stride, m, acc, d),
-            }
-        }
+        unsafe { by_heads!(acc.len() / d, wsum_heads(w, w_stride, rows, stride, m, acc, d)) }
     }
 
     /// `N` heads' weighted sums, 16 columns at a time in registers across the rows; per
@@ -950,49 +834,21 @@ mod tests {
         }
     }
 
-    /// The f16-row tile kernels give bit for bit what widening each row and calling the
-    /// row-at-a-time kernels gives (what the attention's per-row path computes), on every tier.
+    /// The f16 multi-head kernels give, head by head, bit for bit what widening each row and
+    /// calling `dot_f32` / one `axpy` per row gives (what the attention's per-row path
+    /// computes), and stay within rounding of their scalar twins, on every tier: 1–8 heads,
+    /// sizes with and without 8/16-column tails, strided rows, no rows.
     #[test]
-    fn f16_row_kernels_equal_widen_then_dot_or_axpy() {
-        for (d, n, stride) in [(64, 16, 192), (64, 5, 64), (256, 16, 256), (40, 9, 48), (72, 3, 80), (128, 0, 128)] {
-            let q = values(d, 1);
-            let rows: Vec<half::f16> = values(n.max(1) * stride, 2).iter().map(|v| half::f16::from_f32(v * 3.0)).collect();
+    fn multi_head_f16_kernels_equal_widen_then_dot_or_axpy() {
+        let cases = [(1, 64, 16, 192), (1, 64, 5, 64), (1, 256, 16, 256), (1, 40, 9, 48), (1, 72, 3, 80), (1, 128, 0, 128), (3, 64, 16, 192), (4, 256, 16, 256), (8, 40, 9, 48), (2, 72, 3, 80), (5, 24, 1, 24), (3, 64, 0, 64)];
+        for (n, d, m, stride) in cases {
+            let q = values(n * d, 1);
+            let rows: Vec<half::f16> = values(m.max(1) * stride, 2).iter().map(|v| half::f16::from_f32(v * 3.0)).collect();
             let widened = |p: usize| {
                 let mut r = vec![0f32; d];
                 f16_to_f32(&rows[p * stride..p * stride + d], &mut r);
                 r
             };
-            let mut got = vec![0f32; n];
-            dot_rows_f16(&q, &rows, stride, &mut got);
-            let mut twin = vec![0f32; n];
-            dot_rows_f16_scalar(&q, &rows, stride, &mut twin);
-            for p in 0..n {
-                assert_eq!(got[p].to_bits(), dot_f32(&q, &widened(p)).to_bits(), "dot_rows_f16 d {d} row {p}");
-                assert!((got[p] - twin[p]).abs() <= 1e-5 * (1.0 + twin[p].abs()), "twin d {d} row {p}");
-            }
-            let wts = values(n, 3);
-            let mut got = values(d, 4);
-            weighted_sum_f16(&wts, &rows, stride, &mut got);
-            let mut want = values(d, 4);
-            for (p, &wp) in wts.iter().enumerate() {
-                axpy(wp, &widened(p), &mut want);
-            }
-            assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "weighted_sum_f16 d {d} n {n}");
-            let mut twin = values(d, 4);
-            weighted_sum_f16_scalar(&wts, &rows, stride, &mut twin);
-            for (g, w) in got.iter().zip(&twin) {
-                assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "weighted_sum_f16 twin d {d}: {g} vs {w}");
-            }
-        }
-    }
-
-    /// The multi-head kernels give bit for bit what the single-head ones give head by head,
-    /// and stay within rounding of their scalar twins, for 1–8 heads and odd sizes.
-    #[test]
-    fn multi_head_f16_kernels_equal_head_by_head() {
-        for (n, d, m, stride) in [(3, 64, 16, 192), (1, 64, 5, 64), (4, 256, 16, 256), (8, 40, 9, 48), (2, 72, 3, 80), (5, 24, 1, 24), (3, 64, 0, 64)] {
-            let q = values(n * d, 1);
-            let rows: Vec<half::f16> = values(m.max(1) * stride, 2).iter().map(|v| half::f16::from_f32(v * 3.0)).collect();
             let os = m + 3;
             let mut got = vec![0f32; n * os];
             dot_rows_f16_heads(&q, d, &rows, stride, m, &mut got, os);
@@ -1003,16 +859,17 @@ mod tests {
             weighted_sum_f16_heads(&w, os, &rows, stride, m, &mut acc, d);
             weighted_sum_f16_heads_scalar(&w, os, &rows, stride, m, &mut acc_twin, d);
             for j in 0..n {
-                let mut one = vec![0f32; m];
-                dot_rows_f16(&q[j * d..(j + 1) * d], &rows, stride, &mut one);
                 for p in 0..m {
-                    assert_eq!(got[j * os + p].to_bits(), one[p].to_bits(), "dot heads n {n} d {d} head {j} row {p}");
+                    let want = dot_f32(&q[j * d..(j + 1) * d], &widened(p));
+                    assert_eq!(got[j * os + p].to_bits(), want.to_bits(), "dot heads n {n} d {d} head {j} row {p}");
                     assert!((got[j * os + p] - twin[j * os + p]).abs() <= 1e-5 * (1.0 + twin[j * os + p].abs()));
                 }
-                let mut one = values(n * d, 4)[j * d..(j + 1) * d].to_vec();
-                weighted_sum_f16(&w[j * os..j * os + m], &rows, stride, &mut one);
+                let mut want = values(n * d, 4)[j * d..(j + 1) * d].to_vec();
+                for p in 0..m {
+                    axpy(w[j * os + p], &widened(p), &mut want);
+                }
                 for t in 0..d {
-                    assert_eq!(acc[j * d + t].to_bits(), one[t].to_bits(), "wsum heads n {n} d {d} head {j} col {t}");
+                    assert_eq!(acc[j * d + t].to_bits(), want[t].to_bits(), "wsum heads n {n} d {d} head {j} col {t}");
                     assert!((acc[j * d + t] - acc_twin[j * d + t]).abs() <= 1e-5 * (1.0 + acc_twin[j * d + t].abs()));
                 }
             }
