@@ -373,51 +373,52 @@ fn parse_state(v: &Value) -> Option<State> {
     Some(State { version, kind, base_rank, lessons, since_background })
 }
 
+/// Named 1-D F32 tensors (and string metadata) as one safetensors file.
+fn f32_safetensors(tensors: &[(String, &[f32])], meta: Option<HashMap<String, String>>) -> Option<Vec<u8>> {
+    use safetensors::tensor::TensorView;
+    let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, v)| v.iter().flat_map(|f| f.to_le_bytes()).collect()).collect();
+    let views: Vec<(String, TensorView<'_>)> = tensors.iter().zip(&bytes).map(|((n, _), d)| TensorView::new(safetensors::Dtype::F32, vec![d.len() / 4], d).map(|v| (n.clone(), v))).collect::<Result<_, _>>().ok()?;
+    safetensors::serialize(views, meta).ok()
+}
+
+/// Tensor `name` of a safetensors file, when it is F32.
+fn f32_tensor(st: &safetensors::SafeTensors<'_>, name: &str) -> Option<Vec<f32>> {
+    let t = st.tensor(name).ok()?;
+    (t.dtype() == safetensors::Dtype::F32).then(|| t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+}
+
 /// Both branches' Adam states as one safetensors file (moments as F32 tensors `base.m_a` …,
 /// step counts in the metadata).
 fn optim_bytes(base: &OptimizerState, micro: &OptimizerState) -> Option<Vec<u8>> {
-    use safetensors::tensor::TensorView;
-    let mut tensors: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut tensors: Vec<(String, &[f32])> = Vec::new();
     for (branch, o) in [("base", base), ("micro", micro)] {
         for (n, v) in [("m_a", &o.m_a), ("m_b", &o.m_b), ("v_a", &o.v_a), ("v_b", &o.v_b)] {
-            tensors.push((format!("{branch}.{n}"), v.iter().flat_map(|f| f.to_le_bytes()).collect()));
+            tensors.push((format!("{branch}.{n}"), v));
         }
     }
-    let views: Vec<(String, TensorView<'_>)> = tensors.iter().map(|(n, d)| TensorView::new(safetensors::Dtype::F32, vec![d.len() / 4], d).map(|v| (n.clone(), v))).collect::<Result<_, _>>().ok()?;
     let meta: HashMap<String, String> = [("base.t".to_owned(), base.t.to_string()), ("micro.t".to_owned(), micro.t.to_string())].into();
-    safetensors::serialize(views, Some(meta)).ok()
+    f32_safetensors(&tensors, Some(meta))
 }
 
 fn parse_optim(bytes: &[u8]) -> Option<(OptimizerState, OptimizerState)> {
     let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).ok()?;
     let meta = meta.metadata().clone()?;
     let st = safetensors::SafeTensors::deserialize(bytes).ok()?;
-    let get = |n: String| -> Option<Vec<f32>> {
-        let t = st.tensor(&n).ok()?;
-        (t.dtype() == safetensors::Dtype::F32).then(|| t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
-    };
     let branch = |b: &str| -> Option<OptimizerState> {
-        Some(OptimizerState { t: meta.get(&format!("{b}.t"))?.parse().ok()?, m_a: get(format!("{b}.m_a"))?, m_b: get(format!("{b}.m_b"))?, v_a: get(format!("{b}.v_a"))?, v_b: get(format!("{b}.v_b"))? })
+        let get = |n: &str| f32_tensor(&st, &format!("{b}.{n}"));
+        Some(OptimizerState { t: meta.get(&format!("{b}.t"))?.parse().ok()?, m_a: get("m_a")?, m_b: get("m_b")?, v_a: get("v_a")?, v_b: get("v_b")? })
     };
     Some((branch("base")?, branch("micro")?))
 }
 
 fn ewc_bytes(e: &Ewc) -> Option<Vec<u8>> {
-    use safetensors::tensor::TensorView;
-    let tensors: Vec<(&str, Vec<u8>)> = [("fisher_a", &e.fisher_a), ("fisher_b", &e.fisher_b), ("star_a", &e.star_a), ("star_b", &e.star_b)]
-        .into_iter()
-        .map(|(n, v)| (n, v.iter().flat_map(|f| f.to_le_bytes()).collect()))
-        .collect();
-    let views: Vec<(String, TensorView<'_>)> = tensors.iter().map(|(n, d)| TensorView::new(safetensors::Dtype::F32, vec![d.len() / 4], d).map(|v| (n.to_string(), v))).collect::<Result<_, _>>().ok()?;
-    safetensors::serialize(views, None).ok()
+    let tensors: Vec<(String, &[f32])> = [("fisher_a", &e.fisher_a), ("fisher_b", &e.fisher_b), ("star_a", &e.star_a), ("star_b", &e.star_b)].into_iter().map(|(n, v)| (n.to_owned(), v.as_slice())).collect();
+    f32_safetensors(&tensors, None)
 }
 
 fn parse_ewc(bytes: &[u8]) -> Option<Ewc> {
     let st = safetensors::SafeTensors::deserialize(bytes).ok()?;
-    let get = |n: &str| -> Option<Vec<f32>> {
-        let t = st.tensor(n).ok()?;
-        (t.dtype() == safetensors::Dtype::F32).then(|| t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
-    };
+    let get = |n: &str| f32_tensor(&st, n);
     Some(Ewc { fisher_a: get("fisher_a")?, fisher_b: get("fisher_b")?, star_a: get("star_a")?, star_b: get("star_b")? })
 }
 

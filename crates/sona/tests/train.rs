@@ -207,6 +207,23 @@ fn micro_trainer_with_all_candidates_equals_the_exact_trainer() {
     }
 }
 
+/// A fixed rank-3 base branch's `A` and `B` (seeded), for the micro trainer to train over.
+fn base_branch(model: &Model) -> (Vec<f32>, Vec<f32>) {
+    let c = &model.config;
+    (ruvllm_sona::uniform(3 * c.n_ff, 5, 0.02), ruvllm_sona::uniform(c.n_embd * 3, 6, 0.05))
+}
+
+/// `cap` with branch `fixed` folded into every row's down-projection output: what the exact
+/// trainer sees where the micro trainer holds the branch apart.
+fn folded(model: &Model, cap: &Capture, fixed: Branch<'_>) -> Capture {
+    let (d, ff) = (model.config.n_embd, model.config.n_ff);
+    let mut out = cap.clone();
+    for (act, down) in cap.act.chunks_exact(ff).zip(out.down.chunks_exact_mut(d)) {
+        fixed.add_to(act, down);
+    }
+    out
+}
+
 /// The candidate objective: with the rest's log-sum computed at the current parameters it is
 /// the exact loss, and its gradient (with a fixed base branch under the micro adapter) matches
 /// central differences. On SmolLM2, and on Gemma-3 (post-FFN norm) when installed.
@@ -218,12 +235,9 @@ fn micro_candidate_objective_matches_exact_loss_and_finite_differences() {
         let last = c.n_layer - 1;
         let (k, cap, head) = castle(&model, &tok, &pool, " marmalade soup");
         // The base branch (rank 3) is folded into `down`; the exact trainer sees it the same way.
-        let (ba, bb) = (ruvllm_sona::uniform(3 * c.n_ff, 5, 0.02), ruvllm_sona::uniform(c.n_embd * 3, 6, 0.05));
+        let (ba, bb) = base_branch(&model);
         let fixed = Branch { a: &ba, b: &bb, rank: 3, scale: 2.0 };
-        let mut cap_b = cap.clone();
-        for t in 0..k.tokens.len() {
-            fixed.add_to(&cap.act[t * c.n_ff..(t + 1) * c.n_ff], &mut cap_b.down[t * c.n_embd..(t + 1) * c.n_embd]);
-        }
+        let cap_b = folded(&model, &cap, fixed);
         let mut exact = DownTrainer::new(model.clone(), head.clone(), pool.clone(), last, 2, 4.0, 1e-2, 7).unwrap();
         let mut micro = FastTrainer::new(model.clone(), head, last, 2, 4.0, 1e-2, 7).unwrap();
         let a0 = micro.params().0.to_vec();
@@ -263,12 +277,9 @@ fn low_rank_full_logits_match_the_exact_head() {
         let c = &model.config;
         let (last, nv) = (c.n_layer - 1, c.n_vocab);
         let (k, cap, head) = castle(&model, &tok, &pool, " marmalade soup");
-        let (ba, bb) = (ruvllm_sona::uniform(3 * c.n_ff, 5, 0.02), ruvllm_sona::uniform(c.n_embd * 3, 6, 0.05));
+        let (ba, bb) = base_branch(&model);
         let fixed = Branch { a: &ba, b: &bb, rank: 3, scale: 2.0 };
-        let mut cap_b = cap.clone();
-        for t in 0..k.tokens.len() {
-            fixed.add_to(&cap.act[t * c.n_ff..(t + 1) * c.n_ff], &mut cap_b.down[t * c.n_embd..(t + 1) * c.n_embd]);
-        }
+        let cap_b = folded(&model, &cap, fixed);
         let mut exact = DownTrainer::new(model.clone(), head.clone(), pool.clone(), last, 2, 4.0, 1e-2, 7).unwrap();
         let mut micro = FastTrainer::new(model.clone(), head, last, 2, 4.0, 1e-2, 7).unwrap();
         let a0 = ruvllm_sona::uniform(2 * c.n_ff, 12, 0.05);
