@@ -804,9 +804,15 @@ async fn await_embedding(mut h: RequestHandle, param: &str) -> Result<Vec<f32>, 
 
 /// The model's embedding of `tokens` (mean-pooled, normalized final hidden states).
 pub(crate) async fn embed_tokens(st: &AppState, tokens: Vec<u32>) -> Result<Vec<f32>, ApiError> {
+    engine_embedding(&st.engine, tokens).await
+}
+
+/// [`embed_tokens`] through `engine` directly (the learning state holds the engine, not the
+/// server state).
+pub(crate) async fn engine_embedding(engine: &ruvllm_engine::Engine, tokens: Vec<u32>) -> Result<Vec<f32>, ApiError> {
     let mut r = Request::greedy(tokens, 1);
     r.embed = true;
-    await_embedding(st.engine.submit(r).map_err(|e| ApiError::from_engine(&e, "input"))?, "input").await
+    await_embedding(engine.submit(r).map_err(|e| ApiError::from_engine(&e, "input"))?, "input").await
 }
 
 /// `POST /v1/chat/completions`.

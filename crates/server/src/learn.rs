@@ -342,20 +342,9 @@ impl Learning {
         });
     }
 
-    /// The mean final hidden state of `text` (the bank's embedding), through the engine.
+    /// The bank's embedding of `text` (as retrieval computes it), through the engine.
     async fn embed(&self, text: &str) -> Option<Vec<f32>> {
-        let mut r = Request::greedy(self.tok.encode(text, true, false), 1);
-        r.embed = true;
-        let mut h = self.engine.submit(r).ok()?;
-        let mut out = None;
-        while let Some(e) = h.next().await {
-            match e {
-                Event::Embedding(v) => out = Some(v),
-                Event::Done(_) | Event::Failed(_) => break,
-                _ => {}
-            }
-        }
-        out
+        crate::api::engine_embedding(&self.engine, self.tok.encode(text, true, false)).await.ok()
     }
 
     /// Where the caller's nearest successful trajectories (the 8 nearest bank entries rated
@@ -465,11 +454,18 @@ pub(crate) async fn feedback(State(st): State<Arc<AppState>>, Extension(caller):
         if rec.prompt.len() + answer_len > st.engine.config().n_ctx {
             return Err(ApiError::invalid("correction", "prompt and correction do not fit the context"));
         }
-        // What the bank keeps: the corrected answer, or the answer a positive rating confirms.
-        let remembered = match (&correction, rating) {
-            (Some(text), _) => Some((text.trim().to_owned(), 1.0f32)),
-            (None, Some(r)) if r > 0.0 => st.tok.decode(&rec.answer, false).ok().map(|t| (t.trim().to_owned(), r as f32)),
-            _ => None,
+        // What the completion's trajectory takes: rating 1 and the corrected answer, or the
+        // rating; and the answer a new bank entry keeps (the corrected one, or the one a
+        // positive rating confirms).
+        let (rated, corrected) = match (&correction, rating) {
+            (Some(text), _) => (1.0f32, Some(text.trim().to_owned())),
+            (None, Some(r)) => (r as f32, None),
+            (None, None) => unreachable!("checked above"),
+        };
+        let remembered = match &corrected {
+            Some(text) => Some(text.clone()),
+            None if rated > 0.0 => st.tok.decode(&rec.answer, false).ok().map(|t| t.trim().to_owned()),
+            None => None,
         };
         let question = rec.question.clone();
         let scope = caller.0.clone();
@@ -489,14 +485,9 @@ pub(crate) async fn feedback(State(st): State<Arc<AppState>>, Extension(caller):
         // The completion's trajectory takes the feedback; one not added yet (its embedding
         // pass still running) gets it when it is, except that a confirmed or corrected answer
         // is added here at once, so the next request can retrieve it.
-        let (rated, corrected) = match (&correction, rating) {
-            (Some(text), _) => (1.0f32, Some(text.trim().to_owned())),
-            (None, Some(r)) => (r as f32, None),
-            (None, None) => unreachable!("checked above"),
-        };
         let (l2, id2) = (learning.clone(), id.clone());
         let has = tokio::task::spawn_blocking(move || l2.rate_trajectory(&id2, rated, corrected)).await.unwrap_or(false);
-        if let Some((answer, _)) = remembered.filter(|(a, _)| !has && !a.is_empty() && !question.is_empty()) {
+        if let Some(answer) = remembered.filter(|a| !has && !a.is_empty() && !question.is_empty()) {
             let emb = crate::api::embed_tokens(&st, st.tok.encode(&question, true, false)).await?;
             let (l2, id2) = (learning.clone(), id.clone());
             let _ = tokio::task::spawn_blocking(move || l2.add_trajectory(&id2, &emb, &answer)).await;
