@@ -346,3 +346,51 @@ def test_feedback_only_trajectories_skip_unrated_completions():
         assert 'ruvllm_sona_trajectories{rated="true"} 1' in m and 'ruvllm_sona_trajectories{rated="false"} 0' in m, m
     finally:
         assert s.stop() == 0
+
+
+def _metric(url, key, name):
+    for line in httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {key}"}, timeout=30).text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            if " " in line and not line.startswith("#"):
+                yield line.rsplit(" ", 1)[0], float(line.rsplit(" ", 1)[1])
+
+
+def metric(url, key, name):
+    return dict(_metric(url, key, name))
+
+
+def test_a_rating_trains_on_activations_kept_while_generating():
+    """A rated answer's lesson comes from the activations its generation kept: no prompt or
+    answer token runs through the model again, and the update is exactly the one a server that
+    keeps nothing (`--sona-keep-mib 0`) computes with the engine."""
+    runs = {}
+    for name, extra in [("kept", ()), ("computed", ("--sona-keep-mib", "0"))]:
+        s = Server("--api-key", "kim", "--sona-trajectories", "feedback", *extra)
+        try:
+            out = []
+            for _ in range(2):
+                c = ask(s.url, "kim")
+                before = metric(s.url, "kim", "ruvllm:prompt_tokens_computed_total")
+                r = feedback(s.url, "kim", {"id": c["id"], "rating": -1})
+                assert r.status_code == 200, r.text
+                after = metric(s.url, "kim", "ruvllm:prompt_tokens_computed_total")
+                out.append((c["choices"][0]["text"], r.json(), before, after))
+            lessons = metric(s.url, "kim", "ruvllm_sona_lessons_total")
+            kept_bytes = metric(s.url, "kim", "ruvllm_sona_kept_bytes")["ruvllm_sona_kept_bytes"]
+            runs[name] = (out, lessons, kept_bytes)
+        finally:
+            assert s.stop() == 0
+    (kept, kept_lessons, kept_bytes), (computed, computed_lessons, none_kept) = runs["kept"], runs["computed"]
+    # The first event also computes the anchor text's lesson once.
+    assert kept_lessons == {'ruvllm_sona_lessons_total{source="kept"}': 2, 'ruvllm_sona_lessons_total{source="computed"}': 1}, kept_lessons
+    assert computed_lessons == {'ruvllm_sona_lessons_total{source="kept"}': 0, 'ruvllm_sona_lessons_total{source="computed"}': 3}, computed_lessons
+    assert kept_bytes > 0 and none_kept == 0
+    # The second rating ran nothing through the model with kept rows; the engine ran the
+    # answer again without them.
+    assert kept[1][3] == kept[1][2], kept[1]
+    assert computed[1][3] != computed[1][2], computed[1]
+    # Identical lessons: same answers (the second runs with the first's adapter), losses, steps.
+    for (ta, fa, *_), (tb, fb, *_) in zip(kept, computed):
+        assert ta == tb
+        assert {k: fa[k] for k in ("updated", "steps", "loss_before", "loss_after", "version")} == \
+               {k: fb[k] for k in ("updated", "steps", "loss_before", "loss_after", "version")}, (fa, fb)

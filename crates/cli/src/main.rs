@@ -333,7 +333,7 @@ fn cmd_chat(a: ChatArgs) -> Result<(), Error> {
     cfg.max_seqs = 1;
     let tok = Arc::new(l.tok);
     let model = Arc::new(l.model);
-    let engine = Engine::start(model.clone(), tok.clone(), l.pool, cfg).map_err(|e| Error::usage(e.to_string()))?;
+    let engine = Arc::new(Engine::start(model.clone(), tok.clone(), l.pool, cfg).map_err(|e| Error::usage(e.to_string()))?);
     let mut learner = match (&a.sona_dir, a.no_learning) {
         (_, true) => None,
         (None, false) => Some(Learner::new(model.clone())),
@@ -345,8 +345,14 @@ fn cmd_chat(a: ChatArgs) -> Result<(), Error> {
             Some(l)
         }
     };
+    // Lessons come through the engine: a rated answer from the activations its generation
+    // kept, a correction with the prompt from the prefix cache.
+    let mut capture = None;
     if let Some(l) = &mut learner {
         l.configure(LearnConfig::default(), Some(tok.encode(ANCHOR_TEXT, true, false)));
+        let c = Arc::new(ruvllm_server::EngineCapture::new(engine.clone(), l.pool(), ruvllm_server::KEEP_MIB << 20));
+        l.set_capture_source(Some(c.clone()));
+        capture = Some(c);
     }
     let mut msgs: Vec<ChatMessage> = a.system.iter().map(|s| ChatMessage::new("system", s)).collect();
     // The last exchange (prompt ids, answer ids), what /good, /bad and /fix refer to.
@@ -411,6 +417,7 @@ fn cmd_chat(a: ChatArgs) -> Result<(), Error> {
         req.sampling = params.sampling.clone();
         req.stop = params.stop.clone();
         req.adapter = learner.as_ref().and_then(|l| l.adapter_for(SCOPE));
+        req.keep = capture.as_ref().and_then(|c| c.keep_spec(ids.len(), req.adapter.as_deref()));
         let mut h = match engine.submit(req) {
             Ok(h) => h,
             Err(e) => {
@@ -423,6 +430,7 @@ fn cmd_chat(a: ChatArgs) -> Result<(), Error> {
         let mut reply = String::new();
         let mut answer_ids = Vec::new();
         let mut usage = None;
+        let mut kept = None;
         while let Some(ev) = h.next_blocking() {
             if let Event::Token { token, .. } = &ev {
                 answer_ids.push(*token);
@@ -442,6 +450,7 @@ fn cmd_chat(a: ChatArgs) -> Result<(), Error> {
                     eprintln!("error: {e}");
                     break;
                 }
+                Event::Kept(k) => kept = Some(*k),
                 Event::Embedding(_) | Event::Captured(_) => {}
             }
         }
@@ -450,6 +459,9 @@ fn cmd_chat(a: ChatArgs) -> Result<(), Error> {
             Some(u) => {
                 eprintln!("[{} of {} prompt tokens computed, {} generated]", u.prompt_tokens - u.cached_tokens, u.prompt_tokens, u.completion_tokens);
                 msgs.push(ChatMessage::new("assistant", &reply));
+                if let (Some(c), Some(k)) = (&capture, kept) {
+                    c.keep(&ids, &answer_ids, k);
+                }
                 last = Some((ids, answer_ids));
             }
             None => {

@@ -89,6 +89,11 @@ pub struct ServeArgs {
     /// pass of its question, off the request path) or `feedback` (only rated/corrected ones).
     #[arg(long = "sona-trajectories", default_value = "all", value_parser = ["all", "feedback"])]
     sona_trajectories: String,
+    /// Memory (MiB) for activations kept while answers are generated, so that a rating of an
+    /// answer trains without running it through the model again (10.5 KiB per token on
+    /// SmolLM2; oldest dropped first; 0 keeps none).
+    #[arg(long = "sona-keep-mib", default_value_t = ruvllm_server::KEEP_MIB)]
+    sona_keep_mib: usize,
     /// Log format: text or json.
     #[arg(long = "log-format", default_value = "text")]
     log_format: String,
@@ -260,6 +265,7 @@ pub fn run(a: ServeArgs) -> Result<(), Error> {
         sona_consolidate_secs: a.sona_consolidate_secs,
         sona_threads: a.sona_threads,
         sona_all_trajectories: a.sona_trajectories == "all",
+        sona_keep_bytes: a.sona_keep_mib << 20,
     };
     eprintln!("ruvllm: serving model as {}", scfg.model_names.join(", "));
     let state = Arc::new(AppState::new(Arc::new(engine), tok, template, n_embd, &scfg).map_err(|e| Error::usage(format!("--sona-dir: {e}")))?);

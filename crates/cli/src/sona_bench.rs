@@ -363,7 +363,7 @@ fn one_fact_set(a: &SonaBenchArgs, model: &Arc<Model>, tok: &Tokenizer, r: &mut 
     // retrieval-augmented answer would be.
     let mut learner = Learner::new(model.clone());
     if !a.own_capture {
-        learner.set_capture_source(Some(Arc::new(EngineCapture(engine.clone()))));
+        learner.set_capture_source(Some(Arc::new(EngineCapture::new(engine.clone(), learner.pool(), 0))));
     }
     let cfg = LearnConfig { steps: a.steps, lr: a.lr, replay: a.replay, anchor_weight: a.anchor_weight, blind_dirs: a.blind_dirs, background_every: a.background_every, ewc_lambda: a.ewc_lambda, threads: a.learn_threads, ..LearnConfig::default() };
     learner.configure(cfg, Some(tok.encode(ANCHOR_TEXT, true, false)));

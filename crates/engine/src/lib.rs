@@ -179,6 +179,12 @@ pub struct Request {
     /// logits of positions `from..` come back as [`Event::Captured`]. Cached prefix blocks are
     /// reused up to `from`, so a correction of an answer just served computes only its tail.
     pub capture: Option<CaptureSpec>,
+    /// While generating, keep one layer's activations (the down projection's input and base
+    /// output, and the residual) of positions `from..` as they are computed; they come back as
+    /// [`Event::Kept`] when the choice ends. A learner trains on feedback about the answer
+    /// from them without running the sequence again. `n = 1`; an adapter may adapt only that
+    /// layer's down projection (as SONA's do), so the rows are the base model's.
+    pub keep: Option<CaptureSpec>,
 }
 
 /// What a capture request asks for (see [`Request::capture`]).
@@ -188,6 +194,19 @@ pub struct CaptureSpec {
     pub layer: usize,
     /// The first position whose activations and logits are needed.
     pub from: usize,
+}
+
+/// A generation's kept activations (see [`Request::keep`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Kept {
+    /// Position of the first row.
+    pub from: usize,
+    /// How many rows (positions) it holds.
+    pub rows: usize,
+    /// Rows of positions `from..from + rows` (`last` is empty): every position the sequence
+    /// ran through the model — the prompt's last token and each generated token that was fed
+    /// back (a choice cut by its length limit never feeds its final token).
+    pub cap: Capture,
 }
 
 /// A capture request's result.
@@ -215,6 +234,7 @@ impl Request {
             cache_salt: Vec::new(),
             adapter: None,
             capture: None,
+            keep: None,
         }
     }
 }
@@ -268,6 +288,9 @@ pub enum Event {
     Embedding(Vec<f32>),
     /// A capture request's activations and logits.
     Captured(Box<Captured>),
+    /// A generation's kept activations (requests with [`Request::keep`]), after its
+    /// `Finished`.
+    Kept(Box<Kept>),
     /// Every choice has finished; the last event.
     Done(Usage),
     /// The request failed; the last event.
@@ -406,6 +429,17 @@ impl Engine {
             }
             if c.layer >= self.n_layer || c.from >= req.prompt.len() {
                 return Err(Error::param("capture", format!("capture of layer {} from position {} is outside the model ({} layers) or the prompt ({} tokens)", c.layer, c.from, self.n_layer, req.prompt.len())));
+            }
+        }
+        if let Some(k) = req.keep {
+            if req.embed || req.n != 1 || req.capture.is_some() {
+                return Err(Error::param("keep", "activations are kept for one generated choice: no embedding or capture, n = 1"));
+            }
+            if k.layer >= self.n_layer || k.from >= req.prompt.len() {
+                return Err(Error::param("keep", format!("keeping layer {} from position {} is outside the model ({} layers) or the prompt ({} tokens)", k.layer, k.from, self.n_layer, req.prompt.len())));
+            }
+            if req.adapter.as_ref().is_some_and(|a| a.adapts_before_down(k.layer)) {
+                return Err(Error::param("keep", "the adapter changes the kept layer's inputs: the rows would not be the base model's"));
             }
         }
         let prompt_only = req.embed || req.capture.is_some();

@@ -15,7 +15,7 @@
 //! original arrival order.
 
 use crate::metrics::Metrics;
-use crate::{Capture, Captured, Command, Error, ErrorKind, Event, FinishReason, Logprob, Request, Shared, Usage};
+use crate::{Capture, Captured, Command, Error, ErrorKind, Event, FinishReason, Kept, Logprob, Request, Shared, Usage};
 use ruvllm_kernels::pool::ThreadPool;
 use ruvllm_kv::KvManager;
 use ruvllm_model::{Forward, KvCache, Logits, Model, Sampler, SeqInput, StopMatcher};
@@ -74,6 +74,9 @@ struct Seq {
     migrated: usize,
     /// Capture requests: the rows and logits gathered so far (reset by preemption).
     captured: Option<Captured>,
+    /// Requests that keep activations: the rows gathered so far (reset by preemption, whose
+    /// recompute gathers them again).
+    kept: Option<Kept>,
 }
 
 impl Seq {
@@ -234,6 +237,7 @@ impl State<'_> {
             last_token_at: None,
             migrated: 0,
             captured: None,
+            kept: None,
         };
         let usage = Usage { prompt_tokens: req.prompt.len(), ..Usage::default() };
         self.delta_prompt += req.prompt.len() as u64;
@@ -281,6 +285,7 @@ impl State<'_> {
         s.migrated = 0;
         s.embed_sum.clear();
         s.captured = None;
+        s.kept = None;
         self.delta_preempted += 1;
         self.enqueue(s);
     }
@@ -353,7 +358,7 @@ impl State<'_> {
         while budget > 0 && self.running.len() < self.cfg.max_seqs {
             let Some(front) = self.waiting.front() else { break };
             let salt = self.salt(front);
-            let from = self.groups.get(&front.group).and_then(|g| g.req.capture).map_or(front.tokens.len(), |c| c.from);
+            let from = self.groups.get(&front.group).and_then(|g| g.req.capture.or(g.req.keep)).map_or(front.tokens.len(), |c| c.from);
             let cached = self.mgr.add_sequence_computing_from(front.id, &front.tokens, &salt, from);
             let len = (front.tokens.len() - cached).min(budget);
             match self.mgr.append(front.id, &front.tokens[cached..cached + len]) {
@@ -439,6 +444,9 @@ impl State<'_> {
             let embed = g.is_some_and(|g| g.req.embed);
             let capture = g.and_then(|g| g.req.capture);
             let lora = g.and_then(|g| g.req.adapter.as_deref());
+            if let Some(k) = g.and_then(|g| g.req.keep).filter(|k| end > k.from) {
+                capture_layers.push(k.layer);
+            }
             let logits = if embed {
                 Logits::Hidden
             } else if let Some(c) = capture {
@@ -548,6 +556,19 @@ impl State<'_> {
                 }
                 continue;
             }
+            if let Some(spec) = g.req.keep {
+                // Rows of positions from.., appended in order (a recompute starts over).
+                let lo = start.max(spec.from);
+                if let Some(c) = self.fwd.captured(spec.layer).filter(|_| s.n_computed > lo) {
+                    let (d, ff) = (self.n_embd, self.n_ff);
+                    let k = s.kept.get_or_insert_with(|| Kept { from: spec.from, rows: 0, cap: Capture { layer: spec.layer, ..Capture::default() } });
+                    let (r0, r1) = (first_row + lo - start, first_row + s.n_computed - start);
+                    k.cap.act.extend_from_slice(&c.act[r0 * ff..r1 * ff]);
+                    k.cap.resid.extend_from_slice(&c.resid[r0 * d..r1 * d]);
+                    k.cap.down.extend_from_slice(&c.down[r0 * d..r1 * d]);
+                    k.rows += r1 - r0;
+                }
+            }
             if s.n_computed < s.tokens.len() {
                 continue;
             }
@@ -582,6 +603,7 @@ impl State<'_> {
                         last_token_at: None,
                         migrated: s.migrated,
                         captured: None,
+                        kept: None,
                     });
                 }
             }
@@ -600,9 +622,14 @@ impl State<'_> {
         finished.sort_unstable();
         finished.dedup();
         for &i in finished.iter().rev() {
-            let s = self.running.remove(i);
+            let mut s = self.running.remove(i);
             self.mgr.free(s.id);
             if let Some(g) = self.groups.get_mut(&s.group) {
+                if let Some(k) = s.kept.take() {
+                    if g.tx.send(Event::Kept(Box::new(k))).is_err() {
+                        g.cancelled = true;
+                    }
+                }
                 g.remaining -= 1;
                 if g.remaining == 0 {
                     // Sent after the metrics are published, so a client that reads them on Done

@@ -4,7 +4,7 @@
 //! skips computing a shared prefix; cancellation and random workloads leak no blocks; priorities
 //! order admission; embeddings do not depend on their batch.
 
-use ruvllm_engine::{CaptureSpec, Captured, Engine, EngineConfig, ErrorKind, Event, FinishReason, Request, Usage};
+use ruvllm_engine::{CaptureSpec, Captured, Engine, EngineConfig, ErrorKind, Event, FinishReason, Kept, Request, Usage};
 use ruvllm_kernels::pool::ThreadPool;
 use ruvllm_model::{generate, registry, Forward, GenerateParams, KvCache, KvType, Logits, Model, Runner, SamplingParams, SeqInput};
 use ruvllm_tokenizer::Tokenizer;
@@ -57,6 +57,7 @@ struct Outcome {
     usage: Option<Usage>,
     embedding: Option<Vec<f32>>,
     captured: Option<Captured>,
+    kept: Option<Kept>,
 }
 
 fn collect(mut h: ruvllm_engine::RequestHandle, n: usize) -> Outcome {
@@ -73,6 +74,7 @@ fn collect(mut h: ruvllm_engine::RequestHandle, n: usize) -> Outcome {
             }
             Event::Embedding(e) => o.embedding = Some(e),
             Event::Captured(c) => o.captured = Some(*c),
+            Event::Kept(k) => o.kept = Some(*k),
             Event::Done(u) => {
                 o.usage = Some(u);
                 break;
@@ -599,4 +601,80 @@ fn capture_requests_equal_a_solo_pass_and_reuse_the_cached_prompt() {
         assert!(matches!(e.submit(bad).err().expect("refused").kind(), ErrorKind::InvalidParam { param: "capture", .. }));
         assert_eq!(e.metrics().kv_blocks_used, 0, "blocks leaked");
     }
+}
+
+/// Activations kept while generating (what a rating of the answer trains on) are exactly the
+/// rows of a solo pass over prompt + answer, and the logits made from them are that pass's:
+/// several requests at once, under chunked prefill and under forced preemption (whose
+/// recompute gathers the rows again), and with an adapter on the last down projection (the
+/// rows stay the base model's). An adapter that changes the rows is refused.
+#[test]
+fn kept_activations_equal_a_solo_pass_over_prompt_and_answer() {
+    let Some(f) = fixture() else { return };
+    use ruvllm_model::{LoraAdapter, LoraPair, Proj};
+    let c = &f.model.config;
+    let (d, ff, nv, last) = (c.n_embd, c.n_ff, c.n_vocab, c.n_layer - 1);
+    let ps = prompts(&f.tok);
+    let mut sona = LoraAdapter::empty("sona", 5, c.n_layer);
+    let (out, inp) = Proj::Down.shape(c);
+    sona.set(last, Proj::Down, LoraPair { rank: 1, a: (0..inp).map(|i| ((i % 7) as f32 - 3.0) * 0.05).collect(), b: (0..out).map(|i| ((i % 5) as f32 - 2.0) * 0.5).collect(), scale: 1.0 });
+    let sona = Arc::new(sona);
+    type Tweak = fn(&mut EngineConfig);
+    let tweaks: [(&str, Tweak); 3] = [
+        ("plain", |_| {}),
+        ("chunked", |c| c.max_batch_tokens = 7),
+        ("preempted", |c| {
+            c.n_blocks = 8;
+            c.max_batch_tokens = 20;
+        }),
+    ];
+    for (name, tweak) in tweaks {
+        let e = engine(f, tweak);
+        let picks = [0usize, 3, 9, 12];
+        let handles: Vec<_> = picks
+            .iter()
+            .enumerate()
+            .map(|(j, &i)| {
+                let mut r = Request::greedy(ps[i].clone(), 24);
+                r.ignore_eos = true;
+                r.adapter = (j % 2 == 1).then(|| sona.clone());
+                r.keep = Some(CaptureSpec { layer: last, from: ps[i].len() - 1 });
+                e.submit(r).expect("submit")
+            })
+            .collect();
+        let outs: Vec<Outcome> = handles.into_iter().map(|h| collect(h, 1)).collect();
+        if name == "preempted" {
+            assert!(e.metrics().preemptions > 0, "the small pool should force preemption");
+        }
+        for (&i, o) in picks.iter().zip(&outs) {
+            let answer = &o.tokens[0];
+            let k = o.kept.as_ref().expect("kept rows");
+            let tokens: Vec<u32> = ps[i].iter().chain(answer).copied().collect();
+            let from = ps[i].len() - 1;
+            // Cut by length: the final token is never fed, so one row per answer token.
+            assert_eq!((k.from, k.rows, k.cap.layer), (from, answer.len(), last), "{name} prompt {i}");
+            assert_eq!(k.cap.act.len(), k.rows * ff);
+            let want = solo_capture(f, &tokens, last, from);
+            let hi = from + k.rows;
+            assert_eq!(k.cap.act, want.cap.act[from * ff..hi * ff], "{name} prompt {i}: activations");
+            assert_eq!(k.cap.resid, want.cap.resid[from * d..hi * d], "{name} prompt {i}: residual");
+            assert_eq!(k.cap.down, want.cap.down[from * d..hi * d], "{name} prompt {i}: down");
+            let mut logits = vec![0f32; k.rows * nv];
+            ruvllm_model::logits_from_last_layer(&f.model, &f.pool, &k.cap.resid, &k.cap.down, &mut logits);
+            assert_eq!(logits, want.logits[..k.rows * nv], "{name} prompt {i}: logits from kept rows");
+        }
+        assert_eq!(e.metrics().kv_blocks_used, 0, "{name}: blocks leaked");
+    }
+    // An adapter on anything before the last down projection changes the rows: refused.
+    let e = engine(f, |_| {});
+    let mut early = LoraAdapter::empty("early", 6, c.n_layer);
+    let (out, inp) = Proj::Q.shape(c);
+    early.set(0, Proj::Q, LoraPair { rank: 1, a: vec![0.01; inp], b: vec![0.01; out], scale: 1.0 });
+    let mut bad = Request::greedy(ps[0].clone(), 4);
+    bad.adapter = Some(Arc::new(early));
+    bad.keep = Some(CaptureSpec { layer: last, from: ps[0].len() - 1 });
+    assert!(matches!(e.submit(bad.clone()).err().expect("refused").kind(), ErrorKind::InvalidParam { param: "keep", .. }));
+    bad.adapter = None;
+    bad.n = 2;
+    assert!(matches!(e.submit(bad).err().expect("refused").kind(), ErrorKind::InvalidParam { param: "keep", .. }));
 }

@@ -146,8 +146,8 @@ pub struct Capture {
     pub act: Vec<f32>,
     /// The residual stream before the layer's feed-forward output is added: `[n × n_embd]`.
     pub resid: Vec<f32>,
-    /// The down projection's output (with the step's adapters), before any post-FFN norm:
-    /// `[n × n_embd]`.
+    /// The down projection's base output (without any adapter on it; earlier projections'
+    /// adapters do act), before any post-FFN norm: `[n × n_embd]`.
     pub down: Vec<f32>,
     /// The residual stream after the last layer (before the final norm): `[n × n_embd]`.
     pub last: Vec<f32>,
@@ -503,9 +503,6 @@ impl<'m> Forward<'m> {
                 }
             });
             self.mm(&mut s.acts, &s.gate[..n * ff], ff, [&layer.down], [&mut s.out[..n * d]]);
-            if any_lora {
-                self.lora(seqs, il, Proj::Down, &s.gate[..n * ff], ff, &mut s.out[..n * d], d, &mut s.lora_tmp);
-            }
             for cap in self.captures.iter_mut().filter(|c| c.layer == il) {
                 cap.act.clear();
                 cap.act.extend_from_slice(&s.gate[..n * ff]);
@@ -513,6 +510,9 @@ impl<'m> Forward<'m> {
                 cap.resid.extend_from_slice(&s.x[..n * d]);
                 cap.down.clear();
                 cap.down.extend_from_slice(&s.out[..n * d]);
+            }
+            if any_lora {
+                self.lora(seqs, il, Proj::Down, &s.gate[..n * ff], ff, &mut s.out[..n * d], d, &mut s.lora_tmp);
             }
             for i in 0..n {
                 let o = &mut s.out[i * d..(i + 1) * d];
@@ -571,6 +571,27 @@ pub fn head_logits(model: &Model, pool: &ThreadPool, normed: &[f32], out: &mut [
     let mut acts = QuantActs::default();
     acts.quantize_par(pool, ActFormat::for_weight(m.ty), normed, model.config.n_embd);
     ruvllm_kernels::matmul::matmul(pool, &m, &acts, out);
+}
+
+/// The base model's logits of rows whose last layer was captured ([`Capture`]'s `resid` and
+/// base `down`, `[rows × n_embd]` each) into `out` (`[rows × n_vocab]`): the forward pass's
+/// post-FFN norm, residual add, final norm and head, so the values are the forward pass's bit
+/// for bit. A learner gets a generation's candidate logits from activations kept while it ran.
+pub fn logits_from_last_layer(model: &Model, pool: &ThreadPool, resid: &[f32], down: &[f32], out: &mut [f32]) {
+    let c = &model.config;
+    let d = c.n_embd;
+    let post = model.layers.last().and_then(|l| l.post_ffn_norm.as_ref());
+    let mut normed = vec![0f32; resid.len()];
+    let mut o = vec![0f32; d];
+    for ((x, dn), xn) in resid.chunks_exact(d).zip(down.chunks_exact(d)).zip(normed.chunks_exact_mut(d)) {
+        o.copy_from_slice(dn);
+        if let Some(w) = post {
+            ops::rms_norm_inplace(&mut o, w, c.rms_eps);
+        }
+        o.iter_mut().zip(x).for_each(|(o, x)| *o += x);
+        ops::rms_norm(&o, &model.output_norm, c.rms_eps, xn);
+    }
+    head_logits(model, pool, &normed, out);
 }
 
 /// Query heads handled together per task (they share the KV head's converted keys/values).

@@ -12,7 +12,7 @@ pub mod sampler;
 pub mod weights;
 
 pub use config::{Arch, Config};
-pub use forward::{head_logits, AttnKernel, Capture, Forward, Logits, Runner, SeqInput, FLASH_MIN_SPAN};
+pub use forward::{head_logits, logits_from_last_layer, AttnKernel, Capture, Forward, Logits, Runner, SeqInput, FLASH_MIN_SPAN};
 pub use generate::{generate, FinishReason, GenerateParams, Generation, StopMatcher};
 pub use kv::{KvCache, KvType};
 pub use lora::{write_atomic, LoraAdapter, LoraPair, Proj};

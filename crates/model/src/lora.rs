@@ -168,6 +168,13 @@ impl LoraAdapter {
         })
     }
 
+    /// Whether the adapter changes anything `layer`'s down projection reads or adds to: a
+    /// projection of an earlier layer, or one of `layer`'s own other than down. When it does
+    /// not, that layer's down input, base down output and residual are the base model's.
+    pub fn adapts_before_down(&self, layer: usize) -> bool {
+        self.layers.iter().enumerate().any(|(l, projs)| projs.iter().zip(Proj::ALL).any(|(p, proj)| p.is_some() && (l < layer || (l == layer && proj != Proj::Down))))
+    }
+
     /// An adapter with no projections (a starting point for training).
     pub fn empty(name: &str, id: u64, n_layer: usize) -> LoraAdapter {
         LoraAdapter { name: name.into(), id, version: 0, layers: (0..n_layer).map(|_| Default::default()).collect() }

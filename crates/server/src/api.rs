@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use base64::Engine as _;
 use futures_util::stream::{self, Stream, StreamExt};
-use ruvllm_engine::{Error as EngineError, ErrorKind as EngineErrorKind, Event, FinishReason, Logprob, Request, RequestHandle, Usage};
+use ruvllm_engine::{CaptureSpec, Error as EngineError, ErrorKind as EngineErrorKind, Event, FinishReason, Logprob, Request, RequestHandle, Usage};
 use ruvllm_model::{LoraAdapter, SamplingParams};
 use ruvllm_tokenizer::ChatMessage;
 use serde_json::{json, Map, Value};
@@ -342,7 +342,7 @@ fn parse_prompts(st: &AppState, v: Option<&Value>, param: &str) -> Result<Vec<Ve
     Ok(out)
 }
 
-fn engine_request(st: &AppState, prompt: Vec<u32>, g: &GenParams) -> Request {
+fn engine_request(st: &AppState, prompt: Vec<u32>, g: &GenParams, keep: Option<CaptureSpec>) -> Request {
     let limit = st.engine.config().n_ctx;
     Request {
         max_tokens: g.max_tokens.unwrap_or_else(|| limit.saturating_sub(prompt.len()).max(1)),
@@ -357,12 +357,19 @@ fn engine_request(st: &AppState, prompt: Vec<u32>, g: &GenParams) -> Request {
         cache_salt: Vec::new(),
         adapter: g.adapter.clone(),
         capture: None,
+        keep,
     }
 }
 
 /// Submits one request per prompt; choice indices of prompt `p` start at `p × n`.
 fn submit_all(st: &AppState, prompts: Vec<Vec<u32>>, g: &GenParams, param: &str) -> Result<Vec<RequestHandle>, ApiError> {
-    let reqs: Vec<Request> = prompts.into_iter().map(|p| engine_request(st, p, g)).collect();
+    // The first prompt's choice is remembered for feedback: with one choice, its generation
+    // keeps the activations a rating trains on.
+    let keep = |i: usize, p: &[u32]| st.learning.as_ref().filter(|_| i == 0 && g.n == 1).and_then(|l| l.keep_spec(p.len(), g.adapter.as_deref()));
+    let reqs: Vec<Request> = prompts.into_iter().enumerate().map(|(i, p)| {
+        let k = keep(i, &p);
+        engine_request(st, p, g, k)
+    }).collect();
     for r in &reqs {
         st.engine.validate(r).map_err(|e| ApiError::from_engine(&e, param))?;
     }
@@ -482,6 +489,7 @@ async fn collect(st: &AppState, meta: Meta, handles: Vec<RequestHandle>, g: &Gen
     let mut usage = Usage::default();
     let mut ev = Box::pin(merged(handles, g.n));
     let mut done = 0;
+    let mut kept = None;
     while let Some((off, e)) = ev.next().await {
         match e {
             Event::Token { index, token, text, logprob } => {
@@ -497,7 +505,8 @@ async fn collect(st: &AppState, meta: Meta, handles: Vec<RequestHandle>, g: &Gen
                 c.text.push_str(&text);
                 c.finish = Some(reason);
             }
-            Event::Embedding(_) | Event::Captured(_) => {}
+            Event::Kept(k) if off == 0 => kept = Some(*k),
+            Event::Embedding(_) | Event::Captured(_) | Event::Kept(_) => {}
             Event::Done(u) => {
                 add_usage(&mut usage, &u);
                 done += 1;
@@ -526,7 +535,7 @@ async fn collect(st: &AppState, meta: Meta, handles: Vec<RequestHandle>, g: &Gen
         })
         .collect();
     if let Some(l) = &st.learning {
-        l.record(&meta.id, &meta.caller, &meta.question, &meta.prompt, &choices[0].tokens, meta.adapter_name.clone());
+        l.record(&meta.id, &meta.caller, &meta.question, &meta.prompt, &choices[0].tokens, meta.adapter_name.clone(), kept);
     }
     let object = if meta.kind == Kind::Chat { "chat.completion" } else { "text_completion" };
     tracing::info!(
@@ -573,6 +582,8 @@ struct StreamCtx {
     first_token_at: Option<f64>,
     /// Choice 0's tokens (remembered for feedback).
     answer: Vec<u32>,
+    /// What choice 0's generation kept for feedback.
+    kept: Option<ruvllm_engine::Kept>,
 }
 
 impl StreamCtx {
@@ -634,6 +645,12 @@ impl StreamCtx {
                 (self.content(off + index, &text, lp, None), false)
             }
             Event::Finished { index, reason, text } => (self.content(off + index, &text, None, Some(reason)), false),
+            Event::Kept(k) => {
+                if off == 0 {
+                    self.kept = Some(*k);
+                }
+                (Vec::new(), false)
+            }
             Event::Embedding(_) | Event::Captured(_) => (Vec::new(), false),
             Event::Done(u) => {
                 add_usage(&mut self.usage, &u);
@@ -655,7 +672,7 @@ impl StreamCtx {
                 }
                 out.push(SseEvent::default().data("[DONE]"));
                 if let Some(l) = &self.st.learning {
-                    l.record(&self.meta.id, &self.meta.caller, &self.meta.question, &self.meta.prompt, &self.answer, self.meta.adapter_name.clone());
+                    l.record(&self.meta.id, &self.meta.caller, &self.meta.question, &self.meta.prompt, &self.answer, self.meta.adapter_name.clone(), self.kept.take());
                 }
                 tracing::info!(
                     id = self.meta.id,
@@ -691,6 +708,7 @@ fn stream_response(st: Arc<AppState>, meta: Meta, handles: Vec<RequestHandle>, g
         done: 0,
         first_token_at: None,
         answer: Vec::new(),
+        kept: None,
     };
     let events = Box::pin(merged(handles, g.n));
     // Dropping this stream (client gone) drops the handles, which cancels their sequences.

@@ -19,7 +19,8 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use ruvllm_engine::{CaptureSpec, Engine, Event, Request};
+use ruvllm_engine::{CaptureSpec, Engine, Event, Kept, Request};
+use ruvllm_kernels::pool::ThreadPool;
 use ruvllm_model::{Capture, LoraAdapter};
 use ruvllm_sona::bank::{Bank, Trajectory};
 use ruvllm_sona::learner::{scope_dirs, scope_key, Feedback, LearnConfig, LearnError, Learner};
@@ -28,6 +29,7 @@ use ruvllm_tokenizer::Tokenizer;
 use serde_json::{json, Value};
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -37,6 +39,9 @@ const RECORDS: usize = 4096;
 /// Entries a caller's bank takes before unrated trajectories stop being added (rated ones
 /// still are): 100k × 576 floats ≈ 230 MB for SmolLM2.
 pub const MAX_TRAJECTORIES: usize = 100_000;
+
+/// Default memory for activations kept from generations (`--sona-keep-mib`).
+pub const KEEP_MIB: usize = 256;
 
 /// A scope's bank log, next to its versions.
 const BANK_LOG: &str = "bank.log";
@@ -78,6 +83,62 @@ pub struct Learning {
     banks: Mutex<HashMap<String, Bank>>,
     dim: usize,
     dir: Option<PathBuf>,
+    /// The learner's source of activations, which keeps those of generations.
+    capture: Arc<EngineCapture>,
+}
+
+/// Activations kept while completions were generated ([`Request::keep`]: the last layer's down
+/// projection rows of the prompt's last token and every generated token), by the tokens they
+/// belong to: a rating of an answer trains on them without running prompt or answer through
+/// the model again. Oldest first out, within a byte budget (SmolLM2: 10.5 KiB per token).
+#[derive(Default)]
+struct KeptStore {
+    budget: usize,
+    bytes: usize,
+    order: VecDeque<u64>,
+    map: HashMap<u64, (Vec<u32>, Arc<Kept>)>,
+}
+
+/// FNV-1a over token ids: the store's key (entries also keep their tokens, compared on lookup).
+fn tokens_key(tokens: &[u32]) -> u64 {
+    tokens.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &t| (h ^ t as u64).wrapping_mul(0x100_0000_01b3))
+}
+
+fn kept_bytes(k: &Kept) -> usize {
+    4 * (k.cap.act.len() + k.cap.resid.len() + k.cap.down.len())
+}
+
+impl KeptStore {
+    /// Keeps `k` for `tokens` (prompt and answer), dropping the oldest entries past the budget.
+    fn insert(&mut self, tokens: Vec<u32>, k: Kept) {
+        let size = kept_bytes(&k);
+        if size > self.budget {
+            return;
+        }
+        let key = tokens_key(&tokens);
+        if let Some((_, old)) = self.map.remove(&key) {
+            self.bytes -= kept_bytes(&old);
+            self.order.retain(|&o| o != key);
+        }
+        self.bytes += size;
+        self.shrink();
+        self.order.push_front(key);
+        self.map.insert(key, (tokens, Arc::new(k)));
+    }
+
+    /// Drops the oldest entries until the kept bytes fit the budget.
+    fn shrink(&mut self) {
+        while self.bytes > self.budget {
+            let Some(old) = self.order.pop_back() else { break };
+            if let Some((_, o)) = self.map.remove(&old) {
+                self.bytes -= kept_bytes(&o);
+            }
+        }
+    }
+
+    fn get(&self, tokens: &[u32]) -> Option<Arc<Kept>> {
+        self.map.get(&tokens_key(tokens)).filter(|(t, _)| t == tokens).map(|(_, k)| k.clone())
+    }
 }
 
 /// A bank log's line adding a trajectory (its unit embedding: exact in JSON's shortest
@@ -150,16 +211,96 @@ fn parse_legacy_bank(v: &Value, dim: usize, scope: &str) -> Option<Bank> {
     Some(b)
 }
 
-/// The engine as the learner's source of activations: a lesson's prompt was just served, so
-/// its KV blocks are in the prefix cache and only the answer is computed, in the engine's
+/// The engine as the learner's source of activations. A rating of an answer just served
+/// finds the activations its generation kept ([`KeptStore`]): only the LM head runs, for the
+/// base logits its candidates come from. Otherwise (a correction, or rows no longer kept) the
+/// prompt's KV blocks are in the prefix cache and only the answer is computed, in the engine's
 /// batched step (bit-identical to the learner's own pass: `engine` tests).
-pub struct EngineCapture(pub Arc<Engine>);
+pub struct EngineCapture {
+    engine: Arc<Engine>,
+    kept: Mutex<KeptStore>,
+    /// Runs the LM head over kept rows.
+    pool: Arc<ThreadPool>,
+    /// Lessons served from kept rows, and computed by the engine.
+    from_kept: AtomicU64,
+    computed: AtomicU64,
+}
+
+impl EngineCapture {
+    /// A source for `engine`'s model keeping up to `keep_bytes` of generations' activations
+    /// (0: none; every lesson is computed by the engine); the head runs on `pool`.
+    pub fn new(engine: Arc<Engine>, pool: Arc<ThreadPool>, keep_bytes: usize) -> EngineCapture {
+        EngineCapture { engine, kept: Mutex::new(KeptStore { budget: keep_bytes, ..KeptStore::default() }), pool, from_kept: AtomicU64::new(0), computed: AtomicU64::new(0) }
+    }
+
+    /// Changes the memory for kept activations (dropping the oldest past it).
+    pub fn set_keep_budget(&self, bytes: usize) {
+        let mut g = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+        g.budget = bytes;
+        g.shrink();
+    }
+
+    /// What a generation of a `prompt_len`-token prompt running with `adapter` should keep
+    /// ([`Request::keep`]): the last layer's rows from the prompt's last token on. None when
+    /// nothing is kept or the adapter changes those rows (a lesson on it is then computed).
+    pub fn keep_spec(&self, prompt_len: usize, adapter: Option<&LoraAdapter>) -> Option<CaptureSpec> {
+        let layer = self.engine.model().config.n_layer - 1;
+        let budget = self.kept.lock().unwrap_or_else(|p| p.into_inner()).budget;
+        (budget > 0 && prompt_len > 0 && !adapter.is_some_and(|a| a.adapts_before_down(layer))).then(|| CaptureSpec { layer, from: prompt_len - 1 })
+    }
+
+    /// Keeps what the generation of `answer` after `prompt` kept, for a lesson on it.
+    pub fn keep(&self, prompt: &[u32], answer: &[u32], k: Kept) {
+        if answer.is_empty() {
+            return;
+        }
+        let tokens: Vec<u32> = prompt.iter().chain(answer).copied().collect();
+        self.kept.lock().unwrap_or_else(|p| p.into_inner()).insert(tokens, k);
+    }
+
+    /// Bytes of activations kept now.
+    pub fn kept_bytes(&self) -> usize {
+        self.kept.lock().unwrap_or_else(|p| p.into_inner()).bytes
+    }
+
+    /// Lessons captured so far: (from kept rows, computed by the engine).
+    pub fn lesson_sources(&self) -> (u64, u64) {
+        (self.from_kept.load(Ordering::Relaxed), self.computed.load(Ordering::Relaxed))
+    }
+
+    /// What a lesson on `tokens` needs from rows kept while they were generated: every row
+    /// with a target (`from..n − 1`) must be kept, of the last layer.
+    fn lesson_from_kept(&self, layer: usize, tokens: &[u32], from: usize) -> Option<(Capture, Vec<f32>)> {
+        let k = self.kept.lock().unwrap_or_else(|p| p.into_inner()).get(tokens)?;
+        let model = self.engine.model();
+        let c = &model.config;
+        let n = tokens.len();
+        if k.cap.layer != layer || layer + 1 != c.n_layer || k.from > from || k.from + k.rows + 1 < n {
+            return None;
+        }
+        let (d, ff, nv) = (c.n_embd, c.n_ff, c.n_vocab);
+        let mut cap = Capture { layer, act: vec![0.0; n * ff], resid: vec![0.0; n * d], down: vec![0.0; n * d], last: Vec::new() };
+        let hi = (k.from + k.rows).min(n);
+        cap.act[k.from * ff..hi * ff].copy_from_slice(&k.cap.act[..(hi - k.from) * ff]);
+        cap.resid[k.from * d..hi * d].copy_from_slice(&k.cap.resid[..(hi - k.from) * d]);
+        cap.down[k.from * d..hi * d].copy_from_slice(&k.cap.down[..(hi - k.from) * d]);
+        // Logits of rows from..: the kept ones through the head, zero for a last row not fed.
+        let mut logits = vec![0f32; (n - from) * nv];
+        ruvllm_model::logits_from_last_layer(model, &self.pool, &cap.resid[from * d..hi * d], &cap.down[from * d..hi * d], &mut logits[..(hi - from) * nv]);
+        Some((cap, logits))
+    }
+}
 
 impl CaptureSource for EngineCapture {
     fn capture(&self, layer: usize, tokens: &[u32], from: usize) -> Option<(Capture, Vec<f32>)> {
+        if let Some(x) = self.lesson_from_kept(layer, tokens, from) {
+            self.from_kept.fetch_add(1, Ordering::Relaxed);
+            return Some(x);
+        }
+        self.computed.fetch_add(1, Ordering::Relaxed);
         let mut req = Request::greedy(tokens.to_vec(), 1);
         req.capture = Some(CaptureSpec { layer, from });
-        let mut h = self.0.submit(req).ok()?;
+        let mut h = self.engine.submit(req).ok()?;
         while let Some(e) = h.next_blocking() {
             match e {
                 Event::Captured(c) => return Some((c.cap, c.logits)),
@@ -173,10 +314,12 @@ impl CaptureSource for EngineCapture {
 
 /// A learner configured as the server runs it: serving defaults on `threads` threads, the
 /// anchor text, lessons captured through the engine.
-fn serving_learner(mut learner: Learner, engine: Arc<Engine>, anchor: Vec<u32>, threads: usize) -> Learner {
+/// Returns it with its source of activations.
+fn serving_learner(mut learner: Learner, engine: Arc<Engine>, anchor: Vec<u32>, threads: usize) -> (Learner, Arc<EngineCapture>) {
     learner.configure(LearnConfig { threads, ..LearnConfig::default() }, Some(anchor));
-    learner.set_capture_source(Some(Arc::new(EngineCapture(engine))));
-    learner
+    let capture = Arc::new(EngineCapture::new(engine, learner.pool(), KEEP_MIB << 20));
+    learner.set_capture_source(Some(capture.clone()));
+    (learner, capture)
 }
 
 impl Learning {
@@ -184,15 +327,15 @@ impl Learning {
     /// the anchor text's token ids.
     pub fn new(engine: Arc<Engine>, tok: Arc<Tokenizer>, anchor: Vec<u32>, threads: usize) -> Learning {
         let dim = engine.model().config.n_embd;
-        let learner = serving_learner(Learner::new(engine.model().clone()), engine.clone(), anchor, threads);
-        Learning { learner, engine, tok, all_trajectories: true, records: Mutex::default(), banks: Mutex::default(), dim, dir: None }
+        let (learner, capture) = serving_learner(Learner::new(engine.model().clone()), engine.clone(), anchor, threads);
+        Learning { learner, engine, tok, all_trajectories: true, records: Mutex::default(), banks: Mutex::default(), dim, dir: None, capture }
     }
 
     /// Learning persisted under `dir`; returns it and how many scopes were restored.
     pub fn open(dir: &Path, engine: Arc<Engine>, tok: Arc<Tokenizer>, anchor: Vec<u32>, threads: usize) -> std::io::Result<(Learning, usize)> {
         let dim = engine.model().config.n_embd;
         let (learner, report) = Learner::open(dir, engine.model().clone())?;
-        let learner = serving_learner(learner, engine.clone(), anchor, threads);
+        let (learner, capture) = serving_learner(learner, engine.clone(), anchor, threads);
         for w in &report.warnings {
             tracing::warn!(dir = %dir.display(), "{w}");
         }
@@ -221,7 +364,7 @@ impl Learning {
                 Err(e) => tracing::warn!(scope = %key, error = %e, "bank.log unreadable; bank skipped"),
             }
         }
-        Ok((Learning { learner, engine, tok, all_trajectories: true, records: Mutex::default(), banks: Mutex::new(banks), dim, dir: Some(dir.to_path_buf()) }, report.scopes))
+        Ok((Learning { learner, engine, tok, all_trajectories: true, records: Mutex::default(), banks: Mutex::new(banks), dim, dir: Some(dir.to_path_buf()), capture }, report.scopes))
     }
 
     /// Every completion a trajectory (`true`, the default) or only those that get feedback:
@@ -230,6 +373,24 @@ impl Learning {
     pub fn with_all_trajectories(mut self, all: bool) -> Learning {
         self.all_trajectories = all;
         self
+    }
+
+    /// Memory for activations kept from generations, so that a rating trains without a forward
+    /// pass (0: none kept; every lesson's rows are computed by the engine).
+    pub fn with_kept_budget(self, bytes: usize) -> Learning {
+        self.capture.set_keep_budget(bytes);
+        self
+    }
+
+    /// What a completion of a `prompt_len`-token prompt running with `adapter` keeps while it
+    /// generates (see [`EngineCapture::keep_spec`]).
+    pub(crate) fn keep_spec(&self, prompt_len: usize, adapter: Option<&LoraAdapter>) -> Option<CaptureSpec> {
+        self.capture.keep_spec(prompt_len, adapter)
+    }
+
+    /// The learner's source of activations.
+    pub(crate) fn capture(&self) -> &EngineCapture {
+        &self.capture
     }
 
     /// Whether the caller has rated-positive bank entries (so a retrieval or a route is worth
@@ -313,8 +474,13 @@ impl Learning {
     }
 
     /// Remembers a finished completion and, off the request path, adds its trajectory to the
-    /// caller's bank (one embedding pass of its question through the engine).
-    pub(crate) fn record(self: &Arc<Self>, id: &str, caller: &str, question: &str, prompt: &[u32], answer: &[u32], adapter: Option<String>) {
+    /// caller's bank (one embedding pass of its question through the engine); `kept`: the
+    /// activations its generation kept, if any, for a rating of it.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn record(self: &Arc<Self>, id: &str, caller: &str, question: &str, prompt: &[u32], answer: &[u32], adapter: Option<String>, kept: Option<Kept>) {
+        if let Some(k) = kept {
+            self.capture.keep(prompt, answer, k);
+        }
         {
             let mut g = self.records.lock().unwrap_or_else(|p| p.into_inner());
             let (order, map) = &mut *g;
@@ -511,6 +677,41 @@ mod tests {
 
     fn traj(q: &str, rating: f32) -> Trajectory {
         Trajectory { prompt: q.into(), answer: format!("answer to {q}"), rating, scope: "k".into(), adapter: (rating > 0.5).then(|| "law".to_owned()) }
+    }
+
+    fn kept(rows: usize, fill: f32) -> Kept {
+        Kept { from: 3, rows, cap: Capture { layer: 1, act: vec![fill; rows * 4], resid: vec![fill; rows * 2], down: vec![fill; rows * 2], last: Vec::new() } }
+    }
+
+    /// The store finds rows by their exact tokens, keeps within its budget by dropping the
+    /// oldest first, replaces an entry for the same tokens, and refuses one over the budget.
+    #[test]
+    fn kept_store_keeps_the_newest_within_its_budget() {
+        let row = 4 * (4 + 2 + 2);
+        let mut st = KeptStore { budget: 5 * row, ..KeptStore::default() };
+        st.insert(vec![1, 2, 3], kept(2, 1.0));
+        st.insert(vec![1, 2, 4], kept(2, 2.0));
+        assert_eq!(st.bytes, 4 * row);
+        assert_eq!(st.get(&[1, 2, 3]).map(|k| k.cap.act[0]), Some(1.0));
+        assert!(st.get(&[1, 2]).is_none() && st.get(&[1, 2, 3, 4]).is_none());
+        // A third entry pushes out the oldest.
+        st.insert(vec![7], kept(2, 3.0));
+        assert!(st.get(&[1, 2, 3]).is_none());
+        assert_eq!(st.get(&[1, 2, 4]).map(|k| k.cap.act[0]), Some(2.0));
+        assert_eq!(st.bytes, 4 * row);
+        // The same tokens again: replaced, not counted twice.
+        st.insert(vec![7], kept(3, 4.0));
+        assert_eq!((st.bytes, st.map.len(), st.order.len()), (5 * row, 2, 2));
+        assert_eq!(st.get(&[7]).map(|k| k.rows), Some(3));
+        // Larger than the whole budget: not kept, nothing dropped.
+        st.insert(vec![9], kept(6, 5.0));
+        assert!(st.get(&[9]).is_none());
+        assert_eq!(st.map.len(), 2);
+        // A smaller budget drops the oldest.
+        st.budget = 3 * row;
+        st.shrink();
+        assert_eq!((st.bytes, st.map.len()), (3 * row, 1));
+        assert!(st.get(&[7]).is_some());
     }
 
     /// The log replays adds and ratings exactly; a torn last line (a crash mid-append) and

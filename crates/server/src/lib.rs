@@ -14,7 +14,7 @@ mod openapi;
 mod prom;
 
 pub use api::ApiError;
-pub use learn::{EngineCapture, Learning};
+pub use learn::{EngineCapture, Learning, KEEP_MIB};
 
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, StatusCode};
@@ -56,6 +56,9 @@ pub struct ServerConfig {
     /// Whether every completion becomes a ReasoningBank trajectory (`--sona-trajectories all`,
     /// one embedding pass each) or only those that get feedback (`feedback`).
     pub sona_all_trajectories: bool,
+    /// Memory for activations kept while answers are generated (`--sona-keep-mib`): a rating
+    /// trains on them without a forward pass.
+    pub sona_keep_bytes: usize,
 }
 
 /// Shared by every handler.
@@ -84,10 +87,10 @@ impl AppState {
         let anchor = tok.encode(ruvllm_sona::learner::ANCHOR_TEXT, true, false);
         let learning = match (&cfg.sona_dir, cfg.learning) {
             (_, false) => None,
-            (None, true) => Some(Arc::new(Learning::new(engine.clone(), tok.clone(), anchor, cfg.sona_threads).with_all_trajectories(cfg.sona_all_trajectories))),
+            (None, true) => Some(Arc::new(Learning::new(engine.clone(), tok.clone(), anchor, cfg.sona_threads).with_all_trajectories(cfg.sona_all_trajectories).with_kept_budget(cfg.sona_keep_bytes))),
             (Some(dir), true) => {
                 let (l, n) = Learning::open(dir, engine.clone(), tok.clone(), anchor, cfg.sona_threads)?;
-                let l = l.with_all_trajectories(cfg.sona_all_trajectories);
+                let l = l.with_all_trajectories(cfg.sona_all_trajectories).with_kept_budget(cfg.sona_keep_bytes);
                 tracing::info!(dir = %dir.display(), scopes = n, "learned state restored");
                 eprintln!("ruvllm: learned state in {} ({n} scopes restored)", dir.display());
                 Some(Arc::new(l))
@@ -200,6 +203,11 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
         body.push_str(&format!(
             "# HELP ruvllm_sona_trajectories ReasoningBank trajectories held, over all callers.\n# TYPE ruvllm_sona_trajectories gauge\nruvllm_sona_trajectories{{rated=\"false\"}} {}\nruvllm_sona_trajectories{{rated=\"true\"}} {rated}\n",
             all - rated
+        ));
+        let (kept, computed) = l.capture().lesson_sources();
+        body.push_str(&format!(
+            "# HELP ruvllm_sona_kept_bytes Activations kept from generations for feedback on them.\n# TYPE ruvllm_sona_kept_bytes gauge\nruvllm_sona_kept_bytes {}\n# HELP ruvllm_sona_lessons_total Feedback lessons by where their activations came from: kept while generating, or computed by the engine.\n# TYPE ruvllm_sona_lessons_total counter\nruvllm_sona_lessons_total{{source=\"kept\"}} {kept}\nruvllm_sona_lessons_total{{source=\"computed\"}} {computed}\n",
+            l.capture().kept_bytes()
         ));
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()

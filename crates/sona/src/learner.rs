@@ -627,6 +627,11 @@ impl Learner {
         self.source = source;
     }
 
+    /// The pool training runs on (set by [`configure`](Self::configure)).
+    pub fn pool(&self) -> Arc<ThreadPool> {
+        self.pool.clone()
+    }
+
     /// How feedback is learned.
     pub fn config(&self) -> &LearnConfig {
         &self.cfg

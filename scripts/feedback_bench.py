@@ -1,0 +1,50 @@
+#!/usr/bin/env python3
+"""Feedback latency of rated answers: for each question, a greedy completion of up to
+`--max-tokens` tokens, then `POST /v1/feedback {rating}`; reports the feedback requests' wall
+time (instant loop: lesson capture, training rounds, publish) p50/p90/max over `--questions`.
+Run it against a server started with and without `--sona-keep-mib 0` to see what keeping the
+generation's activations saves.
+
+    python3 scripts/feedback_bench.py --url http://127.0.0.1:8080 --questions 24
+"""
+import argparse
+import statistics
+import time
+
+import httpx
+
+QUESTIONS = [
+    "Describe the city of {}.", "What is the history of {}?", "Write a short poem about {}.",
+    "Explain how {} works.", "List three facts about {}.", "Why do people like {}?",
+]
+THINGS = ["Paris", "the ocean", "bicycles", "volcanoes", "chess", "the moon", "coffee", "rain"]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--url", required=True)
+    ap.add_argument("--key", default="bench")
+    ap.add_argument("--questions", type=int, default=24)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--rating", type=float, default=-1.0)
+    a = ap.parse_args()
+    h = {"Authorization": f"Bearer {a.key}"}
+    times, lens = [], []
+    with httpx.Client(timeout=300) as c:
+        for i in range(a.questions):
+            q = QUESTIONS[i % len(QUESTIONS)].format(THINGS[(i // len(QUESTIONS) + i) % len(THINGS)])
+            r = c.post(a.url + "/v1/chat/completions", headers=h, json={
+                "model": "smollm2-135m", "messages": [{"role": "user", "content": q}],
+                "max_tokens": a.max_tokens, "temperature": 0}).json()
+            lens.append(r["usage"]["completion_tokens"])
+            t = time.perf_counter()
+            f = c.post(a.url + "/v1/feedback", headers=h, json={"id": r["id"], "rating": a.rating})
+            times.append((time.perf_counter() - t) * 1e3)
+            assert f.status_code == 200, f.text
+    s = sorted(times)
+    print(f"answers {statistics.mean(lens):.1f} tokens (mean); feedback ms p50 {statistics.median(s):.1f} "
+          f"p90 {s[int(0.9 * (len(s) - 1))]:.1f} max {s[-1]:.1f} (first event, with the anchor lesson: {times[0]:.1f})")
+
+
+if __name__ == "__main__":
+    main()
