@@ -360,21 +360,31 @@ def metric(url, key, name):
 
 
 def test_a_rating_trains_on_activations_kept_while_generating():
-    """A rated answer's lesson comes from the activations its generation kept: no prompt or
-    answer token runs through the model again, and the update is exactly the one a server that
-    keeps nothing (`--sona-keep-mib 0`) computes with the engine."""
+    """A rated answer's lesson comes from the activations its generation kept, its rows picked
+    by the log-probabilities the tokens were served with: no prompt or answer token runs
+    through the model again, and the update is exactly the one a server that keeps nothing
+    (`--sona-keep-mib 0`) computes with the engine and the base model's log-probabilities
+    (the same here: neither caller has an adapter yet)."""
     runs = {}
     for name, extra in [("kept", ()), ("computed", ("--sona-keep-mib", "0"))]:
-        s = Server("--api-key", "kim", "--sona-trajectories", "feedback", *extra)
+        s = Server("--api-key", "kim", "--api-key", "lea", "--sona-trajectories", "feedback", *extra)
         try:
             out = []
-            for _ in range(2):
-                c = ask(s.url, "kim")
-                before = metric(s.url, "kim", "ruvllm:prompt_tokens_computed_total")
-                r = feedback(s.url, "kim", {"id": c["id"], "rating": -1})
+            for key in ("kim", "lea"):
+                r = httpx.post(s.url + "/v1/completions", headers={"Authorization": f"Bearer {key}"}, timeout=120,
+                               json={"model": MODEL, "prompt": "The history of the harbor town of Pellow", "max_tokens": 40,
+                                     "temperature": 0, "ignore_eos": True})
+                c = r.json()
+                before = metric(s.url, key, "ruvllm:prompt_tokens_computed_total")
+                r = feedback(s.url, key, {"id": c["id"], "rating": -1})
                 assert r.status_code == 200, r.text
-                after = metric(s.url, "kim", "ruvllm:prompt_tokens_computed_total")
+                after = metric(s.url, key, "ruvllm:prompt_tokens_computed_total")
                 out.append((c["choices"][0]["text"], r.json(), before, after))
+            # The rating changed the caller's own outputs: a rating of 8 rows of 40 teaches.
+            again = httpx.post(s.url + "/v1/completions", headers={"Authorization": "Bearer kim"}, timeout=120,
+                               json={"model": MODEL, "prompt": "The history of the harbor town of Pellow", "max_tokens": 40,
+                                     "temperature": 0, "ignore_eos": True}).json()
+            assert again["choices"][0]["text"] != out[0][0]
             lessons = metric(s.url, "kim", "ruvllm_sona_lessons_total")
             kept_bytes = metric(s.url, "kim", "ruvllm_sona_kept_bytes")["ruvllm_sona_kept_bytes"]
             runs[name] = (out, lessons, kept_bytes)
@@ -389,7 +399,7 @@ def test_a_rating_trains_on_activations_kept_while_generating():
     # answer again without them.
     assert kept[1][3] == kept[1][2], kept[1]
     assert computed[1][3] != computed[1][2], computed[1]
-    # Identical lessons: same answers (the second runs with the first's adapter), losses, steps.
+    # Identical lessons (8 of the 40 rows each): same answers, losses, steps.
     for (ta, fa, *_), (tb, fb, *_) in zip(kept, computed):
         assert ta == tb
         assert {k: fa[k] for k in ("updated", "steps", "loss_before", "loss_after", "version")} == \

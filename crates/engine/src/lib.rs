@@ -203,6 +203,10 @@ pub struct Kept {
     pub from: usize,
     /// How many rows (positions) it holds.
     pub rows: usize,
+    /// The served log-probability of each generated token, in order (the row at position
+    /// `from + j` predicted token `j`): under the request's adapter, computed when it was
+    /// sampled. What a rating's lesson picks its rows by before any head pass.
+    pub logprobs: Vec<f32>,
     /// Rows of positions `from..from + rows` (`last` is empty): every position the sequence
     /// ran through the model — the prompt's last token and each generated token that was fed
     /// back (a choice cut by its length limit never feeds its final token).

@@ -77,6 +77,9 @@ struct Seq {
     /// Requests that keep activations: the rows gathered so far (reset by preemption, whose
     /// recompute gathers them again).
     kept: Option<Kept>,
+    /// Requests that keep activations: each generated token's served log-probability (kept
+    /// across preemption: a recompute samples nothing it already generated).
+    kept_logprobs: Vec<f32>,
 }
 
 impl Seq {
@@ -238,6 +241,7 @@ impl State<'_> {
             migrated: 0,
             captured: None,
             kept: None,
+            kept_logprobs: Vec::new(),
         };
         let usage = Usage { prompt_tokens: req.prompt.len(), ..Usage::default() };
         self.delta_prompt += req.prompt.len() as u64;
@@ -561,7 +565,7 @@ impl State<'_> {
                 let lo = start.max(spec.from);
                 if let Some(c) = self.fwd.captured(spec.layer).filter(|_| s.n_computed > lo) {
                     let (d, ff) = (self.n_embd, self.n_ff);
-                    let k = s.kept.get_or_insert_with(|| Kept { from: spec.from, rows: 0, cap: Capture { layer: spec.layer, ..Capture::default() } });
+                    let k = s.kept.get_or_insert_with(|| Kept { from: spec.from, rows: 0, logprobs: Vec::new(), cap: Capture { layer: spec.layer, ..Capture::default() } });
                     let (r0, r1) = (first_row + lo - start, first_row + s.n_computed - start);
                     k.cap.act.extend_from_slice(&c.act[r0 * ff..r1 * ff]);
                     k.cap.resid.extend_from_slice(&c.resid[r0 * d..r1 * d]);
@@ -604,6 +608,7 @@ impl State<'_> {
                         migrated: s.migrated,
                         captured: None,
                         kept: None,
+                        kept_logprobs: Vec::new(),
                     });
                 }
             }
@@ -625,7 +630,8 @@ impl State<'_> {
             let mut s = self.running.remove(i);
             self.mgr.free(s.id);
             if let Some(g) = self.groups.get_mut(&s.group) {
-                if let Some(k) = s.kept.take() {
+                if let Some(mut k) = s.kept.take() {
+                    k.logprobs = std::mem::take(&mut s.kept_logprobs);
                     if g.tx.send(Event::Kept(Box::new(k))).is_err() {
                         g.cancelled = true;
                     }
@@ -672,6 +678,10 @@ impl State<'_> {
             let tail = flush(s);
             send(g, Event::Finished { index: s.index, reason: FinishReason::Stop, text: tail });
             return true;
+        }
+        if g.req.keep.is_some() {
+            let l = row.get(next as usize).copied().unwrap_or(f32::NEG_INFINITY);
+            s.kept_logprobs.push((l as f64 - ruvllm_kernels::ops::logit_stats(row).lse) as f32);
         }
         s.tokens.push(next);
         s.generated += 1;

@@ -646,7 +646,8 @@ fn kept_activations_equal_a_solo_pass_over_prompt_and_answer() {
         if name == "preempted" {
             assert!(e.metrics().preemptions > 0, "the small pool should force preemption");
         }
-        for (&i, o) in picks.iter().zip(&outs) {
+        for (j, (&i, o)) in picks.iter().zip(&outs).enumerate() {
+            let adapted = j % 2 == 1;
             let answer = &o.tokens[0];
             let k = o.kept.as_ref().expect("kept rows");
             let tokens: Vec<u32> = ps[i].iter().chain(answer).copied().collect();
@@ -662,6 +663,18 @@ fn kept_activations_equal_a_solo_pass_over_prompt_and_answer() {
             let mut logits = vec![0f32; k.rows * nv];
             ruvllm_model::logits_from_last_layer(&f.model, &f.pool, &k.cap.resid, &k.cap.down, &mut logits);
             assert_eq!(logits, want.logits[..k.rows * nv], "{name} prompt {i}: logits from kept rows");
+            // Each generated token's served log-probability: the base model's for requests
+            // without an adapter, the adapted model's otherwise.
+            assert_eq!(k.logprobs.len(), answer.len(), "{name} prompt {i}");
+            let base_lp: Vec<f32> = (0..answer.len()).map(|j| {
+                let row = &want.logits[j * nv..(j + 1) * nv];
+                (row[answer[j] as usize] as f64 - ruvllm_kernels::ops::logit_stats(row).lse) as f32
+            }).collect();
+            if adapted {
+                assert_ne!(k.logprobs, base_lp, "{name} prompt {i}: served under the adapter");
+            } else {
+                assert_eq!(k.logprobs, base_lp, "{name} prompt {i}: served log-probabilities");
+            }
         }
         assert_eq!(e.metrics().kv_blocks_used, 0, "{name}: blocks leaked");
     }

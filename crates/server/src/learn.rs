@@ -269,8 +269,9 @@ impl EngineCapture {
     }
 
     /// What a lesson on `tokens` needs from rows kept while they were generated: every row
-    /// with a target (`from..n − 1`) must be kept, of the last layer.
-    fn lesson_from_kept(&self, layer: usize, tokens: &[u32], from: usize) -> Option<(Capture, Vec<f32>)> {
+    /// with a target (`from..n − 1`) must be kept, of the last layer. Logits of `rows` only,
+    /// when given (else of every row `from..`).
+    fn lesson_from_kept(&self, layer: usize, tokens: &[u32], from: usize, rows: Option<&[usize]>) -> Option<(Capture, Vec<f32>)> {
         let k = self.kept.lock().unwrap_or_else(|p| p.into_inner()).get(tokens)?;
         let model = self.engine.model();
         let c = &model.config;
@@ -284,16 +285,29 @@ impl EngineCapture {
         cap.act[k.from * ff..hi * ff].copy_from_slice(&k.cap.act[..(hi - k.from) * ff]);
         cap.resid[k.from * d..hi * d].copy_from_slice(&k.cap.resid[..(hi - k.from) * d]);
         cap.down[k.from * d..hi * d].copy_from_slice(&k.cap.down[..(hi - k.from) * d]);
-        // Logits of rows from..: the kept ones through the head, zero for a last row not fed.
+        // Logits of rows from..: the wanted kept ones through the head, the rest zero.
+        let wanted: Vec<usize> = match rows {
+            Some(r) => r.iter().copied().filter(|&t| t >= from && t < hi).collect(),
+            None => (from..hi).collect(),
+        };
+        let (mut resid, mut down) = (Vec::with_capacity(wanted.len() * d), Vec::with_capacity(wanted.len() * d));
+        for &t in &wanted {
+            resid.extend_from_slice(&cap.resid[t * d..(t + 1) * d]);
+            down.extend_from_slice(&cap.down[t * d..(t + 1) * d]);
+        }
+        let mut out = vec![0f32; wanted.len() * nv];
+        ruvllm_model::logits_from_last_layer(model, &self.pool, &resid, &down, &mut out);
         let mut logits = vec![0f32; (n - from) * nv];
-        ruvllm_model::logits_from_last_layer(model, &self.pool, &cap.resid[from * d..hi * d], &cap.down[from * d..hi * d], &mut logits[..(hi - from) * nv]);
+        for (i, &t) in wanted.iter().enumerate() {
+            logits[(t - from) * nv..(t - from + 1) * nv].copy_from_slice(&out[i * nv..(i + 1) * nv]);
+        }
         Some((cap, logits))
     }
 }
 
 impl CaptureSource for EngineCapture {
-    fn capture(&self, layer: usize, tokens: &[u32], from: usize) -> Option<(Capture, Vec<f32>)> {
-        if let Some(x) = self.lesson_from_kept(layer, tokens, from) {
+    fn capture(&self, layer: usize, tokens: &[u32], from: usize, rows: Option<&[usize]>) -> Option<(Capture, Vec<f32>)> {
+        if let Some(x) = self.lesson_from_kept(layer, tokens, from, rows) {
             self.from_kept.fetch_add(1, Ordering::Relaxed);
             return Some(x);
         }
@@ -309,6 +323,13 @@ impl CaptureSource for EngineCapture {
             }
         }
         None
+    }
+
+    fn served_logprobs(&self, tokens: &[u32], from: usize) -> Option<Vec<f32>> {
+        let k = self.kept.lock().unwrap_or_else(|p| p.into_inner()).get(tokens)?;
+        // The answer's tokens follow position `from`; the kept ones were served in order.
+        let n = tokens.len().checked_sub(from + 1)?;
+        (k.from == from && k.logprobs.len() >= n).then(|| k.logprobs[..n].to_vec())
     }
 }
 
@@ -680,7 +701,7 @@ mod tests {
     }
 
     fn kept(rows: usize, fill: f32) -> Kept {
-        Kept { from: 3, rows, cap: Capture { layer: 1, act: vec![fill; rows * 4], resid: vec![fill; rows * 2], down: vec![fill; rows * 2], last: Vec::new() } }
+        Kept { from: 3, rows, logprobs: vec![fill; rows], cap: Capture { layer: 1, act: vec![fill; rows * 4], resid: vec![fill; rows * 2], down: vec![fill; rows * 2], last: Vec::new() } }
     }
 
     /// The store finds rows by their exact tokens, keeps within its budget by dropping the

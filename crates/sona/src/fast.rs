@@ -53,6 +53,41 @@ pub struct Candidates {
     pub log_rest: Vec<f32>,
 }
 
+/// The `k` positions among `scored` (position, log-probability of its target) that tell the
+/// objective most, ascending: for a likely objective the `k` least likely targets (where
+/// cross-entropy's gradient `1 − p` is largest), for an unlikely one the `k` most likely
+/// (unlikelihood's `p / (1 − p)`). Ties go to the earlier position; all when `k` covers them.
+pub fn telling_rows(scored: &[(usize, f32)], k: usize, negative: bool) -> Vec<usize> {
+    let mut order: Vec<(f32, usize)> = scored.iter().map(|&(t, lp)| (if negative { -lp } else { lp }, t)).collect();
+    order.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    let mut keep: Vec<usize> = order.into_iter().take(k).map(|(_, t)| t).collect();
+    keep.sort_unstable();
+    keep
+}
+
+/// Each target row's log-probability of its target from `logits` (rows `first..`, as in
+/// [`Candidates::from_logits`]), rounded to f32 as the engine reports served ones.
+pub fn target_logprobs(logits: &[f32], n_vocab: usize, targets: &[Option<u32>], first: usize) -> Vec<(usize, f32)> {
+    targets
+        .iter()
+        .enumerate()
+        .filter_map(|(t, tg)| {
+            let row = logits.get(t.checked_sub(first)? * n_vocab..(t - first + 1) * n_vocab)?;
+            let l = *row.get((*tg)? as usize)?;
+            Some((t, (l as f64 - ruvllm_kernels::ops::logit_stats(row).lse) as f32))
+        })
+        .collect()
+}
+
+/// Drops the targets of rows not in `keep`.
+pub fn mask_targets(targets: &mut [Option<u32>], keep: &[usize]) {
+    for (t, tg) in targets.iter_mut().enumerate() {
+        if keep.binary_search(&t).is_err() {
+            *tg = None;
+        }
+    }
+}
+
 impl Candidates {
     /// From the base model's logits of rows `first..` (`[(rows − first) × n_vocab]`; rows
     /// before `first` must have no target) and the rows' targets: `k` top tokens per row and
@@ -725,5 +760,38 @@ impl FastTrainer {
         self.p.update(&da, &db);
         self.project_a();
         loss
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A likely objective keeps the least likely targets, an unlikely one the most likely;
+    /// rows before `first` and without targets are never scored; fewer rows than `k`: all.
+    #[test]
+    fn telling_rows_are_the_least_or_most_likely_targets() {
+        let nv = 4;
+        // Rows 1..5 (first = 1), target 0 with p(target) 0.7, 0.1, 0.4, 0.9.
+        let ps = [0.7f64, 0.1, 0.4, 0.9];
+        let logits: Vec<f32> = ps
+            .iter()
+            .flat_map(|&p| {
+                let rest = ((1.0 - p) / 3.0).ln() as f32;
+                [p.ln() as f32, rest, rest, rest]
+            })
+            .collect();
+        let targets = vec![None, Some(0), Some(0), Some(0), Some(0)];
+        let scored = target_logprobs(&logits, nv, &targets, 1);
+        assert_eq!(scored.iter().map(|s| s.0).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+        for ((_, lp), p) in scored.iter().zip(ps) {
+            assert!((lp - p.ln() as f32).abs() < 1e-5, "{lp} vs ln {p}");
+        }
+        assert_eq!(telling_rows(&scored, 2, false), vec![2, 3]);
+        assert_eq!(telling_rows(&scored, 2, true), vec![1, 4]);
+        assert_eq!(telling_rows(&scored, 9, false), vec![1, 2, 3, 4]);
+        let mut masked = targets.clone();
+        mask_targets(&mut masked, &[2, 3]);
+        assert_eq!(masked, vec![None, None, Some(0), Some(0), None]);
     }
 }

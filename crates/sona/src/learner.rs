@@ -26,7 +26,7 @@
 //! reach the disk. The newest [`KEEP_VERSIONS`] versions and consolidated snapshots are kept.
 //! Not persisted: Adam moments (a restored scope's optimizers restart).
 
-use crate::fast::{Candidates, Ewc, FastTrainer, FullFixed, Objective, Prepared, SAMPLE, TOP_K};
+use crate::fast::{mask_targets, target_logprobs, telling_rows, Candidates, Ewc, FastTrainer, FullFixed, Objective, Prepared, SAMPLE, TOP_K};
 use crate::merge::merge;
 use crate::train::{answer_targets, capture, CaptureSource, Head, OptimizerState};
 use ruvllm_kernels::pool::ThreadPool;
@@ -72,6 +72,14 @@ pub struct LearnConfig {
     pub background_lr: f32,
     /// Earlier lessons replayed with each new one by the instant loop (most recent first).
     pub replay: usize,
+    /// A rating teaches at most this many of its answer's tokens (0: all): for a positive
+    /// rating those that were least likely when served, for a negative one those that were
+    /// most likely — where the objective's gradient is (served log-probabilities come with
+    /// activations kept while generating; without them the base model's are used). The
+    /// instant loop's cost grows with the rows it trains on, replays included: a rated
+    /// 60-token answer took 0.7 s with every row, 0.2 s with 16 and 0.09 s with 8
+    /// (`scripts/feedback_bench.py`). Corrections always teach every token.
+    pub rated_rows: usize,
     /// Weight of the penalty on each branch's output over [`ANCHOR_TEXT`]'s activations
     /// (0: none), reached when a scope keeps its full 16 lessons: it grows with the lessons
     /// kept (`weight · (kept / 16)³`), because one lesson changes the model little and must
@@ -106,7 +114,7 @@ pub struct LearnConfig {
 
 impl Default for LearnConfig {
     fn default() -> Self {
-        LearnConfig { steps: 30, lr: 2e-2, background_lr: 5e-3, replay: 3, anchor_weight: 1.0, blind_dirs: 0, micro_rank: 2, base_rank: 8, background_every: 4, background_steps: 30, ewc_lambda: 1.0, ewc_gamma: 0.9, threads: 1 }
+        LearnConfig { steps: 30, lr: 2e-2, background_lr: 5e-3, replay: 3, rated_rows: 8, anchor_weight: 1.0, blind_dirs: 0, micro_rank: 2, base_rank: 8, background_every: 4, background_steps: 30, ewc_lambda: 1.0, ewc_gamma: 0.9, threads: 1 }
     }
 }
 
@@ -200,6 +208,19 @@ struct Lesson {
     /// Prompt + answer (what is persisted; the capture is recomputed from it).
     tokens: Vec<u32>,
     prompt_len: usize,
+    /// The positions whose targets it teaches, when not every answer row (a rating's).
+    taught: Option<Vec<usize>>,
+}
+
+/// Which answer rows a lesson teaches.
+enum Teach {
+    /// Every one.
+    All,
+    /// These positions (a restored lesson's).
+    Rows(Vec<usize>),
+    /// The `k` that tell its objective most ([`telling_rows`]): by the log-probabilities the
+    /// tokens were served with when the source has them, else by the base model's.
+    Telling(usize),
 }
 
 /// A lesson as stored in `state.json`.
@@ -208,6 +229,8 @@ struct StoredLesson {
     tokens: Vec<u32>,
     prompt_len: usize,
     negative: bool,
+    /// The positions whose targets it teaches (absent: every answer row).
+    taught: Option<Vec<usize>>,
     /// Its top candidates as the full-vocabulary checks left them (widened past the base
     /// model's top ones; empty in snapshots written before they were kept).
     top: Vec<u32>,
@@ -340,7 +363,7 @@ fn scope_id(key: &str) -> u64 {
 }
 
 fn state_json(version: u64, kind: &str, sc: &Scope) -> Value {
-    let ls: Vec<Value> = sc.lessons.iter().map(|l| json!({"tokens": l.tokens, "prompt_len": l.prompt_len, "negative": l.negative, "top": &l.cands.ids[..l.cands.n_top]})).collect();
+    let ls: Vec<Value> = sc.lessons.iter().map(|l| json!({"tokens": l.tokens, "prompt_len": l.prompt_len, "negative": l.negative, "taught": l.taught, "top": &l.cands.ids[..l.cands.n_top]})).collect();
     json!({"format": 2, "version": version, "kind": kind, "base_rank": sc.base.rank(), "lessons": ls, "since_background": sc.since_background})
 }
 
@@ -364,7 +387,11 @@ fn parse_state(v: &Value) -> Option<State> {
             None => Vec::new(),
             Some(t) => u32_list(t)?,
         };
-        lessons.push(StoredLesson { tokens, prompt_len, negative: l.get("negative")?.as_bool()?, top });
+        let taught = match l.get("taught") {
+            None | Some(Value::Null) => None,
+            Some(t) => Some(u32_list(t)?.into_iter().map(|x| x as usize).collect()),
+        };
+        lessons.push(StoredLesson { tokens, prompt_len, negative: l.get("negative")?.as_bool()?, taught, top });
     }
     let since_background = match v.get("since_background") {
         None => 0,
@@ -728,27 +755,46 @@ impl Learner {
     }
 
     /// Captures `tokens` (prompt of `prompt_len` + answer) at the last layer, with the base
-    /// model's candidates for every answer row.
-    fn lesson(&self, tokens: Vec<u32>, prompt_len: usize, negative: bool) -> Option<Lesson> {
+    /// model's candidates for every answer row it teaches (see [`Teach`]).
+    fn lesson(&self, tokens: Vec<u32>, prompt_len: usize, negative: bool, teach: Teach) -> Option<Lesson> {
         let c = &self.model.config;
         let first = prompt_len.saturating_sub(1);
+        let mut targets = answer_targets(&tokens, prompt_len);
+        let telling = match teach {
+            Teach::Telling(k) => Some(k),
+            _ => None,
+        };
+        // Rows picked by served log-probabilities need logits for those rows only.
+        let mut taught = match teach {
+            Teach::All => None,
+            Teach::Rows(r) => Some(r),
+            Teach::Telling(k) => self.source.as_ref().and_then(|s| s.served_logprobs(&tokens, first)).map(|lps| {
+                let scored: Vec<(usize, f32)> = lps.iter().enumerate().map(|(j, &lp)| (first + j, lp)).filter(|&(t, _)| targets.get(t).is_some_and(Option::is_some)).collect();
+                telling_rows(&scored, k, negative)
+            }),
+        };
         // A source that cannot run the tokens (a full queue, shutting down) leaves it to the
         // learner's own pass.
-        let from_source = self.source.as_ref().and_then(|s| s.capture(c.n_layer - 1, &tokens, first));
+        let from_source = self.source.as_ref().and_then(|s| s.capture(c.n_layer - 1, &tokens, first, taught.as_deref()));
         let (cap, logits) = match from_source {
             Some(x) => x,
             None => capture(&self.model, &self.pool, c.n_layer - 1, &tokens, Some(first))?,
         };
-        let targets = answer_targets(&tokens, prompt_len);
+        if let (Some(k), None) = (telling, &taught) {
+            taught = Some(telling_rows(&target_logprobs(&logits, c.n_vocab, &targets, first), k, negative));
+        }
+        if let Some(t) = &taught {
+            mask_targets(&mut targets, t);
+        }
         // The sample's seed comes from the tokens, so a lesson's objective is reproducible.
         let seed = tokens.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &t| (h ^ t as u64).wrapping_mul(0x100_0000_01b3));
         let cands = Candidates::from_logits(&logits, c.n_vocab, &targets, first, TOP_K, SAMPLE, seed);
-        Some(Lesson { cap, cands, targets, negative, tokens, prompt_len })
+        Some(Lesson { cap, cands, targets, negative, tokens, prompt_len, taught })
     }
 
     /// The anchor text as a lesson (every token predicts the next), computed once.
     fn anchor_lesson(&self) -> Option<Arc<Lesson>> {
-        self.anchor.get_or_init(|| self.anchor_tokens.as_ref().filter(|t| t.len() > 1).and_then(|t| self.lesson(t.clone(), 1, false)).map(Arc::new)).clone()
+        self.anchor.get_or_init(|| self.anchor_tokens.as_ref().filter(|t| t.len() > 1).and_then(|t| self.lesson(t.clone(), 1, false, Teach::All)).map(Arc::new)).clone()
     }
 
     /// Points both branches' anchor penalty at the anchor text with the weight for `kept`
@@ -826,7 +872,8 @@ impl Learner {
                 since_background = r.since_background;
             }
             for s in r.lessons {
-                if let Some(mut l) = self.lesson(s.tokens, s.prompt_len, s.negative) {
+                let teach = s.taught.map_or(Teach::All, Teach::Rows);
+                if let Some(mut l) = self.lesson(s.tokens, s.prompt_len, s.negative, teach) {
                     l.cands.add_top(&s.top);
                     lessons.push_back(l);
                 }
@@ -844,9 +891,10 @@ impl Learner {
         if prompt.is_empty() {
             return Err(LearnError::EmptyPrompt);
         }
-        let (answer, negative, steps) = match feedback {
-            Feedback::Correction(a) => (a.as_slice(), false, self.cfg.steps),
-            Feedback::Rating(r) if (-1.0..=1.0).contains(r) => (answer, *r < 0.0, (r.abs() * self.cfg.steps as f64 / 3.0).round() as usize),
+        let rated = if self.cfg.rated_rows > 0 { Teach::Telling(self.cfg.rated_rows) } else { Teach::All };
+        let (answer, negative, steps, teach) = match feedback {
+            Feedback::Correction(a) => (a.as_slice(), false, self.cfg.steps, Teach::All),
+            Feedback::Rating(r) if (-1.0..=1.0).contains(r) => (answer, *r < 0.0, (r.abs() * self.cfg.steps as f64 / 3.0).round() as usize, rated),
             Feedback::Rating(_) => return Err(LearnError::BadRating),
         };
         let key = scope_key(scope);
@@ -859,7 +907,7 @@ impl Learner {
             return Err(LearnError::TooLong);
         }
         let entry = self.scope(&key)?;
-        let new = self.lesson(tokens, prompt.len(), negative).ok_or(LearnError::TooLong)?;
+        let new = self.lesson(tokens, prompt.len(), negative, teach).ok_or(LearnError::TooLong)?;
         let mut guard = entry.lock().unwrap_or_else(|p| p.into_inner());
         let sc = &mut *guard;
         // The new lesson with the most recent earlier ones, so it does not overwrite them; the
@@ -1106,11 +1154,13 @@ mod tests {
 
     #[test]
     fn state_round_trips_and_bad_state_is_refused() {
-        let lesson = StoredLesson { tokens: vec![1, 2, 3], prompt_len: 2, negative: true, top: vec![] };
+        let lesson = StoredLesson { tokens: vec![1, 2, 3], prompt_len: 2, negative: true, taught: None, top: vec![] };
         let v = json!({"format": 2, "version": 7, "kind": "instant", "base_rank": 8, "lessons": [{"tokens": [1, 2, 3], "prompt_len": 2, "negative": true}]});
         assert_eq!(parse_state(&v), Some(State { version: 7, kind: "instant".to_owned(), base_rank: 8, lessons: vec![lesson.clone()], since_background: 0 }));
         let v = json!({"format": 2, "version": 7, "kind": "instant", "base_rank": 8, "lessons": [{"tokens": [1, 2, 3], "prompt_len": 2, "negative": true, "top": [4, 9]}], "since_background": 3});
-        assert_eq!(parse_state(&v), Some(State { version: 7, kind: "instant".to_owned(), base_rank: 8, lessons: vec![StoredLesson { top: vec![4, 9], ..lesson }], since_background: 3 }));
+        assert_eq!(parse_state(&v), Some(State { version: 7, kind: "instant".to_owned(), base_rank: 8, lessons: vec![StoredLesson { top: vec![4, 9], ..lesson.clone() }], since_background: 3 }));
+        let v = json!({"format": 2, "version": 7, "kind": "instant", "base_rank": 8, "lessons": [{"tokens": [1, 2, 3], "prompt_len": 2, "negative": true, "taught": [1]}]});
+        assert_eq!(parse_state(&v).map(|s| s.lessons[0].taught.clone()), Some(Some(vec![1])));
         for bad in [
             json!({"version": 1}),
             json!({"version": 1, "kind": "instant", "lessons": []}),

@@ -436,8 +436,16 @@ impl DownTrainer {
 /// engine's batched step, next to the traffic it serves.
 pub trait CaptureSource: Send + Sync {
     /// What [`capture`] returns for `logits_from = Some(from)`, for rows `from..` (earlier
-    /// rows may be zero). None when the tokens cannot be run.
-    fn capture(&self, layer: usize, tokens: &[u32], from: usize) -> Option<(Capture, Vec<f32>)>;
+    /// rows may be zero); with `rows`, only those rows' logits are needed (others may be
+    /// zero). None when the tokens cannot be run.
+    fn capture(&self, layer: usize, tokens: &[u32], from: usize, rows: Option<&[usize]>) -> Option<(Capture, Vec<f32>)>;
+
+    /// The log-probability each answer token had when it was served (the row at `from + j`
+    /// predicted token `from + 1 + j`), when the source saw it generated: a rating picks the
+    /// rows it teaches by them without a head pass.
+    fn served_logprobs(&self, _tokens: &[u32], _from: usize) -> Option<Vec<f32>> {
+        None
+    }
 }
 
 /// One forward pass over `tokens` without adapters that captures `layer`'s down projection

@@ -119,7 +119,7 @@ struct ZeroedPrefix {
 }
 
 impl CaptureSource for ZeroedPrefix {
-    fn capture(&self, layer: usize, tokens: &[u32], from: usize) -> Option<(Capture, Vec<f32>)> {
+    fn capture(&self, layer: usize, tokens: &[u32], from: usize, _rows: Option<&[usize]>) -> Option<(Capture, Vec<f32>)> {
         self.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (mut cap, logits) = capture(&self.model, &self.pool, layer, tokens, Some(from))?;
         let (d, ff) = (self.model.config.n_embd, self.model.config.n_ff);
@@ -128,6 +128,23 @@ impl CaptureSource for ZeroedPrefix {
             v[..from * d].fill(0.0);
         }
         Some((cap, logits))
+    }
+}
+
+/// A source that saw the answers served: its own pass for activations and made-up served
+/// log-probabilities (the rows a rating teaches are picked by them, not by the base model's).
+struct Served {
+    model: Arc<Model>,
+    pool: Arc<ruvllm_kernels::pool::ThreadPool>,
+}
+
+impl CaptureSource for Served {
+    fn capture(&self, layer: usize, tokens: &[u32], from: usize, _rows: Option<&[usize]>) -> Option<(Capture, Vec<f32>)> {
+        capture(&self.model, &self.pool, layer, tokens, Some(from))
+    }
+
+    fn served_logprobs(&self, tokens: &[u32], from: usize) -> Option<Vec<f32>> {
+        Some((from + 1..tokens.len()).map(|j| -((j * 5 % 11) as f32)).collect())
     }
 }
 
@@ -156,10 +173,11 @@ fn a_capture_source_with_only_the_answer_rows_teaches_identically() {
     assert_eq!(src.calls.load(std::sync::atomic::Ordering::Relaxed), 3);
 }
 
-/// A restart in the middle of learning changes nothing: teaching four facts (with a background
-/// run after the second) while restarting after the second gives bit for bit the adapter that
-/// teaching them without a restart gives — the Adam moments, the widened candidates and the
-/// event count are persisted with the parameters.
+/// A restart in the middle of learning changes nothing: teaching four facts (with a rating of a
+/// long answer and a background run after the second) while restarting after the second gives
+/// bit for bit the adapter that teaching them without a restart gives — the Adam moments, the
+/// widened candidates, the rows a rating teaches and the event count are persisted with the
+/// parameters.
 #[test]
 fn learning_after_a_restart_continues_exactly() {
     let Some(path) = registry::for_test("smollm2-135m") else { return };
@@ -174,18 +192,31 @@ fn learning_after_a_restart_continues_exactly() {
     for d in &dirs {
         let _ = std::fs::remove_dir_all(d);
     }
-    let l = open(&dirs[0], &model, &tok);
+    // A rating of a long answer teaches the 8 rows its served log-probabilities pick; the
+    // restarted learner has no served log-probabilities, so the rows must come back with it.
+    let (rq, ra) = (tok.encode("Tell me about the harbor town of Pellow.", true, false), tok.encode(" Pellow is a small harbor town with grey stone houses, a lighthouse on the northern cliff, a fish market every morning and a ferry that leaves twice a day for the islands.", false, false));
+    assert!(ra.len() > 24);
+    let served = Arc::new(Served { model: model.clone(), pool: Arc::new(ruvllm_kernels::pool::ThreadPool::new(1)) });
+    let rate = |l: &Learner| {
+        let o = l.learn("alice", &rq, &ra, &Feedback::Rating(-1.0)).unwrap();
+        assert!(o.updated && o.persisted, "{o:?}");
+    };
+    let mut l = open(&dirs[0], &model, &tok);
+    l.set_capture_source(Some(served.clone()));
     for (i, f) in facts.iter().enumerate() {
         teach(&l, *f);
         if i == 1 {
+            rate(&l);
             l.background("alice").unwrap();
         }
     }
     let want = pair(&l.adapter_for("alice").unwrap(), &model);
 
-    let l = open(&dirs[1], &model, &tok);
+    let mut l = open(&dirs[1], &model, &tok);
+    l.set_capture_source(Some(served.clone()));
     teach(&l, facts[0]);
     teach(&l, facts[1]);
+    rate(&l);
     l.background("alice").unwrap();
     drop(l);
     let l = open(&dirs[1], &model, &tok);
