@@ -333,30 +333,30 @@ impl CaptureSource for EngineCapture {
     }
 }
 
-/// A learner configured as the server runs it: serving defaults on `threads` threads, the
-/// anchor text, lessons captured through the engine.
+/// A learner configured as the server runs it: `cfg` (serving defaults but for threads and
+/// rated rows), the anchor text, lessons captured through the engine.
 /// Returns it with its source of activations.
-fn serving_learner(mut learner: Learner, engine: Arc<Engine>, anchor: Vec<u32>, threads: usize) -> (Learner, Arc<EngineCapture>) {
-    learner.configure(LearnConfig { threads, ..LearnConfig::default() }, Some(anchor));
+fn serving_learner(mut learner: Learner, engine: Arc<Engine>, anchor: Vec<u32>, cfg: LearnConfig) -> (Learner, Arc<EngineCapture>) {
+    learner.configure(cfg, Some(anchor));
     let capture = Arc::new(EngineCapture::new(engine, learner.pool(), KEEP_MIB << 20));
     learner.set_capture_source(Some(capture.clone()));
     (learner, capture)
 }
 
 impl Learning {
-    /// In-memory learning for `engine`'s model on `threads` threads of its own; `anchor` is
-    /// the anchor text's token ids.
-    pub fn new(engine: Arc<Engine>, tok: Arc<Tokenizer>, anchor: Vec<u32>, threads: usize) -> Learning {
+    /// In-memory learning for `engine`'s model configured by `cfg` (its own threads); `anchor`
+    /// is the anchor text's token ids.
+    pub fn new(engine: Arc<Engine>, tok: Arc<Tokenizer>, anchor: Vec<u32>, cfg: LearnConfig) -> Learning {
         let dim = engine.model().config.n_embd;
-        let (learner, capture) = serving_learner(Learner::new(engine.model().clone()), engine.clone(), anchor, threads);
+        let (learner, capture) = serving_learner(Learner::new(engine.model().clone()), engine.clone(), anchor, cfg);
         Learning { learner, engine, tok, all_trajectories: true, records: Mutex::default(), banks: Mutex::default(), dim, dir: None, capture }
     }
 
     /// Learning persisted under `dir`; returns it and how many scopes were restored.
-    pub fn open(dir: &Path, engine: Arc<Engine>, tok: Arc<Tokenizer>, anchor: Vec<u32>, threads: usize) -> std::io::Result<(Learning, usize)> {
+    pub fn open(dir: &Path, engine: Arc<Engine>, tok: Arc<Tokenizer>, anchor: Vec<u32>, cfg: LearnConfig) -> std::io::Result<(Learning, usize)> {
         let dim = engine.model().config.n_embd;
         let (learner, report) = Learner::open(dir, engine.model().clone())?;
-        let (learner, capture) = serving_learner(learner, engine.clone(), anchor, threads);
+        let (learner, capture) = serving_learner(learner, engine.clone(), anchor, cfg);
         for w in &report.warnings {
             tracing::warn!(dir = %dir.display(), "{w}");
         }

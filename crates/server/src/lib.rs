@@ -59,6 +59,9 @@ pub struct ServerConfig {
     /// Memory for activations kept while answers are generated (`--sona-keep-mib`): a rating
     /// trains on them without a forward pass.
     pub sona_keep_bytes: usize,
+    /// The most answer tokens a rating teaches (`--sona-rated-rows`, 0: all; see
+    /// [`ruvllm_sona::learner::LearnConfig::rated_rows`]).
+    pub sona_rated_rows: usize,
 }
 
 /// Shared by every handler.
@@ -85,11 +88,12 @@ impl AppState {
     pub fn new(engine: Arc<Engine>, tok: Arc<Tokenizer>, template: ChatTemplate, n_embd: usize, cfg: &ServerConfig) -> std::io::Result<AppState> {
         let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         let anchor = tok.encode(ruvllm_sona::learner::ANCHOR_TEXT, true, false);
+        let learn_cfg = ruvllm_sona::learner::LearnConfig { threads: cfg.sona_threads, rated_rows: cfg.sona_rated_rows, ..Default::default() };
         let learning = match (&cfg.sona_dir, cfg.learning) {
             (_, false) => None,
-            (None, true) => Some(Arc::new(Learning::new(engine.clone(), tok.clone(), anchor, cfg.sona_threads).with_all_trajectories(cfg.sona_all_trajectories).with_kept_budget(cfg.sona_keep_bytes))),
+            (None, true) => Some(Arc::new(Learning::new(engine.clone(), tok.clone(), anchor, learn_cfg).with_all_trajectories(cfg.sona_all_trajectories).with_kept_budget(cfg.sona_keep_bytes))),
             (Some(dir), true) => {
-                let (l, n) = Learning::open(dir, engine.clone(), tok.clone(), anchor, cfg.sona_threads)?;
+                let (l, n) = Learning::open(dir, engine.clone(), tok.clone(), anchor, learn_cfg)?;
                 let l = l.with_all_trajectories(cfg.sona_all_trajectories).with_kept_budget(cfg.sona_keep_bytes);
                 tracing::info!(dir = %dir.display(), scopes = n, "learned state restored");
                 eprintln!("ruvllm: learned state in {} ({n} scopes restored)", dir.display());
