@@ -552,6 +552,7 @@ impl Learning {
 fn log_background(learner: &Learner, key: &str) {
     let t = Instant::now();
     match learner.background_key(key) {
+        Ok(o) if o.steps == 0 => tracing::debug!(scope = key, "background loop: a run of this scope is in progress; these events wait for the next"),
         Ok(o) => tracing::info!(scope = key, loss_before = o.loss_before, loss_after = o.loss_after, version = o.version, persisted = o.persisted, ms = t.elapsed().as_secs_f64() * 1e3, "background loop"),
         Err(e) => tracing::warn!(scope = key, error = %e, "background loop failed"),
     }

@@ -200,6 +200,7 @@ impl std::error::Error for LearnError {}
 
 /// A lesson: captured activations of prompt + answer, its candidates, the rows to learn, and
 /// its sign.
+#[derive(Clone)]
 struct Lesson {
     cap: Capture,
     cands: Candidates,
@@ -256,6 +257,11 @@ struct Scope {
     since_background: usize,
     /// The anchor text's activations (shared by both branches' penalties).
     anchor_acts: Option<Arc<Vec<f32>>>,
+    /// Bumped whenever the base branch is replaced (a background run installed, a
+    /// consolidation): a background run trained on an older base is dropped.
+    base_gen: u64,
+    /// A background run is training a copy of this scope (one at a time).
+    background_running: bool,
 }
 
 /// What the full-vocabulary check found for one lesson.
@@ -608,6 +614,15 @@ impl Lesson {
     }
 }
 
+/// Marks a scope's background run finished when dropped.
+struct Running<'a>(&'a Mutex<Scope>);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).background_running = false;
+    }
+}
+
 /// `sc`'s kept lessons prepared for its base branch, the micro branch held fixed.
 fn base_batch(sc: &Scope) -> Vec<Prepared> {
     sc.lessons.iter().map(|l| l.prepare(&sc.base, l.objective(), &sc.micro)).collect()
@@ -879,7 +894,7 @@ impl Learner {
                 }
             }
         }
-        let s = Arc::new(Mutex::new(Scope { base, micro, lessons, since_background, anchor_acts: None }));
+        let s = Arc::new(Mutex::new(Scope { base, micro, lessons, since_background, anchor_acts: None, base_gen: 0, background_running: false }));
         map.insert(key.to_owned(), s.clone());
         Ok(s)
     }
@@ -971,8 +986,11 @@ impl Learner {
     /// The background loop for `scope`: trains its base branch on every kept lesson (micro
     /// branch fixed) under the EWC++ penalty, then updates the Fisher information (lessons and
     /// generic text) and publishes; a run that leaves the lessons' mean loss more than 5% worse
-    /// is undone (`updated: false`, nothing published). Hundreds of milliseconds on one core;
-    /// run it off the serving path.
+    /// is undone (`updated: false`, nothing published). Hundreds of milliseconds to seconds
+    /// on one core; run it off the serving path. It trains a copy of the scope, so feedback on
+    /// the scope is learned meanwhile (on the micro branch); one run per scope at a time (a
+    /// call during a run returns at once with `steps: 0`), and a run is dropped if a
+    /// consolidation replaced the base branch while it trained.
     pub fn background(&self, scope: &str) -> Result<Outcome, LearnError> {
         self.background_key(&scope_key(scope))
     }
@@ -981,12 +999,27 @@ impl Learner {
     pub fn background_key(&self, key: &str) -> Result<Outcome, LearnError> {
         let entry = self.learned_scope(key)?;
         let anchor = self.anchor_lesson();
-        let mut guard = entry.lock().unwrap_or_else(|p| p.into_inner());
-        let sc = &mut *guard;
-        self.set_anchors(sc, sc.lessons.len());
+        // Trains a copy of the scope taken under its lock, so that feedback arriving meanwhile
+        // is learned at once (on the micro branch, the base as it was) instead of waiting.
         let steps = self.cfg.background_steps;
-        let saved = sc.base.clone();
+        let (mut tmp, gen, events) = {
+            let mut guard = entry.lock().unwrap_or_else(|p| p.into_inner());
+            let sc = &mut *guard;
+            if sc.background_running {
+                // The run in progress takes what it snapshotted; these events wait for the next.
+                let version = self.adapter_for_key(key).map_or(0, |a| a.version);
+                return Ok(Outcome { updated: false, steps: 0, loss_before: 0.0, loss_after: 0.0, version, persisted: false, background_due: false });
+            }
+            sc.background_running = true;
+            self.set_anchors(sc, sc.lessons.len());
+            let tmp = Scope { base: sc.base.clone(), micro: sc.micro.clone(), lessons: sc.lessons.clone(), since_background: 0, anchor_acts: sc.anchor_acts.clone(), base_gen: sc.base_gen, background_running: true };
+            (tmp, sc.base_gen, sc.since_background)
+        };
+        // Cleared however this function ends (a panic in training included).
+        let _running = Running(&entry);
         let (loss_before, loss_after, accepted) = {
+            let sc = &mut tmp;
+            let saved = sc.base.clone();
             let mut batch = base_batch(sc);
             let before = mean_loss(&sc.base, &batch);
             for _ in 0..steps {
@@ -1016,9 +1049,25 @@ impl Learner {
             self.update_fisher(sc, batch, anchor.as_deref());
             (before, after, accepted)
         };
-        sc.since_background = 0;
+        let mut guard = entry.lock().unwrap_or_else(|p| p.into_inner());
+        let sc = &mut *guard;
+        // Candidates the checks widened join the same lessons (by their tokens) if still kept.
+        for t in &tmp.lessons {
+            if let Some(l) = sc.lessons.iter_mut().find(|l| l.tokens == t.tokens && l.prompt_len == t.prompt_len) {
+                l.cands.add_top(&t.cands.ids[..t.cands.n_top]);
+            }
+        }
+        // Events learned while it ran count toward the next run.
+        sc.since_background = sc.since_background.saturating_sub(events);
+        let version = self.adapter_for_key(key).map_or(0, |a| a.version);
+        if sc.base_gen != gen {
+            // A consolidation replaced the base meanwhile: this run's base is stale.
+            return Ok(Outcome { updated: false, steps, loss_before, loss_after: loss_before, version, persisted: false, background_due: false });
+        }
+        // The Fisher information is updated even for an undone run.
+        sc.base = tmp.base;
+        sc.base_gen += 1;
         if !accepted {
-            let version = self.adapter_for_key(key).map_or(0, |a| a.version);
             return Ok(Outcome { updated: false, steps, loss_before, loss_after, version, persisted: false, background_due: false });
         }
         let (version, persisted) = self.publish(key, sc, "background");
@@ -1051,6 +1100,7 @@ impl Learner {
         sc.base.set_params(a, m.b);
         sc.base.restart_optimizer();
         sc.base.set_ewc(None);
+        sc.base_gen += 1;
         sc.micro.reset();
         let loss_after = lessons_loss(sc);
         let batch = base_batch(sc);
