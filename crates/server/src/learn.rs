@@ -91,6 +91,8 @@ pub struct Learning {
 /// projection rows of the prompt's last token and every generated token), by the tokens they
 /// belong to: a rating of an answer trains on them without running prompt or answer through
 /// the model again. Oldest first out, within a byte budget (SmolLM2: 10.5 KiB per token).
+/// Two completions with the same tokens share one entry: their rows are the same base rows,
+/// the served log-probabilities (which pick a rating's rows) are the later one's.
 #[derive(Default)]
 struct KeptStore {
     budget: usize,
