@@ -736,18 +736,18 @@ impl FastTrainer {
 
     /// One Adam step on the mean of the lessons' objectives plus the anchor penalty, if set;
     /// returns the lessons' mean objective before it.
-    pub fn step(&mut self, lessons: &[Prepared]) -> f32 {
+    pub fn step<P: std::borrow::Borrow<Prepared>>(&mut self, lessons: &[P]) -> f32 {
         self.step_ewc(lessons, 0.0)
     }
 
     /// [`step`](Self::step) plus the EWC++ penalty with weight `lambda`.
-    pub fn step_ewc(&mut self, lessons: &[Prepared], lambda: f32) -> f32 {
+    pub fn step_ewc<P: std::borrow::Borrow<Prepared>>(&mut self, lessons: &[P], lambda: f32) -> f32 {
         let mut da = vec![0f32; self.p.a.len()];
         let mut db = vec![0f32; self.p.b.len()];
         let n = lessons.len().max(1) as f32;
         let mut loss = 0f32;
         for l in lessons {
-            let (v, ga, gb) = self.loss_and_grads(l);
+            let (v, ga, gb) = self.loss_and_grads(l.borrow());
             loss += v / n;
             da.iter_mut().zip(&ga).for_each(|(x, y)| *x += y / n);
             db.iter_mut().zip(&gb).for_each(|(x, y)| *x += y / n);

@@ -936,12 +936,14 @@ impl Learner {
         let mut replays: Vec<Prepared> = sc.lessons.iter().take(n_replay).map(|l| l.prepare(&sc.micro, l.objective(), &sc.base)).collect();
         let (mut loss_before, mut loss_after, mut taken, mut prev_total) = (None, 0.0, 0, f32::INFINITY);
         let mut fixed: Vec<FullFixed> = Vec::new();
+        // Prepared once, again only when its candidates widen (preparation depends on the
+        // candidates and the fixed base branch, not on the trained parameters).
+        let mut first = new.prepare(&sc.micro, new.objective(), &sc.base);
         for round in 0..ROUNDS {
-            let mut batch = vec![new.prepare(&sc.micro, new.objective(), &sc.base)];
-            batch.extend(replays.iter().cloned());
+            let batch: Vec<&Prepared> = std::iter::once(&first).chain(replays.iter()).collect();
             // The candidate objective starts equal to the full one (the sample stands for the
             // rest exactly at the base).
-            loss_before.get_or_insert_with(|| sc.micro.loss_and_grads(&batch[0]).0);
+            loss_before.get_or_insert_with(|| sc.micro.loss_and_grads(batch[0]).0);
             let n = if round == 0 { steps } else { steps.div_ceil(3) };
             for _ in 0..n {
                 sc.micro.step(&batch);
@@ -949,7 +951,7 @@ impl Learner {
             taken += n;
             // The replayed lessons are checked the same way: still followed (a new lesson must
             // not overwrite them), and not "kept" by raising tokens outside their candidates.
-            let items: Vec<(&Lesson, &Prepared)> = std::iter::once((&new, &batch[0])).chain(sc.lessons.iter().zip(&replays)).collect();
+            let items: Vec<(&Lesson, &Prepared)> = std::iter::once((&new, &first)).chain(sc.lessons.iter().zip(&replays)).collect();
             // The lessons' adapter-independent logits once per event (their rows and the base
             // branch do not change between rounds; a widened lesson keeps its rows).
             if fixed.len() != items.len() || items.iter().zip(&fixed).any(|((_, p), f)| !f.fits(p)) {
@@ -958,7 +960,8 @@ impl Learner {
             let checks = self.check_low_rank(&sc.micro, &items, &fixed);
             let follows = checks.iter().all(|c| c.follows);
             loss_after = checks.first().map_or(0.0, |c| c.loss);
-            let mut widened = checks.first().is_some_and(|c| new.cands.add_top(&c.extra) > 0);
+            let new_widened = checks.first().is_some_and(|c| new.cands.add_top(&c.extra) > 0);
+            let mut widened = new_widened;
             for (i, (l, c)) in sc.lessons.iter_mut().zip(checks.iter().skip(1)).enumerate() {
                 if l.cands.add_top(&c.extra) > 0 {
                     widened = true;
@@ -972,6 +975,9 @@ impl Learner {
             prev_total = total;
             if !widened && (follows || !progress) {
                 break;
+            }
+            if new_widened {
+                first = new.prepare(&sc.micro, new.objective(), &sc.base);
             }
         }
         let loss_before = loss_before.unwrap_or(0.0);
