@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Feedback latency of rated answers: for each question, a greedy completion of up to
+"""Feedback latency of rated (or, with `--correction`, corrected) answers: for each question, a greedy completion of up to
 `--max-tokens` tokens, then `POST /v1/feedback {rating}`; reports the feedback requests' wall
 time (instant loop: lesson capture, training rounds, publish) p50/p90/max over `--questions`.
 Run it against a server started with and without `--sona-keep-mib 0` to see what keeping the
@@ -27,6 +27,8 @@ def main():
     ap.add_argument("--questions", type=int, default=24)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rating", type=float, default=-1.0)
+    ap.add_argument("--pause", type=float, default=0.0, help="seconds between one feedback answer and the next question (lets work that follows an answer finish)")
+    ap.add_argument("--correction", default=None, help="send this text (plus the question's number) as a correction instead of a rating")
     a = ap.parse_args()
     h = {"Authorization": f"Bearer {a.key}"}
     times, lens = [], []
@@ -38,9 +40,11 @@ def main():
                 "max_tokens": a.max_tokens, "temperature": 0}).json()
             lens.append(r["usage"]["completion_tokens"])
             t = time.perf_counter()
-            f = c.post(a.url + "/v1/feedback", headers=h, json={"id": r["id"], "rating": a.rating})
+            fb = {"id": r["id"], "rating": a.rating} if a.correction is None else {"id": r["id"], "correction": f"{a.correction} ({i})"}
+            f = c.post(a.url + "/v1/feedback", headers=h, json=fb)
             times.append((time.perf_counter() - t) * 1e3)
             assert f.status_code == 200, f.text
+            time.sleep(a.pause)
     s = sorted(times)
     print(f"answers {statistics.mean(lens):.1f} tokens (mean); feedback ms p50 {statistics.median(s):.1f} "
           f"p90 {s[int(0.9 * (len(s) - 1))]:.1f} max {s[-1]:.1f} (first event, with the anchor lesson: {times[0]:.1f})")
