@@ -427,21 +427,24 @@ impl Engine {
                 return Err(Error::param("adapter", format!("adapter {:?} has {} layers but the model has {}", a.name, a.layers.len(), self.n_layer)));
             }
         }
+        // A capture or keep spec names a layer of the model and a position of the prompt.
+        let in_range = |param: &'static str, c: CaptureSpec| {
+            if c.layer >= self.n_layer || c.from >= req.prompt.len() {
+                return Err(Error::param(param, format!("{param} of layer {} from position {} is outside the model ({} layers) or the prompt ({} tokens)", c.layer, c.from, self.n_layer, req.prompt.len())));
+            }
+            Ok(())
+        };
         if let Some(c) = req.capture {
             if req.embed || req.n != 1 {
                 return Err(Error::param("capture", "a capture request computes its prompt once: no embedding, n = 1"));
             }
-            if c.layer >= self.n_layer || c.from >= req.prompt.len() {
-                return Err(Error::param("capture", format!("capture of layer {} from position {} is outside the model ({} layers) or the prompt ({} tokens)", c.layer, c.from, self.n_layer, req.prompt.len())));
-            }
+            in_range("capture", c)?;
         }
         if let Some(k) = req.keep {
             if req.embed || req.n != 1 || req.capture.is_some() {
                 return Err(Error::param("keep", "activations are kept for one generated choice: no embedding or capture, n = 1"));
             }
-            if k.layer >= self.n_layer || k.from >= req.prompt.len() {
-                return Err(Error::param("keep", format!("keeping layer {} from position {} is outside the model ({} layers) or the prompt ({} tokens)", k.layer, k.from, self.n_layer, req.prompt.len())));
-            }
+            in_range("keep", k)?;
             if req.adapter.as_ref().is_some_and(|a| a.adapts_before_down(k.layer)) {
                 return Err(Error::param("keep", "the adapter changes the kept layer's inputs: the rows would not be the base model's"));
             }

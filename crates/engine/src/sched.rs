@@ -680,8 +680,7 @@ impl State<'_> {
             return true;
         }
         if g.req.keep.is_some() {
-            let l = row.get(next as usize).copied().unwrap_or(f32::NEG_INFINITY);
-            s.kept_logprobs.push((l as f64 - ruvllm_kernels::ops::logit_stats(row).lse) as f32);
+            s.kept_logprobs.push(ruvllm_kernels::ops::token_logprob(row, next as usize));
         }
         s.tokens.push(next);
         s.generated += 1;

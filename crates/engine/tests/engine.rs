@@ -666,10 +666,7 @@ fn kept_activations_equal_a_solo_pass_over_prompt_and_answer() {
             // Each generated token's served log-probability: the base model's for requests
             // without an adapter, the adapted model's otherwise.
             assert_eq!(k.logprobs.len(), answer.len(), "{name} prompt {i}");
-            let base_lp: Vec<f32> = (0..answer.len()).map(|j| {
-                let row = &want.logits[j * nv..(j + 1) * nv];
-                (row[answer[j] as usize] as f64 - ruvllm_kernels::ops::logit_stats(row).lse) as f32
-            }).collect();
+            let base_lp: Vec<f32> = (0..answer.len()).map(|j| ruvllm_kernels::ops::token_logprob(&want.logits[j * nv..(j + 1) * nv], answer[j] as usize)).collect();
             if adapted {
                 assert_ne!(k.logprobs, base_lp, "{name} prompt {i}: served under the adapter");
             } else {

@@ -181,6 +181,15 @@ pub fn logit_stats(x: &[f32]) -> LogitStats {
     LogitStats { argmax, max, lse: max as f64 + (sum as f64).ln() }
 }
 
+/// `ln softmax(logits)[target]` with [`logit_stats`]'s log-sum-exp, rounded to f32 (−∞ for a
+/// target outside the row): a token's log-probability as the engine records it for every
+/// generated token it keeps and as a learner scores rows by — one definition, so a rating
+/// picks the same rows from served and recomputed logits.
+pub fn token_logprob(logits: &[f32], target: usize) -> f32 {
+    let l = logits.get(target).copied().unwrap_or(f32::NEG_INFINITY);
+    (l as f64 - logit_stats(logits).lse) as f32
+}
+
 /// The scalar twin of the max pass of [`logit_stats`].
 pub fn max_f32_scalar(x: &[f32]) -> f32 {
     x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v))
@@ -894,6 +903,8 @@ mod tests {
             // The lse against token_nll's f64 (nll of token 0 = lse − x[0]).
             let lse64 = token_nll(&x, 0) + x[0] as f64;
             assert!((s.lse - lse64).abs() < 1e-6 * lse64.abs().max(1.0), "{n}: {} vs {lse64}", s.lse);
+            let lp = token_logprob(&x, n / 2) as f64;
+            assert!((lp + token_nll(&x, n / 2)).abs() < 1e-5 * lse64.abs().max(1.0), "{n}: {lp}");
             let (simd, scalar) = (sum_exp_from_dispatch(&x, s.max), sum_exp_scalar(&x, s.max));
             assert!((simd - scalar).abs() <= 1e-6 * scalar, "{n}: {simd} vs {scalar}");
         }
@@ -902,6 +913,7 @@ mod tests {
         let s = logit_stats(&[1000.0, -1000.0, 0.0]);
         assert_eq!((s.argmax, s.max), (0, 1000.0));
         assert!((s.lse - 1000.0).abs() < 1e-9);
+        assert_eq!(token_logprob(&[1000.0, -1000.0, 0.0], 3), f32::NEG_INFINITY);
     }
 
     fn sum_exp_from_dispatch(x: &[f32], shift: f32) -> f32 {

@@ -24,7 +24,7 @@ use ruvllm_kernels::pool::ThreadPool;
 use ruvllm_model::{Capture, LoraAdapter};
 use ruvllm_sona::bank::{Bank, Trajectory};
 use ruvllm_sona::learner::{scope_dirs, scope_key, Feedback, LearnConfig, LearnError, Learner};
-use ruvllm_sona::train::CaptureSource;
+use ruvllm_sona::train::{tokens_hash, CaptureSource};
 use ruvllm_tokenizer::Tokenizer;
 use serde_json::{json, Value};
 use std::collections::{HashMap, VecDeque};
@@ -98,12 +98,8 @@ struct KeptStore {
     budget: usize,
     bytes: usize,
     order: VecDeque<u64>,
+    /// By [`tokens_hash`] of the tokens; entries keep their tokens, compared on lookup.
     map: HashMap<u64, (Vec<u32>, Arc<Kept>)>,
-}
-
-/// FNV-1a over token ids: the store's key (entries also keep their tokens, compared on lookup).
-fn tokens_key(tokens: &[u32]) -> u64 {
-    tokens.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &t| (h ^ t as u64).wrapping_mul(0x100_0000_01b3))
 }
 
 fn kept_bytes(k: &Kept) -> usize {
@@ -117,7 +113,7 @@ impl KeptStore {
         if size > self.budget {
             return;
         }
-        let key = tokens_key(&tokens);
+        let key = tokens_hash(&tokens);
         if let Some((_, old)) = self.map.remove(&key) {
             self.bytes -= kept_bytes(&old);
             self.order.retain(|&o| o != key);
@@ -139,7 +135,7 @@ impl KeptStore {
     }
 
     fn get(&self, tokens: &[u32]) -> Option<Arc<Kept>> {
-        self.map.get(&tokens_key(tokens)).filter(|(t, _)| t == tokens).map(|(_, k)| k.clone())
+        self.map.get(&tokens_hash(tokens)).filter(|(t, _)| t == tokens).map(|(_, k)| k.clone())
     }
 }
 

@@ -66,15 +66,16 @@ pub fn telling_rows(scored: &[(usize, f32)], k: usize, negative: bool) -> Vec<us
 }
 
 /// Each target row's log-probability of its target from `logits` (rows `first..`, as in
-/// [`Candidates::from_logits`]), rounded to f32 as the engine reports served ones.
+/// [`Candidates::from_logits`]), as the engine records served ones
+/// ([`ruvllm_kernels::ops::token_logprob`]).
 pub fn target_logprobs(logits: &[f32], n_vocab: usize, targets: &[Option<u32>], first: usize) -> Vec<(usize, f32)> {
     targets
         .iter()
         .enumerate()
         .filter_map(|(t, tg)| {
             let row = logits.get(t.checked_sub(first)? * n_vocab..(t - first + 1) * n_vocab)?;
-            let l = *row.get((*tg)? as usize)?;
-            Some((t, (l as f64 - ruvllm_kernels::ops::logit_stats(row).lse) as f32))
+            let tg = (*tg)? as usize;
+            (tg < row.len()).then(|| (t, ruvllm_kernels::ops::token_logprob(row, tg)))
         })
         .collect()
 }

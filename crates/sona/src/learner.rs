@@ -28,7 +28,7 @@
 
 use crate::fast::{mask_targets, target_logprobs, telling_rows, Candidates, Ewc, FastTrainer, FullFixed, Objective, Prepared, SAMPLE, TOP_K};
 use crate::merge::merge;
-use crate::train::{answer_targets, capture, CaptureSource, Head, OptimizerState};
+use crate::train::{answer_targets, capture, tokens_hash, CaptureSource, Head, OptimizerState};
 use ruvllm_kernels::pool::ThreadPool;
 use ruvllm_kernels::ops::logit_stats;
 use ruvllm_model::{head_logits, Capture, LoraAdapter, LoraPair, Model, Proj};
@@ -802,7 +802,7 @@ impl Learner {
             mask_targets(&mut targets, t);
         }
         // The sample's seed comes from the tokens, so a lesson's objective is reproducible.
-        let seed = tokens.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &t| (h ^ t as u64).wrapping_mul(0x100_0000_01b3));
+        let seed = tokens_hash(&tokens);
         let cands = Candidates::from_logits(&logits, c.n_vocab, &targets, first, TOP_K, SAMPLE, seed);
         Some(Lesson { cap, cands, targets, negative, tokens, prompt_len, taught })
     }

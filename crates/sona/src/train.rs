@@ -16,6 +16,12 @@ use ruvllm_kernels::quants::dequantize_row;
 use ruvllm_model::{Capture, Forward, KvCache, Logits, LoraAdapter, LoraPair, Model, Proj, SeqInput};
 use std::sync::Arc;
 
+/// FNV-1a over token ids: a sequence's identity where a cheap, stable one is needed (a
+/// lesson's sample seed, the server's store of kept activations).
+pub fn tokens_hash(tokens: &[u32]) -> u64 {
+    tokens.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &t| (h ^ t as u64).wrapping_mul(0x100_0000_01b3))
+}
+
 /// Training targets for a sequence of `prompt_len` prompt tokens followed by an answer: row `t`
 /// predicts token `t + 1` for every answer token, and prompt rows predict nothing.
 pub fn answer_targets(tokens: &[u32], prompt_len: usize) -> Vec<Option<u32>> {
