@@ -365,7 +365,7 @@ fn engine_request(st: &AppState, prompt: Vec<u32>, g: &GenParams, keep: Option<C
 fn submit_all(st: &AppState, prompts: Vec<Vec<u32>>, g: &GenParams, param: &str) -> Result<Vec<RequestHandle>, ApiError> {
     // The first prompt's choice is remembered for feedback: with one choice, its generation
     // keeps the activations a rating trains on.
-    let keep = |i: usize, p: &[u32]| st.learning.as_ref().filter(|_| i == 0 && g.n == 1).and_then(|l| l.keep_spec(p.len(), g.adapter.as_deref()));
+    let keep = |i: usize, p: &[u32]| st.learning.as_ref().filter(|_| i == 0 && g.n == 1).and_then(|l| l.capture().keep_spec(p.len(), g.adapter.as_deref()));
     let reqs: Vec<Request> = prompts.into_iter().enumerate().map(|(i, p)| {
         let k = keep(i, &p);
         engine_request(st, p, g, k)

@@ -401,12 +401,6 @@ impl Learning {
         self
     }
 
-    /// What a completion of a `prompt_len`-token prompt running with `adapter` keeps while it
-    /// generates (see [`EngineCapture::keep_spec`]).
-    pub(crate) fn keep_spec(&self, prompt_len: usize, adapter: Option<&LoraAdapter>) -> Option<CaptureSpec> {
-        self.capture.keep_spec(prompt_len, adapter)
-    }
-
     /// The learner's source of activations.
     pub(crate) fn capture(&self) -> &EngineCapture {
         &self.capture
