@@ -302,7 +302,8 @@ pub enum Event {
 }
 
 pub(crate) enum Command {
-    Submit { id: u64, req: Request, tx: tmpsc::UnboundedSender<Event> },
+    /// `counted`: the request counts against the waiting-queue limit (clients' requests).
+    Submit { id: u64, req: Request, tx: tmpsc::UnboundedSender<Event>, counted: bool },
     Cancel(u64),
     Shutdown,
 }
@@ -467,17 +468,32 @@ impl Engine {
 
     /// Validates and queues a request; events arrive on the returned handle.
     pub fn submit(&self, req: Request) -> Result<RequestHandle, Error> {
+        self.submit_counted(req, true)
+    }
+
+    /// Validates and queues the server's own background work (a trajectory's embedding, a
+    /// lesson's capture): not refused for a full queue and not counted in it, so it never
+    /// turns a client's request away.
+    pub fn submit_background(&self, req: Request) -> Result<RequestHandle, Error> {
+        self.submit_counted(req, false)
+    }
+
+    fn submit_counted(&self, req: Request, counted: bool) -> Result<RequestHandle, Error> {
         self.validate(&req)?;
         let waiting = self.shared.waiting.load(Ordering::Relaxed);
-        if waiting >= self.cfg.max_waiting {
+        if counted && waiting >= self.cfg.max_waiting {
             return Err(Error::new(ErrorKind::QueueFull(waiting)));
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = tmpsc::unbounded_channel();
         let cmd = self.cmd.lock().map_err(|_| Error::new(ErrorKind::ShuttingDown))?.clone();
-        self.shared.waiting.fetch_add(1, Ordering::Relaxed);
-        if cmd.send(Command::Submit { id, req, tx }).is_err() {
-            self.shared.waiting.fetch_sub(1, Ordering::Relaxed);
+        if counted {
+            self.shared.waiting.fetch_add(1, Ordering::Relaxed);
+        }
+        if cmd.send(Command::Submit { id, req, tx, counted }).is_err() {
+            if counted {
+                self.shared.waiting.fetch_sub(1, Ordering::Relaxed);
+            }
             return Err(Error::new(ErrorKind::ShuttingDown));
         }
         Ok(RequestHandle { id, events: rx, cmd })

@@ -44,6 +44,8 @@ struct Group {
     admitted: bool,
     /// The stream's receiver is gone or a send failed: drop the request at the next step.
     cancelled: bool,
+    /// Counted as queued by `submit` until admitted (the server's background work is not).
+    counted: bool,
 }
 
 /// One choice of one request.
@@ -201,7 +203,7 @@ impl State<'_> {
     /// Applies a command; false means shut down.
     fn handle(&mut self, cmd: Command) -> bool {
         match cmd {
-            Command::Submit { id, req, tx } => self.admit_request(id, req, tx),
+            Command::Submit { id, req, tx, counted } => self.admit_request(id, req, tx, counted),
             Command::Cancel(id) => {
                 if let Some(g) = self.groups.get_mut(&id) {
                     g.cancelled = true;
@@ -212,11 +214,13 @@ impl State<'_> {
         true
     }
 
-    fn admit_request(&mut self, id: u64, req: Request, tx: tmpsc::UnboundedSender<Event>) {
+    fn admit_request(&mut self, id: u64, req: Request, tx: tmpsc::UnboundedSender<Event>, counted: bool) {
         let sampler = match Sampler::new(req.sampling.clone()) {
             Ok(s) => s,
             Err(e) => {
-                self.shared.waiting.fetch_sub(1, Ordering::Relaxed);
+                if counted {
+                    self.shared.waiting.fetch_sub(1, Ordering::Relaxed);
+                }
                 let _ = tx.send(Event::Failed(Error::new(ErrorKind::Model(e.to_string()))));
                 return;
             }
@@ -246,7 +250,7 @@ impl State<'_> {
         let usage = Usage { prompt_tokens: req.prompt.len(), ..Usage::default() };
         self.delta_prompt += req.prompt.len() as u64;
         let remaining = if req.embed || req.capture.is_some() { 1 } else { req.n };
-        self.groups.insert(id, Group { tx, req, remaining, usage, submitted: Instant::now(), got_first_token: false, admitted: false, cancelled: false });
+        self.groups.insert(id, Group { tx, req, remaining, usage, submitted: Instant::now(), got_first_token: false, admitted: false, cancelled: false, counted });
         self.enqueue(seq);
     }
 
@@ -267,7 +271,7 @@ impl State<'_> {
 
     fn drop_group(&mut self, id: u64) {
         let Some(g) = self.groups.remove(&id) else { return };
-        if !g.admitted {
+        if !g.admitted && g.counted {
             self.shared.waiting.fetch_sub(1, Ordering::Relaxed);
         }
         let mgr = &mut self.mgr;
@@ -377,7 +381,9 @@ impl State<'_> {
                         if !g.admitted {
                             g.admitted = true;
                             g.usage.cached_tokens = cached.min(g.usage.prompt_tokens);
-                            self.shared.waiting.fetch_sub(1, Ordering::Relaxed);
+                            if g.counted {
+                                self.shared.waiting.fetch_sub(1, Ordering::Relaxed);
+                            }
                         }
                     }
                     plan.push(len);

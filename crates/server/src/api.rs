@@ -807,7 +807,7 @@ fn context_lines(hits: &[crate::learn::Retrieved]) -> String {
 }
 
 /// Waits for an embedding request's vector.
-async fn await_embedding(mut h: RequestHandle, param: &str) -> Result<Vec<f32>, ApiError> {
+pub(crate) async fn await_embedding(mut h: RequestHandle, param: &str) -> Result<Vec<f32>, ApiError> {
     let mut emb = None;
     while let Some(e) = h.next().await {
         match e {

@@ -523,7 +523,10 @@ impl Learning {
 
     /// The bank's embedding of `text` (as retrieval computes it), through the engine.
     async fn embed(&self, text: &str) -> Option<Vec<f32>> {
-        crate::api::engine_embedding(&self.engine, self.tok.encode(text, true, false)).await.ok()
+        // Background work: never refused for, nor counted in, the clients' queue.
+        let mut r = Request::greedy(self.tok.encode(text, true, false), 1);
+        r.embed = true;
+        crate::api::await_embedding(self.engine.submit_background(r).ok()?, "input").await.ok()
     }
 
     /// Where the caller's nearest successful trajectories (the 8 nearest bank entries rated
