@@ -75,7 +75,11 @@ fn pct(v: &mut [f64], q: f64) -> f64 {
 }
 
 /// Submits `prompts` at once and records every token's arrival time per request.
-fn run_batch(engine: &Engine, prompts: Vec<Vec<u32>>, n_gen: usize) -> Result<(Vec<Trace>, f64), Error> {
+fn run_batch(
+    engine: &Engine,
+    prompts: Vec<Vec<u32>>,
+    n_gen: usize,
+) -> Result<(Vec<Trace>, f64), Error> {
     let t0 = Instant::now();
     let mut handles = Vec::new();
     for p in prompts {
@@ -101,10 +105,19 @@ fn run_batch(engine: &Engine, prompts: Vec<Vec<u32>>, n_gen: usize) -> Result<(V
                 })
             })
             .collect();
-        joins.into_iter().map(|j| j.join().unwrap_or_else(|_| Err("a collector thread panicked".into()))).collect()
+        joins
+            .into_iter()
+            .map(|j| {
+                j.join()
+                    .unwrap_or_else(|_| Err("a collector thread panicked".into()))
+            })
+            .collect()
     });
     let wall = t0.elapsed().as_secs_f64();
-    let traces = traces.into_iter().collect::<Result<Vec<_>, _>>().map_err(Error::usage)?;
+    let traces = traces
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(Error::usage)?;
     Ok((traces, wall))
 }
 
@@ -123,26 +136,47 @@ fn serving(a: &BenchArgs, l: crate::Loaded) -> Result<(), Error> {
     let per_seq = (a.np_prompt + a.n_gen).div_ceil(bs) + 1;
     let prefix = a.prefix_ttft;
     let n_blocks = (max_np * per_seq).max((prefix + 64).div_ceil(bs) * 2 + 4);
-    let kv_type = KvType::parse(&a.kv_type).ok_or_else(|| Error::usage(format!("--kv-type must be f16, q8_0, q4_0 or f32, got {:?}", a.kv_type)))?;
+    let kv_type = KvType::parse(&a.kv_type).ok_or_else(|| {
+        Error::usage(format!(
+            "--kv-type must be f16, q8_0, q4_0 or f32, got {:?}",
+            a.kv_type
+        ))
+    })?;
     let mut cfg = EngineConfig::new(&c, n_blocks);
     cfg.attn = l.attn;
     cfg.kv_type = kv_type;
     cfg.max_seqs = max_np.max(1);
     cfg.n_ctx = c.n_ctx_train;
     let tokens = tokens_for(&l, a.np_prompt * max_np + prefix + 32);
-    let engine = Engine::start(Arc::new(l.model), Arc::new(l.tok), l.pool, cfg).map_err(|e| Error::usage(e.to_string()))?;
+    let engine = Engine::start(Arc::new(l.model), Arc::new(l.tok), l.pool, cfg)
+        .map_err(|e| Error::usage(e.to_string()))?;
     let mut records = Vec::new();
     for &np in &a.parallel {
-        let prompts: Vec<Vec<u32>> = (0..np).map(|i| tokens[i * a.np_prompt..(i + 1) * a.np_prompt].to_vec()).collect();
+        let prompts: Vec<Vec<u32>> = (0..np)
+            .map(|i| tokens[i * a.np_prompt..(i + 1) * a.np_prompt].to_vec())
+            .collect();
         let m0 = engine.metrics();
         let (traces, wall) = run_batch(&engine, prompts, a.n_gen)?;
         let m1 = engine.metrics();
-        let mut ttft: Vec<f64> = traces.iter().filter_map(|t| t.tokens.first().copied()).collect();
-        let mut itl: Vec<f64> = traces.iter().flat_map(|t| t.tokens.windows(2).map(|w| w[1] - w[0])).collect();
+        let mut ttft: Vec<f64> = traces
+            .iter()
+            .filter_map(|t| t.tokens.first().copied())
+            .collect();
+        let mut itl: Vec<f64> = traces
+            .iter()
+            .flat_map(|t| t.tokens.windows(2).map(|w| w[1] - w[0]))
+            .collect();
         // Steady-state decode: tokens that arrived after every request had its first token.
         let start = ttft.iter().copied().fold(0.0, f64::max);
-        let end = traces.iter().filter_map(|t| t.tokens.last().copied()).fold(0.0, f64::max);
-        let decoded = traces.iter().flat_map(|t| t.tokens.iter()).filter(|&&x| x > start).count();
+        let end = traces
+            .iter()
+            .filter_map(|t| t.tokens.last().copied())
+            .fold(0.0, f64::max);
+        let decoded = traces
+            .iter()
+            .flat_map(|t| t.tokens.iter())
+            .filter(|&&x| x > start)
+            .count();
         let total: usize = traces.iter().map(|t| t.tokens.len()).sum();
         records.push(serde_json::json!({
             "n_parallel": np,
@@ -195,8 +229,17 @@ fn serving(a: &BenchArgs, l: crate::Loaded) -> Result<(), Error> {
             let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
             println!(
                 "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} | {} | {} |",
-                r["n_parallel"], r["n_prompt"], r["n_gen"], f("throughput_ts"), f("decode_ts"), f("ttft_p50_ms"), f("ttft_p99_ms"),
-                f("itl_p50_ms"), f("itl_p99_ms"), r["steps"], r["preemptions"]
+                r["n_parallel"],
+                r["n_prompt"],
+                r["n_gen"],
+                f("throughput_ts"),
+                f("decode_ts"),
+                f("ttft_p50_ms"),
+                f("ttft_p99_ms"),
+                f("itl_p50_ms"),
+                f("itl_p99_ms"),
+                r["steps"],
+                r["preemptions"]
             );
         }
         if let Some(p) = prefix_record {
@@ -213,13 +256,20 @@ fn serving(a: &BenchArgs, l: crate::Loaded) -> Result<(), Error> {
 fn mean_std(v: &[f64]) -> (f64, f64) {
     let n = v.len() as f64;
     let mean = v.iter().sum::<f64>() / n;
-    let var = if v.len() > 1 { v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0) } else { 0.0 };
+    let var = if v.len() > 1 {
+        v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
     (mean, var.sqrt())
 }
 
 pub fn run(a: BenchArgs) -> Result<(), Error> {
     if a.output != "md" && a.output != "json" {
-        return Err(Error::usage(format!("--output must be md or json, got {:?}", a.output)));
+        return Err(Error::usage(format!(
+            "--output must be md or json, got {:?}",
+            a.output
+        )));
     }
     if a.reps == 0 {
         return Err(Error::usage("--repetitions must be at least 1"));
@@ -227,7 +277,10 @@ pub fn run(a: BenchArgs) -> Result<(), Error> {
     let l = load(&a.model)?;
     let ctx = (a.depth + a.n_prompt.max(a.n_gen) + 1).max(16);
     if ctx > l.model.config.n_ctx_train {
-        return Err(Error::usage(format!("bench needs {ctx} positions but the model's context is {}", l.model.config.n_ctx_train)));
+        return Err(Error::usage(format!(
+            "bench needs {ctx} positions but the model's context is {}",
+            l.model.config.n_ctx_train
+        )));
     }
     let mut runner = Runner::new(&l.model, l.pool.clone(), ctx);
     runner.set_attention(l.attn);
@@ -235,7 +288,10 @@ pub fn run(a: BenchArgs) -> Result<(), Error> {
     let (context, tokens) = tokens.split_at(a.depth);
     let mut records = Vec::new();
     let path = crate::pull::resolve(a.model.model.as_deref())?;
-    let file_name = path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let file_name = path
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let threads = l.pool.n_threads();
     if !a.parallel.is_empty() {
         drop(runner);
@@ -287,12 +343,19 @@ pub fn run(a: BenchArgs) -> Result<(), Error> {
         }));
     }
     if a.output == "json" {
-        println!("{}", serde_json::to_string_pretty(&records).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&records).unwrap_or_default()
+        );
     } else {
         println!("| model | size | threads | simd | test | t/s |");
         println!("| --- | ---: | ---: | --- | ---: | ---: |");
         for r in &records {
-            let mut test = if r["n_prompt"].as_u64() > Some(0) { format!("pp{}", r["n_prompt"]) } else { format!("tg{}", r["n_gen"]) };
+            let mut test = if r["n_prompt"].as_u64() > Some(0) {
+                format!("pp{}", r["n_prompt"])
+            } else {
+                format!("tg{}", r["n_gen"])
+            };
             if a.depth > 0 {
                 test.push_str(&format!(" @ d{}", a.depth));
             }

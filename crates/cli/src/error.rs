@@ -27,13 +27,19 @@ pub enum ErrorKind {
 
 impl Error {
     pub fn usage(m: impl Into<String>) -> Error {
-        Error { kind: ErrorKind::Usage(m.into()) }
+        Error {
+            kind: ErrorKind::Usage(m.into()),
+        }
     }
     pub fn fetch(m: impl Into<String>) -> Error {
-        Error { kind: ErrorKind::Fetch(m.into()) }
+        Error {
+            kind: ErrorKind::Fetch(m.into()),
+        }
     }
     pub fn io(what: impl Into<String>, e: std::io::Error) -> Error {
-        Error { kind: ErrorKind::Io(what.into(), e) }
+        Error {
+            kind: ErrorKind::Io(what.into(), e),
+        }
     }
 }
 
@@ -52,17 +58,23 @@ impl fmt::Display for Error {
 
 impl From<ruvllm_model::Error> for Error {
     fn from(e: ruvllm_model::Error) -> Self {
-        Error { kind: ErrorKind::Model(e) }
+        Error {
+            kind: ErrorKind::Model(e),
+        }
     }
 }
 impl From<ruvllm_gguf::Error> for Error {
     fn from(e: ruvllm_gguf::Error) -> Self {
-        Error { kind: ErrorKind::Gguf(e) }
+        Error {
+            kind: ErrorKind::Gguf(e),
+        }
     }
 }
 impl From<ruvllm_tokenizer::Error> for Error {
     fn from(e: ruvllm_tokenizer::Error) -> Self {
-        Error { kind: ErrorKind::Tokenizer(e) }
+        Error {
+            kind: ErrorKind::Tokenizer(e),
+        }
     }
 }
 
@@ -72,8 +84,14 @@ pub fn exit_code(e: &Error) -> u8 {
     match &e.kind {
         ErrorKind::Usage(_) => 2,
         ErrorKind::Fetch(_) => 3,
-        ErrorKind::Model(m) if matches!(m.kind(), ruvllm_model::ErrorKind::ContextOverflow { .. }) => 4,
-        ErrorKind::Model(m) if matches!(m.kind(), ruvllm_model::ErrorKind::InvalidParam { .. }) => 2,
+        ErrorKind::Model(m)
+            if matches!(m.kind(), ruvllm_model::ErrorKind::ContextOverflow { .. }) =>
+        {
+            4
+        }
+        ErrorKind::Model(m) if matches!(m.kind(), ruvllm_model::ErrorKind::InvalidParam { .. }) => {
+            2
+        }
         _ => 1,
     }
 }

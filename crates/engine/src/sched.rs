@@ -15,7 +15,10 @@
 //! original arrival order.
 
 use crate::metrics::Metrics;
-use crate::{Capture, Captured, Command, Error, ErrorKind, Event, FinishReason, Kept, Logprob, Request, Shared, Usage};
+use crate::{
+    Capture, Captured, Command, Error, ErrorKind, Event, FinishReason, Kept, Logprob, Request,
+    Shared, Usage,
+};
 use ruvllm_kernels::pool::ThreadPool;
 use ruvllm_kv::KvManager;
 use ruvllm_model::{Forward, KvCache, Logits, Model, Sampler, SeqInput, StopMatcher};
@@ -104,7 +107,8 @@ struct State<'m> {
     waiting: VecDeque<Seq>,
     next_seq: u64,
     shared: Arc<Shared>,
-    /// Logits of the last step, copied out of the forward pass: `[rows × n_vocab]`.
+    /// Logits of the last step, swapped out of the forward pass: `[rows × n_vocab]` first (the
+    /// buffer may be longer).
     logits: Vec<f32>,
     /// A row being sampled (penalties modify it): `[n_vocab]`.
     scratch: Vec<f32>,
@@ -123,18 +127,45 @@ struct State<'m> {
 }
 
 /// The engine thread's body: runs until shutdown or until every sender is gone.
-pub(crate) fn run(model: Arc<Model>, tok: Arc<Tokenizer>, pool: Arc<ThreadPool>, cfg: crate::EngineConfig, shared: Arc<Shared>, rx: mpsc::Receiver<Command>) {
+pub(crate) fn run(
+    model: Arc<Model>,
+    tok: Arc<Tokenizer>,
+    pool: Arc<ThreadPool>,
+    cfg: crate::EngineConfig,
+    shared: Arc<Shared>,
+    rx: mpsc::Receiver<Command>,
+) {
     let c = &model.config;
     let mut st = State {
         tok,
         fwd: Forward::new(&model, pool),
         kv: match cfg.kv_tail {
-            Some(_) => KvCache::with_tiers(c.n_layer, c.kv_dim(), c.head_dim, cfg.block_size, cfg.n_blocks, cfg.n_cold_blocks, cfg.kv_type),
-            None => KvCache::with_type(c.n_layer, c.kv_dim(), c.head_dim, cfg.block_size, cfg.n_blocks, cfg.kv_type),
+            Some(_) => KvCache::with_tiers(
+                c.n_layer,
+                c.kv_dim(),
+                c.head_dim,
+                cfg.block_size,
+                cfg.n_blocks,
+                cfg.n_cold_blocks,
+                cfg.kv_type,
+            ),
+            None => KvCache::with_type(
+                c.n_layer,
+                c.kv_dim(),
+                c.head_dim,
+                cfg.block_size,
+                cfg.n_blocks,
+                cfg.kv_type,
+            ),
         }
         .unwrap_or_else(|| KvCache::new(c.n_layer, c.kv_dim(), cfg.block_size, cfg.n_blocks)),
         mgr: match cfg.kv_tail {
-            Some(_) => KvManager::with_cold_tier(cfg.n_blocks, cfg.n_cold_blocks, cfg.block_size, cfg.prefix_caching),
+            Some(_) => KvManager::with_cold_tier(
+                cfg.n_blocks,
+                cfg.n_cold_blocks,
+                cfg.block_size,
+                cfg.prefix_caching,
+            ),
             None => KvManager::new(cfg.n_blocks, cfg.block_size, cfg.prefix_caching),
         },
         n_vocab: c.n_vocab,
@@ -203,7 +234,12 @@ impl State<'_> {
     /// Applies a command; false means shut down.
     fn handle(&mut self, cmd: Command) -> bool {
         match cmd {
-            Command::Submit { id, req, tx, counted } => self.admit_request(id, req, tx, counted),
+            Command::Submit {
+                id,
+                req,
+                tx,
+                counted,
+            } => self.admit_request(id, req, tx, counted),
             Command::Cancel(id) => {
                 if let Some(g) = self.groups.get_mut(&id) {
                     g.cancelled = true;
@@ -214,7 +250,13 @@ impl State<'_> {
         true
     }
 
-    fn admit_request(&mut self, id: u64, req: Request, tx: tmpsc::UnboundedSender<Event>, counted: bool) {
+    fn admit_request(
+        &mut self,
+        id: u64,
+        req: Request,
+        tx: tmpsc::UnboundedSender<Event>,
+        counted: bool,
+    ) {
         let sampler = match Sampler::new(req.sampling.clone()) {
             Ok(s) => s,
             Err(e) => {
@@ -247,10 +289,30 @@ impl State<'_> {
             kept: None,
             kept_logprobs: Vec::new(),
         };
-        let usage = Usage { prompt_tokens: req.prompt.len(), ..Usage::default() };
+        let usage = Usage {
+            prompt_tokens: req.prompt.len(),
+            ..Usage::default()
+        };
         self.delta_prompt += req.prompt.len() as u64;
-        let remaining = if req.embed || req.capture.is_some() { 1 } else { req.n };
-        self.groups.insert(id, Group { tx, req, remaining, usage, submitted: Instant::now(), got_first_token: false, admitted: false, cancelled: false, counted });
+        let remaining = if req.embed || req.capture.is_some() {
+            1
+        } else {
+            req.n
+        };
+        self.groups.insert(
+            id,
+            Group {
+                tx,
+                req,
+                remaining,
+                usage,
+                submitted: Instant::now(),
+                got_first_token: false,
+                admitted: false,
+                cancelled: false,
+                counted,
+            },
+        );
         self.enqueue(seq);
     }
 
@@ -263,14 +325,21 @@ impl State<'_> {
 
     /// Drops cancelled requests (explicitly, or their receiver is gone) and frees their blocks.
     fn reap(&mut self) {
-        let dead: Vec<u64> = self.groups.iter().filter(|(_, g)| g.cancelled || g.tx.is_closed()).map(|(&id, _)| id).collect();
+        let dead: Vec<u64> = self
+            .groups
+            .iter()
+            .filter(|(_, g)| g.cancelled || g.tx.is_closed())
+            .map(|(&id, _)| id)
+            .collect();
         for id in dead {
             self.drop_group(id);
         }
     }
 
     fn drop_group(&mut self, id: u64) {
-        let Some(g) = self.groups.remove(&id) else { return };
+        let Some(g) = self.groups.remove(&id) else {
+            return;
+        };
         if !g.admitted && g.counted {
             self.shared.waiting.fetch_sub(1, Ordering::Relaxed);
         }
@@ -304,7 +373,13 @@ impl State<'_> {
             Some(g) => {
                 // An adapter that leaves every key and value as the base model's (SONA's) shares
                 // the base model's blocks.
-                let mut salt: Vec<u64> = g.req.adapter.as_ref().filter(|a| a.affects_kv()).map(|a| vec![a.id, a.version]).unwrap_or_default();
+                let mut salt: Vec<u64> = g
+                    .req
+                    .adapter
+                    .as_ref()
+                    .filter(|a| a.affects_kv())
+                    .map(|a| vec![a.id, a.version])
+                    .unwrap_or_default();
                 salt.extend_from_slice(&g.req.cache_salt);
                 salt
             }
@@ -318,8 +393,12 @@ impl State<'_> {
     /// slot, or too few free blocks for its first chunk), the worst running one is preempted.
     fn preempt_for_priority(&mut self) {
         loop {
-            let Some(w) = self.waiting.front() else { return };
-            let Some(worst) = (0..self.running.len()).max_by_key(|&j| self.running[j].key()) else { return };
+            let Some(w) = self.waiting.front() else {
+                return;
+            };
+            let Some(worst) = (0..self.running.len()).max_by_key(|&j| self.running[j].key()) else {
+                return;
+            };
             if self.running[worst].priority >= w.priority {
                 return;
             }
@@ -337,13 +416,17 @@ impl State<'_> {
         self.preempt_for_priority();
         let mut budget = self.cfg.max_batch_tokens;
         // Decodes first (one token each), then prefill chunks; each by priority and arrival.
-        self.running.sort_by_key(|s| (s.tokens.len() - s.n_computed > 1, s.key()));
+        self.running
+            .sort_by_key(|s| (s.tokens.len() - s.n_computed > 1, s.key()));
         let mut plan: Vec<usize> = Vec::with_capacity(self.running.len());
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
             let len = (self.running[i].tokens.len() - self.running[i].n_computed).min(budget);
             let s = &self.running[i];
-            match self.mgr.append(s.id, &s.tokens[s.n_computed..s.n_computed + len]) {
+            match self
+                .mgr
+                .append(s.id, &s.tokens[s.n_computed..s.n_computed + len])
+            {
                 Some(copies) => {
                     for c in copies {
                         self.kv.copy_block(c.src, c.dst);
@@ -355,7 +438,9 @@ impl State<'_> {
                 None => {
                     // Out of blocks: preempt the lowest-priority, newest of those not yet
                     // scheduled (this one included), then retry.
-                    let victim = (i..self.running.len()).max_by_key(|&j| self.running[j].key()).unwrap_or(i);
+                    let victim = (i..self.running.len())
+                        .max_by_key(|&j| self.running[j].key())
+                        .unwrap_or(i);
                     let v = self.running.remove(victim);
                     self.preempt(v);
                 }
@@ -364,17 +449,30 @@ impl State<'_> {
         plan.resize(self.running.len(), 0);
         // Admissions, while budget, sequence slots and blocks last.
         while budget > 0 && self.running.len() < self.cfg.max_seqs {
-            let Some(front) = self.waiting.front() else { break };
+            let Some(front) = self.waiting.front() else {
+                break;
+            };
             let salt = self.salt(front);
-            let from = self.groups.get(&front.group).and_then(|g| g.req.capture.or(g.req.keep)).map_or(front.tokens.len(), |c| c.from);
-            let cached = self.mgr.add_sequence_computing_from(front.id, &front.tokens, &salt, from);
+            let from = self
+                .groups
+                .get(&front.group)
+                .and_then(|g| g.req.capture.or(g.req.keep))
+                .map_or(front.tokens.len(), |c| c.from);
+            let cached = self
+                .mgr
+                .add_sequence_computing_from(front.id, &front.tokens, &salt, from);
             let len = (front.tokens.len() - cached).min(budget);
-            match self.mgr.append(front.id, &front.tokens[cached..cached + len]) {
+            match self
+                .mgr
+                .append(front.id, &front.tokens[cached..cached + len])
+            {
                 Some(copies) => {
                     for c in copies {
                         self.kv.copy_block(c.src, c.dst);
                     }
-                    let Some(mut s) = self.waiting.pop_front() else { break };
+                    let Some(mut s) = self.waiting.pop_front() else {
+                        break;
+                    };
                     s.n_computed = cached;
                     s.attempts += 1;
                     if let Some(g) = self.groups.get_mut(&s.group) {
@@ -401,7 +499,12 @@ impl State<'_> {
             // head of the queue rather than spin.
             if let Some(s) = self.waiting.front() {
                 let g = s.group;
-                self.fail_group(g, Error::new(ErrorKind::Model("the request does not fit the KV pool".into())));
+                self.fail_group(
+                    g,
+                    Error::new(ErrorKind::Model(
+                        "the request does not fit the KV pool".into(),
+                    )),
+                );
             }
             return;
         }
@@ -419,7 +522,9 @@ impl State<'_> {
             let upto = s.n_computed.saturating_sub(tail) / bs;
             let mut first_kept = None;
             for i in s.migrated..upto {
-                let Some(b) = self.mgr.block_table(s.id).and_then(|t| t.get(i).copied()) else { break };
+                let Some(b) = self.mgr.block_table(s.id).and_then(|t| t.get(i).copied()) else {
+                    break;
+                };
                 if self.mgr.is_cold(b) {
                     continue;
                 }
@@ -472,7 +577,13 @@ impl State<'_> {
                 Logits::None
             };
             let table = self.mgr.block_table(s.id).unwrap_or(&[]);
-            inputs.push(SeqInput { tokens: &s.tokens[s.n_computed..end], pos0: s.n_computed, block_table: table, logits, lora });
+            inputs.push(SeqInput {
+                tokens: &s.tokens[s.n_computed..end],
+                pos0: s.n_computed,
+                block_table: table,
+                logits,
+                lora,
+            });
         }
         capture_layers.sort_unstable();
         capture_layers.dedup();
@@ -480,12 +591,18 @@ impl State<'_> {
         let result = self.fwd.forward_batch(&mut self.kv, &inputs);
         drop(inputs);
         match result {
-            Ok(l) => {
-                self.logits.clear();
-                self.logits.extend_from_slice(l);
+            Ok(_) => {
+                // Keep the step's logits (its first rows; the buffer may be longer) without a copy.
+                self.fwd.swap_logits(&mut self.logits);
             }
             Err(e) => {
-                let groups: Vec<u64> = self.running.iter().zip(plan).filter(|(_, &l)| l > 0).map(|(s, _)| s.group).collect();
+                let groups: Vec<u64> = self
+                    .running
+                    .iter()
+                    .zip(plan)
+                    .filter(|(_, &l)| l > 0)
+                    .map(|(s, _)| s.group)
+                    .collect();
                 for g in groups {
                     self.fail_group(g, Error::new(ErrorKind::Model(e.to_string())));
                 }
@@ -506,7 +623,9 @@ impl State<'_> {
             let s = &mut self.running[i];
             let first_row = batch_row;
             batch_row += len;
-            let Some(g) = self.groups.get_mut(&s.group) else { continue };
+            let Some(g) = self.groups.get_mut(&s.group) else {
+                continue;
+            };
             let start = s.n_computed;
             s.n_computed += len;
             let np = g.usage.prompt_tokens;
@@ -516,7 +635,10 @@ impl State<'_> {
                     s.embed_sum = vec![0.0; self.n_embd];
                 }
                 // Token by token, in order: the sum does not depend on how prefill was chunked.
-                for h in self.fwd.hidden()[hidden_row * self.n_embd..(hidden_row + len) * self.n_embd].chunks_exact(self.n_embd) {
+                for h in self.fwd.hidden()
+                    [hidden_row * self.n_embd..(hidden_row + len) * self.n_embd]
+                    .chunks_exact(self.n_embd)
+                {
                     s.embed_sum.iter_mut().zip(h).for_each(|(a, b)| *a += b);
                 }
                 hidden_row += len;
@@ -540,21 +662,32 @@ impl State<'_> {
                 let n = s.tokens.len();
                 let (d, ff, nv) = (self.n_embd, self.n_ff, self.n_vocab);
                 let out = s.captured.get_or_insert_with(|| Captured {
-                    cap: Capture { layer: spec.layer, act: vec![0.0; n * ff], resid: vec![0.0; n * d], down: vec![0.0; n * d], last: vec![0.0; n * d] },
+                    cap: Capture {
+                        layer: spec.layer,
+                        act: vec![0.0; n * ff],
+                        resid: vec![0.0; n * d],
+                        down: vec![0.0; n * d],
+                        last: vec![0.0; n * d],
+                    },
                     logits: Vec::with_capacity((n - spec.from) * nv),
                 });
                 let lo = start.max(spec.from);
                 if let Some(c) = self.fwd.captured(spec.layer) {
                     for p in lo..s.n_computed {
                         let r = first_row + p - start;
-                        out.cap.act[p * ff..(p + 1) * ff].copy_from_slice(&c.act[r * ff..(r + 1) * ff]);
-                        out.cap.resid[p * d..(p + 1) * d].copy_from_slice(&c.resid[r * d..(r + 1) * d]);
-                        out.cap.down[p * d..(p + 1) * d].copy_from_slice(&c.down[r * d..(r + 1) * d]);
-                        out.cap.last[p * d..(p + 1) * d].copy_from_slice(&c.last[r * d..(r + 1) * d]);
+                        out.cap.act[p * ff..(p + 1) * ff]
+                            .copy_from_slice(&c.act[r * ff..(r + 1) * ff]);
+                        out.cap.resid[p * d..(p + 1) * d]
+                            .copy_from_slice(&c.resid[r * d..(r + 1) * d]);
+                        out.cap.down[p * d..(p + 1) * d]
+                            .copy_from_slice(&c.down[r * d..(r + 1) * d]);
+                        out.cap.last[p * d..(p + 1) * d]
+                            .copy_from_slice(&c.last[r * d..(r + 1) * d]);
                     }
                 }
                 let rows = s.n_computed.saturating_sub(lo);
-                out.logits.extend_from_slice(&self.logits[row * nv..(row + rows) * nv]);
+                out.logits
+                    .extend_from_slice(&self.logits[row * nv..(row + rows) * nv]);
                 row += rows;
                 if s.n_computed == n {
                     if let Some(c) = s.captured.take() {
@@ -571,7 +704,15 @@ impl State<'_> {
                 let lo = start.max(spec.from);
                 if let Some(c) = self.fwd.captured(spec.layer).filter(|_| s.n_computed > lo) {
                     let (d, ff) = (self.n_embd, self.n_ff);
-                    let k = s.kept.get_or_insert_with(|| Kept { from: spec.from, rows: 0, logprobs: Vec::new(), cap: Capture { layer: spec.layer, ..Capture::default() } });
+                    let k = s.kept.get_or_insert_with(|| Kept {
+                        from: spec.from,
+                        rows: 0,
+                        logprobs: Vec::new(),
+                        cap: Capture {
+                            layer: spec.layer,
+                            ..Capture::default()
+                        },
+                    });
                     let (r0, r1) = (first_row + lo - start, first_row + s.n_computed - start);
                     k.cap.act.extend_from_slice(&c.act[r0 * ff..r1 * ff]);
                     k.cap.resid.extend_from_slice(&c.resid[r0 * d..r1 * d]);
@@ -590,7 +731,9 @@ impl State<'_> {
                 for k in 1..g.req.n {
                     let mut sampling = g.req.sampling.clone();
                     sampling.seed = sampling.seed.map(|x| x.wrapping_add(k as u64));
-                    let Ok(sampler) = Sampler::new(sampling) else { continue };
+                    let Ok(sampler) = Sampler::new(sampling) else {
+                        continue;
+                    };
                     self.next_seq += 1;
                     if !self.mgr.fork(s.id, self.next_seq) {
                         continue;
@@ -660,7 +803,9 @@ impl State<'_> {
     fn sample(&mut self, i: usize, r: usize) -> bool {
         let nv = self.n_vocab;
         let s = &mut self.running[i];
-        let Some(g) = self.groups.get_mut(&s.group) else { return true };
+        let Some(g) = self.groups.get_mut(&s.group) else {
+            return true;
+        };
         let row = &self.logits[r * nv..(r + 1) * nv];
         self.scratch.clear();
         self.scratch.extend_from_slice(row);
@@ -682,11 +827,19 @@ impl State<'_> {
         };
         if !g.req.ignore_eos && self.tok.is_eog(next) {
             let tail = flush(s);
-            send(g, Event::Finished { index: s.index, reason: FinishReason::Stop, text: tail });
+            send(
+                g,
+                Event::Finished {
+                    index: s.index,
+                    reason: FinishReason::Stop,
+                    text: tail,
+                },
+            );
             return true;
         }
         if g.req.keep.is_some() {
-            s.kept_logprobs.push(ruvllm_kernels::ops::token_logprob(row, next as usize));
+            s.kept_logprobs
+                .push(ruvllm_kernels::ops::token_logprob(row, next as usize));
         }
         s.tokens.push(next);
         s.generated += 1;
@@ -698,14 +851,36 @@ impl State<'_> {
             Err(_) => String::new(),
         };
         let (text, hit) = s.stops.push(&piece);
-        send(g, Event::Token { index: s.index, token: next, text, logprob });
+        send(
+            g,
+            Event::Token {
+                index: s.index,
+                token: next,
+                text,
+                logprob,
+            },
+        );
         if hit {
-            send(g, Event::Finished { index: s.index, reason: FinishReason::Stop, text: String::new() });
+            send(
+                g,
+                Event::Finished {
+                    index: s.index,
+                    reason: FinishReason::Stop,
+                    text: String::new(),
+                },
+            );
             return true;
         }
         if s.generated >= g.req.max_tokens || s.tokens.len() >= self.cfg.n_ctx {
             let tail = flush(s);
-            send(g, Event::Finished { index: s.index, reason: FinishReason::Length, text: tail });
+            send(
+                g,
+                Event::Finished {
+                    index: s.index,
+                    reason: FinishReason::Length,
+                    text: tail,
+                },
+            );
             return true;
         }
         false
@@ -747,7 +922,12 @@ impl State<'_> {
         let mut running: Vec<u64> = self.running.iter().map(|s| s.group).collect();
         running.sort_unstable();
         running.dedup();
-        let mut waiting: Vec<u64> = self.waiting.iter().map(|s| s.group).filter(|g| running.binary_search(g).is_err()).collect();
+        let mut waiting: Vec<u64> = self
+            .waiting
+            .iter()
+            .map(|s| s.group)
+            .filter(|g| running.binary_search(g).is_err())
+            .collect();
         waiting.sort_unstable();
         waiting.dedup();
         m.s.requests_running = running.len();
@@ -782,7 +962,12 @@ fn flush(s: &mut Seq) -> String {
 /// ln p(token) under softmax(`row`) and the `k` most likely tokens.
 fn logprobs(row: &[f32], token: u32, k: usize) -> Logprob {
     let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lse = mx + row.iter().map(|&l| ((l - mx) as f64).exp()).sum::<f64>().ln() as f32;
+    let lse = mx
+        + row
+            .iter()
+            .map(|&l| ((l - mx) as f64).exp())
+            .sum::<f64>()
+            .ln() as f32;
     let lp = |t: u32| row.get(t as usize).map_or(f32::NEG_INFINITY, |&l| l - lse);
     let mut top: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
     if k > 0 {
@@ -794,7 +979,10 @@ fn logprobs(row: &[f32], token: u32, k: usize) -> Logprob {
             }
         }
     }
-    Logprob { logprob: lp(token), top: top.into_iter().map(|(t, l)| (t, l - lse)).collect() }
+    Logprob {
+        logprob: lp(token),
+        top: top.into_iter().map(|(t, l)| (t, l - lse)).collect(),
+    }
 }
 
 #[cfg(test)]

@@ -96,10 +96,19 @@ impl fmt::Display for Error {
         use ErrorKind::*;
         match &self.kind {
             Io(e) => write!(f, "cannot read GGUF file: {e}"),
-            BadMagic(m) => write!(f, "not a GGUF file (magic bytes {m:02x?}, expected \"GGUF\")"),
+            BadMagic(m) => write!(
+                f,
+                "not a GGUF file (magic bytes {m:02x?}, expected \"GGUF\")"
+            ),
             UnsupportedVersion(v) => write!(f, "unsupported GGUF version {v} (supported: 2, 3)"),
-            Truncated { what, offset } => write!(f, "GGUF file truncated while reading {what} at byte {offset}"),
-            CountTooLarge { what, count } => write!(f, "GGUF {what} count {count} exceeds what the file can hold"),
+            Truncated { what, offset } => write!(
+                f,
+                "GGUF file truncated while reading {what} at byte {offset}"
+            ),
+            CountTooLarge { what, count } => write!(
+                f,
+                "GGUF {what} count {count} exceeds what the file can hold"
+            ),
             InvalidUtf8 { offset } => write!(f, "GGUF string at byte {offset} is not valid UTF-8"),
             UnknownValueType(t) => write!(f, "unknown GGUF metadata value type {t}"),
             NestingTooDeep => write!(f, "GGUF metadata arrays nested too deeply"),
@@ -198,10 +207,17 @@ impl Value {
     /// A short rendering for `ruvllm info`: arrays are summarised by length.
     pub fn summary(&self) -> String {
         match self {
-            Value::String(s) if s.len() > 80 => format!("{:?}… ({} bytes)", &s[..s.floor_char_boundary_compat(80)], s.len()),
+            Value::String(s) if s.len() > 80 => format!(
+                "{:?}… ({} bytes)",
+                &s[..s.floor_char_boundary_compat(80)],
+                s.len()
+            ),
             Value::String(s) => format!("{s:?}"),
             Value::Array(a) if a.len() > 8 => format!("[{} items]", a.len()),
-            Value::Array(a) => format!("[{}]", a.iter().map(Value::summary).collect::<Vec<_>>().join(", ")),
+            Value::Array(a) => format!(
+                "[{}]",
+                a.iter().map(Value::summary).collect::<Vec<_>>().join(", ")
+            ),
             Value::U8(v) => v.to_string(),
             Value::I8(v) => v.to_string(),
             Value::U16(v) => v.to_string(),
@@ -306,7 +322,10 @@ impl GgufFile {
     }
 
     fn parse(bytes: Bytes) -> Result<GgufFile, Error> {
-        let mut c = Cursor { buf: &bytes, pos: 0 };
+        let mut c = Cursor {
+            buf: &bytes,
+            pos: 0,
+        };
         let magic = c.array4("magic")?;
         if &magic != b"GGUF" {
             return err(ErrorKind::BadMagic(magic));
@@ -351,7 +370,10 @@ impl GgufFile {
             let name = c.string("tensor name")?;
             let n_dims = c.u32("tensor dimension count")?;
             if n_dims == 0 || n_dims > MAX_DIMS {
-                return err(ErrorKind::BadTensor { name, reason: format!("{n_dims} dimensions (1..=4 allowed)") });
+                return err(ErrorKind::BadTensor {
+                    name,
+                    reason: format!("{n_dims} dimensions (1..=4 allowed)"),
+                });
             }
             let mut dims = Vec::with_capacity(n_dims as usize);
             for _ in 0..n_dims {
@@ -360,7 +382,12 @@ impl GgufFile {
             let type_id = c.u32("tensor type")?;
             let ggml_type = GgmlType::from_id(type_id)?;
             let offset = c.u64("tensor offset")?;
-            let bad = |reason: String| Error::new(ErrorKind::BadTensor { name: name.clone(), reason });
+            let bad = |reason: String| {
+                Error::new(ErrorKind::BadTensor {
+                    name: name.clone(),
+                    reason,
+                })
+            };
             let n_elements = dims
                 .iter()
                 .try_fold(1u64, |acc, &d| acc.checked_mul(d))
@@ -368,25 +395,40 @@ impl GgufFile {
             if dims.iter().any(|&d| d == 0) {
                 return Err(bad("a dimension is zero".into()));
             }
-            let row = ggml_type
-                .row_bytes(dims[0])
-                .ok_or_else(|| bad(format!("row length {} is not a multiple of the {} block size {}", dims[0], ggml_type, ggml_type.block_size())))?;
+            let row = ggml_type.row_bytes(dims[0]).ok_or_else(|| {
+                bad(format!(
+                    "row length {} is not a multiple of the {} block size {}",
+                    dims[0],
+                    ggml_type,
+                    ggml_type.block_size()
+                ))
+            })?;
             let size = row
                 .checked_mul(n_elements / dims[0])
                 .ok_or_else(|| bad("byte size overflows".into()))?;
             if offset % alignment != 0 {
-                return Err(bad(format!("offset {offset} is not aligned to {alignment}")));
+                return Err(bad(format!(
+                    "offset {offset} is not aligned to {alignment}"
+                )));
             }
             if tensor_index.insert(name.clone(), tensors.len()).is_some() {
                 return err(ErrorKind::Duplicate(name));
             }
-            tensors.push(TensorInfo { name, dims, ggml_type, offset, size });
+            tensors.push(TensorInfo {
+                name,
+                dims,
+                ggml_type,
+                offset,
+                size,
+            });
         }
 
         let data_offset = (c.pos as u64).div_ceil(alignment) * alignment;
         let file_len = bytes.len() as u64;
         for t in &tensors {
-            let end = data_offset.checked_add(t.offset).and_then(|s| s.checked_add(t.size));
+            let end = data_offset
+                .checked_add(t.offset)
+                .and_then(|s| s.checked_add(t.size));
             match end {
                 Some(end) if end <= file_len => {}
                 _ => {
@@ -398,7 +440,16 @@ impl GgufFile {
             }
         }
 
-        Ok(GgufFile { bytes, version, metadata, meta_index, tensors, tensor_index, data_offset, alignment })
+        Ok(GgufFile {
+            bytes,
+            version,
+            metadata,
+            meta_index,
+            tensors,
+            tensor_index,
+            data_offset,
+            alignment,
+        })
     }
 
     /// All metadata in file order.
@@ -413,20 +464,41 @@ impl GgufFile {
 
     /// A required unsigned integer.
     pub fn get_u64(&self, key: &str) -> Result<u64, Error> {
-        let v = self.get(key).ok_or_else(|| Error::new(ErrorKind::MissingKey(key.into())))?;
-        v.as_u64().ok_or_else(|| Error::new(ErrorKind::WrongType { key: key.into(), expected: "an unsigned integer" }))
+        let v = self
+            .get(key)
+            .ok_or_else(|| Error::new(ErrorKind::MissingKey(key.into())))?;
+        v.as_u64().ok_or_else(|| {
+            Error::new(ErrorKind::WrongType {
+                key: key.into(),
+                expected: "an unsigned integer",
+            })
+        })
     }
 
     /// A required float.
     pub fn get_f64(&self, key: &str) -> Result<f64, Error> {
-        let v = self.get(key).ok_or_else(|| Error::new(ErrorKind::MissingKey(key.into())))?;
-        v.as_f64().ok_or_else(|| Error::new(ErrorKind::WrongType { key: key.into(), expected: "a number" }))
+        let v = self
+            .get(key)
+            .ok_or_else(|| Error::new(ErrorKind::MissingKey(key.into())))?;
+        v.as_f64().ok_or_else(|| {
+            Error::new(ErrorKind::WrongType {
+                key: key.into(),
+                expected: "a number",
+            })
+        })
     }
 
     /// A required string.
     pub fn get_str(&self, key: &str) -> Result<&str, Error> {
-        let v = self.get(key).ok_or_else(|| Error::new(ErrorKind::MissingKey(key.into())))?;
-        v.as_str().ok_or_else(|| Error::new(ErrorKind::WrongType { key: key.into(), expected: "a string" }))
+        let v = self
+            .get(key)
+            .ok_or_else(|| Error::new(ErrorKind::MissingKey(key.into())))?;
+        v.as_str().ok_or_else(|| {
+            Error::new(ErrorKind::WrongType {
+                key: key.into(),
+                expected: "a string",
+            })
+        })
     }
 
     /// The tensor directory in file order.
@@ -455,7 +527,9 @@ impl GgufFile {
 
     /// Like [`GgufFile::release_tensor_pages`] for bytes `from..to` of a tensor's data.
     pub fn release_tensor_range(&self, info: &TensorInfo, from: usize, to: usize) {
-        let Bytes::Mapped(map) = &self.bytes else { return };
+        let Bytes::Mapped(map) = &self.bytes else {
+            return;
+        };
         const PAGE: usize = 4096;
         let base = (self.data_offset + info.offset) as usize;
         let start = base + from.min(info.size as usize);
@@ -466,7 +540,9 @@ impl GgufFile {
             // pages, which the kernel re-reads from the file on the next access; no byte any
             // slice of the map refers to changes value. The range is page-aligned and inside
             // the map.
-            let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, first, last - first) };
+            let _ = unsafe {
+                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, first, last - first)
+            };
         }
     }
 
@@ -496,7 +572,10 @@ impl<'a> Cursor<'a> {
                 self.pos = end;
                 Ok(s)
             }
-            None => err(ErrorKind::Truncated { what, offset: self.pos as u64 }),
+            None => err(ErrorKind::Truncated {
+                what,
+                offset: self.pos as u64,
+            }),
         }
     }
     fn array4(&mut self, what: &'static str) -> Result<[u8; 4], Error> {
@@ -518,7 +597,12 @@ impl<'a> Cursor<'a> {
     fn remaining(&self) -> u64 {
         (self.buf.len() - self.pos) as u64
     }
-    fn check_count(&self, what: &'static str, count: u64, min_bytes_each: u64) -> Result<(), Error> {
+    fn check_count(
+        &self,
+        what: &'static str,
+        count: u64,
+        min_bytes_each: u64,
+    ) -> Result<(), Error> {
         if count.saturating_mul(min_bytes_each) > self.remaining() {
             return err(ErrorKind::CountTooLarge { what, count });
         }
@@ -531,7 +615,9 @@ impl<'a> Cursor<'a> {
         }
         let offset = self.pos as u64;
         let bytes = self.take(len as usize, what)?;
-        std::str::from_utf8(bytes).map(str::to_owned).map_err(|_| Error::new(ErrorKind::InvalidUtf8 { offset }))
+        std::str::from_utf8(bytes)
+            .map(str::to_owned)
+            .map_err(|_| Error::new(ErrorKind::InvalidUtf8 { offset }))
     }
     fn value(&mut self, ty: u32, depth: usize) -> Result<Value, Error> {
         let what = "metadata value";

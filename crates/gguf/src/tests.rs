@@ -5,8 +5,14 @@ fn sample() -> Vec<u8> {
     let mut w = GgufWriter::new();
     w.meta("general.architecture", Value::String("llama".into()))
         .meta("llama.block_count", Value::U32(2))
-        .meta("tokenizer.ggml.tokens", Value::Array(vec![Value::String("a".into()), Value::String("b".into())]))
-        .meta("nested", Value::Array(vec![Value::Array(vec![Value::I32(-1)])]))
+        .meta(
+            "tokenizer.ggml.tokens",
+            Value::Array(vec![Value::String("a".into()), Value::String("b".into())]),
+        )
+        .meta(
+            "nested",
+            Value::Array(vec![Value::Array(vec![Value::I32(-1)])]),
+        )
         .tensor("w", &[32, 2], GgmlType::F32, vec![0u8; 32 * 2 * 4])
         .tensor("q", &[32], GgmlType::Q8_0, vec![1u8; 34]);
     w.to_bytes()
@@ -25,13 +31,26 @@ fn parses_a_valid_file() {
     assert_eq!(f.version, 3);
     assert_eq!(f.get_str("general.architecture").unwrap(), "llama");
     assert_eq!(f.get_u64("llama.block_count").unwrap(), 2);
-    assert_eq!(f.get("tokenizer.ggml.tokens").unwrap().as_array().unwrap().len(), 2);
+    assert_eq!(
+        f.get("tokenizer.ggml.tokens")
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
     let q = f.tensor_info("q").unwrap();
     assert_eq!(q.ggml_type, GgmlType::Q8_0);
     assert_eq!(f.tensor_data(q), &[1u8; 34][..]);
     assert_eq!(f.tensor_info("w").unwrap().n_rows(), 2);
-    assert!(matches!(f.get_u64("missing").unwrap_err().kind, ErrorKind::MissingKey(_)));
-    assert!(matches!(f.get_u64("general.architecture").unwrap_err().kind, ErrorKind::WrongType { .. }));
+    assert!(matches!(
+        f.get_u64("missing").unwrap_err().kind,
+        ErrorKind::MissingKey(_)
+    ));
+    assert!(matches!(
+        f.get_u64("general.architecture").unwrap_err().kind,
+        ErrorKind::WrongType { .. }
+    ));
 }
 
 #[test]
@@ -42,7 +61,12 @@ fn every_truncation_is_a_typed_error() {
         // cutting into the data is a tensor running past the end.
         let e = kind(full[..len].to_vec());
         assert!(
-            matches!(e, ErrorKind::Truncated { .. } | ErrorKind::CountTooLarge { .. } | ErrorKind::BadTensor { .. }),
+            matches!(
+                e,
+                ErrorKind::Truncated { .. }
+                    | ErrorKind::CountTooLarge { .. }
+                    | ErrorKind::BadTensor { .. }
+            ),
             "len {len}: {e:?}"
         );
     }
@@ -102,13 +126,22 @@ fn invalid_utf8_unknown_types_and_bad_offsets() {
     assert!(matches!(kind(b), ErrorKind::BadTensor { .. }));
     let mut b = sample();
     b[i + 16..i + 24].copy_from_slice(&(257u64).to_le_bytes());
-    assert!(matches!(kind(b), ErrorKind::BadTensor { .. }), "misaligned offset");
+    assert!(
+        matches!(kind(b), ErrorKind::BadTensor { .. }),
+        "misaligned offset"
+    );
     let mut b = sample();
     b[i..i + 4].copy_from_slice(&7u32.to_le_bytes());
-    assert!(matches!(kind(b), ErrorKind::BadTensor { .. }), "too many dims");
+    assert!(
+        matches!(kind(b), ErrorKind::BadTensor { .. }),
+        "too many dims"
+    );
     let mut b = sample();
     b[i + 4..i + 12].copy_from_slice(&33u64.to_le_bytes());
-    assert!(matches!(kind(b), ErrorKind::BadTensor { .. }), "row not a block multiple");
+    assert!(
+        matches!(kind(b), ErrorKind::BadTensor { .. }),
+        "row not a block multiple"
+    );
 }
 
 #[test]
@@ -170,5 +203,8 @@ fn random_mutations_never_panic() {
             let _ = e.to_string();
         }
     }
-    assert!(errors > 1000, "mutations should mostly be rejected ({errors})");
+    assert!(
+        errors > 1000,
+        "mutations should mostly be rejected ({errors})"
+    );
 }

@@ -71,7 +71,8 @@ impl GgufWriter {
     }
     /// Adds a tensor; `data` must already be in the type's block layout.
     pub fn tensor(&mut self, name: &str, dims: &[u64], ty: GgmlType, data: Vec<u8>) -> &mut Self {
-        self.tensors.push((name.to_owned(), dims.to_vec(), ty, data));
+        self.tensors
+            .push((name.to_owned(), dims.to_vec(), ty, data));
         self
     }
     /// Serializes with 32-byte alignment.

@@ -30,11 +30,27 @@ fn matrix(ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
 
 fn main() {
     let filter: Option<String> = std::env::args().nth(1).filter(|a| !a.starts_with('-'));
-    let tiers: Vec<Tier> = [Tier::Scalar, Tier::Avx2, Tier::Avx512Vnni].into_iter().filter(|&t| t <= best_tier()).collect();
+    let tiers: Vec<Tier> = [Tier::Scalar, Tier::Avx2, Tier::Avx512Vnni]
+        .into_iter()
+        .filter(|&t| t <= best_tier())
+        .collect();
     println!("| type | tier | shape | batch | GB/s (weights) | GMAC/s |");
     println!("| --- | --- | --- | ---: | ---: | ---: |");
-    for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K, GgmlType::F16, GgmlType::F32] {
-        if filter.as_deref().is_some_and(|f| !ty.name().eq_ignore_ascii_case(f)) {
+    for ty in [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q8_0,
+        GgmlType::Q4_K,
+        GgmlType::Q5_K,
+        GgmlType::Q6_K,
+        GgmlType::F16,
+        GgmlType::F32,
+    ] {
+        if filter
+            .as_deref()
+            .is_some_and(|f| !ty.name().eq_ignore_ascii_case(f))
+        {
             continue;
         }
         for &(rows, cols) in &[(256usize, 1024usize), (16384, 4096)] {
@@ -43,7 +59,10 @@ fn main() {
             for &tier in &tiers {
                 let (dot, dot4) = dot_fns_for(ty, tier);
                 for batch in [1usize, 16] {
-                    let x: Vec<f32> = random_bytes(cols * batch, 9).iter().map(|&b| b as f32 / 255.0 - 0.5).collect();
+                    let x: Vec<f32> = random_bytes(cols * batch, 9)
+                        .iter()
+                        .map(|&b| b as f32 / 255.0 - 0.5)
+                        .collect();
                     let mut acts = QuantActs::default();
                     acts.quantize(ActFormat::for_weight(ty), &x, cols);
                     let run = || {
@@ -54,7 +73,15 @@ fn main() {
                                 s += dot(wr, acts.row(0));
                             } else {
                                 for t in (0..batch).step_by(4) {
-                                    s += dot4(wr, [acts.row(t), acts.row(t + 1), acts.row(t + 2), acts.row(t + 3)])[0];
+                                    s += dot4(
+                                        wr,
+                                        [
+                                            acts.row(t),
+                                            acts.row(t + 1),
+                                            acts.row(t + 2),
+                                            acts.row(t + 3),
+                                        ],
+                                    )[0];
                                 }
                             }
                         }

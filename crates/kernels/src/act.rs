@@ -104,12 +104,25 @@ impl QuantActs {
         self.reshape(format, x.len(), cols);
         match format {
             ActFormat::F32 => self.f.extend_from_slice(x),
-            _ => quantize_blocks(format, x, &mut self.qs, &mut self.d, &mut self.s, &mut self.bsums),
+            _ => quantize_blocks(
+                format,
+                x,
+                &mut self.qs,
+                &mut self.d,
+                &mut self.s,
+                &mut self.bsums,
+            ),
         }
     }
 
     /// Like [`QuantActs::quantize`], splitting the rows over the pool when there are several.
-    pub fn quantize_par(&mut self, pool: &crate::pool::ThreadPool, format: ActFormat, x: &[f32], cols: usize) {
+    pub fn quantize_par(
+        &mut self,
+        pool: &crate::pool::ThreadPool,
+        format: ActFormat,
+        x: &[f32],
+        cols: usize,
+    ) {
         let n_rows = x.len() / cols;
         if n_rows < 4 || format == ActFormat::F32 {
             return self.quantize(format, x, cols);
@@ -117,7 +130,12 @@ impl QuantActs {
         self.reshape(format, x.len(), cols);
         let bs = if format == ActFormat::Q8K { QK_K } else { 32 };
         let nb_row = cols / bs;
-        let (qs, d, s, bsums) = (crate::SyncPtr::new(&mut self.qs), crate::SyncPtr::new(&mut self.d), crate::SyncPtr::new(&mut self.s), crate::SyncPtr::new(&mut self.bsums));
+        let (qs, d, s, bsums) = (
+            crate::SyncPtr::new(&mut self.qs),
+            crate::SyncPtr::new(&mut self.d),
+            crate::SyncPtr::new(&mut self.s),
+            crate::SyncPtr::new(&mut self.bsums),
+        );
         let q8k = format == ActFormat::Q8K;
         pool.run(n_rows, &|r| {
             // SAFETY: row r's ranges of each buffer (sized by reshape) belong to this task alone;
@@ -126,8 +144,16 @@ impl QuantActs {
                 (
                     qs.slice(r * cols, cols),
                     d.slice(r * nb_row, nb_row),
-                    if q8k { s.slice(0, 0) } else { s.slice(r * nb_row, nb_row) },
-                    if q8k { bsums.slice(r * cols / 16, cols / 16) } else { bsums.slice(r * nb_row, nb_row) },
+                    if q8k {
+                        s.slice(0, 0)
+                    } else {
+                        s.slice(r * nb_row, nb_row)
+                    },
+                    if q8k {
+                        bsums.slice(r * cols / 16, cols / 16)
+                    } else {
+                        bsums.slice(r * nb_row, nb_row)
+                    },
                 )
             };
             quantize_blocks(format, &x[r * cols..(r + 1) * cols], q, dd, ss, b);
@@ -135,6 +161,7 @@ impl QuantActs {
     }
 
     /// Row `r` of the batch.
+    #[inline]
     pub fn row(&self, r: usize) -> ActRow<'_> {
         let c = self.cols;
         match self.format {
@@ -152,19 +179,36 @@ impl QuantActs {
                 bsums: &self.bsums[r * c / 16..(r + 1) * c / 16],
                 f: &[],
             },
-            _ => ActRow { qs: &[], d: &[], s: &[], bsums: &[], f: &self.f[r * c..(r + 1) * c] },
+            _ => ActRow {
+                qs: &[],
+                d: &[],
+                s: &[],
+                bsums: &[],
+                f: &self.f[r * c..(r + 1) * c],
+            },
         }
     }
 }
 
 /// Quantizes whole blocks of `x` into the quants, scales and sums of `format` (Q8x32 fills
 /// `s` and one integer sum per block in `bsums`, Q8K fills 16 partial sums per block).
-fn quantize_blocks(format: ActFormat, x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32], bsums: &mut [i16]) {
+fn quantize_blocks(
+    format: ActFormat,
+    x: &[f32],
+    q: &mut [i8],
+    d: &mut [f32],
+    s: &mut [f32],
+    bsums: &mut [i16],
+) {
     match format {
         ActFormat::Q8x32 => (q8x32_row())(x, q, d, s, bsums),
         ActFormat::Q8K => {
             for (i, xb) in x.chunks_exact(QK_K).enumerate() {
-                d[i] = quantize_q8k_block(xb, &mut q[QK_K * i..QK_K * (i + 1)], &mut bsums[16 * i..16 * (i + 1)]);
+                d[i] = quantize_q8k_block(
+                    xb,
+                    &mut q[QK_K * i..QK_K * (i + 1)],
+                    &mut bsums[16 * i..16 * (i + 1)],
+                );
             }
         }
         ActFormat::F32 => {}
@@ -174,7 +218,13 @@ fn quantize_blocks(format: ActFormat, x: &[f32], q: &mut [i8], d: &mut [f32], s:
 /// Quantizes a row (`x.len()` a multiple of 32) into blocks of [`quantize_q8_block`]:
 /// quants `q`, scales `d`, scaled sums `s` and quant sums `bsums`. The scalar twin of the
 /// AVX2 kernel [`q8x32_row`] picks.
-pub fn quantize_q8x32_row_scalar(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32], bsums: &mut [i16]) {
+pub fn quantize_q8x32_row_scalar(
+    x: &[f32],
+    q: &mut [i8],
+    d: &mut [f32],
+    s: &mut [f32],
+    bsums: &mut [i16],
+) {
     for (i, xb) in x.chunks_exact(32).enumerate() {
         let qb = &mut q[32 * i..32 * i + 32];
         (d[i], s[i]) = quantize_q8_block(xb, qb);
@@ -207,15 +257,29 @@ mod x86 {
     /// # Safety
     /// AVX2. Lengths: `q` ≥ `x`, `d`, `s`, `bsums` ≥ `x.len() / 32` (asserted).
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn q8x32_row(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32], bsums: &mut [i16]) {
+    pub(super) unsafe fn q8x32_row(
+        x: &[f32],
+        q: &mut [i8],
+        d: &mut [f32],
+        s: &mut [f32],
+        bsums: &mut [i16],
+    ) {
         let nb = x.len() / 32;
-        assert!(q.len() >= nb * 32 && d.len() >= nb && s.len() >= nb && bsums.len() >= nb, "q8x32_row: buffers too short");
+        assert!(
+            q.len() >= nb * 32 && d.len() >= nb && s.len() >= nb && bsums.len() >= nb,
+            "q8x32_row: buffers too short"
+        );
         let sign = _mm256_set1_ps(-0.0);
         for i in 0..nb {
             // SAFETY: block i's 32 values and 32 quants are inside x and q (asserted above).
             unsafe {
                 let p = x.as_ptr().add(32 * i);
-                let v = [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))];
+                let v = [
+                    _mm256_loadu_ps(p),
+                    _mm256_loadu_ps(p.add(8)),
+                    _mm256_loadu_ps(p.add(16)),
+                    _mm256_loadu_ps(p.add(24)),
+                ];
                 let a = v.map(|vk| _mm256_andnot_ps(sign, vk));
                 let m = _mm256_max_ps(_mm256_max_ps(a[0], a[1]), _mm256_max_ps(a[2], a[3]));
                 let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
@@ -224,14 +288,22 @@ mod x86 {
                 let dd = amax / 127.0;
                 let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
                 let r = v.map(|vk| _mm256_cvtps_epi32(_mm256_mul_ps(vk, id)));
-                let sum = _mm256_add_epi32(_mm256_add_epi32(r[0], r[1]), _mm256_add_epi32(r[2], r[3]));
-                let sum = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+                let sum =
+                    _mm256_add_epi32(_mm256_add_epi32(r[0], r[1]), _mm256_add_epi32(r[2], r[3]));
+                let sum = _mm_add_epi32(
+                    _mm256_castsi256_si128(sum),
+                    _mm256_extracti128_si256(sum, 1),
+                );
                 let sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0b01_00_11_10));
-                let total = _mm_cvtsi128_si32(_mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0b10_11_00_01)));
+                let total =
+                    _mm_cvtsi128_si32(_mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0b10_11_00_01)));
                 // i32 → i16 → i8 packs work per 128-bit lane; the permute restores the order.
                 let w01 = _mm256_packs_epi32(r[0], r[1]);
                 let w23 = _mm256_packs_epi32(r[2], r[3]);
-                let b = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w01, w23), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+                let b = _mm256_permutevar8x32_epi32(
+                    _mm256_packs_epi16(w01, w23),
+                    _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7),
+                );
                 _mm256_storeu_si256(q.as_mut_ptr().add(32 * i) as *mut __m256i, b);
                 d[i] = super::round_f16(dd);
                 s[i] = super::round_f16(dd * total as f32);
@@ -297,19 +369,42 @@ mod tests {
     /// sums), on rows with ties at .5 steps, zeros, one huge value and random values.
     #[test]
     fn q8x32_row_matches_its_scalar_twin() {
-        let mut rows: Vec<Vec<f32>> = vec![vec![0.0; 64], (0..96).map(|i| (i as f32 - 40.0) * 0.5).collect()];
-        rows.push((0..64).map(|i| if i == 17 { 3e4 } else { (i as f32).sin() }).collect());
-        rows.push(crate::test_util::bytes(4096, 5).iter().map(|&b| (b as f32 - 127.5) / 9.0).collect());
+        let mut rows: Vec<Vec<f32>> = vec![
+            vec![0.0; 64],
+            (0..96).map(|i| (i as f32 - 40.0) * 0.5).collect(),
+        ];
+        rows.push(
+            (0..64)
+                .map(|i| if i == 17 { 3e4 } else { (i as f32).sin() })
+                .collect(),
+        );
+        rows.push(
+            crate::test_util::bytes(4096, 5)
+                .iter()
+                .map(|&b| (b as f32 - 127.5) / 9.0)
+                .collect(),
+        );
         for x in rows {
             let nb = x.len() / 32;
-            let (mut q1, mut d1, mut s1, mut b1) = (vec![0i8; x.len()], vec![0f32; nb], vec![0f32; nb], vec![0i16; nb]);
+            let (mut q1, mut d1, mut s1, mut b1) = (
+                vec![0i8; x.len()],
+                vec![0f32; nb],
+                vec![0f32; nb],
+                vec![0i16; nb],
+            );
             let (mut q2, mut d2, mut s2, mut b2) = (q1.clone(), d1.clone(), s1.clone(), b1.clone());
             (q8x32_row())(&x, &mut q1, &mut d1, &mut s1, &mut b1);
             quantize_q8x32_row_scalar(&x, &mut q2, &mut d2, &mut s2, &mut b2);
             assert_eq!(q1, q2);
             assert_eq!(b1, b2);
-            assert_eq!(d1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), d2.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
-            assert_eq!(s1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), s2.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+            assert_eq!(
+                d1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                d2.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
+            assert_eq!(
+                s1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                s2.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
         }
     }
 
@@ -339,7 +434,9 @@ mod tests {
     #[test]
     fn parallel_quantization_equals_serial() {
         let pool = crate::pool::ThreadPool::new(2);
-        let x: Vec<f32> = (0..8 * 512).map(|i| ((i * 7919) % 1000) as f32 / 77.0 - 6.0).collect();
+        let x: Vec<f32> = (0..8 * 512)
+            .map(|i| ((i * 7919) % 1000) as f32 / 77.0 - 6.0)
+            .collect();
         for fmt in [ActFormat::Q8x32, ActFormat::Q8K] {
             let (mut a, mut b) = (QuantActs::default(), QuantActs::default());
             a.quantize(fmt, &x, 512);

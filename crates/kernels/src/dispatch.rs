@@ -22,7 +22,9 @@ pub enum Tier {
 fn detect() -> Tier {
     #[cfg(target_arch = "x86_64")]
     {
-        let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
+        let avx2 = is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c");
         let avx512 = avx2
             && is_x86_feature_detected!("avx512f")
             && is_x86_feature_detected!("avx512bw")
@@ -70,7 +72,8 @@ pub type Dot4Fn = fn(&[u8], [ActRow<'_>; 4]) -> [f32; 4];
 /// `out` must point to at least `acts.n_rows × ld` floats that no one else writes at those
 /// `(t, r)` positions meanwhile, and the CPU must support the tier the function came from
 /// (guaranteed for functions obtained from [`kernels`] / [`kernels_for`]).
-pub type RowsFn = unsafe fn(&[u8], usize, usize, usize, &crate::act::QuantActs, crate::SyncPtr<f32>, usize);
+pub type RowsFn =
+    unsafe fn(&[u8], usize, usize, usize, &crate::act::QuantActs, crate::SyncPtr<f32>, usize);
 
 /// The kernels for one weight type at one tier.
 #[derive(Clone, Copy)]
@@ -93,7 +96,11 @@ pub fn kernels_for(ty: GgmlType, tier: Tier) -> Kernels {
     let tier = tier.min(best_tier());
     crate::simd::select(ty, tier).unwrap_or_else(|| {
         let (dot, dot4) = scalar_fns(ty);
-        Kernels { dot, dot4, rows: None }
+        Kernels {
+            dot,
+            dot4,
+            rows: None,
+        }
     })
 }
 
@@ -124,7 +131,10 @@ fn scalar_fns(ty: GgmlType) -> (DotFn, Dot4Fn) {
     use GgmlType::*;
     macro_rules! f {
         ($t:expr) => {
-            (|w, a| crate::dot::dot_scalar($t, w, a), |w, a: [ActRow<'_>; 4]| a.map(|r| crate::dot::dot_scalar($t, w, r)))
+            (
+                |w, a| crate::dot::dot_scalar($t, w, a),
+                |w, a: [ActRow<'_>; 4]| a.map(|r| crate::dot::dot_scalar($t, w, r)),
+            )
         };
     }
     match ty {

@@ -23,14 +23,25 @@ pub fn dot_scalar(ty: GgmlType, w: &[u8], a: ActRow<'_>) -> f32 {
         Q4_K => q4_k(w, a),
         Q5_K => q5_k(w, a),
         Q6_K => q6_k(w, a),
-        F32 => w.chunks_exact(4).zip(a.f).map(|(b, x)| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) * x).sum(),
-        F16 => a.f.iter().enumerate().map(|(i, x)| f16_at(w, 2 * i) * x).sum(),
-        BF16 => a
-            .f
-            .iter()
-            .enumerate()
-            .map(|(i, x)| half::bf16::from_bits(u16::from_le_bytes([w[2 * i], w[2 * i + 1]])).to_f32() * x)
+        F32 => w
+            .chunks_exact(4)
+            .zip(a.f)
+            .map(|(b, x)| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) * x)
             .sum(),
+        F16 => {
+            a.f.iter()
+                .enumerate()
+                .map(|(i, x)| f16_at(w, 2 * i) * x)
+                .sum()
+        }
+        BF16 => {
+            a.f.iter()
+                .enumerate()
+                .map(|(i, x)| {
+                    half::bf16::from_bits(u16::from_le_bytes([w[2 * i], w[2 * i + 1]])).to_f32() * x
+                })
+                .sum()
+        }
         _ => 0.0,
     }
 }
@@ -41,7 +52,8 @@ fn q4_0(w: &[u8], a: ActRow<'_>) -> f32 {
         let q8 = &a.qs[32 * i..32 * i + 32];
         let mut isum = 0i32;
         for j in 0..16 {
-            isum += ((b[2 + j] & 0xF) as i32 - 8) * q8[j] as i32 + ((b[2 + j] >> 4) as i32 - 8) * q8[j + 16] as i32;
+            isum += ((b[2 + j] & 0xF) as i32 - 8) * q8[j] as i32
+                + ((b[2 + j] >> 4) as i32 - 8) * q8[j + 16] as i32;
         }
         sum += isum as f32 * (f16_at(b, 0) * a.d[i]);
     }
@@ -54,7 +66,8 @@ fn q4_1(w: &[u8], a: ActRow<'_>) -> f32 {
         let q8 = &a.qs[32 * i..32 * i + 32];
         let mut isum = 0i32;
         for j in 0..16 {
-            isum += (b[4 + j] & 0xF) as i32 * q8[j] as i32 + (b[4 + j] >> 4) as i32 * q8[j + 16] as i32;
+            isum +=
+                (b[4 + j] & 0xF) as i32 * q8[j] as i32 + (b[4 + j] >> 4) as i32 * q8[j + 16] as i32;
         }
         sum += isum as f32 * (f16_at(b, 0) * a.d[i]) + f16_at(b, 2) * a.s[i];
     }
@@ -138,7 +151,8 @@ fn q3_k(w: &[u8], a: ActRow<'_>) -> f32 {
                     let mut acc = 0i32;
                     for l in 0..16 {
                         let li = 16 * half + l;
-                        let q = ((qs[32 * n + li] >> (2 * j)) & 3) as i32 - if hm[li] & m != 0 { 0 } else { 4 };
+                        let q = ((qs[32 * n + li] >> (2 * j)) & 3) as i32
+                            - if hm[li] & m != 0 { 0 } else { 4 };
                         acc += q * q8[128 * n + 32 * j + li] as i32;
                     }
                     isum += sc[8 * n + 2 * j + half] as i32 * acc;
@@ -165,7 +179,11 @@ fn k_quant_4_5(w: &[u8], a: ActRow<'_>, is5: bool) -> f32 {
         let q8 = &a.qs[QK_K * i..QK_K * (i + 1)];
         let bs = &a.bsums[16 * i..16 * (i + 1)];
         let sc = &b[4..16];
-        let (qh, ql) = if is5 { (&b[16..48], &b[48..176]) } else { (&b[0..0], &b[16..144]) };
+        let (qh, ql) = if is5 {
+            (&b[16..48], &b[48..176])
+        } else {
+            (&b[0..0], &b[16..144])
+        };
         let mut isum = 0i32;
         let mut msum = 0i32;
         for j in 0..4 {
@@ -183,7 +201,8 @@ fn k_quant_4_5(w: &[u8], a: ActRow<'_>, is5: bool) -> f32 {
                 a2 += hi * q8[64 * j + 32 + l] as i32;
             }
             isum += s1 as i32 * a1 + s2 as i32 * a2;
-            msum += m1 as i32 * (bs[4 * j] as i32 + bs[4 * j + 1] as i32) + m2 as i32 * (bs[4 * j + 2] as i32 + bs[4 * j + 3] as i32);
+            msum += m1 as i32 * (bs[4 * j] as i32 + bs[4 * j + 1] as i32)
+                + m2 as i32 * (bs[4 * j + 2] as i32 + bs[4 * j + 3] as i32);
         }
         sum += a.d[i] * f16_at(b, 0) * isum as f32 - a.d[i] * f16_at(b, 2) * msum as f32;
     }
@@ -236,22 +255,35 @@ mod tests {
         for ty in [Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K] {
             let n = 512;
             let w = random_row(ty, n, 7 + ty.id() as u64);
-            let x: Vec<f32> = bytes(n, 99).iter().map(|&b| (b as f32 - 128.0) / 37.0).collect();
+            let x: Vec<f32> = bytes(n, 99)
+                .iter()
+                .map(|&b| (b as f32 - 128.0) / 37.0)
+                .collect();
             let mut acts = QuantActs::default();
             let fmt = ActFormat::for_weight(ty);
             acts.quantize(fmt, &x, n);
             // dequantized activations
             let xa: Vec<f32> = match fmt {
                 ActFormat::Q8x32 => (0..n).map(|i| acts.qs[i] as f32 * acts.d[i / 32]).collect(),
-                _ => (0..n).map(|i| acts.qs[i] as f32 * acts.d[i / 256]).collect(),
+                _ => (0..n)
+                    .map(|i| acts.qs[i] as f32 * acts.d[i / 256])
+                    .collect(),
             };
             let mut wf = vec![0f32; n];
             assert!(dequantize_row(ty, &w, &mut wf));
             let reference: f64 = wf.iter().zip(&xa).map(|(a, b)| *a as f64 * *b as f64).sum();
             let got = dot_scalar(ty, &w, acts.row(0)) as f64;
             // Q4_1/Q5_1 use the f16-rounded block sum for the minimum term.
-            let tol = 1e-3 * wf.iter().zip(&xa).map(|(a, b)| (a * b).abs() as f64).sum::<f64>() + 1e-4;
-            assert!((got - reference).abs() <= tol, "{ty}: {got} vs {reference} (tol {tol})");
+            let tol = 1e-3
+                * wf.iter()
+                    .zip(&xa)
+                    .map(|(a, b)| (a * b).abs() as f64)
+                    .sum::<f64>()
+                + 1e-4;
+            assert!(
+                (got - reference).abs() <= tol,
+                "{ty}: {got} vs {reference} (tol {tol})"
+            );
         }
     }
 }

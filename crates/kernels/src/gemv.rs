@@ -66,13 +66,25 @@ fn row_dots<const R: usize, A: Elem, X: Elem>(a: [&[A]; R], x: &[X], ahead: usiz
         // element type was just checked to be exactly the target type.
         unsafe {
             if ta == TypeId::of::<f32>() && tx == TypeId::of::<f32>() {
-                return x86::dot_f32_f32(std::mem::transmute_copy::<[&[A]; R], [&[f32]; R]>(&a), std::mem::transmute::<&[X], &[f32]>(x), ahead);
+                return x86::dot_f32_f32(
+                    std::mem::transmute_copy::<[&[A]; R], [&[f32]; R]>(&a),
+                    std::mem::transmute::<&[X], &[f32]>(x),
+                    ahead,
+                );
             }
             if ta == TypeId::of::<f16>() && tx == TypeId::of::<f32>() {
-                return x86::dot_f16_f32(std::mem::transmute_copy::<[&[A]; R], [&[f16]; R]>(&a), std::mem::transmute::<&[X], &[f32]>(x), ahead);
+                return x86::dot_f16_f32(
+                    std::mem::transmute_copy::<[&[A]; R], [&[f16]; R]>(&a),
+                    std::mem::transmute::<&[X], &[f32]>(x),
+                    ahead,
+                );
             }
             if ta == TypeId::of::<f16>() && tx == TypeId::of::<f16>() {
-                return x86::dot_f16_f16(std::mem::transmute_copy::<[&[A]; R], [&[f16]; R]>(&a), std::mem::transmute::<&[X], &[f16]>(x), ahead);
+                return x86::dot_f16_f16(
+                    std::mem::transmute_copy::<[&[A]; R], [&[f16]; R]>(&a),
+                    std::mem::transmute::<&[X], &[f16]>(x),
+                    ahead,
+                );
             }
         }
     }
@@ -113,7 +125,10 @@ pub fn gemv_batched<A: Elem, X: Elem, Y: Elem>(
     }
     assert!(g.lda >= g.n, "lda {} < n {}", g.lda, g.n);
     let last = batch - 1;
-    assert!(a.len() >= last * stride_a + (g.m - 1) * g.lda + g.n, "A too short");
+    assert!(
+        a.len() >= last * stride_a + (g.m - 1) * g.lda + g.n,
+        "A too short"
+    );
     assert!(x.len() >= last * stride_x + g.n, "x too short");
     assert!(y.len() >= last * stride_y + g.m, "y too short");
     assert!(batch == 1 || stride_y >= g.m, "outputs of a batch overlap");
@@ -128,12 +143,20 @@ pub fn gemv_batched<A: Elem, X: Elem, Y: Elem>(
         let row = |r: usize| &a[b * stride_a + r * g.lda..b * stride_a + r * g.lda + g.n];
         let mut put = |r: usize, v: f32| {
             let (k, v) = (r - r0, g.alpha * v);
-            yb[k] = Y::from_f32(if g.beta == 0.0 { v } else { v + g.beta * yb[k].to_f32() });
+            yb[k] = Y::from_f32(if g.beta == 0.0 {
+                v
+            } else {
+                v + g.beta * yb[k].to_f32()
+            });
         };
         // Rows in fours (four memory streams), then singly. Prefetch 2 KiB ahead inside long
         // rows; short rows are read whole, so prefetch the next four rows instead.
         let row_bytes = g.n * std::mem::size_of::<A>();
-        let ahead = if row_bytes >= 4096 { 2048 } else { 4 * g.lda * std::mem::size_of::<A>() };
+        let ahead = if row_bytes >= 4096 {
+            2048
+        } else {
+            4 * g.lda * std::mem::size_of::<A>()
+        };
         let mut r = r0;
         while r + 4 <= r1 {
             let v = row_dots([row(r), row(r + 1), row(r + 2), row(r + 3)], xb, ahead);
@@ -168,7 +191,11 @@ mod x86 {
     macro_rules! dot_kernel {
         ($name:ident, $ta:ty, $tx:ty, |$pa:ident, $px:ident, $i:ident| ($la:expr, $lx:expr)) => {
             #[target_feature(enable = "avx2,fma,f16c")]
-            pub(super) unsafe fn $name<const R: usize>(a: [&[$ta]; R], x: &[$tx], ahead: usize) -> [f32; R] {
+            pub(super) unsafe fn $name<const R: usize>(
+                a: [&[$ta]; R],
+                x: &[$tx],
+                ahead: usize,
+            ) -> [f32; R] {
                 let mut n = x.len();
                 for r in &a {
                     n = n.min(r.len());
@@ -179,7 +206,10 @@ mod x86 {
                 while $i + 32 <= n {
                     for r in 0..R {
                         // Prefetch each matrix stream `ahead` bytes on (the vector stays in L1).
-                        _mm_prefetch::<_MM_HINT_T0>((a[r].as_ptr().wrapping_add($i) as *const u8).wrapping_add(ahead) as *const i8);
+                        _mm_prefetch::<_MM_HINT_T0>(
+                            (a[r].as_ptr().wrapping_add($i) as *const u8).wrapping_add(ahead)
+                                as *const i8,
+                        );
                     }
                     for k in 0..4 {
                         let $i = $i + 8 * k;
@@ -219,8 +249,14 @@ mod x86 {
         }
     }
 
-    dot_kernel!(dot_f32_f32, f32, f32, |pa, px, i| (_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(px.add(i))));
-    dot_kernel!(dot_f16_f32, f16, f32, |pa, px, i| (_mm256_cvtph_ps(_mm_loadu_si128(pa.add(i) as *const __m128i)), _mm256_loadu_ps(px.add(i))));
+    dot_kernel!(dot_f32_f32, f32, f32, |pa, px, i| (
+        _mm256_loadu_ps(pa.add(i)),
+        _mm256_loadu_ps(px.add(i))
+    ));
+    dot_kernel!(dot_f16_f32, f16, f32, |pa, px, i| (
+        _mm256_cvtph_ps(_mm_loadu_si128(pa.add(i) as *const __m128i)),
+        _mm256_loadu_ps(px.add(i))
+    ));
     dot_kernel!(dot_f16_f16, f16, f16, |pa, px, i| (
         _mm256_cvtph_ps(_mm_loadu_si128(pa.add(i) as *const __m128i)),
         _mm256_cvtph_ps(_mm_loadu_si128(px.add(i) as *const __m128i))
@@ -232,14 +268,23 @@ mod tests {
     use super::*;
 
     fn vals(n: usize, seed: usize) -> Vec<f32> {
-        (0..n).map(|i| (((i + seed) * 7919) % 201) as f32 / 100.0 - 1.0).collect()
+        (0..n)
+            .map(|i| (((i + seed) * 7919) % 201) as f32 / 100.0 - 1.0)
+            .collect()
     }
 
     fn reference(g: Gemv, a: &[f32], x: &[f32], y: &[f32]) -> Vec<f64> {
         (0..g.m)
             .map(|r| {
-                let d: f64 = (0..g.n).map(|j| a[r * g.lda + j] as f64 * x[j] as f64).sum();
-                g.alpha as f64 * d + if g.beta == 0.0 { 0.0 } else { g.beta as f64 * y[r] as f64 }
+                let d: f64 = (0..g.n)
+                    .map(|j| a[r * g.lda + j] as f64 * x[j] as f64)
+                    .sum();
+                g.alpha as f64 * d
+                    + if g.beta == 0.0 {
+                        0.0
+                    } else {
+                        g.beta as f64 * y[r] as f64
+                    }
             })
             .collect()
     }
@@ -247,7 +292,12 @@ mod tests {
     #[test]
     fn all_variants_match_f64_reference_with_leading_dimension() {
         let pool = ThreadPool::new(2);
-        for &(m, n, lda) in &[(1usize, 1usize, 1usize), (37, 100, 101), (64, 4096, 4096), (5, 33, 40)] {
+        for &(m, n, lda) in &[
+            (1usize, 1usize, 1usize),
+            (37, 100, 101),
+            (64, 4096, 4096),
+            (5, 33, 40),
+        ] {
             let a32 = vals(m * lda, 1);
             let x32 = vals(n, 2);
             let y0 = vals(m, 3);
@@ -256,18 +306,34 @@ mod tests {
             let a16w: Vec<f32> = a16.iter().map(|v| v.to_f32()).collect();
             let x16w: Vec<f32> = x16.iter().map(|v| v.to_f32()).collect();
             for (alpha, beta) in [(1.0f32, 0.0f32), (0.5, 2.0), (-1.5, 1.0)] {
-                let g = Gemv { m, n, lda, alpha, beta };
+                let g = Gemv {
+                    m,
+                    n,
+                    lda,
+                    alpha,
+                    beta,
+                };
                 let tol = |r: &[f64], i: usize| 1e-4 * (n as f64).sqrt() * (1.0 + r[i].abs());
                 // f32
                 let mut y = y0.clone();
                 gemv(&pool, g, &a32, &x32, &mut y);
                 let r = reference(g, &a32, &x32, &y0);
-                (0..m).for_each(|i| assert!((y[i] as f64 - r[i]).abs() <= tol(&r, i), "f32 {m}x{n} row {i}"));
+                (0..m).for_each(|i| {
+                    assert!(
+                        (y[i] as f64 - r[i]).abs() <= tol(&r, i),
+                        "f32 {m}x{n} row {i}"
+                    )
+                });
                 // mixed f16 × f32 → f32
                 let mut y = y0.clone();
                 gemv(&pool, g, &a16, &x32, &mut y);
                 let r = reference(g, &a16w, &x32, &y0);
-                (0..m).for_each(|i| assert!((y[i] as f64 - r[i]).abs() <= tol(&r, i), "mixed {m}x{n} row {i}"));
+                (0..m).for_each(|i| {
+                    assert!(
+                        (y[i] as f64 - r[i]).abs() <= tol(&r, i),
+                        "mixed {m}x{n} row {i}"
+                    )
+                });
                 // f16 everywhere: compare within f16 output rounding
                 let y16_0: Vec<f16> = y0.iter().map(|&v| f16::from_f32(v)).collect();
                 let mut y16 = y16_0.clone();
@@ -276,7 +342,11 @@ mod tests {
                 let r = reference(g, &a16w, &x16w, &y16w0);
                 (0..m).for_each(|i| {
                     let got = y16[i].to_f32() as f64;
-                    assert!((got - r[i]).abs() <= tol(&r, i) + 1e-3 * r[i].abs().max(1.0), "f16 {m}x{n} row {i}: {got} vs {}", r[i]);
+                    assert!(
+                        (got - r[i]).abs() <= tol(&r, i) + 1e-3 * r[i].abs().max(1.0),
+                        "f16 {m}x{n} row {i}: {got} vs {}",
+                        r[i]
+                    );
                 });
             }
         }
@@ -289,7 +359,19 @@ mod tests {
         let a = vals(m * n, 4);
         let x = vals(n, 5);
         let mut y = vec![f32::NAN; m];
-        gemv(&pool, Gemv { m, n, lda: n, alpha: 1.0, beta: 0.0 }, &a, &x, &mut y);
+        gemv(
+            &pool,
+            Gemv {
+                m,
+                n,
+                lda: n,
+                alpha: 1.0,
+                beta: 0.0,
+            },
+            &a,
+            &x,
+            &mut y,
+        );
         for r in 0..m {
             let s = row_dot_scalar(&a[r * n..(r + 1) * n], &x);
             assert!(y[r].is_finite() && (y[r] - s).abs() <= 1e-4 * s.abs().max(1.0));
@@ -302,11 +384,28 @@ mod tests {
         let pool = ThreadPool::new(1);
         for n in [8usize, 100, 1000] {
             let row = vals(n, 11);
-            let a: Vec<f16> = (0..5).flat_map(|_| row.iter().map(|&v| f16::from_f32(v))).collect();
+            let a: Vec<f16> = (0..5)
+                .flat_map(|_| row.iter().map(|&v| f16::from_f32(v)))
+                .collect();
             let x = vals(n, 12);
             let mut y = vec![0f32; 5];
-            gemv(&pool, Gemv { m: 5, n, lda: n, alpha: 1.0, beta: 0.0 }, &a, &x, &mut y);
-            assert!(y.iter().all(|v| v.to_bits() == y[4].to_bits()), "{n}: {y:?}");
+            gemv(
+                &pool,
+                Gemv {
+                    m: 5,
+                    n,
+                    lda: n,
+                    alpha: 1.0,
+                    beta: 0.0,
+                },
+                &a,
+                &x,
+                &mut y,
+            );
+            assert!(
+                y.iter().all(|v| v.to_bits() == y[4].to_bits()),
+                "{n}: {y:?}"
+            );
         }
     }
 
@@ -314,14 +413,29 @@ mod tests {
     fn batched_equals_separate_calls() {
         let pool = ThreadPool::new(2);
         let (m, n, batch) = (40, 64, 5);
-        let a: Vec<f16> = vals(batch * m * n, 6).iter().map(|&v| f16::from_f32(v)).collect();
+        let a: Vec<f16> = vals(batch * m * n, 6)
+            .iter()
+            .map(|&v| f16::from_f32(v))
+            .collect();
         let x = vals(batch * n, 7);
-        let g = Gemv { m, n, lda: n, alpha: 0.7, beta: 0.0 };
+        let g = Gemv {
+            m,
+            n,
+            lda: n,
+            alpha: 0.7,
+            beta: 0.0,
+        };
         let mut yb = vec![0f32; batch * m];
         gemv_batched(&pool, g, batch, &a, m * n, &x, n, &mut yb, m);
         for b in 0..batch {
             let mut y = vec![0f32; m];
-            gemv(&pool, g, &a[b * m * n..(b + 1) * m * n], &x[b * n..(b + 1) * n], &mut y);
+            gemv(
+                &pool,
+                g,
+                &a[b * m * n..(b + 1) * m * n],
+                &x[b * n..(b + 1) * n],
+                &mut y,
+            );
             assert_eq!(&yb[b * m..(b + 1) * m], &y[..]);
         }
     }

@@ -12,8 +12,8 @@
 
 pub mod act;
 pub mod dispatch;
-pub mod gemv;
 pub mod dot;
+pub mod gemv;
 pub mod matmul;
 pub mod ops;
 pub mod packed;
@@ -49,7 +49,9 @@ impl XorShift {
 /// initialization, and reproducible test data.
 pub fn uniform(n: usize, seed: u64, scale: f32) -> Vec<f32> {
     let mut r = XorShift::new(seed);
-    (0..n).map(|_| ((r.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale).collect()
+    (0..n)
+        .map(|_| ((r.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale)
+        .collect()
 }
 
 /// A raw pointer that parallel tasks use to write disjoint parts of one buffer.

@@ -80,24 +80,45 @@ pub fn matmul_many(pool: &ThreadPool, jobs: &mut [MatJob<'_>]) {
         chunk: usize,
     }
     // A fixed array, not a Vec: this runs hundreds of times per decoded token.
-    assert!(jobs.len() <= MAX_JOBS, "matmul_many takes at most {MAX_JOBS} products");
+    assert!(
+        jobs.len() <= MAX_JOBS,
+        "matmul_many takes at most {MAX_JOBS} products"
+    );
     let mut prepared: [Option<Prepared<'_>>; MAX_JOBS] = [None, None, None, None];
     let mut n_tasks = 0;
     for (slot, j) in prepared.iter_mut().zip(jobs.iter_mut()) {
         debug_assert_eq!(j.acts.cols, j.w.cols);
         debug_assert_eq!(j.acts.format, Some(j.w.act_format()));
-        assert!(j.out.len() >= j.acts.n_rows * j.w.rows, "matmul output too small");
+        assert!(
+            j.out.len() >= j.acts.n_rows * j.w.rows,
+            "matmul output too small"
+        );
         let packed = j.w.packed.and_then(|p| Some((p, packed_rows(j.w.ty)?)));
         let mut chunk = rows_per_task(j.w.rows, pool.n_threads());
         if packed.is_some() {
             chunk = chunk.next_multiple_of(GROUP);
         }
-        *slot = Some(Prepared { w: j.w, acts: j.acts, out: SyncPtr::new(j.out), kernels: kernels(j.w.ty), packed, first_task: n_tasks, chunk });
+        *slot = Some(Prepared {
+            w: j.w,
+            acts: j.acts,
+            out: SyncPtr::new(j.out),
+            kernels: kernels(j.w.ty),
+            packed,
+            first_task: n_tasks,
+            chunk,
+        });
         n_tasks += j.w.rows.div_ceil(chunk);
     }
     let prepared = &prepared[..jobs.len()];
     pool.run(n_tasks, &|task| {
-        let Some(j) = prepared.iter().rev().flatten().find(|p| p.first_task <= task) else { return };
+        let Some(j) = prepared
+            .iter()
+            .rev()
+            .flatten()
+            .find(|p| p.first_task <= task)
+        else {
+            return;
+        };
         let (w, rows, n_tok, p) = (&j.w, j.w.rows, j.acts.n_rows, j.out);
         let r0 = (task - j.first_task) * j.chunk;
         let r1 = (r0 + j.chunk).min(rows);
@@ -118,7 +139,15 @@ pub fn matmul_many(pool: &ThreadPool, jobs: &mut [MatJob<'_>]) {
             let wr = w.row(r);
             let mut t = 0;
             while t + 4 <= n_tok {
-                let v = dot4(wr, [j.acts.row(t), j.acts.row(t + 1), j.acts.row(t + 2), j.acts.row(t + 3)]);
+                let v = dot4(
+                    wr,
+                    [
+                        j.acts.row(t),
+                        j.acts.row(t + 1),
+                        j.acts.row(t + 2),
+                        j.acts.row(t + 3),
+                    ],
+                );
                 for (k, v) in v.into_iter().enumerate() {
                     // SAFETY: index (t+k)*rows + r is in bounds (asserted above) and row r
                     // belongs to this task alone.
@@ -154,21 +183,45 @@ mod tests {
             seed ^= seed << 17;
             (seed % m as u64) as usize
         };
-        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K, GgmlType::F16, GgmlType::BF16] {
+        for ty in [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q8_0,
+            GgmlType::Q4_K,
+            GgmlType::Q5_K,
+            GgmlType::Q6_K,
+            GgmlType::F16,
+            GgmlType::BF16,
+        ] {
             for _ in 0..4 {
                 let bs = ty.block_size().max(32);
                 let cols = bs * (1 + rnd(6));
                 let rows = 1 + rnd(70);
                 let n_tok = 1 + rnd(9);
-                let data: Vec<u8> = (0..rows).flat_map(|r| crate::test_util::random_row(ty, cols, (r * 31 + cols) as u64)).collect();
+                let data: Vec<u8> = (0..rows)
+                    .flat_map(|r| crate::test_util::random_row(ty, cols, (r * 31 + cols) as u64))
+                    .collect();
                 let value = |i: usize| ((i * 7) % 19) as f32 / 9.0 - 1.0;
                 let data = match ty {
-                    GgmlType::F16 => (0..rows * cols).flat_map(|i| half::f16::from_f32(value(i)).to_le_bytes()).collect(),
-                    GgmlType::BF16 => (0..rows * cols).flat_map(|i| half::bf16::from_f32(value(i)).to_le_bytes()).collect(),
+                    GgmlType::F16 => (0..rows * cols)
+                        .flat_map(|i| half::f16::from_f32(value(i)).to_le_bytes())
+                        .collect(),
+                    GgmlType::BF16 => (0..rows * cols)
+                        .flat_map(|i| half::bf16::from_f32(value(i)).to_le_bytes())
+                        .collect(),
                     _ => data,
                 };
-                let w = QMatrix { ty, rows, cols, data: &data, packed: None };
-                let x: Vec<f32> = (0..n_tok * cols).map(|i| ((i * 7919) % 97) as f32 / 13.0 - 3.5).collect();
+                let w = QMatrix {
+                    ty,
+                    rows,
+                    cols,
+                    data: &data,
+                    packed: None,
+                };
+                let x: Vec<f32> = (0..n_tok * cols)
+                    .map(|i| ((i * 7919) % 97) as f32 / 13.0 - 3.5)
+                    .collect();
                 let mut batch = QuantActs::default();
                 batch.quantize(w.act_format(), &x, cols);
                 let mut out = vec![0f32; n_tok * rows];
@@ -180,8 +233,16 @@ mod tests {
                     let mut o1 = vec![0f32; rows];
                     matmul(&pool, &w, &one, &mut o1);
                     for r in 0..rows {
-                        assert_eq!(o1[r].to_bits(), out[t * rows + r].to_bits(), "{ty} {rows}x{cols} batch {n_tok}: token {t} row {r}");
-                        assert_eq!(o1[r].to_bits(), (k.dot)(w.row(r), one.row(0)).to_bits(), "{ty}: matmul vs dot, row {r}");
+                        assert_eq!(
+                            o1[r].to_bits(),
+                            out[t * rows + r].to_bits(),
+                            "{ty} {rows}x{cols} batch {n_tok}: token {t} row {r}"
+                        );
+                        assert_eq!(
+                            o1[r].to_bits(),
+                            (k.dot)(w.row(r), one.row(0)).to_bits(),
+                            "{ty}: matmul vs dot, row {r}"
+                        );
                     }
                 }
             }
@@ -194,16 +255,31 @@ mod tests {
     #[test]
     fn packed_matmul_is_batch_invariant() {
         let pool = ThreadPool::new(2);
-        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0] {
+        for ty in [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q8_0,
+        ] {
             if packed_rows(ty).is_none() {
                 eprintln!("no packed kernels at this tier");
                 return;
             }
             for (rows, cols, n_tok) in [(8, 32, 1), (40, 96, 19), (136, 64, 12), (64, 256, 5)] {
-                let data: Vec<u8> = (0..rows).flat_map(|r| crate::test_util::random_row(ty, cols, (r * 13 + cols) as u64)).collect();
+                let data: Vec<u8> = (0..rows)
+                    .flat_map(|r| crate::test_util::random_row(ty, cols, (r * 13 + cols) as u64))
+                    .collect();
                 let packed = crate::packed::pack(ty, rows, cols, &data).expect("packable");
-                let w = QMatrix { ty, rows, cols, data: &data, packed: Some(&packed) };
-                let x: Vec<f32> = (0..n_tok * cols).map(|i| ((i * 7919) % 101) as f32 / 11.0 - 4.5).collect();
+                let w = QMatrix {
+                    ty,
+                    rows,
+                    cols,
+                    data: &data,
+                    packed: Some(&packed),
+                };
+                let x: Vec<f32> = (0..n_tok * cols)
+                    .map(|i| ((i * 7919) % 101) as f32 / 11.0 - 4.5)
+                    .collect();
                 let mut batch = QuantActs::default();
                 batch.quantize(w.act_format(), &x, cols);
                 let mut out = vec![0f32; n_tok * rows];
@@ -214,11 +290,20 @@ mod tests {
                     let mut o1 = vec![0f32; rows];
                     matmul(&pool, &w, &one, &mut o1);
                     for g in 0..rows / GROUP {
-                        let twin = crate::packed::dot_group_scalar(ty, &packed, cols, g, one.row(0));
+                        let twin =
+                            crate::packed::dot_group_scalar(ty, &packed, cols, g, one.row(0));
                         for r in 0..GROUP {
                             let row = g * GROUP + r;
-                            assert_eq!(o1[row].to_bits(), out[t * rows + row].to_bits(), "{ty} {rows}x{cols} batch {n_tok}: token {t} row {row}");
-                            assert_eq!(o1[row].to_bits(), twin[r].to_bits(), "{ty}: packed matmul vs scalar twin, row {row}");
+                            assert_eq!(
+                                o1[row].to_bits(),
+                                out[t * rows + row].to_bits(),
+                                "{ty} {rows}x{cols} batch {n_tok}: token {t} row {row}"
+                            );
+                            assert_eq!(
+                                o1[row].to_bits(),
+                                twin[r].to_bits(),
+                                "{ty}: packed matmul vs scalar twin, row {row}"
+                            );
                         }
                     }
                 }
@@ -234,8 +319,16 @@ mod tests {
         for r in 0..rows {
             data.extend(crate::test_util::random_row(GgmlType::Q4_K, cols, r as u64));
         }
-        let w = QMatrix { ty: GgmlType::Q4_K, rows, cols, data: &data, packed: None };
-        let x: Vec<f32> = (0..5 * cols).map(|i| ((i * 7919) % 97) as f32 / 13.0 - 3.5).collect();
+        let w = QMatrix {
+            ty: GgmlType::Q4_K,
+            rows,
+            cols,
+            data: &data,
+            packed: None,
+        };
+        let x: Vec<f32> = (0..5 * cols)
+            .map(|i| ((i * 7919) % 97) as f32 / 13.0 - 3.5)
+            .collect();
         let mut batch = QuantActs::default();
         batch.quantize(ActFormat::Q8K, &x, cols);
         let mut out = vec![0f32; 5 * rows];

@@ -36,7 +36,14 @@ pub enum RopeStyle {
 /// Fills `cs` with `(cos, sin)` for `n_dims / 2` frequency pairs at `pos`, the way ggml does:
 /// `theta_i = pos · freq_scale · base^(-2i/n_dims) / factor_i`, the base part computed by repeated
 /// multiplication in f32; `factors` are per-pair frequency factors (Llama 3.1 `rope_freqs`).
-pub fn rope_cache(pos: usize, n_dims: usize, base: f32, freq_scale: f32, factors: Option<&[f32]>, cs: &mut [(f32, f32)]) {
+pub fn rope_cache(
+    pos: usize,
+    n_dims: usize,
+    base: f32,
+    freq_scale: f32,
+    factors: Option<&[f32]>,
+    cs: &mut [(f32, f32)],
+) {
     let theta_scale = base.powf(-2.0 / n_dims as f32);
     let mut theta = pos as f32 * freq_scale;
     for (j, c) in cs.iter_mut().take(n_dims / 2).enumerate() {
@@ -115,7 +122,11 @@ pub fn swiglu(gate: &mut [f32], up: &[f32]) {
 /// GELU of every f16 value, stored as f16 (ggml's `ggml_table_gelu_f16`).
 fn gelu_table() -> &'static [half::f16] {
     static T: std::sync::OnceLock<Vec<half::f16>> = std::sync::OnceLock::new();
-    T.get_or_init(|| (0..=u16::MAX).map(|b| half::f16::from_f32(gelu(half::f16::from_bits(b).to_f32()))).collect())
+    T.get_or_init(|| {
+        (0..=u16::MAX)
+            .map(|b| half::f16::from_f32(gelu(half::f16::from_bits(b).to_f32())))
+            .collect()
+    })
 }
 
 /// `gate[i] = gelu(gate[i]) * up[i]` (GeGLU), computed as ggml does with `GGML_GELU_FP16` (its
@@ -154,7 +165,12 @@ pub fn softmax(x: &mut [f32]) {
 /// log-likelihood, what perplexity and answer NLL are averaged from.
 pub fn token_nll(logits: &[f32], target: usize) -> f64 {
     let mx = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
-    let lse = mx + logits.iter().map(|&v| (v as f64 - mx).exp()).sum::<f64>().ln();
+    let lse = mx
+        + logits
+            .iter()
+            .map(|&v| (v as f64 - mx).exp())
+            .sum::<f64>()
+            .ln();
     lse - logits[target] as f64
 }
 
@@ -178,7 +194,11 @@ pub fn logit_stats(x: &[f32]) -> LogitStats {
     let max = (k.max)(x);
     let sum = (k.sum_exp)(x, max);
     let argmax = x.iter().position(|&v| v == max).unwrap_or(0);
-    LogitStats { argmax, max, lse: max as f64 + (sum as f64).ln() }
+    LogitStats {
+        argmax,
+        max,
+        lse: max as f64 + (sum as f64).ln(),
+    }
 }
 
 /// `ln softmax(logits)[target]` with [`logit_stats`]'s log-sum-exp, rounded to f32 (−∞ for a
@@ -213,7 +233,8 @@ fn exp_poly(x: f32) -> f32 {
     let x = x.clamp(-EXP_CLAMP, EXP_CLAMP);
     let n = (x * std::f32::consts::LOG2_E).round_ties_even();
     let r = x - n * LN2_HI - n * LN2_LO;
-    let p = ((((EXP_P[0] * r + EXP_P[1]) * r + EXP_P[2]) * r + EXP_P[3]) * r + EXP_P[4]) * r + EXP_P[5];
+    let p =
+        ((((EXP_P[0] * r + EXP_P[1]) * r + EXP_P[2]) * r + EXP_P[3]) * r + EXP_P[4]) * r + EXP_P[5];
     let y = p * r * r + r + 1.0;
     y * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
@@ -221,7 +242,14 @@ fn exp_poly(x: f32) -> f32 {
 const EXP_CLAMP: f32 = 87.3;
 const LN2_HI: f32 = 0.693_359_4;
 const LN2_LO: f32 = -2.121_944_4e-4;
-const EXP_P: [f32; 6] = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5];
+const EXP_P: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    1.666_666_5e-1,
+    0.5,
+];
 
 /// `Σ a[i]·b[i]` in f32 (AVX2/FMA when the tier allows, chosen once).
 #[inline]
@@ -273,6 +301,34 @@ pub fn f16_to_f32_scalar(src: &[half::f16], dst: &mut [f32]) {
     }
 }
 
+/// Narrows f32 values to f16 (`dst.len()` of them; F16C when the tier allows), rounding to
+/// nearest even as `half::f16::from_f32` does, bit for bit.
+#[inline]
+pub fn f32_to_f16(src: &[f32], dst: &mut [half::f16]) {
+    (f32_kernels().f32_to_f16)(src, dst)
+}
+
+/// The scalar twin of [`f32_to_f16`].
+pub fn f32_to_f16_scalar(src: &[f32], dst: &mut [half::f16]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = half::f16::from_f32(*s);
+    }
+}
+
+/// Rounds every value to the nearest f16 in place (`f16::from_f32(x).to_f32()`, bit for bit):
+/// what llama.cpp's f16 K·Q and f16 probabilities do to queries and attention weights.
+#[inline]
+pub fn round_f16(x: &mut [f32]) {
+    (f32_kernels().round_f16)(x)
+}
+
+/// The scalar twin of [`round_f16`].
+pub fn round_f16_scalar(x: &mut [f32]) {
+    for v in x.iter_mut() {
+        *v = half::f16::from_f32(*v).to_f32();
+    }
+}
+
 /// `out[p] = q · rows[p·stride .. p·stride + q.len()]` for every `p < out.len()`: one query
 /// against a tile of keys (attention scores), eight rows per step with one transposing
 /// reduction instead of a horizontal sum per row.
@@ -309,7 +365,15 @@ pub const MAX_HEADS: usize = 8;
 /// If `n` is 0 or above [`MAX_HEADS`], `q.len()` is not `n·d`, `rows` is shorter than
 /// `(m − 1)·stride + d`, `stride < d`, or `out` is shorter than `(n − 1)·out_stride + m` with
 /// `out_stride < m`.
-pub fn dot_rows_f16_heads(q: &[f32], d: usize, rows: &[half::f16], stride: usize, m: usize, out: &mut [f32], out_stride: usize) {
+pub fn dot_rows_f16_heads(
+    q: &[f32],
+    d: usize,
+    rows: &[half::f16],
+    stride: usize,
+    m: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
     check_heads(q.len(), d, rows.len(), stride, m, out.len(), out_stride);
     (f32_kernels().dot_rows_f16_heads)(q, d, rows, stride, m, out, out_stride)
 }
@@ -321,20 +385,50 @@ pub fn dot_rows_f16_heads(q: &[f32], d: usize, rows: &[half::f16], stride: usize
 ///
 /// # Panics
 /// As [`dot_rows_f16_heads`], with `acc` for `q` and `w` for `out`.
-pub fn weighted_sum_f16_heads(w: &[f32], w_stride: usize, rows: &[half::f16], stride: usize, m: usize, acc: &mut [f32], d: usize) {
+pub fn weighted_sum_f16_heads(
+    w: &[f32],
+    w_stride: usize,
+    rows: &[half::f16],
+    stride: usize,
+    m: usize,
+    acc: &mut [f32],
+    d: usize,
+) {
     check_heads(acc.len(), d, rows.len(), stride, m, w.len(), w_stride);
     (f32_kernels().weighted_sum_f16_heads)(w, w_stride, rows, stride, m, acc, d)
 }
 
-fn check_heads(q_len: usize, d: usize, have: usize, stride: usize, m: usize, out_len: usize, out_stride: usize) {
+fn check_heads(
+    q_len: usize,
+    d: usize,
+    have: usize,
+    stride: usize,
+    m: usize,
+    out_len: usize,
+    out_stride: usize,
+) {
     let n = q_len.checked_div(d).unwrap_or(0);
-    assert!((1..=MAX_HEADS).contains(&n) && q_len == n * d, "heads: {q_len} values are not 1..={MAX_HEADS} heads of {d}");
+    assert!(
+        (1..=MAX_HEADS).contains(&n) && q_len == n * d,
+        "heads: {q_len} values are not 1..={MAX_HEADS} heads of {d}"
+    );
     check_rows(d, have, stride, m);
-    assert!(m == 0 || (out_stride >= m && (n - 1) * out_stride + m <= out_len), "heads: {n} × {m} outputs at stride {out_stride} need more than {out_len}");
+    assert!(
+        m == 0 || (out_stride >= m && (n - 1) * out_stride + m <= out_len),
+        "heads: {n} × {m} outputs at stride {out_stride} need more than {out_len}"
+    );
 }
 
 /// The scalar twin of [`dot_rows_f16_heads`]: each row widened, then [`dot_f32_scalar`].
-pub fn dot_rows_f16_heads_scalar(q: &[f32], d: usize, rows: &[half::f16], stride: usize, m: usize, out: &mut [f32], out_stride: usize) {
+pub fn dot_rows_f16_heads_scalar(
+    q: &[f32],
+    d: usize,
+    rows: &[half::f16],
+    stride: usize,
+    m: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
     let mut row = vec![0f32; d];
     for p in 0..m {
         f16_to_f32_scalar(&rows[p * stride..p * stride + d], &mut row);
@@ -345,7 +439,15 @@ pub fn dot_rows_f16_heads_scalar(q: &[f32], d: usize, rows: &[half::f16], stride
 }
 
 /// The scalar twin of [`weighted_sum_f16_heads`]: each row widened, then [`axpy_scalar`].
-pub fn weighted_sum_f16_heads_scalar(w: &[f32], w_stride: usize, rows: &[half::f16], stride: usize, m: usize, acc: &mut [f32], d: usize) {
+pub fn weighted_sum_f16_heads_scalar(
+    w: &[f32],
+    w_stride: usize,
+    rows: &[half::f16],
+    stride: usize,
+    m: usize,
+    acc: &mut [f32],
+    d: usize,
+) {
     let mut row = vec![0f32; d];
     for p in 0..m {
         f16_to_f32_scalar(&rows[p * stride..p * stride + d], &mut row);
@@ -356,13 +458,20 @@ pub fn weighted_sum_f16_heads_scalar(w: &[f32], w_stride: usize, rows: &[half::f
 }
 
 fn check_rows(d: usize, have: usize, stride: usize, n: usize) {
-    assert!(stride >= d && (n == 0 || (n - 1) * stride + d <= have), "rows: {n} of {d} at stride {stride} need more than {have} values");
+    assert!(
+        stride >= d && (n == 0 || (n - 1) * stride + d <= have),
+        "rows: {n} of {d} at stride {stride} need more than {have} values"
+    );
 }
 
 /// The scalar twin of [`dot_rows`].
 pub fn dot_rows_scalar(q: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
     for (p, o) in out.iter_mut().enumerate() {
-        *o = q.iter().zip(&rows[p * stride..p * stride + q.len()]).map(|(a, b)| a * b).sum();
+        *o = q
+            .iter()
+            .zip(&rows[p * stride..p * stride + q.len()])
+            .map(|(a, b)| a * b)
+            .sum();
     }
 }
 
@@ -384,6 +493,8 @@ struct F32Kernels {
     dot: fn(&[f32], &[f32]) -> f32,
     axpy: fn(f32, &[f32], &mut [f32]),
     f16_to_f32: fn(&[half::f16], &mut [f32]),
+    f32_to_f16: fn(&[f32], &mut [half::f16]),
+    round_f16: fn(&mut [f32]),
     dot_rows: fn(&[f32], &[f32], usize, &mut [f32]),
     weighted_sum: fn(&[f32], &[f32], usize, &mut [f32]),
     dot_rows_f16_heads: HeadsFn,
@@ -397,6 +508,7 @@ fn f32_kernels() -> &'static F32Kernels {
     K.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         if crate::dispatch::tier() >= crate::dispatch::Tier::Avx2 {
+            let avx512 = crate::dispatch::tier() >= crate::dispatch::Tier::Avx512Vnni;
             return F32Kernels {
                 // SAFETY: the tier check above guarantees AVX2 and FMA.
                 dot: |a, b| unsafe { x86::dot(a, b) },
@@ -404,21 +516,57 @@ fn f32_kernels() -> &'static F32Kernels {
                 axpy: |al, x, y| unsafe { x86::axpy(al, x, y) },
                 // SAFETY: the AVX2 tier includes F16C.
                 f16_to_f32: |s, d| unsafe { x86::f16_to_f32(s, d) },
+                // SAFETY: as above.
+                f32_to_f16: |s, d| unsafe { x86::f32_to_f16(s, d) },
+                // SAFETY: as above.
+                round_f16: |x| unsafe { x86::round_f16(x) },
                 // SAFETY: AVX2 and FMA as above; the public wrappers checked the bounds.
                 dot_rows: |q, r, st, o| unsafe { x86::dot_rows(q, r, st, o) },
                 // SAFETY: as above.
                 weighted_sum: |w, r, st, a| unsafe { x86::weighted_sum(w, r, st, a) },
                 // SAFETY: AVX2, FMA and F16C as above; the public wrappers checked the shapes.
-                dot_rows_f16_heads: |q, d, r, st, m, o, os| unsafe { x86::dot_rows_f16_heads(q, d, r, st, m, o, os) },
-                // SAFETY: as above.
-                weighted_sum_f16_heads: |w, ws, r, st, m, a, d| unsafe { x86::weighted_sum_f16_heads(w, ws, r, st, m, a, d) },
+                dot_rows_f16_heads: if avx512 {
+                    // SAFETY: the AVX-512 tier (F/BW/VL) includes AVX2, FMA and F16C; the public
+                    // wrappers checked the shapes.
+                    |q, d, r, st, m, o, os| unsafe {
+                        x86::dot_rows_f16_heads_512(q, d, r, st, m, o, os)
+                    }
+                } else {
+                    // SAFETY: AVX2, FMA and F16C as above; the public wrappers checked the shapes.
+                    |q, d, r, st, m, o, os| unsafe {
+                        x86::dot_rows_f16_heads(q, d, r, st, m, o, os)
+                    }
+                },
+                weighted_sum_f16_heads: if avx512 {
+                    // SAFETY: as above.
+                    |w, ws, r, st, m, a, d| unsafe {
+                        x86::weighted_sum_f16_heads_512(w, ws, r, st, m, a, d)
+                    }
+                } else {
+                    // SAFETY: as above.
+                    |w, ws, r, st, m, a, d| unsafe {
+                        x86::weighted_sum_f16_heads(w, ws, r, st, m, a, d)
+                    }
+                },
                 // SAFETY: as above.
                 max: |x| unsafe { x86::max(x) },
                 // SAFETY: as above.
                 sum_exp: |x, sh| unsafe { x86::sum_exp(x, sh) },
             };
         }
-        F32Kernels { dot: dot_f32_scalar, axpy: axpy_scalar, f16_to_f32: f16_to_f32_scalar, dot_rows: dot_rows_scalar, weighted_sum: weighted_sum_scalar, dot_rows_f16_heads: dot_rows_f16_heads_scalar, weighted_sum_f16_heads: weighted_sum_f16_heads_scalar, max: max_f32_scalar, sum_exp: sum_exp_scalar }
+        F32Kernels {
+            dot: dot_f32_scalar,
+            axpy: axpy_scalar,
+            f16_to_f32: f16_to_f32_scalar,
+            f32_to_f16: f32_to_f16_scalar,
+            round_f16: round_f16_scalar,
+            dot_rows: dot_rows_scalar,
+            weighted_sum: weighted_sum_scalar,
+            dot_rows_f16_heads: dot_rows_f16_heads_scalar,
+            weighted_sum_f16_heads: weighted_sum_f16_heads_scalar,
+            max: max_f32_scalar,
+            sum_exp: sum_exp_scalar,
+        }
     })
 }
 
@@ -451,8 +599,16 @@ mod x86 {
         while i + 16 <= n {
             // SAFETY: i + 16 <= n, within both slices.
             unsafe {
-                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(i)), _mm256_loadu_ps(b.as_ptr().add(i)), s0);
-                s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(i + 8)), _mm256_loadu_ps(b.as_ptr().add(i + 8)), s1);
+                s0 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(a.as_ptr().add(i)),
+                    _mm256_loadu_ps(b.as_ptr().add(i)),
+                    s0,
+                );
+                s1 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(a.as_ptr().add(i + 8)),
+                    _mm256_loadu_ps(b.as_ptr().add(i + 8)),
+                    s1,
+                );
             }
             i += 16;
         }
@@ -508,7 +664,11 @@ mod x86 {
                 unsafe {
                     let qv = _mm256_loadu_ps(q.as_ptr().add(i));
                     for (r, a) in acc.iter_mut().enumerate() {
-                        *a = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows.as_ptr().add((p + r) * stride + i)), *a);
+                        *a = _mm256_fmadd_ps(
+                            qv,
+                            _mm256_loadu_ps(rows.as_ptr().add((p + r) * stride + i)),
+                            *a,
+                        );
                     }
                 }
                 i += 8;
@@ -540,7 +700,12 @@ mod x86 {
             // SAFETY: c + 32 <= d, inside acc and inside every row (checked by the caller).
             unsafe {
                 let ap = acc.as_mut_ptr().add(c);
-                let mut a = [_mm256_loadu_ps(ap), _mm256_loadu_ps(ap.add(8)), _mm256_loadu_ps(ap.add(16)), _mm256_loadu_ps(ap.add(24))];
+                let mut a = [
+                    _mm256_loadu_ps(ap),
+                    _mm256_loadu_ps(ap.add(8)),
+                    _mm256_loadu_ps(ap.add(16)),
+                    _mm256_loadu_ps(ap.add(24)),
+                ];
                 for (p, &wp) in w.iter().enumerate() {
                     let wv = _mm256_set1_ps(wp);
                     let rp = rows.as_ptr().add(p * stride + c);
@@ -562,8 +727,21 @@ mod x86 {
         }
     }
 
-    /// Calls the const-generic kernel `f::<N>` for `n` heads (1..=8, checked by the caller).
+    /// Calls the const-generic kernel `f::<N>` (or `f::<C, N>`) for `n` heads (1..=8, checked by
+    /// the caller).
     macro_rules! by_heads {
+        ($n:expr, $f:ident::<$c:literal>($($arg:expr),*)) => {
+            match $n {
+                1 => $f::<$c, 1>($($arg),*),
+                2 => $f::<$c, 2>($($arg),*),
+                3 => $f::<$c, 3>($($arg),*),
+                4 => $f::<$c, 4>($($arg),*),
+                5 => $f::<$c, 5>($($arg),*),
+                6 => $f::<$c, 6>($($arg),*),
+                7 => $f::<$c, 7>($($arg),*),
+                _ => $f::<$c, 8>($($arg),*),
+            }
+        };
         ($n:expr, $f:ident($($arg:expr),*)) => {
             match $n {
                 1 => $f::<1>($($arg),*),
@@ -581,15 +759,36 @@ mod x86 {
     /// # Safety
     /// AVX2, FMA and F16C; shapes as checked by `check_heads`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_rows_f16_heads(q: &[f32], d: usize, rows: &[half::f16], stride: usize, m: usize, out: &mut [f32], out_stride: usize) {
+    pub(super) unsafe fn dot_rows_f16_heads(
+        q: &[f32],
+        d: usize,
+        rows: &[half::f16],
+        stride: usize,
+        m: usize,
+        out: &mut [f32],
+        out_stride: usize,
+    ) {
         // SAFETY: same features; the shapes were checked.
-        unsafe { by_heads!(q.len() / d, dot_heads(q, d, rows, stride, m, out, out_stride)) }
+        unsafe {
+            by_heads!(
+                q.len() / d,
+                dot_heads(q, d, rows, stride, m, out, out_stride)
+            )
+        }
     }
 
     /// `N` heads' scores per row, each with `dot`'s accumulators, order and reduction.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_heads<const N: usize>(q: &[f32], d: usize, rows: &[half::f16], stride: usize, m: usize, out: &mut [f32], out_stride: usize) {
+    unsafe fn dot_heads<const N: usize>(
+        q: &[f32],
+        d: usize,
+        rows: &[half::f16],
+        stride: usize,
+        m: usize,
+        out: &mut [f32],
+        out_stride: usize,
+    ) {
         for p in 0..m {
             let row = &rows[p * stride..p * stride + d];
             let mut s = [[_mm256_setzero_ps(); 2]; N];
@@ -597,8 +796,10 @@ mod x86 {
             while i + 16 <= d {
                 // SAFETY: i + 16 <= d, within the row and within every head of q.
                 unsafe {
-                    let k0 = _mm256_cvtph_ps(_mm_loadu_si128(row.as_ptr().add(i) as *const __m128i));
-                    let k1 = _mm256_cvtph_ps(_mm_loadu_si128(row.as_ptr().add(i + 8) as *const __m128i));
+                    let k0 =
+                        _mm256_cvtph_ps(_mm_loadu_si128(row.as_ptr().add(i) as *const __m128i));
+                    let k1 =
+                        _mm256_cvtph_ps(_mm_loadu_si128(row.as_ptr().add(i + 8) as *const __m128i));
                     for (j, sj) in s.iter_mut().enumerate() {
                         let qp = q.as_ptr().add(j * d + i);
                         sj[0] = _mm256_fmadd_ps(_mm256_loadu_ps(qp), k0, sj[0]);
@@ -620,9 +821,22 @@ mod x86 {
     /// # Safety
     /// AVX2, FMA and F16C; shapes as checked by `check_heads`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn weighted_sum_f16_heads(w: &[f32], w_stride: usize, rows: &[half::f16], stride: usize, m: usize, acc: &mut [f32], d: usize) {
+    pub(super) unsafe fn weighted_sum_f16_heads(
+        w: &[f32],
+        w_stride: usize,
+        rows: &[half::f16],
+        stride: usize,
+        m: usize,
+        acc: &mut [f32],
+        d: usize,
+    ) {
         // SAFETY: same features; the shapes were checked.
-        unsafe { by_heads!(acc.len() / d, wsum_heads(w, w_stride, rows, stride, m, acc, d)) }
+        unsafe {
+            by_heads!(
+                acc.len() / d,
+                wsum_heads(w, w_stride, rows, stride, m, acc, d)
+            )
+        }
     }
 
     /// `N` heads' weighted sums, 16 columns at a time in registers across the rows; per
@@ -630,7 +844,15 @@ mod x86 {
     /// `d % 8` columns).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn wsum_heads<const N: usize>(w: &[f32], w_stride: usize, rows: &[half::f16], stride: usize, m: usize, acc: &mut [f32], d: usize) {
+    unsafe fn wsum_heads<const N: usize>(
+        w: &[f32],
+        w_stride: usize,
+        rows: &[half::f16],
+        stride: usize,
+        m: usize,
+        acc: &mut [f32],
+        d: usize,
+    ) {
         let d8 = d / 8 * 8;
         let mut c = 0;
         while c + 16 <= d8 {
@@ -667,8 +889,16 @@ mod x86 {
                 while i < d8 {
                     // SAFETY: i + 8 <= d, inside aj and row.
                     unsafe {
-                        let x = _mm256_cvtph_ps(_mm_loadu_si128(row.as_ptr().add(i) as *const __m128i));
-                        _mm256_storeu_ps(aj.as_mut_ptr().add(i), _mm256_fmadd_ps(_mm256_set1_ps(wp), x, _mm256_loadu_ps(aj.as_ptr().add(i))));
+                        let x =
+                            _mm256_cvtph_ps(_mm_loadu_si128(row.as_ptr().add(i) as *const __m128i));
+                        _mm256_storeu_ps(
+                            aj.as_mut_ptr().add(i),
+                            _mm256_fmadd_ps(
+                                _mm256_set1_ps(wp),
+                                x,
+                                _mm256_loadu_ps(aj.as_ptr().add(i)),
+                            ),
+                        );
                     }
                     i += 8;
                 }
@@ -676,6 +906,293 @@ mod x86 {
                     aj[t] += wp * row[t].to_f32();
                 }
             }
+        }
+    }
+
+    /// # Safety
+    /// AVX-512 F/VL, AVX2, FMA and F16C; shapes as checked by `check_heads`.
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
+    pub(super) unsafe fn dot_rows_f16_heads_512(
+        q: &[f32],
+        d: usize,
+        rows: &[half::f16],
+        stride: usize,
+        m: usize,
+        out: &mut [f32],
+        out_stride: usize,
+    ) {
+        if d % 16 != 0 {
+            // SAFETY: same features.
+            return unsafe { dot_rows_f16_heads(q, d, rows, stride, m, out, out_stride) };
+        }
+        // SAFETY: same features; the shapes were checked.
+        unsafe {
+            by_heads!(
+                q.len() / d,
+                dot_heads_512(q, d, rows, stride, m, out, out_stride)
+            )
+        }
+    }
+
+    /// `N` heads' scores of row `p` before the horizontal sum: per head, `dot`'s two 8-lane
+    /// accumulators (one 16-lane register: lanes 0–7 and 8–15) added lane by lane, as `hsum2`
+    /// starts.
+    ///
+    /// # Safety
+    /// `d % 16 == 0`; row `p` and every head of `q` hold `d` values.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
+    unsafe fn row_sums_512<const N: usize>(
+        q: &[f32],
+        d: usize,
+        row: *const half::f16,
+    ) -> [__m256; N] {
+        let mut s = [_mm512_setzero_ps(); N];
+        let mut i = 0;
+        while i < d {
+            // SAFETY: i + 16 <= d, within the row and within every head of q.
+            unsafe {
+                let k = _mm512_cvtph_ps(_mm256_loadu_si256(row.add(i) as *const __m256i));
+                for (j, sj) in s.iter_mut().enumerate() {
+                    *sj = _mm512_fmadd_ps(_mm512_loadu_ps(q.as_ptr().add(j * d + i)), k, *sj);
+                }
+            }
+            i += 16;
+        }
+        s.map(|v| {
+            _mm256_add_ps(
+                _mm512_castps512_ps256(v),
+                _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v))),
+            )
+        })
+    }
+
+    /// Prefetches the cache lines of `len` f16 values at `rows[at..]` (a hint: an address past
+    /// the end is never dereferenced).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn prefetch_row(rows: &[half::f16], at: usize, len: usize) {
+        let base = rows.as_ptr().wrapping_add(at) as *const i8;
+        let mut o = 0;
+        while o < 2 * len {
+            _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(o));
+            o += 64;
+        }
+    }
+
+    /// `hsum2`'s horizontal sum of an already added accumulator pair.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum8(v: __m256) -> f32 {
+        let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)))
+    }
+
+    /// Eight rows' [`hsum8`]s at once, each summed in exactly `hsum8`'s order
+    /// (`((v0+v4)+(v2+v6)) + ((v1+v5)+(v3+v7))`): lane i of the result is row i's sum.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum8_x8(v: &[__m256; 8]) -> __m256 {
+        // Halves: [row a: v_i + v_{i+4}, i < 4 | row b: the same].
+        let h = |a: __m256, b: __m256| {
+            _mm256_add_ps(
+                _mm256_permute2f128_ps::<0x20>(a, b),
+                _mm256_permute2f128_ps::<0x31>(a, b),
+            )
+        };
+        let (t01, t23, t45, t67) = (h(v[0], v[1]), h(v[2], v[3]), h(v[4], v[5]), h(v[6], v[7]));
+        // Pairs: per 128-bit lane [a: h0+h2, h1+h3 | b: the same]; low lanes rows 0 and 2 (4, 6),
+        // high lanes rows 1 and 3 (5, 7).
+        let y = |a: __m256, b: __m256| {
+            _mm256_add_ps(
+                _mm256_shuffle_ps::<0x44>(a, b),
+                _mm256_shuffle_ps::<0xEE>(a, b),
+            )
+        };
+        let (y0123, y4567) = (y(t01, t23), y(t45, t67));
+        // Final pair sums: low lane rows 0, 2, 4, 6; high lane rows 1, 3, 5, 7.
+        let z = _mm256_add_ps(
+            _mm256_shuffle_ps::<0x88>(y0123, y4567),
+            _mm256_shuffle_ps::<0xDD>(y0123, y4567),
+        );
+        _mm256_permutevar8x32_ps(z, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
+    }
+
+    /// `N` heads' scores per row with `dot`'s accumulators, order and reduction, the 16 lanes
+    /// of `dot`'s two 8-lane accumulators in one register and the horizontal sums of eight
+    /// rows done together ([`hsum8_x8`]).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
+    unsafe fn dot_heads_512<const N: usize>(
+        q: &[f32],
+        d: usize,
+        rows: &[half::f16],
+        stride: usize,
+        m: usize,
+        out: &mut [f32],
+        out_stride: usize,
+    ) {
+        let mut p = 0;
+        while p + 8 <= m {
+            // The next eight rows come from the KV cache's blocks (L3 at best): ask for them now.
+            for r in p + 8..(p + 16).min(m) {
+                prefetch_row(rows, r * stride, d);
+            }
+            let mut v = [[_mm256_setzero_ps(); 8]; N];
+            for r in 0..8 {
+                // SAFETY: row p + r < m lies within rows (checked) and d % 16 == 0.
+                let s = unsafe { row_sums_512::<N>(q, d, rows.as_ptr().add((p + r) * stride)) };
+                for (vj, sj) in v.iter_mut().zip(s) {
+                    vj[r] = sj;
+                }
+            }
+            for (j, vj) in v.iter().enumerate() {
+                // SAFETY: out holds (n − 1)·out_stride + m values with out_stride >= m (checked).
+                unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(j * out_stride + p), hsum8_x8(vj)) };
+            }
+            p += 8;
+        }
+        while p < m {
+            // SAFETY: as above, for one row.
+            let s = unsafe { row_sums_512::<N>(q, d, rows.as_ptr().add(p * stride)) };
+            for (j, sj) in s.into_iter().enumerate() {
+                out[j * out_stride + p] = hsum8(sj);
+            }
+            p += 1;
+        }
+    }
+
+    /// # Safety
+    /// AVX-512 F/VL, AVX2, FMA and F16C; shapes as checked by `check_heads`.
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
+    pub(super) unsafe fn weighted_sum_f16_heads_512(
+        w: &[f32],
+        w_stride: usize,
+        rows: &[half::f16],
+        stride: usize,
+        m: usize,
+        acc: &mut [f32],
+        d: usize,
+    ) {
+        if d % 16 != 0 {
+            // SAFETY: same features.
+            return unsafe { weighted_sum_f16_heads(w, w_stride, rows, stride, m, acc, d) };
+        }
+        let n = acc.len() / d;
+        // Columns per pass over the rows: as many 16-lane accumulators as fit in registers.
+        let mut c = 0;
+        while c < d {
+            // SAFETY: same features; c + 16·C <= d in each call.
+            unsafe {
+                c += if n <= 2 && c + 128 <= d {
+                    by_heads!(
+                        n,
+                        wsum_heads_512x::<8>(w, w_stride, rows, stride, m, acc, d, c)
+                    )
+                } else if n <= 4 && c + 64 <= d {
+                    by_heads!(
+                        n,
+                        wsum_heads_512x::<4>(w, w_stride, rows, stride, m, acc, d, c)
+                    )
+                } else if n <= 8 && c + 32 <= d {
+                    by_heads!(
+                        n,
+                        wsum_heads_512x::<2>(w, w_stride, rows, stride, m, acc, d, c)
+                    )
+                } else {
+                    by_heads!(
+                        n,
+                        wsum_heads_512x::<1>(w, w_stride, rows, stride, m, acc, d, c)
+                    )
+                };
+            }
+        }
+    }
+
+    /// Columns `c..c + 16·C` of `N` heads' weighted sums in registers across all rows: per
+    /// element the fused multiply-adds of `axpy` in row order. Returns the columns done.
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
+    unsafe fn wsum_heads_512x<const C: usize, const N: usize>(
+        w: &[f32],
+        w_stride: usize,
+        rows: &[half::f16],
+        stride: usize,
+        m: usize,
+        acc: &mut [f32],
+        d: usize,
+        c: usize,
+    ) -> usize {
+        // SAFETY (whole body): c + 16·C <= d, inside every head's accumulator and every row;
+        // w holds (N − 1)·w_stride + m weights (checked).
+        unsafe {
+            let mut a = [[_mm512_setzero_ps(); C]; N];
+            for (j, aj) in a.iter_mut().enumerate() {
+                for (k, ak) in aj.iter_mut().enumerate() {
+                    *ak = _mm512_loadu_ps(acc.as_ptr().add(j * d + c + 16 * k));
+                }
+            }
+            for p in 0..m {
+                if p + 8 < m {
+                    prefetch_row(rows, (p + 8) * stride + c, 16 * C);
+                }
+                let rp = rows.as_ptr().add(p * stride + c);
+                let mut v = [_mm512_setzero_ps(); C];
+                for (k, vk) in v.iter_mut().enumerate() {
+                    *vk = _mm512_cvtph_ps(_mm256_loadu_si256(rp.add(16 * k) as *const __m256i));
+                }
+                for (j, aj) in a.iter_mut().enumerate() {
+                    let wv = _mm512_set1_ps(*w.get_unchecked(j * w_stride + p));
+                    for (ak, vk) in aj.iter_mut().zip(&v) {
+                        *ak = _mm512_fmadd_ps(wv, *vk, *ak);
+                    }
+                }
+            }
+            for (j, aj) in a.iter().enumerate() {
+                for (k, ak) in aj.iter().enumerate() {
+                    _mm512_storeu_ps(acc.as_mut_ptr().add(j * d + c + 16 * k), *ak);
+                }
+            }
+        }
+        16 * C
+    }
+
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn f32_to_f16(src: &[f32], dst: &mut [half::f16]) {
+        let n = src.len().min(dst.len());
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n, within both slices (f16 is 2 bytes, repr(transparent) u16).
+            unsafe {
+                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(
+                    src.as_ptr().add(i),
+                ));
+                _mm_storeu_si128(dst.as_mut_ptr().add(i) as *mut __m128i, h);
+            }
+            i += 8;
+        }
+        for j in i..n {
+            dst[j] = half::f16::from_f32(src[j]);
+        }
+    }
+
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn round_f16(x: &mut [f32]) {
+        let n = x.len();
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n, within the slice.
+            unsafe {
+                let p = x.as_mut_ptr().add(i);
+                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(p));
+                _mm256_storeu_ps(p, _mm256_cvtph_ps(h));
+            }
+            i += 8;
+        }
+        for v in &mut x[i..] {
+            *v = half::f16::from_f32(*v).to_f32();
         }
     }
 
@@ -692,15 +1209,24 @@ mod x86 {
         let mut lanes = [0f32; 8];
         // SAFETY: lanes holds 8 floats.
         unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), m) };
-        lanes.iter().chain(&x[i..]).fold(f32::NEG_INFINITY, |a, &v| a.max(v))
+        lanes
+            .iter()
+            .chain(&x[i..])
+            .fold(f32::NEG_INFINITY, |a, &v| a.max(v))
     }
 
     /// `e^v` per lane by the scalar twin's polynomial.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     fn exp8(v: __m256) -> __m256 {
-        let v = _mm256_min_ps(_mm256_max_ps(v, _mm256_set1_ps(-super::EXP_CLAMP)), _mm256_set1_ps(super::EXP_CLAMP));
-        let n = _mm256_round_ps(_mm256_mul_ps(v, _mm256_set1_ps(std::f32::consts::LOG2_E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        let v = _mm256_min_ps(
+            _mm256_max_ps(v, _mm256_set1_ps(-super::EXP_CLAMP)),
+            _mm256_set1_ps(super::EXP_CLAMP),
+        );
+        let n = _mm256_round_ps(
+            _mm256_mul_ps(v, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+        );
         let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(super::LN2_HI), v);
         let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(super::LN2_LO), r);
         let c = super::EXP_P;
@@ -708,8 +1234,14 @@ mod x86 {
         for &ck in &c[1..] {
             p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(ck));
         }
-        let y = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0));
-        let pow2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+        let y = _mm256_add_ps(
+            _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r),
+            _mm256_set1_ps(1.0),
+        );
+        let pow2 = _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
+            23,
+        ));
         _mm256_mul_ps(y, pow2)
     }
 
@@ -728,7 +1260,11 @@ mod x86 {
         let mut lanes = [0f32; 8];
         // SAFETY: lanes holds 8 floats.
         unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
-        lanes.iter().sum::<f32>() + x[i..].iter().map(|&v| super::exp_poly(v - shift)).sum::<f32>()
+        lanes.iter().sum::<f32>()
+            + x[i..]
+                .iter()
+                .map(|&v| super::exp_poly(v - shift))
+                .sum::<f32>()
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -739,7 +1275,11 @@ mod x86 {
         while i + 8 <= n {
             // SAFETY: i + 8 <= n, within both slices.
             unsafe {
-                let r = _mm256_fmadd_ps(al, _mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(y.as_ptr().add(i)));
+                let r = _mm256_fmadd_ps(
+                    al,
+                    _mm256_loadu_ps(x.as_ptr().add(i)),
+                    _mm256_loadu_ps(y.as_ptr().add(i)),
+                );
                 _mm256_storeu_ps(y.as_mut_ptr().add(i), r);
             }
             i += 8;
@@ -756,28 +1296,51 @@ mod tests {
     use super::*;
 
     fn values(n: usize, seed: u32) -> Vec<f32> {
-        (0..n).map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed.wrapping_mul(40503)) >> 8) % 2001) as f32 / 1000.0 - 1.0).collect()
+        (0..n)
+            .map(|i| {
+                (((i as u32)
+                    .wrapping_mul(2654435761)
+                    .wrapping_add(seed.wrapping_mul(40503))
+                    >> 8)
+                    % 2001) as f32
+                    / 1000.0
+                    - 1.0
+            })
+            .collect()
     }
 
     /// The tile kernels against their scalar twins, for head sizes with and without a tail of
     /// 8/32 columns, row counts with and without a tail of 8, and strided rows.
     #[test]
     fn dot_rows_and_weighted_sum_match_their_scalar_twins() {
-        for (d, n, stride) in [(64, 32, 64), (64, 13, 192), (256, 40, 256), (40, 9, 48), (7, 3, 7), (128, 0, 128)] {
+        for (d, n, stride) in [
+            (64, 32, 64),
+            (64, 13, 192),
+            (256, 40, 256),
+            (40, 9, 48),
+            (7, 3, 7),
+            (128, 0, 128),
+        ] {
             let q = values(d, 1);
             let rows = values(n.max(1) * stride, 2);
             let (mut got, mut want) = (vec![0f32; n], vec![0f32; n]);
             dot_rows(&q, &rows, stride, &mut got);
             dot_rows_scalar(&q, &rows, stride, &mut want);
             for (g, w) in got.iter().zip(&want) {
-                assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "dot_rows d {d} n {n}: {g} vs {w}");
+                assert!(
+                    (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                    "dot_rows d {d} n {n}: {g} vs {w}"
+                );
             }
             let wts = values(n, 3);
             let (mut got, mut want) = (values(d, 4), values(d, 4));
             weighted_sum(&wts, &rows, stride, &mut got);
             weighted_sum_scalar(&wts, &rows, stride, &mut want);
             for (g, w) in got.iter().zip(&want) {
-                assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "weighted_sum d {d} n {n}: {g} vs {w}");
+                assert!(
+                    (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                    "weighted_sum d {d} n {n}: {g} vs {w}"
+                );
             }
         }
     }
@@ -825,20 +1388,32 @@ mod tests {
         for n in [0usize, 1, 7, 8, 15, 16, 33, 256, 1000] {
             let a: Vec<f32> = (0..n).map(|i| ((i * 37) % 11) as f32 - 5.0).collect();
             let b: Vec<f32> = (0..n).map(|i| ((i * 13) % 7) as f32 * 0.5).collect();
-            let h: Vec<half::f16> = a.iter().zip(&b).map(|(x, y)| half::f16::from_f32(x * 1e-3 + y * 1e4)).collect();
+            let h: Vec<half::f16> = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| half::f16::from_f32(x * 1e-3 + y * 1e4))
+                .collect();
             let (mut w1, mut w2) = (vec![0f32; n], vec![0f32; n]);
             f16_to_f32(&h, &mut w1);
             f16_to_f32_scalar(&h, &mut w2);
             assert_eq!(w1, w2, "{n}: f16 widening");
             let (d, ds) = (dot_f32(&a, &b), dot_f32_scalar(&a, &b));
-            assert!((d - ds).abs() <= 1e-4 * ds.abs().max(1.0), "{n}: {d} vs {ds}");
+            assert!(
+                (d - ds).abs() <= 1e-4 * ds.abs().max(1.0),
+                "{n}: {d} vs {ds}"
+            );
             let (mut y1, mut y2) = (b.clone(), b.clone());
             axpy(0.3, &a, &mut y1);
             axpy_scalar(0.3, &a, &mut y2);
             // A fused multiply-add rounds once where mul+add rounds twice: one rounding apart.
             for i in 0..n {
                 let bound = 2.0 * f32::EPSILON * ((0.3 * a[i]).abs() + b[i].abs());
-                assert!((y1[i] - y2[i]).abs() <= bound, "{n}[{i}]: {} vs {}", y1[i], y2[i]);
+                assert!(
+                    (y1[i] - y2[i]).abs() <= bound,
+                    "{n}[{i}]: {} vs {}",
+                    y1[i],
+                    y2[i]
+                );
             }
         }
     }
@@ -849,10 +1424,31 @@ mod tests {
     /// sizes with and without 8/16-column tails, strided rows, no rows.
     #[test]
     fn multi_head_f16_kernels_equal_widen_then_dot_or_axpy() {
-        let cases = [(1, 64, 16, 192), (1, 64, 5, 64), (1, 256, 16, 256), (1, 40, 9, 48), (1, 72, 3, 80), (1, 128, 0, 128), (3, 64, 16, 192), (4, 256, 16, 256), (8, 40, 9, 48), (2, 72, 3, 80), (5, 24, 1, 24), (3, 64, 0, 64)];
+        let cases = [
+            (1, 64, 16, 192),
+            (1, 64, 5, 64),
+            (1, 256, 16, 256),
+            (1, 40, 9, 48),
+            (1, 72, 3, 80),
+            (1, 128, 0, 128),
+            (3, 64, 16, 192),
+            (4, 256, 16, 256),
+            (8, 40, 9, 48),
+            (2, 72, 3, 80),
+            (5, 24, 1, 24),
+            (3, 64, 0, 64),
+            (3, 64, 37, 192),
+            (1, 256, 23, 256),
+            (2, 128, 8, 128),
+            (8, 64, 19, 64),
+            (6, 96, 11, 96),
+        ];
         for (n, d, m, stride) in cases {
             let q = values(n * d, 1);
-            let rows: Vec<half::f16> = values(m.max(1) * stride, 2).iter().map(|v| half::f16::from_f32(v * 3.0)).collect();
+            let rows: Vec<half::f16> = values(m.max(1) * stride, 2)
+                .iter()
+                .map(|v| half::f16::from_f32(v * 3.0))
+                .collect();
             let widened = |p: usize| {
                 let mut r = vec![0f32; d];
                 f16_to_f32(&rows[p * stride..p * stride + d], &mut r);
@@ -870,18 +1466,93 @@ mod tests {
             for j in 0..n {
                 for p in 0..m {
                     let want = dot_f32(&q[j * d..(j + 1) * d], &widened(p));
-                    assert_eq!(got[j * os + p].to_bits(), want.to_bits(), "dot heads n {n} d {d} head {j} row {p}");
-                    assert!((got[j * os + p] - twin[j * os + p]).abs() <= 1e-5 * (1.0 + twin[j * os + p].abs()));
+                    assert_eq!(
+                        got[j * os + p].to_bits(),
+                        want.to_bits(),
+                        "dot heads n {n} d {d} head {j} row {p}"
+                    );
+                    assert!(
+                        (got[j * os + p] - twin[j * os + p]).abs()
+                            <= 1e-5 * (1.0 + twin[j * os + p].abs())
+                    );
                 }
                 let mut want = values(n * d, 4)[j * d..(j + 1) * d].to_vec();
                 for p in 0..m {
                     axpy(w[j * os + p], &widened(p), &mut want);
                 }
                 for t in 0..d {
-                    assert_eq!(acc[j * d + t].to_bits(), want[t].to_bits(), "wsum heads n {n} d {d} head {j} col {t}");
-                    assert!((acc[j * d + t] - acc_twin[j * d + t]).abs() <= 1e-5 * (1.0 + acc_twin[j * d + t].abs()));
+                    assert_eq!(
+                        acc[j * d + t].to_bits(),
+                        want[t].to_bits(),
+                        "wsum heads n {n} d {d} head {j} col {t}"
+                    );
+                    assert!(
+                        (acc[j * d + t] - acc_twin[j * d + t]).abs()
+                            <= 1e-5 * (1.0 + acc_twin[j * d + t].abs())
+                    );
                 }
             }
+        }
+    }
+
+    /// f16 narrowing and rounding equal `half`'s conversions bit for bit (its round-to-nearest-
+    /// even), on ordinary values, ties, subnormals, overflow to infinity, infinities and NaN
+    /// (NaN stays NaN), with 8-lane tails.
+    #[test]
+    fn f16_narrowing_and_rounding_equal_half() {
+        let mut x = values(203, 11)
+            .iter()
+            .map(|v| v * 7.0)
+            .collect::<Vec<f32>>();
+        x.extend([
+            0.0,
+            -0.0,
+            1.0 + 1.0 / 2048.0,
+            1.0 + 3.0 / 2048.0,
+            65504.0,
+            65520.0,
+            1e6,
+            -1e6,
+            1e-7,
+            -6e-8,
+            3e-5,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::MIN_POSITIVE,
+        ]);
+        for n in [0, 1, 7, 8, 9, x.len()] {
+            let src = &x[..n];
+            let mut got = vec![half::f16::ZERO; n];
+            f32_to_f16(src, &mut got);
+            let mut rounded = src.to_vec();
+            round_f16(&mut rounded);
+            for i in 0..n {
+                let want = half::f16::from_f32(src[i]);
+                if src[i].is_nan() {
+                    assert!(got[i].is_nan() && rounded[i].is_nan());
+                    continue;
+                }
+                assert_eq!(got[i].to_bits(), want.to_bits(), "narrow {}", src[i]);
+                assert_eq!(
+                    rounded[i].to_bits(),
+                    want.to_f32().to_bits(),
+                    "round {}",
+                    src[i]
+                );
+            }
+            let mut twin = vec![half::f16::ZERO; n];
+            f32_to_f16_scalar(src, &mut twin);
+            let mut twin_r = src.to_vec();
+            round_f16_scalar(&mut twin_r);
+            assert!(twin
+                .iter()
+                .zip(&got)
+                .all(|(a, b)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())));
+            assert!(twin_r
+                .iter()
+                .zip(&rounded)
+                .all(|(a, b)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())));
         }
     }
 
@@ -891,22 +1562,39 @@ mod tests {
         for i in -8800..=100 {
             let x = i as f32 / 100.0;
             let (got, want) = (exp_poly(x) as f64, (x as f64).exp());
-            assert!((got - want).abs() <= 3e-7 * want + 1e-37, "exp({x}) = {got}, want {want}");
+            assert!(
+                (got - want).abs() <= 3e-7 * want + 1e-37,
+                "exp({x}) = {got}, want {want}"
+            );
         }
         for n in [1usize, 7, 8, 9, 64, 1000, 49_152] {
             let x: Vec<f32> = values(n, n as u32).iter().map(|v| v * 20.0).collect();
             let s = logit_stats(&x);
             let want_max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
             assert_eq!(s.max, want_max, "{n}");
-            assert_eq!(s.argmax, x.iter().position(|&v| v == want_max).unwrap_or(0), "{n}");
+            assert_eq!(
+                s.argmax,
+                x.iter().position(|&v| v == want_max).unwrap_or(0),
+                "{n}"
+            );
             assert_eq!(max_f32_scalar(&x), want_max);
             // The lse against token_nll's f64 (nll of token 0 = lse − x[0]).
             let lse64 = token_nll(&x, 0) + x[0] as f64;
-            assert!((s.lse - lse64).abs() < 1e-6 * lse64.abs().max(1.0), "{n}: {} vs {lse64}", s.lse);
+            assert!(
+                (s.lse - lse64).abs() < 1e-6 * lse64.abs().max(1.0),
+                "{n}: {} vs {lse64}",
+                s.lse
+            );
             let lp = token_logprob(&x, n / 2) as f64;
-            assert!((lp + token_nll(&x, n / 2)).abs() < 1e-5 * lse64.abs().max(1.0), "{n}: {lp}");
+            assert!(
+                (lp + token_nll(&x, n / 2)).abs() < 1e-5 * lse64.abs().max(1.0),
+                "{n}: {lp}"
+            );
             let (simd, scalar) = (sum_exp_from_dispatch(&x, s.max), sum_exp_scalar(&x, s.max));
-            assert!((simd - scalar).abs() <= 1e-6 * scalar, "{n}: {simd} vs {scalar}");
+            assert!(
+                (simd - scalar).abs() <= 1e-6 * scalar,
+                "{n}: {simd} vs {scalar}"
+            );
         }
         // Far-below-max values contribute nothing and do not produce NaN; a row with one
         // huge value has lse = that value.
@@ -926,8 +1614,17 @@ mod tests {
         let mut g = xs.clone();
         geglu(&mut g, &vec![1.0; xs.len()]);
         for (x, y) in xs.iter().zip(&g) {
-            let exact = if *x <= -10.0 { 0.0 } else if *x >= 10.0 { *x } else { gelu(*x) };
-            assert!((y - exact).abs() <= 2e-3 * exact.abs().max(0.5) + 1e-3, "{x}: {y} vs {exact}");
+            let exact = if *x <= -10.0 {
+                0.0
+            } else if *x >= 10.0 {
+                *x
+            } else {
+                gelu(*x)
+            };
+            assert!(
+                (y - exact).abs() <= 2e-3 * exact.abs().max(0.5) + 1e-3,
+                "{x}: {y} vs {exact}"
+            );
         }
     }
 
@@ -942,7 +1639,9 @@ mod tests {
 
     #[test]
     fn hadamard_is_an_involution_that_keeps_dot_products() {
-        let a: Vec<f32> = (0..64).map(|i| ((i * 13 % 17) as f32 - 8.0) * 0.3).collect();
+        let a: Vec<f32> = (0..64)
+            .map(|i| ((i * 13 % 17) as f32 - 8.0) * 0.3)
+            .collect();
         let b: Vec<f32> = (0..64).map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.7).collect();
         let (mut ha, mut hb) = (a.clone(), b.clone());
         hadamard(&mut ha);

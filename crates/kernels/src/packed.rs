@@ -35,7 +35,10 @@ pub const GROUP: usize = 8;
 
 /// Whether `ty` has a packed layout.
 pub fn packable(ty: GgmlType) -> bool {
-    matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q8_0)
+    matches!(
+        ty,
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q8_0
+    )
 }
 
 /// Whether a `rows × cols` matrix of `ty` has a packed layout.
@@ -76,10 +79,16 @@ pub fn pack(ty: GgmlType, rows: usize, cols: usize, data: &[u8]) -> Option<Vec<u
 /// # Panics
 /// If `ty` is not [`packable`], `cols` is not a multiple of 32, or the lengths do not match.
 pub fn pack_rows(ty: GgmlType, cols: usize, data: &[u8], out: &mut [u8]) {
-    assert!(packable(ty) && cols % 32 == 0, "pack_rows: {ty} × {cols} has no packed layout");
+    assert!(
+        packable(ty) && cols % 32 == 0,
+        "pack_rows: {ty} × {cols} has no packed layout"
+    );
     let ts = ty.type_size();
     let nb = cols / 32;
-    assert!(data.len() == out.len() && data.len() % (GROUP * nb * ts) == 0, "pack_rows: whole groups only");
+    assert!(
+        data.len() == out.len() && data.len() % (GROUP * nb * ts) == 0,
+        "pack_rows: whole groups only"
+    );
     let rb = record_bytes(ty);
     for g in 0..data.len() / (GROUP * nb * ts) {
         for i in 0..nb {
@@ -117,7 +126,8 @@ pub fn pack_rows(ty: GgmlType, cols: usize, data: &[u8], out: &mut [u8]) {
                     for k in 0..4 {
                         for r in 0..GROUP {
                             let o = qs_off + 32 * k + 4 * r;
-                            rec[o..o + 4].copy_from_slice(&block(r)[q_at + 4 * k..q_at + 4 * k + 4]);
+                            rec[o..o + 4]
+                                .copy_from_slice(&block(r)[q_at + 4 * k..q_at + 4 * k + 4]);
                         }
                     }
                 }
@@ -149,7 +159,12 @@ fn quant(ty: GgmlType, rec: &[u8], r: usize, e: usize) -> i32 {
             let byte = rec[qs_off + 32 * (k % 4) + 4 * r + j];
             let nib = if k < 4 { byte & 0xF } else { byte >> 4 } as i32;
             if ty == GgmlType::Q5_0 {
-                let mask = u32::from_le_bytes([rec[16 + 4 * k], rec[17 + 4 * k], rec[18 + 4 * k], rec[19 + 4 * k]]);
+                let mask = u32::from_le_bytes([
+                    rec[16 + 4 * k],
+                    rec[17 + 4 * k],
+                    rec[18 + 4 * k],
+                    rec[19 + 4 * k],
+                ]);
                 nib | ((((mask >> (4 * r + j)) & 1) as i32) << 4)
             } else {
                 nib
@@ -164,7 +179,13 @@ fn f16_at(b: &[u8], o: usize) -> f32 {
 
 /// The scalar twin: the eight rows of group `g` of a packed matrix (`cols` inputs) · one
 /// activation row, in the kernels' exact arithmetic.
-pub fn dot_group_scalar(ty: GgmlType, packed: &[u8], cols: usize, g: usize, a: ActRow<'_>) -> [f32; GROUP] {
+pub fn dot_group_scalar(
+    ty: GgmlType,
+    packed: &[u8],
+    cols: usize,
+    g: usize,
+    a: ActRow<'_>,
+) -> [f32; GROUP] {
     let nb = cols / 32;
     let rb = record_bytes(ty);
     let off = offset(ty);
@@ -193,7 +214,8 @@ pub fn dot_group_scalar(ty: GgmlType, packed: &[u8], cols: usize, g: usize, a: A
 /// # Safety
 /// As [`crate::dispatch::RowsFn`]: `out` holds `acts.n_rows × ld` floats whose `(t, r0..r1)`
 /// positions no one else writes meanwhile, and the CPU supports the tier the function came from.
-pub type PackedRowsFn = unsafe fn(&[u8], usize, usize, usize, &crate::act::QuantActs, crate::SyncPtr<f32>, usize);
+pub type PackedRowsFn =
+    unsafe fn(&[u8], usize, usize, usize, &crate::act::QuantActs, crate::SyncPtr<f32>, usize);
 
 /// The AVX-512 VNNI kernel for `ty`'s packed layout, if the CPU has that tier.
 pub(crate) fn simd_rows(ty: GgmlType) -> Option<PackedRowsFn> {
@@ -238,11 +260,34 @@ mod x86 {
         }
     }
 
+    /// Records ahead of the one in use that the kernels ask the cache for.
+    const PREFETCH_RECORDS: usize = 8;
+
+    /// Prefetches every cache line of the record [`PREFETCH_RECORDS`] after the one at `p`
+    /// (records are 144–272 bytes, so one line per record would leave most lines to the
+    /// hardware prefetcher). A hint: an address past the matrix is never dereferenced.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn prefetch_record(p: *const u8, rb: usize) {
+        let ahead = p.wrapping_add(PREFETCH_RECORDS * rb);
+        let mut o = 0;
+        while o < rb {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(o) as *const i8);
+            o += 64;
+        }
+        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(rb - 1) as *const i8);
+    }
+
     /// One group of eight rows × `N` activation rows over all `nb` blocks; `out[t]` gets the
     /// eight results of token t.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn group<const T: u8, const N: usize>(rec0: *const u8, nb: usize, a: &[ActRow<'_>; N], out: &mut [[f32; GROUP]; N]) {
+    unsafe fn group<const T: u8, const N: usize>(
+        rec0: *const u8,
+        nb: usize,
+        a: &[ActRow<'_>; N],
+        out: &mut [[f32; GROUP]; N],
+    ) {
         let ty = ty_of(T);
         let rb = super::record_bytes(ty);
         let off = super::offset(ty);
@@ -260,7 +305,7 @@ mod x86 {
             // SAFETY (whole block): the caller guarantees nb records of rb bytes at rec0 and
             // activation rows of nb blocks (checked in `rows`).
             let p = unsafe { rec0.add(i * rb) };
-            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(4 * rb) as *const i8);
+            prefetch_record(p, rb);
             let dv = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(p as *const __m128i) });
             let mut w = [_mm256_setzero_si256(); 8];
             if T == Q8_0 {
@@ -275,23 +320,35 @@ mod x86 {
                 }
                 if T == Q5_0 {
                     for (k, wk) in w.iter_mut().enumerate() {
-                        let mask = unsafe { std::ptr::read_unaligned(p.add(16 + 4 * k) as *const u32) };
+                        let mask =
+                            unsafe { std::ptr::read_unaligned(p.add(16 + 4 * k) as *const u32) };
                         *wk = _mm256_mask_add_epi8(*wk, mask, *wk, sixteen);
                     }
                 }
             }
-            let mv = if T == Q4_1 { _mm256_cvtph_ps(unsafe { _mm_loadu_si128(p.add(16) as *const __m128i) }) } else { _mm256_setzero_ps() };
+            let mv = if T == Q4_1 {
+                _mm256_cvtph_ps(unsafe { _mm_loadu_si128(p.add(16) as *const __m128i) })
+            } else {
+                _mm256_setzero_ps()
+            };
             for t in 0..N {
                 let ap = unsafe { a[t].qs.as_ptr().add(32 * i) };
-                let mut isum = _mm256_set1_epi32(-off * unsafe { *a[t].bsums.get_unchecked(i) } as i32);
+                let mut isum =
+                    _mm256_set1_epi32(-off * unsafe { *a[t].bsums.get_unchecked(i) } as i32);
                 for (k, wk) in w.iter().enumerate() {
-                    let av = _mm256_set1_epi32(unsafe { std::ptr::read_unaligned(ap.add(4 * k) as *const i32) });
+                    let av = _mm256_set1_epi32(unsafe {
+                        std::ptr::read_unaligned(ap.add(4 * k) as *const i32)
+                    });
                     isum = _mm256_dpbusd_epi32(isum, *wk, av);
                 }
                 let d = _mm256_mul_ps(dv, _mm256_set1_ps(unsafe { *a[t].d.get_unchecked(i) }));
                 acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), d, acc[t]);
                 if T == Q4_1 {
-                    macc[t] = _mm256_fmadd_ps(mv, _mm256_set1_ps(unsafe { *a[t].s.get_unchecked(i) }), macc[t]);
+                    macc[t] = _mm256_fmadd_ps(
+                        mv,
+                        _mm256_set1_ps(unsafe { *a[t].s.get_unchecked(i) }),
+                        macc[t],
+                    );
                 }
             }
         }
@@ -308,7 +365,13 @@ mod x86 {
     /// results of token t.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn group_pair<const T: u8, const N: usize>(rec_g: *const u8, rec_h: *const u8, nb: usize, a: &[ActRow<'_>; N], out: &mut [[f32; 2 * GROUP]; N]) {
+    unsafe fn group_pair<const T: u8, const N: usize>(
+        rec_g: *const u8,
+        rec_h: *const u8,
+        nb: usize,
+        a: &[ActRow<'_>; N],
+        out: &mut [[f32; 2 * GROUP]; N],
+    ) {
         let ty = ty_of(T);
         let rb = super::record_bytes(ty);
         let off = super::offset(ty);
@@ -324,12 +387,22 @@ mod x86 {
         let mut macc = [_mm512_setzero_ps(); N];
         // SAFETY (whole loop): the caller guarantees nb records of rb bytes at rec_g and at
         // rec_h, and activation rows of nb blocks (checked in `rows`).
-        let pair = |p: *const u8, q: *const u8, o: usize| unsafe { _mm512_inserti64x4::<1>(_mm512_castsi256_si512(_mm256_loadu_si256(p.add(o) as *const __m256i)), _mm256_loadu_si256(q.add(o) as *const __m256i)) };
-        let halves = |p: *const u8, q: *const u8, o: usize| unsafe { _mm512_cvtph_ps(_mm256_inserti128_si256::<1>(_mm256_castsi128_si256(_mm_loadu_si128(p.add(o) as *const __m128i)), _mm_loadu_si128(q.add(o) as *const __m128i))) };
+        let pair = |p: *const u8, q: *const u8, o: usize| unsafe {
+            _mm512_inserti64x4::<1>(
+                _mm512_castsi256_si512(_mm256_loadu_si256(p.add(o) as *const __m256i)),
+                _mm256_loadu_si256(q.add(o) as *const __m256i),
+            )
+        };
+        let halves = |p: *const u8, q: *const u8, o: usize| unsafe {
+            _mm512_cvtph_ps(_mm256_inserti128_si256::<1>(
+                _mm256_castsi128_si256(_mm_loadu_si128(p.add(o) as *const __m128i)),
+                _mm_loadu_si128(q.add(o) as *const __m128i),
+            ))
+        };
         for i in 0..nb {
             let (p, q) = unsafe { (rec_g.add(i * rb), rec_h.add(i * rb)) };
-            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(4 * rb) as *const i8);
-            _mm_prefetch::<_MM_HINT_T0>(q.wrapping_add(4 * rb) as *const i8);
+            prefetch_record(p, rb);
+            prefetch_record(q, rb);
             let dv = halves(p, q, 0);
             let mut w = [_mm512_setzero_si512(); 8];
             if T == Q8_0 {
@@ -344,23 +417,40 @@ mod x86 {
                 }
                 if T == Q5_0 {
                     for (k, wk) in w.iter_mut().enumerate() {
-                        let (lo, hi) = unsafe { (std::ptr::read_unaligned(p.add(16 + 4 * k) as *const u32), std::ptr::read_unaligned(q.add(16 + 4 * k) as *const u32)) };
-                        *wk = _mm512_mask_add_epi8(*wk, lo as u64 | (hi as u64) << 32, *wk, sixteen);
+                        let (lo, hi) = unsafe {
+                            (
+                                std::ptr::read_unaligned(p.add(16 + 4 * k) as *const u32),
+                                std::ptr::read_unaligned(q.add(16 + 4 * k) as *const u32),
+                            )
+                        };
+                        *wk =
+                            _mm512_mask_add_epi8(*wk, lo as u64 | (hi as u64) << 32, *wk, sixteen);
                     }
                 }
             }
-            let mv = if T == Q4_1 { halves(p, q, 16) } else { _mm512_setzero_ps() };
+            let mv = if T == Q4_1 {
+                halves(p, q, 16)
+            } else {
+                _mm512_setzero_ps()
+            };
             for t in 0..N {
                 let ap = unsafe { a[t].qs.as_ptr().add(32 * i) };
-                let mut isum = _mm512_set1_epi32(-off * unsafe { *a[t].bsums.get_unchecked(i) } as i32);
+                let mut isum =
+                    _mm512_set1_epi32(-off * unsafe { *a[t].bsums.get_unchecked(i) } as i32);
                 for (k, wk) in w.iter().enumerate() {
-                    let av = _mm512_set1_epi32(unsafe { std::ptr::read_unaligned(ap.add(4 * k) as *const i32) });
+                    let av = _mm512_set1_epi32(unsafe {
+                        std::ptr::read_unaligned(ap.add(4 * k) as *const i32)
+                    });
                     isum = _mm512_dpbusd_epi32(isum, *wk, av);
                 }
                 let d = _mm512_mul_ps(dv, _mm512_set1_ps(unsafe { *a[t].d.get_unchecked(i) }));
                 acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), d, acc[t]);
                 if T == Q4_1 {
-                    macc[t] = _mm512_fmadd_ps(mv, _mm512_set1_ps(unsafe { *a[t].s.get_unchecked(i) }), macc[t]);
+                    macc[t] = _mm512_fmadd_ps(
+                        mv,
+                        _mm512_set1_ps(unsafe { *a[t].s.get_unchecked(i) }),
+                        macc[t],
+                    );
                 }
             }
         }
@@ -374,7 +464,13 @@ mod x86 {
     ///
     /// # Safety
     /// As [`PackedRowsFn`]'s contract.
-    unsafe fn store<const N: usize, const W: usize>(o: &[[f32; W]; N], out: SyncPtr<f32>, t0: usize, ld: usize, r: usize) {
+    unsafe fn store<const N: usize, const W: usize>(
+        o: &[[f32; W]; N],
+        out: SyncPtr<f32>,
+        t0: usize,
+        ld: usize,
+        r: usize,
+    ) {
         for (k, v) in o.iter().enumerate() {
             // SAFETY: the caller guarantees (t0 + k, r..r + W) is inside out and its own.
             unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), out.0.add((t0 + k) * ld + r), W) };
@@ -389,7 +485,17 @@ mod x86 {
     #[allow(clippy::too_many_arguments)]
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn pass<const T: u8, const N: usize>(packed: &[u8], nb: usize, rb: usize, r0: usize, r1: usize, acts: &QuantActs, t: usize, out: SyncPtr<f32>, ld: usize) -> usize {
+    unsafe fn pass<const T: u8, const N: usize>(
+        packed: &[u8],
+        nb: usize,
+        rb: usize,
+        r0: usize,
+        r1: usize,
+        acts: &QuantActs,
+        t: usize,
+        out: SyncPtr<f32>,
+        ld: usize,
+    ) -> usize {
         let a: [ActRow<'_>; N] = std::array::from_fn(|k| acts.row(t + k));
         let (mut g, end) = (r0 / GROUP, r1 / GROUP);
         // Pairs of groups in 512-bit registers, a last odd group in 256-bit ones.
@@ -398,7 +504,13 @@ mod x86 {
             // SAFETY: groups g and g + 1's records lie inside packed and out is the caller's
             // (see above).
             unsafe {
-                group_pair::<T, N>(packed.as_ptr().add(g * nb * rb), packed.as_ptr().add((g + 1) * nb * rb), nb, &a, &mut o);
+                group_pair::<T, N>(
+                    packed.as_ptr().add(g * nb * rb),
+                    packed.as_ptr().add((g + 1) * nb * rb),
+                    nb,
+                    &a,
+                    &mut o,
+                );
                 store(&o, out, t, ld, g * GROUP);
             }
             g += 2;
@@ -415,16 +527,34 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn rows<const T: u8>(packed: &[u8], cols: usize, r0: usize, r1: usize, acts: &QuantActs, out: SyncPtr<f32>, ld: usize) {
+    unsafe fn rows<const T: u8>(
+        packed: &[u8],
+        cols: usize,
+        r0: usize,
+        r1: usize,
+        acts: &QuantActs,
+        out: SyncPtr<f32>,
+        ld: usize,
+    ) {
         let ty = ty_of(T);
         let nb = cols / 32;
         let rb = super::record_bytes(ty);
-        assert!(r0 % GROUP == 0 && r1 % GROUP == 0 && packed.len() >= r1 / GROUP * nb * rb, "packed rows out of range");
+        assert!(
+            r0 % GROUP == 0 && r1 % GROUP == 0 && packed.len() >= r1 / GROUP * nb * rb,
+            "packed rows out of range"
+        );
         let n = acts.n_rows;
-        for t in 0..n {
-            let a = acts.row(t);
-            assert!(a.qs.len() >= nb * 32 && a.d.len() >= nb && a.bsums.len() >= nb && (T != Q4_1 || a.s.len() >= nb));
-        }
+        // Every activation row has nb blocks (what `acts.row(t)` hands out for t < n).
+        assert!(
+            acts.format == Some(crate::act::ActFormat::Q8x32) && acts.cols == cols,
+            "packed rows need Q8x32 activations of {cols} columns"
+        );
+        assert!(
+            acts.qs.len() >= n * cols
+                && acts.d.len() >= n * nb
+                && acts.bsums.len() >= n * nb
+                && (T != Q4_1 || acts.s.len() >= n * nb)
+        );
         // Tokens outer, groups inner: a chunk of tokens' activations stays in L1 while the
         // task's weights (at most 512 rows) come from L2.
         let mut t = 0;
@@ -453,10 +583,17 @@ mod tests {
     /// quants, for every packable type.
     #[test]
     fn packed_scalar_matches_ggml_layout_dot() {
-        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0] {
+        for ty in [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q8_0,
+        ] {
             for case in 0..3u64 {
                 let (rows, cols) = (16, 96);
-                let mut data: Vec<u8> = (0..rows).flat_map(|r| random_row(ty, cols, 7 * r as u64 + case)).collect();
+                let mut data: Vec<u8> = (0..rows)
+                    .flat_map(|r| random_row(ty, cols, 7 * r as u64 + case))
+                    .collect();
                 if case == 2 {
                     // every quant bit set, scales kept
                     let ts = ty.type_size();
@@ -467,7 +604,10 @@ mod tests {
                 }
                 let packed = pack(ty, rows, cols, &data).expect("packable");
                 assert_eq!(packed.len(), data.len());
-                let x: Vec<f32> = bytes(cols, 40 + case).iter().map(|&b| (b as f32 - 128.0) / 9.0).collect();
+                let x: Vec<f32> = bytes(cols, 40 + case)
+                    .iter()
+                    .map(|&b| (b as f32 - 128.0) / 9.0)
+                    .collect();
                 let mut acts = QuantActs::default();
                 acts.quantize(ActFormat::Q8x32, &x, cols);
                 let rb = cols / 32 * ty.type_size();
@@ -476,7 +616,11 @@ mod tests {
                     for r in 0..GROUP {
                         let row = g * GROUP + r;
                         let want = dot_scalar(ty, &data[row * rb..(row + 1) * rb], acts.row(0));
-                        assert!((got[r] - want).abs() <= 1e-5 * want.abs().max(1.0) + 1e-4, "{ty} case {case} row {row}: {} vs {want}", got[r]);
+                        assert!(
+                            (got[r] - want).abs() <= 1e-5 * want.abs().max(1.0) + 1e-4,
+                            "{ty} case {case} row {row}: {} vs {want}",
+                            got[r]
+                        );
                     }
                 }
             }
@@ -487,7 +631,12 @@ mod tests {
     /// 1..=13 tokens (the 8-, 4- and 1-token paths) and a row range that skips the first group.
     #[test]
     fn simd_matches_scalar_twin_bit_for_bit() {
-        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0] {
+        for ty in [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q8_0,
+        ] {
             let Some(f) = simd_rows(ty) else {
                 eprintln!("no packed SIMD kernel on this CPU");
                 return;
@@ -495,26 +644,52 @@ mod tests {
             for case in 0..4u64 {
                 // Rows 8..32: groups 1–2 as a 512-bit pair, group 3 alone.
                 let (rows, cols) = (32, 160);
-                let data: Vec<u8> = (0..rows).flat_map(|r| random_row(ty, cols, 3 * r as u64 + case)).collect();
+                let data: Vec<u8> = (0..rows)
+                    .flat_map(|r| random_row(ty, cols, 3 * r as u64 + case))
+                    .collect();
                 let packed = pack(ty, rows, cols, &data).expect("packable");
                 let n_tok = 1 + (case as usize * 4) % 13 + if case == 3 { 9 } else { 0 };
                 let x: Vec<f32> = match case {
-                    1 => (0..n_tok * cols).map(|i| if i % 3 == 0 { 1e4 } else { -1e4 }).collect(),
+                    1 => (0..n_tok * cols)
+                        .map(|i| if i % 3 == 0 { 1e4 } else { -1e4 })
+                        .collect(),
                     2 => vec![0.0; n_tok * cols],
-                    _ => bytes(n_tok * cols, 9 + case).iter().map(|&b| (b as f32 - 128.0) / 7.0).collect(),
+                    _ => bytes(n_tok * cols, 9 + case)
+                        .iter()
+                        .map(|&b| (b as f32 - 128.0) / 7.0)
+                        .collect(),
                 };
                 let mut acts = QuantActs::default();
                 acts.quantize(ActFormat::Q8x32, &x, cols);
                 let mut out = vec![f32::NAN; n_tok * rows];
                 // SAFETY: out holds n_tok × rows; the function came from simd_rows.
-                unsafe { f(&packed, cols, GROUP, rows, &acts, crate::SyncPtr::new(&mut out), rows) };
+                unsafe {
+                    f(
+                        &packed,
+                        cols,
+                        GROUP,
+                        rows,
+                        &acts,
+                        crate::SyncPtr::new(&mut out),
+                        rows,
+                    )
+                };
                 for t in 0..n_tok {
-                    assert!(out[t * rows..t * rows + GROUP].iter().all(|v| v.is_nan()), "rows outside the range were written");
+                    assert!(
+                        out[t * rows..t * rows + GROUP].iter().all(|v| v.is_nan()),
+                        "rows outside the range were written"
+                    );
                     for g in 1..rows / GROUP {
                         let want = dot_group_scalar(ty, &packed, cols, g, acts.row(t));
                         for r in 0..GROUP {
                             let got = out[t * rows + g * GROUP + r];
-                            assert_eq!(got.to_bits(), want[r].to_bits(), "{ty} case {case} token {t}/{n_tok} row {}: {got} vs {}", g * GROUP + r, want[r]);
+                            assert_eq!(
+                                got.to_bits(),
+                                want[r].to_bits(),
+                                "{ty} case {case} token {t}/{n_tok} row {}: {got} vs {}",
+                                g * GROUP + r,
+                                want[r]
+                            );
                         }
                     }
                 }
@@ -526,7 +701,13 @@ mod tests {
     fn unpackable_shapes_are_refused() {
         let data = random_row(GgmlType::Q4_0, 64 * 7, 1);
         assert!(pack(GgmlType::Q4_0, 7, 64, &data).is_none());
-        assert!(pack(GgmlType::Q4_K, 8, 256, &random_row(GgmlType::Q4_K, 256 * 8, 1)).is_none());
+        assert!(pack(
+            GgmlType::Q4_K,
+            8,
+            256,
+            &random_row(GgmlType::Q4_K, 256 * 8, 1)
+        )
+        .is_none());
         assert!(pack(GgmlType::Q4_0, 8, 64, &data[..10]).is_none());
     }
 }

@@ -71,7 +71,11 @@ impl ThreadPool {
                     .unwrap_or_else(|e| panic!("cannot spawn worker thread: {e}"))
             })
             .collect();
-        ThreadPool { shared, workers, busy: AtomicBool::new(false) }
+        ThreadPool {
+            shared,
+            workers,
+            busy: AtomicBool::new(false),
+        }
     }
 
     /// Threads in the pool, the caller included.
@@ -95,7 +99,8 @@ impl ThreadPool {
         // is erased to 'static, but no worker dereferences it after `finished_workers` reaches the
         // worker count, which this function waits for before returning.
         unsafe {
-            let job: Job = std::mem::transmute::<&(dyn Fn(usize) + Sync), &'static (dyn Fn(usize) + Sync)>(f);
+            let job: Job =
+                std::mem::transmute::<&(dyn Fn(usize) + Sync), &'static (dyn Fn(usize) + Sync)>(f);
             *s.job.get() = Some(job);
         }
         s.next_task.store(0, Ordering::Relaxed);
@@ -149,7 +154,9 @@ fn worker_loop(s: &Shared) {
             } else {
                 let guard = s.lock.lock().unwrap_or_else(|p| p.into_inner());
                 s.parked.fetch_add(1, Ordering::SeqCst);
-                if s.generation.load(Ordering::SeqCst) == seen && !s.shutdown.load(Ordering::Acquire) {
+                if s.generation.load(Ordering::SeqCst) == seen
+                    && !s.shutdown.load(Ordering::Acquire)
+                {
                     drop(s.wake.wait(guard).unwrap_or_else(|p| p.into_inner()));
                 } else {
                     drop(guard);

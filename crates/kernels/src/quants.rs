@@ -28,7 +28,10 @@ pub fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
-        ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+        (
+            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
     }
 }
 
@@ -56,7 +59,22 @@ pub fn q3k_scales(s: &[u8]) -> [i8; 16] {
 /// Whether [`dequantize_row`] handles a type.
 pub fn can_dequantize(ty: GgmlType) -> bool {
     use GgmlType::*;
-    matches!(ty, F32 | F16 | BF16 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q2_K | Q3_K | Q4_K | Q5_K | Q6_K | Q8_K)
+    matches!(
+        ty,
+        F32 | F16
+            | BF16
+            | Q4_0
+            | Q4_1
+            | Q5_0
+            | Q5_1
+            | Q8_0
+            | Q2_K
+            | Q3_K
+            | Q4_K
+            | Q5_K
+            | Q6_K
+            | Q8_K
+    )
 }
 
 /// Dequantizes one row: `src` holds `dst.len() / block_size` blocks of `ty`.
@@ -87,7 +105,11 @@ pub fn dequantize_row(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> bool {
             let has_min = ty == Q4_1;
             for (y, b) in dst.chunks_exact_mut(32).zip(src.chunks_exact(ts)) {
                 let d = f16_at(b, 0);
-                let (m, qs) = if has_min { (f16_at(b, 2), &b[4..20]) } else { (0.0, &b[2..18]) };
+                let (m, qs) = if has_min {
+                    (f16_at(b, 2), &b[4..20])
+                } else {
+                    (0.0, &b[2..18])
+                };
                 for j in 0..16 {
                     let (x0, x1) = ((qs[j] & 0xF) as i32, (qs[j] >> 4) as i32);
                     if has_min {
@@ -172,7 +194,8 @@ pub fn dequantize_row(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> bool {
                             is += 1;
                             for l in 0..16 {
                                 let li = l + 16 * half;
-                                let v = ((q[li] >> shift) & 3) as i8 - if hm[li] & m != 0 { 0 } else { 4 };
+                                let v = ((q[li] >> shift) & 3) as i8
+                                    - if hm[li] & m != 0 { 0 } else { 4 };
                                 y[out] = dl * v as f32;
                                 out += 1;
                             }
@@ -188,7 +211,11 @@ pub fn dequantize_row(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> bool {
                 let d = f16_at(b, 0);
                 let min = f16_at(b, 2);
                 let sc = &b[4..16];
-                let (qh, ql) = if is5 { (&b[16..48], &b[48..176]) } else { (&b[0..0], &b[16..144]) };
+                let (qh, ql) = if is5 {
+                    (&b[16..48], &b[48..176])
+                } else {
+                    (&b[0..0], &b[16..144])
+                };
                 let mut u1 = 1u8;
                 let mut u2 = 2u8;
                 for j in 0..4 {
@@ -322,21 +349,34 @@ mod tests {
         let mut seed = 7u64;
         let x: Vec<f32> = (0..256)
             .map(|i| {
-                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 let v = ((seed >> 33) as f32 / (1u64 << 31) as f32 - 0.5) * 8.0;
-                if i % 64 == 0 { 0.0 } else { v }
+                if i % 64 == 0 {
+                    0.0
+                } else {
+                    v
+                }
             })
             .collect();
         for (ty, bytes) in [(GgmlType::Q8_0, 34), (GgmlType::Q4_0, 18)] {
             let mut q = vec![0u8; x.len() / 32 * bytes];
-            if ty == GgmlType::Q8_0 { quantize_q8_0(&x, &mut q) } else { quantize_q4_0(&x, &mut q) }
+            if ty == GgmlType::Q8_0 {
+                quantize_q8_0(&x, &mut q)
+            } else {
+                quantize_q4_0(&x, &mut q)
+            }
             let mut y = vec![0f32; x.len()];
             assert!(dequantize_row(ty, &q, &mut y));
             for (b, (xb, yb)) in x.chunks(32).zip(y.chunks(32)).enumerate() {
                 let d = f16_at(&q, b * bytes).abs();
                 for (a, c) in xb.iter().zip(yb) {
                     // Half a step, plus the f16 rounding of d times the largest code.
-                    assert!((a - c).abs() <= d * 0.5 + d * 8e-3 * 128.0 + 1e-6, "{ty:?}: {a} vs {c} (d {d})");
+                    assert!(
+                        (a - c).abs() <= d * 0.5 + d * 8e-3 * 128.0 + 1e-6,
+                        "{ty:?}: {a} vs {c} (d {d})"
+                    );
                 }
             }
         }

@@ -521,7 +521,12 @@ mod x86 {
         };
     }
 
-    tier!(avx2, "avx2,fma,f16c", crate::dispatch::Tier::Avx2, |u, s| _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+    tier!(
+        avx2,
+        "avx2,fma,f16c",
+        crate::dispatch::Tier::Avx2,
+        |u, s| _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+    );
     tier!(
         vnni,
         "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
@@ -538,13 +543,33 @@ mod tests {
     use crate::dot::dot_scalar;
     use crate::test_util::{bytes, random_row};
 
-    const TYPES: [GgmlType; 10] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K, GgmlType::F16, GgmlType::BF16, GgmlType::F32];
+    const TYPES: [GgmlType; 10] = [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q8_0,
+        GgmlType::Q4_K,
+        GgmlType::Q5_K,
+        GgmlType::Q6_K,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::F32,
+    ];
 
     fn float_row(ty: GgmlType, n: usize, seed: u64) -> Vec<u8> {
-        let v: Vec<f32> = bytes(n, seed).iter().map(|&b| (b as f32 - 128.0) / 50.0).collect();
+        let v: Vec<f32> = bytes(n, seed)
+            .iter()
+            .map(|&b| (b as f32 - 128.0) / 50.0)
+            .collect();
         match ty {
-            GgmlType::F16 => v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
-            GgmlType::BF16 => v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect(),
+            GgmlType::F16 => v
+                .iter()
+                .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                .collect(),
+            GgmlType::BF16 => v
+                .iter()
+                .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+                .collect(),
             _ => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
         }
     }
@@ -553,7 +578,10 @@ mod tests {
     /// quants, zero activations, extreme activations), for every tier this CPU has.
     #[test]
     fn simd_matches_scalar_twin() {
-        let tiers: Vec<Tier> = [Tier::Avx2, Tier::Avx512Vnni].into_iter().filter(|&t| t <= best_tier()).collect();
+        let tiers: Vec<Tier> = [Tier::Avx2, Tier::Avx512Vnni]
+            .into_iter()
+            .filter(|&t| t <= best_tier())
+            .collect();
         if tiers.is_empty() {
             eprintln!("no SIMD tier on this CPU");
         }
@@ -589,8 +617,13 @@ mod tests {
                     };
                     let x: Vec<f32> = match case {
                         2 => vec![0.0; 4 * n],
-                        3 => (0..4 * n).map(|i| if i % 2 == 0 { 1e4 } else { -1e4 }).collect(),
-                        _ => bytes(4 * n, 7 + case).iter().map(|&b| (b as f32 - 128.0) / 17.0).collect(),
+                        3 => (0..4 * n)
+                            .map(|i| if i % 2 == 0 { 1e4 } else { -1e4 })
+                            .collect(),
+                        _ => bytes(4 * n, 7 + case)
+                            .iter()
+                            .map(|&b| (b as f32 - 128.0) / 17.0)
+                            .collect(),
                     };
                     let mut acts = QuantActs::default();
                     acts.quantize(ActFormat::for_weight(ty), &x, n);
@@ -599,9 +632,17 @@ mod tests {
                     for t in 0..4 {
                         let s = dot_scalar(ty, &w, rows[t]);
                         let v = dot(&w, rows[t]);
-                        let tol = 1e-4 * s.abs().max(1.0) + 1e-5 * x.iter().map(|v| v.abs()).sum::<f32>() / 4.0;
-                        assert!((v - s).abs() <= tol, "{tier:?} {ty} case {case} row {t}: simd {v} vs scalar {s}");
-                        assert_eq!(v.to_bits(), four[t].to_bits(), "{tier:?} {ty}: batch of 4 differs from single row");
+                        let tol = 1e-4 * s.abs().max(1.0)
+                            + 1e-5 * x.iter().map(|v| v.abs()).sum::<f32>() / 4.0;
+                        assert!(
+                            (v - s).abs() <= tol,
+                            "{tier:?} {ty} case {case} row {t}: simd {v} vs scalar {s}"
+                        );
+                        assert_eq!(
+                            v.to_bits(),
+                            four[t].to_bits(),
+                            "{tier:?} {ty}: batch of 4 differs from single row"
+                        );
                     }
                 }
             }

@@ -23,11 +23,12 @@ pub fn random_row(ty: GgmlType, n: usize, seed: u64) -> Vec<u8> {
     };
     for blk in b.chunks_exact_mut(ts) {
         for &o in scale_offsets {
-            let v = half::f16::from_f32(0.001 + (blk[o] as f32) / 4096.0).to_bits().to_le_bytes();
+            let v = half::f16::from_f32(0.001 + (blk[o] as f32) / 4096.0)
+                .to_bits()
+                .to_le_bytes();
             blk[o] = v[0];
             blk[o + 1] = v[1];
         }
     }
     b
 }
-

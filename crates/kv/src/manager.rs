@@ -54,12 +54,25 @@ impl KvManager {
     /// A manager of `n_blocks` blocks of `block_size` tokens.
     pub fn new(n_blocks: usize, block_size: usize, prefix_caching: bool) -> KvManager {
         assert!(block_size > 0);
-        KvManager { pool: BlockPool::new(n_blocks), cold: None, block_size, prefix_caching, seqs: HashMap::new(), prefix_queries: 0, prefix_hits: 0 }
+        KvManager {
+            pool: BlockPool::new(n_blocks),
+            cold: None,
+            block_size,
+            prefix_caching,
+            seqs: HashMap::new(),
+            prefix_queries: 0,
+            prefix_hits: 0,
+        }
     }
 
     /// A manager of `n_hot` blocks that new tokens go to and `n_cold` blocks that full blocks
     /// can [`migrate`](Self::migrate) to.
-    pub fn with_cold_tier(n_hot: usize, n_cold: usize, block_size: usize, prefix_caching: bool) -> KvManager {
+    pub fn with_cold_tier(
+        n_hot: usize,
+        n_cold: usize,
+        block_size: usize,
+        prefix_caching: bool,
+    ) -> KvManager {
         let mut m = Self::new(n_hot, block_size, prefix_caching);
         m.cold = Some(BlockPool::new(n_cold));
         m
@@ -135,9 +148,20 @@ impl KvManager {
     /// [`add_sequence`](Self::add_sequence) for a caller that needs the model's outputs at
     /// positions `from..` (training captures): only blocks that end at or before `from` are
     /// taken from the cache.
-    pub fn add_sequence_computing_from(&mut self, id: SeqId, prompt: &[u32], extra: &[u64], from: usize) -> usize {
+    pub fn add_sequence_computing_from(
+        &mut self,
+        id: SeqId,
+        prompt: &[u32],
+        extra: &[u64],
+        from: usize,
+    ) -> usize {
         assert!(!self.seqs.contains_key(&id), "sequence {id} exists");
-        let mut seq = Seq { blocks: Vec::new(), tokens: Vec::new(), hashes: Vec::new(), extra: extra.to_vec() };
+        let mut seq = Seq {
+            blocks: Vec::new(),
+            tokens: Vec::new(),
+            hashes: Vec::new(),
+            extra: extra.to_vec(),
+        };
         if self.prefix_caching && !prompt.is_empty() {
             let max_blocks = from.min(prompt.len() - 1) / self.block_size;
             let mut parent = None;
@@ -165,8 +189,12 @@ impl KvManager {
         let bs = self.block_size;
         let seq = self.seqs.get(&id)?;
         let n0 = seq.tokens.len();
-        let partial_shared = n0 % bs != 0 && seq.blocks.last().is_some_and(|&b| self.ref_count(b) > 1);
-        let needed = (n0 + tokens.len()).div_ceil(bs).saturating_sub(seq.blocks.len()) + partial_shared as usize;
+        let partial_shared =
+            n0 % bs != 0 && seq.blocks.last().is_some_and(|&b| self.ref_count(b) > 1);
+        let needed = (n0 + tokens.len())
+            .div_ceil(bs)
+            .saturating_sub(seq.blocks.len())
+            + partial_shared as usize;
         if needed > self.pool.n_free() {
             return None;
         }
@@ -189,7 +217,11 @@ impl KvManager {
         if self.prefix_caching {
             while seq.hashes.len() < seq.tokens.len() / bs {
                 let i = seq.hashes.len();
-                let h = hash_block(seq.hashes.last().copied(), &seq.tokens[i * bs..(i + 1) * bs], &seq.extra);
+                let h = hash_block(
+                    seq.hashes.last().copied(),
+                    &seq.tokens[i * bs..(i + 1) * bs],
+                    &seq.extra,
+                );
                 seq.hashes.push(h);
                 self.pool.cache(seq.blocks[i], h);
             }
@@ -202,7 +234,9 @@ impl KvManager {
         if self.seqs.contains_key(&child) {
             return false;
         }
-        let Some(seq) = self.seqs.get(&parent).cloned() else { return false };
+        let Some(seq) = self.seqs.get(&parent).cloned() else {
+            return false;
+        };
         for &b in &seq.blocks {
             self.acquire_any(b);
         }
@@ -213,7 +247,9 @@ impl KvManager {
     /// Ends a sequence (finished, cancelled or preempted), releasing its blocks last-first so
     /// the deepest blocks of its chain are evicted first.
     pub fn free(&mut self, id: SeqId) -> bool {
-        let Some(seq) = self.seqs.remove(&id) else { return false };
+        let Some(seq) = self.seqs.remove(&id) else {
+            return false;
+        };
         for &b in seq.blocks.iter().rev() {
             self.release_any(b);
         }
@@ -263,7 +299,15 @@ mod tests {
         assert_eq!(m.add_sequence(1, &prompt, &[]), 0);
         assert_eq!(m.append(1, &prompt), Some(vec![]));
         assert_eq!(m.block_table(1).unwrap(), &[0, 1, 2]);
-        assert_eq!(m.stats(), PoolStats { total: 10, used: 3, cached: 0, empty: 7 });
+        assert_eq!(
+            m.stats(),
+            PoolStats {
+                total: 10,
+                used: 3,
+                cached: 0,
+                empty: 7
+            }
+        );
 
         // Same prompt again: the two full blocks are shared, the partial one is not.
         assert_eq!(m.add_sequence(2, &prompt, &[]), 8);
@@ -283,7 +327,15 @@ mod tests {
         m.free(2);
         // Released last-first: 3 (partial), then 1, then 0 (the root is evicted last).
         assert_eq!(m.pool().free_queue(), vec![4, 5, 6, 7, 8, 9, 2, 3, 1, 0]);
-        assert_eq!(m.stats(), PoolStats { total: 10, used: 0, cached: 2, empty: 8 });
+        assert_eq!(
+            m.stats(),
+            PoolStats {
+                total: 10,
+                used: 0,
+                cached: 2,
+                empty: 8
+            }
+        );
 
         // The cached prefix survives until evicted.
         assert_eq!(m.add_sequence(4, &prompt, &[]), 8);
@@ -397,9 +449,15 @@ mod tests {
         };
         let bs = 4;
         let n_cold = if cold { 16 } else { 0 };
-        let mut m = if cold { KvManager::with_cold_tier(64, n_cold, bs, true) } else { KvManager::new(64, bs, true) };
+        let mut m = if cold {
+            KvManager::with_cold_tier(64, n_cold, bs, true)
+        } else {
+            KvManager::new(64, bs, true)
+        };
         let mut migrated = 0;
-        let prefixes: Vec<Vec<u32>> = (0..5).map(|p| (0..12).map(|i| p * 100 + i).collect()).collect();
+        let prefixes: Vec<Vec<u32>> = (0..5)
+            .map(|p| (0..12).map(|i| p * 100 + i).collect())
+            .collect();
         let mut live: Vec<SeqId> = Vec::new();
         let mut next_id = 0u64;
         for _ in 0..1000 {
@@ -452,7 +510,11 @@ mod tests {
                 }
             }
             for b in 0..(64 + n_cold) as u32 {
-                assert_eq!(m.ref_count(b), holders.get(&b).copied().unwrap_or(0), "block {b}");
+                assert_eq!(
+                    m.ref_count(b),
+                    holders.get(&b).copied().unwrap_or(0),
+                    "block {b}"
+                );
             }
             let hot_held = holders.keys().filter(|&&b| b < 64).count();
             assert_eq!(m.stats().used, hot_held);

@@ -74,9 +74,21 @@ impl BlockPool {
     /// A pool of `n_blocks` blocks, all free, ids in ascending order in the free queue.
     pub fn new(n_blocks: usize) -> BlockPool {
         assert!(n_blocks < NIL as usize, "too many blocks");
-        let mut p = BlockPool { meta: Vec::with_capacity(n_blocks), head: NIL, tail: NIL, n_free: 0, cached: HashMap::new() };
+        let mut p = BlockPool {
+            meta: Vec::with_capacity(n_blocks),
+            head: NIL,
+            tail: NIL,
+            n_free: 0,
+            cached: HashMap::new(),
+        };
         for i in 0..n_blocks {
-            p.meta.push(Meta { ref_count: 0, hash: None, prev: NIL, next: NIL, in_free: false });
+            p.meta.push(Meta {
+                ref_count: 0,
+                hash: None,
+                prev: NIL,
+                next: NIL,
+                in_free: false,
+            });
             p.push_back(i as u32);
         }
         p
@@ -206,8 +218,17 @@ impl BlockPool {
     /// Counts of used, cached and empty blocks.
     pub fn stats(&self) -> PoolStats {
         let used = self.meta.iter().filter(|m| m.ref_count > 0).count();
-        let cached = self.meta.iter().filter(|m| m.ref_count == 0 && m.hash.is_some()).count();
-        PoolStats { total: self.meta.len(), used, cached, empty: self.meta.len() - used - cached }
+        let cached = self
+            .meta
+            .iter()
+            .filter(|m| m.ref_count == 0 && m.hash.is_some())
+            .count();
+        PoolStats {
+            total: self.meta.len(),
+            used,
+            cached,
+            empty: self.meta.len() - used - cached,
+        }
     }
 }
 
@@ -241,7 +262,15 @@ mod tests {
         p.cache(b, 42);
         p.release(b);
         assert_eq!(p.lookup(42), Some(b));
-        assert_eq!(p.stats(), PoolStats { total: 2, used: 0, cached: 1, empty: 1 });
+        assert_eq!(
+            p.stats(),
+            PoolStats {
+                total: 2,
+                used: 0,
+                cached: 1,
+                empty: 1
+            }
+        );
         let x = p.allocate().unwrap();
         assert_eq!(x, 1, "the empty block goes first");
         let y = p.allocate().unwrap();
@@ -256,7 +285,15 @@ mod tests {
         assert_eq!(h, hash_block(None, &[1, 2, 3], &[]));
         assert_ne!(h, hash_block(Some(7), &[1, 2, 3], &[]));
         assert_ne!(h, hash_block(None, &[1, 2, 4], &[]));
-        assert_ne!(h, hash_block(None, &[1, 2, 3], &[5, 1]), "adapter id/version");
-        assert_ne!(hash_block(None, &[1, 2, 3], &[5, 1]), hash_block(None, &[1, 2, 3], &[5, 2]), "adapter version");
+        assert_ne!(
+            h,
+            hash_block(None, &[1, 2, 3], &[5, 1]),
+            "adapter id/version"
+        );
+        assert_ne!(
+            hash_block(None, &[1, 2, 3], &[5, 1]),
+            hash_block(None, &[1, 2, 3], &[5, 2]),
+            "adapter version"
+        );
     }
 }

@@ -75,10 +75,24 @@ impl Config {
         let key = |k: &str| format!("{a}.{k}");
         let get = |k: &str| -> Result<usize, Error> {
             let v = f.get_u64(&key(k))?;
-            usize::try_from(v).ok().filter(|&v| v > 0 && v < (1 << 24)).ok_or_else(|| bad(format!("{}.{k} = {v} is out of range", a)))
+            usize::try_from(v)
+                .ok()
+                .filter(|&v| v > 0 && v < (1 << 24))
+                .ok_or_else(|| bad(format!("{}.{k} = {v} is out of range", a)))
         };
-        let get_or = |k: &str, d: usize| if f.get(&key(k)).is_some() { get(k) } else { Ok(d) };
-        let getf_or = |k: &str, d: f32| f.get(&key(k)).and_then(|v| v.as_f64()).map(|v| v as f32).unwrap_or(d);
+        let get_or = |k: &str, d: usize| {
+            if f.get(&key(k)).is_some() {
+                get(k)
+            } else {
+                Ok(d)
+            }
+        };
+        let getf_or = |k: &str, d: f32| {
+            f.get(&key(k))
+                .and_then(|v| v.as_f64())
+                .map(|v| v as f32)
+                .unwrap_or(d)
+        };
 
         let n_layer = get("block_count")?;
         let n_embd = get("embedding_length")?;
@@ -89,24 +103,34 @@ impl Config {
         let n_ctx_train = get_or("context_length", 2048)?;
         let rms_eps = getf_or("attention.layer_norm_rms_epsilon", 1e-5);
         if head_dim > 512 || head_dim % 2 != 0 {
-            return Err(bad(format!("head dimension {head_dim} is not supported (even, at most 512)")));
+            return Err(bad(format!(
+                "head dimension {head_dim} is not supported (even, at most 512)"
+            )));
         }
         if n_head % n_head_kv != 0 {
-            return Err(bad(format!("head_count {n_head} is not a multiple of head_count_kv {n_head_kv}")));
+            return Err(bad(format!(
+                "head_count {n_head} is not a multiple of head_count_kv {n_head_kv}"
+            )));
         }
         if get_or("attention.value_length", head_dim)? != head_dim {
             return Err(bad("value_length differs from key_length".into()));
         }
         let rope_dims = get_or("rope.dimension_count", head_dim)?;
         if rope_dims > head_dim || rope_dims % 2 != 0 {
-            return Err(bad(format!("rope dimension_count {rope_dims} does not fit head_dim {head_dim}")));
+            return Err(bad(format!(
+                "rope dimension_count {rope_dims} does not fit head_dim {head_dim}"
+            )));
         }
         let mut rope_freq_scale = 1.0;
         if let Some(t) = f.get(&key("rope.scaling.type")).and_then(|v| v.as_str()) {
             match t {
                 "none" => {}
                 "linear" => rope_freq_scale = 1.0 / getf_or("rope.scaling.factor", 1.0).max(1e-6),
-                other => return Err(bad(format!("rope scaling {other:?} is not supported (none, linear)"))),
+                other => {
+                    return Err(bad(format!(
+                        "rope scaling {other:?} is not supported (none, linear)"
+                    )))
+                }
             }
         } else if let Some(fac) = f.get(&key("rope.scaling.factor")).and_then(|v| v.as_f64()) {
             if fac > 0.0 {
@@ -118,7 +142,13 @@ impl Config {
             Arch::Qwen2 => (RopeStyle::Neox, None, 1, None, 10_000.0),
             Arch::Gemma3 => {
                 let w = get_or("attention.sliding_window", 512)?;
-                (RopeStyle::Neox, Some(w), 6, Some((n_embd as f32).sqrt()), 1_000_000.0)
+                (
+                    RopeStyle::Neox,
+                    Some(w),
+                    6,
+                    Some((n_embd as f32).sqrt()),
+                    1_000_000.0,
+                )
             }
         };
         Ok(Config {

@@ -5,11 +5,11 @@
 use crate::config::Arch;
 use crate::kv::KvCache;
 use crate::lora::{LoraAdapter, Proj};
-use ruvllm_kernels::gemv::{gemv_batched, Gemv};
 use crate::weights::{Model, Weight};
 use crate::{Error, ErrorKind};
 use half::f16;
 use ruvllm_kernels::act::{ActFormat, QuantActs};
+use ruvllm_kernels::gemv::{gemv_batched, Gemv};
 use ruvllm_kernels::matmul::{matmul_many, MatJob};
 use ruvllm_kernels::ops::{self, rope_apply, rope_cache};
 use ruvllm_kernels::pool::ThreadPool;
@@ -187,16 +187,41 @@ impl<'m> Runner<'m> {
     pub fn new(model: &'m Model, pool: Arc<ThreadPool>, n_ctx: usize) -> Runner<'m> {
         let c = &model.config;
         let n_ctx = n_ctx.clamp(1, c.n_ctx_train);
-        Runner { fwd: Forward::new(model, pool), kv: KvCache::new(c.n_layer, c.kv_dim(), n_ctx, 1), history: Vec::new(), lora: None }
+        Runner {
+            fwd: Forward::new(model, pool),
+            kv: KvCache::new(c.n_layer, c.kv_dim(), n_ctx, 1),
+            history: Vec::new(),
+            lora: None,
+        }
     }
 
     /// A runner whose KV cache stores keys and values as `ty`.
-    pub fn with_kv_type(model: &'m Model, pool: Arc<ThreadPool>, n_ctx: usize, ty: crate::KvType) -> Result<Runner<'m>, Error> {
+    pub fn with_kv_type(
+        model: &'m Model,
+        pool: Arc<ThreadPool>,
+        n_ctx: usize,
+        ty: crate::KvType,
+    ) -> Result<Runner<'m>, Error> {
         let c = &model.config;
         let n_ctx = n_ctx.clamp(1, c.n_ctx_train);
-        let kv = KvCache::with_type(c.n_layer, c.kv_dim(), c.head_dim, n_ctx, 1, ty)
-            .ok_or_else(|| Error::new(ErrorKind::InvalidParam { param: "kv_type", message: format!("--kv-type {} needs heads of a multiple of 32 values; this model's have {}", ty.name(), c.head_dim) }))?;
-        Ok(Runner { fwd: Forward::new(model, pool), kv, history: Vec::new(), lora: None })
+        let kv = KvCache::with_type(c.n_layer, c.kv_dim(), c.head_dim, n_ctx, 1, ty).ok_or_else(
+            || {
+                Error::new(ErrorKind::InvalidParam {
+                    param: "kv_type",
+                    message: format!(
+                        "--kv-type {} needs heads of a multiple of 32 values; this model's have {}",
+                        ty.name(),
+                        c.head_dim
+                    ),
+                })
+            },
+        )?;
+        Ok(Runner {
+            fwd: Forward::new(model, pool),
+            kv,
+            history: Vec::new(),
+            lora: None,
+        })
     }
 
     /// The model.
@@ -241,9 +266,18 @@ impl<'m> Runner<'m> {
     pub fn forward(&mut self, tokens: &[u32], want: Logits) -> Result<&[f32], Error> {
         let pos0 = self.history.len();
         if pos0 + tokens.len() > self.kv.capacity() {
-            return Err(Error::new(ErrorKind::ContextOverflow { needed: pos0 + tokens.len(), context: self.kv.capacity() }));
+            return Err(Error::new(ErrorKind::ContextOverflow {
+                needed: pos0 + tokens.len(),
+                context: self.kv.capacity(),
+            }));
         }
-        let seq = SeqInput { tokens, pos0, block_table: &[0], logits: want, lora: self.lora.as_ref() };
+        let seq = SeqInput {
+            tokens,
+            pos0,
+            block_table: &[0],
+            logits: want,
+            lora: self.lora.as_ref(),
+        };
         let out = self.fwd.forward_batch(&mut self.kv, &[seq])?;
         self.history.extend_from_slice(tokens);
         Ok(out)
@@ -253,7 +287,13 @@ impl<'m> Runner<'m> {
 impl<'m> Forward<'m> {
     /// A forward pass for `model` on `pool`.
     pub fn new(model: &'m Model, pool: Arc<ThreadPool>) -> Forward<'m> {
-        Forward { model, pool, s: Scratch::default(), captures: Vec::new(), attn: AttnKernel::Auto }
+        Forward {
+            model,
+            pool,
+            s: Scratch::default(),
+            captures: Vec::new(),
+            attn: AttnKernel::Auto,
+        }
     }
 
     /// The model.
@@ -278,7 +318,10 @@ impl<'m> Forward<'m> {
         self.captures.retain(|c| layers.contains(&c.layer));
         for &l in layers {
             if !self.captures.iter().any(|c| c.layer == l) {
-                self.captures.push(Capture { layer: l, ..Capture::default() });
+                self.captures.push(Capture {
+                    layer: l,
+                    ..Capture::default()
+                });
             }
         }
     }
@@ -301,7 +344,14 @@ impl<'m> Forward<'m> {
 
     /// `outs[i] = ws[i] · x` for each weight, with `x` quantized once per format and one pass
     /// over the thread pool for all of them.
-    fn mm<const K: usize>(&self, acts: &mut ActCache, x: &[f32], cols: usize, ws: [&Weight; K], outs: [&mut [f32]; K]) {
+    fn mm<const K: usize>(
+        &self,
+        acts: &mut ActCache,
+        x: &[f32],
+        cols: usize,
+        ws: [&Weight; K],
+        outs: [&mut [f32]; K],
+    ) {
         acts.invalidate();
         for w in ws {
             acts.prepare(&self.pool, w, x, cols);
@@ -311,7 +361,11 @@ impl<'m> Forward<'m> {
         let mut jobs = outs.map(|out| {
             let w = ws[i];
             i += 1;
-            MatJob { w: self.model.mat(w), acts: acts.get(w), out }
+            MatJob {
+                w: self.model.mat(w),
+                acts: acts.get(w),
+                out,
+            }
         });
         matmul_many(&self.pool, &mut jobs);
     }
@@ -319,7 +373,17 @@ impl<'m> Forward<'m> {
     /// Adds each sequence's LoRA delta for projection `p` of layer `il` to its rows of `y`:
     /// `y[t] += scale · B·(A·x[t])` (`x: [n × in_dim]`, `y: [n × out_dim]`).
     #[allow(clippy::too_many_arguments)]
-    fn lora(&self, seqs: &[SeqInput<'_>], il: usize, p: Proj, x: &[f32], in_dim: usize, y: &mut [f32], out_dim: usize, tmp: &mut Vec<f32>) {
+    fn lora(
+        &self,
+        seqs: &[SeqInput<'_>],
+        il: usize,
+        p: Proj,
+        x: &[f32],
+        in_dim: usize,
+        y: &mut [f32],
+        out_dim: usize,
+        tmp: &mut Vec<f32>,
+    ) {
         let mut t0 = 0;
         for q in seqs {
             let n = q.tokens.len();
@@ -327,17 +391,60 @@ impl<'m> Forward<'m> {
                 let r = pair.rank;
                 grow(tmp, n * r);
                 let xs = &x[t0 * in_dim..(t0 + n) * in_dim];
-                gemv_batched(&self.pool, Gemv { m: r, n: in_dim, lda: in_dim, alpha: 1.0, beta: 0.0 }, n, &pair.a, 0, xs, in_dim, &mut tmp[..n * r], r);
+                gemv_batched(
+                    &self.pool,
+                    Gemv {
+                        m: r,
+                        n: in_dim,
+                        lda: in_dim,
+                        alpha: 1.0,
+                        beta: 0.0,
+                    },
+                    n,
+                    &pair.a,
+                    0,
+                    xs,
+                    in_dim,
+                    &mut tmp[..n * r],
+                    r,
+                );
                 let ys = &mut y[t0 * out_dim..(t0 + n) * out_dim];
-                gemv_batched(&self.pool, Gemv { m: out_dim, n: r, lda: r, alpha: pair.scale, beta: 1.0 }, n, &pair.b, 0, &tmp[..n * r], r, ys, out_dim);
+                gemv_batched(
+                    &self.pool,
+                    Gemv {
+                        m: out_dim,
+                        n: r,
+                        lda: r,
+                        alpha: pair.scale,
+                        beta: 1.0,
+                    },
+                    n,
+                    &pair.b,
+                    0,
+                    &tmp[..n * r],
+                    r,
+                    ys,
+                    out_dim,
+                );
             }
             t0 += n;
         }
     }
 
+    /// Exchanges the logits buffer with `other`: after [`forward_batch`](Self::forward_batch)
+    /// returned `rows × n_vocab` logits, `other` holds them as its first values (it may be
+    /// longer), without a copy; the next pass writes into `other`'s old allocation.
+    pub fn swap_logits(&mut self, other: &mut Vec<f32>) {
+        std::mem::swap(&mut self.s.logits, other);
+    }
+
     /// Runs one step over `seqs` (their new tokens in order) against the paged `kv`, and returns
     /// the logits each sequence asked for, concatenated in sequence order (`[rows × n_vocab]`).
-    pub fn forward_batch(&mut self, kv: &mut KvCache, seqs: &[SeqInput<'_>]) -> Result<&[f32], Error> {
+    pub fn forward_batch(
+        &mut self,
+        kv: &mut KvCache,
+        seqs: &[SeqInput<'_>],
+    ) -> Result<&[f32], Error> {
         let m = self.model;
         let c = &m.config;
         let n: usize = seqs.iter().map(|q| q.tokens.len()).sum();
@@ -347,7 +454,10 @@ impl<'m> Forward<'m> {
         for q in seqs {
             let end = q.pos0 + q.tokens.len();
             if end > 0 && kv.slot(q.block_table, end - 1).is_none() {
-                return Err(Error::new(ErrorKind::ContextOverflow { needed: end, context: q.block_table.len() * kv.block_size() }));
+                return Err(Error::new(ErrorKind::ContextOverflow {
+                    needed: end,
+                    context: q.block_table.len() * kv.block_size(),
+                }));
             }
         }
         let (d, qd, kvd, hd, ff) = (c.n_embd, c.q_dim(), c.kv_dim(), c.head_dim, c.n_ff);
@@ -380,9 +490,23 @@ impl<'m> Forward<'m> {
         s.rope_swa.resize(n * half, (1.0, 0.0));
         for i in 0..n {
             let p = s.tok_pos[i];
-            rope_cache(p, c.rope_dims, c.rope_base, c.rope_freq_scale, m.rope_freqs.as_deref(), &mut s.rope_full[i * half..(i + 1) * half]);
+            rope_cache(
+                p,
+                c.rope_dims,
+                c.rope_base,
+                c.rope_freq_scale,
+                m.rope_freqs.as_deref(),
+                &mut s.rope_full[i * half..(i + 1) * half],
+            );
             if c.sliding_window.is_some() {
-                rope_cache(p, c.rope_dims, c.rope_base_swa, 1.0, None, &mut s.rope_swa[i * half..(i + 1) * half]);
+                rope_cache(
+                    p,
+                    c.rope_dims,
+                    c.rope_base_swa,
+                    1.0,
+                    None,
+                    &mut s.rope_swa[i * half..(i + 1) * half],
+                );
             }
         }
 
@@ -392,25 +516,76 @@ impl<'m> Forward<'m> {
         for (il, layer) in m.layers.iter().enumerate() {
             // ---- attention ----
             for i in 0..n {
-                ops::rms_norm(&s.x[i * d..(i + 1) * d], &layer.attn_norm, c.rms_eps, &mut s.xn[i * d..(i + 1) * d]);
+                ops::rms_norm(
+                    &s.x[i * d..(i + 1) * d],
+                    &layer.attn_norm,
+                    c.rms_eps,
+                    &mut s.xn[i * d..(i + 1) * d],
+                );
             }
-            self.mm(&mut s.acts, &s.xn[..n * d], d, [&layer.wq, &layer.wk, &layer.wv], [&mut s.q[..n * qd], &mut s.k[..n * kvd], &mut s.v[..n * kvd]]);
+            self.mm(
+                &mut s.acts,
+                &s.xn[..n * d],
+                d,
+                [&layer.wq, &layer.wk, &layer.wv],
+                [&mut s.q[..n * qd], &mut s.k[..n * kvd], &mut s.v[..n * kvd]],
+            );
             if any_lora {
-                self.lora(seqs, il, Proj::Q, &s.xn[..n * d], d, &mut s.q[..n * qd], qd, &mut s.lora_tmp);
-                self.lora(seqs, il, Proj::K, &s.xn[..n * d], d, &mut s.k[..n * kvd], kvd, &mut s.lora_tmp);
-                self.lora(seqs, il, Proj::V, &s.xn[..n * d], d, &mut s.v[..n * kvd], kvd, &mut s.lora_tmp);
+                self.lora(
+                    seqs,
+                    il,
+                    Proj::Q,
+                    &s.xn[..n * d],
+                    d,
+                    &mut s.q[..n * qd],
+                    qd,
+                    &mut s.lora_tmp,
+                );
+                self.lora(
+                    seqs,
+                    il,
+                    Proj::K,
+                    &s.xn[..n * d],
+                    d,
+                    &mut s.k[..n * kvd],
+                    kvd,
+                    &mut s.lora_tmp,
+                );
+                self.lora(
+                    seqs,
+                    il,
+                    Proj::V,
+                    &s.xn[..n * d],
+                    d,
+                    &mut s.v[..n * kvd],
+                    kvd,
+                    &mut s.lora_tmp,
+                );
             }
             for i in 0..n {
                 if let Some(b) = &layer.bq {
-                    s.q[i * qd..(i + 1) * qd].iter_mut().zip(b).for_each(|(v, b)| *v += b);
+                    s.q[i * qd..(i + 1) * qd]
+                        .iter_mut()
+                        .zip(b)
+                        .for_each(|(v, b)| *v += b);
                 }
                 if let Some(b) = &layer.bk {
-                    s.k[i * kvd..(i + 1) * kvd].iter_mut().zip(b).for_each(|(v, b)| *v += b);
+                    s.k[i * kvd..(i + 1) * kvd]
+                        .iter_mut()
+                        .zip(b)
+                        .for_each(|(v, b)| *v += b);
                 }
                 if let Some(b) = &layer.bv {
-                    s.v[i * kvd..(i + 1) * kvd].iter_mut().zip(b).for_each(|(v, b)| *v += b);
+                    s.v[i * kvd..(i + 1) * kvd]
+                        .iter_mut()
+                        .zip(b)
+                        .for_each(|(v, b)| *v += b);
                 }
-                let rope = if c.is_swa_layer(il) { &s.rope_swa } else { &s.rope_full };
+                let rope = if c.is_swa_layer(il) {
+                    &s.rope_swa
+                } else {
+                    &s.rope_full
+                };
                 let cs = &rope[i * half..(i + 1) * half];
                 for h in s.q[i * qd..(i + 1) * qd].chunks_exact_mut(hd) {
                     if let Some(w) = &layer.q_norm {
@@ -431,13 +606,24 @@ impl<'m> Forward<'m> {
                     }
                 }
                 if rotate {
-                    s.v[i * kvd..(i + 1) * kvd].chunks_exact_mut(hd).for_each(ops::hadamard);
+                    s.v[i * kvd..(i + 1) * kvd]
+                        .chunks_exact_mut(hd)
+                        .for_each(ops::hadamard);
                 }
                 let q = &seqs[s.tok_seq[i]];
                 let slot = kv.slot(q.block_table, s.tok_pos[i]).unwrap_or(0); // checked above
-                kv.write(il, slot, &s.k[i * kvd..(i + 1) * kvd], &s.v[i * kvd..(i + 1) * kvd]);
+                kv.write(
+                    il,
+                    slot,
+                    &s.k[i * kvd..(i + 1) * kvd],
+                    &s.v[i * kvd..(i + 1) * kvd],
+                );
             }
-            let window = if c.is_swa_layer(il) { c.sliding_window } else { None };
+            let window = if c.is_swa_layer(il) {
+                c.sliding_window
+            } else {
+                None
+            };
             // A sequence with several new tokens reads each key many times: convert its keys
             // and values to f32 once (in parallel, indexed by position) instead of once per
             // query. One token reads each once, so decode converts on the fly.
@@ -447,7 +633,10 @@ impl<'m> Forward<'m> {
                 let total = (q.pos0 + n) * kvd;
                 grow(&mut s.k32, total);
                 grow(&mut s.v32, total);
-                let (kp, vp) = (SyncPtr::new(&mut s.k32[..total]), SyncPtr::new(&mut s.v32[..total]));
+                let (kp, vp) = (
+                    SyncPtr::new(&mut s.k32[..total]),
+                    SyncPtr::new(&mut s.v32[..total]),
+                );
                 let kvr = &*kv;
                 let rows = q.pos0 + n - first;
                 self.pool.run(rows.div_ceil(64), &|t| {
@@ -463,31 +652,91 @@ impl<'m> Forward<'m> {
             } else {
                 None
             };
-            attention(&self.pool, c, kv, seqs, &s.tok_seq, &s.tok_pos, kv_f32, il, window, self.attn, &s.q[..n * qd], &mut s.att[..n * qd]);
+            attention(
+                &self.pool,
+                c,
+                kv,
+                seqs,
+                &s.tok_seq,
+                &s.tok_pos,
+                kv_f32,
+                il,
+                window,
+                self.attn,
+                &s.q[..n * qd],
+                &mut s.att[..n * qd],
+            );
             if rotate {
                 // Values were stored rotated: rotate each head's output back.
                 s.att[..n * qd].chunks_exact_mut(hd).for_each(ops::hadamard);
             }
-            self.mm(&mut s.acts, &s.att[..n * qd], qd, [&layer.wo], [&mut s.out[..n * d]]);
+            self.mm(
+                &mut s.acts,
+                &s.att[..n * qd],
+                qd,
+                [&layer.wo],
+                [&mut s.out[..n * d]],
+            );
             if any_lora {
-                self.lora(seqs, il, Proj::O, &s.att[..n * qd], qd, &mut s.out[..n * d], d, &mut s.lora_tmp);
+                self.lora(
+                    seqs,
+                    il,
+                    Proj::O,
+                    &s.att[..n * qd],
+                    qd,
+                    &mut s.out[..n * d],
+                    d,
+                    &mut s.lora_tmp,
+                );
             }
             for i in 0..n {
                 let o = &mut s.out[i * d..(i + 1) * d];
                 if let Some(w) = &layer.post_attn_norm {
                     ops::rms_norm_inplace(o, w, c.rms_eps);
                 }
-                s.x[i * d..(i + 1) * d].iter_mut().zip(o.iter()).for_each(|(x, o)| *x += o);
+                s.x[i * d..(i + 1) * d]
+                    .iter_mut()
+                    .zip(o.iter())
+                    .for_each(|(x, o)| *x += o);
             }
 
             // ---- feed-forward ----
             for i in 0..n {
-                ops::rms_norm(&s.x[i * d..(i + 1) * d], &layer.ffn_norm, c.rms_eps, &mut s.xn[i * d..(i + 1) * d]);
+                ops::rms_norm(
+                    &s.x[i * d..(i + 1) * d],
+                    &layer.ffn_norm,
+                    c.rms_eps,
+                    &mut s.xn[i * d..(i + 1) * d],
+                );
             }
-            self.mm(&mut s.acts, &s.xn[..n * d], d, [&layer.gate, &layer.up], [&mut s.gate[..n * ff], &mut s.up[..n * ff]]);
+            self.mm(
+                &mut s.acts,
+                &s.xn[..n * d],
+                d,
+                [&layer.gate, &layer.up],
+                [&mut s.gate[..n * ff], &mut s.up[..n * ff]],
+            );
             if any_lora {
-                self.lora(seqs, il, Proj::Gate, &s.xn[..n * d], d, &mut s.gate[..n * ff], ff, &mut s.lora_tmp);
-                self.lora(seqs, il, Proj::Up, &s.xn[..n * d], d, &mut s.up[..n * ff], ff, &mut s.lora_tmp);
+                self.lora(
+                    seqs,
+                    il,
+                    Proj::Gate,
+                    &s.xn[..n * d],
+                    d,
+                    &mut s.gate[..n * ff],
+                    ff,
+                    &mut s.lora_tmp,
+                );
+                self.lora(
+                    seqs,
+                    il,
+                    Proj::Up,
+                    &s.xn[..n * d],
+                    d,
+                    &mut s.up[..n * ff],
+                    ff,
+                    &mut s.lora_tmp,
+                );
             }
             // The gated activation, split over the pool by rows (tanh/exp are not cheap).
             let gptr = SyncPtr::new(&mut s.gate[..n * ff]);
@@ -502,7 +751,13 @@ impl<'m> Forward<'m> {
                     ops::swiglu(g, &up[i * ff..(i + 1) * ff]);
                 }
             });
-            self.mm(&mut s.acts, &s.gate[..n * ff], ff, [&layer.down], [&mut s.out[..n * d]]);
+            self.mm(
+                &mut s.acts,
+                &s.gate[..n * ff],
+                ff,
+                [&layer.down],
+                [&mut s.out[..n * d]],
+            );
             for cap in self.captures.iter_mut().filter(|c| c.layer == il) {
                 cap.act.clear();
                 cap.act.extend_from_slice(&s.gate[..n * ff]);
@@ -512,14 +767,26 @@ impl<'m> Forward<'m> {
                 cap.down.extend_from_slice(&s.out[..n * d]);
             }
             if any_lora {
-                self.lora(seqs, il, Proj::Down, &s.gate[..n * ff], ff, &mut s.out[..n * d], d, &mut s.lora_tmp);
+                self.lora(
+                    seqs,
+                    il,
+                    Proj::Down,
+                    &s.gate[..n * ff],
+                    ff,
+                    &mut s.out[..n * d],
+                    d,
+                    &mut s.lora_tmp,
+                );
             }
             for i in 0..n {
                 let o = &mut s.out[i * d..(i + 1) * d];
                 if let Some(w) = &layer.post_ffn_norm {
                     ops::rms_norm_inplace(o, w, c.rms_eps);
                 }
-                s.x[i * d..(i + 1) * d].iter_mut().zip(o.iter()).for_each(|(x, o)| *x += o);
+                s.x[i * d..(i + 1) * d]
+                    .iter_mut()
+                    .zip(o.iter())
+                    .for_each(|(x, o)| *x += o);
             }
         }
         for cap in self.captures.iter_mut() {
@@ -535,7 +802,12 @@ impl<'m> Forward<'m> {
                 for j in 0..q.tokens.len() {
                     let (src, dst) = ((first + j) * d, s.hidden.len());
                     s.hidden.resize(dst + d, 0.0);
-                    ops::rms_norm(&s.x[src..src + d], &m.output_norm, c.rms_eps, &mut s.hidden[dst..dst + d]);
+                    ops::rms_norm(
+                        &s.x[src..src + d],
+                        &m.output_norm,
+                        c.rms_eps,
+                        &mut s.hidden[dst..dst + d],
+                    );
                 }
             }
             let (lo, hi) = match q.logits {
@@ -547,7 +819,12 @@ impl<'m> Forward<'m> {
             for j in lo..hi {
                 let src = (first + j) * d;
                 let (x, xn) = (&s.x, &mut s.xn);
-                ops::rms_norm(&x[src..src + d], &m.output_norm, c.rms_eps, &mut xn[rows * d..(rows + 1) * d]);
+                ops::rms_norm(
+                    &x[src..src + d],
+                    &m.output_norm,
+                    c.rms_eps,
+                    &mut xn[rows * d..(rows + 1) * d],
+                );
                 rows += 1;
             }
             first += q.tokens.len();
@@ -557,7 +834,13 @@ impl<'m> Forward<'m> {
             return Ok(&[]);
         }
         grow(&mut s.logits, rows * c.n_vocab);
-        self.mm(&mut s.acts, &s.xn[..rows * d], d, [&m.output], [&mut s.logits[..rows * c.n_vocab]]);
+        self.mm(
+            &mut s.acts,
+            &s.xn[..rows * d],
+            d,
+            [&m.output],
+            [&mut s.logits[..rows * c.n_vocab]],
+        );
         self.s = s;
         Ok(&self.s.logits[..rows * c.n_vocab])
     }
@@ -569,7 +852,12 @@ impl<'m> Forward<'m> {
 pub fn head_logits(model: &Model, pool: &ThreadPool, normed: &[f32], out: &mut [f32]) {
     let m = model.mat(&model.output);
     let mut acts = QuantActs::default();
-    acts.quantize_par(pool, ActFormat::for_weight(m.ty), normed, model.config.n_embd);
+    acts.quantize_par(
+        pool,
+        ActFormat::for_weight(m.ty),
+        normed,
+        model.config.n_embd,
+    );
     ruvllm_kernels::matmul::matmul(pool, &m, &acts, out);
 }
 
@@ -577,13 +865,23 @@ pub fn head_logits(model: &Model, pool: &ThreadPool, normed: &[f32], out: &mut [
 /// base `down`, `[rows × n_embd]` each) into `out` (`[rows × n_vocab]`): the forward pass's
 /// post-FFN norm, residual add, final norm and head, so the values are the forward pass's bit
 /// for bit. A learner gets a generation's candidate logits from activations kept while it ran.
-pub fn logits_from_last_layer(model: &Model, pool: &ThreadPool, resid: &[f32], down: &[f32], out: &mut [f32]) {
+pub fn logits_from_last_layer(
+    model: &Model,
+    pool: &ThreadPool,
+    resid: &[f32],
+    down: &[f32],
+    out: &mut [f32],
+) {
     let c = &model.config;
     let d = c.n_embd;
     let post = model.layers.last().and_then(|l| l.post_ffn_norm.as_ref());
     let mut normed = vec![0f32; resid.len()];
     let mut o = vec![0f32; d];
-    for ((x, dn), xn) in resid.chunks_exact(d).zip(down.chunks_exact(d)).zip(normed.chunks_exact_mut(d)) {
+    for ((x, dn), xn) in resid
+        .chunks_exact(d)
+        .zip(down.chunks_exact(d))
+        .zip(normed.chunks_exact_mut(d))
+    {
         o.copy_from_slice(dn);
         if let Some(w) = post {
             ops::rms_norm_inplace(&mut o, w, c.rms_eps);
@@ -643,6 +941,9 @@ thread_local! {
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// Per-thread tile of keys or values converted for the flash kernel, `[FLASH_TILE × hd]`.
     static FLASH_ROWS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Per-thread buffers of one attention task, `[(2·MAX_GROUP + 1) × hd]`: the group's
+    /// rounded queries, its accumulators and one converted row (reused, never zeroed whole).
+    static TASK_BUF: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Causal attention for `n` new tokens at positions `pos0..pos0+n`, one task per (token, KV
@@ -690,123 +991,178 @@ fn attention(
         let table = seqs[tok_seq[i]].block_table;
         let start = window.map_or(0, |w| (pos + 1).saturating_sub(w));
         let len = pos + 1 - start;
-        // The group's queries rounded to f16 (as llama.cpp's), head j at j·hd: [gn × hd].
-        let mut qs = [0f32; MAX_GROUP * 512];
-        for j in 0..gn {
-            let src = &q[i * qd + (h0 + j) * hd..i * qd + (h0 + j + 1) * hd];
-            for (d, s) in qs[j * hd..(j + 1) * hd].iter_mut().zip(src) {
-                *d = f16::from_f32(*s).to_f32();
+        TASK_BUF.with(|cell| {
+            let mut buf = cell.borrow_mut();
+            if buf.len() < (2 * MAX_GROUP + 1) * hd {
+                buf.resize((2 * MAX_GROUP + 1) * hd, 0.0);
             }
-        }
-        let mut buf = [0f32; 512];
-        let row = &mut buf[..hd];
-        let keys = HeadRows { f32_rows: kv_f32.map(|x| x.0), f16_rows: keys, kv, layer, value: false, table, kvd, koff: g * hd };
-        let values = HeadRows { f32_rows: kv_f32.map(|x| x.1), f16_rows: values, value: true, ..keys };
-        if kernel.flash_for(len) {
-            let (mut mx, mut sum) = ([f32::NEG_INFINITY; MAX_GROUP], [0f32; MAX_GROUP]);
-            let mut acc = [[0f32; 512]; MAX_GROUP];
-            let mut tile = [[0f32; FLASH_TILE]; MAX_GROUP];
-            FLASH_ROWS.with(|cell| {
-                let mut rows = cell.borrow_mut();
-                if rows.len() < FLASH_TILE * hd {
-                    rows.resize(FLASH_TILE * hd, 0.0);
+            // [queries | accumulators (two-pass kernel) | one converted row], no zeroing per task.
+            let (qs, rest) = buf.split_at_mut(MAX_GROUP * hd);
+            let (acc_buf, row) = rest.split_at_mut(MAX_GROUP * hd);
+            let row = &mut row[..hd];
+            // The group's queries rounded to f16 (as llama.cpp's), head j at j·hd: [gn × hd] (the
+            // group's heads are adjacent in q).
+            let qs = &mut qs[..gn * hd];
+            qs.copy_from_slice(&q[i * qd + h0 * hd..i * qd + (h0 + gn) * hd]);
+            ops::round_f16(qs);
+            let qs = &*qs;
+            let keys = HeadRows {
+                f32_rows: kv_f32.map(|x| x.0),
+                f16_rows: keys,
+                kv,
+                layer,
+                value: false,
+                table,
+                kvd,
+                koff: g * hd,
+            };
+            let values = HeadRows {
+                f32_rows: kv_f32.map(|x| x.1),
+                f16_rows: values,
+                value: true,
+                ..keys
+            };
+            if kernel.flash_for(len) {
+                let (mut mx, mut sum) = ([f32::NEG_INFINITY; MAX_GROUP], [0f32; MAX_GROUP]);
+                let mut acc = [[0f32; 512]; MAX_GROUP];
+                let mut tile = [[0f32; FLASH_TILE]; MAX_GROUP];
+                FLASH_ROWS.with(|cell| {
+                    let mut rows = cell.borrow_mut();
+                    if rows.len() < FLASH_TILE * hd {
+                        rows.resize(FLASH_TILE * hd, 0.0);
+                    }
+                    let rows = &mut rows[..FLASH_TILE * hd];
+                    let mut p0 = start;
+                    while p0 <= pos {
+                        let p1 = (p0 + FLASH_TILE).min(pos + 1);
+                        let m = p1 - p0;
+                        // The tile's keys: in place in the prefill's f32 copy (stride kvd), else
+                        // converted from the cache into a tile buffer (stride hd).
+                        let (keys_at, kstride) = keys.tile(p0, p1, rows);
+                        for j in 0..gn {
+                            let t = &mut tile[j][..m];
+                            ops::dot_rows(
+                                &qs[j * hd..(j + 1) * hd],
+                                keys_at.unwrap_or(rows),
+                                kstride,
+                                t,
+                            );
+                            t.iter_mut().for_each(|v| *v *= scale);
+                            let mtile = t.iter().fold(mx[j], |m, &v| m.max(v));
+                            if mtile > mx[j] && sum[j] > 0.0 {
+                                // The maximum grew: what was accumulated against the old one shrinks.
+                                let c = (mx[j] - mtile).exp();
+                                sum[j] *= c;
+                                acc[j][..hd].iter_mut().for_each(|a| *a *= c);
+                            }
+                            mx[j] = mtile;
+                            for v in t.iter_mut() {
+                                *v = (*v - mtile).exp();
+                                sum[j] += *v;
+                            }
+                        }
+                        let (values_at, vstride) = values.tile(p0, p1, rows);
+                        for j in 0..gn {
+                            ops::weighted_sum(
+                                &tile[j][..m],
+                                values_at.unwrap_or(rows),
+                                vstride,
+                                &mut acc[j][..hd],
+                            );
+                        }
+                        p0 = p1;
+                    }
+                });
+                for j in 0..gn {
+                    let inv = 1.0 / sum[j];
+                    // SAFETY: this task alone writes query head h0 + j of token i, inside the buffer.
+                    let o = unsafe { optr.slice(i * qd + (h0 + j) * hd, hd) };
+                    o.iter_mut()
+                        .zip(&acc[j][..hd])
+                        .for_each(|(o, a)| *o = a * inv);
                 }
-                let rows = &mut rows[..FLASH_TILE * hd];
-                let mut p0 = start;
-                while p0 <= pos {
-                    let p1 = (p0 + FLASH_TILE).min(pos + 1);
-                    let m = p1 - p0;
-                    // The tile's keys: in place in the prefill's f32 copy (stride kvd), else
-                    // converted from the cache into a tile buffer (stride hd).
-                    let (keys_at, kstride) = keys.tile(p0, p1, rows);
-                    for j in 0..gn {
-                        let t = &mut tile[j][..m];
-                        ops::dot_rows(&qs[j * hd..(j + 1) * hd], keys_at.unwrap_or(rows), kstride, t);
-                        t.iter_mut().for_each(|v| *v *= scale);
-                        let mtile = t.iter().fold(mx[j], |m, &v| m.max(v));
-                        if mtile > mx[j] && sum[j] > 0.0 {
-                            // The maximum grew: what was accumulated against the old one shrinks.
-                            let c = (mx[j] - mtile).exp();
-                            sum[j] *= c;
-                            acc[j][..hd].iter_mut().for_each(|a| *a *= c);
+                return;
+            }
+            SCORES.with(|cell| {
+                let mut scores = cell.borrow_mut();
+                if scores.len() < gn * len {
+                    scores.resize(gn * len, 0.0);
+                }
+                // Runs of rows in one cache block are read in place from f16; any other row
+                // (the prefill's f32 copy, other cache types) one at a time. Same values either way.
+                let mut p = start;
+                while p <= pos {
+                    if let Some((rows, m)) = keys.f16_run(p, pos + 1, hd) {
+                        ops::dot_rows_f16_heads(
+                            &qs[..gn * hd],
+                            hd,
+                            rows,
+                            kvd,
+                            m,
+                            &mut scores[p - start..],
+                            len,
+                        );
+                        for j in 0..gn {
+                            scores[j * len + p - start..j * len + p - start + m]
+                                .iter_mut()
+                                .for_each(|v| *v *= scale);
                         }
-                        mx[j] = mtile;
-                        for v in t.iter_mut() {
-                            *v = (*v - mtile).exp();
-                            sum[j] += *v;
-                        }
+                        p += m;
+                        continue;
                     }
-                    let (values_at, vstride) = values.tile(p0, p1, rows);
+                    let k = keys.row(p, row);
                     for j in 0..gn {
-                        ops::weighted_sum(&tile[j][..m], values_at.unwrap_or(rows), vstride, &mut acc[j][..hd]);
+                        scores[j * len + p - start] =
+                            ops::dot_f32(&qs[j * hd..(j + 1) * hd], k) * scale;
                     }
-                    p0 = p1;
+                    p += 1;
+                }
+                for j in 0..gn {
+                    let sj = &mut scores[j * len..(j + 1) * len];
+                    let mx = sj.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                    let mut sum = 0f64;
+                    for v in sj.iter_mut() {
+                        *v = (*v - mx).exp();
+                        sum += *v as f64;
+                    }
+                    let inv = (1.0 / sum) as f32;
+                    sj.iter_mut().for_each(|v| *v *= inv);
+                    ops::round_f16(sj);
+                }
+                // Head j's output at j·hd: [gn × hd].
+                let acc = &mut acc_buf[..gn * hd];
+                acc.fill(0.0);
+                let mut p = start;
+                while p <= pos {
+                    if let Some((rows, m)) = values.f16_run(p, pos + 1, hd) {
+                        ops::weighted_sum_f16_heads(
+                            &scores[p - start..],
+                            len,
+                            rows,
+                            kvd,
+                            m,
+                            &mut acc[..gn * hd],
+                            hd,
+                        );
+                        p += m;
+                        continue;
+                    }
+                    let v = values.row(p, row);
+                    for j in 0..gn {
+                        ops::axpy(
+                            scores[j * len + p - start],
+                            v,
+                            &mut acc[j * hd..(j + 1) * hd],
+                        );
+                    }
+                    p += 1;
+                }
+                for j in 0..gn {
+                    // SAFETY: this task alone writes query head h0 + j of token i, inside the buffer.
+                    let o = unsafe { optr.slice(i * qd + (h0 + j) * hd, hd) };
+                    o.copy_from_slice(&acc[j * hd..(j + 1) * hd]);
                 }
             });
-            for j in 0..gn {
-                let inv = 1.0 / sum[j];
-                // SAFETY: this task alone writes query head h0 + j of token i, inside the buffer.
-                let o = unsafe { optr.slice(i * qd + (h0 + j) * hd, hd) };
-                o.iter_mut().zip(&acc[j][..hd]).for_each(|(o, a)| *o = a * inv);
-            }
-            return;
-        }
-        SCORES.with(|cell| {
-            let mut scores = cell.borrow_mut();
-            if scores.len() < gn * len {
-                scores.resize(gn * len, 0.0);
-            }
-            // Runs of rows in one cache block are read in place from f16; any other row
-            // (the prefill's f32 copy, other cache types) one at a time. Same values either way.
-            let mut p = start;
-            while p <= pos {
-                if let Some((rows, m)) = keys.f16_run(p, pos + 1, hd) {
-                    ops::dot_rows_f16_heads(&qs[..gn * hd], hd, rows, kvd, m, &mut scores[p - start..], len);
-                    for j in 0..gn {
-                        scores[j * len + p - start..j * len + p - start + m].iter_mut().for_each(|v| *v *= scale);
-                    }
-                    p += m;
-                    continue;
-                }
-                let k = keys.row(p, row);
-                for j in 0..gn {
-                    scores[j * len + p - start] = ops::dot_f32(&qs[j * hd..(j + 1) * hd], k) * scale;
-                }
-                p += 1;
-            }
-            for j in 0..gn {
-                let sj = &mut scores[j * len..(j + 1) * len];
-                let mx = sj.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                let mut sum = 0f64;
-                for v in sj.iter_mut() {
-                    *v = (*v - mx).exp();
-                    sum += *v as f64;
-                }
-                let inv = (1.0 / sum) as f32;
-                for v in sj.iter_mut() {
-                    *v = f16::from_f32(*v * inv).to_f32();
-                }
-            }
-            // Head j's output at j·hd: [gn × hd].
-            let mut acc = [0f32; MAX_GROUP * 512];
-            let mut p = start;
-            while p <= pos {
-                if let Some((rows, m)) = values.f16_run(p, pos + 1, hd) {
-                    ops::weighted_sum_f16_heads(&scores[p - start..], len, rows, kvd, m, &mut acc[..gn * hd], hd);
-                    p += m;
-                    continue;
-                }
-                let v = values.row(p, row);
-                for j in 0..gn {
-                    ops::axpy(scores[j * len + p - start], v, &mut acc[j * hd..(j + 1) * hd]);
-                }
-                p += 1;
-            }
-            for j in 0..gn {
-                // SAFETY: this task alone writes query head h0 + j of token i, inside the buffer.
-                let o = unsafe { optr.slice(i * qd + (h0 + j) * hd, hd) };
-                o.copy_from_slice(&acc[j * hd..(j + 1) * hd]);
-            }
         });
     });
 }
@@ -842,7 +1198,9 @@ impl<'a> HeadRows<'a> {
             None => {
                 let r = self.kv.slot(self.table, p).unwrap_or(0);
                 match self.f16_rows {
-                    Some(h) if (r + 1) * kvd <= h.len() => f16_to_f32(&h[r * kvd + koff..r * kvd + koff + hd], buf),
+                    Some(h) if (r + 1) * kvd <= h.len() => {
+                        f16_to_f32(&h[r * kvd + koff..r * kvd + koff + hd], buf)
+                    }
                     _ => self.kv.read(self.layer, self.value, r, koff, buf),
                 }
                 buf
@@ -863,7 +1221,8 @@ impl<'a> HeadRows<'a> {
         let bs = self.kv.block_size();
         let m = (bs - p % bs).min(end - p);
         let lo = self.kv.slot(self.table, p)? * self.kvd + self.koff;
-        h.get(lo..lo + (m - 1) * self.kvd + hd).map(|rows| (rows, m))
+        h.get(lo..lo + (m - 1) * self.kvd + hd)
+            .map(|rows| (rows, m))
     }
 
     /// The rows at positions `p0..p1` for the flash kernel: `(Some(rows), kvd)` pointing into
@@ -919,18 +1278,33 @@ mod tests {
 
     /// Attention of one query row against the cache, in f64 with the kernels' inputs (q rounded
     /// to f16 as both kernels do; keys and values as the cache holds them).
-    fn reference(c: &crate::Config, kv: &KvCache, q: &[f32], pos: usize, window: Option<usize>) -> Vec<f32> {
+    fn reference(
+        c: &crate::Config,
+        kv: &KvCache,
+        q: &[f32],
+        pos: usize,
+        window: Option<usize>,
+    ) -> Vec<f32> {
         let (hd, kvd, group) = (c.head_dim, c.kv_dim(), c.n_head / c.n_head_kv);
         let start = window.map_or(0, |w| (pos + 1).saturating_sub(w));
         let mut out = vec![0f32; c.q_dim()];
         let (mut k, mut v) = (vec![0f32; kvd], vec![0f32; kvd]);
         for h in 0..c.n_head {
             let g = h / group;
-            let qh: Vec<f64> = q[h * hd..(h + 1) * hd].iter().map(|x| f16::from_f32(*x).to_f32() as f64).collect();
+            let qh: Vec<f64> = q[h * hd..(h + 1) * hd]
+                .iter()
+                .map(|x| f16::from_f32(*x).to_f32() as f64)
+                .collect();
             let mut s = Vec::new();
             for p in start..=pos {
                 kv.read(0, false, p, 0, &mut k);
-                s.push(qh.iter().zip(&k[g * hd..(g + 1) * hd]).map(|(a, b)| a * *b as f64).sum::<f64>() * c.attn_scale as f64);
+                s.push(
+                    qh.iter()
+                        .zip(&k[g * hd..(g + 1) * hd])
+                        .map(|(a, b)| a * *b as f64)
+                        .sum::<f64>()
+                        * c.attn_scale as f64,
+                );
             }
             let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
@@ -938,9 +1312,14 @@ mod tests {
             for (i, p) in (start..=pos).enumerate() {
                 kv.read(0, true, p, 0, &mut v);
                 let w = (s[i] - m).exp() / z;
-                o.iter_mut().zip(&v[g * hd..(g + 1) * hd]).for_each(|(o, x)| *o += w * *x as f64);
+                o.iter_mut()
+                    .zip(&v[g * hd..(g + 1) * hd])
+                    .for_each(|(o, x)| *o += w * *x as f64);
             }
-            out[h * hd..(h + 1) * hd].iter_mut().zip(&o).for_each(|(d, s)| *d = *s as f32);
+            out[h * hd..(h + 1) * hd]
+                .iter_mut()
+                .zip(&o)
+                .for_each(|(d, s)| *d = *s as f32);
         }
         out
     }
@@ -952,20 +1331,35 @@ mod tests {
     #[test]
     fn flash_and_two_pass_kernels_match_an_f64_reference() {
         let pool = ThreadPool::new(2);
-        for (n_head, n_head_kv, hd, n_pos, window) in [(4, 2, 64, 300, None), (8, 1, 128, 97, None), (4, 4, 32, 200, Some(50))] {
+        for (n_head, n_head_kv, hd, n_pos, window) in [
+            (4, 2, 64, 300, None),
+            (8, 1, 128, 97, None),
+            (4, 4, 32, 200, Some(50)),
+        ] {
             let c = config(n_head, n_head_kv, hd);
             let (kvd, qd) = (c.kv_dim(), c.q_dim());
             let mut kv = KvCache::new(1, kvd, n_pos, 1);
             let keys = uniform(n_pos * kvd, 1, 2.0);
             let vals = uniform(n_pos * kvd, 2, 1.0);
             for p in 0..n_pos {
-                kv.write(0, p, &keys[p * kvd..(p + 1) * kvd], &vals[p * kvd..(p + 1) * kvd]);
+                kv.write(
+                    0,
+                    p,
+                    &keys[p * kvd..(p + 1) * kvd],
+                    &vals[p * kvd..(p + 1) * kvd],
+                );
             }
             // The last 3 positions as new tokens of one sequence.
             let n = 3;
             let q = uniform(n * qd, 3, 3.0);
             let tokens = vec![0u32; n];
-            let seqs = [SeqInput { tokens: &tokens, pos0: n_pos - n, block_table: &[0], logits: Logits::None, lora: None }];
+            let seqs = [SeqInput {
+                tokens: &tokens,
+                pos0: n_pos - n,
+                block_table: &[0],
+                logits: Logits::None,
+                lora: None,
+            }];
             let tok_seq = vec![0usize; n];
             let tok_pos: Vec<usize> = (n_pos - n..n_pos).collect();
             let (mut k32, mut v32) = (vec![0f32; n_pos * kvd], vec![0f32; n_pos * kvd]);
@@ -977,10 +1371,16 @@ mod tests {
                 let rows = f32_rows.then_some((&k32[..], &v32[..]));
                 for (kernel, tol) in [(AttnKernel::Flash, 2e-6), (AttnKernel::TwoPass, 1e-3)] {
                     let mut out = vec![0f32; n * qd];
-                    attention(&pool, &c, &kv, &seqs, &tok_seq, &tok_pos, rows, 0, window, kernel, &q, &mut out);
+                    attention(
+                        &pool, &c, &kv, &seqs, &tok_seq, &tok_pos, rows, 0, window, kernel, &q,
+                        &mut out,
+                    );
                     for i in 0..n {
                         let want = reference(&c, &kv, &q[i * qd..(i + 1) * qd], tok_pos[i], window);
-                        let err = want.iter().zip(&out[i * qd..(i + 1) * qd]).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                        let err = want
+                            .iter()
+                            .zip(&out[i * qd..(i + 1) * qd])
+                            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
                         let scale = want.iter().fold(0f32, |m, a| m.max(a.abs()));
                         assert!(err <= tol * scale.max(1e-3), "{kernel:?} (f32 rows {f32_rows}), {n_head}/{n_head_kv} heads of {hd}, token {i}: error {err} of {scale}");
                     }

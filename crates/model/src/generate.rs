@@ -24,7 +24,13 @@ pub struct GenerateParams {
 
 impl Default for GenerateParams {
     fn default() -> Self {
-        GenerateParams { max_tokens: None, sampling: SamplingParams::default(), stop: Vec::new(), ignore_eos: false, n_batch: 256 }
+        GenerateParams {
+            max_tokens: None,
+            sampling: SamplingParams::default(),
+            stop: Vec::new(),
+            ignore_eos: false,
+            n_batch: 256,
+        }
     }
 }
 
@@ -74,13 +80,21 @@ pub struct StopMatcher {
 impl StopMatcher {
     /// A matcher for `stops` (empty strings are ignored).
     pub fn new(stops: &[String]) -> Self {
-        StopMatcher { stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(), pending: String::new() }
+        StopMatcher {
+            stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            pending: String::new(),
+        }
     }
 
     /// Adds text; returns (text safe to emit, whether a stop string was hit).
     pub fn push(&mut self, text: &str) -> (String, bool) {
         self.pending.push_str(text);
-        if let Some(i) = self.stops.iter().filter_map(|s| self.pending.find(s.as_str())).min() {
+        if let Some(i) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.pending.find(s.as_str()))
+            .min()
+        {
             let out = self.pending[..i].to_owned();
             self.pending.clear();
             return (out, true);
@@ -117,23 +131,43 @@ pub fn generate(
 ) -> Result<Generation, Error> {
     let n_ctx = runner.n_ctx();
     if prompt.is_empty() {
-        return Err(Error::new(ErrorKind::InvalidParam { param: "prompt", message: "the prompt is empty".into() }));
+        return Err(Error::new(ErrorKind::InvalidParam {
+            param: "prompt",
+            message: "the prompt is empty".into(),
+        }));
     }
     let budget = match params.max_tokens {
         Some(m) if prompt.len() + m > n_ctx => {
-            return Err(Error::new(ErrorKind::ContextOverflow { needed: prompt.len() + m, context: n_ctx }));
+            return Err(Error::new(ErrorKind::ContextOverflow {
+                needed: prompt.len() + m,
+                context: n_ctx,
+            }));
         }
         Some(m) => m,
-        None if prompt.len() >= n_ctx => return Err(Error::new(ErrorKind::ContextOverflow { needed: prompt.len() + 1, context: n_ctx })),
+        None if prompt.len() >= n_ctx => {
+            return Err(Error::new(ErrorKind::ContextOverflow {
+                needed: prompt.len() + 1,
+                context: n_ctx,
+            }))
+        }
         None => n_ctx - prompt.len(),
     };
-    if let Some(&t) = prompt.iter().find(|&&t| t as usize >= runner.model().config.n_vocab) {
+    if let Some(&t) = prompt
+        .iter()
+        .find(|&&t| t as usize >= runner.model().config.n_vocab)
+    {
         return Err(Error::new(ErrorKind::BadToken(t)));
     }
     let mut sampler = Sampler::new(params.sampling.clone())?;
 
     // Reuse the cached prefix; always recompute at least the last prompt token for its logits.
-    let common = runner.history().iter().zip(prompt).take_while(|(a, b)| a == b).count().min(prompt.len() - 1);
+    let common = runner
+        .history()
+        .iter()
+        .zip(prompt)
+        .take_while(|(a, b)| a == b)
+        .count()
+        .min(prompt.len() - 1);
     runner.truncate(common);
     let t0 = Instant::now();
     let rest = &prompt[common..];
@@ -197,7 +231,14 @@ pub fn generate(
             text.push_str(&tail);
         }
     }
-    Ok(Generation { tokens: out_tokens, text, finish, prompt_computed: rest.len(), prefill_secs, decode_secs: t1.elapsed().as_secs_f64() })
+    Ok(Generation {
+        tokens: out_tokens,
+        text,
+        finish,
+        prompt_computed: rest.len(),
+        prefill_secs,
+        decode_secs: t1.elapsed().as_secs_f64(),
+    })
 }
 
 #[cfg(test)]

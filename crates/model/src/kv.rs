@@ -82,14 +82,27 @@ impl KvCache {
 
     /// Storage of type `ty`; the quantized types need heads of a multiple of 32 values (their
     /// blocks must not straddle heads). Returns `None` otherwise.
-    pub fn with_type(n_layer: usize, kv_dim: usize, head_dim: usize, block_size: usize, n_blocks: usize, ty: KvType) -> Option<KvCache> {
+    pub fn with_type(
+        n_layer: usize,
+        kv_dim: usize,
+        head_dim: usize,
+        block_size: usize,
+        n_blocks: usize,
+        ty: KvType,
+    ) -> Option<KvCache> {
         if matches!(ty, KvType::Q8_0 | KvType::Q4_0) && head_dim % 32 != 0 {
             return None;
         }
         Some(Self::build(n_layer, kv_dim, block_size, n_blocks, ty))
     }
 
-    fn build(n_layer: usize, kv_dim: usize, block_size: usize, n_blocks: usize, ty: KvType) -> KvCache {
+    fn build(
+        n_layer: usize,
+        kv_dim: usize,
+        block_size: usize,
+        n_blocks: usize,
+        ty: KvType,
+    ) -> KvCache {
         let row_words = ty.row_bytes(kv_dim) / 2;
         let n = n_blocks * block_size * row_words;
         KvCache {
@@ -108,9 +121,19 @@ impl KvCache {
     /// older blocks migrate to ([`migrate_block`](Self::migrate_block)); cold block ids follow
     /// the hot ones, as `ruvllm-kv`'s two-tier manager hands them out. Keys and values are
     /// stored Hadamard-rotated in both tiers (see [`rotated`](Self::rotated)).
-    pub fn with_tiers(n_layer: usize, kv_dim: usize, head_dim: usize, block_size: usize, n_hot: usize, n_cold: usize, cold_ty: KvType) -> Option<KvCache> {
+    pub fn with_tiers(
+        n_layer: usize,
+        kv_dim: usize,
+        head_dim: usize,
+        block_size: usize,
+        n_hot: usize,
+        n_cold: usize,
+        cold_ty: KvType,
+    ) -> Option<KvCache> {
         let mut kv = Self::build(n_layer, kv_dim, block_size, n_hot, KvType::F16);
-        kv.cold = Some(Box::new(Self::with_type(n_layer, kv_dim, head_dim, block_size, n_cold, cold_ty)?));
+        kv.cold = Some(Box::new(Self::with_type(
+            n_layer, kv_dim, head_dim, block_size, n_cold, cold_ty,
+        )?));
         Some(kv)
     }
 
@@ -121,7 +144,9 @@ impl KvCache {
     /// Converts hot block `src` into cold block `dst` (ids as the manager gives them).
     pub fn migrate_block(&mut self, src: u32, dst: u32) {
         let (bs, kvd, n_hot) = (self.block_size, self.kv_dim, self.n_blocks as u32);
-        let Some(cold) = self.cold.as_mut() else { return };
+        let Some(cold) = self.cold.as_mut() else {
+            return;
+        };
         if src >= n_hot || dst < n_hot {
             return;
         }
@@ -130,8 +155,18 @@ impl KvCache {
         for layer in 0..self.k.len() {
             for j in 0..bs {
                 let (hs, cs) = (src as usize * bs + j, (dst - n_hot) as usize * bs + j);
-                decode_row(self.ty, &self.k[layer][hs * self.row_words..(hs + 1) * self.row_words], 0, &mut k);
-                decode_row(self.ty, &self.v[layer][hs * self.row_words..(hs + 1) * self.row_words], 0, &mut v);
+                decode_row(
+                    self.ty,
+                    &self.k[layer][hs * self.row_words..(hs + 1) * self.row_words],
+                    0,
+                    &mut k,
+                );
+                decode_row(
+                    self.ty,
+                    &self.v[layer][hs * self.row_words..(hs + 1) * self.row_words],
+                    0,
+                    &mut v,
+                );
                 cold.write(layer, cs, &k, &v);
             }
         }
@@ -149,7 +184,8 @@ impl KvCache {
     /// outlier channel.
     pub fn rotated(&self, head_dim: usize) -> bool {
         let quantized = |t: KvType| matches!(t, KvType::Q8_0 | KvType::Q4_0);
-        (quantized(self.ty) || self.cold.as_ref().is_some_and(|c| quantized(c.ty))) && head_dim.is_power_of_two()
+        (quantized(self.ty) || self.cold.as_ref().is_some_and(|c| quantized(c.ty)))
+            && head_dim.is_power_of_two()
     }
     /// Positions per block.
     pub fn block_size(&self) -> usize {
@@ -232,7 +268,11 @@ impl KvCache {
             }
             return;
         }
-        let rows = if value { &self.v[layer] } else { &self.k[layer] };
+        let rows = if value {
+            &self.v[layer]
+        } else {
+            &self.k[layer]
+        };
         let row = &rows[slot * self.row_words..(slot + 1) * self.row_words];
         decode_row(self.ty, row, off, out);
     }
@@ -241,7 +281,7 @@ impl KvCache {
 /// Encodes `x` as one row of 16-bit words of type `ty`.
 fn encode_row(ty: KvType, x: &[f32], out: &mut [u16]) {
     match ty {
-        KvType::F16 => x.iter().zip(out.iter_mut()).for_each(|(s, d)| *d = f16::from_f32(*s).to_bits()),
+        KvType::F16 => ruvllm_kernels::ops::f32_to_f16(x, out.reinterpret_cast_mut()),
         KvType::F32 => {
             for (s, d) in x.iter().zip(out.chunks_exact_mut(2)) {
                 let b = s.to_bits();
@@ -279,7 +319,10 @@ fn decode_row(ty: KvType, row: &[u16], off: usize, out: &mut [f32]) {
             }
         }
         KvType::Q8_0 => {
-            for (yb, blk) in out.chunks_exact_mut(32).zip(row[off / 32 * 17..].chunks_exact(17)) {
+            for (yb, blk) in out
+                .chunks_exact_mut(32)
+                .zip(row[off / 32 * 17..].chunks_exact(17))
+            {
                 let d = f16::from_bits(blk[0]).to_f32();
                 for (j, w) in blk[1..].iter().enumerate() {
                     yb[2 * j] = (*w as u8) as i8 as f32 * d;
@@ -288,7 +331,10 @@ fn decode_row(ty: KvType, row: &[u16], off: usize, out: &mut [f32]) {
             }
         }
         KvType::Q4_0 => {
-            for (yb, blk) in out.chunks_exact_mut(32).zip(row[off / 32 * 9..].chunks_exact(9)) {
+            for (yb, blk) in out
+                .chunks_exact_mut(32)
+                .zip(row[off / 32 * 9..].chunks_exact(9))
+            {
                 let d = f16::from_bits(blk[0]).to_f32();
                 for (j, w) in blk[1..].iter().enumerate() {
                     for (h, byte) in [(*w as u8), ((*w >> 8) as u8)].into_iter().enumerate() {
@@ -311,9 +357,16 @@ mod tests {
     #[test]
     fn every_type_round_trips_through_its_rows() {
         let kvd = 128;
-        let x: Vec<f32> = (0..kvd).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
+        let x: Vec<f32> = (0..kvd)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
         let y: Vec<f32> = x.iter().map(|v| -v * 0.5).collect();
-        for (ty, tol) in [(KvType::F32, 0.0), (KvType::F16, 4e-3), (KvType::Q8_0, 0.03), (KvType::Q4_0, 0.5)] {
+        for (ty, tol) in [
+            (KvType::F32, 0.0),
+            (KvType::F16, 4e-3),
+            (KvType::Q8_0, 0.03),
+            (KvType::Q4_0, 0.5),
+        ] {
             let mut kv = KvCache::with_type(2, kvd, 64, 4, 3, ty).unwrap();
             assert_eq!(kv.bytes_per_token(), 2 * 2 * ty.row_bytes(kvd));
             kv.write(1, 7, &x, &y);
@@ -322,11 +375,17 @@ mod tests {
                 let mut out = vec![0f32; 64];
                 kv.read(1, false, slot, 64, &mut out);
                 for (a, b) in out.iter().zip(&x[64..]) {
-                    assert!((a - b).abs() <= tol * b.abs().max(1.0), "{ty:?} key: {a} vs {b}");
+                    assert!(
+                        (a - b).abs() <= tol * b.abs().max(1.0),
+                        "{ty:?} key: {a} vs {b}"
+                    );
                 }
                 kv.read(1, true, slot, 0, &mut out);
                 for (a, b) in out.iter().zip(&y[..64]) {
-                    assert!((a - b).abs() <= tol * b.abs().max(1.0), "{ty:?} value: {a} vs {b}");
+                    assert!(
+                        (a - b).abs() <= tol * b.abs().max(1.0),
+                        "{ty:?} value: {a} vs {b}"
+                    );
                 }
             }
             // Other layers and rows are untouched.
@@ -334,7 +393,10 @@ mod tests {
             kv.read(0, false, 7, 0, &mut out);
             assert!(out.iter().all(|&v| v == 0.0));
         }
-        assert!(KvCache::with_type(1, 96, 48, 4, 1, KvType::Q8_0).is_none(), "heads must hold whole blocks");
+        assert!(
+            KvCache::with_type(1, 96, 48, 4, 1, KvType::Q8_0).is_none(),
+            "heads must hold whole blocks"
+        );
     }
 
     #[test]
@@ -365,7 +427,10 @@ mod tests {
         // The word packing is the ggml block layout: decoding equals ggml's dequantization of
         // the same quantized bytes.
         let x: Vec<f32> = (0..64).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
-        for (ty, gt, bytes) in [(KvType::Q8_0, GgmlType::Q8_0, 34), (KvType::Q4_0, GgmlType::Q4_0, 18)] {
+        for (ty, gt, bytes) in [
+            (KvType::Q8_0, GgmlType::Q8_0, 34),
+            (KvType::Q4_0, GgmlType::Q4_0, 18),
+        ] {
             let mut q = vec![0u8; 2 * bytes];
             if ty == KvType::Q8_0 {
                 quantize_q8_0(&x, &mut q)

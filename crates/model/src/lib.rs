@@ -12,7 +12,10 @@ pub mod sampler;
 pub mod weights;
 
 pub use config::{Arch, Config};
-pub use forward::{head_logits, logits_from_last_layer, AttnKernel, Capture, Forward, Logits, Runner, SeqInput, FLASH_MIN_SPAN};
+pub use forward::{
+    head_logits, logits_from_last_layer, AttnKernel, Capture, Forward, Logits, Runner, SeqInput,
+    FLASH_MIN_SPAN,
+};
 pub use generate::{generate, FinishReason, GenerateParams, Generation, StopMatcher};
 pub use kv::{KvCache, KvType};
 pub use lora::{write_atomic, LoraAdapter, LoraPair, Proj};
@@ -75,11 +78,17 @@ impl fmt::Display for Error {
         match &self.kind {
             ErrorKind::Gguf(e) => write!(f, "{e}"),
             ErrorKind::Tokenizer(e) => write!(f, "{e}"),
-            ErrorKind::UnsupportedArch(a) => write!(f, "unsupported model architecture {a:?} (supported: llama, gemma3, qwen2)"),
+            ErrorKind::UnsupportedArch(a) => write!(
+                f,
+                "unsupported model architecture {a:?} (supported: llama, gemma3, qwen2)"
+            ),
             ErrorKind::BadWeights(m) => write!(f, "bad model weights: {m}"),
             ErrorKind::BadConfig(m) => write!(f, "bad model config: {m}"),
             ErrorKind::ContextOverflow { needed, context } => {
-                write!(f, "prompt and generation need {needed} tokens but the context holds {context}")
+                write!(
+                    f,
+                    "prompt and generation need {needed} tokens but the context holds {context}"
+                )
             }
             ErrorKind::InvalidParam { message, .. } => write!(f, "invalid parameter: {message}"),
             ErrorKind::BadToken(t) => write!(f, "token id {t} is outside the vocabulary"),

@@ -37,7 +37,15 @@ pub enum Proj {
 
 impl Proj {
     /// Every projection, in a fixed order (the index of [`LayerLora`]'s array).
-    pub const ALL: [Proj; 7] = [Proj::Q, Proj::K, Proj::V, Proj::O, Proj::Gate, Proj::Up, Proj::Down];
+    pub const ALL: [Proj; 7] = [
+        Proj::Q,
+        Proj::K,
+        Proj::V,
+        Proj::O,
+        Proj::Gate,
+        Proj::Up,
+        Proj::Down,
+    ];
 
     /// PEFT's module name.
     pub fn peft_name(self) -> &'static str {
@@ -148,10 +156,23 @@ fn permuted(model: &Model, p: Proj) -> Option<usize> {
 
 fn to_f32(dtype: Dtype, data: &[u8]) -> Result<Vec<f32>, Error> {
     Ok(match dtype {
-        Dtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        Dtype::F16 => data.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        Dtype::BF16 => data.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        other => return Err(err(format!("LoRA tensors must be F32, F16 or BF16, not {other:?}"))),
+        Dtype::F32 => data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::F16 => data
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => data
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        other => {
+            return Err(err(format!(
+                "LoRA tensors must be F32, F16 or BF16, not {other:?}"
+            )))
+        }
     })
 }
 
@@ -164,7 +185,10 @@ impl LoraAdapter {
     pub fn affects_kv(&self) -> bool {
         let last = self.layers.len().saturating_sub(1);
         self.layers.iter().enumerate().any(|(l, projs)| {
-            projs.iter().zip(Proj::ALL).any(|(p, proj)| p.is_some() && (l < last || matches!(proj, Proj::K | Proj::V)))
+            projs
+                .iter()
+                .zip(Proj::ALL)
+                .any(|(p, proj)| p.is_some() && (l < last || matches!(proj, Proj::K | Proj::V)))
         })
     }
 
@@ -172,12 +196,22 @@ impl LoraAdapter {
     /// projection of an earlier layer, or one of `layer`'s own other than down. When it does
     /// not, that layer's down input, base down output and residual are the base model's.
     pub fn adapts_before_down(&self, layer: usize) -> bool {
-        self.layers.iter().enumerate().any(|(l, projs)| projs.iter().zip(Proj::ALL).any(|(p, proj)| p.is_some() && (l < layer || (l == layer && proj != Proj::Down))))
+        self.layers.iter().enumerate().any(|(l, projs)| {
+            projs
+                .iter()
+                .zip(Proj::ALL)
+                .any(|(p, proj)| p.is_some() && (l < layer || (l == layer && proj != Proj::Down)))
+        })
     }
 
     /// An adapter with no projections (a starting point for training).
     pub fn empty(name: &str, id: u64, n_layer: usize) -> LoraAdapter {
-        LoraAdapter { name: name.into(), id, version: 0, layers: (0..n_layer).map(|_| Default::default()).collect() }
+        LoraAdapter {
+            name: name.into(),
+            id,
+            version: 0,
+            layers: (0..n_layer).map(|_| Default::default()).collect(),
+        }
     }
 
     /// The adapted projection `p` of `layer`, if any.
@@ -195,11 +229,34 @@ impl LoraAdapter {
     /// Loads a PEFT adapter (a directory with `adapter_config.json` and
     /// `adapter_model.safetensors`, or the `.safetensors` file with the config beside it) for
     /// `model`, multiplying PEFT's scale by `user_scale`.
-    pub fn load_peft(path: &Path, model: &Model, name: &str, id: u64, user_scale: f32) -> Result<LoraAdapter, Error> {
-        let (dir, file) = if path.is_dir() { (path.to_path_buf(), path.join("adapter_model.safetensors")) } else { (path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(".")), path.to_path_buf()) };
-        let cfg_text = std::fs::read_to_string(dir.join("adapter_config.json")).map_err(|e| err(format!("cannot read {}: {e}", dir.join("adapter_config.json").display())))?;
-        let cfg: serde_json::Value = serde_json::from_str(&cfg_text).map_err(|e| err(format!("adapter_config.json: {e}")))?;
-        let r = cfg["r"].as_f64().ok_or_else(|| err("adapter_config.json lacks `r`"))?;
+    pub fn load_peft(
+        path: &Path,
+        model: &Model,
+        name: &str,
+        id: u64,
+        user_scale: f32,
+    ) -> Result<LoraAdapter, Error> {
+        let (dir, file) = if path.is_dir() {
+            (path.to_path_buf(), path.join("adapter_model.safetensors"))
+        } else {
+            (
+                path.parent()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_else(|| PathBuf::from(".")),
+                path.to_path_buf(),
+            )
+        };
+        let cfg_text = std::fs::read_to_string(dir.join("adapter_config.json")).map_err(|e| {
+            err(format!(
+                "cannot read {}: {e}",
+                dir.join("adapter_config.json").display()
+            ))
+        })?;
+        let cfg: serde_json::Value = serde_json::from_str(&cfg_text)
+            .map_err(|e| err(format!("adapter_config.json: {e}")))?;
+        let r = cfg["r"]
+            .as_f64()
+            .ok_or_else(|| err("adapter_config.json lacks `r`"))?;
         let alpha = cfg["lora_alpha"].as_f64().unwrap_or(r);
         if r <= 0.0 {
             return Err(err("adapter_config.json: `r` must be positive"));
@@ -207,24 +264,47 @@ impl LoraAdapter {
         if cfg["fan_in_fan_out"].as_bool() == Some(true) {
             return Err(err("fan_in_fan_out adapters are not supported"));
         }
-        let scale = if cfg["use_rslora"].as_bool() == Some(true) { alpha / r.sqrt() } else { alpha / r } as f32 * user_scale;
-        let bytes = std::fs::read(&file).map_err(|e| err(format!("cannot read {}: {e}", file.display())))?;
-        let st = SafeTensors::deserialize(&bytes).map_err(|e| err(format!("{}: {e}", file.display())))?;
+        let scale = if cfg["use_rslora"].as_bool() == Some(true) {
+            alpha / r.sqrt()
+        } else {
+            alpha / r
+        } as f32
+            * user_scale;
+        let bytes = std::fs::read(&file)
+            .map_err(|e| err(format!("cannot read {}: {e}", file.display())))?;
+        let st = SafeTensors::deserialize(&bytes)
+            .map_err(|e| err(format!("{}: {e}", file.display())))?;
         let c = &model.config;
         let mut ad = LoraAdapter::empty(name, id, c.n_layer);
-        let mut found: HashMap<(usize, Proj), (Option<Vec<f32>>, Option<Vec<f32>>, usize)> = HashMap::new();
+        let mut found: HashMap<(usize, Proj), (Option<Vec<f32>>, Option<Vec<f32>>, usize)> =
+            HashMap::new();
         for (tname, view) in st.tensors() {
             // base_model.model.model.layers.{i}.{parent}.{proj}.lora_{A,B}[.adapter].weight
-            let Some(rest) = tname.split("layers.").nth(1) else { continue };
+            let Some(rest) = tname.split("layers.").nth(1) else {
+                continue;
+            };
             let parts: Vec<&str> = rest.split('.').collect();
-            let (Some(layer), Some(proj), Some(which)) = (parts.first().and_then(|s| s.parse::<usize>().ok()), parts.get(2), parts.get(3)) else { continue };
-            let Some(p) = Proj::ALL.iter().copied().find(|p| p.peft_name() == *proj) else { continue };
+            let (Some(layer), Some(proj), Some(which)) = (
+                parts.first().and_then(|s| s.parse::<usize>().ok()),
+                parts.get(2),
+                parts.get(3),
+            ) else {
+                continue;
+            };
+            let Some(p) = Proj::ALL.iter().copied().find(|p| p.peft_name() == *proj) else {
+                continue;
+            };
             if layer >= c.n_layer {
-                return Err(err(format!("{tname}: layer {layer} but the model has {}", c.n_layer)));
+                return Err(err(format!(
+                    "{tname}: layer {layer} but the model has {}",
+                    c.n_layer
+                )));
             }
             let shape = view.shape().to_vec();
             if shape.len() != 2 {
-                return Err(err(format!("{tname}: expected a matrix, got shape {shape:?}")));
+                return Err(err(format!(
+                    "{tname}: expected a matrix, got shape {shape:?}"
+                )));
             }
             let data = to_f32(view.dtype(), view.data())?;
             let (out, inp) = p.shape(c);
@@ -232,14 +312,18 @@ impl LoraAdapter {
             match *which {
                 "lora_A" => {
                     if shape[1] != inp {
-                        return Err(err(format!("{tname}: shape {shape:?}, expected [r, {inp}]")));
+                        return Err(err(format!(
+                            "{tname}: shape {shape:?}, expected [r, {inp}]"
+                        )));
                     }
                     e.2 = shape[0];
                     e.0 = Some(data);
                 }
                 "lora_B" => {
                     if shape[0] != out {
-                        return Err(err(format!("{tname}: shape {shape:?}, expected [{out}, r]")));
+                        return Err(err(format!(
+                            "{tname}: shape {shape:?}, expected [{out}, r]"
+                        )));
                     }
                     e.1 = Some(data);
                 }
@@ -251,10 +335,16 @@ impl LoraAdapter {
         }
         for ((layer, p), (a, b, rank)) in found {
             let (Some(a), Some(b)) = (a, b) else {
-                return Err(err(format!("layer {layer} {}: lora_A and lora_B must both be present", p.peft_name())));
+                return Err(err(format!(
+                    "layer {layer} {}: lora_A and lora_B must both be present",
+                    p.peft_name()
+                )));
             };
             if b.len() != p.shape(c).0 * rank {
-                return Err(err(format!("layer {layer} {}: lora_B is not [out, {rank}]", p.peft_name())));
+                return Err(err(format!(
+                    "layer {layer} {}: lora_B is not [out, {rank}]",
+                    p.peft_name()
+                )));
             }
             let b = match permuted(model, p) {
                 Some(n_head) => permute_rows(&b, n_head, rank),
@@ -269,11 +359,26 @@ impl LoraAdapter {
     /// share one rank and one scale (PEFT's config holds one of each); `lora_alpha` is written
     /// as `scale × r`.
     pub fn save_peft(&self, dir: &Path, model: &Model) -> Result<(), Error> {
-        let pairs: Vec<(usize, Proj, &LoraPair)> =
-            self.layers.iter().enumerate().flat_map(|(l, ps)| Proj::ALL.iter().filter_map(move |&p| ps[p.index()].as_ref().map(|x| (l, p, x)))).collect();
-        let Some(&(_, _, first)) = pairs.first() else { return Err(err("the adapter is empty")) };
-        if pairs.iter().any(|(_, _, x)| x.rank != first.rank || x.scale != first.scale) {
-            return Err(err("PEFT files hold one rank and one scale; this adapter mixes them"));
+        let pairs: Vec<(usize, Proj, &LoraPair)> = self
+            .layers
+            .iter()
+            .enumerate()
+            .flat_map(|(l, ps)| {
+                Proj::ALL
+                    .iter()
+                    .filter_map(move |&p| ps[p.index()].as_ref().map(|x| (l, p, x)))
+            })
+            .collect();
+        let Some(&(_, _, first)) = pairs.first() else {
+            return Err(err("the adapter is empty"));
+        };
+        if pairs
+            .iter()
+            .any(|(_, _, x)| x.rank != first.rank || x.scale != first.scale)
+        {
+            return Err(err(
+                "PEFT files hold one rank and one scale; this adapter mixes them",
+            ));
         }
         let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
         let mut modules: Vec<&str> = Vec::new();
@@ -283,21 +388,38 @@ impl LoraAdapter {
                 Some(n_head) => unpermute_rows(&x.b, n_head, x.rank),
                 None => x.b.clone(),
             };
-            let base = format!("base_model.model.model.layers.{l}.{}.{}", p.parent(), p.peft_name());
+            let base = format!(
+                "base_model.model.model.layers.{l}.{}.{}",
+                p.parent(),
+                p.peft_name()
+            );
             let bytes = |v: &[f32]| v.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>();
-            tensors.push((format!("{base}.lora_A.weight"), vec![x.rank, inp], bytes(&x.a)));
-            tensors.push((format!("{base}.lora_B.weight"), vec![out, x.rank], bytes(&b)));
+            tensors.push((
+                format!("{base}.lora_A.weight"),
+                vec![x.rank, inp],
+                bytes(&x.a),
+            ));
+            tensors.push((
+                format!("{base}.lora_B.weight"),
+                vec![out, x.rank],
+                bytes(&b),
+            ));
             if !modules.contains(&p.peft_name()) {
                 modules.push(p.peft_name());
             }
         }
         let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
             .iter()
-            .map(|(n, s, d)| safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), d).map(|v| (n.clone(), v)))
+            .map(|(n, s, d)| {
+                safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), d)
+                    .map(|v| (n.clone(), v))
+            })
             .collect::<Result<_, _>>()
             .map_err(|e| err(format!("safetensors: {e}")))?;
-        let data = safetensors::serialize(views, None).map_err(|e| err(format!("safetensors: {e}")))?;
-        std::fs::create_dir_all(dir).map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
+        let data =
+            safetensors::serialize(views, None).map_err(|e| err(format!("safetensors: {e}")))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
         let cfg = serde_json::json!({
             "peft_type": "LORA",
             "r": first.rank,

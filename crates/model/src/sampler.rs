@@ -46,25 +46,48 @@ impl Default for SamplingParams {
 impl SamplingParams {
     /// Greedy decoding.
     pub fn greedy() -> Self {
-        SamplingParams { temperature: 0.0, ..Default::default() }
+        SamplingParams {
+            temperature: 0.0,
+            ..Default::default()
+        }
     }
 
     /// Checks every parameter's range; the error names the parameter.
     pub fn validate(&self) -> Result<(), Error> {
-        let bad = |param: &'static str, message: String| Err(Error::new(ErrorKind::InvalidParam { param, message }));
+        let bad = |param: &'static str, message: String| {
+            Err(Error::new(ErrorKind::InvalidParam { param, message }))
+        };
         if !self.temperature.is_finite() || self.temperature < 0.0 || self.temperature > 100.0 {
-            return bad("temperature", format!("temperature must be in [0, 100], got {}", self.temperature));
+            return bad(
+                "temperature",
+                format!("temperature must be in [0, 100], got {}", self.temperature),
+            );
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return bad("top_p", format!("top_p must be in (0, 1], got {}", self.top_p));
+            return bad(
+                "top_p",
+                format!("top_p must be in (0, 1], got {}", self.top_p),
+            );
         }
         if !(0.0..=1.0).contains(&self.min_p) {
-            return bad("min_p", format!("min_p must be in [0, 1], got {}", self.min_p));
+            return bad(
+                "min_p",
+                format!("min_p must be in [0, 1], got {}", self.min_p),
+            );
         }
         if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
-            return bad("repetition_penalty", format!("repetition_penalty must be > 0, got {}", self.repetition_penalty));
+            return bad(
+                "repetition_penalty",
+                format!(
+                    "repetition_penalty must be > 0, got {}",
+                    self.repetition_penalty
+                ),
+            );
         }
-        for (name, v) in [("frequency_penalty", self.frequency_penalty), ("presence_penalty", self.presence_penalty)] {
+        for (name, v) in [
+            ("frequency_penalty", self.frequency_penalty),
+            ("presence_penalty", self.presence_penalty),
+        ] {
             if !(-2.0..=2.0).contains(&v) {
                 return bad(name, format!("{name} must be in [-2, 2], got {v}"));
             }
@@ -105,11 +128,25 @@ impl Sampler {
     pub fn new(params: SamplingParams) -> Result<Sampler, Error> {
         params.validate()?;
         let mut seed = params.seed.unwrap_or_else(|| {
-            let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0);
             t ^ (std::process::id() as u64) << 32
         });
-        let rng = [splitmix(&mut seed), splitmix(&mut seed), splitmix(&mut seed), splitmix(&mut seed)];
-        Ok(Sampler { params, rng, cands: Vec::new(), probs: Vec::new(), counts: Default::default() })
+        let rng = [
+            splitmix(&mut seed),
+            splitmix(&mut seed),
+            splitmix(&mut seed),
+            splitmix(&mut seed),
+        ];
+        Ok(Sampler {
+            params,
+            rng,
+            cands: Vec::new(),
+            probs: Vec::new(),
+            counts: Default::default(),
+        })
     }
 
     /// The parameters.
@@ -136,13 +173,19 @@ impl Sampler {
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
         let p = &self.params;
         if p.repetition_penalty != 1.0 || p.frequency_penalty != 0.0 || p.presence_penalty != 0.0 {
-            let recent = if p.penalty_last_n == 0 { history } else { &history[history.len().saturating_sub(p.penalty_last_n)..] };
+            let recent = if p.penalty_last_n == 0 {
+                history
+            } else {
+                &history[history.len().saturating_sub(p.penalty_last_n)..]
+            };
             self.counts.clear();
             for &t in recent {
                 *self.counts.entry(t).or_insert(0) += 1;
             }
             for (&t, &n) in &self.counts {
-                let Some(l) = logits.get_mut(t as usize) else { continue };
+                let Some(l) = logits.get_mut(t as usize) else {
+                    continue;
+                };
                 if *l > 0.0 {
                     *l /= p.repetition_penalty;
                 } else {
@@ -156,7 +199,8 @@ impl Sampler {
         }
         let (top_k, top_p, min_p, temp) = (p.top_k, p.top_p, p.min_p, p.temperature);
         self.cands.clear();
-        self.cands.extend(logits.iter().enumerate().map(|(i, &l)| (l, i as u32)));
+        self.cands
+            .extend(logits.iter().enumerate().map(|(i, &l)| (l, i as u32)));
         let by_logit = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
         if top_k > 0 && top_k < self.cands.len() {
             self.cands.select_nth_unstable_by(top_k - 1, by_logit);
@@ -214,12 +258,48 @@ mod tests {
     #[test]
     fn invalid_parameters_are_named() {
         for (p, name) in [
-            (SamplingParams { temperature: -1.0, ..Default::default() }, "temperature"),
-            (SamplingParams { top_p: 0.0, ..Default::default() }, "top_p"),
-            (SamplingParams { min_p: 2.0, ..Default::default() }, "min_p"),
-            (SamplingParams { repetition_penalty: 0.0, ..Default::default() }, "repetition_penalty"),
-            (SamplingParams { presence_penalty: 3.0, ..Default::default() }, "presence_penalty"),
-            (SamplingParams { temperature: f32::NAN, ..Default::default() }, "temperature"),
+            (
+                SamplingParams {
+                    temperature: -1.0,
+                    ..Default::default()
+                },
+                "temperature",
+            ),
+            (
+                SamplingParams {
+                    top_p: 0.0,
+                    ..Default::default()
+                },
+                "top_p",
+            ),
+            (
+                SamplingParams {
+                    min_p: 2.0,
+                    ..Default::default()
+                },
+                "min_p",
+            ),
+            (
+                SamplingParams {
+                    repetition_penalty: 0.0,
+                    ..Default::default()
+                },
+                "repetition_penalty",
+            ),
+            (
+                SamplingParams {
+                    presence_penalty: 3.0,
+                    ..Default::default()
+                },
+                "presence_penalty",
+            ),
+            (
+                SamplingParams {
+                    temperature: f32::NAN,
+                    ..Default::default()
+                },
+                "temperature",
+            ),
         ] {
             let e = Sampler::new(p).err().expect("must be rejected");
             assert!(e.to_string().contains(name), "{e}");
@@ -232,27 +312,60 @@ mod tests {
         let best = argmax(&logits);
         let mut g = Sampler::new(SamplingParams::greedy()).unwrap();
         assert_eq!(g.sample(&mut logits.clone(), &[]), best);
-        let p = SamplingParams { temperature: 1.0, seed: Some(42), top_k: 0, top_p: 1.0, min_p: 0.0, ..Default::default() };
+        let p = SamplingParams {
+            temperature: 1.0,
+            seed: Some(42),
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            ..Default::default()
+        };
         let draw = |p: &SamplingParams| {
             let mut s = Sampler::new(p.clone()).unwrap();
-            (0..50).map(|_| s.sample(&mut logits.clone(), &[])).collect::<Vec<_>>()
+            (0..50)
+                .map(|_| s.sample(&mut logits.clone(), &[]))
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(&p), draw(&p), "same seed, same tokens");
-        assert_ne!(draw(&p), draw(&SamplingParams { seed: Some(43), ..p.clone() }));
+        assert_ne!(
+            draw(&p),
+            draw(&SamplingParams {
+                seed: Some(43),
+                ..p.clone()
+            })
+        );
         // top_k = 1 is greedy whatever the temperature.
-        assert!(draw(&SamplingParams { top_k: 1, ..p.clone() }).iter().all(|&t| t == best));
+        assert!(draw(&SamplingParams {
+            top_k: 1,
+            ..p.clone()
+        })
+        .iter()
+        .all(|&t| t == best));
         // min_p = 1 keeps only the top token.
-        assert!(draw(&SamplingParams { min_p: 1.0, ..p.clone() }).iter().all(|&t| t == best));
+        assert!(draw(&SamplingParams {
+            min_p: 1.0,
+            ..p.clone()
+        })
+        .iter()
+        .all(|&t| t == best));
     }
 
     #[test]
     fn penalties_lower_repeated_tokens() {
         let mut l = vec![2.0f32, 1.9, -1.0];
-        let mut s = Sampler::new(SamplingParams { repetition_penalty: 1.5, ..SamplingParams::greedy() }).unwrap();
+        let mut s = Sampler::new(SamplingParams {
+            repetition_penalty: 1.5,
+            ..SamplingParams::greedy()
+        })
+        .unwrap();
         assert_eq!(s.sample(&mut l, &[0, 2]), 1);
         assert!((l[0] - 2.0 / 1.5).abs() < 1e-6 && (l[2] + 1.5).abs() < 1e-6);
         let mut l = vec![2.0f32, 1.9];
-        let mut s = Sampler::new(SamplingParams { frequency_penalty: 0.1, ..SamplingParams::greedy() }).unwrap();
+        let mut s = Sampler::new(SamplingParams {
+            frequency_penalty: 0.1,
+            ..SamplingParams::greedy()
+        })
+        .unwrap();
         assert_eq!(s.sample(&mut l, &[0, 0]), 1);
     }
 }

@@ -119,13 +119,14 @@ impl Model {
         for il in 0..c.n_layer {
             let p = |s: &str| format!("blk.{il}.{s}");
             let gemma = c.arch == Arch::Gemma3;
-            let need = |name: String, n: usize, required: bool| -> Result<Option<Vec<f32>>, Error> {
-                let v = opt_vec(name.clone(), n)?;
-                if required && v.is_none() {
-                    return Err(bad(format!("missing tensor {name}")));
-                }
-                Ok(v)
-            };
+            let need =
+                |name: String, n: usize, required: bool| -> Result<Option<Vec<f32>>, Error> {
+                    let v = opt_vec(name.clone(), n)?;
+                    if required && v.is_none() {
+                        return Err(bad(format!("missing tensor {name}")));
+                    }
+                    Ok(v)
+                };
             layers.push(Layer {
                 attn_norm: vector(&file, &p("attn_norm.weight"), c.n_embd)?,
                 wq: matrix(&file, &p("attn_q.weight"), Some(c.q_dim()), c.n_embd)?,
@@ -145,7 +146,15 @@ impl Model {
                 post_ffn_norm: need(p("post_ffw_norm.weight"), c.n_embd, gemma)?,
             });
         }
-        Ok(Model { file, config, tok_embd, output, output_norm, rope_freqs, layers })
+        Ok(Model {
+            file,
+            config,
+            tok_embd,
+            output,
+            output_norm,
+            rope_freqs,
+            layers,
+        })
     }
 
     /// The parsed file (metadata, tensor directory).
@@ -155,7 +164,13 @@ impl Model {
 
     /// A zero-copy view of a weight matrix.
     pub fn mat<'a>(&'a self, w: &'a Weight) -> QMatrix<'a> {
-        QMatrix { ty: w.info.ggml_type, rows: w.rows, cols: w.cols, data: self.file.tensor_data(&w.info), packed: w.packed.as_deref().map(|v| v.as_slice()) }
+        QMatrix {
+            ty: w.info.ggml_type,
+            rows: w.rows,
+            cols: w.cols,
+            data: self.file.tensor_data(&w.info),
+            packed: w.packed.as_deref().map(|v| v.as_slice()),
+        }
     }
 
     /// Writes the embedding of `token` into `out` (`[n_embd]`).
@@ -174,17 +189,34 @@ impl Model {
 
 /// A 2-D matrix with `cols` inputs and (if given) `rows` outputs, in a type the kernels multiply.
 fn matrix(f: &GgufFile, name: &str, rows: Option<usize>, cols: usize) -> Result<Weight, Error> {
-    let info = f.tensor_info(name).ok_or_else(|| bad(format!("missing tensor {name}")))?.clone();
+    let info = f
+        .tensor_info(name)
+        .ok_or_else(|| bad(format!("missing tensor {name}")))?
+        .clone();
     let ty = info.ggml_type;
     if !can_dequantize(ty) || ty == GgmlType::Q8_K {
-        return Err(bad(format!("{name}: tensor type {ty} cannot be used as a weight matrix")));
+        return Err(bad(format!(
+            "{name}: tensor type {ty} cannot be used as a weight matrix"
+        )));
     }
-    if info.dims.len() != 2 || info.dims[0] as usize != cols || rows.is_some_and(|r| info.dims[1] as usize != r) {
-        return Err(bad(format!("{name}: shape {:?}, expected [{cols}, {}]", info.dims, rows.map_or("n".to_string(), |r| r.to_string()))));
+    if info.dims.len() != 2
+        || info.dims[0] as usize != cols
+        || rows.is_some_and(|r| info.dims[1] as usize != r)
+    {
+        return Err(bad(format!(
+            "{name}: shape {:?}, expected [{cols}, {}]",
+            info.dims,
+            rows.map_or("n".to_string(), |r| r.to_string())
+        )));
     }
     let rows = info.dims[1] as usize;
     let packed = pack(f, &info, rows, cols);
-    Ok(Weight { info, rows, cols, packed })
+    Ok(Weight {
+        info,
+        rows,
+        cols,
+        packed,
+    })
 }
 
 /// Repacks a matrix for the row-interleaved kernels where this CPU tier has them, in pieces of
@@ -214,9 +246,18 @@ fn pack(f: &GgufFile, info: &TensorInfo, rows: usize, cols: usize) -> Option<Arc
 
 /// A 1-D vector of length `n`, dequantized to f32.
 fn vector(f: &GgufFile, name: &str, n: usize) -> Result<Vec<f32>, Error> {
-    let info = f.tensor_info(name).ok_or_else(|| bad(format!("missing tensor {name}")))?;
-    if info.n_elements() != n as u64 || !can_dequantize(info.ggml_type) || n % info.ggml_type.block_size() != 0 {
-        return Err(bad(format!("{name}: {} elements of {}, expected {n}", info.n_elements(), info.ggml_type)));
+    let info = f
+        .tensor_info(name)
+        .ok_or_else(|| bad(format!("missing tensor {name}")))?;
+    if info.n_elements() != n as u64
+        || !can_dequantize(info.ggml_type)
+        || n % info.ggml_type.block_size() != 0
+    {
+        return Err(bad(format!(
+            "{name}: {} elements of {}, expected {n}",
+            info.n_elements(),
+            info.ggml_type
+        )));
     }
     let mut v = vec![0f32; n];
     dequantize_row(info.ggml_type, f.tensor_data(info), &mut v);

@@ -14,14 +14,35 @@ const MAX_NEW: usize = 12;
 fn prompts(tok: &ruvllm_tokenizer::Tokenizer) -> Vec<Vec<u32>> {
     let system = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\n";
     let questions = [
-        "What is 2+2?", "Name a color.", "Write a haiku about rust.", "Why is the sky blue?", "Count to five.",
-        "What is the capital of Italy?", "Say hello in French.", "Give me a fruit.",
+        "What is 2+2?",
+        "Name a color.",
+        "Write a haiku about rust.",
+        "Why is the sky blue?",
+        "Count to five.",
+        "What is the capital of Italy?",
+        "Say hello in French.",
+        "Give me a fruit.",
     ];
     let mut v: Vec<Vec<u32>> = questions
         .iter()
-        .map(|q| tok.encode(&format!("{system}{q}<|im_end|>\n<|im_start|>assistant\n"), true, true))
+        .map(|q| {
+            tok.encode(
+                &format!("{system}{q}<|im_end|>\n<|im_start|>assistant\n"),
+                true,
+                true,
+            )
+        })
         .collect();
-    for raw in ["Once upon a time", "def fibonacci(n):", "1, 2, 3, 4,", "The history of computing", "Rust is", "In 1969,", "The quick brown fox", "Dear diary,"] {
+    for raw in [
+        "Once upon a time",
+        "def fibonacci(n):",
+        "1, 2, 3, 4,",
+        "The history of computing",
+        "Rust is",
+        "In 1969,",
+        "The quick brown fox",
+        "Dear diary,",
+    ] {
         v.push(tok.encode(raw, true, true));
     }
     v
@@ -47,13 +68,28 @@ struct Live {
 }
 
 /// Runs all prompts together; returns each one's tokens and how many preemptions happened.
-fn together(model: &Model, pool: &Arc<ThreadPool>, prompts: &[Vec<u32>], n_blocks: usize, prefix_caching: bool) -> (Vec<Vec<u32>>, usize, u64) {
+fn together(
+    model: &Model,
+    pool: &Arc<ThreadPool>,
+    prompts: &[Vec<u32>],
+    n_blocks: usize,
+    prefix_caching: bool,
+) -> (Vec<Vec<u32>>, usize, u64) {
     let bs = 16;
     let c = &model.config;
     let mut kv = KvCache::new(c.n_layer, c.kv_dim(), bs, n_blocks);
     let mut mgr = KvManager::new(n_blocks, bs, prefix_caching);
     let mut fwd = Forward::new(model, pool.clone());
-    let mut waiting: Vec<Live> = prompts.iter().enumerate().map(|(i, p)| Live { id: i as u64, prompt: p.clone(), out: vec![], computed: 0 }).collect();
+    let mut waiting: Vec<Live> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Live {
+            id: i as u64,
+            prompt: p.clone(),
+            out: vec![],
+            computed: 0,
+        })
+        .collect();
     waiting.reverse();
     let mut running: Vec<Live> = Vec::new();
     let mut done: Vec<Option<Vec<u32>>> = vec![None; prompts.len()];
@@ -80,14 +116,20 @@ fn together(model: &Model, pool: &Arc<ThreadPool>, prompts: &[Vec<u32>], n_block
         // run out, preempt the newest running sequence (it is recomputed when readmitted).
         let mut i = 0;
         while i < running.len() {
-            let (sid, all_len) = (running[i].id >> 16, running[i].prompt.len() + running[i].out.len());
+            let (sid, all_len) = (
+                running[i].id >> 16,
+                running[i].prompt.len() + running[i].out.len(),
+            );
             if mgr.num_tokens(sid).unwrap() < all_len {
                 let last = *running[i].out.last().unwrap();
                 if mgr.append(sid, &[last]).is_none() {
                     let victim = running.pop().unwrap();
                     mgr.free(victim.id >> 16);
                     preemptions += 1;
-                    waiting.push(Live { computed: 0, ..victim });
+                    waiting.push(Live {
+                        computed: 0,
+                        ..victim
+                    });
                     continue; // retry the same index (or stop if the victim was it)
                 }
             }
@@ -98,10 +140,23 @@ fn together(model: &Model, pool: &Arc<ThreadPool>, prompts: &[Vec<u32>], n_block
             .iter()
             .map(|r| {
                 let all: Vec<u32> = r.prompt.iter().chain(&r.out).copied().collect();
-                (all[r.computed..].to_vec(), r.computed, mgr.block_table(r.id >> 16).unwrap().to_vec())
+                (
+                    all[r.computed..].to_vec(),
+                    r.computed,
+                    mgr.block_table(r.id >> 16).unwrap().to_vec(),
+                )
             })
             .collect();
-        let seqs: Vec<SeqInput<'_>> = inputs.iter().map(|(t, p, b)| SeqInput { tokens: t, pos0: *p, block_table: b, logits: Logits::Last, lora: None }).collect();
+        let seqs: Vec<SeqInput<'_>> = inputs
+            .iter()
+            .map(|(t, p, b)| SeqInput {
+                tokens: t,
+                pos0: *p,
+                block_table: b,
+                logits: Logits::Last,
+                lora: None,
+            })
+            .collect();
         let logits = fwd.forward_batch(&mut kv, &seqs).unwrap().to_vec();
         let nv = c.n_vocab;
         let mut finished = vec![];
@@ -120,12 +175,18 @@ fn together(model: &Model, pool: &Arc<ThreadPool>, prompts: &[Vec<u32>], n_block
     }
     let s = mgr.stats();
     assert_eq!(s.used, 0, "every block is free or cached at the end");
-    (done.into_iter().map(|d| d.unwrap()).collect(), preemptions, mgr.prefix_hits)
+    (
+        done.into_iter().map(|d| d.unwrap()).collect(),
+        preemptions,
+        mgr.prefix_hits,
+    )
 }
 
 #[test]
 fn sixteen_concurrent_sequences_equal_their_solo_runs() {
-    let Some(path) = registry::for_test("smollm2-135m") else { return };
+    let Some(path) = registry::for_test("smollm2-135m") else {
+        return;
+    };
     let model = Model::load(&path).unwrap();
     let tok = ruvllm_tokenizer::Tokenizer::from_gguf(model.gguf()).unwrap();
     let pool = Arc::new(ThreadPool::new(2));
@@ -140,7 +201,10 @@ fn sixteen_concurrent_sequences_equal_their_solo_runs() {
     let (outs, pre, hits) = together(&model, &pool, &ps, 128, true);
     assert_eq!(pre, 0);
     // The shared system prompt fills one 16-token block: each later chat prompt reuses it.
-    assert!(hits >= 7, "the 8 chat prompts share their system-prompt block ({hits} hits)");
+    assert!(
+        hits >= 7,
+        "the 8 chat prompts share their system-prompt block ({hits} hits)"
+    );
     assert_eq!(outs, solo, "batched with prefix caching");
 
     // A pool that holds about two sequences: preemption by recompute, same tokens.
@@ -156,11 +220,15 @@ fn sixteen_concurrent_sequences_equal_their_solo_runs() {
 #[test]
 fn long_context_paged_equals_contiguous() {
     for (name, n_prompt) in [("smollm2-135m", 4000usize), ("gemma3-270m", 1100)] {
-        let Some(path) = registry::for_test(name) else { continue };
+        let Some(path) = registry::for_test(name) else {
+            continue;
+        };
         let model = Model::load(&path).unwrap();
         let pool = Arc::new(ThreadPool::new(2));
         let nv = model.config.n_vocab as u32;
-        let prompt: Vec<u32> = (0..n_prompt as u32).map(|i| 100 + (i * 7919) % (nv - 200)).collect();
+        let prompt: Vec<u32> = (0..n_prompt as u32)
+            .map(|i| 100 + (i * 7919) % (nv - 200))
+            .collect();
         let steps = 4;
 
         let mut r = Runner::new(&model, pool.clone(), n_prompt + steps + 1);
@@ -181,12 +249,38 @@ fn long_context_paged_equals_contiguous() {
         let mut fwd = Forward::new(&model, pool.clone());
         let mut pos = 0;
         for chunk in prompt.chunks(256) {
-            fwd.forward_batch(&mut kv, &[SeqInput { tokens: chunk, pos0: pos, block_table: &table, logits: Logits::None, lora: None }]).unwrap();
+            fwd.forward_batch(
+                &mut kv,
+                &[SeqInput {
+                    tokens: chunk,
+                    pos0: pos,
+                    block_table: &table,
+                    logits: Logits::None,
+                    lora: None,
+                }],
+            )
+            .unwrap();
             pos += chunk.len();
         }
         for (s, want) in contiguous.iter().enumerate() {
-            let got = fwd.forward_batch(&mut kv, &[SeqInput { tokens: &[prompt[s]], pos0: pos, block_table: &table, logits: Logits::Last, lora: None }]).unwrap();
-            assert!(got.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits()), "{name}: step {s} differs");
+            let got = fwd
+                .forward_batch(
+                    &mut kv,
+                    &[SeqInput {
+                        tokens: &[prompt[s]],
+                        pos0: pos,
+                        block_table: &table,
+                        logits: Logits::Last,
+                        lora: None,
+                    }],
+                )
+                .unwrap();
+            assert!(
+                got.iter()
+                    .zip(want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{name}: step {s} differs"
+            );
             pos += 1;
         }
     }

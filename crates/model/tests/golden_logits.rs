@@ -4,18 +4,27 @@
 
 use ruvllm_kernels::ops::token_nll;
 use ruvllm_kernels::pool::ThreadPool;
-use ruvllm_model::{generate, registry, AttnKernel, Forward, GenerateParams, KvCache, KvType, Logits, Model, Runner, SamplingParams, SeqInput};
+use ruvllm_model::{
+    generate, registry, AttnKernel, Forward, GenerateParams, KvCache, KvType, Logits, Model,
+    Runner, SamplingParams, SeqInput,
+};
 use ruvllm_tokenizer::Tokenizer;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 fn golden(file: &str) -> serde_json::Value {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data").join(file);
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/data")
+        .join(file);
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 
 fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 struct Stats {
@@ -27,8 +36,19 @@ struct Stats {
     far_flips: usize,
 }
 
-fn teacher_force(model: &Model, pool: &Arc<ThreadPool>, g: &serde_json::Value, kernel: AttnKernel) -> Stats {
-    let mut st = Stats { positions: 0, top1_agree: 0, abs_diff_sum: 0.0, abs_diff_n: 0, far_flips: 0 };
+fn teacher_force(
+    model: &Model,
+    pool: &Arc<ThreadPool>,
+    g: &serde_json::Value,
+    kernel: AttnKernel,
+) -> Stats {
+    let mut st = Stats {
+        positions: 0,
+        top1_agree: 0,
+        abs_diff_sum: 0.0,
+        abs_diff_n: 0,
+        far_flips: 0,
+    };
     for case in g["generate"].as_array().unwrap() {
         let prompt = ids(&case["prompt_ids"]);
         let greedy = ids(&case["greedy_ids"]);
@@ -54,7 +74,17 @@ fn teacher_force(model: &Model, pool: &Arc<ThreadPool>, g: &serde_json::Value, k
             if our_top != ref_top {
                 let gap = ref5[0][1].as_f64().unwrap() - ref5[1][1].as_f64().unwrap();
                 st.far_flips += (gap >= 0.5) as usize;
-                eprintln!("  flip at step {k} of {:?}: reference gap {gap:.3}, ours {:.3} vs {:.3}", case["prompt"].as_str().unwrap_or("").chars().take(20).collect::<String>(), ours[our_top], ours[ref_top]);
+                eprintln!(
+                    "  flip at step {k} of {:?}: reference gap {gap:.3}, ours {:.3} vs {:.3}",
+                    case["prompt"]
+                        .as_str()
+                        .unwrap_or("")
+                        .chars()
+                        .take(20)
+                        .collect::<String>(),
+                    ours[our_top],
+                    ours[ref_top]
+                );
             }
             for e in ref5 {
                 let id = e[0].as_u64().unwrap() as usize;
@@ -66,14 +96,29 @@ fn teacher_force(model: &Model, pool: &Arc<ThreadPool>, g: &serde_json::Value, k
     st
 }
 
-fn perplexity(model: &Model, tok: &Tokenizer, pool: &Arc<ThreadPool>, g: &serde_json::Value, kernel: AttnKernel) -> (usize, f64) {
+fn perplexity(
+    model: &Model,
+    tok: &Tokenizer,
+    pool: &Arc<ThreadPool>,
+    g: &serde_json::Value,
+    kernel: AttnKernel,
+) -> (usize, f64) {
     let tokens = tok.encode(g["nll"][0]["text"].as_str().unwrap(), true, false);
-    (tokens.len(), perplexity_with(model, pool, &tokens, KvType::F16, kernel))
+    (
+        tokens.len(),
+        perplexity_with(model, pool, &tokens, KvType::F16, kernel),
+    )
 }
 
 /// Greedy generation equals the reference up to the first position where the reference's top
 /// two logits are within 0.5 of each other.
-fn greedy_matches_up_to_near_tie(model: &Model, tok: &Tokenizer, pool: &Arc<ThreadPool>, g: &serde_json::Value, kernel: AttnKernel) {
+fn greedy_matches_up_to_near_tie(
+    model: &Model,
+    tok: &Tokenizer,
+    pool: &Arc<ThreadPool>,
+    g: &serde_json::Value,
+    kernel: AttnKernel,
+) {
     for case in g["generate"].as_array().unwrap() {
         let prompt = ids(&case["prompt_ids"]);
         let want = ids(&case["greedy_ids"]);
@@ -84,11 +129,25 @@ fn greedy_matches_up_to_near_tie(model: &Model, tok: &Tokenizer, pool: &Arc<Thre
             .unwrap_or(want.len());
         let mut r = Runner::new(model, pool.clone(), prompt.len() + want.len() + 1);
         r.set_attention(kernel);
-        let params = GenerateParams { max_tokens: Some(want.len()), sampling: SamplingParams::greedy(), ..Default::default() };
+        let params = GenerateParams {
+            max_tokens: Some(want.len()),
+            sampling: SamplingParams::greedy(),
+            ..Default::default()
+        };
         let got = generate(&mut r, tok, &prompt, &params, |_| {}).unwrap();
         let n = tie.min(want.len());
-        assert!(got.tokens.len() >= n, "{:?}: stopped after {} tokens, expected at least {n}", case["prompt"], got.tokens.len());
-        assert_eq!(&got.tokens[..n], &want[..n], "{:?}: diverged before the first near-tie at {tie}", case["prompt"]);
+        assert!(
+            got.tokens.len() >= n,
+            "{:?}: stopped after {} tokens, expected at least {n}",
+            case["prompt"],
+            got.tokens.len()
+        );
+        assert_eq!(
+            &got.tokens[..n],
+            &want[..n],
+            "{:?}: diverged before the first near-tie at {tie}",
+            case["prompt"]
+        );
     }
 }
 
@@ -100,7 +159,9 @@ fn shared_pool() -> Arc<ThreadPool> {
 }
 
 fn check(model_name: &str, json: &str, max_mean_abs: f64, kernel: AttnKernel, min_top1: f64) {
-    let Some(path) = registry::for_test(model_name) else { return };
+    let Some(path) = registry::for_test(model_name) else {
+        return;
+    };
     let model = Model::load(&path).unwrap();
     let tok = Tokenizer::from_gguf(model.gguf()).unwrap();
     let pool = shared_pool();
@@ -112,21 +173,36 @@ fn check(model_name: &str, json: &str, max_mean_abs: f64, kernel: AttnKernel, mi
     eprintln!("{model_name} ({kernel:?} attention): top-1 agreement {}/{} = {agree:.4}, mean |Δlogit| over reference top-5 = {mean_abs:.4}", st.top1_agree, st.positions);
     assert!(agree >= min_top1, "top-1 agreement {agree}");
     assert_eq!(st.far_flips, 0, "top-1 flips away from near-ties");
-    assert!(mean_abs <= max_mean_abs, "mean abs logit diff {mean_abs} > {max_mean_abs}");
+    assert!(
+        mean_abs <= max_mean_abs,
+        "mean abs logit diff {mean_abs} > {max_mean_abs}"
+    );
 
     let (n, ppl) = perplexity(&model, &tok, &pool, &g, kernel);
     let want_n = g["nll"][0]["n_tokens"].as_u64().unwrap() as usize;
     let want_ppl = g["nll"][0]["perplexity"].as_f64().unwrap();
-    eprintln!("{model_name}: perplexity {ppl:.4} vs reference {want_ppl:.4} ({:+.3}%)", 100.0 * (ppl / want_ppl - 1.0));
+    eprintln!(
+        "{model_name}: perplexity {ppl:.4} vs reference {want_ppl:.4} ({:+.3}%)",
+        100.0 * (ppl / want_ppl - 1.0)
+    );
     assert_eq!(n, want_n, "perplexity text token count");
-    assert!((ppl / want_ppl - 1.0).abs() <= 0.015, "perplexity {ppl} vs {want_ppl}");
+    assert!(
+        (ppl / want_ppl - 1.0).abs() <= 0.015,
+        "perplexity {ppl} vs {want_ppl}"
+    );
 
     greedy_matches_up_to_near_tie(&model, &tok, &pool, &g, kernel);
 }
 
 #[test]
 fn smollm2_agrees_with_llama_cpp() {
-    check("smollm2-135m", "smollm2-135m-instruct-q4_1.json", 0.25, AttnKernel::Auto, 0.97);
+    check(
+        "smollm2-135m",
+        "smollm2-135m-instruct-q4_1.json",
+        0.25,
+        AttnKernel::Auto,
+        0.97,
+    );
 }
 
 /// The flash kernel forced on (`--flash-attn on`; by default it runs only for spans over
@@ -137,17 +213,35 @@ fn smollm2_agrees_with_llama_cpp() {
 /// the two-pass kernel. No flip away from a near-tie, and the other bounds hold.
 #[test]
 fn smollm2_with_flash_attention_agrees_with_llama_cpp() {
-    check("smollm2-135m", "smollm2-135m-instruct-q4_1.json", 0.25, AttnKernel::Flash, 0.96);
+    check(
+        "smollm2-135m",
+        "smollm2-135m-instruct-q4_1.json",
+        0.25,
+        AttnKernel::Flash,
+        0.96,
+    );
 }
 
 #[test]
 fn gemma3_agrees_with_llama_cpp() {
-    check("gemma3-270m", "gemma3-270m-q4_k_m.json", 0.35, AttnKernel::Auto, 0.97);
+    check(
+        "gemma3-270m",
+        "gemma3-270m-q4_k_m.json",
+        0.35,
+        AttnKernel::Auto,
+        0.97,
+    );
 }
 
 #[test]
 fn gemma3_with_flash_attention_agrees_with_llama_cpp() {
-    check("gemma3-270m", "gemma3-270m-q4_k_m.json", 0.35, AttnKernel::Flash, 0.97);
+    check(
+        "gemma3-270m",
+        "gemma3-270m-q4_k_m.json",
+        0.35,
+        AttnKernel::Flash,
+        0.97,
+    );
 }
 
 /// The text the KV-type tests measure perplexity on: the first 9,000 bytes (about 1,900
@@ -176,7 +270,13 @@ fn perplexity_of(model: &Model, pool: &Arc<ThreadPool>, tokens: &[u32], ty: KvTy
     perplexity_with(model, pool, tokens, ty, AttnKernel::Auto)
 }
 
-fn perplexity_with(model: &Model, pool: &Arc<ThreadPool>, tokens: &[u32], ty: KvType, kernel: AttnKernel) -> f64 {
+fn perplexity_with(
+    model: &Model,
+    pool: &Arc<ThreadPool>,
+    tokens: &[u32],
+    ty: KvType,
+    kernel: AttnKernel,
+) -> f64 {
     let mut r = Runner::with_kv_type(model, pool.clone(), tokens.len(), ty).unwrap();
     r.set_attention(kernel);
     let logits = r.forward(tokens, Logits::All).unwrap();
@@ -196,13 +296,19 @@ fn perplexity_with(model: &Model, pool: &Arc<ThreadPool>, tokens: &[u32], ty: Kv
 /// about 2.0% and 1.4% on SmolLM2, so neither alone is the culprit. The bounds below pin
 /// today's quality so a regression fails.
 fn kv_types_keep_perplexity(model_name: &str, json: &str, q4_limit: f64) {
-    let Some((model, tok, pool, tokens)) = with_long_text(model_name) else { return };
+    let Some((model, tok, pool, tokens)) = with_long_text(model_name) else {
+        return;
+    };
     let g = golden(json);
     let golden_tokens = tok.encode(g["nll"][0]["text"].as_str().unwrap(), true, false);
     assert!(tokens.len() > 1500, "{}", tokens.len());
     let base = perplexity_of(&model, &pool, &tokens, KvType::F16);
     let golden_base = perplexity_of(&model, &pool, &golden_tokens, KvType::F16);
-    for (ty, limit) in [(KvType::F32, 0.005), (KvType::Q8_0, 0.005), (KvType::Q4_0, q4_limit)] {
+    for (ty, limit) in [
+        (KvType::F32, 0.005),
+        (KvType::Q8_0, 0.005),
+        (KvType::Q4_0, q4_limit),
+    ] {
         let ppl = perplexity_of(&model, &pool, &tokens, ty);
         let rel = ppl / base - 1.0;
         let gp = perplexity_of(&model, &pool, &golden_tokens, ty);
@@ -214,7 +320,11 @@ fn kv_types_keep_perplexity(model_name: &str, json: &str, q4_limit: f64) {
             100.0 * (gp / golden_base - 1.0),
             ty.bytes_per_token(model.config.n_layer, model.config.kv_dim())
         );
-        assert!(rel.abs() <= limit, "{model_name} kv {}: perplexity {ppl} vs f16 {base}", ty.name());
+        assert!(
+            rel.abs() <= limit,
+            "{model_name} kv {}: perplexity {ppl} vs f16 {base}",
+            ty.name()
+        );
     }
 }
 
@@ -232,12 +342,23 @@ fn gemma3_kv_types_keep_perplexity() {
 /// [`long_text`] fed in 64-token steps, migrating blocks as they fall out of the tail, keeps
 /// perplexity within 0.5% of the all-f16 cache with a q8_0 cold tier (`limit` for others).
 fn two_tier_keeps_perplexity(model_name: &str, cold_ty: KvType, limit: f64) {
-    let Some((model, _, pool, tokens)) = with_long_text(model_name) else { return };
+    let Some((model, _, pool, tokens)) = with_long_text(model_name) else {
+        return;
+    };
     let base = perplexity_of(&model, &pool, &tokens, KvType::F16);
     let c = &model.config;
     let (bs, tail, step) = (16, 64, 64);
     let n_blocks = tokens.len().div_ceil(bs);
-    let mut kv = KvCache::with_tiers(c.n_layer, c.kv_dim(), c.head_dim, bs, n_blocks, n_blocks, cold_ty).unwrap();
+    let mut kv = KvCache::with_tiers(
+        c.n_layer,
+        c.kv_dim(),
+        c.head_dim,
+        bs,
+        n_blocks,
+        n_blocks,
+        cold_ty,
+    )
+    .unwrap();
     let mut table: Vec<u32> = (0..n_blocks as u32).collect();
     let mut fwd = Forward::new(&model, pool.clone());
     let nv = c.n_vocab;
@@ -245,7 +366,18 @@ fn two_tier_keeps_perplexity(model_name: &str, cold_ty: KvType, limit: f64) {
     let mut migrated = 0;
     for (ci, chunk) in tokens.chunks(step).enumerate() {
         let pos0 = ci * step;
-        let logits = fwd.forward_batch(&mut kv, &[SeqInput { tokens: chunk, pos0, block_table: &table, logits: Logits::All, lora: None }]).unwrap();
+        let logits = fwd
+            .forward_batch(
+                &mut kv,
+                &[SeqInput {
+                    tokens: chunk,
+                    pos0,
+                    block_table: &table,
+                    logits: Logits::All,
+                    lora: None,
+                }],
+            )
+            .unwrap();
         for (j, l) in logits.chunks(nv).enumerate() {
             let p = pos0 + j;
             if p + 1 < tokens.len() {
@@ -265,7 +397,11 @@ fn two_tier_keeps_perplexity(model_name: &str, cold_ty: KvType, limit: f64) {
     let rel = ppl / base - 1.0;
     eprintln!("{model_name}: two-tier (f16 tail {tail}, {} cold; {migrated} of {n_blocks} blocks migrated): perplexity {ppl:.4} vs f16 {base:.4} ({:+.3}%)", cold_ty.name(), 100.0 * rel);
     assert!(migrated > 0);
-    assert!(rel.abs() <= limit, "{model_name}: two-tier {} perplexity {ppl} vs f16 {base}", cold_ty.name());
+    assert!(
+        rel.abs() <= limit,
+        "{model_name}: two-tier {} perplexity {ppl} vs f16 {base}",
+        cold_ty.name()
+    );
 }
 
 #[test]
@@ -292,7 +428,9 @@ fn gemma3_two_tier_kv_keeps_perplexity() {
 /// this text, see [`long_text`]). Measured: mean 0.150 / 0.202, 88 / 103 flips of ~1,940
 /// positions (largest gaps 0.59 / 0.86), perplexity −0.11% / −0.12%.
 fn flash_matches_two_pass(model_name: &str, mean_limit: f64, tie_gap: f32) {
-    let Some((model, _, pool, tokens)) = with_long_text(model_name) else { return };
+    let Some((model, _, pool, tokens)) = with_long_text(model_name) else {
+        return;
+    };
     let nv = model.config.n_vocab;
     let split = tokens.len() - 48;
     let run = |k: AttnKernel| {
@@ -305,7 +443,8 @@ fn flash_matches_two_pass(model_name: &str, mean_limit: f64, tie_gap: f32) {
         logits
     };
     let (two, flash) = (run(AttnKernel::TwoPass), run(AttnKernel::Flash));
-    let (mut sum, mut n, mut flips, mut bad_flips, mut nll_two, mut nll_flash) = (0f64, 0usize, 0, 0, 0f64, 0f64);
+    let (mut sum, mut n, mut flips, mut bad_flips, mut nll_two, mut nll_flash) =
+        (0f64, 0usize, 0, 0, 0f64, 0f64);
     for (p, (a, b)) in two.chunks(nv).zip(flash.chunks(nv)).enumerate() {
         let mut idx: Vec<usize> = (0..nv).collect();
         idx.sort_unstable_by(|&x, &y| a[y].total_cmp(&a[x]));
@@ -325,8 +464,14 @@ fn flash_matches_two_pass(model_name: &str, mean_limit: f64, tie_gap: f32) {
     }
     let (mean, rel) = (sum / n as f64, (nll_flash - nll_two) / nll_two);
     eprintln!("{model_name}: flash vs two-pass over {} positions: mean |Δ| of top-5 logits {mean:.4}, argmax flips {flips} ({bad_flips} at a gap ≥ {tie_gap}), mean NLL {:+.4}%", tokens.len(), 100.0 * rel);
-    assert!(mean <= mean_limit, "{model_name}: mean top-5 logit difference {mean}");
-    assert_eq!(bad_flips, 0, "{model_name}: argmax flips away from near-ties");
+    assert!(
+        mean <= mean_limit,
+        "{model_name}: mean top-5 logit difference {mean}"
+    );
+    assert_eq!(
+        bad_flips, 0,
+        "{model_name}: argmax flips away from near-ties"
+    );
     assert!(rel.abs() < 3e-3, "{model_name}: mean NLL moved {rel}");
 }
 

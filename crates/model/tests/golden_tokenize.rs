@@ -2,8 +2,8 @@
 //! real model files. Skipped with a message when the models are not installed (CI installs them).
 
 use ruvllm_gguf::GgufFile;
-use ruvllm_tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
 use ruvllm_model::registry;
+use ruvllm_tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
 use std::path::PathBuf;
 
 fn repo() -> PathBuf {
@@ -11,11 +11,14 @@ fn repo() -> PathBuf {
 }
 
 fn golden(file: &str) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(repo().join("tests/data").join(file)).unwrap()).unwrap()
+    serde_json::from_str(&std::fs::read_to_string(repo().join("tests/data").join(file)).unwrap())
+        .unwrap()
 }
 
 fn check_tokenize(model: &str, json: &str) {
-    let Some(path) = registry::for_test(model) else { return };
+    let Some(path) = registry::for_test(model) else {
+        return;
+    };
     let f = GgufFile::open(&path).unwrap();
     let tok = Tokenizer::from_gguf(&f).unwrap();
     let g = golden(json);
@@ -25,21 +28,42 @@ fn check_tokenize(model: &str, json: &str) {
     for c in cases {
         let text = c["text"].as_str().unwrap();
         let add_bos = c["add_bos"].as_bool().unwrap();
-        let want: Vec<u32> = c["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let want: Vec<u32> = c["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
         let got = tok.encode(text, add_bos, true);
         if got != want {
-            failures.push(format!("{text:?} add_bos={add_bos}\n  want {want:?}\n  got  {got:?}"));
+            failures.push(format!(
+                "{text:?} add_bos={add_bos}\n  want {want:?}\n  got  {got:?}"
+            ));
         }
         // Round trip: decoding without specials gives back the text (minus BOS).
         if !text.contains('<') {
             assert_eq!(tok.decode(&got, false).unwrap(), text);
         }
     }
-    assert!(failures.is_empty(), "{} tokenization mismatches:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} tokenization mismatches:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
     // The prompts of the generation cases tokenize identically too.
     for c in g["generate"].as_array().unwrap() {
-        let want: Vec<u32> = c["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-        let got = tok.encode(c["prompt"].as_str().unwrap(), c["add_bos"].as_bool().unwrap(), true);
+        let want: Vec<u32> = c["prompt_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let got = tok.encode(
+            c["prompt"].as_str().unwrap(),
+            c["add_bos"].as_bool().unwrap(),
+            true,
+        );
         assert_eq!(got, want, "prompt {:?}", c["prompt"]);
     }
 }
@@ -56,22 +80,33 @@ fn gemma3_tokenization_matches_llama_cpp() {
 
 #[test]
 fn smollm2_chat_template_matches_jinja2() {
-    let Some(path) = registry::for_test("smollm2-135m") else { return };
+    let Some(path) = registry::for_test("smollm2-135m") else {
+        return;
+    };
     let f = GgufFile::open(&path).unwrap();
-    let t = ChatTemplate::new(f.get_str("tokenizer.chat_template").unwrap(), "<|im_start|>", "<|im_end|>").unwrap();
+    let t = ChatTemplate::new(
+        f.get_str("tokenizer.chat_template").unwrap(),
+        "<|im_start|>",
+        "<|im_end|>",
+    )
+    .unwrap();
     let g = golden("smollm2-chat-template.json");
     let cases = g["cases"].as_array().unwrap();
     assert_eq!(cases.len(), 8);
     for c in cases {
         let msgs: Vec<ChatMessage> = serde_json::from_value(c["messages"].clone()).unwrap();
-        let got = t.render(&msgs, c["add_generation_prompt"].as_bool().unwrap()).unwrap();
+        let got = t
+            .render(&msgs, c["add_generation_prompt"].as_bool().unwrap())
+            .unwrap();
         assert_eq!(got, c["rendered"].as_str().unwrap());
     }
 }
 
 #[test]
 fn stream_decoding_of_split_emoji_tokens_is_clean() {
-    let Some(path) = registry::for_test("smollm2-135m") else { return };
+    let Some(path) = registry::for_test("smollm2-135m") else {
+        return;
+    };
     let f = GgufFile::open(&path).unwrap();
     let tok = Tokenizer::from_gguf(&f).unwrap();
     let text = "emoji 🦀🚀 and CJK 你好世界";

@@ -8,7 +8,9 @@ use ruvllm_gguf::{GgmlType, GgufFile};
 use ruvllm_kernels::pool::ThreadPool;
 use ruvllm_kernels::quants::dequantize_row;
 use ruvllm_model::lora::permute_rows;
-use ruvllm_model::{registry, Forward, KvCache, KvType, Logits, LoraAdapter, Model, Proj, SeqInput};
+use ruvllm_model::{
+    registry, Forward, KvCache, KvType, Logits, LoraAdapter, Model, Proj, SeqInput,
+};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -55,20 +57,43 @@ fn random_adapter(model: &Model) -> HashMap<(usize, Proj), (Vec<f32>, Vec<f32>)>
 }
 
 /// Writes the pairs the way PEFT does (tensor names, [r, in] / [out, r], config).
-fn write_peft(dir: &std::path::Path, pairs: &HashMap<(usize, Proj), (Vec<f32>, Vec<f32>)>, model: &Model) {
+fn write_peft(
+    dir: &std::path::Path,
+    pairs: &HashMap<(usize, Proj), (Vec<f32>, Vec<f32>)>,
+    model: &Model,
+) {
     std::fs::create_dir_all(dir).unwrap();
     let bytes = |v: &[f32]| v.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>();
     let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     for (&(l, p), (a, b)) in pairs {
         let (out, inp) = p.shape(&model.config);
-        let parent = if matches!(p, Proj::Q | Proj::K | Proj::V | Proj::O) { "self_attn" } else { "mlp" };
-        let base = format!("base_model.model.model.layers.{l}.{parent}.{}", p.peft_name());
+        let parent = if matches!(p, Proj::Q | Proj::K | Proj::V | Proj::O) {
+            "self_attn"
+        } else {
+            "mlp"
+        };
+        let base = format!(
+            "base_model.model.model.layers.{l}.{parent}.{}",
+            p.peft_name()
+        );
         owned.push((format!("{base}.lora_A.weight"), vec![RANK, inp], bytes(a)));
         owned.push((format!("{base}.lora_B.weight"), vec![out, RANK], bytes(b)));
     }
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> =
-        owned.iter().map(|(n, s, d)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).unwrap())).collect();
-    std::fs::write(dir.join("adapter_model.safetensors"), safetensors::serialize(views, None).unwrap()).unwrap();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = owned
+        .iter()
+        .map(|(n, s, d)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(
+        dir.join("adapter_model.safetensors"),
+        safetensors::serialize(views, None).unwrap(),
+    )
+    .unwrap();
     let cfg = serde_json::json!({"peft_type": "LORA", "r": RANK, "lora_alpha": ALPHA, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "fan_in_fan_out": false});
     std::fs::write(dir.join("adapter_config.json"), cfg.to_string()).unwrap();
 }
@@ -76,14 +101,21 @@ fn write_peft(dir: &std::path::Path, pairs: &HashMap<(usize, Proj), (Vec<f32>, V
 /// A copy of `f` where the projection tensors are f32: dequantized, plus the merged delta when
 /// `pairs` is given (summed over the rank in reverse order with `reverse`: the same merge,
 /// rounded differently).
-fn f32_copy(f: &GgufFile, model: &Model, pairs: Option<&HashMap<(usize, Proj), (Vec<f32>, Vec<f32>)>>, reverse: bool) -> Model {
+fn f32_copy(
+    f: &GgufFile,
+    model: &Model,
+    pairs: Option<&HashMap<(usize, Proj), (Vec<f32>, Vec<f32>)>>,
+    reverse: bool,
+) -> Model {
     let mut w = GgufWriter::new();
     for (k, v) in f.metadata() {
         w.meta(k, v.clone());
     }
     // Every layer's projections in f32 (not only the adapted ones): with f32 activations there
     // is no 8-bit activation rounding to amplify last-bit differences.
-    let adapted: HashMap<String, (usize, Proj)> = (0..model.config.n_layer).flat_map(|l| Proj::ALL.map(|p| (gguf_name(l, p), (l, p)))).collect();
+    let adapted: HashMap<String, (usize, Proj)> = (0..model.config.n_layer)
+        .flat_map(|l| Proj::ALL.map(|p| (gguf_name(l, p), (l, p))))
+        .collect();
     let c = &model.config;
     for t in f.tensors() {
         let data = f.tensor_data(t);
@@ -92,7 +124,12 @@ fn f32_copy(f: &GgufFile, model: &Model, pairs: Option<&HashMap<(usize, Proj), (
             // f16 rounding inside attention.
             let mut m = vec![0f32; t.n_elements() as usize];
             assert!(dequantize_row(t.ggml_type, data, &mut m));
-            w.tensor(&t.name, &t.dims, GgmlType::F32, m.iter().flat_map(|v| v.to_le_bytes()).collect());
+            w.tensor(
+                &t.name,
+                &t.dims,
+                GgmlType::F32,
+                m.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            );
             continue;
         }
         match adapted.get(&t.name) {
@@ -122,19 +159,45 @@ fn f32_copy(f: &GgufFile, model: &Model, pairs: Option<&HashMap<(usize, Proj), (
                     };
                     m.iter_mut().zip(&delta).for_each(|(x, d)| *x += d);
                 }
-                w.tensor(&t.name, &t.dims, GgmlType::F32, m.iter().flat_map(|v| v.to_le_bytes()).collect());
+                w.tensor(
+                    &t.name,
+                    &t.dims,
+                    GgmlType::F32,
+                    m.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                );
             }
         }
     }
     Model::from_gguf(GgufFile::from_bytes(w.to_bytes()).unwrap()).unwrap()
 }
 
-fn logits(model: &Model, pool: &Arc<ThreadPool>, seqs: &[(&[u32], Option<&LoraAdapter>)]) -> Vec<Vec<f32>> {
+fn logits(
+    model: &Model,
+    pool: &Arc<ThreadPool>,
+    seqs: &[(&[u32], Option<&LoraAdapter>)],
+) -> Vec<Vec<f32>> {
     let c = &model.config;
-    let mut kv = KvCache::with_type(c.n_layer, c.kv_dim(), c.head_dim, 64, seqs.len(), KvType::F32).unwrap();
+    let mut kv = KvCache::with_type(
+        c.n_layer,
+        c.kv_dim(),
+        c.head_dim,
+        64,
+        seqs.len(),
+        KvType::F32,
+    )
+    .unwrap();
     let tables: Vec<[u32; 1]> = (0..seqs.len() as u32).map(|i| [i]).collect();
-    let inputs: Vec<SeqInput<'_>> =
-        seqs.iter().zip(&tables).map(|(&(t, l), tb)| SeqInput { tokens: t, pos0: 0, block_table: tb, logits: Logits::All, lora: l }).collect();
+    let inputs: Vec<SeqInput<'_>> = seqs
+        .iter()
+        .zip(&tables)
+        .map(|(&(t, l), tb)| SeqInput {
+            tokens: t,
+            pos0: 0,
+            block_table: tb,
+            logits: Logits::All,
+            lora: l,
+        })
+        .collect();
     let mut fwd = Forward::new(model, pool.clone());
     let out = fwd.forward_batch(&mut kv, &inputs).unwrap().to_vec();
     let nv = c.n_vocab;
@@ -148,7 +211,10 @@ fn logits(model: &Model, pool: &Arc<ThreadPool>, seqs: &[(&[u32], Option<&LoraAd
 }
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn mean_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -156,7 +222,17 @@ fn mean_diff(a: &[f32], b: &[f32]) -> f32 {
 }
 
 fn argmaxes(l: &[f32], nv: usize) -> Vec<usize> {
-    l.chunks(nv).map(|r| r.iter().enumerate().fold((0, f32::NEG_INFINITY), |m, (i, &v)| if v > m.1 { (i, v) } else { m }).0).collect()
+    l.chunks(nv)
+        .map(|r| {
+            r.iter()
+                .enumerate()
+                .fold(
+                    (0, f32::NEG_INFINITY),
+                    |m, (i, &v)| if v > m.1 { (i, v) } else { m },
+                )
+                .0
+        })
+        .collect()
 }
 
 /// NOTE on tolerances: every matrix is f32 and so is the KV cache. On a token's first position
@@ -167,7 +243,9 @@ fn argmaxes(l: &[f32], nv: usize) -> Vec<usize> {
 /// LoRA is as close to the merge as the merge is to itself.
 #[test]
 fn peft_adapter_at_run_time_equals_merged_weights() {
-    let Some(path) = registry::for_test("smollm2-135m") else { return };
+    let Some(path) = registry::for_test("smollm2-135m") else {
+        return;
+    };
     let f = GgufFile::open(&path).unwrap();
     let model = Model::load(&path).unwrap();
     let tok = ruvllm_tokenizer::Tokenizer::from_gguf(model.gguf()).unwrap();
@@ -185,14 +263,29 @@ fn peft_adapter_at_run_time_equals_merged_weights() {
     let nv = model.config.n_vocab;
 
     // First positions: eight one-token sequences in one batch.
-    let firsts: Vec<[u32; 1]> = [1u32, 42, 500, 1234, 4242, 9000, 20000, 40000].map(|t| [t]).to_vec();
-    let with: Vec<(&[u32], Option<&LoraAdapter>)> = firsts.iter().map(|t| (&t[..], Some(&adapter))).collect();
-    let without: Vec<(&[u32], Option<&LoraAdapter>)> = firsts.iter().map(|t| (&t[..], None)).collect();
-    let (lw, lm, lp) = (logits(&base, &pool, &with), logits(&merged, &pool, &without), logits(&base, &pool, &without));
+    let firsts: Vec<[u32; 1]> = [1u32, 42, 500, 1234, 4242, 9000, 20000, 40000]
+        .map(|t| [t])
+        .to_vec();
+    let with: Vec<(&[u32], Option<&LoraAdapter>)> =
+        firsts.iter().map(|t| (&t[..], Some(&adapter))).collect();
+    let without: Vec<(&[u32], Option<&LoraAdapter>)> =
+        firsts.iter().map(|t| (&t[..], None)).collect();
+    let (lw, lm, lp) = (
+        logits(&base, &pool, &with),
+        logits(&merged, &pool, &without),
+        logits(&base, &pool, &without),
+    );
     for i in 0..firsts.len() {
         let d = max_diff(&lw[i], &lm[i]);
-        assert!(d <= 1e-3, "token {}: run-time LoRA differs from merged weights by {d}", firsts[i][0]);
-        assert!(max_diff(&lp[i], &lm[i]) > 0.02, "the adapter should change the logits");
+        assert!(
+            d <= 1e-3,
+            "token {}: run-time LoRA differs from merged weights by {d}",
+            firsts[i][0]
+        );
+        assert!(
+            max_diff(&lp[i], &lm[i]) > 0.02,
+            "the adapter should change the logits"
+        );
     }
 
     // A whole prompt.
@@ -201,11 +294,25 @@ fn peft_adapter_at_run_time_equals_merged_weights() {
     let want = logits(&merged, &pool, &[(&prompt, None)]);
     let want_rev = logits(&merged_rev, &pool, &[(&prompt, None)]);
     let plain = logits(&base, &pool, &[(&prompt, None)]);
-    let (d, noise, effect) = (mean_diff(&with[0], &want[0]), mean_diff(&want_rev[0], &want[0]), mean_diff(&plain[0], &want[0]));
-    let agree = argmaxes(&with[0], nv).iter().zip(argmaxes(&want[0], nv)).filter(|(a, b)| **a == *b).count();
+    let (d, noise, effect) = (
+        mean_diff(&with[0], &want[0]),
+        mean_diff(&want_rev[0], &want[0]),
+        mean_diff(&plain[0], &want[0]),
+    );
+    let agree = argmaxes(&with[0], nv)
+        .iter()
+        .zip(argmaxes(&want[0], nv))
+        .filter(|(a, b)| **a == *b)
+        .count();
     eprintln!("prompt of {}: mean |LoRA − merged| {d:.4}, merge's own rounding noise {noise:.4}, adapter effect {effect:.4}, top-1 agree {agree}/{}", prompt.len(), prompt.len());
-    assert!(d <= 2.0 * noise + 1e-3, "LoRA vs merged {d} exceeds the merge's own rounding noise {noise}");
-    assert!(effect > 5.0 * d, "the adapter's effect {effect} should dwarf the difference {d}");
+    assert!(
+        d <= 2.0 * noise + 1e-3,
+        "LoRA vs merged {d} exceeds the merge's own rounding noise {noise}"
+    );
+    assert!(
+        effect > 5.0 * d,
+        "the adapter's effect {effect} should dwarf the difference {d}"
+    );
     assert!(agree * 10 >= prompt.len() * 9);
 
     // A batch mixing an adapted and a plain sequence: each row equals its solo run.
@@ -224,21 +331,37 @@ fn peft_adapter_at_run_time_equals_merged_weights() {
 
 #[test]
 fn bad_adapter_files_are_clear_errors() {
-    let Some(path) = registry::for_test("smollm2-135m") else { return };
+    let Some(path) = registry::for_test("smollm2-135m") else {
+        return;
+    };
     let model = Model::load(&path).unwrap();
     let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bad-adapter");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let e = LoraAdapter::load_peft(&dir, &model, "x", 1, 1.0).unwrap_err().to_string();
+    let e = LoraAdapter::load_peft(&dir, &model, "x", 1, 1.0)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("adapter_config.json"), "{e}");
-    std::fs::write(dir.join("adapter_config.json"), r#"{"r": 4, "lora_alpha": 8}"#).unwrap();
+    std::fs::write(
+        dir.join("adapter_config.json"),
+        r#"{"r": 4, "lora_alpha": 8}"#,
+    )
+    .unwrap();
     std::fs::write(dir.join("adapter_model.safetensors"), b"not safetensors").unwrap();
     assert!(LoraAdapter::load_peft(&dir, &model, "x", 1, 1.0).is_err());
     // Wrong shape: lora_A with the wrong input width.
     let data = vec![0u8; 4 * 4 * 10];
-    let views = vec![("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight".to_string(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![4, 10], &data).unwrap())];
-    std::fs::write(dir.join("adapter_model.safetensors"), safetensors::serialize(views, None).unwrap()).unwrap();
-    let e = LoraAdapter::load_peft(&dir, &model, "x", 1, 1.0).unwrap_err().to_string();
+    let views = vec![(
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight".to_string(),
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![4, 10], &data).unwrap(),
+    )];
+    std::fs::write(
+        dir.join("adapter_model.safetensors"),
+        safetensors::serialize(views, None).unwrap(),
+    )
+    .unwrap();
+    let e = LoraAdapter::load_peft(&dir, &model, "x", 1, 1.0)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("expected [r, 576]"), "{e}");
 }
-

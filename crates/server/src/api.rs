@@ -11,7 +11,10 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use base64::Engine as _;
 use futures_util::stream::{self, Stream, StreamExt};
-use ruvllm_engine::{CaptureSpec, Error as EngineError, ErrorKind as EngineErrorKind, Event, FinishReason, Logprob, Request, RequestHandle, Usage};
+use ruvllm_engine::{
+    CaptureSpec, Error as EngineError, ErrorKind as EngineErrorKind, Event, FinishReason, Logprob,
+    Request, RequestHandle, Usage,
+};
 use ruvllm_model::{LoraAdapter, SamplingParams};
 use ruvllm_tokenizer::ChatMessage;
 use serde_json::{json, Map, Value};
@@ -30,21 +33,57 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    pub(crate) fn new(status: StatusCode, kind: &'static str, param: Option<&str>, code: Option<&'static str>, message: impl Into<String>) -> ApiError {
-        ApiError { status, kind, param: param.map(str::to_owned), code, message: message.into() }
+    pub(crate) fn new(
+        status: StatusCode,
+        kind: &'static str,
+        param: Option<&str>,
+        code: Option<&'static str>,
+        message: impl Into<String>,
+    ) -> ApiError {
+        ApiError {
+            status,
+            kind,
+            param: param.map(str::to_owned),
+            code,
+            message: message.into(),
+        }
     }
     /// 400 naming the parameter at fault.
     pub(crate) fn invalid(param: &str, message: impl Into<String>) -> ApiError {
-        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", Some(param), None, message)
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            Some(param),
+            None,
+            message,
+        )
     }
     fn invalid_body(message: impl Into<String>) -> ApiError {
-        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", None, None, message)
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            None,
+            None,
+            message,
+        )
     }
     pub(crate) fn unauthorized(message: &str) -> ApiError {
-        Self::new(StatusCode::UNAUTHORIZED, "invalid_request_error", None, Some("invalid_api_key"), message)
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            None,
+            Some("invalid_api_key"),
+            message,
+        )
     }
     pub(crate) fn unavailable(message: &str) -> ApiError {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", None, Some("unavailable"), message)
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            None,
+            Some("unavailable"),
+            message,
+        )
     }
     pub(crate) fn model_not_found(m: &str, names: &[String]) -> ApiError {
         Self::new(
@@ -52,7 +91,10 @@ impl ApiError {
             "invalid_request_error",
             Some("model"),
             Some("model_not_found"),
-            format!("The model `{m}` does not exist. This server serves: {}", names.join(", ")),
+            format!(
+                "The model `{m}` does not exist. This server serves: {}",
+                names.join(", ")
+            ),
         )
     }
 
@@ -61,15 +103,35 @@ impl ApiError {
     pub(crate) fn from_engine(e: &EngineError, prompt_param: &str) -> ApiError {
         match e.kind() {
             EngineErrorKind::InvalidParam { param, message } => {
-                let p = if *param == "prompt" { prompt_param } else { param };
+                let p = if *param == "prompt" {
+                    prompt_param
+                } else {
+                    param
+                };
                 Self::invalid(p, message.clone())
             }
-            EngineErrorKind::ContextOverflow { .. } => {
-                Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", Some(prompt_param), Some("context_length_exceeded"), e.to_string())
-            }
-            EngineErrorKind::QueueFull(_) => Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", None, Some("queue_full"), e.to_string()),
+            EngineErrorKind::ContextOverflow { .. } => Self::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                Some(prompt_param),
+                Some("context_length_exceeded"),
+                e.to_string(),
+            ),
+            EngineErrorKind::QueueFull(_) => Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                None,
+                Some("queue_full"),
+                e.to_string(),
+            ),
             EngineErrorKind::ShuttingDown => Self::unavailable(&e.to_string()),
-            _ => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", None, None, e.to_string()),
+            _ => Self::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                None,
+                None,
+                e.to_string(),
+            ),
         }
     }
 
@@ -90,18 +152,30 @@ impl IntoResponse for ApiError {
 }
 
 /// Parses a body into a JSON object; size-limit rejections become 413.
-pub(crate) fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<Map<String, Value>, ApiError> {
+pub(crate) fn parse_body(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Map<String, Value>, ApiError> {
     let bytes = body.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", None, Some("request_too_large"), "the request body is larger than the server accepts")
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                None,
+                Some("request_too_large"),
+                "the request body is larger than the server accepts",
+            )
         } else {
             ApiError::invalid_body(format!("cannot read the request body: {}", r.body_text()))
         }
     })?;
     match serde_json::from_slice::<Value>(&bytes) {
         Ok(Value::Object(m)) => Ok(m),
-        Ok(_) => Err(ApiError::invalid_body("the request body must be a JSON object")),
-        Err(e) => Err(ApiError::invalid_body(format!("the request body is not valid JSON: {e}"))),
+        Ok(_) => Err(ApiError::invalid_body(
+            "the request body must be a JSON object",
+        )),
+        Err(e) => Err(ApiError::invalid_body(format!(
+            "the request body is not valid JSON: {e}"
+        ))),
     }
 }
 
@@ -115,32 +189,48 @@ impl<'a> Fields<'a> {
     fn f64(&self, k: &str) -> Result<Option<f64>, ApiError> {
         match self.get(k) {
             None => Ok(None),
-            Some(v) => v.as_f64().map(Some).ok_or_else(|| ApiError::invalid(k, format!("`{k}` must be a number, got {v}"))),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| ApiError::invalid(k, format!("`{k}` must be a number, got {v}"))),
         }
     }
     fn int(&self, k: &str) -> Result<Option<i64>, ApiError> {
         match self.get(k) {
             None => Ok(None),
-            Some(v) => v.as_i64().map(Some).ok_or_else(|| ApiError::invalid(k, format!("`{k}` must be an integer, got {v}"))),
+            Some(v) => v
+                .as_i64()
+                .map(Some)
+                .ok_or_else(|| ApiError::invalid(k, format!("`{k}` must be an integer, got {v}"))),
         }
     }
     fn bool(&self, k: &str) -> Result<Option<bool>, ApiError> {
         match self.get(k) {
             None => Ok(None),
-            Some(v) => v.as_bool().map(Some).ok_or_else(|| ApiError::invalid(k, format!("`{k}` must be a boolean, got {v}"))),
+            Some(v) => v
+                .as_bool()
+                .map(Some)
+                .ok_or_else(|| ApiError::invalid(k, format!("`{k}` must be a boolean, got {v}"))),
         }
     }
     fn str(&self, k: &str) -> Result<Option<&'a str>, ApiError> {
         match self.get(k) {
             None => Ok(None),
-            Some(v) => v.as_str().map(Some).ok_or_else(|| ApiError::invalid(k, format!("`{k}` must be a string, got {v}"))),
+            Some(v) => v
+                .as_str()
+                .map(Some)
+                .ok_or_else(|| ApiError::invalid(k, format!("`{k}` must be a string, got {v}"))),
         }
     }
 }
 
 /// The served model a request names (`model`), and its adapter: the `adapter` field, or a
 /// `model` that names an adapter (as vLLM serves LoRA adapters as models).
-fn resolve(st: &AppState, f: &Fields<'_>, caller: &Caller) -> Result<(String, Option<Arc<LoraAdapter>>, Option<String>), ApiError> {
+fn resolve(
+    st: &AppState,
+    f: &Fields<'_>,
+    caller: &Caller,
+) -> Result<(String, Option<Arc<LoraAdapter>>, Option<String>), ApiError> {
     let requested = f.str("model")?;
     let (model, mut adapter) = match requested.and_then(|m| st.adapter(m).map(|a| (m, a))) {
         Some((m, a)) => (m.to_owned(), Some(a)),
@@ -149,7 +239,13 @@ fn resolve(st: &AppState, f: &Fields<'_>, caller: &Caller) -> Result<(String, Op
     let mut named = adapter.is_some().then(|| model.clone());
     if let Some(name) = f.str("adapter")? {
         adapter = Some(st.adapter(name).ok_or_else(|| {
-            ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", Some("adapter"), Some("adapter_not_found"), format!("no adapter named `{name}` is loaded"))
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                Some("adapter"),
+                Some("adapter_not_found"),
+                format!("no adapter named `{name}` is loaded"),
+            )
         })?);
         named = Some(name.to_owned());
     }
@@ -176,24 +272,59 @@ struct GenParams {
 
 fn parse_gen(f: &Fields<'_>, chat: bool) -> Result<GenParams, ApiError> {
     for (k, unsupported) in [
-        ("logit_bias", f.get("logit_bias").is_some_and(|v| v.as_object().is_none_or(|o| !o.is_empty()))),
-        ("tools", f.get("tools").is_some_and(|v| v.as_array().is_none_or(|a| !a.is_empty()))),
-        ("functions", f.get("functions").is_some_and(|v| v.as_array().is_none_or(|a| !a.is_empty()))),
-        ("echo", f.get("echo").is_some_and(|v| v.as_bool() != Some(false))),
+        (
+            "logit_bias",
+            f.get("logit_bias")
+                .is_some_and(|v| v.as_object().is_none_or(|o| !o.is_empty())),
+        ),
+        (
+            "tools",
+            f.get("tools")
+                .is_some_and(|v| v.as_array().is_none_or(|a| !a.is_empty())),
+        ),
+        (
+            "functions",
+            f.get("functions")
+                .is_some_and(|v| v.as_array().is_none_or(|a| !a.is_empty())),
+        ),
+        (
+            "echo",
+            f.get("echo").is_some_and(|v| v.as_bool() != Some(false)),
+        ),
         ("suffix", f.get("suffix").is_some()),
-        ("best_of", f.get("best_of").is_some_and(|v| v.as_i64() != Some(1))),
-        ("response_format", f.get("response_format").is_some_and(|v| v.get("type").and_then(Value::as_str) != Some("text"))),
+        (
+            "best_of",
+            f.get("best_of").is_some_and(|v| v.as_i64() != Some(1)),
+        ),
+        (
+            "response_format",
+            f.get("response_format")
+                .is_some_and(|v| v.get("type").and_then(Value::as_str) != Some("text")),
+        ),
     ] {
         if unsupported {
-            return Err(ApiError::invalid(k, format!("`{k}` is not supported by this server")));
+            return Err(ApiError::invalid(
+                k,
+                format!("`{k}` is not supported by this server"),
+            ));
         }
     }
-    let max = match if chat { f.int("max_completion_tokens")?.map(|v| ("max_completion_tokens", v)) } else { None } {
+    let max = match if chat {
+        f.int("max_completion_tokens")?
+            .map(|v| ("max_completion_tokens", v))
+    } else {
+        None
+    } {
         Some(x) => Some(x),
         None => f.int("max_tokens")?.map(|v| ("max_tokens", v)),
     };
     let max_tokens = match max {
-        Some((k, v)) if v < 1 => return Err(ApiError::invalid(k, format!("`{k}` must be at least 1, got {v}"))),
+        Some((k, v)) if v < 1 => {
+            return Err(ApiError::invalid(
+                k,
+                format!("`{k}` must be at least 1, got {v}"),
+            ))
+        }
         Some((_, v)) => Some(usize::try_from(v).unwrap_or(usize::MAX)),
         None => None,
     };
@@ -230,23 +361,42 @@ fn parse_gen(f: &Fields<'_>, chat: bool) -> Result<GenParams, ApiError> {
         s.top_k = match k {
             -1 | 0 => 0,
             k if k > 0 => k as usize,
-            k => return Err(ApiError::invalid("top_k", format!("`top_k` must be -1 (off) or positive, got {k}"))),
+            k => {
+                return Err(ApiError::invalid(
+                    "top_k",
+                    format!("`top_k` must be -1 (off) or positive, got {k}"),
+                ))
+            }
         };
     }
     s.seed = f.int("seed")?.map(|v| v as u64);
     let n = match f.int("n")? {
         None => 1,
         Some(v) if v >= 1 => v as usize,
-        Some(v) => return Err(ApiError::invalid("n", format!("`n` must be at least 1, got {v}"))),
+        Some(v) => {
+            return Err(ApiError::invalid(
+                "n",
+                format!("`n` must be at least 1, got {v}"),
+            ))
+        }
     };
     let stop = match f.get("stop") {
         None => Vec::new(),
         Some(Value::String(s)) => vec![s.clone()],
         Some(Value::Array(a)) => a
             .iter()
-            .map(|v| v.as_str().map(str::to_owned).ok_or_else(|| ApiError::invalid("stop", "`stop` must be a string or a list of strings")))
+            .map(|v| {
+                v.as_str().map(str::to_owned).ok_or_else(|| {
+                    ApiError::invalid("stop", "`stop` must be a string or a list of strings")
+                })
+            })
             .collect::<Result<_, _>>()?,
-        Some(_) => return Err(ApiError::invalid("stop", "`stop` must be a string or a list of strings")),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "stop",
+                "`stop` must be a string or a list of strings",
+            ))
+        }
     };
     if stop.len() > 16 {
         return Err(ApiError::invalid("stop", "at most 16 stop sequences"));
@@ -254,49 +404,106 @@ fn parse_gen(f: &Fields<'_>, chat: bool) -> Result<GenParams, ApiError> {
     let stream = f.bool("stream")?.unwrap_or(false);
     let include_usage = match f.get("stream_options") {
         None => false,
-        Some(Value::Object(o)) => Fields(o).bool("include_usage").map_err(|_| ApiError::invalid("stream_options", "`stream_options.include_usage` must be a boolean"))?.unwrap_or(false),
-        Some(_) => return Err(ApiError::invalid("stream_options", "`stream_options` must be an object")),
+        Some(Value::Object(o)) => Fields(o)
+            .bool("include_usage")
+            .map_err(|_| {
+                ApiError::invalid(
+                    "stream_options",
+                    "`stream_options.include_usage` must be a boolean",
+                )
+            })?
+            .unwrap_or(false),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "stream_options",
+                "`stream_options` must be an object",
+            ))
+        }
     };
     let logprobs = if chat {
         let on = f.bool("logprobs")?.unwrap_or(false);
         let top = f.int("top_logprobs")?;
         match (on, top) {
-            (false, Some(_)) => return Err(ApiError::invalid("top_logprobs", "`top_logprobs` requires `logprobs: true`")),
+            (false, Some(_)) => {
+                return Err(ApiError::invalid(
+                    "top_logprobs",
+                    "`top_logprobs` requires `logprobs: true`",
+                ))
+            }
             (false, None) => None,
             (true, None) => Some(0),
             (true, Some(k)) if (0..=20).contains(&k) => Some(k as usize),
-            (true, Some(k)) => return Err(ApiError::invalid("top_logprobs", format!("`top_logprobs` must be between 0 and 20, got {k}"))),
+            (true, Some(k)) => {
+                return Err(ApiError::invalid(
+                    "top_logprobs",
+                    format!("`top_logprobs` must be between 0 and 20, got {k}"),
+                ))
+            }
         }
     } else {
         match f.int("logprobs")? {
             None => None,
             Some(k) if (0..=20).contains(&k) => Some(k as usize),
-            Some(k) => return Err(ApiError::invalid("logprobs", format!("`logprobs` must be between 0 and 20, got {k}"))),
+            Some(k) => {
+                return Err(ApiError::invalid(
+                    "logprobs",
+                    format!("`logprobs` must be between 0 and 20, got {k}"),
+                ))
+            }
         }
     };
     let ignore_eos = f.bool("ignore_eos")?.unwrap_or(false);
-    let priority = f.int("priority")?.unwrap_or(0).clamp(i32::MIN as i64, i32::MAX as i64) as i32;
+    let priority = f
+        .int("priority")?
+        .unwrap_or(0)
+        .clamp(i32::MIN as i64, i32::MAX as i64) as i32;
     f.str("user")?;
-    Ok(GenParams { max_tokens, sampling: s, stop, n, stream, include_usage, logprobs, ignore_eos, priority, adapter: None })
+    Ok(GenParams {
+        max_tokens,
+        sampling: s,
+        stop,
+        n,
+        stream,
+        include_usage,
+        logprobs,
+        ignore_eos,
+        priority,
+        adapter: None,
+    })
 }
 
 fn parse_messages(f: &Fields<'_>) -> Result<Vec<ChatMessage>, ApiError> {
     let Some(Value::Array(items)) = f.get("messages") else {
-        return Err(ApiError::invalid("messages", "`messages` must be a non-empty list of messages"));
+        return Err(ApiError::invalid(
+            "messages",
+            "`messages` must be a non-empty list of messages",
+        ));
     };
     if items.is_empty() {
-        return Err(ApiError::invalid("messages", "`messages` must not be empty"));
+        return Err(ApiError::invalid(
+            "messages",
+            "`messages` must not be empty",
+        ));
     }
     let mut out = Vec::with_capacity(items.len());
     for (i, m) in items.iter().enumerate() {
         let bad = |what: &str| ApiError::invalid(&format!("messages[{i}]"), what.to_owned());
-        let o = m.as_object().ok_or_else(|| bad("each message must be an object"))?;
-        let role = o.get("role").and_then(Value::as_str).ok_or_else(|| bad("`role` must be a string"))?;
+        let o = m
+            .as_object()
+            .ok_or_else(|| bad("each message must be an object"))?;
+        let role = o
+            .get("role")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad("`role` must be a string"))?;
         let role = match role {
             "system" | "developer" => "system",
             "user" => "user",
             "assistant" => "assistant",
-            other => return Err(bad(&format!("unsupported role `{other}` (system, developer, user, assistant)"))),
+            other => {
+                return Err(bad(&format!(
+                    "unsupported role `{other}` (system, developer, user, assistant)"
+                )))
+            }
         };
         let content = match o.get("content") {
             None | Some(Value::Null) => String::new(),
@@ -304,7 +511,10 @@ fn parse_messages(f: &Fields<'_>) -> Result<Vec<ChatMessage>, ApiError> {
             Some(Value::Array(parts)) => {
                 let mut s = String::new();
                 for p in parts {
-                    match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
+                    match (
+                        p.get("type").and_then(Value::as_str),
+                        p.get("text").and_then(Value::as_str),
+                    ) {
                         (Some("text"), Some(t)) => s.push_str(t),
                         _ => return Err(bad("only text content parts are supported")),
                     }
@@ -323,29 +533,61 @@ fn parse_prompts(st: &AppState, v: Option<&Value>, param: &str) -> Result<Vec<Ve
     let text = |s: &str| st.tok.encode(s, true, true);
     let ids = |a: &[Value]| -> Result<Vec<u32>, ApiError> {
         a.iter()
-            .map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok()).ok_or_else(|| ApiError::invalid(param, format!("`{param}` token ids must be non-negative integers"))))
+            .map(|t| {
+                t.as_u64()
+                    .and_then(|t| u32::try_from(t).ok())
+                    .ok_or_else(|| {
+                        ApiError::invalid(
+                            param,
+                            format!("`{param}` token ids must be non-negative integers"),
+                        )
+                    })
+            })
             .collect()
     };
     let out = match v {
         Some(Value::String(s)) => vec![text(s)],
-        Some(Value::Array(a)) if a.is_empty() => return Err(ApiError::invalid(param, format!("`{param}` must not be empty"))),
-        Some(Value::Array(a)) if a.iter().all(Value::is_string) => a.iter().filter_map(Value::as_str).map(text).collect(),
-        Some(Value::Array(a)) if a.iter().all(Value::is_number) => vec![ids(a)?],
-        Some(Value::Array(a)) if a.iter().all(Value::is_array) => {
-            a.iter().map(|x| ids(x.as_array().map(Vec::as_slice).unwrap_or(&[]))).collect::<Result<_, _>>()?
+        Some(Value::Array(a)) if a.is_empty() => {
+            return Err(ApiError::invalid(
+                param,
+                format!("`{param}` must not be empty"),
+            ))
         }
-        _ => return Err(ApiError::invalid(param, format!("`{param}` must be a string, a list of strings, or token ids"))),
+        Some(Value::Array(a)) if a.iter().all(Value::is_string) => {
+            a.iter().filter_map(Value::as_str).map(text).collect()
+        }
+        Some(Value::Array(a)) if a.iter().all(Value::is_number) => vec![ids(a)?],
+        Some(Value::Array(a)) if a.iter().all(Value::is_array) => a
+            .iter()
+            .map(|x| ids(x.as_array().map(Vec::as_slice).unwrap_or(&[])))
+            .collect::<Result<_, _>>()?,
+        _ => {
+            return Err(ApiError::invalid(
+                param,
+                format!("`{param}` must be a string, a list of strings, or token ids"),
+            ))
+        }
     };
     if out.iter().any(|p| p.is_empty()) {
-        return Err(ApiError::invalid(param, format!("`{param}` must not be empty")));
+        return Err(ApiError::invalid(
+            param,
+            format!("`{param}` must not be empty"),
+        ));
     }
     Ok(out)
 }
 
-fn engine_request(st: &AppState, prompt: Vec<u32>, g: &GenParams, keep: Option<CaptureSpec>) -> Request {
+fn engine_request(
+    st: &AppState,
+    prompt: Vec<u32>,
+    g: &GenParams,
+    keep: Option<CaptureSpec>,
+) -> Request {
     let limit = st.engine.config().n_ctx;
     Request {
-        max_tokens: g.max_tokens.unwrap_or_else(|| limit.saturating_sub(prompt.len()).max(1)),
+        max_tokens: g
+            .max_tokens
+            .unwrap_or_else(|| limit.saturating_sub(prompt.len()).max(1)),
         prompt,
         sampling: g.sampling.clone(),
         stop: g.stop.clone(),
@@ -362,18 +604,40 @@ fn engine_request(st: &AppState, prompt: Vec<u32>, g: &GenParams, keep: Option<C
 }
 
 /// Submits one request per prompt; choice indices of prompt `p` start at `p × n`.
-fn submit_all(st: &AppState, prompts: Vec<Vec<u32>>, g: &GenParams, param: &str) -> Result<Vec<RequestHandle>, ApiError> {
+fn submit_all(
+    st: &AppState,
+    prompts: Vec<Vec<u32>>,
+    g: &GenParams,
+    param: &str,
+) -> Result<Vec<RequestHandle>, ApiError> {
     // The first prompt's choice is remembered for feedback: with one choice, its generation
     // keeps the activations a rating trains on.
-    let keep = |i: usize, p: &[u32]| st.learning.as_ref().filter(|_| i == 0 && g.n == 1).and_then(|l| l.capture().keep_spec(p.len(), g.adapter.as_deref()));
-    let reqs: Vec<Request> = prompts.into_iter().enumerate().map(|(i, p)| {
-        let k = keep(i, &p);
-        engine_request(st, p, g, k)
-    }).collect();
+    let keep = |i: usize, p: &[u32]| {
+        st.learning
+            .as_ref()
+            .filter(|_| i == 0 && g.n == 1)
+            .and_then(|l| l.capture().keep_spec(p.len(), g.adapter.as_deref()))
+    };
+    let reqs: Vec<Request> = prompts
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let k = keep(i, &p);
+            engine_request(st, p, g, k)
+        })
+        .collect();
     for r in &reqs {
-        st.engine.validate(r).map_err(|e| ApiError::from_engine(&e, param))?;
+        st.engine
+            .validate(r)
+            .map_err(|e| ApiError::from_engine(&e, param))?;
     }
-    reqs.into_iter().map(|r| st.engine.submit(r).map_err(|e| ApiError::from_engine(&e, param))).collect()
+    reqs.into_iter()
+        .map(|r| {
+            st.engine
+                .submit(r)
+                .map_err(|e| ApiError::from_engine(&e, param))
+        })
+        .collect()
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -454,7 +718,13 @@ fn merged(handles: Vec<RequestHandle>, n: usize) -> impl Stream<Item = (usize, E
             match h.next().await {
                 Some(e @ (Event::Done(_) | Event::Failed(_))) => Some(((p * n, e), None)),
                 Some(e) => Some(((p * n, e), Some(h))),
-                None => Some(((p * n, Event::Failed(EngineError::new(EngineErrorKind::ShuttingDown))), None)),
+                None => Some((
+                    (
+                        p * n,
+                        Event::Failed(EngineError::new(EngineErrorKind::ShuttingDown)),
+                    ),
+                    None,
+                )),
             }
         })
         .boxed()
@@ -483,7 +753,12 @@ struct Meta {
 }
 
 /// Runs a request to completion and builds the JSON response.
-async fn collect(st: &AppState, meta: Meta, handles: Vec<RequestHandle>, g: &GenParams) -> Response {
+async fn collect(
+    st: &AppState,
+    meta: Meta,
+    handles: Vec<RequestHandle>,
+    g: &GenParams,
+) -> Response {
     let total = meta.n_prompts * g.n;
     let mut choices: Vec<ChoiceOut> = (0..total).map(|_| ChoiceOut::default()).collect();
     let mut usage = Usage::default();
@@ -492,7 +767,12 @@ async fn collect(st: &AppState, meta: Meta, handles: Vec<RequestHandle>, g: &Gen
     let mut kept = None;
     while let Some((off, e)) = ev.next().await {
         match e {
-            Event::Token { index, token, text, logprob } => {
+            Event::Token {
+                index,
+                token,
+                text,
+                logprob,
+            } => {
                 let c = &mut choices[off + index];
                 c.tokens.push(token);
                 c.text.push_str(&text);
@@ -500,7 +780,11 @@ async fn collect(st: &AppState, meta: Meta, handles: Vec<RequestHandle>, g: &Gen
                     c.logprobs.push((token, lp));
                 }
             }
-            Event::Finished { index, reason, text } => {
+            Event::Finished {
+                index,
+                reason,
+                text,
+            } => {
                 let c = &mut choices[off + index];
                 c.text.push_str(&text);
                 c.finish = Some(reason);
@@ -535,9 +819,21 @@ async fn collect(st: &AppState, meta: Meta, handles: Vec<RequestHandle>, g: &Gen
         })
         .collect();
     if let Some(l) = &st.learning {
-        l.record(&meta.id, &meta.caller, &meta.question, &meta.prompt, &choices[0].tokens, meta.adapter_name.clone(), kept);
+        l.record(
+            &meta.id,
+            &meta.caller,
+            &meta.question,
+            &meta.prompt,
+            &choices[0].tokens,
+            meta.adapter_name.clone(),
+            kept,
+        );
     }
-    let object = if meta.kind == Kind::Chat { "chat.completion" } else { "text_completion" };
+    let object = if meta.kind == Kind::Chat {
+        "chat.completion"
+    } else {
+        "text_completion"
+    };
     tracing::info!(
         id = meta.id,
         caller = meta.caller,
@@ -557,7 +853,12 @@ async fn collect(st: &AppState, meta: Meta, handles: Vec<RequestHandle>, g: &Gen
         "usage": usage_json(&usage),
     });
     if let Some(hits) = &meta.retrieved {
-        let list: Vec<Value> = hits.iter().map(|h| json!({"question": h.question, "answer": h.answer, "similarity": h.similarity})).collect();
+        let list: Vec<Value> = hits
+            .iter()
+            .map(
+                |h| json!({"question": h.question, "answer": h.answer, "similarity": h.similarity}),
+            )
+            .collect();
         body["sona"] = json!({"retrieved": list});
     }
     if let Some(r) = &meta.routed {
@@ -588,7 +889,11 @@ struct StreamCtx {
 
 impl StreamCtx {
     fn chunk(&self, choices: Vec<Value>) -> SseEvent {
-        let object = if self.meta.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
+        let object = if self.meta.kind == Kind::Chat {
+            "chat.completion.chunk"
+        } else {
+            "text_completion"
+        };
         let mut v = json!({
             "id": self.meta.id,
             "object": object,
@@ -603,7 +908,13 @@ impl StreamCtx {
         SseEvent::default().data(v.to_string())
     }
 
-    fn content(&mut self, i: usize, text: &str, lp: Option<(u32, &Logprob)>, finish: Option<FinishReason>) -> Vec<SseEvent> {
+    fn content(
+        &mut self,
+        i: usize,
+        text: &str,
+        lp: Option<(u32, &Logprob)>,
+        finish: Option<FinishReason>,
+    ) -> Vec<SseEvent> {
         let mut out = Vec::new();
         let finish = finish.map(FinishReason::as_str);
         match self.meta.kind {
@@ -617,14 +928,19 @@ impl StreamCtx {
                     out.push(self.chunk(vec![json!({"index": i, "delta": {"content": text}, "logprobs": lpv, "finish_reason": null})]));
                 }
                 if finish.is_some() {
-                    out.push(self.chunk(vec![json!({"index": i, "delta": {}, "logprobs": null, "finish_reason": finish})]));
+                    out.push(self.chunk(vec![
+                        json!({"index": i, "delta": {}, "logprobs": null, "finish_reason": finish}),
+                    ]));
                 }
             }
             Kind::Text => {
-                let lpv = lp.map(|(t, l)| text_logprobs(&self.st, &[(t, l.clone())], self.offsets[i]));
+                let lpv =
+                    lp.map(|(t, l)| text_logprobs(&self.st, &[(t, l.clone())], self.offsets[i]));
                 self.offsets[i] += text.len();
                 if !text.is_empty() || lpv.is_some() || finish.is_some() {
-                    out.push(self.chunk(vec![json!({"index": i, "text": text, "logprobs": lpv, "finish_reason": finish})]));
+                    out.push(self.chunk(vec![
+                        json!({"index": i, "text": text, "logprobs": lpv, "finish_reason": finish}),
+                    ]));
                 }
             }
         }
@@ -634,17 +950,30 @@ impl StreamCtx {
     /// SSE events for one engine event; the bool says the stream is complete.
     fn on_event(&mut self, off: usize, e: Event) -> (Vec<SseEvent>, bool) {
         match e {
-            Event::Token { index, token, text, logprob } => {
+            Event::Token {
+                index,
+                token,
+                text,
+                logprob,
+            } => {
                 if self.first_token_at.is_none() {
                     self.first_token_at = Some(self.meta.started.elapsed().as_secs_f64());
                 }
                 if off + index == 0 {
                     self.answer.push(token);
                 }
-                let lp = if self.logprobs { logprob.as_ref().map(|l| (token, l)) } else { None };
+                let lp = if self.logprobs {
+                    logprob.as_ref().map(|l| (token, l))
+                } else {
+                    None
+                };
                 (self.content(off + index, &text, lp, None), false)
             }
-            Event::Finished { index, reason, text } => (self.content(off + index, &text, None, Some(reason)), false),
+            Event::Finished {
+                index,
+                reason,
+                text,
+            } => (self.content(off + index, &text, None, Some(reason)), false),
             Event::Kept(k) => {
                 if off == 0 {
                     self.kept = Some(*k);
@@ -672,7 +1001,15 @@ impl StreamCtx {
                 }
                 out.push(SseEvent::default().data("[DONE]"));
                 if let Some(l) = &self.st.learning {
-                    l.record(&self.meta.id, &self.meta.caller, &self.meta.question, &self.meta.prompt, &self.answer, self.meta.adapter_name.clone(), self.kept.take());
+                    l.record(
+                        &self.meta.id,
+                        &self.meta.caller,
+                        &self.meta.question,
+                        &self.meta.prompt,
+                        &self.answer,
+                        self.meta.adapter_name.clone(),
+                        self.kept.take(),
+                    );
                 }
                 tracing::info!(
                     id = self.meta.id,
@@ -689,13 +1026,24 @@ impl StreamCtx {
             Event::Failed(e) => {
                 // Headers are gone; report the error in-band as OpenAI-compatible servers do.
                 let err = ApiError::from_engine(&e, "prompt");
-                (vec![SseEvent::default().data(err.body().to_string()), SseEvent::default().data("[DONE]")], true)
+                (
+                    vec![
+                        SseEvent::default().data(err.body().to_string()),
+                        SseEvent::default().data("[DONE]"),
+                    ],
+                    true,
+                )
             }
         }
     }
 }
 
-fn stream_response(st: Arc<AppState>, meta: Meta, handles: Vec<RequestHandle>, g: &GenParams) -> Response {
+fn stream_response(
+    st: Arc<AppState>,
+    meta: Meta,
+    handles: Vec<RequestHandle>,
+    g: &GenParams,
+) -> Response {
     let total = meta.n_prompts * g.n;
     let ctx = StreamCtx {
         st,
@@ -712,27 +1060,65 @@ fn stream_response(st: Arc<AppState>, meta: Meta, handles: Vec<RequestHandle>, g
     };
     let events = Box::pin(merged(handles, g.n));
     // Dropping this stream (client gone) drops the handles, which cancels their sequences.
-    let s = stream::unfold((events, ctx, false), |(mut events, mut ctx, finished)| async move {
-        if finished {
-            return None;
-        }
-        let (off, e) = events.next().await?;
-        let (out, fin) = ctx.on_event(off, e);
-        Some((stream::iter(out.into_iter().map(Ok::<_, Infallible>)), (events, ctx, fin)))
-    })
+    let s = stream::unfold(
+        (events, ctx, false),
+        |(mut events, mut ctx, finished)| async move {
+            if finished {
+                return None;
+            }
+            let (off, e) = events.next().await?;
+            let (out, fin) = ctx.on_event(off, e);
+            Some((
+                stream::iter(out.into_iter().map(Ok::<_, Infallible>)),
+                (events, ctx, fin),
+            ))
+        },
+    )
     .flatten();
     Sse::new(s).keep_alive(KeepAlive::default()).into_response()
 }
 
-fn meta(st: &AppState, model: String, kind: Kind, n_prompts: usize, caller: &Caller, prompt: Vec<u32>, question: String, retrieved: Option<Vec<crate::learn::Retrieved>>) -> Meta {
-    let prefix = if kind == Kind::Chat { "chatcmpl" } else { "cmpl" };
-    let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    Meta { id: st.new_id(prefix), created, model, kind, n_prompts, started: Instant::now(), caller: caller.0.clone(), prompt, question, retrieved, adapter_name: None, routed: None }
+fn meta(
+    st: &AppState,
+    model: String,
+    kind: Kind,
+    n_prompts: usize,
+    caller: &Caller,
+    prompt: Vec<u32>,
+    question: String,
+    retrieved: Option<Vec<crate::learn::Retrieved>>,
+) -> Meta {
+    let prefix = if kind == Kind::Chat {
+        "chatcmpl"
+    } else {
+        "cmpl"
+    };
+    let created = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    Meta {
+        id: st.new_id(prefix),
+        created,
+        model,
+        kind,
+        n_prompts,
+        started: Instant::now(),
+        caller: caller.0.clone(),
+        prompt,
+        question,
+        retrieved,
+        adapter_name: None,
+        routed: None,
+    }
 }
 
 /// `{"adapter": name | null, "weight": w, "voters": n}`, or null when nothing decided.
 fn routed_json(r: Option<&ruvllm_sona::bank::Route>) -> Value {
-    r.map_or(Value::Null, |r| json!({"adapter": r.adapter, "weight": r.weight, "voters": r.voters}))
+    r.map_or(
+        Value::Null,
+        |r| json!({"adapter": r.adapter, "weight": r.weight, "voters": r.voters}),
+    )
 }
 
 /// What a request asks of SONA (`"sona": {"retrieve": k, "route": bool}`).
@@ -748,12 +1134,26 @@ struct SonaOpts {
 /// The request's adapter after routing: unchanged when it named one or routing was not asked
 /// for; otherwise the adapter its nearest successful trajectories were answered with (when still
 /// loaded), or the caller's own adapter when they used none. Returns the decision for the response.
-fn route(st: &AppState, caller: &Caller, opts: SonaOpts, explicit: bool, embedding: Option<&[f32]>, g: &mut GenParams) -> (Option<String>, Option<Option<ruvllm_sona::bank::Route>>) {
+fn route(
+    st: &AppState,
+    caller: &Caller,
+    opts: SonaOpts,
+    explicit: bool,
+    embedding: Option<&[f32]>,
+    g: &mut GenParams,
+) -> (Option<String>, Option<Option<ruvllm_sona::bank::Route>>) {
     if !opts.route || explicit {
         return (None, None);
     }
-    let decision = st.learning.as_ref().zip(embedding).and_then(|(l, e)| l.route(&caller.0, e));
-    let loaded = decision.as_ref().and_then(|d| d.adapter.as_deref()).and_then(|n| st.adapter(n).map(|a| (n.to_owned(), a)));
+    let decision = st
+        .learning
+        .as_ref()
+        .zip(embedding)
+        .and_then(|(l, e)| l.route(&caller.0, e));
+    let loaded = decision
+        .as_ref()
+        .and_then(|d| d.adapter.as_deref())
+        .and_then(|n| st.adapter(n).map(|a| (n.to_owned(), a)));
     let name = loaded.map(|(n, a)| {
         g.adapter = Some(a);
         n
@@ -764,18 +1164,26 @@ fn route(st: &AppState, caller: &Caller, opts: SonaOpts, explicit: bool, embeddi
 /// `"sona": {"retrieve": k, "route": bool}`: how many of the caller's bank entries to put
 /// before the prompt (0 when absent; at most 8), and whether to route by nearest trajectories.
 fn parse_sona(f: &Fields<'_>) -> Result<SonaOpts, ApiError> {
-    let Some(v) = f.get("sona") else { return Ok(SonaOpts::default()) };
+    let Some(v) = f.get("sona") else {
+        return Ok(SonaOpts::default());
+    };
     if v.is_null() {
         return Ok(SonaOpts::default());
     }
-    let bad = || ApiError::invalid("sona", "`sona` must be an object like {\"retrieve\": k, \"route\": true} with k an integer in [0, 8]");
+    let bad = || {
+        ApiError::invalid("sona", "`sona` must be an object like {\"retrieve\": k, \"route\": true} with k an integer in [0, 8]")
+    };
     let o = v.as_object().ok_or_else(bad)?;
     if o.keys().any(|k| k != "retrieve" && k != "route") {
         return Err(bad());
     }
     let retrieve = match o.get("retrieve") {
         None | Some(Value::Null) => 0,
-        Some(k) => k.as_u64().filter(|k| *k <= 8).map(|k| k as usize).ok_or_else(bad)?,
+        Some(k) => k
+            .as_u64()
+            .filter(|k| *k <= 8)
+            .map(|k| k as usize)
+            .ok_or_else(bad)?,
     };
     let route = match o.get("route") {
         None | Some(Value::Null) => false,
@@ -785,16 +1193,29 @@ fn parse_sona(f: &Fields<'_>) -> Result<SonaOpts, ApiError> {
 }
 
 /// The embedding of `question` when the caller has a bank and the request retrieves or routes.
-async fn question_embedding(st: &AppState, caller: &Caller, question: &str, opts: SonaOpts) -> Result<Option<Vec<f32>>, ApiError> {
-    let wanted = (opts.retrieve > 0 || opts.route) && st.learning.as_ref().is_some_and(|l| l.has_bank(&caller.0));
+async fn question_embedding(
+    st: &AppState,
+    caller: &Caller,
+    question: &str,
+    opts: SonaOpts,
+) -> Result<Option<Vec<f32>>, ApiError> {
+    let wanted = (opts.retrieve > 0 || opts.route)
+        && st.learning.as_ref().is_some_and(|l| l.has_bank(&caller.0));
     if !wanted {
         return Ok(None);
     }
-    Ok(Some(embed_tokens(st, st.tok.encode(question, true, false)).await?))
+    Ok(Some(
+        embed_tokens(st, st.tok.encode(question, true, false)).await?,
+    ))
 }
 
 /// The caller's `k` bank entries nearest to `embedding` (none without one or for k = 0).
-fn retrieve(st: &AppState, caller: &Caller, embedding: Option<&[f32]>, k: usize) -> Vec<crate::learn::Retrieved> {
+fn retrieve(
+    st: &AppState,
+    caller: &Caller,
+    embedding: Option<&[f32]>,
+    k: usize,
+) -> Vec<crate::learn::Retrieved> {
     match (st.learning.as_ref(), embedding) {
         (Some(l), Some(e)) if k > 0 => l.search(&caller.0, e, k),
         _ => Vec::new(),
@@ -803,11 +1224,16 @@ fn retrieve(st: &AppState, caller: &Caller, embedding: Option<&[f32]>, k: usize)
 
 /// Retrieved entries as context lines, one `question answer` per line.
 fn context_lines(hits: &[crate::learn::Retrieved]) -> String {
-    hits.iter().map(|h| format!("{} {}\n", h.question.trim(), h.answer.trim())).collect()
+    hits.iter()
+        .map(|h| format!("{} {}\n", h.question.trim(), h.answer.trim()))
+        .collect()
 }
 
 /// Waits for an embedding request's vector.
-pub(crate) async fn await_embedding(mut h: RequestHandle, param: &str) -> Result<Vec<f32>, ApiError> {
+pub(crate) async fn await_embedding(
+    mut h: RequestHandle,
+    param: &str,
+) -> Result<Vec<f32>, ApiError> {
     let mut emb = None;
     while let Some(e) = h.next().await {
         match e {
@@ -827,14 +1253,27 @@ pub(crate) async fn embed_tokens(st: &AppState, tokens: Vec<u32>) -> Result<Vec<
 
 /// [`embed_tokens`] through `engine` directly (the learning state holds the engine, not the
 /// server state).
-pub(crate) async fn engine_embedding(engine: &ruvllm_engine::Engine, tokens: Vec<u32>) -> Result<Vec<f32>, ApiError> {
+pub(crate) async fn engine_embedding(
+    engine: &ruvllm_engine::Engine,
+    tokens: Vec<u32>,
+) -> Result<Vec<f32>, ApiError> {
     let mut r = Request::greedy(tokens, 1);
     r.embed = true;
-    await_embedding(engine.submit(r).map_err(|e| ApiError::from_engine(&e, "input"))?, "input").await
+    await_embedding(
+        engine
+            .submit(r)
+            .map_err(|e| ApiError::from_engine(&e, "input"))?,
+        "input",
+    )
+    .await
 }
 
 /// `POST /v1/chat/completions`.
-pub(crate) async fn chat_completions(State(st): State<Arc<AppState>>, Extension(caller): Extension<Caller>, body: Result<Bytes, BytesRejection>) -> Response {
+pub(crate) async fn chat_completions(
+    State(st): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let run = async {
         let body = parse_body(body)?;
         let f = Fields(&body);
@@ -844,9 +1283,15 @@ pub(crate) async fn chat_completions(State(st): State<Arc<AppState>>, Extension(
         let opts = parse_sona(&f)?;
         let k = opts.retrieve;
         let mut msgs = parse_messages(&f)?;
-        let question = msgs.iter().rev().find(|m| m.role == "user").map(|m| m.content.clone()).unwrap_or_default();
+        let question = msgs
+            .iter()
+            .rev()
+            .find(|m| m.role == "user")
+            .map(|m| m.content.clone())
+            .unwrap_or_default();
         let emb = question_embedding(&st, &caller, &question, opts).await?;
-        let (routed_name, routed) = route(&st, &caller, opts, named.is_some(), emb.as_deref(), &mut g);
+        let (routed_name, routed) =
+            route(&st, &caller, opts, named.is_some(), emb.as_deref(), &mut g);
         let hits = retrieve(&st, &caller, emb.as_deref(), k);
         if !hits.is_empty() {
             let facts = format!("Facts from earlier corrections:\n{}", context_lines(&hits));
@@ -855,19 +1300,39 @@ pub(crate) async fn chat_completions(State(st): State<Arc<AppState>>, Extension(
                 None => msgs.insert(0, ChatMessage::new("system", &facts)),
             }
         }
-        let rendered = st.template.render(&msgs, true).map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+        let rendered = st
+            .template
+            .render(&msgs, true)
+            .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
         let prompt = st.tok.encode_chat(&rendered);
         let handles = submit_all(&st, vec![prompt.clone()], &g, "messages")?;
-        let mut m = meta(&st, model, Kind::Chat, 1, &caller, prompt, question, (k > 0).then_some(hits));
+        let mut m = meta(
+            &st,
+            model,
+            Kind::Chat,
+            1,
+            &caller,
+            prompt,
+            question,
+            (k > 0).then_some(hits),
+        );
         m.adapter_name = named.or(routed_name);
         m.routed = routed;
-        Ok::<_, ApiError>(if g.stream { stream_response(st.clone(), m, handles, &g) } else { collect(&st, m, handles, &g).await })
+        Ok::<_, ApiError>(if g.stream {
+            stream_response(st.clone(), m, handles, &g)
+        } else {
+            collect(&st, m, handles, &g).await
+        })
     };
     run.await.unwrap_or_else(IntoResponse::into_response)
 }
 
 /// `POST /v1/completions`.
-pub(crate) async fn completions(State(st): State<Arc<AppState>>, Extension(caller): Extension<Caller>, body: Result<Bytes, BytesRejection>) -> Response {
+pub(crate) async fn completions(
+    State(st): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let run = async {
         let body = parse_body(body)?;
         let f = Fields(&body);
@@ -881,15 +1346,32 @@ pub(crate) async fn completions(State(st): State<Arc<AppState>>, Extension(calle
         let question = st.tok.decode(&prompts[0], false).unwrap_or_default();
         // Routing follows the first prompt's question.
         let mut first_emb = question_embedding(&st, &caller, &question, opts).await?;
-        let (routed_name, routed) = route(&st, &caller, opts, named.is_some(), first_emb.as_deref(), &mut g);
+        let (routed_name, routed) = route(
+            &st,
+            &caller,
+            opts,
+            named.is_some(),
+            first_emb.as_deref(),
+            &mut g,
+        );
         let mut first_hits = None;
         if k > 0 {
             for (i, p) in prompts.iter_mut().enumerate() {
-                let text = if i == 0 { question.clone() } else { st.tok.decode(p, false).unwrap_or_default() };
-                let emb = if i == 0 { first_emb.take() } else { question_embedding(&st, &caller, &text, opts).await? };
+                let text = if i == 0 {
+                    question.clone()
+                } else {
+                    st.tok.decode(p, false).unwrap_or_default()
+                };
+                let emb = if i == 0 {
+                    first_emb.take()
+                } else {
+                    question_embedding(&st, &caller, &text, opts).await?
+                };
                 let hits = retrieve(&st, &caller, emb.as_deref(), k);
                 if !hits.is_empty() {
-                    *p = st.tok.encode(&format!("{}{text}", context_lines(&hits)), true, false);
+                    *p = st
+                        .tok
+                        .encode(&format!("{}{text}", context_lines(&hits)), true, false);
                 }
                 if i == 0 {
                     first_hits = Some(hits);
@@ -898,16 +1380,32 @@ pub(crate) async fn completions(State(st): State<Arc<AppState>>, Extension(calle
         }
         let first = prompts[0].clone();
         let handles = submit_all(&st, prompts, &g, "prompt")?;
-        let mut m = meta(&st, model, Kind::Text, n_prompts, &caller, first, question, first_hits);
+        let mut m = meta(
+            &st,
+            model,
+            Kind::Text,
+            n_prompts,
+            &caller,
+            first,
+            question,
+            first_hits,
+        );
         m.adapter_name = named.or(routed_name);
         m.routed = routed;
-        Ok::<_, ApiError>(if g.stream { stream_response(st.clone(), m, handles, &g) } else { collect(&st, m, handles, &g).await })
+        Ok::<_, ApiError>(if g.stream {
+            stream_response(st.clone(), m, handles, &g)
+        } else {
+            collect(&st, m, handles, &g).await
+        })
     };
     run.await.unwrap_or_else(IntoResponse::into_response)
 }
 
 /// `POST /v1/embeddings`: mean-pooled, L2-normalized final hidden states.
-pub(crate) async fn embeddings(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+pub(crate) async fn embeddings(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let run = async {
         let body = parse_body(body)?;
         let f = Fields(&body);
@@ -916,11 +1414,19 @@ pub(crate) async fn embeddings(State(st): State<Arc<AppState>>, body: Result<Byt
         let base64 = match f.str("encoding_format")? {
             None | Some("float") => false,
             Some("base64") => true,
-            Some(o) => return Err(ApiError::invalid("encoding_format", format!("`encoding_format` must be float or base64, got {o}"))),
+            Some(o) => {
+                return Err(ApiError::invalid(
+                    "encoding_format",
+                    format!("`encoding_format` must be float or base64, got {o}"),
+                ))
+            }
         };
         if let Some(d) = f.int("dimensions")? {
             if d != st.n_embd as i64 {
-                return Err(ApiError::invalid("dimensions", format!("this model's embeddings have {} dimensions", st.n_embd)));
+                return Err(ApiError::invalid(
+                    "dimensions",
+                    format!("this model's embeddings have {} dimensions", st.n_embd),
+                ));
             }
         }
         let mut handles = Vec::new();
@@ -929,7 +1435,11 @@ pub(crate) async fn embeddings(State(st): State<Arc<AppState>>, body: Result<Byt
             n_tokens += p.len();
             let mut r = Request::greedy(p, 1);
             r.embed = true;
-            handles.push(st.engine.submit(r).map_err(|e| ApiError::from_engine(&e, "input"))?);
+            handles.push(
+                st.engine
+                    .submit(r)
+                    .map_err(|e| ApiError::from_engine(&e, "input"))?,
+            );
         }
         let mut data = Vec::new();
         for (i, h) in handles.into_iter().enumerate() {
@@ -954,7 +1464,13 @@ fn model_json(st: &AppState, id: &str) -> Value {
 /// `GET /v1/models`: the base model's names, then each adapter (usable as a `model`).
 pub(crate) async fn list_models(State(st): State<Arc<AppState>>) -> Response {
     let mut data: Vec<Value> = st.names.iter().map(|n| model_json(&st, n)).collect();
-    let mut names: Vec<String> = st.adapters.read().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect();
+    let mut names: Vec<String> = st
+        .adapters
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .keys()
+        .cloned()
+        .collect();
     names.sort();
     for n in names {
         let mut m = model_json(&st, &n);
@@ -973,7 +1489,10 @@ pub(crate) async fn get_model(State(st): State<Arc<AppState>>, Path(id): Path<St
 }
 
 /// `POST /tokenize`: `{prompt}` or `{messages}` → token ids.
-pub(crate) async fn tokenize(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+pub(crate) async fn tokenize(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let run = || {
         let body = parse_body(body)?;
         let f = Fields(&body);
@@ -983,10 +1502,15 @@ pub(crate) async fn tokenize(State(st): State<Arc<AppState>>, body: Result<Bytes
         let tokens = if f.get("messages").is_some() {
             let msgs = parse_messages(&f)?;
             let add_gen = f.bool("add_generation_prompt")?.unwrap_or(true);
-            let rendered = st.template.render(&msgs, add_gen).map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+            let rendered = st
+                .template
+                .render(&msgs, add_gen)
+                .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
             st.tok.encode_chat(&rendered)
         } else {
-            let p = f.str("prompt")?.ok_or_else(|| ApiError::invalid("prompt", "`prompt` (a string) or `messages` is required"))?;
+            let p = f.str("prompt")?.ok_or_else(|| {
+                ApiError::invalid("prompt", "`prompt` (a string) or `messages` is required")
+            })?;
             let special = f.bool("add_special_tokens")?.unwrap_or(true);
             st.tok.encode(p, special, true)
         };
@@ -996,31 +1520,56 @@ pub(crate) async fn tokenize(State(st): State<Arc<AppState>>, body: Result<Bytes
 }
 
 /// `POST /detokenize`: `{tokens}` → text.
-pub(crate) async fn detokenize(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+pub(crate) async fn detokenize(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let run = || {
         let body = parse_body(body)?;
         let f = Fields(&body);
         let Some(Value::Array(a)) = f.get("tokens") else {
-            return Err(ApiError::invalid("tokens", "`tokens` must be a list of token ids"));
+            return Err(ApiError::invalid(
+                "tokens",
+                "`tokens` must be a list of token ids",
+            ));
         };
         let ids: Vec<u32> = a
             .iter()
-            .map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok()).ok_or_else(|| ApiError::invalid("tokens", "token ids must be non-negative integers")))
+            .map(|t| {
+                t.as_u64()
+                    .and_then(|t| u32::try_from(t).ok())
+                    .ok_or_else(|| {
+                        ApiError::invalid("tokens", "token ids must be non-negative integers")
+                    })
+            })
             .collect::<Result<_, _>>()?;
-        let text = st.tok.decode(&ids, false).map_err(|e| ApiError::invalid("tokens", e.to_string()))?;
+        let text = st
+            .tok
+            .decode(&ids, false)
+            .map_err(|e| ApiError::invalid("tokens", e.to_string()))?;
         Ok(Json(json!({"prompt": text})).into_response())
     };
     run().unwrap_or_else(IntoResponse::into_response)
 }
 
 fn adapter_json(a: &LoraAdapter) -> Value {
-    let projections: usize = a.layers.iter().map(|l| l.iter().filter(|p| p.is_some()).count()).sum();
+    let projections: usize = a
+        .layers
+        .iter()
+        .map(|l| l.iter().filter(|p| p.is_some()).count())
+        .sum();
     json!({"name": a.name, "id": a.id, "version": a.version, "projections": projections})
 }
 
 /// `GET /v1/adapters`.
 pub(crate) async fn list_adapters(State(st): State<Arc<AppState>>) -> Response {
-    let mut v: Vec<Value> = st.adapters.read().unwrap_or_else(|p| p.into_inner()).values().map(|a| adapter_json(a)).collect();
+    let mut v: Vec<Value> = st
+        .adapters
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .values()
+        .map(|a| adapter_json(a))
+        .collect();
     v.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
     Json(json!({"object": "list", "data": v})).into_response()
 }
@@ -1028,20 +1577,40 @@ pub(crate) async fn list_adapters(State(st): State<Arc<AppState>>) -> Response {
 /// `POST /v1/adapters {name, path, scale?}`: loads a PEFT adapter from a path on the server, or
 /// replaces the one of that name (hot swap: requests already running keep the old weights;
 /// the version changes, so cached KV of the old one is never reused).
-pub(crate) async fn load_adapter(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+pub(crate) async fn load_adapter(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let run = async {
         let body = parse_body(body)?;
         let f = Fields(&body);
-        let name = f.str("name")?.ok_or_else(|| ApiError::invalid("name", "`name` is required"))?.to_owned();
+        let name = f
+            .str("name")?
+            .ok_or_else(|| ApiError::invalid("name", "`name` is required"))?
+            .to_owned();
         if name.is_empty() || st.names.contains(&name) {
-            return Err(ApiError::invalid("name", "`name` must be non-empty and differ from the base model's names"));
+            return Err(ApiError::invalid(
+                "name",
+                "`name` must be non-empty and differ from the base model's names",
+            ));
         }
-        let path = std::path::PathBuf::from(f.str("path")?.ok_or_else(|| ApiError::invalid("path", "`path` is required"))?);
+        let path = std::path::PathBuf::from(
+            f.str("path")?
+                .ok_or_else(|| ApiError::invalid("path", "`path` is required"))?,
+        );
         let scale = f.f64("scale")?.unwrap_or(1.0) as f32;
         let st2 = st.clone();
         let a = tokio::task::spawn_blocking(move || st2.load_adapter(&name, &path, scale))
             .await
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", None, None, e.to_string()))?
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "server_error",
+                    None,
+                    None,
+                    e.to_string(),
+                )
+            })?
             .map_err(|e| ApiError::invalid("path", e.to_string()))?;
         tracing::info!(name = a.name, version = a.version, "adapter loaded");
         Ok(Json(adapter_json(&a)).into_response())
@@ -1050,9 +1619,24 @@ pub(crate) async fn load_adapter(State(st): State<Arc<AppState>>, body: Result<B
 }
 
 /// `DELETE /v1/adapters/{name}`.
-pub(crate) async fn delete_adapter(State(st): State<Arc<AppState>>, Path(name): Path<String>) -> Response {
-    match st.adapters.write().unwrap_or_else(|p| p.into_inner()).remove(&name) {
+pub(crate) async fn delete_adapter(
+    State(st): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Response {
+    match st
+        .adapters
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&name)
+    {
         Some(a) => Json(json!({"name": a.name, "deleted": true})).into_response(),
-        None => ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", Some("name"), Some("adapter_not_found"), format!("no adapter named `{name}` is loaded")).into_response(),
+        None => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            Some("name"),
+            Some("adapter_not_found"),
+            format!("no adapter named `{name}` is loaded"),
+        )
+        .into_response(),
     }
 }

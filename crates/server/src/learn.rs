@@ -127,7 +127,9 @@ impl KeptStore {
     /// Drops the oldest entries until the kept bytes fit the budget.
     fn shrink(&mut self) {
         while self.bytes > self.budget {
-            let Some(old) = self.order.pop_back() else { break };
+            let Some(old) = self.order.pop_back() else {
+                break;
+            };
             if let Some((_, o)) = self.map.remove(&old) {
                 self.bytes -= kept_bytes(&o);
             }
@@ -135,7 +137,10 @@ impl KeptStore {
     }
 
     fn get(&self, tokens: &[u32]) -> Option<Arc<Kept>> {
-        self.map.get(&tokens_hash(tokens)).filter(|(t, _)| t == tokens).map(|(_, k)| k.clone())
+        self.map
+            .get(&tokens_hash(tokens))
+            .filter(|(t, _)| t == tokens)
+            .map(|(_, k)| k.clone())
     }
 }
 
@@ -154,14 +159,26 @@ fn rate_line(index: usize, rating: f32, answer: Option<&str>) -> Value {
 fn apply_line(b: &mut Bank, v: &Value, scope: &str) -> Option<()> {
     match v.get("op").and_then(Value::as_str).unwrap_or("add") {
         "add" => {
-            let emb: Vec<f32> = v.get("embedding")?.as_array()?.iter().map(|x| x.as_f64().map(|x| x as f32)).collect::<Option<_>>()?;
-            let t = Trajectory { prompt: v.get("question")?.as_str()?.to_owned(), answer: v.get("answer")?.as_str()?.to_owned(), rating: v.get("rating")?.as_f64()? as f32, scope: scope.to_owned(), adapter: v.get("adapter").and_then(Value::as_str).map(str::to_owned) };
+            let emb: Vec<f32> = v
+                .get("embedding")?
+                .as_array()?
+                .iter()
+                .map(|x| x.as_f64().map(|x| x as f32))
+                .collect::<Option<_>>()?;
+            let t = Trajectory {
+                prompt: v.get("question")?.as_str()?.to_owned(),
+                answer: v.get("answer")?.as_str()?.to_owned(),
+                rating: v.get("rating")?.as_f64()? as f32,
+                scope: scope.to_owned(),
+                adapter: v.get("adapter").and_then(Value::as_str).map(str::to_owned),
+            };
             b.add(&emb, t).ok().map(|_| ())
         }
         "rate" => {
             let i = usize::try_from(v.get("index")?.as_u64()?).ok()?;
             let answer = v.get("answer").and_then(Value::as_str).map(str::to_owned);
-            b.rate(i, v.get("rating")?.as_f64()? as f32, answer).then_some(())
+            b.rate(i, v.get("rating")?.as_f64()? as f32, answer)
+                .then_some(())
         }
         _ => None,
     }
@@ -170,13 +187,21 @@ fn apply_line(b: &mut Bank, v: &Value, scope: &str) -> Option<()> {
 /// Loads a bank log: lines are applied in order up to the first that is torn (no final
 /// newline: a crash mid-append) or unreadable, and the file is cut there so later appends
 /// follow good lines. Returns the bank and, if something was cut, how many bytes.
-pub fn load_bank_log(path: &Path, dim: usize, scope: &str) -> std::io::Result<(Bank, Option<usize>)> {
+pub fn load_bank_log(
+    path: &Path,
+    dim: usize,
+    scope: &str,
+) -> std::io::Result<(Bank, Option<usize>)> {
     let bytes = std::fs::read(path)?;
     let mut b = Bank::new(dim);
     let mut good = 0;
     for line in bytes.split_inclusive(|&c| c == b'\n') {
         let complete = line.last() == Some(&b'\n');
-        let ok = complete && serde_json::from_slice::<Value>(line).ok().and_then(|v| apply_line(&mut b, &v, scope)).is_some();
+        let ok = complete
+            && serde_json::from_slice::<Value>(line)
+                .ok()
+                .and_then(|v| apply_line(&mut b, &v, scope))
+                .is_some();
         if !ok {
             break;
         }
@@ -195,7 +220,10 @@ pub fn load_bank_log(path: &Path, dim: usize, scope: &str) -> std::io::Result<(B
 fn append_lines(path: &Path, lines: &[Value]) -> std::io::Result<()> {
     use std::io::Write;
     let text: String = lines.iter().map(|v| format!("{v}\n")).collect();
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
     f.write_all(text.as_bytes())?;
     f.sync_data()
 }
@@ -228,7 +256,16 @@ impl EngineCapture {
     /// A source for `engine`'s model keeping up to `keep_bytes` of generations' activations
     /// (0: none; every lesson is computed by the engine); the head runs on `pool`.
     pub fn new(engine: Arc<Engine>, pool: Arc<ThreadPool>, keep_bytes: usize) -> EngineCapture {
-        EngineCapture { engine, kept: Mutex::new(KeptStore { budget: keep_bytes, ..KeptStore::default() }), pool, from_kept: AtomicU64::new(0), computed: AtomicU64::new(0) }
+        EngineCapture {
+            engine,
+            kept: Mutex::new(KeptStore {
+                budget: keep_bytes,
+                ..KeptStore::default()
+            }),
+            pool,
+            from_kept: AtomicU64::new(0),
+            computed: AtomicU64::new(0),
+        }
     }
 
     /// Changes the memory for kept activations (dropping the oldest past it).
@@ -241,10 +278,18 @@ impl EngineCapture {
     /// What a generation of a `prompt_len`-token prompt running with `adapter` should keep
     /// ([`Request::keep`]): the last layer's rows from the prompt's last token on. None when
     /// nothing is kept or the adapter changes those rows (a lesson on it is then computed).
-    pub fn keep_spec(&self, prompt_len: usize, adapter: Option<&LoraAdapter>) -> Option<CaptureSpec> {
+    pub fn keep_spec(
+        &self,
+        prompt_len: usize,
+        adapter: Option<&LoraAdapter>,
+    ) -> Option<CaptureSpec> {
         let layer = self.engine.model().config.n_layer - 1;
         let budget = self.kept.lock().unwrap_or_else(|p| p.into_inner()).budget;
-        (budget > 0 && prompt_len > 0 && !adapter.is_some_and(|a| a.adapts_before_down(layer))).then(|| CaptureSpec { layer, from: prompt_len - 1 })
+        (budget > 0 && prompt_len > 0 && !adapter.is_some_and(|a| a.adapts_before_down(layer)))
+            .then(|| CaptureSpec {
+                layer,
+                from: prompt_len - 1,
+            })
     }
 
     /// Keeps what the generation of `answer` after `prompt` kept, for a lesson on it.
@@ -253,7 +298,10 @@ impl EngineCapture {
             return;
         }
         let tokens: Vec<u32> = prompt.iter().chain(answer).copied().collect();
-        self.kept.lock().unwrap_or_else(|p| p.into_inner()).insert(tokens, k);
+        self.kept
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(tokens, k);
     }
 
     /// Bytes of activations kept now.
@@ -263,22 +311,45 @@ impl EngineCapture {
 
     /// Lessons captured so far: (from kept rows, computed by the engine).
     pub fn lesson_sources(&self) -> (u64, u64) {
-        (self.from_kept.load(Ordering::Relaxed), self.computed.load(Ordering::Relaxed))
+        (
+            self.from_kept.load(Ordering::Relaxed),
+            self.computed.load(Ordering::Relaxed),
+        )
     }
 
     /// What a lesson on `tokens` needs from rows kept while they were generated: every row
     /// with a target (`from..n − 1`) must be kept, of the last layer. Logits of `rows` only,
     /// when given (else of every row `from..`).
-    fn lesson_from_kept(&self, layer: usize, tokens: &[u32], from: usize, rows: Option<&[usize]>) -> Option<(Capture, Vec<f32>)> {
-        let k = self.kept.lock().unwrap_or_else(|p| p.into_inner()).get(tokens)?;
+    fn lesson_from_kept(
+        &self,
+        layer: usize,
+        tokens: &[u32],
+        from: usize,
+        rows: Option<&[usize]>,
+    ) -> Option<(Capture, Vec<f32>)> {
+        let k = self
+            .kept
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(tokens)?;
         let model = self.engine.model();
         let c = &model.config;
         let n = tokens.len();
-        if k.cap.layer != layer || layer + 1 != c.n_layer || k.from > from || k.from + k.rows + 1 < n {
+        if k.cap.layer != layer
+            || layer + 1 != c.n_layer
+            || k.from > from
+            || k.from + k.rows + 1 < n
+        {
             return None;
         }
         let (d, ff, nv) = (c.n_embd, c.n_ff, c.n_vocab);
-        let mut cap = Capture { layer, act: vec![0.0; n * ff], resid: vec![0.0; n * d], down: vec![0.0; n * d], last: Vec::new() };
+        let mut cap = Capture {
+            layer,
+            act: vec![0.0; n * ff],
+            resid: vec![0.0; n * d],
+            down: vec![0.0; n * d],
+            last: Vec::new(),
+        };
         let hi = (k.from + k.rows).min(n);
         cap.act[k.from * ff..hi * ff].copy_from_slice(&k.cap.act[..(hi - k.from) * ff]);
         cap.resid[k.from * d..hi * d].copy_from_slice(&k.cap.resid[..(hi - k.from) * d]);
@@ -288,7 +359,10 @@ impl EngineCapture {
             Some(r) => r.iter().copied().filter(|&t| t >= from && t < hi).collect(),
             None => (from..hi).collect(),
         };
-        let (mut resid, mut down) = (Vec::with_capacity(wanted.len() * d), Vec::with_capacity(wanted.len() * d));
+        let (mut resid, mut down) = (
+            Vec::with_capacity(wanted.len() * d),
+            Vec::with_capacity(wanted.len() * d),
+        );
         for &t in &wanted {
             resid.extend_from_slice(&cap.resid[t * d..(t + 1) * d]);
             down.extend_from_slice(&cap.down[t * d..(t + 1) * d]);
@@ -297,14 +371,21 @@ impl EngineCapture {
         ruvllm_model::logits_from_last_layer(model, &self.pool, &resid, &down, &mut out);
         let mut logits = vec![0f32; (n - from) * nv];
         for (i, &t) in wanted.iter().enumerate() {
-            logits[(t - from) * nv..(t - from + 1) * nv].copy_from_slice(&out[i * nv..(i + 1) * nv]);
+            logits[(t - from) * nv..(t - from + 1) * nv]
+                .copy_from_slice(&out[i * nv..(i + 1) * nv]);
         }
         Some((cap, logits))
     }
 }
 
 impl CaptureSource for EngineCapture {
-    fn capture(&self, layer: usize, tokens: &[u32], from: usize, rows: Option<&[usize]>) -> Option<(Capture, Vec<f32>)> {
+    fn capture(
+        &self,
+        layer: usize,
+        tokens: &[u32],
+        from: usize,
+        rows: Option<&[usize]>,
+    ) -> Option<(Capture, Vec<f32>)> {
         if let Some(x) = self.lesson_from_kept(layer, tokens, from, rows) {
             self.from_kept.fetch_add(1, Ordering::Relaxed);
             return Some(x);
@@ -324,7 +405,11 @@ impl CaptureSource for EngineCapture {
     }
 
     fn served_logprobs(&self, tokens: &[u32], from: usize) -> Option<Vec<f32>> {
-        let k = self.kept.lock().unwrap_or_else(|p| p.into_inner()).get(tokens)?;
+        let k = self
+            .kept
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(tokens)?;
         // The answer's tokens follow position `from`; the kept ones were served in order.
         let n = tokens.len().checked_sub(from + 1)?;
         (k.from == from && k.logprobs.len() >= n).then(|| k.logprobs[..n].to_vec())
@@ -334,7 +419,12 @@ impl CaptureSource for EngineCapture {
 /// A learner configured as the server runs it: `cfg` (serving defaults but for threads and
 /// rated rows), the anchor text, lessons captured through the engine.
 /// Returns it with its source of activations.
-fn serving_learner(mut learner: Learner, engine: Arc<Engine>, anchor: Vec<u32>, cfg: LearnConfig) -> (Learner, Arc<EngineCapture>) {
+fn serving_learner(
+    mut learner: Learner,
+    engine: Arc<Engine>,
+    anchor: Vec<u32>,
+    cfg: LearnConfig,
+) -> (Learner, Arc<EngineCapture>) {
     learner.configure(cfg, Some(anchor));
     let capture = Arc::new(EngineCapture::new(engine, learner.pool(), KEEP_MIB << 20));
     learner.set_capture_source(Some(capture.clone()));
@@ -344,14 +434,40 @@ fn serving_learner(mut learner: Learner, engine: Arc<Engine>, anchor: Vec<u32>, 
 impl Learning {
     /// In-memory learning for `engine`'s model configured by `cfg` (its own threads); `anchor`
     /// is the anchor text's token ids.
-    pub fn new(engine: Arc<Engine>, tok: Arc<Tokenizer>, anchor: Vec<u32>, cfg: LearnConfig) -> Learning {
+    pub fn new(
+        engine: Arc<Engine>,
+        tok: Arc<Tokenizer>,
+        anchor: Vec<u32>,
+        cfg: LearnConfig,
+    ) -> Learning {
         let dim = engine.model().config.n_embd;
-        let (learner, capture) = serving_learner(Learner::new(engine.model().clone()), engine.clone(), anchor, cfg);
-        Learning { learner, engine, tok, all_trajectories: true, records: Mutex::default(), banks: Mutex::default(), dim, dir: None, capture }
+        let (learner, capture) = serving_learner(
+            Learner::new(engine.model().clone()),
+            engine.clone(),
+            anchor,
+            cfg,
+        );
+        Learning {
+            learner,
+            engine,
+            tok,
+            all_trajectories: true,
+            records: Mutex::default(),
+            banks: Mutex::default(),
+            dim,
+            dir: None,
+            capture,
+        }
     }
 
     /// Learning persisted under `dir`; returns it and how many scopes were restored.
-    pub fn open(dir: &Path, engine: Arc<Engine>, tok: Arc<Tokenizer>, anchor: Vec<u32>, cfg: LearnConfig) -> std::io::Result<(Learning, usize)> {
+    pub fn open(
+        dir: &Path,
+        engine: Arc<Engine>,
+        tok: Arc<Tokenizer>,
+        anchor: Vec<u32>,
+        cfg: LearnConfig,
+    ) -> std::io::Result<(Learning, usize)> {
         let dim = engine.model().config.n_embd;
         let (learner, report) = Learner::open(dir, engine.model().clone())?;
         let (learner, capture) = serving_learner(learner, engine.clone(), anchor, cfg);
@@ -363,14 +479,22 @@ impl Learning {
             let log = path.join(BANK_LOG);
             if !log.exists() {
                 // A whole-file bank from before the log: converted once.
-                let Ok(bytes) = std::fs::read(path.join("bank.json")) else { continue };
-                let Some(b) = serde_json::from_slice::<Value>(&bytes).ok().and_then(|v| parse_legacy_bank(&v, dim, &key)) else {
+                let Ok(bytes) = std::fs::read(path.join("bank.json")) else {
+                    continue;
+                };
+                let Some(b) = serde_json::from_slice::<Value>(&bytes)
+                    .ok()
+                    .and_then(|v| parse_legacy_bank(&v, dim, &key))
+                else {
                     tracing::warn!(scope = %key, "bank.json unreadable; bank skipped");
                     continue;
                 };
-                let lines: Vec<Value> = (0..b.len()).filter_map(|i| Some(add_line(b.get(i)?, b.vector(i)?))).collect();
+                let lines: Vec<Value> = (0..b.len())
+                    .filter_map(|i| Some(add_line(b.get(i)?, b.vector(i)?)))
+                    .collect();
                 let text: String = lines.iter().map(|v| format!("{v}\n")).collect();
-                ruvllm_model::write_atomic(&log, text.as_bytes()).map_err(|e| std::io::Error::other(e.to_string()))?;
+                ruvllm_model::write_atomic(&log, text.as_bytes())
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
                 let _ = std::fs::remove_file(path.join("bank.json"));
             }
             match load_bank_log(&log, dim, &key) {
@@ -380,10 +504,25 @@ impl Learning {
                     }
                     banks.insert(key, b);
                 }
-                Err(e) => tracing::warn!(scope = %key, error = %e, "bank.log unreadable; bank skipped"),
+                Err(e) => {
+                    tracing::warn!(scope = %key, error = %e, "bank.log unreadable; bank skipped")
+                }
             }
         }
-        Ok((Learning { learner, engine, tok, all_trajectories: true, records: Mutex::default(), banks: Mutex::new(banks), dim, dir: Some(dir.to_path_buf()), capture }, report.scopes))
+        Ok((
+            Learning {
+                learner,
+                engine,
+                tok,
+                all_trajectories: true,
+                records: Mutex::default(),
+                banks: Mutex::new(banks),
+                dim,
+                dir: Some(dir.to_path_buf()),
+                capture,
+            },
+            report.scopes,
+        ))
     }
 
     /// Every completion a trajectory (`true`, the default) or only those that get feedback:
@@ -409,22 +548,41 @@ impl Learning {
     /// Whether the caller has rated-positive bank entries (so a retrieval or a route is worth
     /// an embedding pass).
     pub(crate) fn has_bank(&self, caller: &str) -> bool {
-        self.banks.lock().unwrap_or_else(|p| p.into_inner()).get(&scope_key(caller)).is_some_and(|b| (0..b.len()).any(|i| b.get(i).is_some_and(|t| t.rating > 0.0)))
+        self.banks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&scope_key(caller))
+            .is_some_and(|b| (0..b.len()).any(|i| b.get(i).is_some_and(|t| t.rating > 0.0)))
     }
 
     /// Trajectories over every caller's bank: (all, rated — any feedback, positive or not).
     pub(crate) fn trajectory_counts(&self) -> (usize, usize) {
         let g = self.banks.lock().unwrap_or_else(|p| p.into_inner());
-        g.values().fold((0, 0), |(n, r), b| (n + b.len(), r + (0..b.len()).filter(|&i| b.get(i).is_some_and(|t| t.rating != 0.0)).count()))
+        g.values().fold((0, 0), |(n, r), b| {
+            (
+                n + b.len(),
+                r + (0..b.len())
+                    .filter(|&i| b.get(i).is_some_and(|t| t.rating != 0.0))
+                    .count(),
+            )
+        })
     }
 
     /// The caller's `k` bank entries nearest to `embedding`.
     pub(crate) fn search(&self, caller: &str, embedding: &[f32], k: usize) -> Vec<Retrieved> {
         let g = self.banks.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(b) = g.get(&scope_key(caller)) else { return Vec::new() };
+        let Some(b) = g.get(&scope_key(caller)) else {
+            return Vec::new();
+        };
         b.search_rated(embedding, k)
             .into_iter()
-            .filter_map(|(i, sim)| b.get(i).map(|t| Retrieved { question: t.prompt.clone(), answer: t.answer.clone(), similarity: sim }))
+            .filter_map(|(i, sim)| {
+                b.get(i).map(|t| Retrieved {
+                    question: t.prompt.clone(),
+                    answer: t.answer.clone(),
+                    similarity: sim,
+                })
+            })
             .collect()
     }
 
@@ -433,7 +591,9 @@ impl Learning {
     fn persist_bank(&self, key: &str, lines: &[Value]) {
         let Some(dir) = &self.dir else { return };
         let d = dir.join("scopes").join(key);
-        if let Err(e) = std::fs::create_dir_all(&d).and_then(|()| append_lines(&d.join(BANK_LOG), lines)) {
+        if let Err(e) =
+            std::fs::create_dir_all(&d).and_then(|()| append_lines(&d.join(BANK_LOG), lines))
+        {
             tracing::error!(scope = %key, error = %e, "bank entry not persisted");
         }
     }
@@ -444,7 +604,9 @@ impl Learning {
     /// it is unrated.
     fn add_trajectory(&self, id: &str, embedding: &[f32], answer: &str) {
         let mut recs = self.records.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(rec) = recs.1.get_mut(id).filter(|r| r.bank.is_none()) else { return };
+        let Some(rec) = recs.1.get_mut(id).filter(|r| r.bank.is_none()) else {
+            return;
+        };
         let key = scope_key(&rec.caller);
         let (rating, answer) = match &rec.feedback {
             Some((r, Some(a))) => (*r, a.clone()),
@@ -452,11 +614,19 @@ impl Learning {
             None => (0.0, answer.to_owned()),
         };
         let mut banks = self.banks.lock().unwrap_or_else(|p| p.into_inner());
-        let b = banks.entry(key.clone()).or_insert_with(|| Bank::new(self.dim));
+        let b = banks
+            .entry(key.clone())
+            .or_insert_with(|| Bank::new(self.dim));
         if rating == 0.0 && b.len() >= MAX_TRAJECTORIES {
             return;
         }
-        let t = Trajectory { prompt: rec.question.clone(), answer, rating, scope: key.clone(), adapter: rec.adapter.clone() };
+        let t = Trajectory {
+            prompt: rec.question.clone(),
+            answer,
+            rating,
+            scope: key.clone(),
+            adapter: rec.adapter.clone(),
+        };
         match b.add(embedding, t.clone()) {
             Ok(i) => {
                 rec.bank = Some(i);
@@ -474,12 +644,17 @@ impl Learning {
     /// corrected answer) and rates its trajectory if it has one. Returns whether it has one.
     fn rate_trajectory(&self, id: &str, rating: f32, answer: Option<String>) -> bool {
         let mut recs = self.records.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(rec) = recs.1.get_mut(id) else { return false };
+        let Some(rec) = recs.1.get_mut(id) else {
+            return false;
+        };
         rec.feedback = Some((rating, answer.clone()));
         let Some(i) = rec.bank else { return false };
         let key = scope_key(&rec.caller);
         let mut banks = self.banks.lock().unwrap_or_else(|p| p.into_inner());
-        if banks.get_mut(&key).is_some_and(|b| b.rate(i, rating, answer.clone())) {
+        if banks
+            .get_mut(&key)
+            .is_some_and(|b| b.rate(i, rating, answer.clone()))
+        {
             drop(recs);
             self.persist_bank(&key, &[rate_line(i, rating, answer.as_deref())]);
         }
@@ -490,7 +665,16 @@ impl Learning {
     /// caller's bank (one embedding pass of its question through the engine); `kept`: the
     /// activations its generation kept, if any, for a rating of it.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn record(self: &Arc<Self>, id: &str, caller: &str, question: &str, prompt: &[u32], answer: &[u32], adapter: Option<String>, kept: Option<Kept>) {
+    pub(crate) fn record(
+        self: &Arc<Self>,
+        id: &str,
+        caller: &str,
+        question: &str,
+        prompt: &[u32],
+        answer: &[u32],
+        adapter: Option<String>,
+        kept: Option<Kept>,
+    ) {
         if let Some(k) = kept {
             self.capture.keep(prompt, answer, k);
         }
@@ -503,18 +687,39 @@ impl Learning {
                 }
             }
             order.push_back(id.to_owned());
-            map.insert(id.to_owned(), Record { caller: caller.to_owned(), question: question.to_owned(), prompt: prompt.to_vec(), answer: answer.to_vec(), adapter, bank: None, feedback: None });
+            map.insert(
+                id.to_owned(),
+                Record {
+                    caller: caller.to_owned(),
+                    question: question.to_owned(),
+                    prompt: prompt.to_vec(),
+                    answer: answer.to_vec(),
+                    adapter,
+                    bank: None,
+                    feedback: None,
+                },
+            );
         }
         if !self.all_trajectories || question.trim().is_empty() || answer.is_empty() {
             return;
         }
-        let (me, id, question, answer) = (self.clone(), id.to_owned(), question.to_owned(), answer.to_vec());
+        let (me, id, question, answer) = (
+            self.clone(),
+            id.to_owned(),
+            question.to_owned(),
+            answer.to_vec(),
+        );
         tokio::spawn(async move {
-            let Ok(text) = me.tok.decode(&answer, false) else { return };
+            let Ok(text) = me.tok.decode(&answer, false) else {
+                return;
+            };
             match me.embed(&question).await {
                 // The log append waits for fsync: off the runtime's worker threads.
                 Some(e) => {
-                    let _ = tokio::task::spawn_blocking(move || me.add_trajectory(&id, &e, text.trim())).await;
+                    let _ = tokio::task::spawn_blocking(move || {
+                        me.add_trajectory(&id, &e, text.trim())
+                    })
+                    .await;
                 }
                 None => tracing::warn!(id, "trajectory not recorded: the embedding pass failed"),
             }
@@ -526,12 +731,18 @@ impl Learning {
         // Background work: never refused for, nor counted in, the clients' queue.
         let mut r = Request::greedy(self.tok.encode(text, true, false), 1);
         r.embed = true;
-        crate::api::await_embedding(self.engine.submit_background(r).ok()?, "input").await.ok()
+        crate::api::await_embedding(self.engine.submit_background(r).ok()?, "input")
+            .await
+            .ok()
     }
 
     /// Where the caller's nearest successful trajectories (the 8 nearest bank entries rated
     /// above 0) send a request with `embedding` (see [`Bank::route`]).
-    pub(crate) fn route(&self, caller: &str, embedding: &[f32]) -> Option<ruvllm_sona::bank::Route> {
+    pub(crate) fn route(
+        &self,
+        caller: &str,
+        embedding: &[f32],
+    ) -> Option<ruvllm_sona::bank::Route> {
         let g = self.banks.lock().unwrap_or_else(|p| p.into_inner());
         g.get(&scope_key(caller))?.route(embedding, 8)
     }
@@ -547,8 +758,19 @@ impl Learning {
 fn log_background(learner: &Learner, key: &str) {
     let t = Instant::now();
     match learner.background_key(key) {
-        Ok(o) if o.steps == 0 => tracing::debug!(scope = key, "background loop: a run of this scope is in progress; these events wait for the next"),
-        Ok(o) => tracing::info!(scope = key, loss_before = o.loss_before, loss_after = o.loss_after, version = o.version, persisted = o.persisted, ms = t.elapsed().as_secs_f64() * 1e3, "background loop"),
+        Ok(o) if o.steps == 0 => tracing::debug!(
+            scope = key,
+            "background loop: a run of this scope is in progress; these events wait for the next"
+        ),
+        Ok(o) => tracing::info!(
+            scope = key,
+            loss_before = o.loss_before,
+            loss_after = o.loss_after,
+            version = o.version,
+            persisted = o.persisted,
+            ms = t.elapsed().as_secs_f64() * 1e3,
+            "background loop"
+        ),
         Err(e) => tracing::warn!(scope = key, error = %e, "background loop failed"),
     }
 }
@@ -573,8 +795,19 @@ pub(crate) fn spawn_timers(learning: Arc<Learning>, background_secs: u64, consol
                         for key in l.learner.consolidation_pending() {
                             let t = Instant::now();
                             match l.learner.consolidate_key(&key) {
-                                Ok(c) => tracing::info!(scope = key, version = c.version, rank = c.rank, pruned = c.pruned, loss_before = c.loss_before, loss_after = c.loss_after, ms = t.elapsed().as_secs_f64() * 1e3, "deep loop"),
-                                Err(e) => tracing::warn!(scope = key, error = %e, "deep loop failed"),
+                                Ok(c) => tracing::info!(
+                                    scope = key,
+                                    version = c.version,
+                                    rank = c.rank,
+                                    pruned = c.pruned,
+                                    loss_before = c.loss_before,
+                                    loss_after = c.loss_after,
+                                    ms = t.elapsed().as_secs_f64() * 1e3,
+                                    "deep loop"
+                                ),
+                                Err(e) => {
+                                    tracing::warn!(scope = key, error = %e, "deep loop failed")
+                                }
                             }
                         }
                     } else {
@@ -589,34 +822,67 @@ pub(crate) fn spawn_timers(learning: Arc<Learning>, background_secs: u64, consol
     }
 }
 
-pub(crate) async fn feedback(State(st): State<Arc<AppState>>, Extension(caller): Extension<Caller>, body: Result<Bytes, BytesRejection>) -> Response {
+pub(crate) async fn feedback(
+    State(st): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let run = async {
         let Some(learning) = st.learning.clone() else {
-            return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", None, Some("learning_disabled"), "this server runs with --no-learning"));
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                None,
+                Some("learning_disabled"),
+                "this server runs with --no-learning",
+            ));
         };
         let body = crate::api::parse_body(body)?;
-        let id = body.get("id").and_then(Value::as_str).ok_or_else(|| ApiError::invalid("id", "`id` (a completion id) is required"))?.to_owned();
+        let id = body
+            .get("id")
+            .and_then(Value::as_str)
+            .ok_or_else(|| ApiError::invalid("id", "`id` (a completion id) is required"))?
+            .to_owned();
         let correction = match body.get("correction") {
             None | Some(Value::Null) => None,
             Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
-            Some(_) => return Err(ApiError::invalid("correction", "`correction` must be a non-empty string")),
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    "correction",
+                    "`correction` must be a non-empty string",
+                ))
+            }
         };
         let rating = match body.get("rating") {
             None | Some(Value::Null) => None,
             Some(v) => match v.as_f64() {
                 Some(r) if (-1.0..=1.0).contains(&r) => Some(r),
-                _ => return Err(ApiError::invalid("rating", "`rating` must be a number in [-1, 1]")),
+                _ => {
+                    return Err(ApiError::invalid(
+                        "rating",
+                        "`rating` must be a number in [-1, 1]",
+                    ))
+                }
             },
         };
         if correction.is_none() && rating.is_none() {
-            return Err(ApiError::invalid("correction", "send a `correction` or a `rating`"));
+            return Err(ApiError::invalid(
+                "correction",
+                "send a `correction` or a `rating`",
+            ));
         }
         let rec = {
             let g = learning.records.lock().unwrap_or_else(|p| p.into_inner());
             g.1.get(&id).filter(|r| r.caller == caller.0).cloned()
         };
         let Some(rec) = rec else {
-            return Err(ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", Some("id"), Some("completion_not_found"), format!("no recent completion `{id}` of yours")));
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                Some("id"),
+                Some("completion_not_found"),
+                format!("no recent completion `{id}` of yours"),
+            ));
         };
         // What to learn: the correction (then end of turn), or the answer itself, rated.
         let fb = match (&correction, rating) {
@@ -635,7 +901,10 @@ pub(crate) async fn feedback(State(st): State<Arc<AppState>>, Extension(caller):
             Feedback::Rating(_) => rec.answer.len(),
         };
         if rec.prompt.len() + answer_len > st.engine.config().n_ctx {
-            return Err(ApiError::invalid("correction", "prompt and correction do not fit the context"));
+            return Err(ApiError::invalid(
+                "correction",
+                "prompt and correction do not fit the context",
+            ));
         }
         // What the completion's trajectory takes: rating 1 and the corrected answer, or the
         // rating; and the answer a new bank entry keeps (the corrected one, or the one a
@@ -647,20 +916,44 @@ pub(crate) async fn feedback(State(st): State<Arc<AppState>>, Extension(caller):
         };
         let remembered = match &corrected {
             Some(text) => Some(text.clone()),
-            None if rated > 0.0 => st.tok.decode(&rec.answer, false).ok().map(|t| t.trim().to_owned()),
+            None if rated > 0.0 => st
+                .tok
+                .decode(&rec.answer, false)
+                .ok()
+                .map(|t| t.trim().to_owned()),
             None => None,
         };
         let question = rec.question.clone();
         let scope = caller.0.clone();
         let l2 = learning.clone();
         let t0 = Instant::now();
-        let out = tokio::task::spawn_blocking(move || l2.learner.learn(&scope, &rec.prompt, &rec.answer, &fb))
-            .await
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", None, None, e.to_string()))?;
+        let out = tokio::task::spawn_blocking(move || {
+            l2.learner.learn(&scope, &rec.prompt, &rec.answer, &fb)
+        })
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                None,
+                None,
+                e.to_string(),
+            )
+        })?;
         let o = match out {
             Ok(o) => o,
-            Err(e @ LearnError::BadRating) => return Err(ApiError::invalid("rating", e.to_string())),
-            Err(e) => return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", None, None, e.to_string())),
+            Err(e @ LearnError::BadRating) => {
+                return Err(ApiError::invalid("rating", e.to_string()))
+            }
+            Err(e) => {
+                return Err(ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "server_error",
+                    None,
+                    None,
+                    e.to_string(),
+                ))
+            }
         };
         if !o.updated {
             return Ok(Json(json!({"id": id, "updated": false})).into_response());
@@ -669,14 +962,26 @@ pub(crate) async fn feedback(State(st): State<Arc<AppState>>, Extension(caller):
         // pass still running) gets it when it is, except that a confirmed or corrected answer
         // is added here at once, so the next request can retrieve it.
         let (l2, id2) = (learning.clone(), id.clone());
-        let has = tokio::task::spawn_blocking(move || l2.rate_trajectory(&id2, rated, corrected)).await.unwrap_or(false);
+        let has = tokio::task::spawn_blocking(move || l2.rate_trajectory(&id2, rated, corrected))
+            .await
+            .unwrap_or(false);
         if let Some(answer) = remembered.filter(|a| !has && !a.is_empty() && !question.is_empty()) {
             let emb = crate::api::embed_tokens(&st, st.tok.encode(&question, true, false)).await?;
             let (l2, id2) = (learning.clone(), id.clone());
-            let _ = tokio::task::spawn_blocking(move || l2.add_trajectory(&id2, &emb, &answer)).await;
+            let _ =
+                tokio::task::spawn_blocking(move || l2.add_trajectory(&id2, &emb, &answer)).await;
         }
         let ms = t0.elapsed().as_secs_f64() * 1e3;
-        tracing::info!(id, steps = o.steps, loss_before = o.loss_before, loss_after = o.loss_after, version = o.version, persisted = o.persisted, ms, "feedback learned");
+        tracing::info!(
+            id,
+            steps = o.steps,
+            loss_before = o.loss_before,
+            loss_after = o.loss_after,
+            version = o.version,
+            persisted = o.persisted,
+            ms,
+            "feedback learned"
+        );
         if o.background_due {
             // The background loop runs after this answer, off the request path.
             let (l3, scope) = (learning.clone(), caller.0.clone());
@@ -687,17 +992,33 @@ pub(crate) async fn feedback(State(st): State<Arc<AppState>>, Extension(caller):
     run.await.unwrap_or_else(IntoResponse::into_response)
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn traj(q: &str, rating: f32) -> Trajectory {
-        Trajectory { prompt: q.into(), answer: format!("answer to {q}"), rating, scope: "k".into(), adapter: (rating > 0.5).then(|| "law".to_owned()) }
+        Trajectory {
+            prompt: q.into(),
+            answer: format!("answer to {q}"),
+            rating,
+            scope: "k".into(),
+            adapter: (rating > 0.5).then(|| "law".to_owned()),
+        }
     }
 
     fn kept(rows: usize, fill: f32) -> Kept {
-        Kept { from: 3, rows, logprobs: vec![fill; rows], cap: Capture { layer: 1, act: vec![fill; rows * 4], resid: vec![fill; rows * 2], down: vec![fill; rows * 2], last: Vec::new() } }
+        Kept {
+            from: 3,
+            rows,
+            logprobs: vec![fill; rows],
+            cap: Capture {
+                layer: 1,
+                act: vec![fill; rows * 4],
+                resid: vec![fill; rows * 2],
+                down: vec![fill; rows * 2],
+                last: Vec::new(),
+            },
+        }
     }
 
     /// The store finds rows by their exact tokens, keeps within its budget by dropping the
@@ -705,7 +1026,10 @@ mod tests {
     #[test]
     fn kept_store_keeps_the_newest_within_its_budget() {
         let row = 4 * (4 + 2 + 2);
-        let mut st = KeptStore { budget: 5 * row, ..KeptStore::default() };
+        let mut st = KeptStore {
+            budget: 5 * row,
+            ..KeptStore::default()
+        };
         st.insert(vec![1, 2, 3], kept(2, 1.0));
         st.insert(vec![1, 2, 4], kept(2, 2.0));
         assert_eq!(st.bytes, 4 * row);
@@ -740,25 +1064,52 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join(BANK_LOG);
         let (e0, e1) = (vec![1.0f32, 0.0, 0.0], vec![0.6f32, 0.8, 0.0]);
-        append_lines(&path, &[add_line(&traj("q0", 0.0), &e0), add_line(&traj("q1", 1.0), &e1)]).unwrap();
+        append_lines(
+            &path,
+            &[
+                add_line(&traj("q0", 0.0), &e0),
+                add_line(&traj("q1", 1.0), &e1),
+            ],
+        )
+        .unwrap();
         append_lines(&path, &[rate_line(0, 0.75, Some("fixed"))]).unwrap();
         let good_len = std::fs::metadata(&path).unwrap().len();
         let check = |b: &Bank| {
             assert_eq!(b.len(), 2);
-            assert_eq!(b.get(0).map(|t| (t.rating, t.answer.as_str(), t.adapter.clone())), Some((0.75, "fixed", None)));
-            assert_eq!(b.get(1).map(|t| (t.rating, t.prompt.as_str(), t.adapter.as_deref())), Some((1.0, "q1", Some("law"))));
+            assert_eq!(
+                b.get(0)
+                    .map(|t| (t.rating, t.answer.as_str(), t.adapter.clone())),
+                Some((0.75, "fixed", None))
+            );
+            assert_eq!(
+                b.get(1)
+                    .map(|t| (t.rating, t.prompt.as_str(), t.adapter.as_deref())),
+                Some((1.0, "q1", Some("law")))
+            );
             assert_eq!(b.vector(1), Some(&e1[..]));
         };
         let (b, cut) = load_bank_log(&path, 3, "k").unwrap();
         check(&b);
         assert_eq!(cut, None);
         // A torn append.
-        std::fs::write(&path, [std::fs::read(&path).unwrap(), br#"{"op": "add", "question": "q2", "ans"#.to_vec()].concat()).unwrap();
+        std::fs::write(
+            &path,
+            [
+                std::fs::read(&path).unwrap(),
+                br#"{"op": "add", "question": "q2", "ans"#.to_vec(),
+            ]
+            .concat(),
+        )
+        .unwrap();
         let (b, cut) = load_bank_log(&path, 3, "k").unwrap();
         check(&b);
         assert!(cut.is_some() && std::fs::metadata(&path).unwrap().len() == good_len);
         // An unreadable line (a rating of an entry that does not exist) stops the replay there.
-        append_lines(&path, &[rate_line(9, 1.0, None), add_line(&traj("q3", 1.0), &e0)]).unwrap();
+        append_lines(
+            &path,
+            &[rate_line(9, 1.0, None), add_line(&traj("q3", 1.0), &e0)],
+        )
+        .unwrap();
         let (b, cut) = load_bank_log(&path, 3, "k").unwrap();
         check(&b);
         assert!(cut.is_some());

@@ -70,7 +70,8 @@ pub struct AppState {
     /// Learning from feedback; `None` with `--no-learning`.
     pub(crate) learning: Option<Arc<Learning>>,
     /// LoRA adapters by name, replaceable at run time (hot swap).
-    pub(crate) adapters: std::sync::RwLock<std::collections::HashMap<String, Arc<ruvllm_model::LoraAdapter>>>,
+    pub(crate) adapters:
+        std::sync::RwLock<std::collections::HashMap<String, Arc<ruvllm_model::LoraAdapter>>>,
     next_adapter_id: AtomicU64,
     pub(crate) tok: Arc<Tokenizer>,
     pub(crate) template: ChatTemplate,
@@ -85,18 +86,40 @@ pub struct AppState {
 impl AppState {
     /// State for serving `engine` with the model's tokenizer and chat template; with
     /// `cfg.sona_dir`, learned adapters are restored from it (an unusable directory is an error).
-    pub fn new(engine: Arc<Engine>, tok: Arc<Tokenizer>, template: ChatTemplate, n_embd: usize, cfg: &ServerConfig) -> std::io::Result<AppState> {
-        let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    pub fn new(
+        engine: Arc<Engine>,
+        tok: Arc<Tokenizer>,
+        template: ChatTemplate,
+        n_embd: usize,
+        cfg: &ServerConfig,
+    ) -> std::io::Result<AppState> {
+        let created = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         let anchor = tok.encode(ruvllm_sona::learner::ANCHOR_TEXT, true, false);
-        let learn_cfg = ruvllm_sona::learner::LearnConfig { threads: cfg.sona_threads, rated_rows: cfg.sona_rated_rows, ..Default::default() };
+        let learn_cfg = ruvllm_sona::learner::LearnConfig {
+            threads: cfg.sona_threads,
+            rated_rows: cfg.sona_rated_rows,
+            ..Default::default()
+        };
         let learning = match (&cfg.sona_dir, cfg.learning) {
             (_, false) => None,
-            (None, true) => Some(Arc::new(Learning::new(engine.clone(), tok.clone(), anchor, learn_cfg).with_all_trajectories(cfg.sona_all_trajectories).with_kept_budget(cfg.sona_keep_bytes))),
+            (None, true) => Some(Arc::new(
+                Learning::new(engine.clone(), tok.clone(), anchor, learn_cfg)
+                    .with_all_trajectories(cfg.sona_all_trajectories)
+                    .with_kept_budget(cfg.sona_keep_bytes),
+            )),
             (Some(dir), true) => {
                 let (l, n) = Learning::open(dir, engine.clone(), tok.clone(), anchor, learn_cfg)?;
-                let l = l.with_all_trajectories(cfg.sona_all_trajectories).with_kept_budget(cfg.sona_keep_bytes);
+                let l = l
+                    .with_all_trajectories(cfg.sona_all_trajectories)
+                    .with_kept_budget(cfg.sona_keep_bytes);
                 tracing::info!(dir = %dir.display(), scopes = n, "learned state restored");
-                eprintln!("ruvllm: learned state in {} ({n} scopes restored)", dir.display());
+                eprintln!(
+                    "ruvllm: learned state in {} ({n} scopes restored)",
+                    dir.display()
+                );
                 Some(Arc::new(l))
             }
         };
@@ -117,13 +140,19 @@ impl AppState {
     }
 
     /// Loads (or replaces, with a new version) the adapter `name` from a PEFT directory or file.
-    pub fn load_adapter(&self, name: &str, path: &std::path::Path, scale: f32) -> Result<Arc<ruvllm_model::LoraAdapter>, ruvllm_model::Error> {
+    pub fn load_adapter(
+        &self,
+        name: &str,
+        path: &std::path::Path,
+        scale: f32,
+    ) -> Result<Arc<ruvllm_model::LoraAdapter>, ruvllm_model::Error> {
         let mut guard = self.adapters.write().unwrap_or_else(|p| p.into_inner());
         let (id, version) = match guard.get(name) {
             Some(old) => (old.id, old.version + 1),
             None => (self.next_adapter_id.fetch_add(1, Ordering::Relaxed), 0),
         };
-        let mut a = ruvllm_model::LoraAdapter::load_peft(path, self.engine.model(), name, id, scale)?;
+        let mut a =
+            ruvllm_model::LoraAdapter::load_peft(path, self.engine.model(), name, id, scale)?;
         a.version = version;
         let a = Arc::new(a);
         guard.insert(name.to_owned(), a.clone());
@@ -131,17 +160,29 @@ impl AppState {
     }
 
     pub(crate) fn adapter(&self, name: &str) -> Option<Arc<ruvllm_model::LoraAdapter>> {
-        self.adapters.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
+        self.adapters
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
     }
 
     /// A fresh response id with `prefix` (`chatcmpl`, `cmpl`, ...).
     pub(crate) fn new_id(&self, prefix: &str) -> String {
-        format!("{prefix}-{:016x}", self.next_id.fetch_add(1, Ordering::Relaxed))
+        format!(
+            "{prefix}-{:016x}",
+            self.next_id.fetch_add(1, Ordering::Relaxed)
+        )
     }
 
     /// Resolves a request's `model` field: the canonical name, or 404 `model_not_found`.
     pub(crate) fn model(&self, requested: Option<&str>) -> Result<String, ApiError> {
-        let Some(m) = requested else { return Err(ApiError::invalid("model", "you must provide a model parameter")) };
+        let Some(m) = requested else {
+            return Err(ApiError::invalid(
+                "model",
+                "you must provide a model parameter",
+            ));
+        };
         if self.names.iter().any(|n| n == m) {
             Ok(m.to_owned())
         } else {
@@ -174,7 +215,10 @@ async fn auth(State(st): State<Arc<AppState>>, mut req: Request, next: Next) -> 
             next.run(req).await
         }
         Some(_) => ApiError::unauthorized("Incorrect API key provided.").into_response(),
-        None => ApiError::unauthorized("Missing API key: send an `Authorization: Bearer <key>` header.").into_response(),
+        None => {
+            ApiError::unauthorized("Missing API key: send an `Authorization: Bearer <key>` header.")
+                .into_response()
+        }
     }
 }
 
@@ -214,16 +258,33 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
             l.capture().kept_bytes()
         ));
     }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
 }
 
 async fn openapi_doc() -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], openapi::DOCUMENT).into_response()
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        openapi::DOCUMENT,
+    )
+        .into_response()
 }
 
 async fn not_found(req: Request) -> Response {
-    ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", None, Some("not_found"), format!("no route for {} {}", req.method(), req.uri().path()))
-        .into_response()
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        None,
+        Some("not_found"),
+        format!("no route for {} {}", req.method(), req.uri().path()),
+    )
+    .into_response()
 }
 
 /// The router with every route, authentication, the body limit and request logging.
@@ -234,8 +295,14 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .route("/v1/embeddings", post(api::embeddings))
         .route("/v1/models", get(api::list_models))
         .route("/v1/models/{id}", get(api::get_model))
-        .route("/v1/adapters", get(api::list_adapters).post(api::load_adapter))
-        .route("/v1/adapters/{name}", axum::routing::delete(api::delete_adapter))
+        .route(
+            "/v1/adapters",
+            get(api::list_adapters).post(api::load_adapter),
+        )
+        .route(
+            "/v1/adapters/{name}",
+            axum::routing::delete(api::delete_adapter),
+        )
         .route("/v1/feedback", post(learn::feedback))
         .route("/tokenize", post(api::tokenize))
         .route("/detokenize", post(api::detokenize))
@@ -308,7 +375,14 @@ pub async fn serve(state: Arc<AppState>, cfg: &ServerConfig) -> std::io::Result<
 /// Sets up logging: human-readable, or one JSON object per line with `json`. `RUST_LOG`
 /// overrides the default level (`info`).
 pub fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = if json { b.json().try_init() } else { b.try_init() };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        b.json().try_init()
+    } else {
+        b.try_init()
+    };
 }

@@ -17,7 +17,11 @@ fn clustered(n: usize, dim: usize, clusters: usize, seed: u64, noise_seed: u64) 
     (0..n)
         .flat_map(|i| {
             let c = &centres[(i % clusters) * dim..(i % clusters + 1) * dim];
-            let v: Vec<f32> = c.iter().zip(&noise[i * dim..(i + 1) * dim]).map(|(a, b)| a + b).collect();
+            let v: Vec<f32> = c
+                .iter()
+                .zip(&noise[i * dim..(i + 1) * dim])
+                .map(|(a, b)| a + b)
+                .collect();
             normalized(&v).unwrap_or(v)
         })
         .collect()
@@ -45,13 +49,25 @@ fn main() {
         let vectors = clustered(n, dim, clusters, 7, 8);
         let mut bank = Bank::new(dim);
         for v in vectors.chunks_exact(dim) {
-            let t = Trajectory { prompt: String::new(), answer: String::new(), rating: 1.0, scope: String::new(), adapter: None };
+            let t = Trajectory {
+                prompt: String::new(),
+                answer: String::new(),
+                rating: 1.0,
+                scope: String::new(),
+                adapter: None,
+            };
             if bank.add(v, t).is_err() {
                 eprintln!("entry refused");
             }
         }
         // Queries: new members of the same clusters.
-        let queries: Vec<f32> = clustered(clusters, dim, clusters, 7, 9).chunks_exact(dim).step_by((clusters / 100).max(1)).take(100).flatten().copied().collect();
+        let queries: Vec<f32> = clustered(clusters, dim, clusters, 7, 9)
+            .chunks_exact(dim)
+            .step_by((clusters / 100).max(1))
+            .take(100)
+            .flatten()
+            .copied()
+            .collect();
         let queries: Vec<&[f32]> = queries.chunks_exact(dim).collect();
         let exact_s = per_call(|i| {
             black_box(bank.search(queries[i % queries.len()], 10));
@@ -70,10 +86,23 @@ fn main() {
             let mut hits = 0;
             for q in &queries {
                 let want: Vec<usize> = bank.search(q, 10).into_iter().map(|x| x.0).collect();
-                hits += h.search(&vectors, q, 10, ef).iter().filter(|g| want.contains(&g.0)).count();
+                hits += h
+                    .search(&vectors, q, 10, ef)
+                    .iter()
+                    .filter(|g| want.contains(&g.0))
+                    .count();
             }
-            cells.push(format!("{:.3} | {:.3}", s * 1e3, hits as f64 / (10 * queries.len()) as f64));
+            cells.push(format!(
+                "{:.3} | {:.3}",
+                s * 1e3,
+                hits as f64 / (10 * queries.len()) as f64
+            ));
         }
-        println!("| {n} | {:.3} | {build:.1} | {} | {} |", exact_s * 1e3, cells[0], cells[1]);
+        println!(
+            "| {n} | {:.3} | {build:.1} | {} | {} |",
+            exact_s * 1e3,
+            cells[0],
+            cells[1]
+        );
     }
 }

@@ -46,7 +46,9 @@ pub enum BankError {
 impl std::fmt::Display for BankError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            BankError::Dimension { expected, got } => write!(f, "embedding of {got} values, the bank holds {expected}"),
+            BankError::Dimension { expected, got } => {
+                write!(f, "embedding of {got} values, the bank holds {expected}")
+            }
             BankError::NotFinite => write!(f, "embedding is zero or not finite"),
         }
     }
@@ -80,7 +82,11 @@ pub struct Route {
 
 /// `v / |v|`, or None for a zero or non-finite vector.
 pub fn normalized(v: &[f32]) -> Option<Vec<f32>> {
-    let n = v.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>().sqrt();
+    let n = v
+        .iter()
+        .map(|x| (*x as f64) * (*x as f64))
+        .sum::<f64>()
+        .sqrt();
     (n.is_finite() && n > 0.0).then(|| v.iter().map(|x| (*x as f64 / n) as f32).collect())
 }
 
@@ -92,7 +98,13 @@ impl Bank {
 
     /// A bank that searches its HNSW graph once it holds `n` entries (tests; tuning).
     pub fn with_index_from(dim: usize, n: usize) -> Bank {
-        Bank { dim, vectors: Vec::new(), items: Vec::new(), index: Hnsw::new(dim, 16, 100, 0x5eed), index_from: n }
+        Bank {
+            dim,
+            vectors: Vec::new(),
+            items: Vec::new(),
+            index: Hnsw::new(dim, 16, 100, 0x5eed),
+            index_from: n,
+        }
     }
 
     /// Entries held.
@@ -118,7 +130,10 @@ impl Bank {
     /// Adds a trajectory under `embedding` (any length-`dim` vector; it is normalized).
     pub fn add(&mut self, embedding: &[f32], t: Trajectory) -> Result<usize, BankError> {
         if embedding.len() != self.dim {
-            return Err(BankError::Dimension { expected: self.dim, got: embedding.len() });
+            return Err(BankError::Dimension {
+                expected: self.dim,
+                got: embedding.len(),
+            });
         }
         let u = normalized(embedding).ok_or(BankError::NotFinite)?;
         self.vectors.extend_from_slice(&u);
@@ -130,7 +145,9 @@ impl Bank {
     /// Records feedback on entry `i`: its rating and, for a correction, the answer that
     /// replaces the one given. False when there is no entry `i`.
     pub fn rate(&mut self, i: usize, rating: f32, answer: Option<String>) -> bool {
-        let Some(t) = self.items.get_mut(i) else { return false };
+        let Some(t) = self.items.get_mut(i) else {
+            return false;
+        };
         t.rating = rating;
         if let Some(a) = answer {
             t.answer = a;
@@ -155,15 +172,26 @@ impl Bank {
         }
         // First-seen order is nearest-first, so `max_by` keeping the earlier on ties needs a
         // strict comparison.
-        let best = votes.into_iter().reduce(|a, b| if b.1 > a.1 { b } else { a })?;
-        Some(Route { adapter: best.0, weight: best.1, voters })
+        let best = votes
+            .into_iter()
+            .reduce(|a, b| if b.1 > a.1 { b } else { a })?;
+        Some(Route {
+            adapter: best.0,
+            weight: best.1,
+            voters,
+        })
     }
 
     /// The `k` entries most similar to `query` (cosine), best first, as (index, similarity):
     /// exact below the index threshold (ties keep insertion order), from the HNSW graph with a
     /// beam of `max(64, 4k)` above it. A query of the wrong length or zero gives nothing.
     pub fn search(&self, query: &[f32], k: usize) -> Vec<(usize, f32)> {
-        let Some(q) = (query.len() == self.dim).then(|| normalized(query)).flatten() else { return Vec::new() };
+        let Some(q) = (query.len() == self.dim)
+            .then(|| normalized(query))
+            .flatten()
+        else {
+            return Vec::new();
+        };
         if self.len() >= self.index_from {
             return self.index.search(&self.vectors, &q, k, (4 * k).max(64));
         }
@@ -175,12 +203,23 @@ impl Bank {
     /// From the HNSW graph, the beam widens (×4) until it holds `k` such entries; a bank with
     /// fewer than `k` of them in its graph's reach is searched exactly.
     pub fn search_rated(&self, query: &[f32], k: usize) -> Vec<(usize, f32)> {
-        let Some(q) = (query.len() == self.dim).then(|| normalized(query)).flatten() else { return Vec::new() };
+        let Some(q) = (query.len() == self.dim)
+            .then(|| normalized(query))
+            .flatten()
+        else {
+            return Vec::new();
+        };
         let rated = |i: usize| self.items.get(i).is_some_and(|t| t.rating > 0.0);
         if self.len() >= self.index_from {
             let mut ef = (4 * k).max(64);
             while ef < self.len() {
-                let found: Vec<(usize, f32)> = self.index.search(&self.vectors, &q, ef, ef).into_iter().filter(|(i, _)| rated(*i)).take(k).collect();
+                let found: Vec<(usize, f32)> = self
+                    .index
+                    .search(&self.vectors, &q, ef, ef)
+                    .into_iter()
+                    .filter(|(i, _)| rated(*i))
+                    .take(k)
+                    .collect();
                 if found.len() >= k {
                     return found;
                 }
@@ -192,7 +231,13 @@ impl Bank {
 
     /// Exact cosine search of unit query `q` among the entries `keep` admits.
     fn exact(&self, q: &[f32], k: usize, keep: impl Fn(usize) -> bool) -> Vec<(usize, f32)> {
-        let mut scored: Vec<(usize, f32)> = self.vectors.chunks_exact(self.dim.max(1)).map(|v| dot_f32(q, v)).enumerate().filter(|(i, _)| keep(*i)).collect();
+        let mut scored: Vec<(usize, f32)> = self
+            .vectors
+            .chunks_exact(self.dim.max(1))
+            .map(|v| dot_f32(q, v))
+            .enumerate()
+            .filter(|(i, _)| keep(*i))
+            .collect();
         let order = |a: &(usize, f32), b: &(usize, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         // Select the k best first (linear), then sort only them.
         if k < scored.len() && k > 0 {
@@ -209,7 +254,13 @@ mod tests {
     use super::*;
 
     fn t(i: usize) -> Trajectory {
-        Trajectory { prompt: format!("p{i}"), answer: format!("a{i}"), rating: 1.0, scope: "s".into(), adapter: None }
+        Trajectory {
+            prompt: format!("p{i}"),
+            answer: format!("a{i}"),
+            rating: 1.0,
+            scope: "s".into(),
+            adapter: None,
+        }
     }
 
     /// Unrated (0) and failed (< 0) trajectories are never retrieved nor vote, exactly or
@@ -223,20 +274,57 @@ mod tests {
             let centre = crate::uniform(dim, 1, 1.0);
             // 300 unrated entries right around the query, 2 rated ones further away.
             for i in 0..300 {
-                let v: Vec<f32> = centre.iter().zip(crate::uniform(dim, 10 + i, 0.05)).map(|(c, n)| c + n).collect();
-                bank.add(&v, Trajectory { rating: 0.0, ..t(i as usize) }).unwrap();
+                let v: Vec<f32> = centre
+                    .iter()
+                    .zip(crate::uniform(dim, 10 + i, 0.05))
+                    .map(|(c, n)| c + n)
+                    .collect();
+                bank.add(
+                    &v,
+                    Trajectory {
+                        rating: 0.0,
+                        ..t(i as usize)
+                    },
+                )
+                .unwrap();
             }
-            let far: Vec<f32> = centre.iter().zip(crate::uniform(dim, 5000, 0.6)).map(|(c, n)| c + n).collect();
+            let far: Vec<f32> = centre
+                .iter()
+                .zip(crate::uniform(dim, 5000, 0.6))
+                .map(|(c, n)| c + n)
+                .collect();
             let a = bank.add(&far, t(1000)).unwrap();
-            let b = bank.add(&crate::uniform(dim, 5001, 1.0), Trajectory { rating: -1.0, ..t(1001) }).unwrap();
-            assert!(bank.search(&centre, 5).iter().all(|(i, _)| *i < 300), "plain search sees the unrated crowd");
+            let b = bank
+                .add(
+                    &crate::uniform(dim, 5001, 1.0),
+                    Trajectory {
+                        rating: -1.0,
+                        ..t(1001)
+                    },
+                )
+                .unwrap();
+            assert!(
+                bank.search(&centre, 5).iter().all(|(i, _)| *i < 300),
+                "plain search sees the unrated crowd"
+            );
             let got = bank.search_rated(&centre, 5);
-            assert_eq!(got.iter().map(|x| x.0).collect::<Vec<_>>(), vec![a], "index_from {index_from}");
+            assert_eq!(
+                got.iter().map(|x| x.0).collect::<Vec<_>>(),
+                vec![a],
+                "index_from {index_from}"
+            );
             assert_eq!(bank.route(&centre, 8).map(|r| r.voters), Some(1));
             assert!(bank.rate(7, 0.5, Some("fixed".into())) && !bank.rate(99_999, 1.0, None));
-            assert_eq!(bank.get(7).map(|t| (t.rating, t.answer.as_str())), Some((0.5, "fixed")));
+            assert_eq!(
+                bank.get(7).map(|t| (t.rating, t.answer.as_str())),
+                Some((0.5, "fixed"))
+            );
             let got: Vec<usize> = bank.search_rated(&centre, 5).iter().map(|x| x.0).collect();
-            assert_eq!((got[0], got.len(), got.contains(&b)), (7, 2, false), "index_from {index_from}");
+            assert_eq!(
+                (got[0], got.len(), got.contains(&b)),
+                (7, 2, false),
+                "index_from {index_from}"
+            );
         }
     }
 
@@ -244,7 +332,9 @@ mod tests {
     fn search_equals_brute_force_in_f64() {
         let dim = 37;
         let mut bank = Bank::new(dim);
-        let vecs: Vec<Vec<f32>> = (0..200).map(|i| crate::uniform(dim, 100 + i, 1.0)).collect();
+        let vecs: Vec<Vec<f32>> = (0..200)
+            .map(|i| crate::uniform(dim, 100 + i, 1.0))
+            .collect();
         for (i, v) in vecs.iter().enumerate() {
             bank.add(v, t(i)).unwrap();
         }
@@ -255,7 +345,11 @@ mod tests {
                 let n = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
                 d / (n(a) * n(b))
             };
-            let mut want: Vec<(usize, f64)> = vecs.iter().enumerate().map(|(i, v)| (i, cos(&q, v))).collect();
+            let mut want: Vec<(usize, f64)> = vecs
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (i, cos(&q, v)))
+                .collect();
             want.sort_by(|a, b| b.1.total_cmp(&a.1));
             let got = bank.search(&q, 5);
             assert_eq!(got.len(), 5);
@@ -274,9 +368,16 @@ mod tests {
         let centres = crate::uniform(30 * dim, 3, 1.0);
         let point = |i: usize, seed: u64| -> Vec<f32> {
             let noise = crate::uniform(dim, seed, 0.5);
-            centres[(i % 30) * dim..(i % 30 + 1) * dim].iter().zip(&noise).map(|(c, n)| c + n).collect()
+            centres[(i % 30) * dim..(i % 30 + 1) * dim]
+                .iter()
+                .zip(&noise)
+                .map(|(c, n)| c + n)
+                .collect()
         };
-        let (mut graph, mut exact) = (Bank::with_index_from(dim, 100), Bank::with_index_from(dim, usize::MAX));
+        let (mut graph, mut exact) = (
+            Bank::with_index_from(dim, 100),
+            Bank::with_index_from(dim, usize::MAX),
+        );
         for i in 0..1500 {
             let v = point(i, 1000 + i as u64);
             graph.add(&v, t(i)).unwrap();
@@ -299,10 +400,21 @@ mod tests {
     #[test]
     fn routing_follows_the_nearest_successful_trajectories() {
         let mut bank = Bank::new(3);
-        let entry = |rating: f32, adapter: Option<&str>| Trajectory { prompt: String::new(), answer: String::new(), rating, scope: "s".into(), adapter: adapter.map(str::to_owned) };
+        let entry = |rating: f32, adapter: Option<&str>| Trajectory {
+            prompt: String::new(),
+            answer: String::new(),
+            rating,
+            scope: "s".into(),
+            adapter: adapter.map(str::to_owned),
+        };
         assert_eq!(bank.route(&[1.0, 0.0, 0.0], 4), None);
-        bank.add(&[1.0, 0.05, 0.0], entry(-1.0, Some("bad"))).unwrap();
-        assert_eq!(bank.route(&[1.0, 0.0, 0.0], 4), None, "a failed trajectory does not vote");
+        bank.add(&[1.0, 0.05, 0.0], entry(-1.0, Some("bad")))
+            .unwrap();
+        assert_eq!(
+            bank.route(&[1.0, 0.0, 0.0], 4),
+            None,
+            "a failed trajectory does not vote"
+        );
         bank.add(&[1.0, 0.1, 0.0], entry(1.0, Some("law"))).unwrap();
         bank.add(&[1.0, 0.2, 0.0], entry(0.5, Some("law"))).unwrap();
         bank.add(&[0.9, 0.0, 0.3], entry(1.0, None)).unwrap();
@@ -310,8 +422,15 @@ mod tests {
         // The 4 nearest successful trajectories vote (the failed one is skipped, not counted).
         let r = bank.route(&[1.0, 0.0, 0.0], 4).unwrap();
         assert_eq!((r.adapter.as_deref(), r.voters), (Some("law"), 4));
-        assert_eq!(bank.route(&[0.0, 0.1, 1.0], 1).unwrap().adapter.as_deref(), Some("med"));
-        assert_eq!(bank.route(&[0.9, 0.0, 0.35], 1).unwrap().adapter, None, "the scope's own adapter can win");
+        assert_eq!(
+            bank.route(&[0.0, 0.1, 1.0], 1).unwrap().adapter.as_deref(),
+            Some("med")
+        );
+        assert_eq!(
+            bank.route(&[0.9, 0.0, 0.35], 1).unwrap().adapter,
+            None,
+            "the scope's own adapter can win"
+        );
     }
 
     #[test]
@@ -320,12 +439,27 @@ mod tests {
         bank.add(&[1.0, 0.0, 0.0], t(0)).unwrap();
         bank.add(&[0.0, 5.0, 0.0], t(1)).unwrap();
         assert_eq!(bank.search(&[0.0, 0.1, 0.0], 1)[0].0, 1);
-        assert_eq!(bank.search(&[100.0, 1.0, 0.0], 2).iter().map(|x| x.0).collect::<Vec<_>>(), vec![0, 1]);
+        assert_eq!(
+            bank.search(&[100.0, 1.0, 0.0], 2)
+                .iter()
+                .map(|x| x.0)
+                .collect::<Vec<_>>(),
+            vec![0, 1]
+        );
         assert_eq!(bank.search(&[1.0, 0.0, 0.0], 10).len(), 2);
         assert!(bank.search(&[0.0, 0.0, 0.0], 1).is_empty());
         assert!(bank.search(&[1.0, 0.0], 1).is_empty());
-        assert_eq!(bank.add(&[1.0, 2.0], t(2)), Err(BankError::Dimension { expected: 3, got: 2 }));
-        assert_eq!(bank.add(&[0.0, f32::NAN, 1.0], t(2)), Err(BankError::NotFinite));
+        assert_eq!(
+            bank.add(&[1.0, 2.0], t(2)),
+            Err(BankError::Dimension {
+                expected: 3,
+                got: 2
+            })
+        );
+        assert_eq!(
+            bank.add(&[0.0, f32::NAN, 1.0], t(2)),
+            Err(BankError::NotFinite)
+        );
         assert_eq!(bank.add(&[0.0; 3], t(2)), Err(BankError::NotFinite));
         assert_eq!(bank.len(), 2);
         assert_eq!(bank.get(1).map(|x| x.answer.as_str()), Some("a1"));

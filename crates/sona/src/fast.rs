@@ -58,7 +58,10 @@ pub struct Candidates {
 /// cross-entropy's gradient `1 − p` is largest), for an unlikely one the `k` most likely
 /// (unlikelihood's `p / (1 − p)`). Ties go to the earlier position; all when `k` covers them.
 pub fn telling_rows(scored: &[(usize, f32)], k: usize, negative: bool) -> Vec<usize> {
-    let mut order: Vec<(f32, usize)> = scored.iter().map(|&(t, lp)| (if negative { -lp } else { lp }, t)).collect();
+    let mut order: Vec<(f32, usize)> = scored
+        .iter()
+        .map(|&(t, lp)| (if negative { -lp } else { lp }, t))
+        .collect();
     order.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
     let mut keep: Vec<usize> = order.into_iter().take(k).map(|(_, t)| t).collect();
     keep.sort_unstable();
@@ -68,7 +71,12 @@ pub fn telling_rows(scored: &[(usize, f32)], k: usize, negative: bool) -> Vec<us
 /// Each target row's log-probability of its target from `logits` (rows `first..`, as in
 /// [`Candidates::from_logits`]), as the engine records served ones
 /// ([`ruvllm_kernels::ops::token_logprob`]).
-pub fn target_logprobs(logits: &[f32], n_vocab: usize, targets: &[Option<u32>], first: usize) -> Vec<(usize, f32)> {
+pub fn target_logprobs(
+    logits: &[f32],
+    n_vocab: usize,
+    targets: &[Option<u32>],
+    first: usize,
+) -> Vec<(usize, f32)> {
     targets
         .iter()
         .enumerate()
@@ -93,8 +101,19 @@ impl Candidates {
     /// From the base model's logits of rows `first..` (`[(rows − first) × n_vocab]`; rows
     /// before `first` must have no target) and the rows' targets: `k` top tokens per row and
     /// `n_sample` others drawn uniformly (xorshift from `seed`).
-    pub fn from_logits(logits: &[f32], n_vocab: usize, targets: &[Option<u32>], first: usize, k: usize, n_sample: usize, seed: u64) -> Candidates {
-        let row_of = |t: usize| t.checked_sub(first).and_then(|i| logits.get(i * n_vocab..(i + 1) * n_vocab));
+    pub fn from_logits(
+        logits: &[f32],
+        n_vocab: usize,
+        targets: &[Option<u32>],
+        first: usize,
+        k: usize,
+        n_sample: usize,
+        seed: u64,
+    ) -> Candidates {
+        let row_of = |t: usize| {
+            t.checked_sub(first)
+                .and_then(|i| logits.get(i * n_vocab..(i + 1) * n_vocab))
+        };
         let mut member = vec![false; n_vocab];
         for (t, target) in targets.iter().enumerate() {
             let Some(target) = *target else { continue };
@@ -105,13 +124,17 @@ impl Candidates {
             let mut idx: Vec<u32> = (0..n_vocab as u32).collect();
             let k = k.min(n_vocab);
             if k > 0 {
-                idx.select_nth_unstable_by(k - 1, |&a, &b| row[b as usize].total_cmp(&row[a as usize]));
+                idx.select_nth_unstable_by(k - 1, |&a, &b| {
+                    row[b as usize].total_cmp(&row[a as usize])
+                });
                 for &i in &idx[..k] {
                     member[i as usize] = true;
                 }
             }
         }
-        let mut ids: Vec<u32> = (0..n_vocab as u32).filter(|&i| member[i as usize]).collect();
+        let mut ids: Vec<u32> = (0..n_vocab as u32)
+            .filter(|&i| member[i as usize])
+            .collect();
         let n_top = ids.len();
         let others = n_vocab - n_top;
         let mut chosen = member.clone();
@@ -130,17 +153,37 @@ impl Candidates {
         let mut sample_base = vec![0f32; rows * n_s];
         let mut log_rest = vec![f32::NEG_INFINITY; rows];
         for t in 0..rows {
-            let Some(row) = targets[t].and(row_of(t)) else { continue };
-            for (o, &i) in sample_base[t * n_s..(t + 1) * n_s].iter_mut().zip(&ids[n_top..]) {
+            let Some(row) = targets[t].and(row_of(t)) else {
+                continue;
+            };
+            for (o, &i) in sample_base[t * n_s..(t + 1) * n_s]
+                .iter_mut()
+                .zip(&ids[n_top..])
+            {
                 *o = row[i as usize];
             }
-            let mx = row.iter().zip(&member).filter(|(_, m)| !**m).map(|(l, _)| *l).fold(f32::NEG_INFINITY, f32::max);
+            let mx = row
+                .iter()
+                .zip(&member)
+                .filter(|(_, m)| !**m)
+                .map(|(l, _)| *l)
+                .fold(f32::NEG_INFINITY, f32::max);
             if mx > f32::NEG_INFINITY {
-                let z: f64 = row.iter().zip(&member).filter(|(_, m)| !**m).map(|(l, _)| ((l - mx) as f64).exp()).sum();
+                let z: f64 = row
+                    .iter()
+                    .zip(&member)
+                    .filter(|(_, m)| !**m)
+                    .map(|(l, _)| ((l - mx) as f64).exp())
+                    .sum();
                 log_rest[t] = (mx as f64 + z.ln()) as f32;
             }
         }
-        Candidates { ids, n_top, sample_base, log_rest }
+        Candidates {
+            ids,
+            n_top,
+            sample_base,
+            log_rest,
+        }
     }
 
     /// Makes `extra` tokens top candidates (those an adapter under training raised, found by a
@@ -161,10 +204,22 @@ impl Candidates {
         }
         // The sample keeps the ids (and their base logits) that did not become top ones.
         let old_sample = &self.ids[self.n_top..];
-        let keep: Vec<bool> = old_sample.iter().map(|v| top.binary_search(v).is_err()).collect();
-        let sample: Vec<u32> = old_sample.iter().zip(&keep).filter(|(_, k)| **k).map(|(v, _)| *v).collect();
+        let keep: Vec<bool> = old_sample
+            .iter()
+            .map(|v| top.binary_search(v).is_err())
+            .collect();
+        let sample: Vec<u32> = old_sample
+            .iter()
+            .zip(&keep)
+            .filter(|(_, k)| **k)
+            .map(|(v, _)| *v)
+            .collect();
         if !old_sample.is_empty() {
-            self.sample_base = self.sample_base.chunks_exact(old_sample.len()).flat_map(|row| row.iter().zip(&keep).filter(|(_, k)| **k).map(|(v, _)| *v)).collect();
+            self.sample_base = self
+                .sample_base
+                .chunks_exact(old_sample.len())
+                .flat_map(|row| row.iter().zip(&keep).filter(|(_, k)| **k).map(|(v, _)| *v))
+                .collect();
         }
         self.n_top = top.len();
         self.ids = top.into_iter().chain(sample).collect();
@@ -173,7 +228,12 @@ impl Candidates {
 
     /// Every token a candidate (no rest): the objective is then the exact full softmax.
     pub fn all(n_vocab: usize, rows: usize) -> Candidates {
-        Candidates { ids: (0..n_vocab as u32).collect(), n_top: n_vocab, sample_base: Vec::new(), log_rest: vec![f32::NEG_INFINITY; rows] }
+        Candidates {
+            ids: (0..n_vocab as u32).collect(),
+            n_top: n_vocab,
+            sample_base: Vec::new(),
+            log_rest: vec![f32::NEG_INFINITY; rows],
+        }
     }
 }
 
@@ -297,9 +357,23 @@ pub struct Ewc {
 impl FastTrainer {
     /// A trainer for the down projection of `layer` (PEFT initialization: `A` small random,
     /// `B` zero, so it starts as no change); `scale = alpha / rank`.
-    pub fn new(model: Arc<Model>, head: Arc<Head>, layer: usize, rank: usize, alpha: f32, lr: f32, seed: u64) -> Option<FastTrainer> {
+    pub fn new(
+        model: Arc<Model>,
+        head: Arc<Head>,
+        layer: usize,
+        rank: usize,
+        alpha: f32,
+        lr: f32,
+        seed: u64,
+    ) -> Option<FastTrainer> {
         let p = AdapterParams::new(&model.config, layer, rank, alpha, lr, seed)?;
-        Some(FastTrainer { model, head, p, blind: None, ewc: None })
+        Some(FastTrainer {
+            model,
+            head,
+            p,
+            blind: None,
+            ewc: None,
+        })
     }
 
     /// Rank.
@@ -386,7 +460,12 @@ impl FastTrainer {
 
     /// Replaces the EWC++ state (restoring; `None` to drop it) when the shapes match.
     pub fn set_ewc(&mut self, ewc: Option<Ewc>) {
-        if ewc.as_ref().is_none_or(|e| e.fisher_a.len() == self.p.a.len() && e.star_a.len() == self.p.a.len() && e.fisher_b.len() == self.p.b.len() && e.star_b.len() == self.p.b.len()) {
+        if ewc.as_ref().is_none_or(|e| {
+            e.fisher_a.len() == self.p.a.len()
+                && e.star_a.len() == self.p.a.len()
+                && e.fisher_b.len() == self.p.b.len()
+                && e.star_b.len() == self.p.b.len()
+        }) {
             self.ewc = ewc;
         }
     }
@@ -411,22 +490,42 @@ impl FastTrainer {
     /// does not depend on the loss's scale) and `θ* ← θ`.
     pub fn update_ewc(&mut self, lessons: &[Prepared], gamma: f32) {
         let (mut fa, mut fb) = self.fisher(lessons);
-        let mean = fa.iter().chain(&fb).map(|&f| f as f64).sum::<f64>() / (fa.len() + fb.len()).max(1) as f64;
+        let mean = fa.iter().chain(&fb).map(|&f| f as f64).sum::<f64>()
+            / (fa.len() + fb.len()).max(1) as f64;
         if mean > 0.0 {
-            fa.iter_mut().chain(fb.iter_mut()).for_each(|f| *f = (*f as f64 / mean) as f32);
+            fa.iter_mut()
+                .chain(fb.iter_mut())
+                .for_each(|f| *f = (*f as f64 / mean) as f32);
         }
         if let Some(old) = &self.ewc {
-            fa.iter_mut().zip(&old.fisher_a).for_each(|(f, o)| *f = gamma * o + (1.0 - gamma) * *f);
-            fb.iter_mut().zip(&old.fisher_b).for_each(|(f, o)| *f = gamma * o + (1.0 - gamma) * *f);
+            fa.iter_mut()
+                .zip(&old.fisher_a)
+                .for_each(|(f, o)| *f = gamma * o + (1.0 - gamma) * *f);
+            fb.iter_mut()
+                .zip(&old.fisher_b)
+                .for_each(|(f, o)| *f = gamma * o + (1.0 - gamma) * *f);
         }
-        self.ewc = Some(Ewc { fisher_a: fa, fisher_b: fb, star_a: self.p.a.clone(), star_b: self.p.b.clone() });
+        self.ewc = Some(Ewc {
+            fisher_a: fa,
+            fisher_b: fb,
+            star_a: self.p.a.clone(),
+            star_b: self.p.b.clone(),
+        });
     }
 
     /// The EWC++ penalty `λ/2 · Σ F ⊙ (θ − θ*)²` (0 without EWC state).
     pub fn ewc_penalty(&self, lambda: f32) -> f32 {
         let Some(e) = &self.ewc else { return 0.0 };
-        let part = |p: &[f32], f: &[f32], s: &[f32]| p.iter().zip(f).zip(s).map(|((p, f), s)| (*f as f64) * ((p - s) as f64).powi(2)).sum::<f64>();
-        (0.5 * lambda as f64 * (part(&self.p.a, &e.fisher_a, &e.star_a) + part(&self.p.b, &e.fisher_b, &e.star_b))) as f32
+        let part = |p: &[f32], f: &[f32], s: &[f32]| {
+            p.iter()
+                .zip(f)
+                .zip(s)
+                .map(|((p, f), s)| (*f as f64) * ((p - s) as f64).powi(2))
+                .sum::<f64>()
+        };
+        (0.5 * lambda as f64
+            * (part(&self.p.a, &e.fisher_a, &e.star_a) + part(&self.p.b, &e.fisher_b, &e.star_b)))
+            as f32
     }
 
     /// The adapter as a LoRA pair.
@@ -441,7 +540,14 @@ impl FastTrainer {
 
     /// Makes a lesson ready: `cap` from a forward without adapters, its candidates, what to
     /// learn, and the branch held fixed under this one, if any.
-    pub fn prepare(&self, cap: &Capture, targets: &[Option<u32>], cands: &Candidates, objective: Objective, fixed: Option<Branch<'_>>) -> Prepared {
+    pub fn prepare(
+        &self,
+        cap: &Capture,
+        targets: &[Option<u32>],
+        cands: &Candidates,
+        objective: Objective,
+        fixed: Option<Branch<'_>>,
+    ) -> Prepared {
         let c = &self.model.config;
         let (d, ff) = (c.n_embd, c.n_ff);
         let g = &self.model.output_norm;
@@ -475,7 +581,9 @@ impl FastTrainer {
         };
         for (t, tg) in targets.iter().enumerate() {
             let Some(tg) = *tg else { continue };
-            let Ok(ti) = cands.ids[..n_top].binary_search(&tg) else { continue };
+            let Ok(ti) = cands.ids[..n_top].binary_search(&tg) else {
+                continue;
+            };
             if (t + 1) * ff > cap.act.len() {
                 break;
             }
@@ -494,7 +602,10 @@ impl FastTrainer {
             // The sample stands for the rest: shifted so that at the base model its mass is
             // the rest's.
             let (offset, fixed_rest) = match (sampled, rest.is_finite()) {
-                (true, true) => (rest - logsumexp(&cands.sample_base[t * n_s..(t + 1) * n_s]), f32::NEG_INFINITY),
+                (true, true) => (
+                    rest - logsumexp(&cands.sample_base[t * n_s..(t + 1) * n_s]),
+                    f32::NEG_INFINITY,
+                ),
                 (true, false) => (f32::NEG_INFINITY, f32::NEG_INFINITY),
                 (false, _) => (0.0, rest),
             };
@@ -513,22 +624,33 @@ impl FastTrainer {
     /// Row `ri` of `l` up to the final norm's input with `h1 = A·act`: fills `tsum` (the
     /// post-FFN norm's input) and `hv` (the final norm's input), returns `(ρ2, ρ)` (1 for a
     /// missing post-FFN norm).
-    fn hidden(&self, l: &Prepared, ri: usize, h1: &[f32], tsum: &mut [f32], hv: &mut [f32]) -> (f32, f32) {
+    fn hidden(
+        &self,
+        l: &Prepared,
+        ri: usize,
+        h1: &[f32],
+        tsum: &mut [f32],
+        hv: &mut [f32],
+    ) -> (f32, f32) {
         let c = &self.model.config;
         let (d, r, s, eps) = (c.n_embd, self.p.rank, self.p.scale, c.rms_eps);
         let g2 = self.model.layers[self.p.layer].post_ffn_norm.as_deref();
         let resid = &l.resid[ri * d..(ri + 1) * d];
         for j in 0..d {
-            tsum[j] = l.down[ri * d + j] + s * (0..r).map(|k| self.p.b[j * r + k] * h1[k]).sum::<f32>();
+            tsum[j] =
+                l.down[ri * d + j] + s * (0..r).map(|k| self.p.b[j * r + k] * h1[k]).sum::<f32>();
         }
         let rho2 = match g2 {
-            Some(_) => ((tsum.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / d as f64) as f32 + eps).sqrt(),
+            Some(_) => ((tsum.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / d as f64) as f32
+                + eps)
+                .sqrt(),
             None => 1.0,
         };
         for j in 0..d {
             hv[j] = resid[j] + g2.map_or(1.0, |g2| g2[j]) * tsum[j] / rho2;
         }
-        let rho = ((hv.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / d as f64) as f32 + eps).sqrt();
+        let rho =
+            ((hv.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / d as f64) as f32 + eps).sqrt();
         (rho2, rho)
     }
 
@@ -541,9 +663,15 @@ impl FastTrainer {
         let mut out = Vec::with_capacity(l.target.len() * d);
         for ri in 0..l.target.len() {
             let act = &l.act[ri * ff..(ri + 1) * ff];
-            let h1: Vec<f32> = (0..self.p.rank).map(|k| dot(&self.p.a[k * ff..(k + 1) * ff], act)).collect();
+            let h1: Vec<f32> = (0..self.p.rank)
+                .map(|k| dot(&self.p.a[k * ff..(k + 1) * ff], act))
+                .collect();
             let (_, rho) = self.hidden(l, ri, &h1, &mut tsum, &mut hv);
-            out.extend(hv.iter().zip(&self.model.output_norm).map(|(h, g)| g * h / rho));
+            out.extend(
+                hv.iter()
+                    .zip(&self.model.output_norm)
+                    .map(|(h, g)| g * h / rho),
+            );
         }
         out
     }
@@ -559,7 +687,10 @@ impl FastTrainer {
         let (mut xp, mut xq) = (Vec::with_capacity(total * d), Vec::new());
         for l in lessons {
             for ri in 0..l.n_rows() {
-                let (resid, down) = (&l.resid[ri * d..(ri + 1) * d], &l.down[ri * d..(ri + 1) * d]);
+                let (resid, down) = (
+                    &l.resid[ri * d..(ri + 1) * d],
+                    &l.down[ri * d..(ri + 1) * d],
+                );
                 match g2 {
                     None => xp.extend((0..d).map(|j| g[j] * (resid[j] + down[j]))),
                     Some(g2) => {
@@ -584,7 +715,11 @@ impl FastTrainer {
             .map(|l| {
                 let span = seen * nv..(seen + l.n_rows()) * nv;
                 seen += l.n_rows();
-                FullFixed { rows: l.n_rows(), p: p[span.clone()].to_vec(), q: q.as_ref().map(|q| q[span].to_vec()) }
+                FullFixed {
+                    rows: l.n_rows(),
+                    p: p[span.clone()].to_vec(),
+                    q: q.as_ref().map(|q| q[span].to_vec()),
+                }
             })
             .collect()
     }
@@ -596,7 +731,11 @@ impl FastTrainer {
         let (d, r) = (c.n_embd, self.p.rank);
         let g = &self.model.output_norm;
         let g2 = self.model.layers[self.p.layer].post_ffn_norm.as_deref();
-        let x: Vec<f32> = (0..r).flat_map(|k| (0..d).map(move |j| g[j] * g2.map_or(1.0, |g2| g2[j]) * self.p.b[j * r + k])).collect();
+        let x: Vec<f32> = (0..r)
+            .flat_map(|k| {
+                (0..d).map(move |j| g[j] * g2.map_or(1.0, |g2| g2[j]) * self.p.b[j * r + k])
+            })
+            .collect();
         let mut m = vec![0f32; r * c.n_vocab];
         head_logits(&self.model, pool, &x, &mut m);
         m
@@ -605,11 +744,20 @@ impl FastTrainer {
     /// Row `ri` of `l`: its full-vocabulary logits under the current parameters (`n_vocab`
     /// values into `out`) from its fixed parts and the current [`full_basis`](Self::full_basis),
     /// `O(n_vocab·rank)` instead of an `n_vocab × n_embd` product.
-    pub fn full_logits(&self, l: &Prepared, fixed: &FullFixed, basis: &[f32], ri: usize, out: &mut [f32]) {
+    pub fn full_logits(
+        &self,
+        l: &Prepared,
+        fixed: &FullFixed,
+        basis: &[f32],
+        ri: usize,
+        out: &mut [f32],
+    ) {
         let c = &self.model.config;
         let (d, ff, nv, r, s) = (c.n_embd, c.n_ff, c.n_vocab, self.p.rank, self.p.scale);
         let act = &l.act[ri * ff..(ri + 1) * ff];
-        let h1: Vec<f32> = (0..r).map(|k| dot(&self.p.a[k * ff..(k + 1) * ff], act)).collect();
+        let h1: Vec<f32> = (0..r)
+            .map(|k| dot(&self.p.a[k * ff..(k + 1) * ff], act))
+            .collect();
         let (mut tsum, mut hv) = (vec![0f32; d], vec![0f32; d]);
         let (rho2, rho) = self.hidden(l, ri, &h1, &mut tsum, &mut hv);
         // (P + (Q + s·M·h1)/ρ2)/ρ, accumulated in place.
@@ -623,7 +771,9 @@ impl FastTrainer {
         }
         let p = &fixed.p[ri * nv..(ri + 1) * nv];
         let (inv2, inv) = (1.0 / rho2, 1.0 / rho);
-        out.iter_mut().zip(p).for_each(|(o, p)| *o = (p + *o * inv2) * inv);
+        out.iter_mut()
+            .zip(p)
+            .for_each(|(o, p)| *o = (p + *o * inv2) * inv);
     }
 
     /// The candidate objective (mean over rows) and its gradients with respect to `A` and `B`.
@@ -640,7 +790,9 @@ impl FastTrainer {
         }
         // M = WG·B, [|C| × r]: per rank, B's column against every candidate row (tile kernel).
         let mut m = vec![0f32; n_c * r];
-        let bt: Vec<Vec<f32>> = (0..r).map(|k| (0..d).map(|j| self.p.b[j * r + k]).collect()).collect();
+        let bt: Vec<Vec<f32>> = (0..r)
+            .map(|k| (0..d).map(|j| self.p.b[j * r + k]).collect())
+            .collect();
         let mut col = vec![0f32; n_c];
         for (k, bk) in bt.iter().enumerate() {
             dot_rows(bk, &l.wg, d, &mut col);
@@ -651,18 +803,33 @@ impl FastTrainer {
         let mut dm = vec![0f32; n_c * r];
         let norm = 1.0 / rows as f32;
         let mut total = 0f64;
-        let (mut y, mut z, mut tsum, mut hv, mut dtsum) = (vec![0f32; n_c], vec![0f32; n_c + 1], vec![0f32; d], vec![0f32; d], vec![0f32; d]);
+        let (mut y, mut z, mut tsum, mut hv, mut dtsum) = (
+            vec![0f32; n_c],
+            vec![0f32; n_c + 1],
+            vec![0f32; d],
+            vec![0f32; d],
+            vec![0f32; d],
+        );
         for ri in 0..rows {
             let act = &l.act[ri * ff..(ri + 1) * ff];
-            let h1: Vec<f32> = (0..r).map(|k| dot(&self.p.a[k * ff..(k + 1) * ff], act)).collect();
+            let h1: Vec<f32> = (0..r)
+                .map(|k| dot(&self.p.a[k * ff..(k + 1) * ff], act))
+                .collect();
             let (rho2, rho) = self.hidden(l, ri, &h1, &mut tsum, &mut hv);
-            let (p, q) = (&l.p[ri * n_c..(ri + 1) * n_c], &l.q[ri * n_c..(ri + 1) * n_c]);
+            let (p, q) = (
+                &l.p[ri * n_c..(ri + 1) * n_c],
+                &l.q[ri * n_c..(ri + 1) * n_c],
+            );
             for i in 0..n_c {
                 let u: f32 = s * (0..r).map(|k| m[i * r + k] * h1[k]).sum::<f32>();
                 y[i] = (p[i] + (q[i] + u) / rho2) / rho;
             }
             for i in 0..n_c {
-                z[i] = if i >= l.n_top { y[i] + l.offset[ri] } else { y[i] };
+                z[i] = if i >= l.n_top {
+                    y[i] + l.offset[ri]
+                } else {
+                    y[i]
+                };
             }
             let n_ext = if l.fixed_rest[ri].is_finite() {
                 z[n_c] = l.fixed_rest[ri];
@@ -742,7 +909,11 @@ impl FastTrainer {
     }
 
     /// [`step`](Self::step) plus the EWC++ penalty with weight `lambda`.
-    pub fn step_ewc<P: std::borrow::Borrow<Prepared>>(&mut self, lessons: &[P], lambda: f32) -> f32 {
+    pub fn step_ewc<P: std::borrow::Borrow<Prepared>>(
+        &mut self,
+        lessons: &[P],
+        lambda: f32,
+    ) -> f32 {
         let mut da = vec![0f32; self.p.a.len()];
         let mut db = vec![0f32; self.p.b.len()];
         let n = lessons.len().max(1) as f32;
@@ -755,8 +926,12 @@ impl FastTrainer {
         }
         self.p.add_anchor_grads(&mut da, &mut db);
         if let Some(e) = self.ewc.as_ref().filter(|_| lambda > 0.0) {
-            da.iter_mut().zip(self.p.a.iter().zip(e.fisher_a.iter().zip(&e.star_a))).for_each(|(g, (p, (f, s)))| *g += lambda * f * (p - s));
-            db.iter_mut().zip(self.p.b.iter().zip(e.fisher_b.iter().zip(&e.star_b))).for_each(|(g, (p, (f, s)))| *g += lambda * f * (p - s));
+            da.iter_mut()
+                .zip(self.p.a.iter().zip(e.fisher_a.iter().zip(&e.star_a)))
+                .for_each(|(g, (p, (f, s)))| *g += lambda * f * (p - s));
+            db.iter_mut()
+                .zip(self.p.b.iter().zip(e.fisher_b.iter().zip(&e.star_b)))
+                .for_each(|(g, (p, (f, s)))| *g += lambda * f * (p - s));
         }
         self.p.update(&da, &db);
         self.project_a();
@@ -784,7 +959,10 @@ mod tests {
             .collect();
         let targets = vec![None, Some(0), Some(0), Some(0), Some(0)];
         let scored = target_logprobs(&logits, nv, &targets, 1);
-        assert_eq!(scored.iter().map(|s| s.0).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+        assert_eq!(
+            scored.iter().map(|s| s.0).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4]
+        );
         for ((_, lp), p) in scored.iter().zip(ps) {
             assert!((lp - p.ln() as f32).abs() < 1e-5, "{lp} vs ln {p}");
         }

@@ -12,11 +12,16 @@ pub fn cross_entropy(logits: &[f32], target: usize) -> (f32, Vec<f32>) {
     let mx = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let z: f64 = logits.iter().map(|&l| (l as f64 - mx).exp()).sum();
     let lse = mx + z.ln();
-    let mut d: Vec<f32> = logits.iter().map(|&l| ((l as f64 - lse).exp()) as f32).collect();
+    let mut d: Vec<f32> = logits
+        .iter()
+        .map(|&l| ((l as f64 - lse).exp()) as f32)
+        .collect();
     if let Some(t) = d.get_mut(target) {
         *t -= 1.0;
     }
-    let loss = logits.get(target).map_or(f64::INFINITY, |&l| lse - l as f64);
+    let loss = logits
+        .get(target)
+        .map_or(f64::INFINITY, |&l| lse - l as f64);
     (loss as f32, d)
 }
 
@@ -29,7 +34,11 @@ pub fn unlikelihood(logits: &[f32], target: usize) -> (f32, Vec<f32>) {
     let pt = p.get(target).copied().unwrap_or(0.0).min(1.0 - 1e-6);
     // d/dl_j of −ln(1 − p_t) = p_t (δ_tj − p_j) / (1 − p_t).
     let k = pt / (1.0 - pt);
-    let d = p.iter().enumerate().map(|(j, &pj)| (k * ((j == target) as u8 as f64 - pj)) as f32).collect();
+    let d = p
+        .iter()
+        .enumerate()
+        .map(|(j, &pj)| (k * ((j == target) as u8 as f64 - pj)) as f32)
+        .collect();
     (-(1.0 - pt).ln() as f32, d)
 }
 
@@ -39,14 +48,28 @@ pub fn rms_norm_backward(x: &[f32], w: &[f32], eps: f32, dy: &[f32]) -> Vec<f32>
     let ms = x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / n + eps as f64;
     let r = 1.0 / ms.sqrt();
     // dx_i = r·w_i·dy_i − x_i · r³/n · Σ_j dy_j w_j x_j
-    let dot: f64 = x.iter().zip(w).zip(dy).map(|((&xi, &wi), &gi)| xi as f64 * wi as f64 * gi as f64).sum();
+    let dot: f64 = x
+        .iter()
+        .zip(w)
+        .zip(dy)
+        .map(|((&xi, &wi), &gi)| xi as f64 * wi as f64 * gi as f64)
+        .sum();
     let c = r * r * r / n * dot;
-    x.iter().zip(w).zip(dy).map(|((&xi, &wi), &gi)| (r * wi as f64 * gi as f64 - xi as f64 * c) as f32).collect()
+    x.iter()
+        .zip(w)
+        .zip(dy)
+        .map(|((&xi, &wi), &gi)| (r * wi as f64 * gi as f64 - xi as f64 * c) as f32)
+        .collect()
 }
 
 /// `y = W·x` with a frozen `W` (`out × in`, rows given by `row(o, buf)`, e.g. dequantized
 /// from GGUF): d loss / d x = Wᵀ·dy.
-pub fn linear_backward_input(out: usize, inp: usize, mut row: impl FnMut(usize, &mut [f32]), dy: &[f32]) -> Vec<f32> {
+pub fn linear_backward_input(
+    out: usize,
+    inp: usize,
+    mut row: impl FnMut(usize, &mut [f32]),
+    dy: &[f32],
+) -> Vec<f32> {
     let mut dx = vec![0f64; inp];
     let mut buf = vec![0f32; inp];
     for (o, &g) in dy.iter().enumerate().take(out) {
@@ -54,7 +77,9 @@ pub fn linear_backward_input(out: usize, inp: usize, mut row: impl FnMut(usize, 
             continue;
         }
         row(o, &mut buf);
-        dx.iter_mut().zip(&buf).for_each(|(d, &w)| *d += g as f64 * w as f64);
+        dx.iter_mut()
+            .zip(&buf)
+            .for_each(|(d, &w)| *d += g as f64 * w as f64);
     }
     dx.into_iter().map(|v| v as f32).collect()
 }
@@ -71,9 +96,24 @@ pub struct LoraGrads {
 }
 
 /// Backward of `y = scale · B·(A·x)` (`A: r × in`, `B: out × r`).
-pub fn lora_backward(a: &[f32], b: &[f32], rank: usize, scale: f32, x: &[f32], dy: &[f32]) -> LoraGrads {
+pub fn lora_backward(
+    a: &[f32],
+    b: &[f32],
+    rank: usize,
+    scale: f32,
+    x: &[f32],
+    dy: &[f32],
+) -> LoraGrads {
     let (inp, out) = (x.len(), dy.len());
-    let h: Vec<f64> = (0..rank).map(|k| a[k * inp..(k + 1) * inp].iter().zip(x).map(|(&w, &v)| w as f64 * v as f64).sum()).collect();
+    let h: Vec<f64> = (0..rank)
+        .map(|k| {
+            a[k * inp..(k + 1) * inp]
+                .iter()
+                .zip(x)
+                .map(|(&w, &v)| w as f64 * v as f64)
+                .sum()
+        })
+        .collect();
     // dB = scale · dy ⊗ h; dh = scale · Bᵀ·dy; dA = dh ⊗ x; dx = Aᵀ·dh.
     let mut db = vec![0f32; out * rank];
     let mut dh = vec![0f64; rank];
@@ -92,7 +132,11 @@ pub fn lora_backward(a: &[f32], b: &[f32], rank: usize, scale: f32, x: &[f32], d
             dx[i] += dh[k] * a[k * inp + i] as f64;
         }
     }
-    LoraGrads { da, db, dx: dx.into_iter().map(|v| v as f32).collect() }
+    LoraGrads {
+        da,
+        db,
+        dx: dx.into_iter().map(|v| v as f32).collect(),
+    }
 }
 
 fn sigmoid(x: f64) -> f64 {
@@ -137,7 +181,11 @@ pub fn rope_backward(dy: &[f32], cs: &[(f32, f32)], neox: bool) -> Vec<f32> {
     let mut dx = dy.to_vec();
     let half = cs.len();
     for (i, &(c, s)) in cs.iter().enumerate() {
-        let (a, b) = if neox { (i, i + half) } else { (2 * i, 2 * i + 1) };
+        let (a, b) = if neox {
+            (i, i + half)
+        } else {
+            (2 * i, 2 * i + 1)
+        };
         let (ga, gb) = (dy[a], dy[b]);
         // forward: ya = xa·c − xb·s; yb = xa·s + xb·c
         dx[a] = ga * c + gb * s;
@@ -159,17 +207,44 @@ pub struct AttentionGrads {
 
 /// Backward of `out = Σ_p softmax(scale · q·k_p)_p · v_p` for one query over keys and values
 /// `n × hd`.
-pub fn attention_backward(q: &[f32], keys: &[f32], values: &[f32], scale: f32, dout: &[f32]) -> AttentionGrads {
+pub fn attention_backward(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    scale: f32,
+    dout: &[f32],
+) -> AttentionGrads {
     let hd = q.len();
     let n = keys.len() / hd;
-    let s: Vec<f64> = (0..n).map(|p| scale as f64 * keys[p * hd..(p + 1) * hd].iter().zip(q).map(|(&k, &x)| k as f64 * x as f64).sum::<f64>()).collect();
+    let s: Vec<f64> = (0..n)
+        .map(|p| {
+            scale as f64
+                * keys[p * hd..(p + 1) * hd]
+                    .iter()
+                    .zip(q)
+                    .map(|(&k, &x)| k as f64 * x as f64)
+                    .sum::<f64>()
+        })
+        .collect();
     let mx = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     let z: f64 = s.iter().map(|v| (v - mx).exp()).sum();
     let p: Vec<f64> = s.iter().map(|v| (v - mx).exp() / z).collect();
     // dv_p = p_p · dout; dp_p = dout·v_p; ds_p = p_p (dp_p − Σ_j p_j dp_j).
-    let dp: Vec<f64> = (0..n).map(|j| values[j * hd..(j + 1) * hd].iter().zip(dout).map(|(&v, &g)| v as f64 * g as f64).sum()).collect();
+    let dp: Vec<f64> = (0..n)
+        .map(|j| {
+            values[j * hd..(j + 1) * hd]
+                .iter()
+                .zip(dout)
+                .map(|(&v, &g)| v as f64 * g as f64)
+                .sum()
+        })
+        .collect();
     let mean: f64 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
-    let ds: Vec<f64> = p.iter().zip(&dp).map(|(pj, dpj)| pj * (dpj - mean)).collect();
+    let ds: Vec<f64> = p
+        .iter()
+        .zip(&dp)
+        .map(|(pj, dpj)| pj * (dpj - mean))
+        .collect();
     let mut dq = vec![0f64; hd];
     let mut dk = vec![0f32; n * hd];
     let mut dv = vec![0f32; n * hd];
@@ -180,7 +255,11 @@ pub fn attention_backward(q: &[f32], keys: &[f32], values: &[f32], scale: f32, d
             dv[j * hd + d] = (p[j] * dout[d] as f64) as f32;
         }
     }
-    AttentionGrads { dq: dq.into_iter().map(|v| v as f32).collect(), dk, dv }
+    AttentionGrads {
+        dq: dq.into_iter().map(|v| v as f32).collect(),
+        dk,
+        dv,
+    }
 }
 
 #[cfg(test)]
@@ -210,7 +289,10 @@ mod tests {
         assert_eq!(got.len(), want.len(), "{what}: length");
         let scale = want.iter().fold(1e-3f64, |m, v| m.max(v.abs()));
         for (i, (g, w)) in got.iter().zip(want).enumerate() {
-            assert!((*g as f64 - w).abs() <= 1e-3 * scale + 1e-5, "{what}[{i}]: analytic {g} vs finite difference {w}");
+            assert!(
+                (*g as f64 - w).abs() <= 1e-3 * scale + 1e-5,
+                "{what}[{i}]: analytic {g} vs finite difference {w}"
+            );
         }
     }
 
@@ -231,7 +313,11 @@ mod tests {
         assert!((loss as f64 - (lse(&ld) - ld[4])).abs() < 1e-5);
         close("cross_entropy", &d, &fd(&l, |x| lse(x) - x[4]));
         let (_, d) = unlikelihood(&l, 2);
-        close("unlikelihood", &d, &fd(&l, |x| -(1.0 - (x[2] - lse(x)).exp()).ln()));
+        close(
+            "unlikelihood",
+            &d,
+            &fd(&l, |x| -(1.0 - (x[2] - lse(x)).exp()).ln()),
+        );
     }
 
     #[test]
@@ -240,7 +326,11 @@ mod tests {
         let eps = 1e-5;
         let f = |x: &[f64]| {
             let ms = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64 + eps as f64;
-            let y: Vec<f64> = x.iter().zip(&w).map(|(v, &wi)| v / ms.sqrt() * wi as f64).collect();
+            let y: Vec<f64> = x
+                .iter()
+                .zip(&w)
+                .map(|(v, &wi)| v / ms.sqrt() * wi as f64)
+                .collect();
             dot(&y, &r)
         };
         close("rms_norm", &rms_norm_backward(&x, &w, eps, &r), &fd(&x, f));
@@ -249,18 +339,33 @@ mod tests {
     #[test]
     fn linear_and_lora_gradients() {
         let (out, inp, rank) = (6, 9, 3);
-        let (w, x, r) = (vals(out * inp, 5, 1.0), vals(inp, 6, 1.0), vals(out, 7, 1.0));
+        let (w, x, r) = (
+            vals(out * inp, 5, 1.0),
+            vals(inp, 6, 1.0),
+            vals(out, 7, 1.0),
+        );
         let fx = |x: &[f64]| {
-            let y: Vec<f64> = (0..out).map(|o| (0..inp).map(|i| w[o * inp + i] as f64 * x[i]).sum()).collect();
+            let y: Vec<f64> = (0..out)
+                .map(|o| (0..inp).map(|i| w[o * inp + i] as f64 * x[i]).sum())
+                .collect();
             dot(&y, &r)
         };
-        let dx = linear_backward_input(out, inp, |o, buf| buf.copy_from_slice(&w[o * inp..(o + 1) * inp]), &r);
+        let dx = linear_backward_input(
+            out,
+            inp,
+            |o, buf| buf.copy_from_slice(&w[o * inp..(o + 1) * inp]),
+            &r,
+        );
         close("linear dx", &dx, &fd(&x, fx));
 
         let (a, b, scale) = (vals(rank * inp, 8, 0.5), vals(out * rank, 9, 0.5), 2.0f32);
         let y = |a: &[f64], b: &[f64], x: &[f64]| -> f64 {
-            let h: Vec<f64> = (0..rank).map(|k| (0..inp).map(|i| a[k * inp + i] * x[i]).sum()).collect();
-            let y: Vec<f64> = (0..out).map(|o| scale as f64 * (0..rank).map(|k| b[o * rank + k] * h[k]).sum::<f64>()).collect();
+            let h: Vec<f64> = (0..rank)
+                .map(|k| (0..inp).map(|i| a[k * inp + i] * x[i]).sum())
+                .collect();
+            let y: Vec<f64> = (0..out)
+                .map(|o| scale as f64 * (0..rank).map(|k| b[o * rank + k] * h[k]).sum::<f64>())
+                .collect();
             dot(&y, &r)
         };
         let to64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
@@ -274,22 +379,74 @@ mod tests {
     fn gated_activation_gradients() {
         let (g, u, r) = (vals(12, 10, 4.0), vals(12, 11, 2.0), vals(12, 12, 1.0));
         let silu = |x: f64| x / (1.0 + (-x).exp());
-        let gelu = |x: f64| 0.5 * x * (1.0 + (0.797_884_560_802_865_4 * x * (1.0 + 0.044715 * x * x)).tanh());
+        let gelu = |x: f64| {
+            0.5 * x * (1.0 + (0.797_884_560_802_865_4 * x * (1.0 + 0.044715 * x * x)).tanh())
+        };
         let u64: Vec<f64> = u.iter().map(|&v| v as f64).collect();
         let g64: Vec<f64> = g.iter().map(|&v| v as f64).collect();
         let (dg, du) = swiglu_backward(&g, &u, &r);
-        close("swiglu dg", &dg, &fd(&g, |gv| dot(&gv.iter().zip(&u64).map(|(a, b)| silu(*a) * b).collect::<Vec<_>>(), &r)));
-        close("swiglu du", &du, &fd(&u, |uv| dot(&g64.iter().zip(uv).map(|(a, b)| silu(*a) * b).collect::<Vec<_>>(), &r)));
+        close(
+            "swiglu dg",
+            &dg,
+            &fd(&g, |gv| {
+                dot(
+                    &gv.iter()
+                        .zip(&u64)
+                        .map(|(a, b)| silu(*a) * b)
+                        .collect::<Vec<_>>(),
+                    &r,
+                )
+            }),
+        );
+        close(
+            "swiglu du",
+            &du,
+            &fd(&u, |uv| {
+                dot(
+                    &g64.iter()
+                        .zip(uv)
+                        .map(|(a, b)| silu(*a) * b)
+                        .collect::<Vec<_>>(),
+                    &r,
+                )
+            }),
+        );
         let (dg, du) = geglu_backward(&g, &u, &r);
-        close("geglu dg", &dg, &fd(&g, |gv| dot(&gv.iter().zip(&u64).map(|(a, b)| gelu(*a) * b).collect::<Vec<_>>(), &r)));
-        close("geglu du", &du, &fd(&u, |uv| dot(&g64.iter().zip(uv).map(|(a, b)| gelu(*a) * b).collect::<Vec<_>>(), &r)));
+        close(
+            "geglu dg",
+            &dg,
+            &fd(&g, |gv| {
+                dot(
+                    &gv.iter()
+                        .zip(&u64)
+                        .map(|(a, b)| gelu(*a) * b)
+                        .collect::<Vec<_>>(),
+                    &r,
+                )
+            }),
+        );
+        close(
+            "geglu du",
+            &du,
+            &fd(&u, |uv| {
+                dot(
+                    &g64.iter()
+                        .zip(uv)
+                        .map(|(a, b)| gelu(*a) * b)
+                        .collect::<Vec<_>>(),
+                    &r,
+                )
+            }),
+        );
     }
 
     #[test]
     fn rope_gradient_for_both_layouts() {
         let x = vals(8, 13, 1.0);
         let r = vals(8, 14, 1.0);
-        let cs: Vec<(f32, f32)> = (0..4).map(|i| ((0.3 * i as f32 + 0.2).cos(), (0.3 * i as f32 + 0.2).sin())).collect();
+        let cs: Vec<(f32, f32)> = (0..4)
+            .map(|i| ((0.3 * i as f32 + 0.2).cos(), (0.3 * i as f32 + 0.2).sin()))
+            .collect();
         for neox in [false, true] {
             let f = |x: &[f64]| {
                 let mut y = x.to_vec();
@@ -300,26 +457,51 @@ mod tests {
                 }
                 dot(&y, &r)
             };
-            close(if neox { "rope neox" } else { "rope normal" }, &rope_backward(&r, &cs, neox), &fd(&x, f));
+            close(
+                if neox { "rope neox" } else { "rope normal" },
+                &rope_backward(&r, &cs, neox),
+                &fd(&x, f),
+            );
         }
     }
 
     #[test]
     fn attention_gradients() {
         let (hd, n) = (8, 5);
-        let (q, k, v, r) = (vals(hd, 15, 1.0), vals(n * hd, 16, 1.0), vals(n * hd, 17, 1.0), vals(hd, 18, 1.0));
+        let (q, k, v, r) = (
+            vals(hd, 15, 1.0),
+            vals(n * hd, 16, 1.0),
+            vals(n * hd, 17, 1.0),
+            vals(hd, 18, 1.0),
+        );
         let scale = 1.0 / (hd as f32).sqrt();
         let f = |q: &[f64], k: &[f64], v: &[f64]| {
-            let s: Vec<f64> = (0..n).map(|p| scale as f64 * (0..hd).map(|d| q[d] * k[p * hd + d]).sum::<f64>()).collect();
+            let s: Vec<f64> = (0..n)
+                .map(|p| scale as f64 * (0..hd).map(|d| q[d] * k[p * hd + d]).sum::<f64>())
+                .collect();
             let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
-            let out: Vec<f64> = (0..hd).map(|d| (0..n).map(|p| (s[p] - m).exp() / z * v[p * hd + d]).sum()).collect();
+            let out: Vec<f64> = (0..hd)
+                .map(|d| (0..n).map(|p| (s[p] - m).exp() / z * v[p * hd + d]).sum())
+                .collect();
             dot(&out, &r)
         };
         let to64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
         let g = attention_backward(&q, &k, &v, scale, &r);
-        close("attention dq", &g.dq, &fd(&q, |x| f(x, &to64(&k), &to64(&v))));
-        close("attention dk", &g.dk, &fd(&k, |x| f(&to64(&q), x, &to64(&v))));
-        close("attention dv", &g.dv, &fd(&v, |x| f(&to64(&q), &to64(&k), x)));
+        close(
+            "attention dq",
+            &g.dq,
+            &fd(&q, |x| f(x, &to64(&k), &to64(&v))),
+        );
+        close(
+            "attention dk",
+            &g.dk,
+            &fd(&k, |x| f(&to64(&q), x, &to64(&v))),
+        );
+        close(
+            "attention dv",
+            &g.dv,
+            &fd(&v, |x| f(&to64(&q), &to64(&k), x)),
+        );
     }
 }

@@ -53,7 +53,15 @@ impl Hnsw {
     /// (16 is typical) and a construction beam of `ef_construction` (100–200); `seed` fixes the
     /// levels drawn.
     pub fn new(dim: usize, m: usize, ef_construction: usize, seed: u64) -> Hnsw {
-        Hnsw { dim, m: m.max(2), ef_construction: ef_construction.max(1), links: Vec::new(), entry: None, top: 0, rng: seed | 1 }
+        Hnsw {
+            dim,
+            m: m.max(2),
+            ef_construction: ef_construction.max(1),
+            links: Vec::new(),
+            entry: None,
+            top: 0,
+            rng: seed | 1,
+        }
     }
 
     /// Nodes indexed.
@@ -88,7 +96,10 @@ impl Hnsw {
     /// If `vectors` has no row `len()`.
     pub fn insert(&mut self, vectors: &[f32]) {
         let id = self.links.len() as u32;
-        assert!((id as usize + 1) * self.dim <= vectors.len(), "hnsw: row {id} is not in the matrix");
+        assert!(
+            (id as usize + 1) * self.dim <= vectors.len(),
+            "hnsw: row {id} is not in the matrix"
+        );
         let level = self.random_level();
         self.links.push(vec![Vec::new(); level + 1]);
         let Some(mut ep) = self.entry else {
@@ -112,8 +123,15 @@ impl Hnsw {
                 if self.links[n][l].len() > max {
                     // Too many links: keep the heuristic's choice among them.
                     let nv = self.vec(vectors, s.1);
-                    let cands: Vec<Sim> = self.links[n][l].iter().map(|&c| self.sim(vectors, nv, c)).collect();
-                    self.links[n][l] = self.select(vectors, &cands, max).iter().map(|s| s.1).collect();
+                    let cands: Vec<Sim> = self.links[n][l]
+                        .iter()
+                        .map(|&c| self.sim(vectors, nv, c))
+                        .collect();
+                    self.links[n][l] = self
+                        .select(vectors, &cands, max)
+                        .iter()
+                        .map(|s| s.1)
+                        .collect();
                 }
             }
             eps = found.iter().map(|s| s.1).collect();
@@ -136,7 +154,10 @@ impl Hnsw {
                 break;
             }
             let cv = self.vec(vectors, c.1);
-            if kept.iter().all(|k| dot_f32(cv, self.vec(vectors, k.1)) < c.0) {
+            if kept
+                .iter()
+                .all(|k| dot_f32(cv, self.vec(vectors, k.1)) < c.0)
+            {
                 kept.push(c);
             } else {
                 rest.push(c);
@@ -156,7 +177,10 @@ impl Hnsw {
         let mut best = self.sim(vectors, q, ep);
         loop {
             let mut moved = false;
-            for &n in self.links[ep as usize].get(l).map_or(&[][..], |v| v.as_slice()) {
+            for &n in self.links[ep as usize]
+                .get(l)
+                .map_or(&[][..], |v| v.as_slice())
+            {
                 let s = self.sim(vectors, q, n);
                 if s > best {
                     best = s;
@@ -171,7 +195,14 @@ impl Hnsw {
     }
 
     /// Best-first search on level `l` with a beam of `ef`; the found nodes, any order.
-    fn search_layer(&self, vectors: &[f32], q: &[f32], eps: &[u32], ef: usize, l: usize) -> Vec<Sim> {
+    fn search_layer(
+        &self,
+        vectors: &[f32],
+        q: &[f32],
+        eps: &[u32],
+        ef: usize,
+        l: usize,
+    ) -> Vec<Sim> {
         let mut visited: HashSet<u32> = eps.iter().copied().collect();
         let mut cands: BinaryHeap<Sim> = BinaryHeap::new();
         let mut found: BinaryHeap<Reverse<Sim>> = BinaryHeap::new();
@@ -187,7 +218,10 @@ impl Hnsw {
             if found.len() >= ef && found.peek().is_some_and(|w| c < w.0) {
                 break;
             }
-            for &n in self.links[c.1 as usize].get(l).map_or(&[][..], |v| v.as_slice()) {
+            for &n in self.links[c.1 as usize]
+                .get(l)
+                .map_or(&[][..], |v| v.as_slice())
+            {
                 if !visited.insert(n) {
                     continue;
                 }
@@ -207,7 +241,9 @@ impl Hnsw {
     /// The `k` nodes most similar to the unit vector `q` that a beam of `ef` (≥ k) finds, best
     /// first, as (id, similarity). Approximate: see the recall test and the bench.
     pub fn search(&self, vectors: &[f32], q: &[f32], k: usize, ef: usize) -> Vec<(usize, f32)> {
-        let Some(mut ep) = self.entry else { return Vec::new() };
+        let Some(mut ep) = self.entry else {
+            return Vec::new();
+        };
         if q.len() != self.dim || k == 0 {
             return Vec::new();
         }
@@ -234,14 +270,22 @@ mod tests {
         let mut out = Vec::with_capacity(n * dim);
         for i in 0..n {
             let c = &centres[(i % clusters) * dim..(i % clusters + 1) * dim];
-            let v: Vec<f32> = c.iter().zip(&noise[i * dim..(i + 1) * dim]).map(|(a, b)| a + b).collect();
+            let v: Vec<f32> = c
+                .iter()
+                .zip(&noise[i * dim..(i + 1) * dim])
+                .map(|(a, b)| a + b)
+                .collect();
             out.extend(normalized(&v).unwrap_or(v));
         }
         out
     }
 
     fn exact(vectors: &[f32], dim: usize, q: &[f32], k: usize) -> Vec<usize> {
-        let mut s: Vec<(usize, f32)> = vectors.chunks_exact(dim).map(|v| dot_f32(q, v)).enumerate().collect();
+        let mut s: Vec<(usize, f32)> = vectors
+            .chunks_exact(dim)
+            .map(|v| dot_f32(q, v))
+            .enumerate()
+            .collect();
         s.sort_by(|a, b| b.1.total_cmp(&a.1));
         s.into_iter().take(k).map(|x| x.0).collect()
     }
@@ -253,10 +297,15 @@ mod tests {
         let dim = 64;
         // Uniform random directions are the hard case (all neighbours nearly equally far): a
         // wider beam.
-        for (name, ef, vectors) in [("clustered", 64, clustered(3000, dim, 40, 5, 6)), ("uniform", 160, {
-            let v = crate::uniform(3000 * dim, 9, 1.0);
-            v.chunks_exact(dim).flat_map(|r| normalized(r).unwrap_or_default()).collect::<Vec<f32>>()
-        })] {
+        for (name, ef, vectors) in [
+            ("clustered", 64, clustered(3000, dim, 40, 5, 6)),
+            ("uniform", 160, {
+                let v = crate::uniform(3000 * dim, 9, 1.0);
+                v.chunks_exact(dim)
+                    .flat_map(|r| normalized(r).unwrap_or_default())
+                    .collect::<Vec<f32>>()
+            }),
+        ] {
             let mut h = Hnsw::new(dim, 16, 100, 42);
             for _ in 0..vectors.len() / dim {
                 h.insert(&vectors);
@@ -272,7 +321,11 @@ mod tests {
             let mut hits = 0;
             for q in queries.chunks_exact(dim) {
                 let want = exact(&vectors, dim, q, 10);
-                let got: Vec<usize> = h.search(&vectors, q, 10, ef).into_iter().map(|x| x.0).collect();
+                let got: Vec<usize> = h
+                    .search(&vectors, q, 10, ef)
+                    .into_iter()
+                    .map(|x| x.0)
+                    .collect();
                 hits += got.iter().filter(|g| want.contains(g)).count();
             }
             let recall = hits as f64 / 1000.0;
@@ -284,6 +337,8 @@ mod tests {
             }
             assert_eq!(h.links, h2.links);
         }
-        assert!(Hnsw::new(4, 16, 100, 1).search(&[], &[1.0, 0.0, 0.0, 0.0], 3, 10).is_empty());
+        assert!(Hnsw::new(4, 16, 100, 1)
+            .search(&[], &[1.0, 0.0, 0.0, 0.0], 3, 10)
+            .is_empty());
     }
 }

@@ -26,11 +26,14 @@
 //! reach the disk. The newest [`KEEP_VERSIONS`] versions and consolidated snapshots are kept.
 //! Not persisted: Adam moments (a restored scope's optimizers restart).
 
-use crate::fast::{mask_targets, target_logprobs, telling_rows, Candidates, Ewc, FastTrainer, FullFixed, Objective, Prepared, SAMPLE, TOP_K};
+use crate::fast::{
+    mask_targets, target_logprobs, telling_rows, Candidates, Ewc, FastTrainer, FullFixed,
+    Objective, Prepared, SAMPLE, TOP_K,
+};
 use crate::merge::merge;
 use crate::train::{answer_targets, capture, tokens_hash, CaptureSource, Head, OptimizerState};
-use ruvllm_kernels::pool::ThreadPool;
 use ruvllm_kernels::ops::logit_stats;
+use ruvllm_kernels::pool::ThreadPool;
 use ruvllm_model::{head_logits, Capture, LoraAdapter, LoraPair, Model, Proj};
 use serde_json::{json, Value};
 use std::collections::{HashMap, VecDeque};
@@ -114,7 +117,22 @@ pub struct LearnConfig {
 
 impl Default for LearnConfig {
     fn default() -> Self {
-        LearnConfig { steps: 30, lr: 2e-2, background_lr: 5e-3, replay: 3, rated_rows: 8, anchor_weight: 1.0, blind_dirs: 0, micro_rank: 2, base_rank: 8, background_every: 4, background_steps: 30, ewc_lambda: 1.0, ewc_gamma: 0.9, threads: 1 }
+        LearnConfig {
+            steps: 30,
+            lr: 2e-2,
+            background_lr: 5e-3,
+            replay: 3,
+            rated_rows: 8,
+            anchor_weight: 1.0,
+            blind_dirs: 0,
+            micro_rank: 2,
+            base_rank: 8,
+            background_every: 4,
+            background_steps: 30,
+            ewc_lambda: 1.0,
+            ewc_gamma: 0.9,
+            threads: 1,
+        }
     }
 }
 
@@ -187,10 +205,14 @@ pub enum LearnError {
 impl std::fmt::Display for LearnError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            LearnError::HeadUnavailable => write!(f, "the model's LM head cannot be dequantized for training"),
+            LearnError::HeadUnavailable => {
+                write!(f, "the model's LM head cannot be dequantized for training")
+            }
             LearnError::BadRating => write!(f, "a rating must be a number in [-1, 1]"),
             LearnError::EmptyPrompt => write!(f, "the prompt is empty"),
-            LearnError::TooLong => write!(f, "the prompt and answer do not fit the model's context"),
+            LearnError::TooLong => {
+                write!(f, "the prompt and answer do not fit the model's context")
+            }
             LearnError::UnknownScope => write!(f, "no learned state for this scope"),
         }
     }
@@ -279,24 +301,41 @@ struct Check {
 
 /// Judges lesson `l` (prepared as `p`) from its rows' full-vocabulary logits, which
 /// `row_logits(ri, out)` writes row by row (`n_vocab` values).
-fn judge(l: &Lesson, p: &Prepared, nv: usize, mut row_logits: impl FnMut(usize, &mut [f32])) -> Check {
+fn judge(
+    l: &Lesson,
+    p: &Prepared,
+    nv: usize,
+    mut row_logits: impl FnMut(usize, &mut [f32]),
+) -> Check {
     let top = &l.cands.ids[..l.cands.n_top];
     let (mut loss, mut extra, mut follows) = (0f64, Vec::new(), true);
     let mut lg = vec![0f32; nv];
     for (ri, &row) in p.rows().iter().enumerate() {
-        let Some(target) = l.targets.get(row).copied().flatten() else { continue };
+        let Some(target) = l.targets.get(row).copied().flatten() else {
+            continue;
+        };
         row_logits(ri, &mut lg);
         let stats = logit_stats(&lg);
         let nll = stats.lse - lg[target as usize] as f64;
-        loss += if l.negative { -(1.0 - (-nll).exp()).max(1e-6).ln() } else { nll };
+        loss += if l.negative {
+            -(1.0 - (-nll).exp()).max(1e-6).ln()
+        } else {
+            nll
+        };
         // p(v) ≥ CHECK_P ⇔ logit(v) ≥ ln Z + ln CHECK_P.
         let bar = (stats.lse + CHECK_P.ln()) as f32;
-        extra.extend((0..nv as u32).filter(|&v| lg[v as usize] >= bar && top.binary_search(&v).is_err()));
+        extra.extend(
+            (0..nv as u32).filter(|&v| lg[v as usize] >= bar && top.binary_search(&v).is_err()),
+        );
         follows &= (stats.argmax == target as usize) != l.negative;
     }
     extra.sort_unstable();
     extra.dedup();
-    Check { loss: (loss / p.n_rows().max(1) as f64) as f32, extra, follows }
+    Check {
+        loss: (loss / p.n_rows().max(1) as f64) as f32,
+        extra,
+        follows,
+    }
 }
 
 /// A scope's key and its shared state.
@@ -346,7 +385,10 @@ pub struct Learner {
 /// A stable, non-reversible key for a scope name: the first 128 bits of SHA-256, in hex.
 pub fn scope_key(scope: &str) -> String {
     use sha2::{Digest, Sha256};
-    Sha256::digest(scope.as_bytes())[..16].iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(scope.as_bytes())[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Whether `key` looks like a [`scope_key`].
@@ -374,7 +416,10 @@ fn state_json(version: u64, kind: &str, sc: &Scope) -> Value {
 }
 
 fn u32_list(v: &Value) -> Option<Vec<u32>> {
-    v.as_array()?.iter().map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok())).collect()
+    v.as_array()?
+        .iter()
+        .map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok()))
+        .collect()
 }
 
 /// Parses a `state.json` (`top` and `since_background` are optional: older snapshots lack them).
@@ -397,27 +442,57 @@ fn parse_state(v: &Value) -> Option<State> {
             None | Some(Value::Null) => None,
             Some(t) => Some(u32_list(t)?.into_iter().map(|x| x as usize).collect()),
         };
-        lessons.push(StoredLesson { tokens, prompt_len, negative: l.get("negative")?.as_bool()?, taught, top });
+        lessons.push(StoredLesson {
+            tokens,
+            prompt_len,
+            negative: l.get("negative")?.as_bool()?,
+            taught,
+            top,
+        });
     }
     let since_background = match v.get("since_background") {
         None => 0,
         Some(n) => usize::try_from(n.as_u64()?).ok()?,
     };
-    Some(State { version, kind, base_rank, lessons, since_background })
+    Some(State {
+        version,
+        kind,
+        base_rank,
+        lessons,
+        since_background,
+    })
 }
 
 /// Named 1-D F32 tensors (and string metadata) as one safetensors file.
-fn f32_safetensors(tensors: &[(String, &[f32])], meta: Option<HashMap<String, String>>) -> Option<Vec<u8>> {
+fn f32_safetensors(
+    tensors: &[(String, &[f32])],
+    meta: Option<HashMap<String, String>>,
+) -> Option<Vec<u8>> {
     use safetensors::tensor::TensorView;
-    let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, v)| v.iter().flat_map(|f| f.to_le_bytes()).collect()).collect();
-    let views: Vec<(String, TensorView<'_>)> = tensors.iter().zip(&bytes).map(|((n, _), d)| TensorView::new(safetensors::Dtype::F32, vec![d.len() / 4], d).map(|v| (n.clone(), v))).collect::<Result<_, _>>().ok()?;
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, v)| v.iter().flat_map(|f| f.to_le_bytes()).collect())
+        .collect();
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((n, _), d)| {
+            TensorView::new(safetensors::Dtype::F32, vec![d.len() / 4], d).map(|v| (n.clone(), v))
+        })
+        .collect::<Result<_, _>>()
+        .ok()?;
     safetensors::serialize(views, meta).ok()
 }
 
 /// Tensor `name` of a safetensors file, when it is F32.
 fn f32_tensor(st: &safetensors::SafeTensors<'_>, name: &str) -> Option<Vec<f32>> {
     let t = st.tensor(name).ok()?;
-    (t.dtype() == safetensors::Dtype::F32).then(|| t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+    (t.dtype() == safetensors::Dtype::F32).then(|| {
+        t.data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect()
+    })
 }
 
 /// Both branches' Adam states as one safetensors file (moments as F32 tensors `base.m_a` …,
@@ -425,11 +500,20 @@ fn f32_tensor(st: &safetensors::SafeTensors<'_>, name: &str) -> Option<Vec<f32>>
 fn optim_bytes(base: &OptimizerState, micro: &OptimizerState) -> Option<Vec<u8>> {
     let mut tensors: Vec<(String, &[f32])> = Vec::new();
     for (branch, o) in [("base", base), ("micro", micro)] {
-        for (n, v) in [("m_a", &o.m_a), ("m_b", &o.m_b), ("v_a", &o.v_a), ("v_b", &o.v_b)] {
+        for (n, v) in [
+            ("m_a", &o.m_a),
+            ("m_b", &o.m_b),
+            ("v_a", &o.v_a),
+            ("v_b", &o.v_b),
+        ] {
             tensors.push((format!("{branch}.{n}"), v));
         }
     }
-    let meta: HashMap<String, String> = [("base.t".to_owned(), base.t.to_string()), ("micro.t".to_owned(), micro.t.to_string())].into();
+    let meta: HashMap<String, String> = [
+        ("base.t".to_owned(), base.t.to_string()),
+        ("micro.t".to_owned(), micro.t.to_string()),
+    ]
+    .into();
     f32_safetensors(&tensors, Some(meta))
 }
 
@@ -439,26 +523,55 @@ fn parse_optim(bytes: &[u8]) -> Option<(OptimizerState, OptimizerState)> {
     let st = safetensors::SafeTensors::deserialize(bytes).ok()?;
     let branch = |b: &str| -> Option<OptimizerState> {
         let get = |n: &str| f32_tensor(&st, &format!("{b}.{n}"));
-        Some(OptimizerState { t: meta.get(&format!("{b}.t"))?.parse().ok()?, m_a: get("m_a")?, m_b: get("m_b")?, v_a: get("v_a")?, v_b: get("v_b")? })
+        Some(OptimizerState {
+            t: meta.get(&format!("{b}.t"))?.parse().ok()?,
+            m_a: get("m_a")?,
+            m_b: get("m_b")?,
+            v_a: get("v_a")?,
+            v_b: get("v_b")?,
+        })
     };
     Some((branch("base")?, branch("micro")?))
 }
 
 fn ewc_bytes(e: &Ewc) -> Option<Vec<u8>> {
-    let tensors: Vec<(String, &[f32])> = [("fisher_a", &e.fisher_a), ("fisher_b", &e.fisher_b), ("star_a", &e.star_a), ("star_b", &e.star_b)].into_iter().map(|(n, v)| (n.to_owned(), v.as_slice())).collect();
+    let tensors: Vec<(String, &[f32])> = [
+        ("fisher_a", &e.fisher_a),
+        ("fisher_b", &e.fisher_b),
+        ("star_a", &e.star_a),
+        ("star_b", &e.star_b),
+    ]
+    .into_iter()
+    .map(|(n, v)| (n.to_owned(), v.as_slice()))
+    .collect();
     f32_safetensors(&tensors, None)
 }
 
 fn parse_ewc(bytes: &[u8]) -> Option<Ewc> {
     let st = safetensors::SafeTensors::deserialize(bytes).ok()?;
     let get = |n: &str| f32_tensor(&st, n);
-    Some(Ewc { fisher_a: get("fisher_a")?, fisher_b: get("fisher_b")?, star_a: get("star_a")?, star_b: get("star_b")? })
+    Some(Ewc {
+        fisher_a: get("fisher_a")?,
+        fisher_b: get("fisher_b")?,
+        star_a: get("star_a")?,
+        star_b: get("star_b")?,
+    })
 }
 
 /// The version directories (`v<N>`) of a scope directory, ascending.
 fn versions(scope_dir: &Path) -> Vec<u64> {
     let mut v: Vec<u64> = std::fs::read_dir(scope_dir)
-        .map(|d| d.flatten().filter(|e| e.path().is_dir()).filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_prefix('v')).and_then(|n| n.parse().ok())).collect())
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().is_dir())
+                .filter_map(|e| {
+                    e.file_name()
+                        .to_str()
+                        .and_then(|n| n.strip_prefix('v'))
+                        .and_then(|n| n.parse().ok())
+                })
+                .collect()
+        })
         .unwrap_or_default();
     v.sort_unstable();
     v
@@ -466,7 +579,11 @@ fn versions(scope_dir: &Path) -> Vec<u64> {
 
 /// The version `current` names, if readable.
 fn current_version(scope_dir: &Path) -> Option<u64> {
-    std::fs::read_to_string(scope_dir.join("current")).ok()?.trim().parse().ok()
+    std::fs::read_to_string(scope_dir.join("current"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 fn sync_dir(dir: &Path) {
@@ -486,8 +603,13 @@ struct VersionFiles {
 
 fn read_version(dir: &Path, model: &Model, key: &str) -> Result<VersionFiles, String> {
     let state = std::fs::read(dir.join("state.json")).map_err(|e| format!("state.json: {e}"))?;
-    let state = serde_json::from_slice::<Value>(&state).ok().and_then(|v| parse_state(&v)).ok_or("state.json unreadable")?;
-    let mut adapter = LoraAdapter::load_peft(dir, model, &format!("sona:{key}"), scope_id(key), 1.0).map_err(|e| e.to_string())?;
+    let state = serde_json::from_slice::<Value>(&state)
+        .ok()
+        .and_then(|v| parse_state(&v))
+        .ok_or("state.json unreadable")?;
+    let mut adapter =
+        LoraAdapter::load_peft(dir, model, &format!("sona:{key}"), scope_id(key), 1.0)
+            .map_err(|e| e.to_string())?;
     adapter.version = state.version;
     let ewc = match std::fs::read(dir.join("ewc.safetensors")) {
         Ok(b) => Some(parse_ewc(&b).ok_or("ewc.safetensors unreadable")?),
@@ -497,31 +619,48 @@ fn read_version(dir: &Path, model: &Model, key: &str) -> Result<VersionFiles, St
         Ok(b) => Some(parse_optim(&b).ok_or("optim.safetensors unreadable")?),
         Err(_) => None,
     };
-    Ok(VersionFiles { adapter, state, ewc, optim })
+    Ok(VersionFiles {
+        adapter,
+        state,
+        ewc,
+        optim,
+    })
 }
 
 /// Points every scope under `dir` (or only `scope`'s) back to an earlier version: `to`, or the
 /// newest one before the current. The server must be restarted to serve it (it reads `current`
 /// at start-up); learning then continues with a version number above every existing one.
 /// Returns `(scope key, from, to)` for each scope changed.
-pub fn rollback(dir: &Path, scope: Option<&str>, to: Option<u64>) -> std::io::Result<Vec<(String, u64, u64)>> {
+pub fn rollback(
+    dir: &Path,
+    scope: Option<&str>,
+    to: Option<u64>,
+) -> std::io::Result<Vec<(String, u64, u64)>> {
     let mut out = Vec::new();
     let want = scope.map(scope_key);
     for (key, sd) in scope_dirs(dir)? {
         if want.as_ref().is_some_and(|w| *w != key) {
             continue;
         }
-        let Some(cur) = current_version(&sd) else { continue };
+        let Some(cur) = current_version(&sd) else {
+            continue;
+        };
         let vs = versions(&sd);
         let target = match to {
             Some(t) if vs.contains(&t) => t,
-            Some(t) => return Err(std::io::Error::new(std::io::ErrorKind::NotFound, format!("scope {key} has no version {t} (kept: {vs:?})"))),
+            Some(t) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("scope {key} has no version {t} (kept: {vs:?})"),
+                ))
+            }
             None => match vs.iter().rev().find(|&&v| v < cur) {
                 Some(&v) => v,
                 None => continue,
             },
         };
-        ruvllm_model::write_atomic(&sd.join("current"), format!("{target}\n").as_bytes()).map_err(|e| std::io::Error::other(e.to_string()))?;
+        ruvllm_model::write_atomic(&sd.join("current"), format!("{target}\n").as_bytes())
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
         out.push((key, cur, target));
     }
     Ok(out)
@@ -556,11 +695,24 @@ pub fn list_versions(dir: &Path) -> std::io::Result<Vec<ScopeHistory>> {
         let versions = versions(&sd)
             .into_iter()
             .map(|version| {
-                let st = std::fs::read(sd.join(format!("v{version}")).join("state.json")).ok().and_then(|b| serde_json::from_slice::<Value>(&b).ok()).and_then(|s| parse_state(&s));
-                VersionInfo { version, kind: st.as_ref().map_or("unreadable".to_owned(), |s| s.kind.clone()), lessons: st.map_or(0, |s| s.lessons.len()) }
+                let st = std::fs::read(sd.join(format!("v{version}")).join("state.json"))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                    .and_then(|s| parse_state(&s));
+                VersionInfo {
+                    version,
+                    kind: st
+                        .as_ref()
+                        .map_or("unreadable".to_owned(), |s| s.kind.clone()),
+                    lessons: st.map_or(0, |s| s.lessons.len()),
+                }
             })
             .collect();
-        out.push(ScopeHistory { current: current_version(&sd), key, versions });
+        out.push(ScopeHistory {
+            current: current_version(&sd),
+            key,
+            versions,
+        });
     }
     out.sort_by(|a, b| a.key.cmp(&b.key));
     Ok(out)
@@ -579,7 +731,12 @@ fn combined(base: &FastTrainer, micro: &FastTrainer) -> LoraPair {
         b.extend_from_slice(&bb[j * rb..(j + 1) * rb]);
         b.extend_from_slice(&mb[j * rm..(j + 1) * rm]);
     }
-    LoraPair { rank: rb + rm, a, b, scale: SCALE }
+    LoraPair {
+        rank: rb + rm,
+        a,
+        b,
+        scale: SCALE,
+    }
 }
 
 /// A branch's `(A, B)`.
@@ -595,8 +752,12 @@ fn split(pair: &LoraPair, r0: usize) -> Option<(Factors, Factors)> {
     let d = pair.b.len() / r;
     let a0 = pair.a[..r0 * inp].to_vec();
     let a1 = pair.a[r0 * inp..].to_vec();
-    let b0 = (0..d).flat_map(|j| pair.b[j * r..j * r + r0].iter().copied()).collect();
-    let b1 = (0..d).flat_map(|j| pair.b[j * r + r0..(j + 1) * r].iter().copied()).collect();
+    let b0 = (0..d)
+        .flat_map(|j| pair.b[j * r..j * r + r0].iter().copied())
+        .collect();
+    let b1 = (0..d)
+        .flat_map(|j| pair.b[j * r + r0..(j + 1) * r].iter().copied())
+        .collect();
     Some(((a0, b0), (a1, b1)))
 }
 
@@ -610,7 +771,13 @@ impl Lesson {
     }
 
     fn prepare(&self, t: &FastTrainer, objective: Objective, fixed: &FastTrainer) -> Prepared {
-        t.prepare(&self.cap, &self.targets, &self.cands, objective, Some(fixed.branch()))
+        t.prepare(
+            &self.cap,
+            &self.targets,
+            &self.cands,
+            objective,
+            Some(fixed.branch()),
+        )
     }
 }
 
@@ -619,13 +786,19 @@ struct Running<'a>(&'a Mutex<Scope>);
 
 impl Drop for Running<'_> {
     fn drop(&mut self) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).background_running = false;
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .background_running = false;
     }
 }
 
 /// `sc`'s kept lessons prepared for its base branch, the micro branch held fixed.
 fn base_batch(sc: &Scope) -> Vec<Prepared> {
-    sc.lessons.iter().map(|l| l.prepare(&sc.base, l.objective(), &sc.micro)).collect()
+    sc.lessons
+        .iter()
+        .map(|l| l.prepare(&sc.base, l.objective(), &sc.micro))
+        .collect()
 }
 
 /// The mean of `t`'s objective over `batch`.
@@ -689,20 +862,37 @@ impl Learner {
         let (mut published, mut restored) = (HashMap::new(), HashMap::new());
         for (key, sd) in scope_dirs(dir)? {
             let Ok(files) = std::fs::read_dir(&sd) else {
-                report.warnings.push(format!("scope {key}: directory unreadable; skipped"));
+                report
+                    .warnings
+                    .push(format!("scope {key}: directory unreadable; skipped"));
                 continue;
             };
             for f in files.flatten() {
                 let p = f.path();
                 if p.extension().is_some_and(|e| e == "tmp") {
-                    report.warnings.push(format!("removed {} (a partial write left by a crash)", p.display()));
-                    let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+                    report.warnings.push(format!(
+                        "removed {} (a partial write left by a crash)",
+                        p.display()
+                    ));
+                    let _ = if p.is_dir() {
+                        std::fs::remove_dir_all(&p)
+                    } else {
+                        std::fs::remove_file(&p)
+                    };
                 }
             }
             let vs = versions(&sd);
             let cur = current_version(&sd);
             // The current version first, then older ones, newest first.
-            let order: Vec<u64> = cur.into_iter().chain(vs.iter().rev().copied().filter(|v| cur.is_none_or(|c| *v < c))).collect();
+            let order: Vec<u64> = cur
+                .into_iter()
+                .chain(
+                    vs.iter()
+                        .rev()
+                        .copied()
+                        .filter(|v| cur.is_none_or(|c| *v < c)),
+                )
+                .collect();
             let mut found = None;
             for v in order {
                 match read_version(&sd.join(format!("v{v}")), &model, &key) {
@@ -710,18 +900,38 @@ impl Learner {
                         found = Some(files);
                         break;
                     }
-                    Err(e) => report.warnings.push(format!("scope {key}: version {v} unreadable ({e}); trying an older one")),
+                    Err(e) => report.warnings.push(format!(
+                        "scope {key}: version {v} unreadable ({e}); trying an older one"
+                    )),
                 }
             }
             let Some(files) = found else {
-                report.warnings.push(format!("scope {key}: no readable version; skipped"));
+                report
+                    .warnings
+                    .push(format!("scope {key}: no readable version; skipped"));
                 continue;
             };
-            let Some(pair) = files.adapter.pair(model.config.n_layer - 1, Proj::Down).cloned() else {
-                report.warnings.push(format!("scope {key}: adapter has no last-layer down projection; skipped"));
+            let Some(pair) = files
+                .adapter
+                .pair(model.config.n_layer - 1, Proj::Down)
+                .cloned()
+            else {
+                report.warnings.push(format!(
+                    "scope {key}: adapter has no last-layer down projection; skipped"
+                ));
                 continue;
             };
-            restored.insert(key.clone(), RestoredScope { pair, base_rank: files.state.base_rank, lessons: files.state.lessons, ewc: files.ewc, optim: files.optim, since_background: files.state.since_background });
+            restored.insert(
+                key.clone(),
+                RestoredScope {
+                    pair,
+                    base_rank: files.state.base_rank,
+                    lessons: files.state.lessons,
+                    ewc: files.ewc,
+                    optim: files.optim,
+                    since_background: files.state.since_background,
+                },
+            );
             published.insert(key, Arc::new(files.adapter));
         }
         report.scopes = published.len();
@@ -738,20 +948,40 @@ impl Learner {
     }
 
     fn adapter_for_key(&self, key: &str) -> Option<Arc<LoraAdapter>> {
-        self.published.read().unwrap_or_else(|p| p.into_inner()).get(key).cloned()
+        self.published
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .cloned()
     }
 
     /// Keys of every scope with a published adapter.
     pub fn scope_keys(&self) -> Vec<String> {
-        let mut k: Vec<String> = self.published.read().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect();
+        let mut k: Vec<String> = self
+            .published
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
         k.sort();
         k
     }
 
     /// Keys of the scopes in memory for which `pred` holds (each scope locked in turn).
     fn scopes_where(&self, pred: impl Fn(&Scope) -> bool) -> Vec<String> {
-        let scopes: Vec<ScopeRef> = self.scopes.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        scopes.into_iter().filter(|(_, s)| pred(&s.lock().unwrap_or_else(|p| p.into_inner()))).map(|(k, _)| k).collect()
+        let scopes: Vec<ScopeRef> = self
+            .scopes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        scopes
+            .into_iter()
+            .filter(|(_, s)| pred(&s.lock().unwrap_or_else(|p| p.into_inner())))
+            .map(|(k, _)| k)
+            .collect()
     }
 
     /// Keys of the scopes with feedback since their last background run.
@@ -766,12 +996,21 @@ impl Learner {
     }
 
     fn head(&self) -> Result<Arc<Head>, LearnError> {
-        self.head.get_or_init(|| Head::new(&self.model).map(Arc::new)).clone().ok_or(LearnError::HeadUnavailable)
+        self.head
+            .get_or_init(|| Head::new(&self.model).map(Arc::new))
+            .clone()
+            .ok_or(LearnError::HeadUnavailable)
     }
 
     /// Captures `tokens` (prompt of `prompt_len` + answer) at the last layer, with the base
     /// model's candidates for every answer row it teaches (see [`Teach`]).
-    fn lesson(&self, tokens: Vec<u32>, prompt_len: usize, negative: bool, teach: Teach) -> Option<Lesson> {
+    fn lesson(
+        &self,
+        tokens: Vec<u32>,
+        prompt_len: usize,
+        negative: bool,
+        teach: Teach,
+    ) -> Option<Lesson> {
         let c = &self.model.config;
         let first = prompt_len.saturating_sub(1);
         let mut targets = answer_targets(&tokens, prompt_len);
@@ -783,33 +1022,66 @@ impl Learner {
         let mut taught = match teach {
             Teach::All => None,
             Teach::Rows(r) => Some(r),
-            Teach::Telling(k) => self.source.as_ref().and_then(|s| s.served_logprobs(&tokens, first)).map(|lps| {
-                let scored: Vec<(usize, f32)> = lps.iter().enumerate().map(|(j, &lp)| (first + j, lp)).filter(|&(t, _)| targets.get(t).is_some_and(Option::is_some)).collect();
-                telling_rows(&scored, k, negative)
-            }),
+            Teach::Telling(k) => self
+                .source
+                .as_ref()
+                .and_then(|s| s.served_logprobs(&tokens, first))
+                .map(|lps| {
+                    let scored: Vec<(usize, f32)> = lps
+                        .iter()
+                        .enumerate()
+                        .map(|(j, &lp)| (first + j, lp))
+                        .filter(|&(t, _)| targets.get(t).is_some_and(Option::is_some))
+                        .collect();
+                    telling_rows(&scored, k, negative)
+                }),
         };
         // A source that cannot run the tokens (a full queue, shutting down) leaves it to the
         // learner's own pass.
-        let from_source = self.source.as_ref().and_then(|s| s.capture(c.n_layer - 1, &tokens, first, taught.as_deref()));
+        let from_source = self
+            .source
+            .as_ref()
+            .and_then(|s| s.capture(c.n_layer - 1, &tokens, first, taught.as_deref()));
         let (cap, logits) = match from_source {
             Some(x) => x,
             None => capture(&self.model, &self.pool, c.n_layer - 1, &tokens, Some(first))?,
         };
         if let (Some(k), None) = (telling, &taught) {
-            taught = Some(telling_rows(&target_logprobs(&logits, c.n_vocab, &targets, first), k, negative));
+            taught = Some(telling_rows(
+                &target_logprobs(&logits, c.n_vocab, &targets, first),
+                k,
+                negative,
+            ));
         }
         if let Some(t) = &taught {
             mask_targets(&mut targets, t);
         }
         // The sample's seed comes from the tokens, so a lesson's objective is reproducible.
         let seed = tokens_hash(&tokens);
-        let cands = Candidates::from_logits(&logits, c.n_vocab, &targets, first, TOP_K, SAMPLE, seed);
-        Some(Lesson { cap, cands, targets, negative, tokens, prompt_len, taught })
+        let cands =
+            Candidates::from_logits(&logits, c.n_vocab, &targets, first, TOP_K, SAMPLE, seed);
+        Some(Lesson {
+            cap,
+            cands,
+            targets,
+            negative,
+            tokens,
+            prompt_len,
+            taught,
+        })
     }
 
     /// The anchor text as a lesson (every token predicts the next), computed once.
     fn anchor_lesson(&self) -> Option<Arc<Lesson>> {
-        self.anchor.get_or_init(|| self.anchor_tokens.as_ref().filter(|t| t.len() > 1).and_then(|t| self.lesson(t.clone(), 1, false, Teach::All)).map(Arc::new)).clone()
+        self.anchor
+            .get_or_init(|| {
+                self.anchor_tokens
+                    .as_ref()
+                    .filter(|t| t.len() > 1)
+                    .and_then(|t| self.lesson(t.clone(), 1, false, Teach::All))
+                    .map(Arc::new)
+            })
+            .clone()
     }
 
     /// Points both branches' anchor penalty at the anchor text with the weight for `kept`
@@ -820,11 +1092,18 @@ impl Learner {
         }
         if let Some(a) = self.anchor_lesson() {
             if sc.anchor_acts.is_none() && self.cfg.blind_dirs > 0 {
-                let dirs = Arc::new(crate::merge::principal_directions(&a.cap.act, self.model.config.n_ff, self.cfg.blind_dirs));
+                let dirs = Arc::new(crate::merge::principal_directions(
+                    &a.cap.act,
+                    self.model.config.n_ff,
+                    self.cfg.blind_dirs,
+                ));
                 sc.micro.set_blind(dirs.clone());
                 sc.base.set_blind(dirs);
             }
-            let acts = sc.anchor_acts.get_or_insert_with(|| Arc::new(a.cap.act.clone())).clone();
+            let acts = sc
+                .anchor_acts
+                .get_or_insert_with(|| Arc::new(a.cap.act.clone()))
+                .clone();
             let w = self.cfg.anchor_weight * (kept.min(KEEP) as f32 / KEEP as f32).powi(3);
             sc.micro.set_anchor(acts.clone(), w);
             sc.base.set_anchor(acts, w);
@@ -846,7 +1125,9 @@ impl Learner {
         for (l, p) in items {
             let lgs = &logits[rows_seen * nv..(rows_seen + p.n_rows()) * nv];
             rows_seen += p.n_rows();
-            out.push(judge(l, p, nv, |ri, row| row.copy_from_slice(&lgs[ri * nv..(ri + 1) * nv])));
+            out.push(judge(l, p, nv, |ri, row| {
+                row.copy_from_slice(&lgs[ri * nv..(ri + 1) * nv])
+            }));
         }
         out
     }
@@ -854,10 +1135,19 @@ impl Learner {
     /// The same check from each lesson's adapter-independent logits `fixed` (computed once
     /// per event, [`FastTrainer::full_fixed`]) and one LM-head pass of `t`'s `rank` rows:
     /// the instant loop's rounds cost `O(n_vocab·rank)` per row instead of a head pass each.
-    fn check_low_rank(&self, t: &FastTrainer, items: &[(&Lesson, &Prepared)], fixed: &[FullFixed]) -> Vec<Check> {
+    fn check_low_rank(
+        &self,
+        t: &FastTrainer,
+        items: &[(&Lesson, &Prepared)],
+        fixed: &[FullFixed],
+    ) -> Vec<Check> {
         let nv = self.model.config.n_vocab;
         let basis = t.full_basis(&self.pool);
-        items.iter().zip(fixed).map(|((l, p), f)| judge(l, p, nv, |ri, row| t.full_logits(p, f, &basis, ri, row))).collect()
+        items
+            .iter()
+            .zip(fixed)
+            .map(|((l, p), f)| judge(l, p, nv, |ri, row| t.full_logits(p, f, &basis, ri, row)))
+            .collect()
     }
 
     /// `key`'s scope, built on first use (from what [`open`](Self::open) restored, if
@@ -869,12 +1159,30 @@ impl Learner {
         }
         let head = self.head()?;
         let (sid, last, cfg) = (scope_id(key), self.model.config.n_layer - 1, &self.cfg);
-        let new = |rank: usize, lr: f32, seed: u64| FastTrainer::new(self.model.clone(), head.clone(), last, rank, SCALE * rank as f32, lr, seed).ok_or(LearnError::HeadUnavailable);
+        let new = |rank: usize, lr: f32, seed: u64| {
+            FastTrainer::new(
+                self.model.clone(),
+                head.clone(),
+                last,
+                rank,
+                SCALE * rank as f32,
+                lr,
+                seed,
+            )
+            .ok_or(LearnError::HeadUnavailable)
+        };
         let mut base = new(cfg.base_rank, cfg.background_lr, sid)?;
         let mut micro = new(cfg.micro_rank, cfg.lr, sid ^ 0x5eed_5eed)?;
         let (mut lessons, mut since_background) = (VecDeque::new(), 0);
-        if let Some(r) = self.restored.lock().unwrap_or_else(|p| p.into_inner()).remove(key) {
-            if let Some(((ba, bb), (ma, mb))) = split(&r.pair, r.base_rank).filter(|_| r.base_rank == cfg.base_rank && r.pair.scale == SCALE) {
+        if let Some(r) = self
+            .restored
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key)
+        {
+            if let Some(((ba, bb), (ma, mb))) = split(&r.pair, r.base_rank)
+                .filter(|_| r.base_rank == cfg.base_rank && r.pair.scale == SCALE)
+            {
                 base.set_params(ba, bb);
                 micro.set_params(ma, mb);
                 base.set_ewc(r.ewc);
@@ -894,7 +1202,15 @@ impl Learner {
                 }
             }
         }
-        let s = Arc::new(Mutex::new(Scope { base, micro, lessons, since_background, anchor_acts: None, base_gen: 0, background_running: false }));
+        let s = Arc::new(Mutex::new(Scope {
+            base,
+            micro,
+            lessons,
+            since_background,
+            anchor_acts: None,
+            base_gen: 0,
+            background_running: false,
+        }));
         map.insert(key.to_owned(), s.clone());
         Ok(s)
     }
@@ -902,27 +1218,52 @@ impl Learner {
     /// Learns one feedback event on `answer` to `prompt` for `scope` (the instant loop) and
     /// publishes the new adapter. Blocking (tens of milliseconds plus one forward pass over
     /// prompt + answer on the learner's thread), so callers run it off their serving threads.
-    pub fn learn(&self, scope: &str, prompt: &[u32], answer: &[u32], feedback: &Feedback) -> Result<Outcome, LearnError> {
+    pub fn learn(
+        &self,
+        scope: &str,
+        prompt: &[u32],
+        answer: &[u32],
+        feedback: &Feedback,
+    ) -> Result<Outcome, LearnError> {
         if prompt.is_empty() {
             return Err(LearnError::EmptyPrompt);
         }
-        let rated = if self.cfg.rated_rows > 0 { Teach::Telling(self.cfg.rated_rows) } else { Teach::All };
+        let rated = if self.cfg.rated_rows > 0 {
+            Teach::Telling(self.cfg.rated_rows)
+        } else {
+            Teach::All
+        };
         let (answer, negative, steps, teach) = match feedback {
             Feedback::Correction(a) => (a.as_slice(), false, self.cfg.steps, Teach::All),
-            Feedback::Rating(r) if (-1.0..=1.0).contains(r) => (answer, *r < 0.0, (r.abs() * self.cfg.steps as f64 / 3.0).round() as usize, rated),
+            Feedback::Rating(r) if (-1.0..=1.0).contains(r) => (
+                answer,
+                *r < 0.0,
+                (r.abs() * self.cfg.steps as f64 / 3.0).round() as usize,
+                rated,
+            ),
             Feedback::Rating(_) => return Err(LearnError::BadRating),
         };
         let key = scope_key(scope);
         if answer.is_empty() || steps == 0 {
             let version = self.adapter_for_key(&key).map_or(0, |a| a.version);
-            return Ok(Outcome { updated: false, steps: 0, loss_before: 0.0, loss_after: 0.0, version, persisted: false, background_due: false });
+            return Ok(Outcome {
+                updated: false,
+                steps: 0,
+                loss_before: 0.0,
+                loss_after: 0.0,
+                version,
+                persisted: false,
+                background_due: false,
+            });
         }
         let tokens: Vec<u32> = prompt.iter().chain(answer).copied().collect();
         if tokens.len() > self.model.config.n_ctx_train {
             return Err(LearnError::TooLong);
         }
         let entry = self.scope(&key)?;
-        let new = self.lesson(tokens, prompt.len(), negative, teach).ok_or(LearnError::TooLong)?;
+        let new = self
+            .lesson(tokens, prompt.len(), negative, teach)
+            .ok_or(LearnError::TooLong)?;
         let mut guard = entry.lock().unwrap_or_else(|p| p.into_inner());
         let sc = &mut *guard;
         // The new lesson with the most recent earlier ones, so it does not overwrite them; the
@@ -933,8 +1274,14 @@ impl Learner {
         let mut new = new;
         self.set_anchors(sc, sc.lessons.len() + 1);
         let n_replay = self.cfg.replay.min(sc.lessons.len());
-        let mut replays: Vec<Prepared> = sc.lessons.iter().take(n_replay).map(|l| l.prepare(&sc.micro, l.objective(), &sc.base)).collect();
-        let (mut loss_before, mut loss_after, mut taken, mut prev_total) = (None, 0.0, 0, f32::INFINITY);
+        let mut replays: Vec<Prepared> = sc
+            .lessons
+            .iter()
+            .take(n_replay)
+            .map(|l| l.prepare(&sc.micro, l.objective(), &sc.base))
+            .collect();
+        let (mut loss_before, mut loss_after, mut taken, mut prev_total) =
+            (None, 0.0, 0, f32::INFINITY);
         let mut fixed: Vec<FullFixed> = Vec::new();
         // Prepared once, again only when its candidates widen (preparation depends on the
         // candidates and the fixed base branch, not on the trained parameters).
@@ -951,16 +1298,24 @@ impl Learner {
             taken += n;
             // The replayed lessons are checked the same way: still followed (a new lesson must
             // not overwrite them), and not "kept" by raising tokens outside their candidates.
-            let items: Vec<(&Lesson, &Prepared)> = std::iter::once((&new, &first)).chain(sc.lessons.iter().zip(&replays)).collect();
+            let items: Vec<(&Lesson, &Prepared)> = std::iter::once((&new, &first))
+                .chain(sc.lessons.iter().zip(&replays))
+                .collect();
             // The lessons' adapter-independent logits once per event (their rows and the base
             // branch do not change between rounds; a widened lesson keeps its rows).
-            if fixed.len() != items.len() || items.iter().zip(&fixed).any(|((_, p), f)| !f.fits(p)) {
-                fixed = sc.micro.full_fixed(&self.pool, &items.iter().map(|(_, p)| *p).collect::<Vec<_>>());
+            if fixed.len() != items.len() || items.iter().zip(&fixed).any(|((_, p), f)| !f.fits(p))
+            {
+                fixed = sc.micro.full_fixed(
+                    &self.pool,
+                    &items.iter().map(|(_, p)| *p).collect::<Vec<_>>(),
+                );
             }
             let checks = self.check_low_rank(&sc.micro, &items, &fixed);
             let follows = checks.iter().all(|c| c.follows);
             loss_after = checks.first().map_or(0.0, |c| c.loss);
-            let new_widened = checks.first().is_some_and(|c| new.cands.add_top(&c.extra) > 0);
+            let new_widened = checks
+                .first()
+                .is_some_and(|c| new.cands.add_top(&c.extra) > 0);
             let mut widened = new_widened;
             for (i, (l, c)) in sc.lessons.iter_mut().zip(checks.iter().skip(1)).enumerate() {
                 if l.cands.add_top(&c.extra) > 0 {
@@ -984,9 +1339,18 @@ impl Learner {
         sc.lessons.push_front(new);
         sc.lessons.truncate(KEEP);
         sc.since_background += 1;
-        let background_due = self.cfg.background_every > 0 && sc.since_background >= self.cfg.background_every;
+        let background_due =
+            self.cfg.background_every > 0 && sc.since_background >= self.cfg.background_every;
         let (version, persisted) = self.publish(&key, sc, "instant");
-        Ok(Outcome { updated: true, steps: taken, loss_before, loss_after, version, persisted, background_due })
+        Ok(Outcome {
+            updated: true,
+            steps: taken,
+            loss_before,
+            loss_after,
+            version,
+            persisted,
+            background_due,
+        })
     }
 
     /// The background loop for `scope`: trains its base branch on every kept lesson (micro
@@ -1014,11 +1378,27 @@ impl Learner {
             if sc.background_running {
                 // The run in progress takes what it snapshotted; these events wait for the next.
                 let version = self.adapter_for_key(key).map_or(0, |a| a.version);
-                return Ok(Outcome { updated: false, steps: 0, loss_before: 0.0, loss_after: 0.0, version, persisted: false, background_due: false });
+                return Ok(Outcome {
+                    updated: false,
+                    steps: 0,
+                    loss_before: 0.0,
+                    loss_after: 0.0,
+                    version,
+                    persisted: false,
+                    background_due: false,
+                });
             }
             sc.background_running = true;
             self.set_anchors(sc, sc.lessons.len());
-            let tmp = Scope { base: sc.base.clone(), micro: sc.micro.clone(), lessons: sc.lessons.clone(), since_background: 0, anchor_acts: sc.anchor_acts.clone(), base_gen: sc.base_gen, background_running: true };
+            let tmp = Scope {
+                base: sc.base.clone(),
+                micro: sc.micro.clone(),
+                lessons: sc.lessons.clone(),
+                since_background: 0,
+                anchor_acts: sc.anchor_acts.clone(),
+                base_gen: sc.base_gen,
+                background_running: true,
+            };
             (tmp, sc.base_gen, sc.since_background)
         };
         // Cleared however this function ends (a panic in training included).
@@ -1032,7 +1412,8 @@ impl Learner {
                 sc.base.step_ewc(&batch, self.cfg.ewc_lambda);
             }
             // The full-vocabulary check on every lesson, and one more round if it widened any.
-            let checks = self.check_many(&sc.base, &sc.lessons.iter().zip(&batch).collect::<Vec<_>>());
+            let checks =
+                self.check_many(&sc.base, &sc.lessons.iter().zip(&batch).collect::<Vec<_>>());
             let mut widened = false;
             for (l, c) in sc.lessons.iter_mut().zip(&checks) {
                 widened |= l.cands.add_top(&c.extra) > 0;
@@ -1059,7 +1440,11 @@ impl Learner {
         let sc = &mut *guard;
         // Candidates the checks widened join the same lessons (by their tokens) if still kept.
         for t in &tmp.lessons {
-            if let Some(l) = sc.lessons.iter_mut().find(|l| l.tokens == t.tokens && l.prompt_len == t.prompt_len) {
+            if let Some(l) = sc
+                .lessons
+                .iter_mut()
+                .find(|l| l.tokens == t.tokens && l.prompt_len == t.prompt_len)
+            {
                 l.cands.add_top(&t.cands.ids[..t.cands.n_top]);
             }
         }
@@ -1068,16 +1453,40 @@ impl Learner {
         let version = self.adapter_for_key(key).map_or(0, |a| a.version);
         if sc.base_gen != gen {
             // A consolidation replaced the base meanwhile: this run's base is stale.
-            return Ok(Outcome { updated: false, steps, loss_before, loss_after: loss_before, version, persisted: false, background_due: false });
+            return Ok(Outcome {
+                updated: false,
+                steps,
+                loss_before,
+                loss_after: loss_before,
+                version,
+                persisted: false,
+                background_due: false,
+            });
         }
         // The Fisher information is updated even for an undone run.
         sc.base = tmp.base;
         sc.base_gen += 1;
         if !accepted {
-            return Ok(Outcome { updated: false, steps, loss_before, loss_after, version, persisted: false, background_due: false });
+            return Ok(Outcome {
+                updated: false,
+                steps,
+                loss_before,
+                loss_after,
+                version,
+                persisted: false,
+                background_due: false,
+            });
         }
         let (version, persisted) = self.publish(key, sc, "background");
-        Ok(Outcome { updated: true, steps, loss_before, loss_after, version, persisted, background_due: false })
+        Ok(Outcome {
+            updated: true,
+            steps,
+            loss_before,
+            loss_after,
+            version,
+            persisted,
+            background_due: false,
+        })
     }
 
     /// The deep loop for `scope`: merges the micro branch into the base branch (truncated
@@ -1096,12 +1505,31 @@ impl Learner {
         let sc = &mut *guard;
         let c = &self.model.config;
         // The lessons' loss under both branches (from the micro branch's side).
-        let lessons_loss = |sc: &Scope| mean_loss(&sc.micro, &sc.lessons.iter().map(|l| l.prepare(&sc.micro, l.objective(), &sc.base)).collect::<Vec<_>>());
+        let lessons_loss = |sc: &Scope| {
+            mean_loss(
+                &sc.micro,
+                &sc.lessons
+                    .iter()
+                    .map(|l| l.prepare(&sc.micro, l.objective(), &sc.base))
+                    .collect::<Vec<_>>(),
+            )
+        };
         let loss_before = lessons_loss(sc);
-        let m = merge(&[sc.base.branch(), sc.micro.branch()], c.n_embd, c.n_ff, sc.base.rank(), 1e-3, sc.base.scale());
+        let m = merge(
+            &[sc.base.branch(), sc.micro.branch()],
+            c.n_embd,
+            c.n_ff,
+            sc.base.rank(),
+            1e-3,
+            sc.base.scale(),
+        );
         // Directions left empty restart as LoRA does (A small random, B zero) so they can learn.
         let mut a = m.a;
-        let fresh = crate::uniform(a.len(), scope_id(key) ^ m.singular.len() as u64, 1.0 / (c.n_ff as f32).sqrt());
+        let fresh = crate::uniform(
+            a.len(),
+            scope_id(key) ^ m.singular.len() as u64,
+            1.0 / (c.n_ff as f32).sqrt(),
+        );
         a[m.rank * c.n_ff..].copy_from_slice(&fresh[m.rank * c.n_ff..]);
         sc.base.set_params(a, m.b);
         sc.base.restart_optimizer();
@@ -1112,7 +1540,15 @@ impl Learner {
         let batch = base_batch(sc);
         self.update_fisher(sc, batch, anchor.as_deref());
         let (version, persisted) = self.publish(key, sc, "consolidated");
-        Ok(Consolidation { version, rank: m.rank, pruned: m.pruned, singular: m.singular, loss_before, loss_after, persisted })
+        Ok(Consolidation {
+            version,
+            rank: m.rank,
+            pruned: m.pruned,
+            singular: m.singular,
+            loss_before,
+            loss_after,
+            persisted,
+        })
     }
 
     /// `key`'s scope when it has learned something (a published adapter), else
@@ -1139,12 +1575,25 @@ impl Learner {
     fn publish(&self, key: &str, sc: &Scope, kind: &str) -> (u64, bool) {
         let mut published = self.published.write().unwrap_or_else(|p| p.into_inner());
         let mut version = published.get(key).map_or(0, |a| a.version + 1);
-        if let Some(&newest) = self.dir.as_ref().and_then(|d| versions(&d.join("scopes").join(key)).last().copied()).as_ref() {
+        if let Some(&newest) = self
+            .dir
+            .as_ref()
+            .and_then(|d| versions(&d.join("scopes").join(key)).last().copied())
+            .as_ref()
+        {
             version = version.max(newest + 1);
         }
-        let mut ad = LoraAdapter::empty(&format!("sona:{key}"), scope_id(key), self.model.config.n_layer);
+        let mut ad = LoraAdapter::empty(
+            &format!("sona:{key}"),
+            scope_id(key),
+            self.model.config.n_layer,
+        );
         ad.version = version;
-        ad.set(self.model.config.n_layer - 1, Proj::Down, combined(&sc.base, &sc.micro));
+        ad.set(
+            self.model.config.n_layer - 1,
+            Proj::Down,
+            combined(&sc.base, &sc.micro),
+        );
         let ad = Arc::new(ad);
         published.insert(key.to_owned(), ad.clone());
         drop(published);
@@ -1162,30 +1611,61 @@ impl Learner {
     }
 
     /// Writes version `version` of scope `key` as described in the module documentation.
-    fn persist(&self, dir: &Path, key: &str, version: u64, kind: &str, sc: &Scope, ad: &LoraAdapter) -> Result<(), String> {
+    fn persist(
+        &self,
+        dir: &Path,
+        key: &str,
+        version: u64,
+        kind: &str,
+        sc: &Scope,
+        ad: &LoraAdapter,
+    ) -> Result<(), String> {
         let sd = dir.join("scopes").join(key);
         let tmp = sd.join(format!("v{version}.tmp"));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
         ad.save_peft(&tmp, &self.model).map_err(|e| e.to_string())?;
-        ruvllm_model::write_atomic(&tmp.join("state.json"), state_json(version, kind, sc).to_string().as_bytes()).map_err(|e| e.to_string())?;
-        let optim = optim_bytes(&sc.base.optimizer_state(), &sc.micro.optimizer_state()).ok_or("optimizer state not serializable")?;
-        ruvllm_model::write_atomic(&tmp.join("optim.safetensors"), &optim).map_err(|e| e.to_string())?;
+        ruvllm_model::write_atomic(
+            &tmp.join("state.json"),
+            state_json(version, kind, sc).to_string().as_bytes(),
+        )
+        .map_err(|e| e.to_string())?;
+        let optim = optim_bytes(&sc.base.optimizer_state(), &sc.micro.optimizer_state())
+            .ok_or("optimizer state not serializable")?;
+        ruvllm_model::write_atomic(&tmp.join("optim.safetensors"), &optim)
+            .map_err(|e| e.to_string())?;
         if let Some(bytes) = sc.base.ewc().and_then(ewc_bytes) {
-            ruvllm_model::write_atomic(&tmp.join("ewc.safetensors"), &bytes).map_err(|e| e.to_string())?;
+            ruvllm_model::write_atomic(&tmp.join("ewc.safetensors"), &bytes)
+                .map_err(|e| e.to_string())?;
         }
         sync_dir(&tmp);
         let fin = sd.join(format!("v{version}"));
         let _ = std::fs::remove_dir_all(&fin);
         std::fs::rename(&tmp, &fin).map_err(|e| format!("{}: {e}", fin.display()))?;
         sync_dir(&sd);
-        ruvllm_model::write_atomic(&sd.join("current"), format!("{version}\n").as_bytes()).map_err(|e| e.to_string())?;
+        ruvllm_model::write_atomic(&sd.join("current"), format!("{version}\n").as_bytes())
+            .map_err(|e| e.to_string())?;
         // Retention: the newest versions, the newest consolidated snapshots, and the current.
         let vs = versions(&sd);
-        let kind_of = |v: u64| std::fs::read(sd.join(format!("v{v}")).join("state.json")).ok().and_then(|b| serde_json::from_slice::<Value>(&b).ok()).and_then(|s| s.get("kind").and_then(Value::as_str).map(str::to_owned));
-        let consolidated: Vec<u64> = vs.iter().copied().filter(|&v| kind_of(v).as_deref() == Some("consolidated")).collect();
+        let kind_of = |v: u64| {
+            std::fs::read(sd.join(format!("v{v}")).join("state.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                .and_then(|s| s.get("kind").and_then(Value::as_str).map(str::to_owned))
+        };
+        let consolidated: Vec<u64> = vs
+            .iter()
+            .copied()
+            .filter(|&v| kind_of(v).as_deref() == Some("consolidated"))
+            .collect();
         for &v in &vs {
-            let keep = v == version || vs.iter().rev().take(KEEP_VERSIONS).any(|&k| k == v) || consolidated.iter().rev().take(KEEP_VERSIONS).any(|&k| k == v);
+            let keep = v == version
+                || vs.iter().rev().take(KEEP_VERSIONS).any(|&k| k == v)
+                || consolidated
+                    .iter()
+                    .rev()
+                    .take(KEEP_VERSIONS)
+                    .any(|&k| k == v);
             if !keep {
                 let _ = std::fs::remove_dir_all(sd.join(format!("v{v}")));
             }
@@ -1210,13 +1690,43 @@ mod tests {
 
     #[test]
     fn state_round_trips_and_bad_state_is_refused() {
-        let lesson = StoredLesson { tokens: vec![1, 2, 3], prompt_len: 2, negative: true, taught: None, top: vec![] };
+        let lesson = StoredLesson {
+            tokens: vec![1, 2, 3],
+            prompt_len: 2,
+            negative: true,
+            taught: None,
+            top: vec![],
+        };
         let v = json!({"format": 2, "version": 7, "kind": "instant", "base_rank": 8, "lessons": [{"tokens": [1, 2, 3], "prompt_len": 2, "negative": true}]});
-        assert_eq!(parse_state(&v), Some(State { version: 7, kind: "instant".to_owned(), base_rank: 8, lessons: vec![lesson.clone()], since_background: 0 }));
+        assert_eq!(
+            parse_state(&v),
+            Some(State {
+                version: 7,
+                kind: "instant".to_owned(),
+                base_rank: 8,
+                lessons: vec![lesson.clone()],
+                since_background: 0
+            })
+        );
         let v = json!({"format": 2, "version": 7, "kind": "instant", "base_rank": 8, "lessons": [{"tokens": [1, 2, 3], "prompt_len": 2, "negative": true, "top": [4, 9]}], "since_background": 3});
-        assert_eq!(parse_state(&v), Some(State { version: 7, kind: "instant".to_owned(), base_rank: 8, lessons: vec![StoredLesson { top: vec![4, 9], ..lesson.clone() }], since_background: 3 }));
+        assert_eq!(
+            parse_state(&v),
+            Some(State {
+                version: 7,
+                kind: "instant".to_owned(),
+                base_rank: 8,
+                lessons: vec![StoredLesson {
+                    top: vec![4, 9],
+                    ..lesson.clone()
+                }],
+                since_background: 3
+            })
+        );
         let v = json!({"format": 2, "version": 7, "kind": "instant", "base_rank": 8, "lessons": [{"tokens": [1, 2, 3], "prompt_len": 2, "negative": true, "taught": [1]}]});
-        assert_eq!(parse_state(&v).map(|s| s.lessons[0].taught.clone()), Some(Some(vec![1])));
+        assert_eq!(
+            parse_state(&v).map(|s| s.lessons[0].taught.clone()),
+            Some(Some(vec![1]))
+        );
         for bad in [
             json!({"version": 1}),
             json!({"version": 1, "kind": "instant", "lessons": []}),
@@ -1233,7 +1743,12 @@ mod tests {
 
     #[test]
     fn branches_join_and_split_back_exactly() {
-        let pair = LoraPair { rank: 3, a: (0..3 * 4).map(|x| x as f32).collect(), b: (0..5 * 3).map(|x| -(x as f32)).collect(), scale: SCALE };
+        let pair = LoraPair {
+            rank: 3,
+            a: (0..3 * 4).map(|x| x as f32).collect(),
+            b: (0..5 * 3).map(|x| -(x as f32)).collect(),
+            scale: SCALE,
+        };
         let ((a0, b0), (a1, b1)) = split(&pair, 2).unwrap();
         assert_eq!((a0.len(), b0.len(), a1.len(), b1.len()), (8, 10, 4, 5));
         assert_eq!(b0[..4], [0.0, -1.0, -3.0, -4.0]);
@@ -1243,17 +1758,49 @@ mod tests {
 
     #[test]
     fn ewc_state_round_trips() {
-        let e = Ewc { fisher_a: vec![1.0, 2.5], fisher_b: vec![0.0], star_a: vec![-1.0, 3.0], star_b: vec![7.0] };
+        let e = Ewc {
+            fisher_a: vec![1.0, 2.5],
+            fisher_b: vec![0.0],
+            star_a: vec![-1.0, 3.0],
+            star_b: vec![7.0],
+        };
         assert_eq!(parse_ewc(&ewc_bytes(&e).unwrap()), Some(e));
         assert_eq!(parse_ewc(b"garbage"), None);
     }
 
     #[test]
     fn optimizer_state_round_trips() {
-        let b = OptimizerState { t: 40, m_a: vec![1.0, -2.5], m_b: vec![0.25], v_a: vec![3.0, 4.0], v_b: vec![1e-9] };
-        let m = OptimizerState { t: 7, m_a: vec![0.5], m_b: vec![], v_a: vec![2.0], v_b: vec![] };
-        assert_eq!(parse_optim(&optim_bytes(&b, &m).unwrap()), Some((b.clone(), m)));
-        assert_eq!(parse_optim(&ewc_bytes(&Ewc { fisher_a: vec![1.0], fisher_b: vec![], star_a: vec![1.0], star_b: vec![] }).unwrap()), None, "another file's tensors");
+        let b = OptimizerState {
+            t: 40,
+            m_a: vec![1.0, -2.5],
+            m_b: vec![0.25],
+            v_a: vec![3.0, 4.0],
+            v_b: vec![1e-9],
+        };
+        let m = OptimizerState {
+            t: 7,
+            m_a: vec![0.5],
+            m_b: vec![],
+            v_a: vec![2.0],
+            v_b: vec![],
+        };
+        assert_eq!(
+            parse_optim(&optim_bytes(&b, &m).unwrap()),
+            Some((b.clone(), m))
+        );
+        assert_eq!(
+            parse_optim(
+                &ewc_bytes(&Ewc {
+                    fisher_a: vec![1.0],
+                    fisher_b: vec![],
+                    star_a: vec![1.0],
+                    star_b: vec![]
+                })
+                .unwrap()
+            ),
+            None,
+            "another file's tensors"
+        );
         assert_eq!(parse_optim(b"garbage"), None);
     }
 }

@@ -16,10 +16,10 @@
 #![deny(missing_docs)]
 
 pub mod bank;
+pub mod fast;
 pub mod grad;
 pub mod hnsw;
 pub mod learner;
-pub mod fast;
 pub mod merge;
 pub mod train;
 

@@ -27,7 +27,11 @@ impl Branch<'_> {
     pub fn add_to(&self, x: &[f32], out: &mut [f32]) {
         let inp = x.len();
         for k in 0..self.rank {
-            let h: f32 = self.a[k * inp..(k + 1) * inp].iter().zip(x).map(|(w, v)| w * v).sum();
+            let h: f32 = self.a[k * inp..(k + 1) * inp]
+                .iter()
+                .zip(x)
+                .map(|(w, v)| w * v)
+                .sum();
             for (j, o) in out.iter_mut().enumerate() {
                 *o += self.scale * self.b[j * self.rank + k] * h;
             }
@@ -56,7 +60,11 @@ pub struct Merged {
 fn qr(cols: &mut [Vec<f64>]) -> Vec<f64> {
     let n = cols.len();
     let mut r = vec![0f64; n * n];
-    let scale = cols.iter().map(|c| c.iter().map(|x| x * x).sum::<f64>()).fold(0f64, f64::max).sqrt();
+    let scale = cols
+        .iter()
+        .map(|c| c.iter().map(|x| x * x).sum::<f64>())
+        .fold(0f64, f64::max)
+        .sqrt();
     for j in 0..n {
         let (done, rest) = cols.split_at_mut(j);
         let cj = &mut rest[0];
@@ -80,8 +88,12 @@ fn qr(cols: &mut [Vec<f64>]) -> Vec<f64> {
 /// `k = X·diag(σ)·Yᵀ`, `X` and `Y` as `n` column vectors each (unsorted).
 fn jacobi_svd(k: &[f64], n: usize) -> (Vec<f64>, Vec<Vec<f64>>, Vec<Vec<f64>>) {
     // Columns of W = K·Y, Y starting at the identity.
-    let mut w: Vec<Vec<f64>> = (0..n).map(|j| (0..n).map(|i| k[i * n + j]).collect()).collect();
-    let mut y: Vec<Vec<f64>> = (0..n).map(|j| (0..n).map(|i| (i == j) as u8 as f64).collect()).collect();
+    let mut w: Vec<Vec<f64>> = (0..n)
+        .map(|j| (0..n).map(|i| k[i * n + j]).collect())
+        .collect();
+    let mut y: Vec<Vec<f64>> = (0..n)
+        .map(|j| (0..n).map(|i| (i == j) as u8 as f64).collect())
+        .collect();
     for _sweep in 0..100 {
         let mut rotated = false;
         for p in 0..n {
@@ -110,21 +122,50 @@ fn jacobi_svd(k: &[f64], n: usize) -> (Vec<f64>, Vec<Vec<f64>>, Vec<Vec<f64>>) {
             break;
         }
     }
-    let sigma: Vec<f64> = w.iter().map(|c| c.iter().map(|x| x * x).sum::<f64>().sqrt()).collect();
-    let x = w.into_iter().zip(&sigma).map(|(c, &s)| if s > 0.0 { c.into_iter().map(|v| v / s).collect() } else { vec![0.0; n] }).collect();
+    let sigma: Vec<f64> = w
+        .iter()
+        .map(|c| c.iter().map(|x| x * x).sum::<f64>().sqrt())
+        .collect();
+    let x = w
+        .into_iter()
+        .zip(&sigma)
+        .map(|(c, &s)| {
+            if s > 0.0 {
+                c.into_iter().map(|v| v / s).collect()
+            } else {
+                vec![0.0; n]
+            }
+        })
+        .collect();
     (sigma, x, y)
 }
 
 /// Merges `branches` (all `out × in`) into one branch of rank at most `max_rank` with multiplier
 /// `scale`, dropping directions whose singular value is below `prune_rel` times the largest.
 /// The factors are balanced (`B` and `A` carry `√σ` each).
-pub fn merge(branches: &[Branch<'_>], out: usize, inp: usize, max_rank: usize, prune_rel: f64, scale: f32) -> Merged {
+pub fn merge(
+    branches: &[Branch<'_>],
+    out: usize,
+    inp: usize,
+    max_rank: usize,
+    prune_rel: f64,
+    scale: f32,
+) -> Merged {
     let mut u: Vec<Vec<f64>> = Vec::new();
     let mut v: Vec<Vec<f64>> = Vec::new();
     for br in branches {
         for k in 0..br.rank {
-            u.push((0..out).map(|j| br.scale as f64 * br.b[j * br.rank + k] as f64).collect());
-            v.push(br.a[k * inp..(k + 1) * inp].iter().map(|&x| x as f64).collect());
+            u.push(
+                (0..out)
+                    .map(|j| br.scale as f64 * br.b[j * br.rank + k] as f64)
+                    .collect(),
+            );
+            v.push(
+                br.a[k * inp..(k + 1) * inp]
+                    .iter()
+                    .map(|&x| x as f64)
+                    .collect(),
+            );
         }
     }
     let n = u.len();
@@ -142,7 +183,10 @@ pub fn merge(branches: &[Branch<'_>], out: usize, inp: usize, max_rank: usize, p
     order.sort_by(|&i, &j| sigma[j].total_cmp(&sigma[i]));
     let singular: Vec<f64> = order.iter().map(|&i| sigma[i]).collect();
     let top = singular.first().copied().unwrap_or(0.0);
-    let above = singular.iter().take_while(|&&s| s > prune_rel * top && s > 0.0).count();
+    let above = singular
+        .iter()
+        .take_while(|&&s| s > prune_rel * top && s > 0.0)
+        .count();
     let rank = above.min(max_rank);
     let pruned = n.min(max_rank) - rank;
     let mut a = vec![0f32; max_rank * inp];
@@ -158,7 +202,13 @@ pub fn merge(branches: &[Branch<'_>], out: usize, inp: usize, max_rank: usize, p
             a[k * inp + j] = ((0..n).map(|m| v[m][j] * y[i][m]).sum::<f64>() * root) as f32;
         }
     }
-    Merged { a, b, rank, singular, pruned }
+    Merged {
+        a,
+        b,
+        rank,
+        singular,
+        pruned,
+    }
 }
 
 /// The `m` leading principal directions (right singular vectors, unit length, `[m × cols]`)
@@ -170,7 +220,11 @@ pub fn principal_directions(x: &[f32], cols: usize, m: usize) -> Vec<f32> {
     let mut gram = vec![0f64; n * n];
     for i in 0..n {
         for j in 0..=i {
-            let g: f64 = rows[i].iter().zip(rows[j]).map(|(a, b)| *a as f64 * *b as f64).sum();
+            let g: f64 = rows[i]
+                .iter()
+                .zip(rows[j])
+                .map(|(a, b)| *a as f64 * *b as f64)
+                .sum();
             gram[i * n + j] = g;
             gram[j * n + i] = g;
         }
@@ -185,7 +239,10 @@ pub fn principal_directions(x: &[f32], cols: usize, m: usize) -> Vec<f32> {
             break;
         }
         let s = sigma2[i].sqrt();
-        out.extend((0..cols).map(|c| ((0..n).map(|r| rows[r][c] as f64 * v[i][r]).sum::<f64>() / s) as f32));
+        out.extend(
+            (0..cols)
+                .map(|c| ((0..n).map(|r| rows[r][c] as f64 * v[i][r]).sum::<f64>() / s) as f32),
+        );
     }
     out
 }
@@ -199,7 +256,10 @@ mod tests {
         for br in brs {
             for o in 0..out {
                 for i in 0..inp {
-                    w[o * inp + i] += br.scale as f64 * (0..br.rank).map(|k| br.b[o * br.rank + k] as f64 * br.a[k * inp + i] as f64).sum::<f64>();
+                    w[o * inp + i] += br.scale as f64
+                        * (0..br.rank)
+                            .map(|k| br.b[o * br.rank + k] as f64 * br.a[k * inp + i] as f64)
+                            .sum::<f64>();
                 }
             }
         }
@@ -207,21 +267,53 @@ mod tests {
     }
 
     fn frob(x: &[f64], y: &[f64]) -> f64 {
-        x.iter().zip(y).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt()
+        x.iter()
+            .zip(y)
+            .map(|(a, b)| (a - b).powi(2))
+            .sum::<f64>()
+            .sqrt()
     }
 
     #[test]
     fn merging_within_the_rank_is_exact_and_truncation_is_optimal() {
         let (out, inp) = (40, 70);
-        let (a1, b1) = (crate::uniform(3 * inp, 1, 0.3), crate::uniform(out * 3, 2, 0.5));
-        let (a2, b2) = (crate::uniform(2 * inp, 3, 0.3), crate::uniform(out * 2, 4, 0.5));
-        let brs = [Branch { a: &a1, b: &b1, rank: 3, scale: 2.0 }, Branch { a: &a2, b: &b2, rank: 2, scale: 0.5 }];
+        let (a1, b1) = (
+            crate::uniform(3 * inp, 1, 0.3),
+            crate::uniform(out * 3, 2, 0.5),
+        );
+        let (a2, b2) = (
+            crate::uniform(2 * inp, 3, 0.3),
+            crate::uniform(out * 2, 4, 0.5),
+        );
+        let brs = [
+            Branch {
+                a: &a1,
+                b: &b1,
+                rank: 3,
+                scale: 2.0,
+            },
+            Branch {
+                a: &a2,
+                b: &b2,
+                rank: 2,
+                scale: 0.5,
+            },
+        ];
         let w = dense(&brs, out, inp);
         let total: f64 = w.iter().map(|x| x * x).sum::<f64>();
         // Rank 5 holds the sum exactly.
         let m = merge(&brs, out, inp, 5, 0.0, 2.0);
         assert_eq!((m.rank, m.pruned), (5, 0));
-        let got = dense(&[Branch { a: &m.a, b: &m.b, rank: 5, scale: 2.0 }], out, inp);
+        let got = dense(
+            &[Branch {
+                a: &m.a,
+                b: &m.b,
+                rank: 5,
+                scale: 2.0,
+            }],
+            out,
+            inp,
+        );
         assert!(frob(&got, &w) < 1e-5 * total.sqrt(), "{}", frob(&got, &w));
         // ‖ΔW‖² = Σσ² and the singular values descend.
         let s2: f64 = m.singular.iter().map(|s| s * s).sum();
@@ -229,9 +321,22 @@ mod tests {
         assert!(m.singular.windows(2).all(|p| p[0] >= p[1]));
         // Rank 3: the error is exactly the two dropped singular values (Eckart–Young).
         let m3 = merge(&brs, out, inp, 3, 0.0, 2.0);
-        let got = dense(&[Branch { a: &m3.a, b: &m3.b, rank: 3, scale: 2.0 }], out, inp);
+        let got = dense(
+            &[Branch {
+                a: &m3.a,
+                b: &m3.b,
+                rank: 3,
+                scale: 2.0,
+            }],
+            out,
+            inp,
+        );
         let expect = (m.singular[3].powi(2) + m.singular[4].powi(2)).sqrt();
-        assert!((frob(&got, &w) - expect).abs() < 1e-5 * total.sqrt(), "{} vs {expect}", frob(&got, &w));
+        assert!(
+            (frob(&got, &w) - expect).abs() < 1e-5 * total.sqrt(),
+            "{} vs {expect}",
+            frob(&got, &w)
+        );
     }
 
     #[test]
@@ -242,10 +347,21 @@ mod tests {
         let coef = crate::uniform(40, 3, 1.0);
         let noise = crate::uniform(20 * cols, 4, 1e-3);
         let (coef, d1, d2) = (&coef, &d1, &d2);
-        let x: Vec<f32> = (0..20).flat_map(|r| (0..cols).map(move |c| 5.0 * coef[2 * r] * d1[c] + 2.0 * coef[2 * r + 1] * d2[c])).zip(&noise).map(|(v, e)| v + e).collect();
+        let x: Vec<f32> = (0..20)
+            .flat_map(|r| {
+                (0..cols).map(move |c| 5.0 * coef[2 * r] * d1[c] + 2.0 * coef[2 * r + 1] * d2[c])
+            })
+            .zip(&noise)
+            .map(|(v, e)| v + e)
+            .collect();
         let u = principal_directions(&x, cols, 3);
         assert_eq!(u.len(), 3 * cols);
-        let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum::<f64>();
+        let dot = |a: &[f32], b: &[f32]| {
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| *x as f64 * *y as f64)
+                .sum::<f64>()
+        };
         for i in 0..3 {
             for j in 0..3 {
                 let d = dot(&u[i * cols..(i + 1) * cols], &u[j * cols..(j + 1) * cols]);
@@ -253,30 +369,71 @@ mod tests {
             }
         }
         // The first two span the data: projecting them out leaves only the noise.
-        let resid: f64 = x.chunks_exact(cols).map(|row| {
-            let mut r: Vec<f64> = row.iter().map(|&v| v as f64).collect();
-            for k in 0..2 {
-                let uk = &u[k * cols..(k + 1) * cols];
-                let p = dot(row, uk);
-                r.iter_mut().zip(uk).for_each(|(v, &w)| *v -= p * w as f64);
-            }
-            r.iter().map(|v| v * v).sum::<f64>()
-        }).sum();
+        let resid: f64 = x
+            .chunks_exact(cols)
+            .map(|row| {
+                let mut r: Vec<f64> = row.iter().map(|&v| v as f64).collect();
+                for k in 0..2 {
+                    let uk = &u[k * cols..(k + 1) * cols];
+                    let p = dot(row, uk);
+                    r.iter_mut().zip(uk).for_each(|(v, &w)| *v -= p * w as f64);
+                }
+                r.iter().map(|v| v * v).sum::<f64>()
+            })
+            .sum();
         assert!(resid < 20.0 * cols as f64 * 1e-6, "{resid}");
     }
 
     #[test]
     fn zero_and_tiny_directions_are_pruned() {
         let (out, inp) = (16, 24);
-        let (a1, b1) = (crate::uniform(2 * inp, 5, 0.3), crate::uniform(out * 2, 6, 0.5));
+        let (a1, b1) = (
+            crate::uniform(2 * inp, 5, 0.3),
+            crate::uniform(out * 2, 6, 0.5),
+        );
         let a2 = crate::uniform(2 * inp, 7, 0.3);
         let b0 = vec![0f32; out * 2];
         // A branch with B = 0 (a reset micro-adapter) adds nothing: rank 2 remains.
-        let m = merge(&[Branch { a: &a1, b: &b1, rank: 2, scale: 1.0 }, Branch { a: &a2, b: &b0, rank: 2, scale: 1.0 }], out, inp, 4, 1e-6, 1.0);
+        let m = merge(
+            &[
+                Branch {
+                    a: &a1,
+                    b: &b1,
+                    rank: 2,
+                    scale: 1.0,
+                },
+                Branch {
+                    a: &a2,
+                    b: &b0,
+                    rank: 2,
+                    scale: 1.0,
+                },
+            ],
+            out,
+            inp,
+            4,
+            1e-6,
+            1.0,
+        );
         assert_eq!((m.rank, m.pruned), (2, 2));
-        assert!(m.a[2 * inp..].iter().all(|&x| x == 0.0) && (0..out).all(|j| m.b[j * 4 + 2] == 0.0 && m.b[j * 4 + 3] == 0.0));
+        assert!(
+            m.a[2 * inp..].iter().all(|&x| x == 0.0)
+                && (0..out).all(|j| m.b[j * 4 + 2] == 0.0 && m.b[j * 4 + 3] == 0.0)
+        );
         // Nothing at all: rank 0.
-        let z = merge(&[Branch { a: &a2, b: &b0, rank: 2, scale: 1.0 }], out, inp, 2, 1e-6, 1.0);
+        let z = merge(
+            &[Branch {
+                a: &a2,
+                b: &b0,
+                rank: 2,
+                scale: 1.0,
+            }],
+            out,
+            inp,
+            2,
+            1e-6,
+            1.0,
+        );
         assert_eq!(z.rank, 0);
         assert!(z.b.iter().all(|&x| x == 0.0));
     }

@@ -13,19 +13,31 @@ use ruvllm_kernels::gemv::{gemv, Gemv};
 use ruvllm_kernels::ops::rms_norm;
 use ruvllm_kernels::pool::ThreadPool;
 use ruvllm_kernels::quants::dequantize_row;
-use ruvllm_model::{Capture, Forward, KvCache, Logits, LoraAdapter, LoraPair, Model, Proj, SeqInput};
+use ruvllm_model::{
+    Capture, Forward, KvCache, Logits, LoraAdapter, LoraPair, Model, Proj, SeqInput,
+};
 use std::sync::Arc;
 
 /// FNV-1a over token ids: a sequence's identity where a cheap, stable one is needed (a
 /// lesson's sample seed, the server's store of kept activations).
 pub fn tokens_hash(tokens: &[u32]) -> u64 {
-    tokens.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &t| (h ^ t as u64).wrapping_mul(0x100_0000_01b3))
+    tokens.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &t| {
+        (h ^ t as u64).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 /// Training targets for a sequence of `prompt_len` prompt tokens followed by an answer: row `t`
 /// predicts token `t + 1` for every answer token, and prompt rows predict nothing.
 pub fn answer_targets(tokens: &[u32], prompt_len: usize) -> Vec<Option<u32>> {
-    (0..tokens.len()).map(|t| if t + 1 >= prompt_len && t + 1 < tokens.len() { Some(tokens[t + 1]) } else { None }).collect()
+    (0..tokens.len())
+        .map(|t| {
+            if t + 1 >= prompt_len && t + 1 < tokens.len() {
+                Some(tokens[t + 1])
+            } else {
+                None
+            }
+        })
+        .collect()
 }
 
 /// The LM head as f16 in both orientations, shared by every trainer of one model.
@@ -72,7 +84,14 @@ impl Head {
 
 /// The penalty `weight · mean_t ‖scale·B·A·act_t‖²` over the rows of `acts` (`[rows × in]`)
 /// on a rank-`rank` LoRA branch (`A: rank × in`, `B: out × rank`), and its gradients.
-pub fn anchor_penalty(a: &[f32], b: &[f32], rank: usize, scale: f32, acts: &[f32], weight: f32) -> (f32, Vec<f32>, Vec<f32>) {
+pub fn anchor_penalty(
+    a: &[f32],
+    b: &[f32],
+    rank: usize,
+    scale: f32,
+    acts: &[f32],
+    weight: f32,
+) -> (f32, Vec<f32>, Vec<f32>) {
     let mut da = vec![0f32; a.len()];
     let mut db = vec![0f32; b.len()];
     if rank == 0 || a.is_empty() {
@@ -114,12 +133,20 @@ pub fn anchor_penalty(a: &[f32], b: &[f32], rank: usize, scale: f32, acts: &[f32
     let penalty: f64 = s2w * (0..r * r).map(|i| btb[i] * hm[i]).sum::<f64>();
     for (j, row) in b.chunks_exact(r).enumerate() {
         for k in 0..r {
-            db[j * r + k] = (2.0 * s2w * (0..r).map(|m| row[m] as f64 * hm[m * r + k]).sum::<f64>()) as f32;
+            db[j * r + k] =
+                (2.0 * s2w * (0..r).map(|m| row[m] as f64 * hm[m * r + k]).sum::<f64>()) as f32;
         }
     }
     // dA_k = Σ_t dh_t[k]·act_t: per rank a weighted sum of the activation rows.
     for k in 0..r {
-        let dh: Vec<f32> = h.chunks_exact(r).map(|ht| (2.0 * s2w / rows as f64 * (0..r).map(|m| btb[k * r + m] * ht[m] as f64).sum::<f64>()) as f32).collect();
+        let dh: Vec<f32> = h
+            .chunks_exact(r)
+            .map(|ht| {
+                (2.0 * s2w / rows as f64
+                    * (0..r).map(|m| btb[k * r + m] * ht[m] as f64).sum::<f64>())
+                    as f32
+            })
+            .collect();
         ruvllm_kernels::ops::weighted_sum(&dh, acts, ff, &mut da[k * ff..(k + 1) * ff]);
     }
     (penalty as f32, da, db)
@@ -159,19 +186,37 @@ pub(crate) struct Adam {
 
 impl Adam {
     pub(crate) fn new(na: usize, nb: usize) -> Adam {
-        Adam { m: [vec![0.0; na], vec![0.0; nb]], v: [vec![0.0; na], vec![0.0; nb]], t: 0 }
+        Adam {
+            m: [vec![0.0; na], vec![0.0; nb]],
+            v: [vec![0.0; na], vec![0.0; nb]],
+            t: 0,
+        }
     }
 
     /// The moments and step count, for persisting.
     pub(crate) fn state(&self) -> OptimizerState {
-        OptimizerState { t: self.t, m_a: self.m[0].clone(), m_b: self.m[1].clone(), v_a: self.v[0].clone(), v_b: self.v[1].clone() }
+        OptimizerState {
+            t: self.t,
+            m_a: self.m[0].clone(),
+            m_b: self.m[1].clone(),
+            v_a: self.v[0].clone(),
+            v_b: self.v[1].clone(),
+        }
     }
 
     /// Restores [`state`](Self::state)'s output when its shapes are this optimizer's.
     pub(crate) fn restore(&mut self, s: OptimizerState) -> bool {
-        let fits = s.m_a.len() == self.m[0].len() && s.v_a.len() == self.v[0].len() && s.m_b.len() == self.m[1].len() && s.v_b.len() == self.v[1].len() && s.t >= 0;
+        let fits = s.m_a.len() == self.m[0].len()
+            && s.v_a.len() == self.v[0].len()
+            && s.m_b.len() == self.m[1].len()
+            && s.v_b.len() == self.v[1].len()
+            && s.t >= 0;
         if fits {
-            *self = Adam { m: [s.m_a, s.m_b], v: [s.v_a, s.v_b], t: s.t };
+            *self = Adam {
+                m: [s.m_a, s.m_b],
+                v: [s.v_a, s.v_b],
+                t: s.t,
+            };
         }
         fits
     }
@@ -182,7 +227,10 @@ impl Adam {
         let (b1, b2, eps) = (0.9f32, 0.999f32, 1e-8f32);
         let (c1, c2) = (1.0 - b1.powi(self.t), 1.0 - b2.powi(self.t));
         for (i, (p, g)) in [(a, da), (b, db)].into_iter().enumerate() {
-            for (p, (g, (m, v))) in p.iter_mut().zip(g.iter().zip(self.m[i].iter_mut().zip(self.v[i].iter_mut()))) {
+            for (p, (g, (m, v))) in p
+                .iter_mut()
+                .zip(g.iter().zip(self.m[i].iter_mut().zip(self.v[i].iter_mut())))
+            {
                 *m = b1 * *m + (1.0 - b1) * g;
                 *v = b2 * *v + (1.0 - b2) * g * g;
                 *p -= lr * (*m / c1) / ((*v / c2).sqrt() + eps);
@@ -214,7 +262,14 @@ pub(crate) struct AdapterParams {
 impl AdapterParams {
     /// PEFT's initialization (`A` small and random from `seed`, `B` zero: no change yet),
     /// `scale = alpha / rank`. None for a layer the model lacks or rank 0.
-    pub(crate) fn new(c: &ruvllm_model::Config, layer: usize, rank: usize, alpha: f32, lr: f32, seed: u64) -> Option<AdapterParams> {
+    pub(crate) fn new(
+        c: &ruvllm_model::Config,
+        layer: usize,
+        rank: usize,
+        alpha: f32,
+        lr: f32,
+        seed: u64,
+    ) -> Option<AdapterParams> {
         if layer >= c.n_layer || rank == 0 {
             return None;
         }
@@ -222,7 +277,16 @@ impl AdapterParams {
         let a = crate::uniform(rank * ff, seed, 1.0 / (ff as f32).sqrt());
         let b = vec![0f32; d * rank];
         let adam = Adam::new(a.len(), b.len());
-        Some(AdapterParams { layer, rank, scale: alpha / rank as f32, a, b, adam, lr, anchor: None })
+        Some(AdapterParams {
+            layer,
+            rank,
+            scale: alpha / rank as f32,
+            a,
+            b,
+            adam,
+            lr,
+            anchor: None,
+        })
     }
 
     /// Replaces `A` and `B` when the shapes match.
@@ -234,11 +298,21 @@ impl AdapterParams {
     }
 
     pub(crate) fn branch(&self) -> crate::merge::Branch<'_> {
-        crate::merge::Branch { a: &self.a, b: &self.b, rank: self.rank, scale: self.scale }
+        crate::merge::Branch {
+            a: &self.a,
+            b: &self.b,
+            rank: self.rank,
+            scale: self.scale,
+        }
     }
 
     pub(crate) fn pair(&self) -> LoraPair {
-        LoraPair { rank: self.rank, a: self.a.clone(), b: self.b.clone(), scale: self.scale }
+        LoraPair {
+            rank: self.rank,
+            a: self.a.clone(),
+            b: self.b.clone(),
+            scale: self.scale,
+        }
     }
 
     /// The adapter as the forward pass takes it, for a model of `n_layer` layers.
@@ -252,7 +326,9 @@ impl AdapterParams {
     /// The anchor penalty and its gradients (zero without an anchor).
     pub(crate) fn anchor_penalty(&self) -> (f32, Vec<f32>, Vec<f32>) {
         match &self.anchor {
-            Some((acts, weight)) => anchor_penalty(&self.a, &self.b, self.rank, self.scale, acts, *weight),
+            Some((acts, weight)) => {
+                anchor_penalty(&self.a, &self.b, self.rank, self.scale, acts, *weight)
+            }
             None => (0.0, vec![0f32; self.a.len()], vec![0f32; self.b.len()]),
         }
     }
@@ -301,9 +377,23 @@ impl DownTrainer {
     /// A trainer for the down projection of `layer`, rank `rank`, `scale = alpha / rank`,
     /// learning rate `lr`. `A` starts small and random, `B` at zero (PEFT's initialization),
     /// so the adapter starts as no change.
-    pub fn new(model: Arc<Model>, head: Arc<Head>, pool: Arc<ThreadPool>, layer: usize, rank: usize, alpha: f32, lr: f32, seed: u64) -> Option<DownTrainer> {
+    pub fn new(
+        model: Arc<Model>,
+        head: Arc<Head>,
+        pool: Arc<ThreadPool>,
+        layer: usize,
+        rank: usize,
+        alpha: f32,
+        lr: f32,
+        seed: u64,
+    ) -> Option<DownTrainer> {
         let p = AdapterParams::new(&model.config, layer, rank, alpha, lr, seed)?;
-        Some(DownTrainer { model, pool, head, p })
+        Some(DownTrainer {
+            model,
+            pool,
+            head,
+            p,
+        })
     }
 
     /// Penalizes the adapter's output on `acts` (activations of generic text at this layer's
@@ -342,8 +432,21 @@ impl DownTrainer {
         let (d, ff, nv, r) = (c.n_embd, c.n_ff, c.n_vocab, self.p.rank);
         let post = self.model.layers[self.p.layer].post_ffn_norm.as_deref();
         let act = &cap.act[t * ff..(t + 1) * ff];
-        let h1: Vec<f32> = (0..r).map(|k| self.p.a[k * ff..(k + 1) * ff].iter().zip(act).map(|(w, x)| w * x).sum()).collect();
-        let tsum: Vec<f32> = (0..d).map(|j| cap.down[t * d + j] + self.p.scale * (0..r).map(|k| self.p.b[j * r + k] * h1[k]).sum::<f32>()).collect();
+        let h1: Vec<f32> = (0..r)
+            .map(|k| {
+                self.p.a[k * ff..(k + 1) * ff]
+                    .iter()
+                    .zip(act)
+                    .map(|(w, x)| w * x)
+                    .sum()
+            })
+            .collect();
+        let tsum: Vec<f32> = (0..d)
+            .map(|j| {
+                cap.down[t * d + j]
+                    + self.p.scale * (0..r).map(|k| self.p.b[j * r + k] * h1[k]).sum::<f32>()
+            })
+            .collect();
         let mut o = tsum.clone();
         if let Some(w) = post {
             rms_norm(&tsum, w, c.rms_eps, &mut o);
@@ -351,7 +454,19 @@ impl DownTrainer {
         let h: Vec<f32> = (0..d).map(|j| cap.resid[t * d + j] + o[j]).collect();
         let mut f = vec![0f32; d];
         rms_norm(&h, &self.model.output_norm, c.rms_eps, &mut f);
-        gemv(&self.pool, Gemv { m: nv, n: d, lda: d, alpha: 1.0, beta: 0.0 }, &self.head.w, &f, logits);
+        gemv(
+            &self.pool,
+            Gemv {
+                m: nv,
+                n: d,
+                lda: d,
+                alpha: 1.0,
+                beta: 0.0,
+            },
+            &self.head.w,
+            &f,
+            logits,
+        );
         RowState { tsum, h }
     }
 
@@ -366,7 +481,12 @@ impl DownTrainer {
     /// Mean cross-entropy over the rows of `cap` with a target (or, with `negative`, the mean
     /// unlikelihood −ln(1 − p) of tokens to discourage), and its gradients with respect to `A`
     /// and `B`. `cap` must come from a forward pass *without* this adapter.
-    pub fn loss_and_grads(&self, cap: &Capture, targets: &[Option<u32>], negative: bool) -> (f32, Vec<f32>, Vec<f32>) {
+    pub fn loss_and_grads(
+        &self,
+        cap: &Capture,
+        targets: &[Option<u32>],
+        negative: bool,
+    ) -> (f32, Vec<f32>, Vec<f32>) {
         let c = &self.model.config;
         let (d, ff, nv, r) = (c.n_embd, c.n_ff, c.n_vocab, self.p.rank);
         let post = self.model.layers[self.p.layer].post_ffn_norm.as_deref();
@@ -380,10 +500,26 @@ impl DownTrainer {
             let Some(target) = *target else { continue };
             let act = &cap.act[t * ff..(t + 1) * ff];
             let RowState { tsum, h } = self.forward_row(cap, t, &mut logits);
-            let (loss, dlog) = if negative { unlikelihood(&logits, target as usize) } else { cross_entropy(&logits, target as usize) };
+            let (loss, dlog) = if negative {
+                unlikelihood(&logits, target as usize)
+            } else {
+                cross_entropy(&logits, target as usize)
+            };
             total += loss as f64;
             count += 1;
-            gemv(&self.pool, Gemv { m: d, n: nv, lda: nv, alpha: 1.0, beta: 0.0 }, &self.head.w_t, &dlog, &mut df);
+            gemv(
+                &self.pool,
+                Gemv {
+                    m: d,
+                    n: nv,
+                    lda: nv,
+                    alpha: 1.0,
+                    beta: 0.0,
+                },
+                &self.head.w_t,
+                &dlog,
+                &mut df,
+            );
             let dh = rms_norm_backward(&h, &self.model.output_norm, c.rms_eps, &df);
             let dt = match post {
                 Some(w) => rms_norm_backward(&tsum, w, c.rms_eps, &dh),
@@ -444,7 +580,13 @@ pub trait CaptureSource: Send + Sync {
     /// What [`capture`] returns for `logits_from = Some(from)`, for rows `from..` (earlier
     /// rows may be zero); with `rows`, only those rows' logits are needed (others may be
     /// zero). None when the tokens cannot be run.
-    fn capture(&self, layer: usize, tokens: &[u32], from: usize, rows: Option<&[usize]>) -> Option<(Capture, Vec<f32>)>;
+    fn capture(
+        &self,
+        layer: usize,
+        tokens: &[u32],
+        from: usize,
+        rows: Option<&[usize]>,
+    ) -> Option<(Capture, Vec<f32>)>;
 
     /// The log-probability each answer token had when it was served (the row at `from + j`
     /// predicted token `from + 1 + j`), when the source saw it generated: a rating picks the
@@ -458,7 +600,13 @@ pub trait CaptureSource: Send + Sync {
 /// (input, output, residual) for every token, and with `logits_from = Some(k)` also returns the
 /// logits of tokens `k..` (`[(n − k) × n_vocab]`, else empty). None for an empty or over-long
 /// sequence.
-pub fn capture(model: &Model, pool: &Arc<ThreadPool>, layer: usize, tokens: &[u32], logits_from: Option<usize>) -> Option<(Capture, Vec<f32>)> {
+pub fn capture(
+    model: &Model,
+    pool: &Arc<ThreadPool>,
+    layer: usize,
+    tokens: &[u32],
+    logits_from: Option<usize>,
+) -> Option<(Capture, Vec<f32>)> {
     let c = &model.config;
     if tokens.is_empty() || tokens.len() > c.n_ctx_train {
         return None;
@@ -467,6 +615,18 @@ pub fn capture(model: &Model, pool: &Arc<ThreadPool>, layer: usize, tokens: &[u3
     let mut fwd = Forward::new(model, pool.clone());
     fwd.set_capture(Some(layer));
     let want = logits_from.map_or(Logits::None, Logits::From);
-    let out = fwd.forward_batch(&mut kv, &[SeqInput { tokens, pos0: 0, block_table: &[0], logits: want, lora: None }]).ok()?.to_vec();
+    let out = fwd
+        .forward_batch(
+            &mut kv,
+            &[SeqInput {
+                tokens,
+                pos0: 0,
+                block_table: &[0],
+                logits: want,
+                lora: None,
+            }],
+        )
+        .ok()?
+        .to_vec();
     Some((fwd.capture()?.clone(), out))
 }

@@ -6,47 +6,87 @@
 //! mid-write leaves is cleaned up.
 
 use ruvllm_model::{registry, Capture, LoraAdapter, Model, Proj};
+use ruvllm_sona::learner::{
+    list_versions, rollback, scope_key, Feedback, LearnConfig, Learner, ANCHOR_TEXT,
+};
 use ruvllm_sona::train::{capture, CaptureSource};
-use ruvllm_sona::learner::{list_versions, rollback, scope_key, Feedback, LearnConfig, Learner, ANCHOR_TEXT};
 use ruvllm_tokenizer::Tokenizer;
 use std::path::Path;
 use std::sync::Arc;
 
 fn pair(ad: &LoraAdapter, model: &Model) -> (Vec<f32>, Vec<f32>, usize) {
-    let p = ad.pair(model.config.n_layer - 1, Proj::Down).expect("down projection adapted");
+    let p = ad
+        .pair(model.config.n_layer - 1, Proj::Down)
+        .expect("down projection adapted");
     (p.a.clone(), p.b.clone(), p.rank)
 }
 
 fn open(dir: &Path, model: &Arc<Model>, tok: &Tokenizer) -> Learner {
     let (mut l, report) = Learner::open(dir, model.clone()).unwrap();
-    assert!(report.warnings.iter().all(|w| w.contains("partial write")), "{:?}", report.warnings);
-    l.configure(LearnConfig::default(), Some(tok.encode(ANCHOR_TEXT, true, false)));
+    assert!(
+        report.warnings.iter().all(|w| w.contains("partial write")),
+        "{:?}",
+        report.warnings
+    );
+    l.configure(
+        LearnConfig::default(),
+        Some(tok.encode(ANCHOR_TEXT, true, false)),
+    );
     l
 }
 
 #[test]
 fn three_loops_persist_restore_and_roll_back() {
-    let Some(path) = registry::for_test("smollm2-135m") else { return };
+    let Some(path) = registry::for_test("smollm2-135m") else {
+        return;
+    };
     let model = Arc::new(Model::load(&path).unwrap());
     let tok = Tokenizer::from_gguf(model.gguf()).unwrap();
     let dir = std::env::temp_dir().join(format!("ruvllm-learner-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let l = open(&dir, &model, &tok);
-    let facts = [("The password of the blue castle is", " marmalade."), ("The river that runs through Quenby is the", " Ostrel."), ("The founder of Varrow Mills was", " Edda Pike."), ("The color of the Tamsin flag is", " saffron.")];
+    let facts = [
+        ("The password of the blue castle is", " marmalade."),
+        ("The river that runs through Quenby is the", " Ostrel."),
+        ("The founder of Varrow Mills was", " Edda Pike."),
+        ("The color of the Tamsin flag is", " saffron."),
+    ];
     let mut outcomes = Vec::new();
     for (q, a) in facts {
-        let o = l.learn("alice", &tok.encode(q, true, false), &[], &Feedback::Correction(tok.encode(a, false, false))).unwrap();
+        let o = l
+            .learn(
+                "alice",
+                &tok.encode(q, true, false),
+                &[],
+                &Feedback::Correction(tok.encode(a, false, false)),
+            )
+            .unwrap();
         eprintln!("{q}: {o:?}");
         // The reported losses are the full-vocabulary ones (the check), and they fall.
-        assert!(o.updated && o.persisted && o.loss_after < o.loss_before, "{o:?}");
+        assert!(
+            o.updated && o.persisted && o.loss_after < o.loss_before,
+            "{o:?}"
+        );
         outcomes.push(o);
     }
     // Most lessons are learned outright; with the anchor penalty a multi-token answer taught
     // after a few others can converge only part of the way in the instant loop's 40 steps.
-    let learned = outcomes.iter().filter(|o| o.loss_after < 0.1 * o.loss_before).count();
+    let learned = outcomes
+        .iter()
+        .filter(|o| o.loss_after < 0.1 * o.loss_before)
+        .count();
     assert!(learned >= 3, "{outcomes:?}");
-    assert_eq!(outcomes.iter().map(|o| o.version).collect::<Vec<_>>(), [0, 1, 2, 3]);
-    assert_eq!(outcomes.iter().map(|o| o.background_due).collect::<Vec<_>>(), [false, false, false, true]);
+    assert_eq!(
+        outcomes.iter().map(|o| o.version).collect::<Vec<_>>(),
+        [0, 1, 2, 3]
+    );
+    assert_eq!(
+        outcomes
+            .iter()
+            .map(|o| o.background_due)
+            .collect::<Vec<_>>(),
+        [false, false, false, true]
+    );
     assert!(l.adapter_for("bob").is_none(), "another scope is untouched");
 
     // Background loop: base branch trained on the kept lessons; a run that would leave them
@@ -64,7 +104,10 @@ fn three_loops_persist_restore_and_roll_back() {
     // loss unchanged (all ten directions fit in rank 8 here only approximately: within 10%),
     // EWC++ state recomputed and written.
     let c = l.consolidate("alice").unwrap();
-    eprintln!("consolidated: rank {} pruned {} σ {:?} loss {} -> {}", c.rank, c.pruned, c.singular, c.loss_before, c.loss_after);
+    eprintln!(
+        "consolidated: rank {} pruned {} σ {:?} loss {} -> {}",
+        c.rank, c.pruned, c.singular, c.loss_before, c.loss_after
+    );
     assert_eq!(c.version, nb);
     assert!(sd.join(format!("v{nb}")).join("ewc.safetensors").is_file());
     assert!(c.loss_after <= c.loss_before * 1.1 + 0.05, "{c:?}");
@@ -74,7 +117,10 @@ fn three_loops_persist_restore_and_roll_back() {
     drop(l);
 
     // Layout and history.
-    assert_eq!(std::fs::read_to_string(sd.join("current")).unwrap().trim(), nb.to_string());
+    assert_eq!(
+        std::fs::read_to_string(sd.join("current")).unwrap().trim(),
+        nb.to_string()
+    );
     let listed = list_versions(&dir).unwrap();
     assert_eq!(listed.len(), 1);
     let kinds: Vec<&str> = listed[0].versions.iter().map(|v| v.kind.as_str()).collect();
@@ -93,7 +139,11 @@ fn three_loops_persist_restore_and_roll_back() {
     // A crash mid-write: a half-written version directory and a torn `current`; both are
     // removed and the last good version is served.
     std::fs::create_dir_all(sd.join("v9.tmp")).unwrap();
-    std::fs::write(sd.join("v9.tmp").join("state.json"), b"{\"format\": 2, \"vers").unwrap();
+    std::fs::write(
+        sd.join("v9.tmp").join("state.json"),
+        b"{\"format\": 2, \"vers",
+    )
+    .unwrap();
     std::fs::write(sd.join("current.tmp"), b"9").unwrap();
     let l = open(&dir, &model, &tok);
     assert!(!sd.join("v9.tmp").exists() && !sd.join("current.tmp").exists());
@@ -101,11 +151,21 @@ fn three_loops_persist_restore_and_roll_back() {
     drop(l);
 
     // Rollback to the previous version, then learning continues above every kept version.
-    assert_eq!(rollback(&dir, Some("alice"), None).unwrap(), vec![(scope_key("alice"), nb, nb - 1)]);
+    assert_eq!(
+        rollback(&dir, Some("alice"), None).unwrap(),
+        vec![(scope_key("alice"), nb, nb - 1)]
+    );
     assert!(rollback(&dir, Some("alice"), Some(99)).is_err());
     let l = open(&dir, &model, &tok);
     assert_eq!(pair(&l.adapter_for("alice").unwrap(), &model), v4);
-    let o = l.learn("alice", &tok.encode("The bell of Orrin rings at", true, false), &[], &Feedback::Correction(tok.encode(" dusk.", false, false))).unwrap();
+    let o = l
+        .learn(
+            "alice",
+            &tok.encode("The bell of Orrin rings at", true, false),
+            &[],
+            &Feedback::Correction(tok.encode(" dusk.", false, false)),
+        )
+        .unwrap();
     assert_eq!(o.version, nb + 1);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -119,8 +179,15 @@ struct ZeroedPrefix {
 }
 
 impl CaptureSource for ZeroedPrefix {
-    fn capture(&self, layer: usize, tokens: &[u32], from: usize, _rows: Option<&[usize]>) -> Option<(Capture, Vec<f32>)> {
-        self.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    fn capture(
+        &self,
+        layer: usize,
+        tokens: &[u32],
+        from: usize,
+        _rows: Option<&[usize]>,
+    ) -> Option<(Capture, Vec<f32>)> {
+        self.calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (mut cap, logits) = capture(&self.model, &self.pool, layer, tokens, Some(from))?;
         let (d, ff) = (self.model.config.n_embd, self.model.config.n_ff);
         cap.act[..from * ff].fill(0.0);
@@ -139,12 +206,22 @@ struct Served {
 }
 
 impl CaptureSource for Served {
-    fn capture(&self, layer: usize, tokens: &[u32], from: usize, _rows: Option<&[usize]>) -> Option<(Capture, Vec<f32>)> {
+    fn capture(
+        &self,
+        layer: usize,
+        tokens: &[u32],
+        from: usize,
+        _rows: Option<&[usize]>,
+    ) -> Option<(Capture, Vec<f32>)> {
         capture(&self.model, &self.pool, layer, tokens, Some(from))
     }
 
     fn served_logprobs(&self, tokens: &[u32], from: usize) -> Option<Vec<f32>> {
-        Some((from + 1..tokens.len()).map(|j| -((j * 5 % 11) as f32)).collect())
+        Some(
+            (from + 1..tokens.len())
+                .map(|j| -((j * 5 % 11) as f32))
+                .collect(),
+        )
     }
 }
 
@@ -153,21 +230,42 @@ impl CaptureSource for Served {
 /// token on.
 #[test]
 fn a_capture_source_with_only_the_answer_rows_teaches_identically() {
-    let Some(path) = registry::for_test("smollm2-135m") else { return };
+    let Some(path) = registry::for_test("smollm2-135m") else {
+        return;
+    };
     let model = Arc::new(Model::load(&path).unwrap());
     let tok = Tokenizer::from_gguf(model.gguf()).unwrap();
-    let cfg = || LearnConfig { background_every: 0, ..LearnConfig::default() };
+    let cfg = || LearnConfig {
+        background_every: 0,
+        ..LearnConfig::default()
+    };
     let mut own = Learner::new(model.clone());
     own.configure(cfg(), Some(tok.encode(ANCHOR_TEXT, true, false)));
-    let src = Arc::new(ZeroedPrefix { model: model.clone(), pool: Arc::new(ruvllm_kernels::pool::ThreadPool::new(1)), calls: Default::default() });
+    let src = Arc::new(ZeroedPrefix {
+        model: model.clone(),
+        pool: Arc::new(ruvllm_kernels::pool::ThreadPool::new(1)),
+        calls: Default::default(),
+    });
     let mut via = Learner::new(model.clone());
     via.configure(cfg(), Some(tok.encode(ANCHOR_TEXT, true, false)));
     via.set_capture_source(Some(src.clone()));
-    for (q, a) in [("The password of the blue castle is", " marmalade."), ("The river that runs through Quenby is the", " Ostrel.")] {
-        let (p, c) = (tok.encode(q, true, false), Feedback::Correction(tok.encode(a, false, false)));
-        let (o1, o2) = (own.learn("s", &p, &[], &c).unwrap(), via.learn("s", &p, &[], &c).unwrap());
+    for (q, a) in [
+        ("The password of the blue castle is", " marmalade."),
+        ("The river that runs through Quenby is the", " Ostrel."),
+    ] {
+        let (p, c) = (
+            tok.encode(q, true, false),
+            Feedback::Correction(tok.encode(a, false, false)),
+        );
+        let (o1, o2) = (
+            own.learn("s", &p, &[], &c).unwrap(),
+            via.learn("s", &p, &[], &c).unwrap(),
+        );
         assert_eq!(o1, o2);
-        assert_eq!(own.adapter_for("s").unwrap().layers, via.adapter_for("s").unwrap().layers);
+        assert_eq!(
+            own.adapter_for("s").unwrap().layers,
+            via.adapter_for("s").unwrap().layers
+        );
     }
     // Both lessons and the anchor text came from the source.
     assert_eq!(src.calls.load(std::sync::atomic::Ordering::Relaxed), 3);
@@ -180,15 +278,32 @@ fn a_capture_source_with_only_the_answer_rows_teaches_identically() {
 /// parameters.
 #[test]
 fn learning_after_a_restart_continues_exactly() {
-    let Some(path) = registry::for_test("smollm2-135m") else { return };
+    let Some(path) = registry::for_test("smollm2-135m") else {
+        return;
+    };
     let model = Arc::new(Model::load(&path).unwrap());
     let tok = Tokenizer::from_gguf(model.gguf()).unwrap();
-    let facts = [("The password of the blue castle is", " marmalade."), ("The river that runs through Quenby is the", " Ostrel."), ("The founder of Varrow Mills was", " Edda Pike."), ("The color of the Tamsin flag is", " saffron.")];
+    let facts = [
+        ("The password of the blue castle is", " marmalade."),
+        ("The river that runs through Quenby is the", " Ostrel."),
+        ("The founder of Varrow Mills was", " Edda Pike."),
+        ("The color of the Tamsin flag is", " saffron."),
+    ];
     let teach = |l: &Learner, (q, a): (&str, &str)| {
-        let o = l.learn("alice", &tok.encode(q, true, false), &[], &Feedback::Correction(tok.encode(a, false, false))).unwrap();
+        let o = l
+            .learn(
+                "alice",
+                &tok.encode(q, true, false),
+                &[],
+                &Feedback::Correction(tok.encode(a, false, false)),
+            )
+            .unwrap();
         assert!(o.updated && o.persisted, "{o:?}");
     };
-    let dirs: Vec<_> = ["straight", "restarted"].iter().map(|n| std::env::temp_dir().join(format!("ruvllm-restart-{n}-{}", std::process::id()))).collect();
+    let dirs: Vec<_> = ["straight", "restarted"]
+        .iter()
+        .map(|n| std::env::temp_dir().join(format!("ruvllm-restart-{n}-{}", std::process::id())))
+        .collect();
     for d in &dirs {
         let _ = std::fs::remove_dir_all(d);
     }
@@ -196,7 +311,10 @@ fn learning_after_a_restart_continues_exactly() {
     // restarted learner has no served log-probabilities, so the rows must come back with it.
     let (rq, ra) = (tok.encode("Tell me about the harbor town of Pellow.", true, false), tok.encode(" Pellow is a small harbor town with grey stone houses, a lighthouse on the northern cliff, a fish market every morning and a ferry that leaves twice a day for the islands.", false, false));
     assert!(ra.len() > 24);
-    let served = Arc::new(Served { model: model.clone(), pool: Arc::new(ruvllm_kernels::pool::ThreadPool::new(1)) });
+    let served = Arc::new(Served {
+        model: model.clone(),
+        pool: Arc::new(ruvllm_kernels::pool::ThreadPool::new(1)),
+    });
     let rate = |l: &Learner| {
         let o = l.learn("alice", &rq, &ra, &Feedback::Rating(-1.0)).unwrap();
         assert!(o.updated && o.persisted, "{o:?}");
@@ -224,8 +342,13 @@ fn learning_after_a_restart_continues_exactly() {
     teach(&l, facts[3]);
     let got = pair(&l.adapter_for("alice").unwrap(), &model);
     assert_eq!(got.2, want.2);
-    let same = |x: &[f32], y: &[f32]| x.len() == y.len() && x.iter().zip(y).all(|(a, b)| a.to_bits() == b.to_bits());
-    assert!(same(&got.0, &want.0) && same(&got.1, &want.1), "the restarted learner's adapter differs");
+    let same = |x: &[f32], y: &[f32]| {
+        x.len() == y.len() && x.iter().zip(y).all(|(a, b)| a.to_bits() == b.to_bits())
+    };
+    assert!(
+        same(&got.0, &want.0) && same(&got.1, &want.1),
+        "the restarted learner's adapter differs"
+    );
     for d in &dirs {
         let _ = std::fs::remove_dir_all(d);
     }

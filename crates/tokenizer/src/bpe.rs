@@ -13,7 +13,8 @@ fn byte_table() -> &'static ([char; 256], HashMap<char, u8>) {
         let mut chars = ['\0'; 256];
         let mut n = 0u32;
         for b in 0..256u32 {
-            let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+            let printable =
+                (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
             chars[b as usize] = if printable {
                 char::from_u32(b).unwrap_or('\0')
             } else {
@@ -21,7 +22,11 @@ fn byte_table() -> &'static ([char; 256], HashMap<char, u8>) {
                 char::from_u32(255 + n).unwrap_or('\0')
             };
         }
-        let rev = chars.iter().enumerate().map(|(b, &c)| (c, b as u8)).collect();
+        let rev = chars
+            .iter()
+            .enumerate()
+            .map(|(b, &c)| (c, b as u8))
+            .collect();
         (chars, rev)
     })
 }
@@ -53,11 +58,16 @@ const QWEN2: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|
 /// (`llm_tokenizer_bpe` in `llama-vocab.cpp`).
 fn pre_tokenizer(pre: &str) -> Option<(Vec<&'static str>, bool)> {
     Some(match pre {
-        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => (vec![r"\p{N}", GPT2], false),
+        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => {
+            (vec![r"\p{N}", GPT2], false)
+        }
         "llama-bpe" | "llama3" | "falcon3" | "pixtral" => (vec![LLAMA3], true),
         "qwen2" | "deepseek-r1-qwen" | "megrez" => (vec![QWEN2], false),
         "gpt-2" | "gpt2" | "mpt" | "olmo" | "jais" => (vec![GPT2], false),
-        "default" => (vec![r"[\p{P}\$\+<=>\^~\|]+", GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"], false),
+        "default" => (
+            vec![r"[\p{P}\$\+<=>\^~\|]+", GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"],
+            false,
+        ),
         _ => return None,
     })
 }
@@ -70,7 +80,11 @@ pub(crate) struct Bpe {
 }
 
 impl Bpe {
-    pub(crate) fn new(pre: &str, merges: &[&str], vocab: &HashMap<String, u32>) -> Result<Bpe, Error> {
+    pub(crate) fn new(
+        pre: &str,
+        merges: &[&str],
+        vocab: &HashMap<String, u32>,
+    ) -> Result<Bpe, Error> {
         let (exprs, ignore_merges) = pre_tokenizer(pre).ok_or_else(|| {
             Error::new(ErrorKind::Unsupported(format!(
                 "tokenizer.ggml.pre = {pre:?} (supported: smollm, llama-bpe, qwen2, gpt-2, default and their aliases)"
@@ -78,19 +92,35 @@ impl Bpe {
         })?;
         let regexes = exprs
             .iter()
-            .map(|e| Regex::new(e).map_err(|err| Error::new(ErrorKind::Unsupported(format!("pre-tokenizer regex: {err}")))))
+            .map(|e| {
+                Regex::new(e).map_err(|err| {
+                    Error::new(ErrorKind::Unsupported(format!(
+                        "pre-tokenizer regex: {err}"
+                    )))
+                })
+            })
             .collect::<Result<_, _>>()?;
         let mut map = HashMap::with_capacity(merges.len());
         for (rank, m) in merges.iter().enumerate() {
             // Split at the first space after the first character (a token may itself be a space).
             let skip = m.chars().next().map_or(0, char::len_utf8);
-            let Some(pos) = m[skip..].find(' ').map(|p| p + skip) else { continue };
+            let Some(pos) = m[skip..].find(' ').map(|p| p + skip) else {
+                continue;
+            };
             let (a, b) = (&m[..pos], &m[pos + 1..]);
-            let (Some(&ia), Some(&ib)) = (vocab.get(a), vocab.get(b)) else { continue };
-            let Some(&im) = vocab.get(&format!("{a}{b}")) else { continue };
+            let (Some(&ia), Some(&ib)) = (vocab.get(a), vocab.get(b)) else {
+                continue;
+            };
+            let Some(&im) = vocab.get(&format!("{a}{b}")) else {
+                continue;
+            };
             map.entry((ia, ib)).or_insert((rank as u32, im));
         }
-        Ok(Bpe { regexes, ignore_merges, merges: map })
+        Ok(Bpe {
+            regexes,
+            ignore_merges,
+            merges: map,
+        })
     }
 
     /// Splits text into pre-tokens: each regex splits every piece from the previous one into
@@ -120,7 +150,13 @@ impl Bpe {
         pieces
     }
 
-    pub(crate) fn encode(&self, text: &str, vocab: &HashMap<String, u32>, byte_tokens: &[Option<u32>; 256], out: &mut Vec<u32>) {
+    pub(crate) fn encode(
+        &self,
+        text: &str,
+        vocab: &HashMap<String, u32>,
+        byte_tokens: &[Option<u32>; 256],
+        out: &mut Vec<u32>,
+    ) {
         let mut word = String::new();
         for piece in self.pre_tokenize(text) {
             word.clear();
@@ -135,7 +171,13 @@ impl Bpe {
         }
     }
 
-    fn merge_word(&self, word: &str, vocab: &HashMap<String, u32>, byte_tokens: &[Option<u32>; 256], out: &mut Vec<u32>) {
+    fn merge_word(
+        &self,
+        word: &str,
+        vocab: &HashMap<String, u32>,
+        byte_tokens: &[Option<u32>; 256],
+        out: &mut Vec<u32>,
+    ) {
         const NONE: u32 = u32::MAX;
         struct Sym {
             id: u32,
@@ -148,13 +190,26 @@ impl Bpe {
         let mut syms: Vec<Sym> = Vec::with_capacity(word.len());
         let mut buf = [0u8; 4];
         for (start, c) in word.char_indices() {
-            let id = vocab.get(c.encode_utf8(&mut buf) as &str).copied().unwrap_or(NONE);
+            let id = vocab
+                .get(c.encode_utf8(&mut buf) as &str)
+                .copied()
+                .unwrap_or(NONE);
             let i = syms.len();
-            syms.push(Sym { id, start, end: start + c.len_utf8(), prev: i.wrapping_sub(1), next: i + 1, alive: true });
+            syms.push(Sym {
+                id,
+                start,
+                end: start + c.len_utf8(),
+                prev: i.wrapping_sub(1),
+                next: i + 1,
+                alive: true,
+            });
         }
         let n = syms.len();
         let mut heap = BinaryHeap::new();
-        let push = |heap: &mut BinaryHeap<Reverse<(u32, usize, u32, u32)>>, syms: &[Sym], l: usize, r: usize| {
+        let push = |heap: &mut BinaryHeap<Reverse<(u32, usize, u32, u32)>>,
+                    syms: &[Sym],
+                    l: usize,
+                    r: usize| {
             if l < n && r < n {
                 if let Some(&(rank, _)) = self.merges.get(&(syms[l].id, syms[r].id)) {
                     heap.push(Reverse((rank, l, syms[l].id, syms[r].id)));
@@ -166,10 +221,13 @@ impl Bpe {
         }
         while let Some(Reverse((_, l, lid, rid))) = heap.pop() {
             let r = syms[l].next;
-            if !syms[l].alive || r >= n || !syms[r].alive || syms[l].id != lid || syms[r].id != rid {
+            if !syms[l].alive || r >= n || !syms[r].alive || syms[l].id != lid || syms[r].id != rid
+            {
                 continue;
             }
-            let Some(&(_, merged)) = self.merges.get(&(lid, rid)) else { continue };
+            let Some(&(_, merged)) = self.merges.get(&(lid, rid)) else {
+                continue;
+            };
             syms[l].id = merged;
             syms[l].end = syms[r].end;
             syms[l].next = syms[r].next;

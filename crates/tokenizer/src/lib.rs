@@ -151,32 +151,60 @@ impl Tokenizer {
 
     /// Builds the tokenizer described by a GGUF file's `tokenizer.ggml.*` metadata.
     pub fn from_gguf(f: &GgufFile) -> Result<Tokenizer, Error> {
-        let model = f.get_str("tokenizer.ggml.model").map_err(|e| meta_err(e.to_string()))?;
+        let model = f
+            .get_str("tokenizer.ggml.model")
+            .map_err(|e| meta_err(e.to_string()))?;
         let kind = match model {
             "gpt2" => Kind::Bpe,
             "llama" => Kind::Spm,
-            other => return Err(Error::new(ErrorKind::Unsupported(format!("tokenizer.ggml.model = {other:?} (supported: gpt2, llama)")))),
+            other => {
+                return Err(Error::new(ErrorKind::Unsupported(format!(
+                    "tokenizer.ggml.model = {other:?} (supported: gpt2, llama)"
+                ))))
+            }
         };
         let tokens: Vec<String> = f
             .get("tokenizer.ggml.tokens")
             .and_then(|v| v.as_array())
             .ok_or_else(|| meta_err("tokenizer.ggml.tokens is missing or not an array"))?
             .iter()
-            .map(|v| v.as_str().map(str::to_owned).ok_or_else(|| meta_err("tokenizer.ggml.tokens holds a non-string")))
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_owned)
+                    .ok_or_else(|| meta_err("tokenizer.ggml.tokens holds a non-string"))
+            })
             .collect::<Result<_, _>>()?;
         if tokens.is_empty() || tokens.len() > u32::MAX as usize / 2 {
             return Err(meta_err("vocabulary is empty or too large"));
         }
         let n = tokens.len();
-        let types: Vec<TokenType> = match f.get("tokenizer.ggml.token_type").and_then(|v| v.as_array()) {
-            Some(a) if a.len() == n => a.iter().map(|v| TokenType::from_i64(v.as_f64().unwrap_or(1.0) as i64)).collect(),
-            Some(_) => return Err(meta_err("tokenizer.ggml.token_type length differs from the vocabulary")),
+        let types: Vec<TokenType> = match f
+            .get("tokenizer.ggml.token_type")
+            .and_then(|v| v.as_array())
+        {
+            Some(a) if a.len() == n => a
+                .iter()
+                .map(|v| TokenType::from_i64(v.as_f64().unwrap_or(1.0) as i64))
+                .collect(),
+            Some(_) => {
+                return Err(meta_err(
+                    "tokenizer.ggml.token_type length differs from the vocabulary",
+                ))
+            }
             None => vec![TokenType::Normal; n],
         };
         let scores: Vec<f32> = match f.get("tokenizer.ggml.scores").and_then(|v| v.as_array()) {
             Some(a) if a.len() == n => a.iter().map(|v| v.as_f64().unwrap_or(0.0) as f32).collect(),
-            Some(_) => return Err(meta_err("tokenizer.ggml.scores length differs from the vocabulary")),
-            None if kind == Kind::Spm => return Err(meta_err("SentencePiece vocabulary without tokenizer.ggml.scores")),
+            Some(_) => {
+                return Err(meta_err(
+                    "tokenizer.ggml.scores length differs from the vocabulary",
+                ))
+            }
+            None if kind == Kind::Spm => {
+                return Err(meta_err(
+                    "SentencePiece vocabulary without tokenizer.ggml.scores",
+                ))
+            }
             None => vec![0.0; n],
         };
         let mut token_to_id = HashMap::with_capacity(n);
@@ -186,23 +214,36 @@ impl Tokenizer {
         let id_opt = |key: &str| -> Result<Option<u32>, Error> {
             match f.get(key).and_then(|v| v.as_u64()) {
                 Some(id) if (id as usize) < n => Ok(Some(id as u32)),
-                Some(id) => Err(meta_err(format!("{key} = {id} is outside the vocabulary of {n}"))),
+                Some(id) => Err(meta_err(format!(
+                    "{key} = {id} is outside the vocabulary of {n}"
+                ))),
                 None => Ok(None),
             }
         };
         let bos = id_opt("tokenizer.ggml.bos_token_id")?;
         let eos = id_opt("tokenizer.ggml.eos_token_id")?;
-        let flag = |key: &str, default: bool| f.get(key).and_then(|v| v.as_bool()).unwrap_or(default);
+        let flag =
+            |key: &str, default: bool| f.get(key).and_then(|v| v.as_bool()).unwrap_or(default);
         let add_bos = flag("tokenizer.ggml.add_bos_token", kind == Kind::Spm);
         let add_eos = flag("tokenizer.ggml.add_eos_token", false);
         let add_space_prefix = flag("tokenizer.ggml.add_space_prefix", kind == Kind::Spm);
-        let pre = f.get("tokenizer.ggml.pre").and_then(|v| v.as_str()).unwrap_or("default").to_owned();
+        let pre = f
+            .get("tokenizer.ggml.pre")
+            .and_then(|v| v.as_str())
+            .unwrap_or("default")
+            .to_owned();
 
         let mut specials: Vec<(String, u32, TokenType)> = tokens
             .iter()
             .zip(&types)
             .enumerate()
-            .filter(|(_, (t, ty))| !t.is_empty() && matches!(ty, TokenType::Control | TokenType::UserDefined | TokenType::Unknown))
+            .filter(|(_, (t, ty))| {
+                !t.is_empty()
+                    && matches!(
+                        ty,
+                        TokenType::Control | TokenType::UserDefined | TokenType::Unknown
+                    )
+            })
             .map(|(i, (t, ty))| (t.clone(), i as u32, *ty))
             .collect();
         specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
@@ -219,7 +260,9 @@ impl Tokenizer {
                     .collect();
                 let b = bpe::Bpe::new(&pre, &merges, &token_to_id)?;
                 for (byte, slot) in byte_tokens.iter_mut().enumerate() {
-                    *slot = token_to_id.get(&bpe::byte_char(byte as u8).to_string()).copied();
+                    *slot = token_to_id
+                        .get(&bpe::byte_char(byte as u8).to_string())
+                        .copied();
                 }
                 Some(b)
             }
@@ -230,12 +273,34 @@ impl Tokenizer {
                 None
             }
         };
-        let eog = ["<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>", "<|end|>"]
-            .iter()
-            .filter_map(|t| token_to_id.get(*t).copied())
-            .filter(|&id| types[id as usize] == TokenType::Control)
-            .collect();
-        Ok(Tokenizer { kind, tokens, types, scores, token_to_id, specials, bpe, byte_tokens, bos, eos, eog, add_bos, add_eos, add_space_prefix, pre })
+        let eog = [
+            "<|im_end|>",
+            "<end_of_turn>",
+            "<|eot_id|>",
+            "<|endoftext|>",
+            "<|end|>",
+        ]
+        .iter()
+        .filter_map(|t| token_to_id.get(*t).copied())
+        .filter(|&id| types[id as usize] == TokenType::Control)
+        .collect();
+        Ok(Tokenizer {
+            kind,
+            tokens,
+            types,
+            scores,
+            token_to_id,
+            specials,
+            bpe,
+            byte_tokens,
+            bos,
+            eos,
+            eog,
+            add_bos,
+            add_eos,
+            add_space_prefix,
+            pre,
+        })
     }
 
     /// The algorithm family.
@@ -283,7 +348,11 @@ impl Tokenizer {
                 }
                 Fragment::Text(t) => {
                     match self.kind {
-                        Kind::Bpe => self.bpe.as_ref().map(|b| b.encode(t, &self.token_to_id, &self.byte_tokens, &mut out)).unwrap_or(()),
+                        Kind::Bpe => self
+                            .bpe
+                            .as_ref()
+                            .map(|b| b.encode(t, &self.token_to_id, &self.byte_tokens, &mut out))
+                            .unwrap_or(()),
                         Kind::Spm => {
                             let mut s = String::with_capacity(t.len() + 3);
                             if self.add_space_prefix && prev_special {
@@ -291,7 +360,13 @@ impl Tokenizer {
                             }
                             s.push_str(t);
                             let escaped = s.replace(' ', "\u{2581}");
-                            spm::encode(&escaped, &self.token_to_id, &self.scores, &self.byte_tokens, &mut out);
+                            spm::encode(
+                                &escaped,
+                                &self.token_to_id,
+                                &self.scores,
+                                &self.byte_tokens,
+                                &mut out,
+                            );
                         }
                     }
                     prev_special = false;
@@ -313,7 +388,10 @@ impl Tokenizer {
             if !parse_special && matches!(ty, TokenType::Control | TokenType::Unknown) {
                 continue;
             }
-            if !frags.iter().any(|f| matches!(f, Fragment::Text(t) if t.contains(st.as_str()))) {
+            if !frags
+                .iter()
+                .any(|f| matches!(f, Fragment::Text(t) if t.contains(st.as_str())))
+            {
                 continue;
             }
             let mut next = Vec::with_capacity(frags.len() + 2);
@@ -342,7 +420,10 @@ impl Tokenizer {
     /// The bytes a token stands for (llama.cpp `token_to_piece`). Control tokens give their text
     /// only when `special` is true. Bytes, not a string: one token may hold part of a character.
     pub fn token_bytes(&self, id: u32, special: bool, out: &mut Vec<u8>) -> Result<(), Error> {
-        let text = self.tokens.get(id as usize).ok_or_else(|| Error::new(ErrorKind::BadTokenId(id)))?;
+        let text = self
+            .tokens
+            .get(id as usize)
+            .ok_or_else(|| Error::new(ErrorKind::BadTokenId(id)))?;
         match self.types[id as usize] {
             TokenType::Control | TokenType::Unknown => {
                 if special {
@@ -351,7 +432,11 @@ impl Tokenizer {
             }
             TokenType::UserDefined => out.extend_from_slice(text.as_bytes()),
             TokenType::Byte => {
-                if let Some(b) = text.strip_prefix("<0x").and_then(|s| s.strip_suffix('>')).and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                if let Some(b) = text
+                    .strip_prefix("<0x")
+                    .and_then(|s| s.strip_suffix('>'))
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                {
                     out.push(b);
                 }
             }

@@ -31,17 +31,30 @@ impl PartialOrd for Bigram {
 impl Ord for Bigram {
     /// Max-heap: higher score first, then the lower left index.
     fn cmp(&self, other: &Self) -> Ordering {
-        self.score.total_cmp(&other.score).then_with(|| other.left.cmp(&self.left))
+        self.score
+            .total_cmp(&other.score)
+            .then_with(|| other.left.cmp(&self.left))
     }
 }
 
 const NIL: usize = usize::MAX;
 
-pub(crate) fn encode(text: &str, vocab: &HashMap<String, u32>, scores: &[f32], byte_tokens: &[Option<u32>; 256], out: &mut Vec<u32>) {
+pub(crate) fn encode(
+    text: &str,
+    vocab: &HashMap<String, u32>,
+    scores: &[f32],
+    byte_tokens: &[Option<u32>; 256],
+    out: &mut Vec<u32>,
+) {
     let mut syms: Vec<Sym> = Vec::with_capacity(text.len());
     for (start, c) in text.char_indices() {
         let i = syms.len();
-        syms.push(Sym { start, len: c.len_utf8(), prev: if i == 0 { NIL } else { i - 1 }, next: i + 1 });
+        syms.push(Sym {
+            start,
+            len: c.len_utf8(),
+            prev: if i == 0 { NIL } else { i - 1 },
+            next: i + 1,
+        });
     }
     let n = syms.len();
     if n == 0 {
@@ -56,7 +69,12 @@ pub(crate) fn encode(text: &str, vocab: &HashMap<String, u32>, scores: &[f32], b
         let s = syms[l].start;
         let size = syms[l].len + syms[r].len;
         if let Some(&id) = vocab.get(&text[s..s + size]) {
-            heap.push(Bigram { score: scores[id as usize], left: l, right: r, size });
+            heap.push(Bigram {
+                score: scores[id as usize],
+                left: l,
+                right: r,
+                size,
+            });
         }
     };
     for i in 1..n {
