@@ -46,6 +46,12 @@ pub struct BenchArgs {
     /// KV cache storage in serving mode: f16, q8_0, q4_0 or f32.
     #[arg(long = "kv-type", default_value = "f16")]
     kv_type: String,
+    /// Keys stored as this type instead of --kv-type (serving mode).
+    #[arg(long = "kv-type-k")]
+    kv_type_k: Option<String>,
+    /// Values stored as this type instead of --kv-type (serving mode).
+    #[arg(long = "kv-type-v")]
+    kv_type_v: Option<String>,
 }
 
 fn tokens_for(l: &crate::Loaded, n: usize) -> Vec<u32> {
@@ -144,7 +150,10 @@ fn serving(a: &BenchArgs, l: crate::Loaded) -> Result<(), Error> {
     })?;
     let mut cfg = EngineConfig::new(&c, n_blocks);
     cfg.attn = l.attn;
+    let (k_ty, v_ty) = crate::kv_types(kv_type, a.kv_type_k.as_deref(), a.kv_type_v.as_deref())?;
     cfg.kv_type = kv_type;
+    cfg.key_type = (k_ty != kv_type).then_some(k_ty);
+    cfg.value_type = (v_ty != kv_type).then_some(v_ty);
     cfg.max_seqs = max_np.max(1);
     cfg.n_ctx = c.n_ctx_train;
     let tokens = tokens_for(&l, a.np_prompt * max_np + prefix + 32);
@@ -191,7 +200,9 @@ fn serving(a: &BenchArgs, l: crate::Loaded) -> Result<(), Error> {
             "steps": m1.steps - m0.steps,
             "preemptions": m1.preemptions - m0.preemptions,
             "kv_type": kv_type.name(),
-            "kv_bytes_per_token": ruvllm_engine::kv_bytes_per_token(&c, kv_type),
+            "kv_type_k": k_ty.name(),
+            "kv_type_v": v_ty.name(),
+            "kv_bytes_per_token": ruvllm_engine::kv_bytes_per_token_kv(&c, k_ty, v_ty),
         }));
     }
     let mut prefix_record = None;

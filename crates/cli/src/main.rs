@@ -218,6 +218,12 @@ struct PerplexityArgs {
     /// KV cache storage: f16, q8_0, q4_0 or f32.
     #[arg(long = "kv-type", default_value = "f16")]
     kv_type: String,
+    /// Store the keys as this type instead of --kv-type.
+    #[arg(long = "kv-type-k")]
+    kv_type_k: Option<String>,
+    /// Store the values as this type instead of --kv-type.
+    #[arg(long = "kv-type-v")]
+    kv_type_v: Option<String>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -665,7 +671,8 @@ fn cmd_perplexity(a: PerplexityArgs) -> Result<(), Error> {
             a.kv_type
         ))
     })?;
-    let mut runner = Runner::with_kv_type(&l.model, l.pool.clone(), n_ctx, kv_type)?;
+    let (k_ty, v_ty) = kv_types(kv_type, a.kv_type_k.as_deref(), a.kv_type_v.as_deref())?;
+    let mut runner = Runner::with_kv_types(&l.model, l.pool.clone(), n_ctx, k_ty, v_ty)?;
     runner.set_attention(l.attn);
     let nv = l.model.config.n_vocab;
     let (mut nll, mut count) = (0f64, 0usize);
@@ -765,4 +772,19 @@ fn main() -> ExitCode {
             ExitCode::from(exit_code(&e))
         }
     }
+}
+
+/// The keys' and values' KV types: `kv_type` unless `--kv-type-k` / `--kv-type-v` name others.
+pub(crate) fn kv_types(
+    kv_type: ruvllm_model::KvType,
+    k: Option<&str>,
+    v: Option<&str>,
+) -> Result<(ruvllm_model::KvType, ruvllm_model::KvType), Error> {
+    let parse = |flag: &str, s: Option<&str>| match s {
+        None => Ok(kv_type),
+        Some(s) => ruvllm_model::KvType::parse(s).ok_or_else(|| {
+            Error::usage(format!("{flag} must be f16, q8_0, q4_0 or f32, got {s:?}"))
+        }),
+    };
+    Ok((parse("--kv-type-k", k)?, parse("--kv-type-v", v)?))
 }

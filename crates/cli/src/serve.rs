@@ -4,7 +4,9 @@
 use crate::error::Error;
 use crate::{load, ModelArgs};
 use clap::Args;
-use ruvllm_engine::{blocks_for_memory, kv_bytes_per_token, Engine, EngineConfig};
+use ruvllm_engine::{
+    blocks_for_memory, kv_bytes_per_token, kv_bytes_per_token_kv, Engine, EngineConfig,
+};
 use ruvllm_model::{registry, KvType};
 use ruvllm_server::{AppState, ServerConfig};
 use ruvllm_tokenizer::ChatTemplate;
@@ -37,6 +39,15 @@ pub struct ServeArgs {
     /// With --kv-tail, the type of the cold tier.
     #[arg(long = "kv-type", default_value = "f16")]
     kv_type: String,
+    /// Store the keys as this type instead of --kv-type (llama.cpp's --cache-type-k); 4-bit keys
+    /// cost most of a q4_0 cache's perplexity, so `--kv-type q4_0 --kv-type-k q8_0` keeps most
+    /// of its saving. Not with --kv-tail.
+    #[arg(long = "kv-type-k")]
+    kv_type_k: Option<String>,
+    /// Store the values as this type instead of --kv-type (llama.cpp's --cache-type-v). Not
+    /// with --kv-tail.
+    #[arg(long = "kv-type-v")]
+    kv_type_v: Option<String>,
     /// Two-tier KV: keep each sequence's most recent N tokens in f16 and move older full blocks
     /// to --kv-type (q8_0 or q4_0). The f16 tier is sized for --max-num-seqs tails (at most
     /// half the memory budget); the rest of the budget is the cold tier.
@@ -223,6 +234,12 @@ pub fn run(a: ServeArgs) -> Result<(), Error> {
             a.kv_type
         ))
     })?;
+    let (k_ty, v_ty) = crate::kv_types(kv_type, a.kv_type_k.as_deref(), a.kv_type_v.as_deref())?;
+    if a.kv_tail.is_some() && (a.kv_type_k.is_some() || a.kv_type_v.is_some()) {
+        return Err(Error::usage(
+            "--kv-type-k/--kv-type-v do not combine with --kv-tail",
+        ));
+    }
     ruvllm_server::init_logging(a.log_format == "json");
     let keys = api_keys(&a)?;
     let path = crate::pull::resolve(a.model.model.as_deref())?;
@@ -235,7 +252,10 @@ pub fn run(a: ServeArgs) -> Result<(), Error> {
     };
     let n_ctx = a.model.ctx_size.min(c.n_ctx_train);
     let (n_blocks, n_cold) = match a.kv_tail {
-        None => (blocks_for_memory(c, kv_type, a.block_size, budget), 0),
+        None => (
+            (budget / (kv_bytes_per_token_kv(c, k_ty, v_ty) * a.block_size) as u64) as usize,
+            0,
+        ),
         Some(tail) => {
             if kv_type == KvType::F16 || kv_type == KvType::F32 {
                 return Err(Error::usage(
@@ -260,7 +280,7 @@ pub fn run(a: ServeArgs) -> Result<(), Error> {
             a.block_size
         )));
     }
-    let per_token = kv_bytes_per_token(c, kv_type);
+    let per_token = kv_bytes_per_token_kv(c, k_ty, v_ty);
     if let Some(tail) = a.kv_tail {
         let hot_pt = kv_bytes_per_token(c, KvType::F16);
         eprintln!(
@@ -278,7 +298,7 @@ pub fn run(a: ServeArgs) -> Result<(), Error> {
         n_blocks * a.block_size,
         (n_blocks * a.block_size * per_token) as f64 / 1048576.0,
         per_token,
-        kv_type.name(),
+        if k_ty == v_ty { k_ty.name().to_string() } else { format!("K {} / V {}", k_ty.name(), v_ty.name()) },
         n_ctx,
         l.pool.n_threads()
     );
@@ -296,6 +316,8 @@ pub fn run(a: ServeArgs) -> Result<(), Error> {
     cfg.prefix_caching = !a.no_prefix_caching;
     cfg.n_ctx = n_ctx;
     cfg.kv_type = kv_type;
+    cfg.key_type = (k_ty != kv_type).then_some(k_ty);
+    cfg.value_type = (v_ty != kv_type).then_some(v_ty);
     cfg.kv_tail = a.kv_tail;
     cfg.n_cold_blocks = n_cold;
     let n_embd = c.n_embd;

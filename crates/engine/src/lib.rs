@@ -113,6 +113,11 @@ pub struct EngineConfig {
     /// How keys and values are stored (f16 by default; q8_0/q4_0 quantize them). In two-tier
     /// mode, the type of the cold tier.
     pub kv_type: KvType,
+    /// The keys' type when it differs from `kv_type` (llama.cpp's `-ctk`; not in two-tier mode).
+    pub key_type: Option<KvType>,
+    /// The values' type when it differs from `kv_type` (llama.cpp's `-ctv`; not in two-tier
+    /// mode).
+    pub value_type: Option<KvType>,
     /// Two-tier mode: keep each sequence's most recent `kv_tail` tokens in f16 blocks and move
     /// full blocks older than that into `n_cold_blocks` blocks of `kv_type`.
     pub kv_tail: Option<usize>,
@@ -134,6 +139,8 @@ impl EngineConfig {
             n_ctx: model.n_ctx_train,
             max_waiting: 1024,
             kv_type: KvType::F16,
+            key_type: None,
+            value_type: None,
             kv_tail: None,
             n_cold_blocks: 0,
             attn: AttnKernel::Auto,
@@ -141,9 +148,24 @@ impl EngineConfig {
     }
 }
 
+impl EngineConfig {
+    /// How keys and values are stored: `kv_type` unless overridden.
+    pub fn kv_types(&self) -> (KvType, KvType) {
+        (
+            self.key_type.unwrap_or(self.kv_type),
+            self.value_type.unwrap_or(self.kv_type),
+        )
+    }
+}
+
 /// K and V bytes per token for `c` stored as `ty` (all layers).
 pub fn kv_bytes_per_token(c: &Config, ty: KvType) -> usize {
-    ty.bytes_per_token(c.n_layer, c.kv_dim())
+    kv_bytes_per_token_kv(c, ty, ty)
+}
+
+/// K and V bytes per token for `c` with keys stored as `k` and values as `v` (all layers).
+pub fn kv_bytes_per_token_kv(c: &Config, k: KvType, v: KvType) -> usize {
+    c.n_layer * (k.row_bytes(c.kv_dim()) + v.row_bytes(c.kv_dim()))
 }
 
 /// Blocks of `block_size` tokens that fit in `bytes` of KV memory of type `ty`.
@@ -394,14 +416,27 @@ impl Engine {
                 ));
             }
         }
-        if matches!(cfg.kv_type, KvType::Q8_0 | KvType::Q4_0) && c.head_dim % 32 != 0 {
+        let (k_ty, v_ty) = cfg.kv_types();
+        for (param, ty) in [
+            ("kv_type", cfg.kv_type),
+            ("key_type", k_ty),
+            ("value_type", v_ty),
+        ] {
+            if ty.is_quantized() && c.head_dim % 32 != 0 {
+                return Err(Error::param(
+                    param,
+                    format!(
+                        "kv type {} needs heads of a multiple of 32 values; this model's have {}",
+                        ty.name(),
+                        c.head_dim
+                    ),
+                ));
+            }
+        }
+        if cfg.kv_tail.is_some() && (cfg.key_type.is_some() || cfg.value_type.is_some()) {
             return Err(Error::param(
-                "kv_type",
-                format!(
-                    "kv type {} needs heads of a multiple of 32 values; this model's have {}",
-                    cfg.kv_type.name(),
-                    c.head_dim
-                ),
+                "key_type",
+                "separate key and value types do not combine with the two-tier KV mode".to_string(),
             ));
         }
         let (tx, rx) = mpsc::channel();

@@ -149,13 +149,14 @@ pub(crate) fn run(
                 cfg.n_cold_blocks,
                 cfg.kv_type,
             ),
-            None => KvCache::with_type(
+            None => KvCache::with_types(
                 c.n_layer,
                 c.kv_dim(),
                 c.head_dim,
                 cfg.block_size,
                 cfg.n_blocks,
-                cfg.kv_type,
+                cfg.kv_types().0,
+                cfg.kv_types().1,
             ),
         }
         .unwrap_or_else(|| KvCache::new(c.n_layer, c.kv_dim(), cfg.block_size, cfg.n_blocks)),

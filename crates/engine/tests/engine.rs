@@ -139,7 +139,17 @@ fn alone_kv(
     params: &GenerateParams,
     ty: KvType,
 ) -> (Vec<u32>, String) {
-    let mut r = Runner::with_kv_type(&f.model, f.pool.clone(), 1024, ty).expect("runner");
+    alone_kv2(f, prompt, params, ty, ty)
+}
+
+fn alone_kv2(
+    f: &Fixture,
+    prompt: &[u32],
+    params: &GenerateParams,
+    k_ty: KvType,
+    v_ty: KvType,
+) -> (Vec<u32>, String) {
+    let mut r = Runner::with_kv_types(&f.model, f.pool.clone(), 1024, k_ty, v_ty).expect("runner");
     let g = generate(&mut r, &f.tok, prompt, params, |_| {}).expect("generate");
     (g.tokens, g.text)
 }
@@ -564,15 +574,25 @@ fn quantized_kv_cache_serves_like_its_solo_run_and_reports_its_size() {
         ruvllm_engine::blocks_for_memory(c, KvType::Q8_0, 16, 1 << 20),
         (1 << 20) / (12240 * 16)
     );
+    // q8_0 keys with q4_0 values (llama.cpp's -ctk q8_0 -ctv q4_0).
+    assert_eq!(
+        ruvllm_engine::kv_bytes_per_token_kv(c, KvType::Q8_0, KvType::Q4_0),
+        30 * (192 / 32 * 34 + 192 / 32 * 18)
+    );
     let ps = prompts(&f.tok);
     let params = GenerateParams {
         max_tokens: Some(12),
         sampling: SamplingParams::greedy(),
         ..Default::default()
     };
-    for ty in [KvType::Q8_0, KvType::Q4_0] {
+    for (k_ty, v_ty) in [
+        (KvType::Q8_0, KvType::Q8_0),
+        (KvType::Q4_0, KvType::Q4_0),
+        (KvType::Q8_0, KvType::Q4_0),
+    ] {
         let e = engine(f, |c| {
-            c.kv_type = ty;
+            c.kv_type = v_ty;
+            c.key_type = (k_ty != v_ty).then_some(k_ty);
             c.n_blocks = 8;
             c.max_batch_tokens = 20;
         });
@@ -584,12 +604,22 @@ fn quantized_kv_cache_serves_like_its_solo_run_and_reports_its_size() {
             let o = collect(h, 1);
             assert_eq!(
                 o.tokens[0],
-                alone_kv(f, &ps[i], &params, ty).0,
-                "{ty:?} prompt {i}"
+                alone_kv2(f, &ps[i], &params, k_ty, v_ty).0,
+                "K {k_ty:?} V {v_ty:?} prompt {i}"
             );
         }
         assert!(e.metrics().preemptions > 0);
     }
+    // Separate key and value types do not combine with the two-tier mode.
+    let mut cfg = EngineConfig::new(c, 64);
+    cfg.kv_type = KvType::Q4_0;
+    cfg.key_type = Some(KvType::Q8_0);
+    cfg.kv_tail = Some(32);
+    cfg.n_cold_blocks = 64;
+    let err = Engine::start(f.model.clone(), f.tok.clone(), f.pool.clone(), cfg)
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("two-tier"), "{err}");
 }
 
 #[test]

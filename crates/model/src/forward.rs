@@ -202,20 +202,25 @@ impl<'m> Runner<'m> {
         n_ctx: usize,
         ty: crate::KvType,
     ) -> Result<Runner<'m>, Error> {
+        Self::with_kv_types(model, pool, n_ctx, ty, ty)
+    }
+
+    /// A runner whose KV cache stores keys as `k_ty` and values as `v_ty`.
+    pub fn with_kv_types(
+        model: &'m Model,
+        pool: Arc<ThreadPool>,
+        n_ctx: usize,
+        k_ty: crate::KvType,
+        v_ty: crate::KvType,
+    ) -> Result<Runner<'m>, Error> {
         let c = &model.config;
         let n_ctx = n_ctx.clamp(1, c.n_ctx_train);
-        let kv = KvCache::with_type(c.n_layer, c.kv_dim(), c.head_dim, n_ctx, 1, ty).ok_or_else(
-            || {
-                Error::new(ErrorKind::InvalidParam {
-                    param: "kv_type",
-                    message: format!(
-                        "--kv-type {} needs heads of a multiple of 32 values; this model's have {}",
-                        ty.name(),
-                        c.head_dim
-                    ),
-                })
-            },
-        )?;
+        let kv = KvCache::with_types(c.n_layer, c.kv_dim(), c.head_dim, n_ctx, 1, k_ty, v_ty).ok_or_else(|| {
+            Error::new(ErrorKind::InvalidParam {
+                param: "kv_type",
+                message: format!("--kv-type {}/{} needs heads of a multiple of 32 values; this model's have {}", k_ty.name(), v_ty.name(), c.head_dim),
+            })
+        })?;
         Ok(Runner {
             fwd: Forward::new(model, pool),
             kv,

@@ -53,6 +53,11 @@ impl KvType {
     pub fn bytes_per_token(self, n_layer: usize, kv_dim: usize) -> usize {
         n_layer * 2 * self.row_bytes(kv_dim)
     }
+    /// Whether the type stores 32-value blocks with a scale (q8_0, q4_0): heads must hold
+    /// whole blocks, and the cache stores them Hadamard-rotated.
+    pub fn is_quantized(self) -> bool {
+        matches!(self, KvType::Q8_0 | KvType::Q4_0)
+    }
 }
 
 /// Keys and values of every layer, in blocks.
@@ -66,9 +71,14 @@ pub struct KvCache {
     kv_dim: usize,
     block_size: usize,
     n_blocks: usize,
-    ty: KvType,
-    /// 16-bit words per row.
-    row_words: usize,
+    /// How keys are stored.
+    k_ty: KvType,
+    /// How values are stored.
+    v_ty: KvType,
+    /// 16-bit words per key row.
+    k_words: usize,
+    /// 16-bit words per value row.
+    v_words: usize,
     /// Two-tier mode: the cold tier, holding block ids `n_blocks..n_blocks + cold.n_blocks`
     /// (rows after the hot ones) in a quantized type.
     cold: Option<Box<KvCache>>,
@@ -77,7 +87,14 @@ pub struct KvCache {
 impl KvCache {
     /// f16 storage for `n_blocks` blocks of `block_size` positions in each of `n_layer` layers.
     pub fn new(n_layer: usize, kv_dim: usize, block_size: usize, n_blocks: usize) -> KvCache {
-        Self::build(n_layer, kv_dim, block_size, n_blocks, KvType::F16)
+        Self::build(
+            n_layer,
+            kv_dim,
+            block_size,
+            n_blocks,
+            KvType::F16,
+            KvType::F16,
+        )
     }
 
     /// Storage of type `ty`; the quantized types need heads of a multiple of 32 values (their
@@ -90,10 +107,28 @@ impl KvCache {
         n_blocks: usize,
         ty: KvType,
     ) -> Option<KvCache> {
-        if matches!(ty, KvType::Q8_0 | KvType::Q4_0) && head_dim % 32 != 0 {
+        Self::with_types(n_layer, kv_dim, head_dim, block_size, n_blocks, ty, ty)
+    }
+
+    /// Keys stored as `k_ty` and values as `v_ty` (llama.cpp's `-ctk`/`-ctv`): 4-bit keys are
+    /// what a 4-bit cache loses most by (docs/BENCHMARKS.md), so q8_0 keys with q4_0 values
+    /// keep most of the saving. `None` as [`with_type`](Self::with_type).
+    #[allow(clippy::too_many_arguments)]
+    pub fn with_types(
+        n_layer: usize,
+        kv_dim: usize,
+        head_dim: usize,
+        block_size: usize,
+        n_blocks: usize,
+        k_ty: KvType,
+        v_ty: KvType,
+    ) -> Option<KvCache> {
+        if (k_ty.is_quantized() || v_ty.is_quantized()) && head_dim % 32 != 0 {
             return None;
         }
-        Some(Self::build(n_layer, kv_dim, block_size, n_blocks, ty))
+        Some(Self::build(
+            n_layer, kv_dim, block_size, n_blocks, k_ty, v_ty,
+        ))
     }
 
     fn build(
@@ -101,18 +136,21 @@ impl KvCache {
         kv_dim: usize,
         block_size: usize,
         n_blocks: usize,
-        ty: KvType,
+        k_ty: KvType,
+        v_ty: KvType,
     ) -> KvCache {
-        let row_words = ty.row_bytes(kv_dim) / 2;
-        let n = n_blocks * block_size * row_words;
+        let (k_words, v_words) = (k_ty.row_bytes(kv_dim) / 2, v_ty.row_bytes(kv_dim) / 2);
+        let rows = n_blocks * block_size;
         KvCache {
-            k: (0..n_layer).map(|_| vec![0u16; n]).collect(),
-            v: (0..n_layer).map(|_| vec![0u16; n]).collect(),
+            k: (0..n_layer).map(|_| vec![0u16; rows * k_words]).collect(),
+            v: (0..n_layer).map(|_| vec![0u16; rows * v_words]).collect(),
             kv_dim,
             block_size,
             n_blocks,
-            ty,
-            row_words,
+            k_ty,
+            v_ty,
+            k_words,
+            v_words,
             cold: None,
         }
     }
@@ -130,7 +168,7 @@ impl KvCache {
         n_cold: usize,
         cold_ty: KvType,
     ) -> Option<KvCache> {
-        let mut kv = Self::build(n_layer, kv_dim, block_size, n_hot, KvType::F16);
+        let mut kv = Self::build(n_layer, kv_dim, block_size, n_hot, KvType::F16, KvType::F16);
         kv.cold = Some(Box::new(Self::with_type(
             n_layer, kv_dim, head_dim, block_size, n_cold, cold_ty,
         )?));
@@ -156,14 +194,14 @@ impl KvCache {
             for j in 0..bs {
                 let (hs, cs) = (src as usize * bs + j, (dst - n_hot) as usize * bs + j);
                 decode_row(
-                    self.ty,
-                    &self.k[layer][hs * self.row_words..(hs + 1) * self.row_words],
+                    self.k_ty,
+                    &self.k[layer][hs * self.k_words..(hs + 1) * self.k_words],
                     0,
                     &mut k,
                 );
                 decode_row(
-                    self.ty,
-                    &self.v[layer][hs * self.row_words..(hs + 1) * self.row_words],
+                    self.v_ty,
+                    &self.v[layer][hs * self.v_words..(hs + 1) * self.v_words],
                     0,
                     &mut v,
                 );
@@ -172,9 +210,14 @@ impl KvCache {
         }
     }
 
-    /// The storage type.
-    pub fn kv_type(&self) -> KvType {
-        self.ty
+    /// How keys are stored.
+    pub fn key_type(&self) -> KvType {
+        self.k_ty
+    }
+
+    /// How values are stored.
+    pub fn value_type(&self) -> KvType {
+        self.v_ty
     }
 
     /// Whether keys and values of heads of `head_dim` values are stored Hadamard-rotated: for
@@ -183,8 +226,8 @@ impl KvCache {
     /// the same function while 4-bit blocks no longer lose a head's small channels to its one
     /// outlier channel.
     pub fn rotated(&self, head_dim: usize) -> bool {
-        let quantized = |t: KvType| matches!(t, KvType::Q8_0 | KvType::Q4_0);
-        (quantized(self.ty) || self.cold.as_ref().is_some_and(|c| quantized(c.ty)))
+        let quantized = |c: &KvCache| c.k_ty.is_quantized() || c.v_ty.is_quantized();
+        (quantized(self) || self.cold.as_deref().is_some_and(quantized))
             && head_dim.is_power_of_two()
     }
     /// Positions per block.
@@ -201,7 +244,7 @@ impl KvCache {
     }
     /// Bytes of K and V per token over all layers.
     pub fn bytes_per_token(&self) -> usize {
-        self.ty.bytes_per_token(self.k.len(), self.kv_dim)
+        self.k.len() * (self.k_ty.row_bytes(self.kv_dim) + self.v_ty.row_bytes(self.kv_dim))
     }
     /// Bytes allocated (both tiers).
     pub fn bytes(&self) -> usize {
@@ -225,10 +268,12 @@ impl KvCache {
             }
             return;
         }
-        let w = self.block_size * self.row_words;
-        let (s, d) = (src as usize * w, dst as usize * w);
-        for layer in self.k.iter_mut().chain(self.v.iter_mut()) {
-            layer.copy_within(s..s + w, d);
+        for (layers, words) in [(&mut self.k, self.k_words), (&mut self.v, self.v_words)] {
+            let w = self.block_size * words;
+            let (s, d) = (src as usize * w, dst as usize * w);
+            for layer in layers.iter_mut() {
+                layer.copy_within(s..s + w, d);
+            }
         }
     }
 
@@ -241,21 +286,20 @@ impl KvCache {
             }
             return;
         }
-        let (ty, rw) = (self.ty, self.row_words);
-        let o = slot * rw;
-        encode_row(ty, k, &mut self.k[layer][o..o + rw]);
-        encode_row(ty, v, &mut self.v[layer][o..o + rw]);
+        let (kw, vw) = (self.k_words, self.v_words);
+        encode_row(self.k_ty, k, &mut self.k[layer][slot * kw..(slot + 1) * kw]);
+        encode_row(self.v_ty, v, &mut self.v[layer][slot * vw..(slot + 1) * vw]);
     }
 
     /// Key rows of a layer as f16, when the cache stores f16 (the fast path; hot rows only in
     /// two-tier mode): `[rows × kv_dim]`.
     pub(crate) fn keys_f16(&self, layer: usize) -> Option<&[f16]> {
-        (self.ty == KvType::F16).then(|| self.k[layer].reinterpret_cast())
+        (self.k_ty == KvType::F16).then(|| self.k[layer].reinterpret_cast())
     }
 
     /// Value rows of a layer as f16, when the cache stores f16: `[rows × kv_dim]`.
     pub(crate) fn values_f16(&self, layer: usize) -> Option<&[f16]> {
-        (self.ty == KvType::F16).then(|| self.v[layer].reinterpret_cast())
+        (self.v_ty == KvType::F16).then(|| self.v[layer].reinterpret_cast())
     }
 
     /// Values `off..off + out.len()` of row `slot` of a layer's keys (`value = false`) or values,
@@ -268,13 +312,12 @@ impl KvCache {
             }
             return;
         }
-        let rows = if value {
-            &self.v[layer]
+        let (rows, words, ty) = if value {
+            (&self.v[layer], self.v_words, self.v_ty)
         } else {
-            &self.k[layer]
+            (&self.k[layer], self.k_words, self.k_ty)
         };
-        let row = &rows[slot * self.row_words..(slot + 1) * self.row_words];
-        decode_row(self.ty, row, off, out);
+        decode_row(ty, &rows[slot * words..(slot + 1) * words], off, out);
     }
 }
 
@@ -395,6 +438,56 @@ mod tests {
         }
         assert!(
             KvCache::with_type(1, 96, 48, 4, 1, KvType::Q8_0).is_none(),
+            "heads must hold whole blocks"
+        );
+    }
+
+    /// Keys and values of different types: each row in its own type (sizes, round trip within
+    /// that type's tolerance, block copies of both), and the cache is rotated when either is
+    /// quantized.
+    #[test]
+    fn keys_and_values_keep_their_own_types() {
+        let kvd = 128;
+        let x: Vec<f32> = (0..kvd)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        let y: Vec<f32> = x.iter().map(|v| -v * 0.5).collect();
+        for (k_ty, v_ty, k_tol, v_tol) in [
+            (KvType::Q8_0, KvType::Q4_0, 0.03, 0.5),
+            (KvType::F16, KvType::Q8_0, 4e-3, 0.03),
+            (KvType::Q4_0, KvType::F32, 0.5, 0.0),
+        ] {
+            let mut kv = KvCache::with_types(2, kvd, 64, 4, 3, k_ty, v_ty).unwrap();
+            assert_eq!(
+                kv.bytes_per_token(),
+                2 * (k_ty.row_bytes(kvd) + v_ty.row_bytes(kvd))
+            );
+            assert_eq!((kv.key_type(), kv.value_type()), (k_ty, v_ty));
+            assert!(kv.rotated(64));
+            assert_eq!(kv.keys_f16(1).is_some(), k_ty == KvType::F16);
+            assert_eq!(kv.values_f16(1).is_some(), v_ty == KvType::F16);
+            kv.write(1, 7, &x, &y);
+            kv.copy_block(1, 2);
+            for slot in [7, 11] {
+                let mut out = vec![0f32; kvd];
+                kv.read(1, false, slot, 0, &mut out);
+                assert!(
+                    out.iter()
+                        .zip(&x)
+                        .all(|(a, b)| (a - b).abs() <= k_tol * b.abs().max(1.0)),
+                    "{k_ty:?} keys"
+                );
+                kv.read(1, true, slot, 0, &mut out);
+                assert!(
+                    out.iter()
+                        .zip(&y)
+                        .all(|(a, b)| (a - b).abs() <= v_tol * b.abs().max(1.0)),
+                    "{v_ty:?} values"
+                );
+            }
+        }
+        assert!(
+            KvCache::with_types(1, 96, 48, 4, 1, KvType::F16, KvType::Q4_0).is_none(),
             "heads must hold whole blocks"
         );
     }

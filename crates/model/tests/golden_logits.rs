@@ -277,7 +277,18 @@ fn perplexity_with(
     ty: KvType,
     kernel: AttnKernel,
 ) -> f64 {
-    let mut r = Runner::with_kv_type(model, pool.clone(), tokens.len(), ty).unwrap();
+    perplexity_kv(model, pool, tokens, ty, ty, kernel)
+}
+
+fn perplexity_kv(
+    model: &Model,
+    pool: &Arc<ThreadPool>,
+    tokens: &[u32],
+    k_ty: KvType,
+    v_ty: KvType,
+    kernel: AttnKernel,
+) -> f64 {
+    let mut r = Runner::with_kv_types(model, pool.clone(), tokens.len(), k_ty, v_ty).unwrap();
     r.set_attention(kernel);
     let logits = r.forward(tokens, Logits::All).unwrap();
     let nv = model.config.n_vocab;
@@ -288,13 +299,13 @@ fn perplexity_with(
     (nll / (tokens.len() - 1) as f64).exp()
 }
 
-/// Quantized KV caches keep perplexity within 0.5% (q8_0, and f32) of the f16 cache, and q4_0
-/// within `q4_limit`, measured on [`long_text`].
+/// Quantized KV caches keep perplexity within 0.5% (q8_0, and f32) of the f16 cache, q4_0
+/// within `q4_limit`, and q8_0 keys with q4_0 values within 3%, measured on [`long_text`].
 ///
 /// NOTE: the target for q4_0 is 3%; these small models miss it (on the long text +4.3% SmolLM2,
-/// +11.9% Gemma-3, with Hadamard-rotated heads; the two-tier mode with a 64-token f16 tail meets it). Quantizing only K or only V to 4 bits costs
-/// about 2.0% and 1.4% on SmolLM2, so neither alone is the culprit. The bounds below pin
-/// today's quality so a regression fails.
+/// +11.9% Gemma-3, with Hadamard-rotated heads; the two-tier mode with a 64-token f16 tail
+/// meets it). The 4-bit keys are what costs: q8_0 keys with q4_0 values (6.5 bits a value)
+/// meet it. The q4_0 bounds below pin today's quality so a regression fails.
 fn kv_types_keep_perplexity(model_name: &str, json: &str, q4_limit: f64) {
     let Some((model, tok, pool, tokens)) = with_long_text(model_name) else {
         return;
@@ -304,26 +315,31 @@ fn kv_types_keep_perplexity(model_name: &str, json: &str, q4_limit: f64) {
     assert!(tokens.len() > 1500, "{}", tokens.len());
     let base = perplexity_of(&model, &pool, &tokens, KvType::F16);
     let golden_base = perplexity_of(&model, &pool, &golden_tokens, KvType::F16);
-    for (ty, limit) in [
-        (KvType::F32, 0.005),
-        (KvType::Q8_0, 0.005),
-        (KvType::Q4_0, q4_limit),
+    for (k_ty, v_ty, limit) in [
+        (KvType::F32, KvType::F32, 0.005),
+        (KvType::Q8_0, KvType::Q8_0, 0.005),
+        (KvType::Q4_0, KvType::Q4_0, q4_limit),
+        (KvType::Q8_0, KvType::Q4_0, 0.03),
     ] {
-        let ppl = perplexity_of(&model, &pool, &tokens, ty);
+        let auto = AttnKernel::Auto;
+        let ppl = perplexity_kv(&model, &pool, &tokens, k_ty, v_ty, auto);
         let rel = ppl / base - 1.0;
-        let gp = perplexity_of(&model, &pool, &golden_tokens, ty);
+        let gp = perplexity_kv(&model, &pool, &golden_tokens, k_ty, v_ty, auto);
+        let c = &model.config;
         eprintln!(
-            "{model_name}: kv {}: perplexity {ppl:.4} vs f16 {base:.4} ({:+.3}%) over {} tokens; golden text {gp:.4} vs {golden_base:.4} ({:+.3}%); {} bytes/token",
-            ty.name(),
+            "{model_name}: kv K {} V {}: perplexity {ppl:.4} vs f16 {base:.4} ({:+.3}%) over {} tokens; golden text {gp:.4} vs {golden_base:.4} ({:+.3}%); {} bytes/token",
+            k_ty.name(),
+            v_ty.name(),
             100.0 * rel,
             tokens.len(),
             100.0 * (gp / golden_base - 1.0),
-            ty.bytes_per_token(model.config.n_layer, model.config.kv_dim())
+            c.n_layer * (k_ty.row_bytes(c.kv_dim()) + v_ty.row_bytes(c.kv_dim()))
         );
         assert!(
             rel.abs() <= limit,
-            "{model_name} kv {}: perplexity {ppl} vs f16 {base}",
-            ty.name()
+            "{model_name} kv K {} V {}: perplexity {ppl} vs f16 {base}",
+            k_ty.name(),
+            v_ty.name()
         );
     }
 }
