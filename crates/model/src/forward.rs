@@ -987,8 +987,41 @@ fn attention(
     let scale = c.attn_scale;
     let optr = SyncPtr::new(out);
     let sub_groups = group.div_ceil(MAX_GROUP);
-    pool.run(n * nkv * sub_groups, &|task| {
-        let (i, rest) = (task / (nkv * sub_groups), task % (nkv * sub_groups));
+    let sub = nkv * sub_groups;
+    // A one-sequence prefill without a sliding window runs the tokens whose span takes the
+    // flash kernel in blocks of FLASH_QUERIES (positions grow with the token index, so they
+    // are the tokens from f0 on); the others one task per token.
+    let f0 = match (seqs.len(), kv_f32, window) {
+        (1, Some(_), None) => (0..n)
+            .find(|&i| kernel.flash_for(tok_pos[i] + 1))
+            .unwrap_or(n),
+        _ => n,
+    };
+    let n_blocks = (n - f0).div_ceil(FLASH_QUERIES);
+    pool.run(f0 * sub + n_blocks * sub, &|task| {
+        if task >= f0 * sub {
+            let (b, rest) = ((task - f0 * sub) / sub, (task - f0 * sub) % sub);
+            let (g, sg) = (rest / sub_groups, rest % sub_groups);
+            let i0 = f0 + b * FLASH_QUERIES;
+            if let Some((kf, vf)) = kv_f32 {
+                let gn = (group - sg * MAX_GROUP).min(MAX_GROUP);
+                flash_block(
+                    c,
+                    q,
+                    tok_pos,
+                    i0,
+                    (i0 + FLASH_QUERIES).min(n),
+                    g,
+                    g * group + sg * MAX_GROUP,
+                    gn,
+                    kf,
+                    vf,
+                    optr,
+                );
+            }
+            return;
+        }
+        let (i, rest) = (task / sub, task % sub);
         let (g, sg) = (rest / sub_groups, rest % sub_groups);
         let h0 = g * group + sg * MAX_GROUP;
         let gn = (group - sg * MAX_GROUP).min(MAX_GROUP);
@@ -1045,26 +1078,15 @@ fn attention(
                         // converted from the cache into a tile buffer (stride hd).
                         let (keys_at, kstride) = keys.tile(p0, p1, rows);
                         for j in 0..gn {
-                            let t = &mut tile[j][..m];
-                            ops::dot_rows(
+                            flash_scores(
                                 &qs[j * hd..(j + 1) * hd],
                                 keys_at.unwrap_or(rows),
                                 kstride,
-                                t,
+                                scale,
+                                &mut tile[j][..m],
+                                (&mut mx[j], &mut sum[j]),
+                                &mut acc[j][..hd],
                             );
-                            t.iter_mut().for_each(|v| *v *= scale);
-                            let mtile = t.iter().fold(mx[j], |m, &v| m.max(v));
-                            if mtile > mx[j] && sum[j] > 0.0 {
-                                // The maximum grew: what was accumulated against the old one shrinks.
-                                let c = (mx[j] - mtile).exp();
-                                sum[j] *= c;
-                                acc[j][..hd].iter_mut().for_each(|a| *a *= c);
-                            }
-                            mx[j] = mtile;
-                            for v in t.iter_mut() {
-                                *v = (*v - mtile).exp();
-                                sum[j] += *v;
-                            }
                         }
                         let (values_at, vstride) = values.tile(p0, p1, rows);
                         for j in 0..gn {
@@ -1169,6 +1191,129 @@ fn attention(
                 }
             });
         });
+    });
+}
+
+/// One key tile of the flash kernel for one query head: the scores of the tile's keys (`keys`,
+/// rows at `kstride`, as many as `t` holds) scaled into `t`, the online softmax's running
+/// maximum and sum (`state`) updated — the accumulated output `acc` shrinks when the maximum
+/// grows — and `t` left holding the tile's unnormalized probabilities for the values.
+fn flash_scores(
+    q: &[f32],
+    keys: &[f32],
+    kstride: usize,
+    scale: f32,
+    t: &mut [f32],
+    state: (&mut f32, &mut f32),
+    acc: &mut [f32],
+) {
+    let (mx, sum) = state;
+    ops::dot_rows(q, keys, kstride, t);
+    t.iter_mut().for_each(|v| *v *= scale);
+    let mtile = t.iter().fold(*mx, |m, &v| m.max(v));
+    if mtile > *mx && *sum > 0.0 {
+        // The maximum grew: what was accumulated against the old one shrinks.
+        let c = (*mx - mtile).exp();
+        *sum *= c;
+        acc.iter_mut().for_each(|a| *a *= c);
+    }
+    *mx = mtile;
+    for v in t.iter_mut() {
+        *v = (*v - mtile).exp();
+        *sum += *v;
+    }
+}
+
+/// Query tokens whose flash attention one prefill task runs together (they share each key and
+/// value tile while it is in L1).
+const FLASH_QUERIES: usize = 8;
+
+thread_local! {
+    /// Per-thread state of a block of flash queries: rounded queries and accumulators,
+    /// `[2 × FLASH_QUERIES × MAX_GROUP × hd]`.
+    static FLASH_BLOCK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The flash kernel for query tokens `i0..i1` of a one-sequence prefill (positions
+/// `tok_pos[i0..i1]`, no sliding window) and the `gn` query heads from `h0` sharing KV head `g`,
+/// over the prefill's f32 keys and values (`kf`, `vf`: rows by position at stride `kvd`): each
+/// key tile is read once for all the block's queries. Every query's arithmetic is exactly the
+/// per-token flash path's (same tiles, same operations in the same order), so results do not
+/// depend on how queries are grouped.
+#[allow(clippy::too_many_arguments)]
+fn flash_block(
+    c: &crate::Config,
+    q: &[f32],
+    tok_pos: &[usize],
+    i0: usize,
+    i1: usize,
+    g: usize,
+    h0: usize,
+    gn: usize,
+    kf: &[f32],
+    vf: &[f32],
+    out: SyncPtr<f32>,
+) {
+    let (hd, kvd, qd) = (c.head_dim, c.kv_dim(), c.q_dim());
+    let scale = c.attn_scale;
+    let nq = i1 - i0;
+    let koff = g * hd;
+    FLASH_BLOCK.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        let per = MAX_GROUP * hd;
+        if buf.len() < 2 * FLASH_QUERIES * per {
+            buf.resize(2 * FLASH_QUERIES * per, 0.0);
+        }
+        let (qs, accs) = buf.split_at_mut(FLASH_QUERIES * per);
+        for t in 0..nq {
+            let i = i0 + t;
+            let qt = &mut qs[t * per..t * per + gn * hd];
+            qt.copy_from_slice(&q[i * qd + h0 * hd..i * qd + (h0 + gn) * hd]);
+            ops::round_f16(qt);
+            accs[t * per..t * per + gn * hd].fill(0.0);
+        }
+        let mut mx = [[f32::NEG_INFINITY; MAX_GROUP]; FLASH_QUERIES];
+        let mut sum = [[0f32; MAX_GROUP]; FLASH_QUERIES];
+        let mut tile = [[0f32; FLASH_TILE]; MAX_GROUP];
+        let last = tok_pos[i1 - 1];
+        let mut p0 = 0;
+        while p0 <= last {
+            let (keys_at, values_at) = (&kf[p0 * kvd + koff..], &vf[p0 * kvd + koff..]);
+            for t in 0..nq {
+                let pos = tok_pos[i0 + t];
+                if pos < p0 {
+                    continue;
+                }
+                let m = (p0 + FLASH_TILE).min(pos + 1) - p0;
+                for j in 0..gn {
+                    let o = t * per + j * hd;
+                    flash_scores(
+                        &qs[o..o + hd],
+                        keys_at,
+                        kvd,
+                        scale,
+                        &mut tile[j][..m],
+                        (&mut mx[t][j], &mut sum[t][j]),
+                        &mut accs[o..o + hd],
+                    );
+                }
+                for j in 0..gn {
+                    let o = t * per + j * hd;
+                    ops::weighted_sum(&tile[j][..m], values_at, kvd, &mut accs[o..o + hd]);
+                }
+            }
+            p0 += FLASH_TILE;
+        }
+        for t in 0..nq {
+            let i = i0 + t;
+            for j in 0..gn {
+                let inv = 1.0 / sum[t][j];
+                // SAFETY: this task alone writes query head h0 + j of token i, inside the buffer.
+                let o = unsafe { out.slice(i * qd + (h0 + j) * hd, hd) };
+                let a = &accs[t * per + j * hd..t * per + (j + 1) * hd];
+                o.iter_mut().zip(a).for_each(|(o, a)| *o = a * inv);
+            }
+        }
     });
 }
 
@@ -1332,7 +1477,8 @@ mod tests {
     /// Both attention kernels against an f64 reference, for GQA with spans across many flash
     /// tiles (and a sliding window), decode from the f16 rows and prefill from f32 copies. The
     /// flash kernel is within ~6e-7 of the reference; the two-pass one ~2.5e-4 (its
-    /// probabilities are rounded to f16, as llama.cpp's are).
+    /// probabilities are rounded to f16, as llama.cpp's are). The flash prefill over f32 copies
+    /// runs its 11 queries in blocks (8 + 3) and must equal the per-token path bit for bit.
     #[test]
     fn flash_and_two_pass_kernels_match_an_f64_reference() {
         let pool = ThreadPool::new(2);
@@ -1354,8 +1500,8 @@ mod tests {
                     &vals[p * kvd..(p + 1) * kvd],
                 );
             }
-            // The last 3 positions as new tokens of one sequence.
-            let n = 3;
+            // The last 11 positions as new tokens of one sequence.
+            let n = 11;
             let q = uniform(n * qd, 3, 3.0);
             let tokens = vec![0u32; n];
             let seqs = [SeqInput {
@@ -1372,6 +1518,7 @@ mod tests {
                 kv.read(0, false, p, 0, &mut k32[p * kvd..(p + 1) * kvd]);
                 kv.read(0, true, p, 0, &mut v32[p * kvd..(p + 1) * kvd]);
             }
+            let mut per_token_flash = Vec::new();
             for f32_rows in [false, true] {
                 let rows = f32_rows.then_some((&k32[..], &v32[..]));
                 for (kernel, tol) in [(AttnKernel::Flash, 2e-6), (AttnKernel::TwoPass, 1e-3)] {
@@ -1380,6 +1527,16 @@ mod tests {
                         &pool, &c, &kv, &seqs, &tok_seq, &tok_pos, rows, 0, window, kernel, &q,
                         &mut out,
                     );
+                    if kernel == AttnKernel::Flash {
+                        if f32_rows {
+                            assert!(
+                                out.iter().zip(&per_token_flash).all(|(a, b): (&f32, &f32)| a.to_bits() == b.to_bits()),
+                                "flash blocks differ from the per-token flash path ({n_head}/{n_head_kv} heads of {hd})"
+                            );
+                        } else {
+                            per_token_flash = out.clone();
+                        }
+                    }
                     for i in 0..n {
                         let want = reference(&c, &kv, &q[i * qd..(i + 1) * qd], tok_pos[i], window);
                         let err = want
