@@ -151,9 +151,7 @@ fn serving(a: &BenchArgs, l: crate::Loaded) -> Result<(), Error> {
     let mut cfg = EngineConfig::new(&c, n_blocks);
     cfg.attn = l.attn;
     let (k_ty, v_ty) = crate::kv_types(kv_type, a.kv_type_k.as_deref(), a.kv_type_v.as_deref())?;
-    cfg.kv_type = kv_type;
-    cfg.key_type = (k_ty != kv_type).then_some(k_ty);
-    cfg.value_type = (v_ty != kv_type).then_some(v_ty);
+    cfg.set_kv_types(kv_type, k_ty, v_ty);
     cfg.max_seqs = max_np.max(1);
     cfg.n_ctx = c.n_ctx_train;
     let tokens = tokens_for(&l, a.np_prompt * max_np + prefix + 32);

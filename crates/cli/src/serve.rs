@@ -5,7 +5,8 @@ use crate::error::Error;
 use crate::{load, ModelArgs};
 use clap::Args;
 use ruvllm_engine::{
-    blocks_for_memory, kv_bytes_per_token, kv_bytes_per_token_kv, Engine, EngineConfig,
+    blocks_for_memory, blocks_for_memory_kv, kv_bytes_per_token, kv_bytes_per_token_kv, Engine,
+    EngineConfig,
 };
 use ruvllm_model::{registry, KvType};
 use ruvllm_server::{AppState, ServerConfig};
@@ -252,10 +253,7 @@ pub fn run(a: ServeArgs) -> Result<(), Error> {
     };
     let n_ctx = a.model.ctx_size.min(c.n_ctx_train);
     let (n_blocks, n_cold) = match a.kv_tail {
-        None => (
-            (budget / (kv_bytes_per_token_kv(c, k_ty, v_ty) * a.block_size) as u64) as usize,
-            0,
-        ),
+        None => (blocks_for_memory_kv(c, k_ty, v_ty, a.block_size, budget), 0),
         Some(tail) => {
             if kv_type == KvType::F16 || kv_type == KvType::F32 {
                 return Err(Error::usage(
@@ -315,9 +313,7 @@ pub fn run(a: ServeArgs) -> Result<(), Error> {
     cfg.max_waiting = a.max_queue;
     cfg.prefix_caching = !a.no_prefix_caching;
     cfg.n_ctx = n_ctx;
-    cfg.kv_type = kv_type;
-    cfg.key_type = (k_ty != kv_type).then_some(k_ty);
-    cfg.value_type = (v_ty != kv_type).then_some(v_ty);
+    cfg.set_kv_types(kv_type, k_ty, v_ty);
     cfg.kv_tail = a.kv_tail;
     cfg.n_cold_blocks = n_cold;
     let n_embd = c.n_embd;

@@ -156,6 +156,14 @@ impl EngineConfig {
             self.value_type.unwrap_or(self.kv_type),
         )
     }
+
+    /// Stores keys as `k` and values as `v`, `kv_type` the type both default to (the
+    /// overrides are set only where they differ from it).
+    pub fn set_kv_types(&mut self, kv_type: KvType, k: KvType, v: KvType) {
+        self.kv_type = kv_type;
+        self.key_type = (k != kv_type).then_some(k);
+        self.value_type = (v != kv_type).then_some(v);
+    }
 }
 
 /// K and V bytes per token for `c` stored as `ty` (all layers).
@@ -165,12 +173,24 @@ pub fn kv_bytes_per_token(c: &Config, ty: KvType) -> usize {
 
 /// K and V bytes per token for `c` with keys stored as `k` and values as `v` (all layers).
 pub fn kv_bytes_per_token_kv(c: &Config, k: KvType, v: KvType) -> usize {
-    c.n_layer * (k.row_bytes(c.kv_dim()) + v.row_bytes(c.kv_dim()))
+    KvType::pair_bytes_per_token(k, v, c.n_layer, c.kv_dim())
 }
 
 /// Blocks of `block_size` tokens that fit in `bytes` of KV memory of type `ty`.
 pub fn blocks_for_memory(c: &Config, ty: KvType, block_size: usize, bytes: u64) -> usize {
-    (bytes / (kv_bytes_per_token(c, ty) * block_size.max(1)) as u64) as usize
+    blocks_for_memory_kv(c, ty, ty, block_size, bytes)
+}
+
+/// Blocks of `block_size` tokens that fit in `bytes` of KV memory, keys stored as `k` and values
+/// as `v`.
+pub fn blocks_for_memory_kv(
+    c: &Config,
+    k: KvType,
+    v: KvType,
+    block_size: usize,
+    bytes: u64,
+) -> usize {
+    (bytes / (kv_bytes_per_token_kv(c, k, v) * block_size.max(1)) as u64) as usize
 }
 
 /// One request: a prompt and how to continue it (or embed it).

@@ -139,8 +139,8 @@ pub(crate) fn run(
     let mut st = State {
         tok,
         fwd: Forward::new(&model, pool),
-        kv: match cfg.kv_tail {
-            Some(_) => KvCache::with_tiers(
+        kv: match (cfg.kv_tail, cfg.kv_types()) {
+            (Some(_), _) => KvCache::with_tiers(
                 c.n_layer,
                 c.kv_dim(),
                 c.head_dim,
@@ -149,14 +149,14 @@ pub(crate) fn run(
                 cfg.n_cold_blocks,
                 cfg.kv_type,
             ),
-            None => KvCache::with_types(
+            (None, (k_ty, v_ty)) => KvCache::with_types(
                 c.n_layer,
                 c.kv_dim(),
                 c.head_dim,
                 cfg.block_size,
                 cfg.n_blocks,
-                cfg.kv_types().0,
-                cfg.kv_types().1,
+                k_ty,
+                v_ty,
             ),
         }
         .unwrap_or_else(|| KvCache::new(c.n_layer, c.kv_dim(), cfg.block_size, cfg.n_blocks)),

@@ -8,24 +8,11 @@ use ruvllm_kernels::GgmlType;
 use std::hint::black_box;
 use std::time::Instant;
 
-fn random_bytes(n: usize, mut s: u64) -> Vec<u8> {
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 24) as u8
-        })
-        .collect()
-}
+mod common;
+use common::random_bytes;
 
 fn matrix(ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
-    let mut b = random_bytes(rows * cols / ty.block_size() * ty.type_size(), 42);
-    // Keep f16 scales finite: clear the exponent's top bit of every byte pair.
-    for x in b.iter_mut().skip(1).step_by(2) {
-        *x &= 0x3b;
-    }
-    b
+    common::matrix(ty, rows, cols, 42)
 }
 
 fn main() {

@@ -12,16 +12,8 @@ use ruvllm_kernels::pool::ThreadPool;
 use ruvllm_kernels::GgmlType;
 use std::time::Instant;
 
-fn random_bytes(n: usize, mut s: u64) -> Vec<u8> {
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 24) as u8
-        })
-        .collect()
-}
+mod common;
+use common::random_bytes;
 
 fn main() {
     if std::env::args().nth(1).as_deref() == Some("step") {
@@ -40,11 +32,7 @@ fn main() {
         (GgmlType::Q4_1, 576, 1536),
         (GgmlType::Q8_0, 49152, 576),
     ] {
-        let mut data = random_bytes(rows * cols / 32 * ty.type_size(), 42);
-        // Finite f16 scales: clear the exponent's top bits of every byte pair.
-        for x in data.iter_mut().skip(1).step_by(2) {
-            *x &= 0x3b;
-        }
+        let data = common::matrix(ty, rows, cols, 42);
         let Some(packed) = pack(ty, rows, cols, &data) else {
             continue;
         };
@@ -90,11 +78,7 @@ fn main() {
 fn model_step(threads: &[usize]) {
     let (d, kv, ff, vocab) = (576, 192, 1536, 49152);
     let random_packed = |ty: GgmlType, rows: usize, cols: usize, seed: u64| {
-        let mut data = random_bytes(rows * cols / 32 * ty.type_size(), seed);
-        for x in data.iter_mut().skip(1).step_by(2) {
-            *x &= 0x3b;
-        }
-        pack(ty, rows, cols, &data).expect("packable")
+        pack(ty, rows, cols, &common::matrix(ty, rows, cols, seed)).expect("packable")
     };
     let mut mats: Vec<(GgmlType, usize, usize, Vec<u8>)> = Vec::new();
     for l in 0..30u64 {

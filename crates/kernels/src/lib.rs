@@ -54,6 +54,24 @@ pub fn uniform(n: usize, seed: u64, scale: f32) -> Vec<f32> {
         .collect()
 }
 
+/// Asks the cache for every line of the `len` bytes at `p`, the last one included whatever the
+/// alignment: the kernels' software prefetch. A hint: nothing is dereferenced, so an address
+/// past the end of a buffer is harmless.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "sse")]
+pub(crate) fn prefetch_bytes(p: *const u8, len: usize) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    let mut o = 0;
+    while o < len {
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(o) as *const i8);
+        o += 64;
+    }
+    if len > 0 {
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(len - 1) as *const i8);
+    }
+}
+
 /// A raw pointer that parallel tasks use to write disjoint parts of one buffer.
 ///
 /// Whoever creates it promises that the buffer outlives every task and that no two tasks write

@@ -625,10 +625,7 @@ mod x86 {
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     fn hsum2(s0: __m256, s1: __m256) -> f32 {
-        let v = _mm256_add_ps(s0, s1);
-        let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)))
+        hsum8(_mm256_add_ps(s0, s1))
     }
 
     /// Eight row sums reduced into one vector: lane i = Σ of v[i]'s lanes.
@@ -967,20 +964,15 @@ mod x86 {
         })
     }
 
-    /// Prefetches the cache lines of `len` f16 values at `rows[at..]` (a hint: an address past
-    /// the end is never dereferenced).
+    /// Prefetches the cache lines of `len` f16 values at `rows[at..]`.
     #[inline]
     #[target_feature(enable = "avx2")]
     fn prefetch_row(rows: &[half::f16], at: usize, len: usize) {
-        let base = rows.as_ptr().wrapping_add(at) as *const i8;
-        let mut o = 0;
-        while o < 2 * len {
-            _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(o));
-            o += 64;
-        }
+        crate::prefetch_bytes(rows.as_ptr().wrapping_add(at) as *const u8, 2 * len);
     }
 
-    /// `hsum2`'s horizontal sum of an already added accumulator pair.
+    /// The horizontal sum of an accumulator pair already added lane by lane (the second half of
+    /// `hsum2`): `((v0+v4)+(v2+v6)) + ((v1+v5)+(v3+v7))`.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     fn hsum8(v: __m256) -> f32 {

@@ -265,17 +265,11 @@ mod x86 {
 
     /// Prefetches every cache line of the record [`PREFETCH_RECORDS`] after the one at `p`
     /// (records are 144–272 bytes, so one line per record would leave most lines to the
-    /// hardware prefetcher). A hint: an address past the matrix is never dereferenced.
+    /// hardware prefetcher).
     #[inline]
     #[target_feature(enable = "avx2")]
     fn prefetch_record(p: *const u8, rb: usize) {
-        let ahead = p.wrapping_add(PREFETCH_RECORDS * rb);
-        let mut o = 0;
-        while o < rb {
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(o) as *const i8);
-            o += 64;
-        }
-        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(rb - 1) as *const i8);
+        crate::prefetch_bytes(p.wrapping_add(PREFETCH_RECORDS * rb), rb);
     }
 
     /// One group of eight rows × `N` activation rows over all `nb` blocks; `out[t]` gets the

@@ -51,7 +51,11 @@ impl KvType {
     }
     /// K and V bytes per token of a model with `n_layer` layers of `kv_dim` values.
     pub fn bytes_per_token(self, n_layer: usize, kv_dim: usize) -> usize {
-        n_layer * 2 * self.row_bytes(kv_dim)
+        Self::pair_bytes_per_token(self, self, n_layer, kv_dim)
+    }
+    /// K and V bytes per token with keys stored as `k` and values as `v`.
+    pub fn pair_bytes_per_token(k: KvType, v: KvType, n_layer: usize, kv_dim: usize) -> usize {
+        n_layer * (k.row_bytes(kv_dim) + v.row_bytes(kv_dim))
     }
     /// Whether the type stores 32-value blocks with a scale (q8_0, q4_0): heads must hold
     /// whole blocks, and the cache stores them Hadamard-rotated.
@@ -244,7 +248,7 @@ impl KvCache {
     }
     /// Bytes of K and V per token over all layers.
     pub fn bytes_per_token(&self) -> usize {
-        self.k.len() * (self.k_ty.row_bytes(self.kv_dim) + self.v_ty.row_bytes(self.kv_dim))
+        KvType::pair_bytes_per_token(self.k_ty, self.v_ty, self.k.len(), self.kv_dim)
     }
     /// Bytes allocated (both tiers).
     pub fn bytes(&self) -> usize {

@@ -333,7 +333,7 @@ fn kv_types_keep_perplexity(model_name: &str, json: &str, q4_limit: f64) {
             100.0 * rel,
             tokens.len(),
             100.0 * (gp / golden_base - 1.0),
-            c.n_layer * (k_ty.row_bytes(c.kv_dim()) + v_ty.row_bytes(c.kv_dim()))
+            KvType::pair_bytes_per_token(k_ty, v_ty, c.n_layer, c.kv_dim())
         );
         assert!(
             rel.abs() <= limit,

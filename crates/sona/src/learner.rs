@@ -168,6 +168,21 @@ pub struct Outcome {
     pub background_due: bool,
 }
 
+impl Outcome {
+    /// An event or run that changed nothing: the scope's adapter stays at `version`.
+    fn unchanged(version: u64) -> Outcome {
+        Outcome {
+            updated: false,
+            steps: 0,
+            loss_before: 0.0,
+            loss_after: 0.0,
+            version,
+            persisted: false,
+            background_due: false,
+        }
+    }
+}
+
 /// What [`Learner::consolidate`] did.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Consolidation {
@@ -1246,15 +1261,7 @@ impl Learner {
         let key = scope_key(scope);
         if answer.is_empty() || steps == 0 {
             let version = self.adapter_for_key(&key).map_or(0, |a| a.version);
-            return Ok(Outcome {
-                updated: false,
-                steps: 0,
-                loss_before: 0.0,
-                loss_after: 0.0,
-                version,
-                persisted: false,
-                background_due: false,
-            });
+            return Ok(Outcome::unchanged(version));
         }
         let tokens: Vec<u32> = prompt.iter().chain(answer).copied().collect();
         if tokens.len() > self.model.config.n_ctx_train {
@@ -1378,15 +1385,7 @@ impl Learner {
             if sc.background_running {
                 // The run in progress takes what it snapshotted; these events wait for the next.
                 let version = self.adapter_for_key(key).map_or(0, |a| a.version);
-                return Ok(Outcome {
-                    updated: false,
-                    steps: 0,
-                    loss_before: 0.0,
-                    loss_after: 0.0,
-                    version,
-                    persisted: false,
-                    background_due: false,
-                });
+                return Ok(Outcome::unchanged(version));
             }
             sc.background_running = true;
             self.set_anchors(sc, sc.lessons.len());
