@@ -45,7 +45,7 @@ fn main() {
         };
         for &nt in &threads {
             let pool = ThreadPool::new(nt);
-            for batch in [1usize, 8, 16, 64] {
+            for batch in [1usize, 4, 8, 16, 64] {
                 let x: Vec<f32> = random_bytes(cols * batch, 9)
                     .iter()
                     .map(|&b| b as f32 / 255.0 - 0.5)
@@ -124,7 +124,12 @@ fn model_step(threads: &[usize]) {
     println!("| --- | ---: | ---: | ---: | ---: | ---: |");
     for &nt in threads {
         let pool = ThreadPool::new(nt);
-        for batch in [1usize, 16] {
+        // BATCHES=16 (a comma list) measures only those batch sizes, e.g. for a profile.
+        let batches: Vec<usize> = std::env::var("BATCHES")
+            .ok()
+            .map(|v| v.split(',').filter_map(|b| b.parse().ok()).collect())
+            .unwrap_or_else(|| vec![1, 16]);
+        for &batch in &batches {
             let acts_for = |cols: usize, ty: GgmlType| {
                 let x: Vec<f32> = random_bytes(cols * batch, 9)
                     .iter()

@@ -1,8 +1,8 @@
 //! SIMD tier selection, done once per process.
 //!
-//! The tier is the best the CPU supports, lowered by `RUVLLM_SIMD=scalar|avx2|avx512` (a request
-//! for a tier the CPU lacks falls back to the best it has below it), so CI can exercise every
-//! tier on one machine.
+//! The tier is the best the CPU supports, lowered by `RUVLLM_SIMD=scalar|avx2|avx512|amx` (a
+//! request for a tier the CPU lacks falls back to the best it has below it), so CI can exercise
+//! every tier on one machine.
 
 use crate::act::ActRow;
 use crate::GgmlType;
@@ -17,6 +17,9 @@ pub enum Tier {
     Avx2,
     /// AVX-512 F/BW/VL with VNNI.
     Avx512Vnni,
+    /// AVX-512 VNNI plus AMX-INT8 tiles, which the packed kernels use for batches of tokens
+    /// (everything else runs the AVX-512 kernels).
+    Amx,
 }
 
 fn detect() -> Tier {
@@ -30,6 +33,9 @@ fn detect() -> Tier {
             && is_x86_feature_detected!("avx512bw")
             && is_x86_feature_detected!("avx512vl")
             && is_x86_feature_detected!("avx512vnni");
+        if avx512 && crate::amx::available() {
+            return Tier::Amx;
+        }
         if avx512 {
             return Tier::Avx512Vnni;
         }
@@ -48,7 +54,8 @@ pub fn tier() -> Tier {
         let cap = match std::env::var("RUVLLM_SIMD").ok().as_deref() {
             Some("scalar") => Tier::Scalar,
             Some("avx2") => Tier::Avx2,
-            _ => Tier::Avx512Vnni,
+            Some("avx512") => Tier::Avx512Vnni,
+            _ => Tier::Amx,
         };
         best.min(cap)
     })
@@ -117,7 +124,7 @@ pub fn packed_rows(ty: GgmlType) -> Option<crate::packed::PackedRowsFn> {
     if tier() < Tier::Avx512Vnni || !crate::packed::packable(ty) || !packing_enabled() {
         return None;
     }
-    crate::packed::simd_rows(ty)
+    crate::packed::simd_rows(ty, tier())
 }
 
 /// The dot functions for a weight type at a given tier.

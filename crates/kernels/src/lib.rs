@@ -6,11 +6,13 @@
 //! * [`dot`]: row dot products per weight type, scalar twins plus SIMD tiers picked once by
 //!   [`dispatch`].
 //! * [`matmul`]: weight matrix × batch of activations, split over the [`pool`].
-//! * [`packed`]: row-interleaved weight layouts made at load time for the VNNI tier.
+//! * [`packed`]: row-interleaved weight layouts made at load time for the VNNI tier, multiplied
+//!   with AMX tiles ([`amx`]) where the CPU has them.
 //! * [`ops`]: norms, RoPE, activations, softmax.
 #![deny(missing_docs)]
 
 pub mod act;
+pub mod amx;
 pub mod dispatch;
 pub mod dot;
 pub mod gemv;

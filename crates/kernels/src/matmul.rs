@@ -96,7 +96,8 @@ pub fn matmul_many(pool: &ThreadPool, jobs: &mut [MatJob<'_>]) {
         let packed = j.w.packed.and_then(|p| Some((p, packed_rows(j.w.ty)?)));
         let mut chunk = rows_per_task(j.w.rows, pool.n_threads());
         if packed.is_some() {
-            chunk = chunk.next_multiple_of(GROUP);
+            // Whole pairs of groups: the kernels' 512-bit (and AMX) paths take sixteen rows.
+            chunk = chunk.next_multiple_of(2 * GROUP);
         }
         *slot = Some(Prepared {
             w: j.w,

@@ -28,6 +28,7 @@
 //! computes with `f32::mul_add`, so SIMD and scalar agree bit for bit.
 
 use crate::act::ActRow;
+use crate::dispatch::Tier;
 use crate::GgmlType;
 
 /// Rows per interleaved group.
@@ -217,17 +218,27 @@ pub fn dot_group_scalar(
 pub type PackedRowsFn =
     unsafe fn(&[u8], usize, usize, usize, &crate::act::QuantActs, crate::SyncPtr<f32>, usize);
 
-/// The AVX-512 VNNI kernel for `ty`'s packed layout, if the CPU has that tier.
-pub(crate) fn simd_rows(ty: GgmlType) -> Option<PackedRowsFn> {
+/// The packed kernel for `ty` at `tier` (capped at what the CPU supports): the AVX-512 VNNI
+/// loop, or at [`Tier::Amx`] the tile kernel (which hands batches of fewer than
+/// [`AMX_MIN_TOKENS`] tokens to the VNNI loop); None below AVX-512 VNNI.
+pub(crate) fn simd_rows(ty: GgmlType, tier: Tier) -> Option<PackedRowsFn> {
     #[cfg(target_arch = "x86_64")]
     {
-        if crate::dispatch::best_tier() >= crate::dispatch::Tier::Avx512Vnni {
-            return x86::select(ty);
+        match tier.min(crate::dispatch::best_tier()) {
+            Tier::Amx => return x86::select_amx(ty),
+            Tier::Avx512Vnni => return x86::select(ty),
+            _ => {}
         }
     }
-    let _ = ty;
+    let _ = (ty, tier);
     None
 }
+
+/// Fewest tokens of one pass that the AMX kernel multiplies with tiles; smaller batches (one
+/// decoding sequence) take the VNNI loop, whose results are the same bits. Below eight tokens
+/// the tiles lose (`cargo bench -p ruvllm-kernels --bench packed`, Q4_1 1536×576, one
+/// thread: 4 tokens 114 vs 162 GMAC/s, 8 tokens 185 vs 167, 16 tokens 227 vs 168).
+pub const AMX_MIN_TOKENS: usize = 8;
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
@@ -352,6 +363,74 @@ mod x86 {
         }
     }
 
+    /// Eight f16 values at `p + o` (group g's) and eight at `q + o` (group g + 1's) as sixteen
+    /// floats: a pair's scales (o = 0) or Q4_1 minima (o = 16).
+    ///
+    /// # Safety
+    /// 16 bytes are readable at `p + o` and at `q + o`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn halves(p: *const u8, q: *const u8, o: usize) -> __m512 {
+        // SAFETY: per the contract.
+        unsafe {
+            _mm512_cvtph_ps(_mm256_inserti128_si256::<1>(
+                _mm256_castsi128_si256(_mm_loadu_si128(p.add(o) as *const __m128i)),
+                _mm_loadu_si128(q.add(o) as *const __m128i),
+            ))
+        }
+    }
+
+    /// The unsigned quants of one block of two groups' records (`p`: group g, `q`: group g + 1)
+    /// as eight 64-byte vectors: vector k holds elements 4k..4k+4 of the sixteen rows (row r in
+    /// bytes 4r..4r+4, group g's rows first) — a `vpdpbusd` operand, and row k of an AMX
+    /// B tile.
+    ///
+    /// # Safety
+    /// A whole record of type T is readable at `p` and at `q`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn unpack_pair<const T: u8>(p: *const u8, q: *const u8) -> [__m512i; 8] {
+        let qs_off = match T {
+            Q4_0 => 16,
+            Q4_1 => 32,
+            Q5_0 => 48,
+            _ => 16,
+        };
+        // SAFETY (whole function): offsets stay inside a record (see the layout table).
+        let pair = |o: usize| unsafe {
+            _mm512_inserti64x4::<1>(
+                _mm512_castsi256_si512(_mm256_loadu_si256(p.add(o) as *const __m256i)),
+                _mm256_loadu_si256(q.add(o) as *const __m256i),
+            )
+        };
+        let mut w = [_mm512_setzero_si512(); 8];
+        if T == Q8_0 {
+            for (k, wk) in w.iter_mut().enumerate() {
+                *wk = pair(16 + 32 * k);
+            }
+            return w;
+        }
+        let m4 = _mm512_set1_epi8(0x0F);
+        for k in 0..4 {
+            let v = pair(qs_off + 32 * k);
+            w[k] = _mm512_and_si512(v, m4);
+            w[k + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4);
+        }
+        if T == Q5_0 {
+            let sixteen = _mm512_set1_epi8(16);
+            for (k, wk) in w.iter_mut().enumerate() {
+                let (lo, hi) = unsafe {
+                    (
+                        std::ptr::read_unaligned(p.add(16 + 4 * k) as *const u32),
+                        std::ptr::read_unaligned(q.add(16 + 4 * k) as *const u32),
+                    )
+                };
+                *wk = _mm512_mask_add_epi8(*wk, lo as u64 | (hi as u64) << 32, *wk, sixteen);
+            }
+        }
+        w
+    }
+
     /// Two consecutive groups (sixteen rows) × `N` activation rows in 512-bit registers: each
     /// vector holds the same 32 bytes of group `g`'s record (low half) and group `g + 1`'s
     /// (high half), so one `vpdpbusd` serves sixteen rows; every lane does exactly the
@@ -369,61 +448,17 @@ mod x86 {
         let ty = ty_of(T);
         let rb = super::record_bytes(ty);
         let off = super::offset(ty);
-        let qs_off = match T {
-            Q4_0 => 16,
-            Q4_1 => 32,
-            Q5_0 => 48,
-            _ => 16,
-        };
-        let m4 = _mm512_set1_epi8(0x0F);
-        let sixteen = _mm512_set1_epi8(16);
         let mut acc = [_mm512_setzero_ps(); N];
         let mut macc = [_mm512_setzero_ps(); N];
-        // SAFETY (whole loop): the caller guarantees nb records of rb bytes at rec_g and at
-        // rec_h, and activation rows of nb blocks (checked in `rows`).
-        let pair = |p: *const u8, q: *const u8, o: usize| unsafe {
-            _mm512_inserti64x4::<1>(
-                _mm512_castsi256_si512(_mm256_loadu_si256(p.add(o) as *const __m256i)),
-                _mm256_loadu_si256(q.add(o) as *const __m256i),
-            )
-        };
-        let halves = |p: *const u8, q: *const u8, o: usize| unsafe {
-            _mm512_cvtph_ps(_mm256_inserti128_si256::<1>(
-                _mm256_castsi128_si256(_mm_loadu_si128(p.add(o) as *const __m128i)),
-                _mm_loadu_si128(q.add(o) as *const __m128i),
-            ))
-        };
         for i in 0..nb {
+            // SAFETY (whole loop): the caller guarantees nb records of rb bytes at rec_g and at
+            // rec_h, and activation rows of nb blocks (checked in `rows`).
             let (p, q) = unsafe { (rec_g.add(i * rb), rec_h.add(i * rb)) };
             prefetch_record(p, rb);
             prefetch_record(q, rb);
-            let dv = halves(p, q, 0);
-            let mut w = [_mm512_setzero_si512(); 8];
-            if T == Q8_0 {
-                for (k, wk) in w.iter_mut().enumerate() {
-                    *wk = pair(p, q, 16 + 32 * k);
-                }
-            } else {
-                for k in 0..4 {
-                    let v = pair(p, q, qs_off + 32 * k);
-                    w[k] = _mm512_and_si512(v, m4);
-                    w[k + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4);
-                }
-                if T == Q5_0 {
-                    for (k, wk) in w.iter_mut().enumerate() {
-                        let (lo, hi) = unsafe {
-                            (
-                                std::ptr::read_unaligned(p.add(16 + 4 * k) as *const u32),
-                                std::ptr::read_unaligned(q.add(16 + 4 * k) as *const u32),
-                            )
-                        };
-                        *wk =
-                            _mm512_mask_add_epi8(*wk, lo as u64 | (hi as u64) << 32, *wk, sixteen);
-                    }
-                }
-            }
+            let (dv, w) = unsafe { (halves(p, q, 0), unpack_pair::<T>(p, q)) };
             let mv = if T == Q4_1 {
-                halves(p, q, 16)
+                unsafe { halves(p, q, 16) }
             } else {
                 _mm512_setzero_ps()
             };
@@ -520,19 +555,10 @@ mod x86 {
         N
     }
 
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn rows<const T: u8>(
-        packed: &[u8],
-        cols: usize,
-        r0: usize,
-        r1: usize,
-        acts: &QuantActs,
-        out: SyncPtr<f32>,
-        ld: usize,
-    ) {
-        let ty = ty_of(T);
+    /// Checks a call's bounds ([`PackedRowsFn`]'s arguments) once, so the loops need not.
+    fn check<const T: u8>(packed: &[u8], cols: usize, r0: usize, r1: usize, acts: &QuantActs) {
         let nb = cols / 32;
-        let rb = super::record_bytes(ty);
+        let rb = super::record_bytes(ty_of(T));
         assert!(
             r0 % GROUP == 0 && r1 % GROUP == 0 && packed.len() >= r1 / GROUP * nb * rb,
             "packed rows out of range"
@@ -549,19 +575,327 @@ mod x86 {
                 && acts.bsums.len() >= n * nb
                 && (T != Q4_1 || acts.s.len() >= n * nb)
         );
-        // Tokens outer, groups inner: a chunk of tokens' activations stays in L1 while the
-        // task's weights (at most 512 rows) come from L2.
-        let mut t = 0;
-        while t < n {
-            // SAFETY: same features; bounds asserted above; out per the caller's contract.
+    }
+
+    /// Tokens `t..t_end` × rows `r0..r1` with the VNNI passes (8, 4, then 1 token at a time).
+    ///
+    /// # Safety
+    /// As [`pass`].
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn vnni_tokens<const T: u8>(
+        packed: &[u8],
+        nb: usize,
+        r0: usize,
+        r1: usize,
+        acts: &QuantActs,
+        mut t: usize,
+        t_end: usize,
+        out: SyncPtr<f32>,
+        ld: usize,
+    ) {
+        let rb = super::record_bytes(ty_of(T));
+        while t < t_end {
+            // SAFETY: same features; bounds per the caller; out per the caller's contract.
             t += unsafe {
-                match n - t {
+                match t_end - t {
                     8.. => pass::<T, 8>(packed, nb, rb, r0, r1, acts, t, out, ld),
                     4..=7 => pass::<T, 4>(packed, nb, rb, r0, r1, acts, t, out, ld),
                     _ => pass::<T, 1>(packed, nb, rb, r0, r1, acts, t, out, ld),
                 }
             };
         }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn rows<const T: u8>(
+        packed: &[u8],
+        cols: usize,
+        r0: usize,
+        r1: usize,
+        acts: &QuantActs,
+        out: SyncPtr<f32>,
+        ld: usize,
+    ) {
+        check::<T>(packed, cols, r0, r1, acts);
+        // Tokens outer, groups inner: a chunk of tokens' activations stays in L1 while the
+        // task's weights (at most 512 rows) come from L2.
+        // SAFETY: bounds checked above; out per the caller's contract.
+        unsafe { vnni_tokens::<T>(packed, cols / 32, r0, r1, acts, 0, acts.n_rows, out, ld) };
+    }
+
+    pub(super) fn select_amx(ty: GgmlType) -> Option<PackedRowsFn> {
+        if !crate::amx::available() {
+            return select(ty);
+        }
+        Some(match ty {
+            GgmlType::Q4_0 => rows_amx::<Q4_0>,
+            GgmlType::Q4_1 => rows_amx::<Q4_1>,
+            GgmlType::Q5_0 => rows_amx::<Q5_0>,
+            GgmlType::Q8_0 => rows_amx::<Q8_0>,
+            _ => return None,
+        })
+    }
+
+    // The AMX kernel's tiles: int32 products (C), activation quants (A) and weight quants (B),
+    // one set for even blocks and one for odd, so a block's products are read back while the
+    // next block's are being computed.
+    const C_EVEN: u8 = 0;
+    const C_ODD: u8 = 1;
+    const A_EVEN: u8 = 2;
+    const A_ODD: u8 = 3;
+    const B_EVEN: u8 = 4;
+    const B_ODD: u8 = 5;
+
+    /// The tile shapes for `m` tokens: C m × 16 int32, A m × 32 bytes (one block of each
+    /// token), B 8 × 64 bytes (one block of sixteen rows, as [`unpack_pair`] lays it out).
+    fn tile_config(m: usize) -> crate::amx::TileConfig {
+        let mut c = crate::amx::TileConfig::new();
+        c.set(C_EVEN as usize, m, 64)
+            .set(C_ODD as usize, m, 64)
+            .set(A_EVEN as usize, m, 32)
+            .set(A_ODD as usize, m, 32)
+            .set(B_EVEN as usize, 8, 64)
+            .set(B_ODD as usize, 8, 64);
+        c
+    }
+
+    /// Expands `body` once per token k in 0..n (n ≤ 16, a constant), so per-token
+    /// accumulator arrays stay in registers.
+    macro_rules! unroll_tokens {
+        ($n:expr, |$k:ident| $body:block) => {
+            unroll_tokens!(@ $n, $k, $body, 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15)
+        };
+        (@ $n:expr, $k:ident, $body:block, $($i:literal)*) => {
+            $(
+                if $i < $n {
+                    let $k: usize = $i;
+                    $body
+                }
+            )*
+        };
+    }
+
+    /// Blocks between staging a block's weight quants and its tile product, and between the
+    /// product and reading it back.
+    const LAG: usize = 3;
+    /// Buffers of each kind in the pipeline.
+    const RING: usize = LAG + 1;
+
+    /// One block's weight quants for a B tile.
+    #[repr(C, align(64))]
+    struct TileQuants([__m512i; 8]);
+
+    /// One block's int32 products read back from a C tile: `[token][row]`.
+    #[repr(C, align(64))]
+    struct TileProducts([[i32; 16]; 16]);
+
+    /// One block's tile product: B from `wq`, A from the activation quants at `a` (one token
+    /// every `a_stride` bytes), C = A · B stored to `c`.
+    ///
+    /// # Safety
+    /// Tiles configured by [`tile_config`] for the pass's token count, whose activation rows
+    /// are readable at `a`.
+    #[inline(always)]
+    unsafe fn block_product<const C: u8, const A: u8, const B: u8>(
+        wq: &TileQuants,
+        a: *const u8,
+        a_stride: usize,
+        c: &mut TileProducts,
+    ) {
+        // SAFETY: per the contract; wq is 8 × 64 bytes and c holds 16 × 64 bytes.
+        unsafe {
+            crate::amx::load::<B>(wq.0.as_ptr() as *const u8, 64);
+            crate::amx::load::<A>(a, a_stride);
+            crate::amx::zero::<C>();
+            crate::amx::dp_signed_unsigned::<C, A, B>();
+            crate::amx::store::<C>(c.0.as_mut_ptr() as *mut u8, 64);
+        }
+    }
+
+    /// Tokens `t..t + N` × rows `r0..r1` with tiles: per pair of groups and block, one tile
+    /// product gives every (token, row) integer block dot, and the float arithmetic after it
+    /// is [`group_pair`]'s, operation for operation (so the results are the same bits); a last
+    /// odd group takes the VNNI loop. Returns N.
+    ///
+    /// # Safety
+    /// As [`pass`], and the tiles are configured by [`tile_config`]`(N)`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn pass_amx<const T: u8, const N: usize>(
+        packed: &[u8],
+        nb: usize,
+        r0: usize,
+        r1: usize,
+        acts: &QuantActs,
+        t: usize,
+        out: SyncPtr<f32>,
+        ld: usize,
+    ) -> usize {
+        let ty = ty_of(T);
+        let rb = super::record_bytes(ty);
+        let off = super::offset(ty);
+        let cols = 32 * nb;
+        // SAFETY: rows t..t + N exist (the caller's bounds), so their quants start here.
+        let a_quants = unsafe { acts.qs.as_ptr().add(t * cols) as *const u8 };
+        let mut wq: [TileQuants; RING] =
+            std::array::from_fn(|_| TileQuants([_mm512_setzero_si512(); 8]));
+        let mut prods: [TileProducts; RING] = std::array::from_fn(|_| TileProducts([[0; 16]; 16]));
+        let (mut g, end) = (r0 / GROUP, r1 / GROUP);
+        while g + 2 <= end {
+            // SAFETY (whole loop): groups g and g + 1 have nb records each inside packed.
+            let (rec_g, rec_h) = unsafe {
+                (
+                    packed.as_ptr().add(g * nb * rb),
+                    packed.as_ptr().add((g + 1) * nb * rb),
+                )
+            };
+            let rec = |i: usize| unsafe { (rec_g.add(i * rb), rec_h.add(i * rb)) };
+            let mut acc = [_mm512_setzero_ps(); N];
+            // The float half of block i, from its products: group_pair's arithmetic.
+            // Per-token scales, quant sums and block sums: token k's block i at k·nb + i.
+            let (d_at, bsum_at, s_at) = (
+                acts.d[t * nb..].as_ptr(),
+                acts.bsums[t * nb..].as_ptr(),
+                acts.s[(t * nb).min(acts.s.len())..].as_ptr(),
+            );
+            let finish = |i: usize, c: &TileProducts, acc: &mut [__m512; N]| {
+                let (p, q) = rec(i);
+                // SAFETY: records of block i lie inside packed.
+                let dv = unsafe { halves(p, q, 0) };
+                unroll_tokens!(N, |k| {
+                    // SAFETY: c.0[k] is 16 aligned int32; token k < N has block i < nb.
+                    let (isum, d) = unsafe {
+                        (
+                            _mm512_add_epi32(
+                                _mm512_load_si512(c.0[k].as_ptr() as *const __m512i),
+                                _mm512_set1_epi32(-off * *bsum_at.add(k * nb + i) as i32),
+                            ),
+                            _mm512_mul_ps(dv, _mm512_set1_ps(*d_at.add(k * nb + i))),
+                        )
+                    };
+                    acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), d, acc[k]);
+                });
+            };
+            let stage = |i: usize, wq: &mut TileQuants| {
+                let (p, q) = rec(i);
+                prefetch_record(p, rb);
+                prefetch_record(q, rb);
+                // SAFETY: records of block i lie inside packed.
+                wq.0 = unsafe { unpack_pair::<T>(p, q) };
+            };
+            // A pipeline LAG blocks deep: block i's quants are staged LAG blocks before its
+            // tile product and its products read back LAG blocks after, so the stores have
+            // retired before the tiles load them and the tile store before the floats read it
+            // (neither forwards from the store buffer: a shorter distance stalls every block).
+            for i in 0..LAG.min(nb) {
+                stage(i, &mut wq[i % RING]);
+            }
+            for i in 0..nb {
+                if i + LAG < nb {
+                    stage(i + LAG, &mut wq[(i + LAG) % RING]);
+                }
+                let a_block = a_quants.wrapping_add(32 * i);
+                // SAFETY: tiles configured for N tokens (the caller), whose block i quants
+                // start at a_block, one row every cols bytes.
+                unsafe {
+                    if i % 2 == 0 {
+                        block_product::<C_EVEN, A_EVEN, B_EVEN>(
+                            &wq[i % RING],
+                            a_block,
+                            cols,
+                            &mut prods[i % RING],
+                        );
+                    } else {
+                        block_product::<C_ODD, A_ODD, B_ODD>(
+                            &wq[i % RING],
+                            a_block,
+                            cols,
+                            &mut prods[i % RING],
+                        );
+                    }
+                }
+                if i >= LAG {
+                    finish(i - LAG, &prods[(i - LAG) % RING], &mut acc);
+                }
+            }
+            for i in nb.saturating_sub(LAG)..nb {
+                finish(i, &prods[i % RING], &mut acc);
+            }
+            let mut o = [[0f32; 2 * GROUP]; N];
+            if T == Q4_1 {
+                // The minima terms in their own pass (sixteen more accumulators would spill),
+                // in block order as in group_pair, added at the end as there.
+                let mut macc = [_mm512_setzero_ps(); N];
+                for i in 0..nb {
+                    let (p, q) = rec(i);
+                    // SAFETY: records of block i lie inside packed.
+                    let mv = unsafe { halves(p, q, 16) };
+                    unroll_tokens!(N, |k| {
+                        // SAFETY: token k < N has block i < nb (Q4_1 activations carry s).
+                        let s = unsafe { *s_at.add(k * nb + i) };
+                        macc[k] = _mm512_fmadd_ps(mv, _mm512_set1_ps(s), macc[k]);
+                    });
+                }
+                for k in 0..N {
+                    acc[k] = _mm512_add_ps(acc[k], macc[k]);
+                }
+            }
+            for (o, acc) in o.iter_mut().zip(acc) {
+                // SAFETY: o is 16 floats.
+                unsafe { _mm512_storeu_ps(o.as_mut_ptr(), acc) };
+            }
+            // SAFETY: (t..t + N, g·8..g·8 + 16) is the caller's part of out.
+            unsafe { store(&o, out, t, ld, g * GROUP) };
+            g += 2;
+        }
+        if g < end {
+            // SAFETY: as above, for the last group alone.
+            unsafe { vnni_tokens::<T>(packed, nb, g * GROUP, r1, acts, t, t + N, out, ld) };
+        }
+        N
+    }
+
+    /// [`rows`] with AMX tiles for passes of 16 or 8 tokens, and the VNNI loop for the
+    /// remaining fewer than [`super::AMX_MIN_TOKENS`].
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn rows_amx<const T: u8>(
+        packed: &[u8],
+        cols: usize,
+        r0: usize,
+        r1: usize,
+        acts: &QuantActs,
+        out: SyncPtr<f32>,
+        ld: usize,
+    ) {
+        check::<T>(packed, cols, r0, r1, acts);
+        let (nb, n) = (cols / 32, acts.n_rows);
+        let mut t = 0;
+        let mut configured = 0;
+        while n - t >= super::AMX_MIN_TOKENS {
+            let m = if n - t >= 16 { 16 } else { 8 };
+            if m != configured {
+                // SAFETY: rows_amx is only handed out when amx::available().
+                unsafe { crate::amx::configure(&tile_config(m)) };
+                configured = m;
+            }
+            // SAFETY: bounds checked above, tiles configured for m tokens, out per the
+            // caller's contract.
+            t += unsafe {
+                if m == 16 {
+                    pass_amx::<T, 16>(packed, nb, r0, r1, acts, t, out, ld)
+                } else {
+                    pass_amx::<T, 8>(packed, nb, r0, r1, acts, t, out, ld)
+                }
+            };
+        }
+        if configured != 0 {
+            // SAFETY: as above.
+            unsafe { crate::amx::release() };
+        }
+        // SAFETY: bounds checked above; out per the caller's contract.
+        unsafe { vnni_tokens::<T>(packed, nb, r0, r1, acts, t, n, out, ld) };
     }
 }
 
@@ -621,28 +955,36 @@ mod tests {
         }
     }
 
-    /// The SIMD kernel against its scalar twin, bit for bit, on random and extreme inputs, for
-    /// 1..=13 tokens (the 8-, 4- and 1-token paths) and a row range that skips the first group.
+    /// The SIMD kernels (VNNI loop, AMX tiles) against their scalar twin, bit for bit, on
+    /// random and extreme inputs, for 1, 5, 9, 22 and 37 tokens (the VNNI 8-, 4- and 1-token
+    /// paths; AMX passes of 16 and 8 with VNNI remainders) and a row range that skips the
+    /// first group and ends with an odd one.
     #[test]
     fn simd_matches_scalar_twin_bit_for_bit() {
-        for ty in [
+        if !crate::amx::available() {
+            eprintln!("no AMX on this CPU: the AMX case runs the VNNI kernel");
+        }
+        for (ty, tier) in [
             GgmlType::Q4_0,
             GgmlType::Q4_1,
             GgmlType::Q5_0,
             GgmlType::Q8_0,
-        ] {
-            let Some(f) = simd_rows(ty) else {
+        ]
+        .into_iter()
+        .flat_map(|ty| [(ty, Tier::Avx512Vnni), (ty, Tier::Amx)])
+        {
+            let Some(f) = simd_rows(ty, tier) else {
                 eprintln!("no packed SIMD kernel on this CPU");
                 return;
             };
-            for case in 0..4u64 {
-                // Rows 8..32: groups 1–2 as a 512-bit pair, group 3 alone.
-                let (rows, cols) = (32, 160);
+            for case in 0..5u64 {
+                // Rows 8..48: groups 1–2 and 3–4 as pairs, group 5 alone.
+                let (rows, cols) = (48, 160);
                 let data: Vec<u8> = (0..rows)
                     .flat_map(|r| random_row(ty, cols, 3 * r as u64 + case))
                     .collect();
                 let packed = pack(ty, rows, cols, &data).expect("packable");
-                let n_tok = 1 + (case as usize * 4) % 13 + if case == 3 { 9 } else { 0 };
+                let n_tok = [1, 5, 9, 22, 37][case as usize];
                 let x: Vec<f32> = match case {
                     1 => (0..n_tok * cols)
                         .map(|i| if i % 3 == 0 { 1e4 } else { -1e4 })
@@ -680,7 +1022,7 @@ mod tests {
                             assert_eq!(
                                 got.to_bits(),
                                 want[r].to_bits(),
-                                "{ty} case {case} token {t}/{n_tok} row {}: {got} vs {}",
+                                "{ty} {tier:?} case {case} token {t}/{n_tok} row {}: {got} vs {}",
                                 g * GROUP + r,
                                 want[r]
                             );

@@ -17,7 +17,7 @@ pub(crate) fn select(ty: GgmlType, tier: Tier) -> Option<Kernels> {
     #[cfg(target_arch = "x86_64")]
     {
         match tier {
-            Tier::Avx512Vnni => return x86::vnni::select(ty),
+            Tier::Amx | Tier::Avx512Vnni => return x86::vnni::select(ty),
             Tier::Avx2 => return x86::avx2::select(ty),
             Tier::Scalar => {}
         }
