@@ -68,6 +68,28 @@ impl ActCache {
             self.fresh[i] = true;
         }
     }
+    /// Produces the rows of `x` with `make` and quantizes them for `first` in the same pass
+    /// over the pool (see [`QuantActs::produce_and_quantize_par`]); other formats follow with
+    /// [`ActCache::prepare`].
+    fn produce(
+        &mut self,
+        pool: &ThreadPool,
+        first: &Weight,
+        x: &mut [f32],
+        cols: usize,
+        make: &(dyn Fn(usize, &mut [f32]) + Sync),
+    ) {
+        self.invalidate();
+        let fmt = ActFormat::for_weight(first.ty());
+        let i = Self::slot(fmt);
+        let slot = match i {
+            0 => &mut self.q32,
+            1 => &mut self.qk,
+            _ => &mut self.f,
+        };
+        slot.produce_and_quantize_par(pool, fmt, x, cols, make);
+        self.fresh[i] = true;
+    }
     /// The prepared activations for `w`.
     fn get(&self, w: &Weight) -> &QuantActs {
         match Self::slot(ActFormat::for_weight(w.ty())) {
@@ -361,7 +383,34 @@ impl<'m> Forward<'m> {
         for w in ws {
             acts.prepare(&self.pool, w, x, cols);
         }
-        let acts = &*acts;
+        self.run_products(acts, ws, outs);
+    }
+
+    /// [`Forward::mm`] of rows that `make(i, row)` first produces in `x` (a norm, an
+    /// activation function), producing and quantizing each row in one pool task.
+    fn mm_from<const K: usize>(
+        &self,
+        acts: &mut ActCache,
+        x: &mut [f32],
+        cols: usize,
+        ws: [&Weight; K],
+        outs: [&mut [f32]; K],
+        make: &(dyn Fn(usize, &mut [f32]) + Sync),
+    ) {
+        acts.produce(&self.pool, ws[0], x, cols, make);
+        for w in ws {
+            acts.prepare(&self.pool, w, x, cols);
+        }
+        self.run_products(acts, ws, outs);
+    }
+
+    /// The products `outs[k] = ws[k] · acts` with activations already prepared.
+    fn run_products<const K: usize>(
+        &self,
+        acts: &ActCache,
+        ws: [&Weight; K],
+        outs: [&mut [f32]; K],
+    ) {
         let mut i = 0;
         let mut jobs = outs.map(|out| {
             let w = ws[i];
@@ -520,20 +569,14 @@ impl<'m> Forward<'m> {
         let rotate = kv.rotated(hd);
         for (il, layer) in m.layers.iter().enumerate() {
             // ---- attention ----
-            for i in 0..n {
-                ops::rms_norm(
-                    &s.x[i * d..(i + 1) * d],
-                    &layer.attn_norm,
-                    c.rms_eps,
-                    &mut s.xn[i * d..(i + 1) * d],
-                );
-            }
-            self.mm(
+            let x = &s.x;
+            self.mm_from(
                 &mut s.acts,
-                &s.xn[..n * d],
+                &mut s.xn[..n * d],
                 d,
                 [&layer.wq, &layer.wk, &layer.wv],
                 [&mut s.q[..n * qd], &mut s.k[..n * kvd], &mut s.v[..n * kvd]],
+                &|i, row| ops::rms_norm(&x[i * d..(i + 1) * d], &layer.attn_norm, c.rms_eps, row),
             );
             if any_lora {
                 self.lora(
@@ -706,20 +749,14 @@ impl<'m> Forward<'m> {
             }
 
             // ---- feed-forward ----
-            for i in 0..n {
-                ops::rms_norm(
-                    &s.x[i * d..(i + 1) * d],
-                    &layer.ffn_norm,
-                    c.rms_eps,
-                    &mut s.xn[i * d..(i + 1) * d],
-                );
-            }
-            self.mm(
+            let x = &s.x;
+            self.mm_from(
                 &mut s.acts,
-                &s.xn[..n * d],
+                &mut s.xn[..n * d],
                 d,
                 [&layer.gate, &layer.up],
                 [&mut s.gate[..n * ff], &mut s.up[..n * ff]],
+                &|i, row| ops::rms_norm(&x[i * d..(i + 1) * d], &layer.ffn_norm, c.rms_eps, row),
             );
             if any_lora {
                 self.lora(
@@ -743,25 +780,23 @@ impl<'m> Forward<'m> {
                     &mut s.lora_tmp,
                 );
             }
-            // The gated activation, split over the pool by rows (tanh/exp are not cheap).
-            let gptr = SyncPtr::new(&mut s.gate[..n * ff]);
+            // The gated activation, row by row in the pool tasks that quantize it for `down`
+            // (tanh/exp are not cheap).
             let up = &s.up[..n * ff];
             let gemma = c.arch == Arch::Gemma3;
-            self.pool.run(n, &|i| {
-                // SAFETY: row i of the gate buffer belongs to this task alone.
-                let g = unsafe { gptr.slice(i * ff, ff) };
-                if gemma {
-                    ops::geglu(g, &up[i * ff..(i + 1) * ff]);
-                } else {
-                    ops::swiglu(g, &up[i * ff..(i + 1) * ff]);
-                }
-            });
-            self.mm(
+            self.mm_from(
                 &mut s.acts,
-                &s.gate[..n * ff],
+                &mut s.gate[..n * ff],
                 ff,
                 [&layer.down],
                 [&mut s.out[..n * d]],
+                &|i, g| {
+                    if gemma {
+                        ops::geglu(g, &up[i * ff..(i + 1) * ff]);
+                    } else {
+                        ops::swiglu(g, &up[i * ff..(i + 1) * ff]);
+                    }
+                },
             );
             for cap in self.captures.iter_mut().filter(|c| c.layer == il) {
                 cap.act.clear();
