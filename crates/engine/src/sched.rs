@@ -110,8 +110,6 @@ struct State<'m> {
     /// Logits of the last step, swapped out of the forward pass: `[rows × n_vocab]` first (the
     /// buffer may be longer).
     logits: Vec<f32>,
-    /// A row being sampled (penalties modify it): `[n_vocab]`.
-    scratch: Vec<f32>,
     /// Latency observations of this step, applied under one lock.
     ttft: Vec<f64>,
     itl: Vec<f64>,
@@ -179,7 +177,6 @@ pub(crate) fn run(
         next_seq: 0,
         shared,
         logits: Vec::new(),
-        scratch: Vec::new(),
         ttft: Vec::new(),
         itl: Vec::new(),
         e2e: Vec::new(),
@@ -808,9 +805,7 @@ impl State<'_> {
             return true;
         };
         let row = &self.logits[r * nv..(r + 1) * nv];
-        self.scratch.clear();
-        self.scratch.extend_from_slice(row);
-        let next = s.sampler.sample(&mut self.scratch, &s.tokens);
+        let next = s.sampler.sample(row, &s.tokens);
         let logprob = g.req.logprobs.map(|k| logprobs(row, next, k));
         let now = Instant::now();
         if !g.got_first_token {

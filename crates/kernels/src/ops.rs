@@ -210,6 +210,12 @@ pub fn token_logprob(logits: &[f32], target: usize) -> f32 {
     (l as f64 - logit_stats(logits).lse) as f32
 }
 
+/// The largest value of `x` (no NaN; −∞ when empty): [`logit_stats`]'s vector max pass, for
+/// greedy sampling.
+pub fn max_f32(x: &[f32]) -> f32 {
+    (f32_kernels().max)(x)
+}
+
 /// The scalar twin of the max pass of [`logit_stats`].
 pub fn max_f32_scalar(x: &[f32]) -> f32 {
     x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v))

@@ -1033,30 +1033,15 @@ fn attention(
         _ => n,
     };
     let n_blocks = (n - f0).div_ceil(FLASH_QUERIES);
-    pool.run(f0 * sub + n_blocks * sub, &|task| {
-        if task >= f0 * sub {
-            let (b, rest) = ((task - f0 * sub) / sub, (task - f0 * sub) % sub);
-            let (g, sg) = (rest / sub_groups, rest % sub_groups);
-            let i0 = f0 + b * FLASH_QUERIES;
-            if let Some((kf, vf)) = kv_f32 {
-                let gn = (group - sg * MAX_GROUP).min(MAX_GROUP);
-                flash_block(
-                    c,
-                    q,
-                    tok_pos,
-                    i0,
-                    (i0 + FLASH_QUERIES).min(n),
-                    g,
-                    g * group + sg * MAX_GROUP,
-                    gn,
-                    kf,
-                    vf,
-                    optr,
-                );
-            }
-            return;
-        }
-        let (i, rest) = (task / sub, task % sub);
+    // With enough tokens to keep every thread busy (a batch of decoding sequences), one task
+    // takes all of a token's KV heads: it reads the token's key and value rows front to back
+    // (the heads are adjacent in a row) and there are a third as many tasks to hand out; a
+    // single decoding sequence keeps one task per KV head so both threads share its work.
+    let heads_per_task = if f0 >= 4 * pool.n_threads() { sub } else { 1 };
+    let tasks_per_token = sub / heads_per_task;
+    let token_tasks = f0 * tasks_per_token;
+    // Attention of token i for the query heads of KV head group `rest` (`g`, sub-group `sg`).
+    let token_heads = |i: usize, rest: usize| {
         let (g, sg) = (rest / sub_groups, rest % sub_groups);
         let h0 = g * group + sg * MAX_GROUP;
         let gn = (group - sg * MAX_GROUP).min(MAX_GROUP);
@@ -1226,6 +1211,37 @@ fn attention(
                 }
             });
         });
+    };
+    pool.run(token_tasks + n_blocks * sub, &|task| {
+        if task >= token_tasks {
+            let (b, rest) = ((task - token_tasks) / sub, (task - token_tasks) % sub);
+            let (g, sg) = (rest / sub_groups, rest % sub_groups);
+            let i0 = f0 + b * FLASH_QUERIES;
+            if let Some((kf, vf)) = kv_f32 {
+                let gn = (group - sg * MAX_GROUP).min(MAX_GROUP);
+                flash_block(
+                    c,
+                    q,
+                    tok_pos,
+                    i0,
+                    (i0 + FLASH_QUERIES).min(n),
+                    g,
+                    g * group + sg * MAX_GROUP,
+                    gn,
+                    kf,
+                    vf,
+                    optr,
+                );
+            }
+            return;
+        }
+        let (i, first) = (
+            task / tasks_per_token,
+            task % tasks_per_token * heads_per_task,
+        );
+        for rest in first..first + heads_per_task {
+            token_heads(i, rest);
+        }
     });
 }
 

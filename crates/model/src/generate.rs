@@ -193,7 +193,7 @@ pub fn generate(
     let mut finish = FinishReason::Length;
     let mut hit_stop = false;
     for step in 0..budget {
-        let next = sampler.sample(&mut logits, &history);
+        let next = sampler.sample(&logits, &history);
         if !params.ignore_eos && tok.is_eog(next) {
             finish = FinishReason::Stop;
             break;

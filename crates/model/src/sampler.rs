@@ -104,6 +104,9 @@ pub struct Sampler {
     /// Probabilities of `cands` (reused buffer).
     probs: Vec<f32>,
     counts: std::collections::HashMap<u32, u32>,
+    /// The logits with penalties applied (only filled when a penalty is set, so greedy and
+    /// plain temperature sampling read the caller's row without copying it).
+    penalized: Vec<f32>,
 }
 
 /// Softmax of candidate logits (sorted, best first) at temperature `t`, into a reused buffer.
@@ -146,6 +149,7 @@ impl Sampler {
             cands: Vec::new(),
             probs: Vec::new(),
             counts: Default::default(),
+            penalized: Vec::new(),
         })
     }
 
@@ -168,11 +172,18 @@ impl Sampler {
         (result >> 40) as f32 / (1u64 << 24) as f32
     }
 
-    /// Picks the next token from `logits` (modified in place by the penalties); `history` is the
-    /// sequence so far (prompt and generated tokens).
-    pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+    /// Picks the next token from `logits` (left as they are: penalties apply to a copy);
+    /// `history` is the sequence so far (prompt and generated tokens).
+    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
         let p = &self.params;
-        if p.repetition_penalty != 1.0 || p.frequency_penalty != 0.0 || p.presence_penalty != 0.0 {
+        let mut penalized = std::mem::take(&mut self.penalized);
+        let logits = if p.repetition_penalty != 1.0
+            || p.frequency_penalty != 0.0
+            || p.presence_penalty != 0.0
+        {
+            penalized.clear();
+            penalized.extend_from_slice(logits);
+            let logits = &mut penalized[..];
             let recent = if p.penalty_last_n == 0 {
                 history
             } else {
@@ -193,7 +204,18 @@ impl Sampler {
                 }
                 *l -= n as f32 * p.frequency_penalty + p.presence_penalty;
             }
-        }
+            &penalized[..]
+        } else {
+            logits
+        };
+        let next = self.pick(logits);
+        self.penalized = penalized;
+        next
+    }
+
+    /// The token drawn from (penalized) `logits` by the temperature and truncation settings.
+    fn pick(&mut self, logits: &[f32]) -> u32 {
+        let p = &self.params;
         if p.temperature <= 0.0 {
             return argmax(logits);
         }
@@ -242,13 +264,9 @@ impl Sampler {
 
 /// Index of the largest logit (the first one on ties).
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
+    // A vector max pass, then the first position holding it (0 for an empty row).
+    let max = ruvllm_kernels::ops::max_f32(logits);
+    logits.iter().position(|&l| l == max).unwrap_or(0) as u32
 }
 
 #[cfg(test)]
@@ -311,7 +329,7 @@ mod tests {
         let logits: Vec<f32> = (0..100).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
         let best = argmax(&logits);
         let mut g = Sampler::new(SamplingParams::greedy()).unwrap();
-        assert_eq!(g.sample(&mut logits.clone(), &[]), best);
+        assert_eq!(g.sample(&logits, &[]), best);
         let p = SamplingParams {
             temperature: 1.0,
             seed: Some(42),
@@ -322,9 +340,7 @@ mod tests {
         };
         let draw = |p: &SamplingParams| {
             let mut s = Sampler::new(p.clone()).unwrap();
-            (0..50)
-                .map(|_| s.sample(&mut logits.clone(), &[]))
-                .collect::<Vec<_>>()
+            (0..50).map(|_| s.sample(&logits, &[])).collect::<Vec<_>>()
         };
         assert_eq!(draw(&p), draw(&p), "same seed, same tokens");
         assert_ne!(
@@ -350,22 +366,46 @@ mod tests {
         .all(|&t| t == best));
     }
 
+    /// Greedy picks the first of equal maxima, anywhere in a vocabulary-sized row (the vector
+    /// max pass covers the tail too), and leaves the row as it was.
+    #[test]
+    fn argmax_takes_first_maximum() {
+        for n in [1usize, 7, 8, 9, 49_152] {
+            let mut l: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1000) as f32 / 100.0).collect();
+            let top = n * 2 / 3;
+            l[top] = 50.0;
+            if top + 1 < n {
+                l[n - 1] = 50.0;
+            }
+            assert_eq!(argmax(&l), top as u32, "n = {n}");
+            let copy = l.clone();
+            let mut g = Sampler::new(SamplingParams::greedy()).expect("valid parameters");
+            assert_eq!(g.sample(&l, &[]), top as u32);
+            assert_eq!(l, copy);
+        }
+        assert_eq!(argmax(&[]), 0);
+        assert_eq!(argmax(&[f32::NEG_INFINITY, f32::NEG_INFINITY]), 0);
+    }
+
     #[test]
     fn penalties_lower_repeated_tokens() {
-        let mut l = vec![2.0f32, 1.9, -1.0];
+        let l = vec![2.0f32, 1.9, -1.0];
         let mut s = Sampler::new(SamplingParams {
             repetition_penalty: 1.5,
             ..SamplingParams::greedy()
         })
         .unwrap();
-        assert_eq!(s.sample(&mut l, &[0, 2]), 1);
-        assert!((l[0] - 2.0 / 1.5).abs() < 1e-6 && (l[2] + 1.5).abs() < 1e-6);
-        let mut l = vec![2.0f32, 1.9];
+        assert_eq!(s.sample(&l, &[0, 2]), 1);
+        // The penalties went to the sampler's copy; the caller's row is untouched.
+        let p = &s.penalized;
+        assert!((p[0] - 2.0 / 1.5).abs() < 1e-6 && (p[2] + 1.5).abs() < 1e-6);
+        assert_eq!(l, [2.0, 1.9, -1.0]);
+        let l = vec![2.0f32, 1.9];
         let mut s = Sampler::new(SamplingParams {
             frequency_penalty: 0.1,
             ..SamplingParams::greedy()
         })
         .unwrap();
-        assert_eq!(s.sample(&mut l, &[0, 0]), 1);
+        assert_eq!(s.sample(&l, &[0, 0]), 1);
     }
 }
