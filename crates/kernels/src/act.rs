@@ -450,6 +450,41 @@ mod tests {
         }
     }
 
+    /// Producing rows inside the quantizing pool pass gives the rows and the quantized
+    /// batch that producing them first and quantizing afterwards gives, for both block formats
+    /// and for batches below and above the parallel threshold.
+    #[test]
+    fn produce_and_quantize_equals_produce_then_quantize() {
+        let pool = crate::pool::ThreadPool::new(2);
+        for (format, cols) in [(ActFormat::Q8x32, 96), (ActFormat::Q8K, 512)] {
+            for n_rows in [1usize, 3, 4, 9] {
+                let src = crate::uniform(n_rows * cols, n_rows as u64, 3.0);
+                // The producer: row r becomes src's row r scaled by (r + 1) and squared-signed.
+                let make = |r: usize, row: &mut [f32]| {
+                    for (v, &x) in row.iter_mut().zip(&src[r * cols..(r + 1) * cols]) {
+                        *v = x * (r + 1) as f32 * x.abs();
+                    }
+                };
+                let mut want_x = vec![0f32; n_rows * cols];
+                for (r, row) in want_x.chunks_exact_mut(cols).enumerate() {
+                    make(r, row);
+                }
+                let mut want = QuantActs::default();
+                want.quantize(format, &want_x, cols);
+                let mut got_x = vec![f32::NAN; n_rows * cols];
+                let mut got = QuantActs::default();
+                got.produce_and_quantize_par(&pool, format, &mut got_x, cols, &make);
+                assert_eq!(got_x, want_x, "{format:?} × {n_rows}: produced rows");
+                assert_eq!((got.n_rows, got.cols), (n_rows, cols));
+                assert_eq!(got.qs, want.qs, "{format:?} × {n_rows}: quants");
+                assert_eq!(got.bsums, want.bsums);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got.d), bits(&want.d));
+                assert_eq!(bits(&got.s), bits(&want.s));
+            }
+        }
+    }
+
     #[test]
     fn q8_block_round_trips_within_half_a_step() {
         let x: Vec<f32> = (0..32).map(|i| (i as f32 - 13.3) * 0.37).collect();
