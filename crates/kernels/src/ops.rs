@@ -114,8 +114,17 @@ pub fn gelu(x: f32) -> f32 {
 
 /// `gate[i] = silu(gate[i]) * up[i]` (SwiGLU).
 pub fn swiglu(gate: &mut [f32], up: &[f32]) {
-    for (g, &u) in gate.iter_mut().zip(up) {
-        *g = silu(*g) * u;
+    // silu(g)·u = g / (1 + e^−g) · u, with the exponentials of a chunk at a time from
+    // [`exp_in_place`] (libm's bits, so this equals the scalar formula exactly).
+    const CHUNK: usize = 64;
+    let mut e = [0f32; CHUNK];
+    for (gs, us) in gate.chunks_mut(CHUNK).zip(up.chunks(CHUNK)) {
+        let e = &mut e[..gs.len()];
+        e.iter_mut().zip(gs.iter()).for_each(|(e, &g)| *e = -g);
+        exp_in_place(e);
+        for ((g, &u), &e) in gs.iter_mut().zip(us).zip(e.iter()) {
+            *g = *g / (1.0 + e) * u;
+        }
     }
 }
 
@@ -321,6 +330,77 @@ pub fn f32_to_f16_scalar(src: &[f32], dst: &mut [half::f16]) {
     }
 }
 
+/// `e^x` of every value in place, bit for bit what `f32::exp` returns on this platform's glibc
+/// (2.28 and later: `expf` from ARM's optimized-routines): 2^(k/32) from a 32-entry table times
+/// a cubic, in double precision, rounded to f32 once. The AVX-512 tier runs that algorithm on
+/// eight lanes (four values per cycle instead of one per ~15); values of magnitude ≥ 88, where
+/// `expf` takes its overflow/underflow paths, go to `f32::exp` itself. The softmax and SiLU
+/// use it so that vectorizing them changes no result.
+#[inline]
+pub fn exp_in_place(x: &mut [f32]) {
+    (f32_kernels().exp)(x)
+}
+
+/// The scalar twin of [`exp_in_place`]: `f32::exp` per value.
+pub fn exp_scalar(x: &mut [f32]) {
+    for v in x.iter_mut() {
+        *v = v.exp();
+    }
+}
+
+/// The constants of glibc's `expf` (`__exp2f_data`, N = 32): `2^(i/32)` as f64 bits minus
+/// `i << 47` (so that adding `k << 47` scales by `2^(k/32)`), `32/ln 2`, the cubic's
+/// coefficients scaled by `1/32^j`, and the rounding shift `1.5·2^52`.
+mod expf_data {
+    pub(super) const TAB: [u64; 32] = [
+        0x3ff0000000000000,
+        0x3fefd9b0d3158574,
+        0x3fefb5586cf9890f,
+        0x3fef9301d0125b51,
+        0x3fef72b83c7d517b,
+        0x3fef54873168b9aa,
+        0x3fef387a6e756238,
+        0x3fef1e9df51fdee1,
+        0x3fef06fe0a31b715,
+        0x3feef1a7373aa9cb,
+        0x3feedea64c123422,
+        0x3feece086061892d,
+        0x3feebfdad5362a27,
+        0x3feeb42b569d4f82,
+        0x3feeab07dd485429,
+        0x3feea47eb03a5585,
+        0x3feea09e667f3bcd,
+        0x3fee9f75e8ec5f74,
+        0x3feea11473eb0187,
+        0x3feea589994cce13,
+        0x3feeace5422aa0db,
+        0x3feeb737b0cdc5e5,
+        0x3feec49182a3f090,
+        0x3feed503b23e255d,
+        0x3feee89f995ad3ad,
+        0x3feeff76f2fb5e47,
+        0x3fef199bdd85529c,
+        0x3fef3720dcef9069,
+        0x3fef5818dcfba487,
+        0x3fef7c97337b9b5f,
+        0x3fefa4afa2a490da,
+        0x3fefd0765b6e4540,
+    ];
+    /// 32 / ln 2 (0x1.71547652b82fep+5).
+    pub(super) const INV_LN2_N: f64 = f64::from_bits(0x40471547652b82fe);
+    /// The cubic `C0·r³ + C1·r² + C2·r + 1` (2^(r/32)): 0x1.c6af84b912394p-20,
+    /// 0x1.ebfce50fac4f3p-13, 0x1.62e42ff0c52d6p-6.
+    pub(super) const C: [f64; 3] = [
+        f64::from_bits(0x3ebc6af84b912394),
+        f64::from_bits(0x3f2ebfce50fac4f3),
+        f64::from_bits(0x3f962e42ff0c52d6),
+    ];
+    /// Adding it rounds a double to an integer held in the low mantissa bits (0x1.8p+52).
+    pub(super) const SHIFT: f64 = f64::from_bits(0x4338000000000000);
+    /// `expf`'s fast path: |x| < 88 (the top 12 bits of |x| below those of 88.0).
+    pub(super) const TOP12_88: u32 = 0x42b;
+}
+
 /// Rounds every value to the nearest f16 in place (`f16::from_f32(x).to_f32()`, bit for bit):
 /// what llama.cpp's f16 K·Q and f16 probabilities do to queries and attention weights.
 #[inline]
@@ -501,6 +581,7 @@ struct F32Kernels {
     f16_to_f32: fn(&[half::f16], &mut [f32]),
     f32_to_f16: fn(&[f32], &mut [half::f16]),
     round_f16: fn(&mut [f32]),
+    exp: fn(&mut [f32]),
     dot_rows: fn(&[f32], &[f32], usize, &mut [f32]),
     weighted_sum: fn(&[f32], &[f32], usize, &mut [f32]),
     dot_rows_f16_heads: HeadsFn,
@@ -526,6 +607,12 @@ fn f32_kernels() -> &'static F32Kernels {
                 f32_to_f16: |s, d| unsafe { x86::f32_to_f16(s, d) },
                 // SAFETY: as above.
                 round_f16: |x| unsafe { x86::round_f16(x) },
+                exp: if avx512 {
+                    // SAFETY: the AVX-512 tier (F/BW/VL) includes AVX2 and FMA.
+                    |x| unsafe { x86::exp_512(x) }
+                } else {
+                    exp_scalar
+                },
                 // SAFETY: AVX2 and FMA as above; the public wrappers checked the bounds.
                 dot_rows: |q, r, st, o| unsafe { x86::dot_rows(q, r, st, o) },
                 // SAFETY: as above.
@@ -566,6 +653,7 @@ fn f32_kernels() -> &'static F32Kernels {
             f16_to_f32: f16_to_f32_scalar,
             f32_to_f16: f32_to_f16_scalar,
             round_f16: round_f16_scalar,
+            exp: exp_scalar,
             dot_rows: dot_rows_scalar,
             weighted_sum: weighted_sum_scalar,
             dot_rows_f16_heads: dot_rows_f16_heads_scalar,
@@ -579,6 +667,78 @@ fn f32_kernels() -> &'static F32Kernels {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
+
+    /// [`super::exp_in_place`] on eight lanes: glibc `expf`'s double-precision steps, operation
+    /// for operation (the same fused multiply-adds), so every lane rounds as `expf` does.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
+    pub(super) unsafe fn exp_512(x: &mut [f32]) {
+        use super::expf_data::{C, INV_LN2_N, SHIFT, TAB, TOP12_88};
+        let n = x.len();
+        // SAFETY: TAB holds 32 u64, read as four vectors of 8.
+        let tab: [__m512i; 4] = std::array::from_fn(|k| unsafe {
+            _mm512_loadu_si512(TAB.as_ptr().add(8 * k) as *const _)
+        });
+        let (inv, shift) = (_mm512_set1_pd(INV_LN2_N), _mm512_set1_pd(SHIFT));
+        let (c0, c1, c2, one) = (
+            _mm512_set1_pd(C[0]),
+            _mm512_set1_pd(C[1]),
+            _mm512_set1_pd(C[2]),
+            _mm512_set1_pd(1.0),
+        );
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n.
+            let xf = unsafe { _mm256_loadu_ps(x.as_ptr().add(i)) };
+            let top = _mm256_and_si256(
+                _mm256_srli_epi32::<20>(_mm256_castps_si256(xf)),
+                _mm256_set1_epi32(0x7ff),
+            );
+            let special = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(
+                top,
+                _mm256_set1_epi32(TOP12_88 as i32 - 1),
+            )));
+            let xd = _mm512_cvtps_pd(xf);
+            let kds = _mm512_fmadd_pd(inv, xd, shift);
+            let ki = _mm512_castpd_si512(kds);
+            let kd = _mm512_sub_pd(kds, shift);
+            let r = _mm512_fmsub_pd(inv, xd, kd);
+            // tab[ki % 32]: two 16-entry permutes, the fifth index bit picks between them.
+            let lo = _mm512_permutex2var_epi64(tab[0], ki, tab[1]);
+            let hi = _mm512_permutex2var_epi64(tab[2], ki, tab[3]);
+            let upper = _mm512_test_epi64_mask(ki, _mm512_set1_epi64(16));
+            let t = _mm512_add_epi64(
+                _mm512_mask_blend_epi64(upper, lo, hi),
+                _mm512_slli_epi64::<47>(ki),
+            );
+            let z = _mm512_fmadd_pd(r, c0, c1);
+            let r2 = _mm512_mul_pd(r, r);
+            let y = _mm512_fmadd_pd(r, c2, one);
+            let y = _mm512_fmadd_pd(z, r2, y);
+            let y = _mm512_mul_pd(y, _mm512_castsi512_pd(t));
+            // SAFETY: as above.
+            unsafe { _mm256_storeu_ps(x.as_mut_ptr().add(i), _mm512_cvtpd_ps(y)) };
+            if special != 0 {
+                for (j, v) in x[i..i + 8].iter_mut().enumerate() {
+                    if special & (1 << j) != 0 {
+                        // The lane's input was overwritten: recompute from the original.
+                        let orig = f32::from_bits(_mm256_extract_lane(xf, j));
+                        *v = orig.exp();
+                    }
+                }
+            }
+            i += 8;
+        }
+        super::exp_scalar(&mut x[i..]);
+    }
+
+    /// Lane `j` of `v` as bits.
+    #[inline]
+    fn _mm256_extract_lane(v: __m256, j: usize) -> u32 {
+        let mut lanes = [0f32; 8];
+        // SAFETY: lanes holds 8 floats.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), v) };
+        lanes[j].to_bits()
+    }
 
     #[target_feature(enable = "avx2,f16c")]
     pub(super) unsafe fn f16_to_f32(src: &[half::f16], dst: &mut [f32]) {
@@ -1292,6 +1452,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::uniform;
 
     fn values(n: usize, seed: u32) -> Vec<f32> {
         (0..n)
@@ -1600,6 +1761,59 @@ mod tests {
         assert_eq!((s.argmax, s.max), (0, 1000.0));
         assert!((s.lse - 1000.0).abs() < 1e-9);
         assert_eq!(token_logprob(&[1000.0, -1000.0, 0.0], 3), f32::NEG_INFINITY);
+    }
+
+    /// The vector `exp` returns `f32::exp`'s bits: over the whole f32 range in steps of 61 bit
+    /// patterns (~70 million values, both signs, NaN and infinities included), densely around
+    /// the special-path bounds (±88, the overflow and underflow limits) and over [−20, 0] in
+    /// steps of 13 (the softmax's range), at every slice offset of the 8-lane loop. Also checks
+    /// that the table holds 2^(i/32).
+    #[test]
+    fn exp_in_place_is_libm_exp_bit_for_bit() {
+        for (i, &t) in expf_data::TAB.iter().enumerate() {
+            let want = (i as f64 / 32.0).exp2().to_bits() - ((i as u64) << 47);
+            assert_eq!(t, want, "table entry {i}");
+        }
+        let mut xs: Vec<f32> = (0..=u32::MAX / 61)
+            .map(|k| f32::from_bits(k * 61))
+            .collect();
+        for b in [
+            88.0f32, -88.0, 88.72284, -87.33655, -103.97208, 89.0, -104.0,
+        ] {
+            let c = b.to_bits();
+            xs.extend((c.saturating_sub(2000)..c + 2000).map(f32::from_bits));
+        }
+        xs.extend(((-20.0f32).to_bits()..(-20.0f32).to_bits() + 1).map(f32::from_bits));
+        let (lo, hi) = (0u32, (-20.0f32).to_bits());
+        xs.extend((0x8000_0000u32.max(lo)..hi).step_by(13).map(f32::from_bits));
+        for offset in [0usize, 3] {
+            let mut got = xs[offset..].to_vec();
+            exp_in_place(&mut got);
+            for (x, g) in xs[offset..].iter().zip(&got) {
+                let want = x.exp();
+                assert!(
+                    g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()),
+                    "exp({x:e}) = {g:e}, libm {want:e}"
+                );
+            }
+        }
+    }
+
+    /// SwiGLU with the chunked vector exponentials equals `silu(g)·u` per element, bit for
+    /// bit, over a ragged length and inputs past the exp's special bounds.
+    #[test]
+    fn swiglu_equals_elementwise_silu() {
+        let n = 1536 + 37;
+        let mut g: Vec<f32> = uniform(n, 5, 12.0);
+        g[3] = 95.0;
+        g[4] = -95.0;
+        g[5] = -120.0;
+        let u = uniform(n, 6, 2.0);
+        let want: Vec<f32> = g.iter().zip(&u).map(|(&g, &u)| silu(g) * u).collect();
+        swiglu(&mut g, &u);
+        for (i, (a, b)) in g.iter().zip(&want).enumerate() {
+            assert_eq!(a.to_bits(), b.to_bits(), "element {i}: {a} vs {b}");
+        }
     }
 
     fn sum_exp_from_dispatch(x: &[f32], shift: f32) -> f32 {

@@ -1167,11 +1167,9 @@ fn attention(
                 for j in 0..gn {
                     let sj = &mut scores[j * len..(j + 1) * len];
                     let mx = sj.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                    let mut sum = 0f64;
-                    for v in sj.iter_mut() {
-                        *v = (*v - mx).exp();
-                        sum += *v as f64;
-                    }
+                    sj.iter_mut().for_each(|v| *v -= mx);
+                    ops::exp_in_place(sj);
+                    let sum: f64 = sj.iter().fold(0.0, |s, &v| s + v as f64);
                     let inv = (1.0 / sum) as f32;
                     sj.iter_mut().for_each(|v| *v *= inv);
                     ops::round_f16(sj);
@@ -1269,8 +1267,9 @@ fn flash_scores(
         acc.iter_mut().for_each(|a| *a *= c);
     }
     *mx = mtile;
-    for v in t.iter_mut() {
-        *v = (*v - mtile).exp();
+    t.iter_mut().for_each(|v| *v -= mtile);
+    ops::exp_in_place(t);
+    for v in t.iter() {
         *sum += *v;
     }
 }
