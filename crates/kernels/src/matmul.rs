@@ -42,11 +42,13 @@ impl QMatrix<'_> {
     }
 }
 
-/// Rows per task: about eight tasks per thread, at least 16 rows (to amortize the task hand-out,
-/// an atomic shared by all threads) and at most 512 (so a task's weights stay in L2 while a
-/// batch of tokens reuses them). Even, so single-token rows pair up.
+/// Rows per task: about four tasks per thread, at least 16 rows (to amortize the task hand-out,
+/// an atomic shared by all threads, and a kernel call's set-up) and at most 512 (so a task's
+/// weights stay in L2 while a batch of tokens reuses them). Even, so single-token rows pair up.
+/// Four beat eight and sixteen per thread on 2 threads (session 9: SmolLM2 16 streams
+/// 1079–1093 → 1095–1105 decode t/s, pp512 870–884 → 923–962; Gemma-3 tg64 97–99 → 101–103).
 fn rows_per_task(rows: usize, n_threads: usize) -> usize {
-    (rows / (n_threads * 8)).clamp(16, 512).next_multiple_of(2)
+    (rows / (n_threads * 4)).clamp(16, 512).next_multiple_of(2)
 }
 
 /// One product of a [`matmul_many`] call: `out[t][r] = w.row(r) · acts.row(t)`.
