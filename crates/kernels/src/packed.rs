@@ -252,14 +252,21 @@ mod x86 {
     const Q5_0: u8 = 2;
     const Q8_0: u8 = 3;
 
+    /// The instance of a kernel generic over the type code for `ty`, if it is packable.
+    macro_rules! for_type {
+        ($ty:expr, $kernel:ident) => {
+            Some(match $ty {
+                GgmlType::Q4_0 => $kernel::<Q4_0> as PackedRowsFn,
+                GgmlType::Q4_1 => $kernel::<Q4_1>,
+                GgmlType::Q5_0 => $kernel::<Q5_0>,
+                GgmlType::Q8_0 => $kernel::<Q8_0>,
+                _ => return None,
+            })
+        };
+    }
+
     pub(super) fn select(ty: GgmlType) -> Option<PackedRowsFn> {
-        Some(match ty {
-            GgmlType::Q4_0 => rows::<Q4_0>,
-            GgmlType::Q4_1 => rows::<Q4_1>,
-            GgmlType::Q5_0 => rows::<Q5_0>,
-            GgmlType::Q8_0 => rows::<Q8_0>,
-            _ => return None,
-        })
+        for_type!(ty, rows)
     }
 
     const fn ty_of(t: u8) -> GgmlType {
@@ -628,13 +635,7 @@ mod x86 {
         if !crate::amx::available() {
             return select(ty);
         }
-        Some(match ty {
-            GgmlType::Q4_0 => rows_amx::<Q4_0>,
-            GgmlType::Q4_1 => rows_amx::<Q4_1>,
-            GgmlType::Q5_0 => rows_amx::<Q5_0>,
-            GgmlType::Q8_0 => rows_amx::<Q8_0>,
-            _ => return None,
-        })
+        for_type!(ty, rows_amx)
     }
 
     // The AMX kernel's tiles: int32 products (C), activation quants (A) and weight quants (B),
