@@ -7,17 +7,12 @@ use half::f16;
 use ruvllm_kernels::gemv::{gemv, gemv_batched, Gemv};
 use ruvllm_kernels::pool::ThreadPool;
 use std::hint::black_box;
-use std::time::Instant;
 
-fn time<F: FnMut()>(mut f: F) -> f64 {
-    f();
-    let t = Instant::now();
-    let mut n = 0;
-    while t.elapsed().as_secs_f64() < 0.5 {
-        f();
-        n += 1;
-    }
-    t.elapsed().as_secs_f64() / n as f64
+mod common;
+
+/// Seconds per call of `f` over half a second.
+fn time(f: impl FnMut()) -> f64 {
+    common::secs_per_call(0.5, f)
 }
 
 fn read_bandwidth(pool: &ThreadPool) -> f64 {

@@ -6,7 +6,6 @@ use ruvllm_kernels::act::{ActFormat, QuantActs};
 use ruvllm_kernels::dispatch::{best_tier, dot_fns_for, Tier};
 use ruvllm_kernels::GgmlType;
 use std::hint::black_box;
-use std::time::Instant;
 
 mod common;
 use common::random_bytes;
@@ -74,14 +73,9 @@ fn main() {
                         }
                         black_box(s)
                     };
-                    run();
-                    let t = Instant::now();
-                    let mut iters = 0;
-                    while t.elapsed().as_secs_f64() < 0.3 {
+                    let secs = common::secs_per_call(0.3, || {
                         run();
-                        iters += 1;
-                    }
-                    let secs = t.elapsed().as_secs_f64() / iters as f64;
+                    });
                     println!(
                         "| {ty} | {tier:?} | {rows}×{cols} | {batch} | {:.2} | {:.2} |",
                         w.len() as f64 / secs / 1e9,

@@ -10,7 +10,6 @@ use ruvllm_kernels::matmul::{matmul, QMatrix};
 use ruvllm_kernels::packed::pack;
 use ruvllm_kernels::pool::ThreadPool;
 use ruvllm_kernels::GgmlType;
-use std::time::Instant;
 
 mod common;
 use common::random_bytes;
@@ -53,14 +52,7 @@ fn main() {
                 let mut acts = QuantActs::default();
                 acts.quantize(ActFormat::for_weight(ty), &x, cols);
                 let mut out = vec![0f32; batch * rows];
-                matmul(&pool, &w, &acts, &mut out);
-                let t = Instant::now();
-                let mut iters = 0;
-                while t.elapsed().as_secs_f64() < 0.4 {
-                    matmul(&pool, &w, &acts, &mut out);
-                    iters += 1;
-                }
-                let secs = t.elapsed().as_secs_f64() / iters as f64;
+                let secs = common::secs_per_call(0.4, || matmul(&pool, &w, &acts, &mut out));
                 println!(
                     "| {ty} | {rows}×{cols} | {nt} | {batch} | {:.1} | {:.2} |",
                     (rows * cols * batch) as f64 / secs / 1e9,
@@ -145,7 +137,7 @@ fn model_step(threads: &[usize]) {
                 acts_for(d, GgmlType::Q8_0),
             );
             let mut out = vec![0f32; batch * vocab];
-            let mut step = || {
+            let step = || {
                 for ((ty, rows, cols, packed), &(o, n)) in mats.iter().zip(&spans) {
                     let packed: &[u8] = if huge { &region[o..o + n] } else { packed };
                     // The packed copy stands in for the ggml bytes too (the kernels read only it).
@@ -166,14 +158,7 @@ fn model_step(threads: &[usize]) {
                     matmul(&pool, &w, a, &mut out[..batch * rows]);
                 }
             };
-            step();
-            let t = Instant::now();
-            let mut iters = 0;
-            while t.elapsed().as_secs_f64() < 1.0 {
-                step();
-                iters += 1;
-            }
-            let secs = t.elapsed().as_secs_f64() / iters as f64;
+            let secs = common::secs_per_call(1.0, step);
             println!(
                 "| SmolLM2 shapes | {nt} | {batch} | {:.2} | {:.1} | {:.2} |",
                 secs * 1e3,

@@ -1,6 +1,20 @@
-//! Test data shared by the kernel benches.
+//! Test data and timing shared by the kernel benches (each bench uses what it needs).
+#![allow(dead_code)]
 
 use ruvllm_kernels::GgmlType;
+use std::time::Instant;
+
+/// Seconds per call of `f`: one warm-up call, then as many calls as fit in `budget_s`.
+pub fn secs_per_call(budget_s: f64, mut f: impl FnMut()) -> f64 {
+    f();
+    let t = Instant::now();
+    let mut n = 0;
+    while t.elapsed().as_secs_f64() < budget_s {
+        f();
+        n += 1;
+    }
+    t.elapsed().as_secs_f64() / n as f64
+}
 
 /// `n` reproducible pseudo-random bytes from `seed` (xorshift).
 pub fn random_bytes(n: usize, mut s: u64) -> Vec<u8> {
