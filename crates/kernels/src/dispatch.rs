@@ -50,7 +50,7 @@ fn detect() -> Tier {
 pub fn tier() -> Tier {
     static TIER: OnceLock<Tier> = OnceLock::new();
     *TIER.get_or_init(|| {
-        let best = detect();
+        let best = best_tier();
         let cap = match std::env::var("RUVLLM_SIMD").ok().as_deref() {
             Some("scalar") => Tier::Scalar,
             Some("avx2") => Tier::Avx2,
@@ -61,9 +61,11 @@ pub fn tier() -> Tier {
     })
 }
 
-/// The best tier the CPU supports, ignoring `RUVLLM_SIMD` (for tests that compare tiers).
+/// The best tier the CPU supports, ignoring `RUVLLM_SIMD` (for tests that compare tiers),
+/// detected once: kernel selection asks for it on every product.
 pub fn best_tier() -> Tier {
-    detect()
+    static BEST: OnceLock<Tier> = OnceLock::new();
+    *BEST.get_or_init(detect)
 }
 
 /// A row dot product: weight row bytes · activation row.
