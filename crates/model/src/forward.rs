@@ -37,9 +37,8 @@ pub enum Logits {
 /// matmul that reads the same input (q, k and v; gate and up).
 #[derive(Default)]
 struct ActCache {
-    q32: QuantActs,
-    qk: QuantActs,
-    f: QuantActs,
+    /// One batch per format, indexed by [`ActCache::slot`]: Q8x32, Q8K, F32.
+    acts: [QuantActs; 3],
     fresh: [bool; 3],
 }
 
@@ -59,12 +58,7 @@ impl ActCache {
         let fmt = ActFormat::for_weight(w.ty());
         let i = Self::slot(fmt);
         if !self.fresh[i] {
-            let slot = match i {
-                0 => &mut self.q32,
-                1 => &mut self.qk,
-                _ => &mut self.f,
-            };
-            slot.quantize_par(pool, fmt, x, cols);
+            self.acts[i].quantize_par(pool, fmt, x, cols);
             self.fresh[i] = true;
         }
     }
@@ -82,21 +76,12 @@ impl ActCache {
         self.invalidate();
         let fmt = ActFormat::for_weight(first.ty());
         let i = Self::slot(fmt);
-        let slot = match i {
-            0 => &mut self.q32,
-            1 => &mut self.qk,
-            _ => &mut self.f,
-        };
-        slot.produce_and_quantize_par(pool, fmt, x, cols, make);
+        self.acts[i].produce_and_quantize_par(pool, fmt, x, cols, make);
         self.fresh[i] = true;
     }
     /// The prepared activations for `w`.
     fn get(&self, w: &Weight) -> &QuantActs {
-        match Self::slot(ActFormat::for_weight(w.ty())) {
-            0 => &self.q32,
-            1 => &self.qk,
-            _ => &self.f,
-        }
+        &self.acts[Self::slot(ActFormat::for_weight(w.ty()))]
     }
 }
 
