@@ -258,12 +258,7 @@ mod tests {
     #[test]
     fn packed_matmul_is_batch_invariant() {
         let pool = ThreadPool::new(2);
-        for ty in [
-            GgmlType::Q4_0,
-            GgmlType::Q4_1,
-            GgmlType::Q5_0,
-            GgmlType::Q8_0,
-        ] {
+        for ty in crate::packed::PACKABLE {
             if packed_rows(ty).is_none() {
                 eprintln!("no packed kernels at this tier");
                 return;

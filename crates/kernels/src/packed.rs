@@ -34,12 +34,17 @@ use crate::GgmlType;
 /// Rows per interleaved group.
 pub const GROUP: usize = 8;
 
+/// The types with a packed layout.
+pub const PACKABLE: [GgmlType; 4] = [
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q8_0,
+];
+
 /// Whether `ty` has a packed layout.
 pub fn packable(ty: GgmlType) -> bool {
-    matches!(
-        ty,
-        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q8_0
-    )
+    PACKABLE.contains(&ty)
 }
 
 /// Whether a `rows × cols` matrix of `ty` has a packed layout.
@@ -912,12 +917,7 @@ mod tests {
     /// quants, for every packable type.
     #[test]
     fn packed_scalar_matches_ggml_layout_dot() {
-        for ty in [
-            GgmlType::Q4_0,
-            GgmlType::Q4_1,
-            GgmlType::Q5_0,
-            GgmlType::Q8_0,
-        ] {
+        for ty in PACKABLE {
             for case in 0..3u64 {
                 let (rows, cols) = (16, 96);
                 let mut data: Vec<u8> = (0..rows)
@@ -965,14 +965,9 @@ mod tests {
         if !crate::amx::available() {
             eprintln!("no AMX on this CPU: the AMX case runs the VNNI kernel");
         }
-        for (ty, tier) in [
-            GgmlType::Q4_0,
-            GgmlType::Q4_1,
-            GgmlType::Q5_0,
-            GgmlType::Q8_0,
-        ]
-        .into_iter()
-        .flat_map(|ty| [(ty, Tier::Avx512Vnni), (ty, Tier::Amx)])
+        for (ty, tier) in PACKABLE
+            .into_iter()
+            .flat_map(|ty| [(ty, Tier::Avx512Vnni), (ty, Tier::Amx)])
         {
             let Some(f) = simd_rows(ty, tier) else {
                 eprintln!("no packed SIMD kernel on this CPU");
