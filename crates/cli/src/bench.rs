@@ -52,6 +52,9 @@ pub struct BenchArgs {
     /// Values stored as this type instead of --kv-type (serving mode).
     #[arg(long = "kv-type-v")]
     kv_type_v: Option<String>,
+    /// Two-tier KV in serving mode, as `serve --kv-tail` (default 32 for q4_0; 0: none).
+    #[arg(long = "kv-tail")]
+    kv_tail: Option<usize>,
 }
 
 fn tokens_for(l: &crate::Loaded, n: usize) -> Vec<u32> {
@@ -148,10 +151,19 @@ fn serving(a: &BenchArgs, l: crate::Loaded) -> Result<(), Error> {
             a.kv_type
         ))
     })?;
+    let (k_ty, v_ty) = crate::kv_types(kv_type, a.kv_type_k.as_deref(), a.kv_type_v.as_deref())?;
+    let split = a.kv_type_k.is_some() || a.kv_type_v.is_some();
+    let kv_tail = crate::kv_tail(kv_type, a.kv_tail, split)?;
     let mut cfg = EngineConfig::new(&c, n_blocks);
     cfg.attn = l.attn;
-    let (k_ty, v_ty) = crate::kv_types(kv_type, a.kv_type_k.as_deref(), a.kv_type_v.as_deref())?;
     cfg.set_kv_types(kv_type, k_ty, v_ty);
+    if let Some(tail) = kv_tail {
+        // Two-tier: every sequence's tail (and a batch) in f16 blocks, the rest in the cold tier.
+        cfg.kv_tail = Some(tail);
+        cfg.n_cold_blocks = n_blocks;
+        cfg.n_blocks =
+            (max_np * (tail.div_ceil(bs) + 2)).max((tail + cfg.max_batch_tokens).div_ceil(bs) + 2);
+    }
     cfg.max_seqs = max_np.max(1);
     cfg.n_ctx = c.n_ctx_train;
     let tokens = tokens_for(&l, a.np_prompt * max_np + prefix + 32);
@@ -200,6 +212,7 @@ fn serving(a: &BenchArgs, l: crate::Loaded) -> Result<(), Error> {
             "kv_type": kv_type.name(),
             "kv_type_k": k_ty.name(),
             "kv_type_v": v_ty.name(),
+            "kv_tail": kv_tail,
             "kv_bytes_per_token": ruvllm_engine::kv_bytes_per_token_kv(&c, k_ty, v_ty),
         }));
     }

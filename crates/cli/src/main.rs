@@ -224,6 +224,11 @@ struct PerplexityArgs {
     /// Store the values as this type instead of --kv-type.
     #[arg(long = "kv-type-v")]
     kv_type_v: Option<String>,
+    /// Two-tier KV as `serve` runs it: the newest N tokens in f16, older 16-token blocks in
+    /// --kv-type; the text is then fed 16 tokens a step so each position sees the tiers it
+    /// would see while decoding. Default: 32 for q4_0, none otherwise; 0: no tail.
+    #[arg(long = "kv-tail")]
+    kv_tail: Option<usize>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -672,7 +677,18 @@ fn cmd_perplexity(a: PerplexityArgs) -> Result<(), Error> {
         ))
     })?;
     let (k_ty, v_ty) = kv_types(kv_type, a.kv_type_k.as_deref(), a.kv_type_v.as_deref())?;
-    let mut runner = Runner::with_kv_types(&l.model, l.pool.clone(), n_ctx, k_ty, v_ty)?;
+    let split = a.kv_type_k.is_some() || a.kv_type_v.is_some();
+    const BLOCK: usize = 16;
+    let (mut runner, step) = match kv_tail(kv_type, a.kv_tail, split)? {
+        Some(tail) => (
+            Runner::with_kv_tail(&l.model, l.pool.clone(), n_ctx, kv_type, tail, BLOCK)?,
+            BLOCK,
+        ),
+        None => (
+            Runner::with_kv_types(&l.model, l.pool.clone(), n_ctx, k_ty, v_ty)?,
+            64,
+        ),
+    };
     runner.set_attention(l.attn);
     let nv = l.model.config.n_vocab;
     let (mut nll, mut count) = (0f64, 0usize);
@@ -682,10 +698,10 @@ fn cmd_perplexity(a: PerplexityArgs) -> Result<(), Error> {
             break;
         }
         runner.truncate(0);
-        for (ci, chunk) in window.chunks(64).enumerate() {
+        for (ci, chunk) in window.chunks(step).enumerate() {
             let logits = runner.forward(chunk, Logits::All)?;
             for (i, _) in chunk.iter().enumerate() {
-                let gi = ci * 64 + i;
+                let gi = ci * step + i;
                 if gi + 1 >= window.len() {
                     break;
                 }
@@ -771,6 +787,28 @@ fn main() -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::from(exit_code(&e))
         }
+    }
+}
+
+/// The two-tier KV tail in tokens: `--kv-tail N` as given (`0`: none, every position stored
+/// as `kv_type`), else the type's default ([`KvType::default_tail`](ruvllm_model::KvType::default_tail):
+/// 32 for q4_0), and none when keys and values take separate types (`split`).
+pub(crate) fn kv_tail(
+    kv_type: ruvllm_model::KvType,
+    tail: Option<usize>,
+    split: bool,
+) -> Result<Option<usize>, Error> {
+    match tail {
+        Some(0) => Ok(None),
+        Some(_) if split => Err(Error::usage(
+            "--kv-type-k/--kv-type-v do not combine with --kv-tail",
+        )),
+        Some(_) if !kv_type.is_quantized() => Err(Error::usage(
+            "--kv-tail needs a quantized --kv-type for the cold tier (q8_0 or q4_0)",
+        )),
+        Some(t) => Ok(Some(t)),
+        None if split => Ok(None),
+        None => Ok(kv_type.default_tail()),
     }
 }
 

@@ -51,7 +51,8 @@ pub struct ServeArgs {
     kv_type_v: Option<String>,
     /// Two-tier KV: keep each sequence's most recent N tokens in f16 and move older full blocks
     /// to --kv-type (q8_0 or q4_0). The f16 tier is sized for --max-num-seqs tails (at most
-    /// half the memory budget); the rest of the budget is the cold tier.
+    /// half the memory budget); the rest of the budget is the cold tier. Default: 32 for q4_0
+    /// (4-bit newest keys cost most of its perplexity), none otherwise; 0: no tail.
     #[arg(long = "kv-tail")]
     kv_tail: Option<usize>,
     /// LoRA adapter to serve as NAME=PATH[:SCALE] (a PEFT directory or .safetensors file;
@@ -236,11 +237,8 @@ pub fn run(a: ServeArgs) -> Result<(), Error> {
         ))
     })?;
     let (k_ty, v_ty) = crate::kv_types(kv_type, a.kv_type_k.as_deref(), a.kv_type_v.as_deref())?;
-    if a.kv_tail.is_some() && (a.kv_type_k.is_some() || a.kv_type_v.is_some()) {
-        return Err(Error::usage(
-            "--kv-type-k/--kv-type-v do not combine with --kv-tail",
-        ));
-    }
+    let split = a.kv_type_k.is_some() || a.kv_type_v.is_some();
+    let kv_tail = crate::kv_tail(kv_type, a.kv_tail, split)?;
     ruvllm_server::init_logging(a.log_format == "json");
     let keys = api_keys(&a)?;
     let path = crate::pull::resolve(a.model.model.as_deref())?;
@@ -252,14 +250,9 @@ pub fn run(a: ServeArgs) -> Result<(), Error> {
         None => (1u64 << 30).min(avail / 4),
     };
     let n_ctx = a.model.ctx_size.min(c.n_ctx_train);
-    let (n_blocks, n_cold) = match a.kv_tail {
+    let (n_blocks, n_cold) = match kv_tail {
         None => (blocks_for_memory_kv(c, k_ty, v_ty, a.block_size, budget), 0),
         Some(tail) => {
-            if kv_type == KvType::F16 || kv_type == KvType::F32 {
-                return Err(Error::usage(
-                    "--kv-tail needs a quantized --kv-type for the cold tier (q8_0 or q4_0)",
-                ));
-            }
             let per_seq = tail.div_ceil(a.block_size) + 2;
             let min_hot = (tail + a.max_batch_tokens).div_ceil(a.block_size) + 2;
             let hot = (a.max_num_seqs * per_seq)
@@ -279,7 +272,7 @@ pub fn run(a: ServeArgs) -> Result<(), Error> {
         )));
     }
     let per_token = kv_bytes_per_token_kv(c, k_ty, v_ty);
-    if let Some(tail) = a.kv_tail {
+    if let Some(tail) = kv_tail {
         let hot_pt = kv_bytes_per_token(c, KvType::F16);
         eprintln!(
             "ruvllm: two-tier KV: f16 tail of {tail} tokens, {n_blocks} f16 blocks ({:.1} MiB, {hot_pt} bytes/token) + {n_cold} {} blocks ({:.1} MiB, {per_token} bytes/token) = {} tokens",
@@ -314,7 +307,7 @@ pub fn run(a: ServeArgs) -> Result<(), Error> {
     cfg.prefix_caching = !a.no_prefix_caching;
     cfg.n_ctx = n_ctx;
     cfg.set_kv_types(kv_type, k_ty, v_ty);
-    cfg.kv_tail = a.kv_tail;
+    cfg.kv_tail = kv_tail;
     cfg.n_cold_blocks = n_cold;
     let n_embd = c.n_embd;
     let tok = Arc::new(l.tok);

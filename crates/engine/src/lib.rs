@@ -119,7 +119,8 @@ pub struct EngineConfig {
     /// mode).
     pub value_type: Option<KvType>,
     /// Two-tier mode: keep each sequence's most recent `kv_tail` tokens in f16 blocks and move
-    /// full blocks older than that into `n_cold_blocks` blocks of `kv_type`.
+    /// full blocks older than that into `n_cold_blocks` blocks of `kv_type`. The CLI sets it
+    /// to [`KvType::default_tail`] unless told otherwise (32 tokens for q4_0).
     pub kv_tail: Option<usize>,
     /// Blocks of the cold tier (two-tier mode).
     pub n_cold_blocks: usize,

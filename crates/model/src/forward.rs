@@ -181,6 +181,25 @@ pub struct Runner<'m> {
     history: Vec<u32>,
     /// The LoRA adapter every step runs with.
     lora: Option<LoraAdapter>,
+    /// Two-tier mode (see [`with_kv_tail`](Runner::with_kv_tail)); `None`: one contiguous block.
+    tiers: Option<RunnerTiers>,
+}
+
+/// A [`Runner`]'s two-tier bookkeeping: its block table and how many of its blocks have moved
+/// to the quantized tier. Hot block `i` and cold block `n_hot + i` both belong to positions
+/// `i·bs..(i+1)·bs`; a migrated hot block keeps its f16 rows, so truncating only points the
+/// table back at it.
+struct RunnerTiers {
+    /// Positions kept in f16 behind the newest one.
+    tail: usize,
+    /// Positions the runner accepts.
+    n_ctx: usize,
+    block_size: usize,
+    n_hot: u32,
+    /// Block id per `block_size` positions: hot `i` or cold `n_hot + i`.
+    table: Vec<u32>,
+    /// Blocks `0..migrated` are cold.
+    migrated: usize,
 }
 
 fn grow(v: &mut Vec<f32>, n: usize) {
@@ -199,7 +218,56 @@ impl<'m> Runner<'m> {
             kv: KvCache::new(c.n_layer, c.kv_dim(), n_ctx, 1),
             history: Vec::new(),
             lora: None,
+            tiers: None,
         }
+    }
+
+    /// A runner with the engine's two-tier cache: the newest `tail` positions (at least one
+    /// block of `block_size`) in f16, every older whole block in `cold_ty`, moved as the
+    /// sequence grows — so `ruvllm perplexity` measures what `serve` computes. Both tiers span
+    /// the context (the runner measures one sequence; the engine sizes its f16 tier for tails).
+    pub fn with_kv_tail(
+        model: &'m Model,
+        pool: Arc<ThreadPool>,
+        n_ctx: usize,
+        cold_ty: crate::KvType,
+        tail: usize,
+        block_size: usize,
+    ) -> Result<Runner<'m>, Error> {
+        let c = &model.config;
+        let n_ctx = n_ctx.clamp(1, c.n_ctx_train);
+        if block_size == 0 || tail < block_size || !cold_ty.is_quantized() {
+            return Err(Error::new(ErrorKind::InvalidParam {
+                param: "kv_tail",
+                message: format!("two-tier KV needs a quantized cold type and a tail of at least one block of {block_size} tokens; got {} and tail {tail}", cold_ty.name()),
+            }));
+        }
+        let n = n_ctx.div_ceil(block_size);
+        let kv = KvCache::with_tiers(c.n_layer, c.kv_dim(), c.head_dim, block_size, n, n, cold_ty)
+            .ok_or_else(|| {
+                Error::new(ErrorKind::InvalidParam {
+                    param: "kv_type",
+                    message: format!(
+                        "--kv-type {} needs heads of a multiple of 32 values; this model's have {}",
+                        cold_ty.name(),
+                        c.head_dim
+                    ),
+                })
+            })?;
+        Ok(Runner {
+            fwd: Forward::new(model, pool),
+            kv,
+            history: Vec::new(),
+            lora: None,
+            tiers: Some(RunnerTiers {
+                tail,
+                n_ctx,
+                block_size,
+                n_hot: n as u32,
+                table: (0..n as u32).collect(),
+                migrated: 0,
+            }),
+        })
     }
 
     /// A runner whose KV cache stores keys and values as `ty`.
@@ -233,6 +301,7 @@ impl<'m> Runner<'m> {
             kv,
             history: Vec::new(),
             lora: None,
+            tiers: None,
         })
     }
 
@@ -250,7 +319,7 @@ impl<'m> Runner<'m> {
     /// computed under other weights.
     pub fn set_lora(&mut self, adapter: Option<LoraAdapter>) {
         self.lora = adapter;
-        self.history.clear();
+        self.truncate(0);
     }
 
     /// Chooses the attention kernel (see [`AttnKernel`]).
@@ -261,11 +330,22 @@ impl<'m> Runner<'m> {
     /// Drops cached positions from `n` on, keeping the prefix for reuse.
     pub fn truncate(&mut self, n: usize) {
         self.history.truncate(n);
+        if let Some(t) = self.tiers.as_mut() {
+            // Blocks that a fresh run to `n` would still hold in f16 go back to their hot rows.
+            let keep = self.history.len().saturating_sub(t.tail) / t.block_size;
+            while t.migrated > keep {
+                t.migrated -= 1;
+                t.table[t.migrated] = t.migrated as u32;
+            }
+        }
     }
 
     /// Context size in tokens.
     pub fn n_ctx(&self) -> usize {
-        self.kv.capacity()
+        match &self.tiers {
+            Some(t) => t.n_ctx,
+            None => self.kv.capacity(),
+        }
     }
 
     /// The final normed hidden states of the last [`Logits::Hidden`] call: `[tokens × n_embd]`.
@@ -277,21 +357,31 @@ impl<'m> Runner<'m> {
     /// (`[rows × n_vocab]`, rows = 1 for `Last`, `tokens.len()` for `All`, 0 for `None`).
     pub fn forward(&mut self, tokens: &[u32], want: Logits) -> Result<&[f32], Error> {
         let pos0 = self.history.len();
-        if pos0 + tokens.len() > self.kv.capacity() {
+        if pos0 + tokens.len() > self.n_ctx() {
             return Err(Error::new(ErrorKind::ContextOverflow {
                 needed: pos0 + tokens.len(),
-                context: self.kv.capacity(),
+                context: self.n_ctx(),
             }));
         }
         let seq = SeqInput {
             tokens,
             pos0,
-            block_table: &[0],
+            block_table: self.tiers.as_ref().map_or(&[0], |t| &t.table),
             logits: want,
             lora: self.lora.as_ref(),
         };
         let out = self.fwd.forward_batch(&mut self.kv, &[seq])?;
         self.history.extend_from_slice(tokens);
+        if let Some(t) = self.tiers.as_mut() {
+            // Whole blocks older than the tail move to the quantized tier, as the engine's do.
+            let upto = self.history.len().saturating_sub(t.tail) / t.block_size;
+            while t.migrated < upto {
+                let (src, dst) = (t.migrated as u32, t.n_hot + t.migrated as u32);
+                self.kv.migrate_block(src, dst);
+                t.table[t.migrated] = dst;
+                t.migrated += 1;
+            }
+        }
         Ok(out)
     }
 }

@@ -5,8 +5,7 @@
 use ruvllm_kernels::ops::token_nll;
 use ruvllm_kernels::pool::ThreadPool;
 use ruvllm_model::{
-    generate, registry, AttnKernel, Forward, GenerateParams, KvCache, KvType, Logits, Model,
-    Runner, SamplingParams, SeqInput,
+    generate, registry, AttnKernel, GenerateParams, KvType, Logits, Model, Runner, SamplingParams,
 };
 use ruvllm_tokenizer::Tokenizer;
 use std::path::PathBuf;
@@ -302,10 +301,12 @@ fn perplexity_kv(
 /// Quantized KV caches keep perplexity within 0.5% (q8_0, and f32) of the f16 cache, q4_0
 /// within `q4_limit`, and q8_0 keys with q4_0 values within 3%, measured on [`long_text`].
 ///
-/// NOTE: the target for q4_0 is 3%; these small models miss it (on the long text +4.3% SmolLM2,
-/// +11.9% Gemma-3, with Hadamard-rotated heads; the two-tier mode with a 64-token f16 tail
-/// meets it). The 4-bit keys are what costs: q8_0 keys with q4_0 values (6.5 bits a value)
-/// meet it. The q4_0 bounds below pin today's quality so a regression fails.
+/// NOTE: q4_0 here is the whole cache in 4 bits (`--kv-tail 0`), which misses issue 4's 3% on
+/// these small models (+5.2% SmolLM2, +11.7% Gemma-3 on the long text, with Hadamard-rotated
+/// heads; llama.cpp's own q4_0 cache: +7.6% / +13.2%). The newest 4-bit keys are what costs:
+/// `--kv-type q4_0` by default keeps a 32-token f16 tail and meets 3%
+/// ([`default_kv_types_keep_perplexity`]), as do q8_0 keys with q4_0 values (below). The
+/// whole-cache q4_0 bounds pin today's quality so a regression fails.
 fn kv_types_keep_perplexity(model_name: &str, json: &str, q4_limit: f64) {
     let Some((model, tok, pool, tokens)) = with_long_text(model_name) else {
         return;
@@ -354,82 +355,104 @@ fn gemma3_kv_types_keep_perplexity() {
     kv_types_keep_perplexity("gemma3-270m", "gemma3-270m-q4_k_m.json", 0.13);
 }
 
-/// Two-tier KV (recent `tail` tokens in f16, older full blocks moved to a quantized tier):
-/// [`long_text`] fed in 64-token steps, migrating blocks as they fall out of the tail, keeps
-/// perplexity within 0.5% of the all-f16 cache with a q8_0 cold tier (`limit` for others).
-fn two_tier_keeps_perplexity(model_name: &str, cold_ty: KvType, limit: f64) {
+/// Two-tier KV (the newest `tail` tokens in f16, older whole blocks moved to a quantized tier,
+/// as `serve` does): [`long_text`] fed 16 tokens a step through [`Runner::with_kv_tail`] (so
+/// every position sees the tier it would see decoding one token at a time: the blocks move
+/// at block boundaries) keeps perplexity within `limit` of the all-f16 cache.
+fn two_tier_keeps_perplexity(model_name: &str, cold_ty: KvType, tail: usize, limit: f64) {
     let Some((model, _, pool, tokens)) = with_long_text(model_name) else {
         return;
     };
     let base = perplexity_of(&model, &pool, &tokens, KvType::F16);
-    let c = &model.config;
-    let (bs, tail, step) = (16, 64, 64);
-    let n_blocks = tokens.len().div_ceil(bs);
-    let mut kv = KvCache::with_tiers(
-        c.n_layer,
-        c.kv_dim(),
-        c.head_dim,
-        bs,
-        n_blocks,
-        n_blocks,
-        cold_ty,
-    )
-    .unwrap();
-    let mut table: Vec<u32> = (0..n_blocks as u32).collect();
-    let mut fwd = Forward::new(&model, pool.clone());
-    let nv = c.n_vocab;
+    let mut r =
+        Runner::with_kv_tail(&model, pool.clone(), tokens.len(), cold_ty, tail, 16).unwrap();
+    let nv = model.config.n_vocab;
     let mut nll = 0f64;
-    let mut migrated = 0;
-    for (ci, chunk) in tokens.chunks(step).enumerate() {
-        let pos0 = ci * step;
-        let logits = fwd
-            .forward_batch(
-                &mut kv,
-                &[SeqInput {
-                    tokens: chunk,
-                    pos0,
-                    block_table: &table,
-                    logits: Logits::All,
-                    lora: None,
-                }],
-            )
-            .unwrap();
+    for (ci, chunk) in tokens.chunks(16).enumerate() {
+        let logits = r.forward(chunk, Logits::All).unwrap();
         for (j, l) in logits.chunks(nv).enumerate() {
-            let p = pos0 + j;
+            let p = ci * 16 + j;
             if p + 1 < tokens.len() {
                 nll += token_nll(l, tokens[p + 1] as usize);
             }
         }
-        // Blocks wholly older than the tail move to the cold tier.
-        let done = pos0 + chunk.len();
-        while migrated < done.saturating_sub(tail) / bs {
-            let (src, dst) = (migrated as u32, (n_blocks + migrated) as u32);
-            kv.migrate_block(src, dst);
-            table[migrated] = dst;
-            migrated += 1;
-        }
     }
     let ppl = (nll / (tokens.len() - 1) as f64).exp();
     let rel = ppl / base - 1.0;
-    eprintln!("{model_name}: two-tier (f16 tail {tail}, {} cold; {migrated} of {n_blocks} blocks migrated): perplexity {ppl:.4} vs f16 {base:.4} ({:+.3}%)", cold_ty.name(), 100.0 * rel);
-    assert!(migrated > 0);
+    eprintln!(
+        "{model_name}: two-tier (f16 tail {tail}, {} cold): perplexity {ppl:.4} vs f16 {base:.4} ({:+.3}%) over {} tokens",
+        cold_ty.name(),
+        100.0 * rel,
+        tokens.len()
+    );
     assert!(
         rel.abs() <= limit,
-        "{model_name}: two-tier {} perplexity {ppl} vs f16 {base}",
+        "{model_name}: two-tier {} tail {tail}: perplexity {ppl} vs f16 {base}",
         cold_ty.name()
     );
 }
 
+/// What `--kv-type q8_0` and `--kv-type q4_0` run by default: q8_0 whole-cache within 0.5%
+/// (in [`kv_types_keep_perplexity`]); q4_0 with its default f16 tail within issue 4's 3%;
+/// a q8_0 cold tier under the same tail within 0.5%.
+fn default_kv_types_keep_perplexity(model_name: &str) {
+    let tail = KvType::Q4_0.default_tail().expect("q4_0 keeps a tail");
+    assert_eq!(KvType::Q8_0.default_tail(), None);
+    two_tier_keeps_perplexity(model_name, KvType::Q4_0, tail, 0.03);
+    two_tier_keeps_perplexity(model_name, KvType::Q8_0, tail, 0.005);
+}
+
 #[test]
 fn smollm2_two_tier_kv_keeps_perplexity() {
-    two_tier_keeps_perplexity("smollm2-135m", KvType::Q8_0, 0.005);
-    two_tier_keeps_perplexity("smollm2-135m", KvType::Q4_0, 0.03);
+    default_kv_types_keep_perplexity("smollm2-135m");
+    two_tier_keeps_perplexity("smollm2-135m", KvType::Q4_0, 16, 0.03);
 }
 
 #[test]
 fn gemma3_two_tier_kv_keeps_perplexity() {
-    two_tier_keeps_perplexity("gemma3-270m", KvType::Q8_0, 0.005);
-    two_tier_keeps_perplexity("gemma3-270m", KvType::Q4_0, 0.03);
+    default_kv_types_keep_perplexity("gemma3-270m");
+    two_tier_keeps_perplexity("gemma3-270m", KvType::Q4_0, 16, 0.03);
+}
+
+/// Truncating a two-tier runner (the chat REPL's edits) points blocks back at their f16 rows:
+/// the logits after a truncate-and-refeed equal a fresh runner's, bit for bit.
+#[test]
+fn two_tier_runner_truncates_to_a_fresh_state() {
+    let Some((model, _, pool, tokens)) = with_long_text("smollm2-135m") else {
+        return;
+    };
+    let (tokens, nv) = (&tokens[..200], model.config.n_vocab);
+    // Rows depend on the tiers their step saw, so the fresh runner takes the same steps to 130.
+    let mut fresh = Runner::with_kv_tail(&model, pool.clone(), 256, KvType::Q4_0, 32, 16).unwrap();
+    for c in [0..40, 40..80, 80..120, 120..130] {
+        fresh.forward(&tokens[c], Logits::None).unwrap();
+    }
+    let want = fresh
+        .forward(&tokens[130..150], Logits::Last)
+        .unwrap()
+        .to_vec();
+    let mut r = Runner::with_kv_tail(&model, pool.clone(), 256, KvType::Q4_0, 32, 16).unwrap();
+    for c in tokens.chunks(40) {
+        r.forward(c, Logits::None).unwrap();
+    }
+    r.truncate(130);
+    let got = r.forward(&tokens[130..150], Logits::Last).unwrap();
+    assert_eq!(got.len(), nv);
+    assert!(want
+        .iter()
+        .zip(got)
+        .all(|(a, b)| a.to_bits() == b.to_bits()));
+    // The old blocks were read from the q4_0 tier: an all-f16 runner's logits differ.
+    let mut f16 = Runner::new(&model, pool.clone(), 256);
+    f16.forward(&tokens[..130], Logits::None).unwrap();
+    let other = f16.forward(&tokens[130..150], Logits::Last).unwrap();
+    assert!(want
+        .iter()
+        .zip(other)
+        .any(|(a, b)| a.to_bits() != b.to_bits()));
+    // Too short a tail, or an unquantized cold tier, is refused.
+    assert!(Runner::with_kv_tail(&model, pool.clone(), 256, KvType::Q4_0, 8, 16).is_err());
+    assert!(Runner::with_kv_tail(&model, pool, 256, KvType::F16, 32, 16).is_err());
 }
 
 /// The flash kernel (online softmax over tiles of keys and values) against the two-pass kernel
