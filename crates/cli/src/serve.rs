@@ -112,6 +112,10 @@ pub struct ServeArgs {
     /// rated 60-token answer: 0.09 s at 8, 0.2 s at 16, 0.7 s with every token).
     #[arg(long = "sona-rated-rows", default_value_t = ruvllm_sona::learner::LearnConfig::default().rated_rows)]
     sona_rated_rows: usize,
+    /// The most tokens a correction teaches (0: all): those the model finds least likely.
+    /// Feedback latency grows with it.
+    #[arg(long = "sona-corrected-rows", default_value_t = ruvllm_sona::learner::LearnConfig::default().corrected_rows)]
+    sona_corrected_rows: usize,
     /// Log format: text or json.
     #[arg(long = "log-format", default_value = "text")]
     log_format: String,
@@ -327,6 +331,7 @@ pub fn run(a: ServeArgs) -> Result<(), Error> {
         sona_all_trajectories: a.sona_trajectories == "all",
         sona_keep_bytes: a.sona_keep_mib << 20,
         sona_rated_rows: a.sona_rated_rows,
+        sona_corrected_rows: a.sona_corrected_rows,
     };
     eprintln!("ruvllm: serving model as {}", scfg.model_names.join(", "));
     let state = Arc::new(

@@ -62,6 +62,9 @@ pub struct ServerConfig {
     /// The most answer tokens a rating teaches (`--sona-rated-rows`, 0: all; see
     /// [`ruvllm_sona::learner::LearnConfig::rated_rows`]).
     pub sona_rated_rows: usize,
+    /// The most tokens a correction teaches (`--sona-corrected-rows`, 0: all; see
+    /// [`ruvllm_sona::learner::LearnConfig::corrected_rows`]).
+    pub sona_corrected_rows: usize,
 }
 
 /// Shared by every handler.
@@ -101,6 +104,7 @@ impl AppState {
         let learn_cfg = ruvllm_sona::learner::LearnConfig {
             threads: cfg.sona_threads,
             rated_rows: cfg.sona_rated_rows,
+            corrected_rows: cfg.sona_corrected_rows,
             ..Default::default()
         };
         let learning = match (&cfg.sona_dir, cfg.learning) {

@@ -23,10 +23,13 @@
 //! (unlikelihood, negative ratings) ([`Objective`]). The scope's other branch is a fixed part
 //! of `down` here.
 
-use crate::grad::{cross_entropy, unlikelihood};
 use crate::merge::Branch;
 use crate::train::{AdapterParams, Head, OptimizerState};
-use ruvllm_kernels::ops::{axpy, dot_f32 as dot, dot_rows, weighted_sum};
+use half::f16;
+use ruvllm_kernels::ops::{
+    axpy, dot_f32 as dot, dot_rows_f16_heads, exp_in_place, max_f32, weighted_sum_f16_heads,
+    MAX_HEADS,
+};
 use ruvllm_kernels::pool::ThreadPool;
 use ruvllm_model::{head_logits, Capture, LoraAdapter, LoraPair, Model};
 use std::sync::Arc;
@@ -264,8 +267,9 @@ pub struct Prepared {
     offset: Vec<f32>,
     /// Each row's fixed rest logit (−∞: none; used when there is no sample).
     fixed_rest: Vec<f32>,
-    /// `W_C·diag(g ⊙ g2)`: `[|C| × n_embd]`.
-    wg: Vec<f32>,
+    /// The candidates' rows of the LM head as stored (f16, exact): `[|C| × n_embd]`. The
+    /// norms' weights `g ⊙ g2` are applied to the vectors they meet instead.
+    wc: Vec<f16>,
     /// `W_C·(g ⊙ resid)` per row: `[rows × |C|]`.
     p: Vec<f32>,
     /// `W_C·(g ⊙ g2 ⊙ down)` per row: `[rows × |C|]`.
@@ -323,6 +327,57 @@ fn logsumexp(x: &[f32]) -> f32 {
         return mx;
     }
     (mx as f64 + x.iter().map(|v| ((v - mx) as f64).exp()).sum::<f64>().ln()) as f32
+}
+
+/// `xs · Wᵀ` for vectors `xs` (`[n × d]`) against f16 rows `w` (`[m × d]`): `[n × m]`, in
+/// groups of [`MAX_HEADS`] vectors that share each row's widening.
+fn rows_times(xs: &[f32], d: usize, w: &[f16], m: usize) -> Vec<f32> {
+    let n = xs.len() / d.max(1);
+    let mut out = vec![0f32; n * m];
+    if m == 0 {
+        return out;
+    }
+    for v0 in (0..n).step_by(MAX_HEADS) {
+        let v1 = (v0 + MAX_HEADS).min(n);
+        dot_rows_f16_heads(&xs[v0 * d..v1 * d], d, w, d, m, &mut out[v0 * m..v1 * m], m);
+    }
+    out
+}
+
+/// The objective of one row's candidate logits `z` for the candidate `target`: the loss, and
+/// its gradient with respect to `z` into `dz` — cross-entropy, or bounded unlikelihood
+/// `−ln(1 − p)` with `p ≤ 1 − 10⁻⁶` ([`crate::grad`]'s, whose finite-difference tests pin
+/// the formulas), here with one vector `exp` per candidate (libm's values, f32) and the
+/// normalizer summed in f64.
+fn objective_grad(objective: Objective, z: &[f32], target: usize, dz: &mut [f32]) -> f32 {
+    let mx = max_f32(z);
+    dz.iter_mut().zip(z).for_each(|(e, v)| *e = v - mx);
+    exp_in_place(dz);
+    let sum: f64 = dz.iter().map(|&e| e as f64).sum();
+    let inv = (1.0 / sum) as f32;
+    match objective {
+        Objective::Likely => {
+            dz.iter_mut().for_each(|e| *e *= inv);
+            let Some(t) = dz.get_mut(target) else {
+                return f32::INFINITY;
+            };
+            *t -= 1.0;
+            (mx as f64 + sum.ln() - z[target] as f64) as f32
+        }
+        Objective::Unlikely => {
+            let pt = dz
+                .get(target)
+                .map_or(0.0, |&e| e as f64 / sum)
+                .min(1.0 - 1e-6);
+            // d/dz_j of −ln(1 − p_t) = p_t (δ_tj − p_j) / (1 − p_t).
+            let k = (pt / (1.0 - pt)) as f32;
+            dz.iter_mut().for_each(|e| *e *= -k * inv);
+            if let Some(t) = dz.get_mut(target) {
+                *t += k;
+            }
+            -(1.0 - pt).ln() as f32
+        }
+    }
 }
 
 /// A LoRA adapter on one layer's down projection trained on the candidate objective (rank 2
@@ -554,13 +609,9 @@ impl FastTrainer {
         let g2 = self.model.layers[self.p.layer].post_ffn_norm.as_deref();
         let n_c = cands.ids.len();
         let n_top = cands.n_top.min(n_c);
-        let mut wg = vec![0f32; n_c * d];
-        let mut wc = vec![0f32; n_c * d];
-        for (i, &v) in cands.ids.iter().enumerate() {
-            for (j, w) in self.head.row(v as usize).iter().enumerate() {
-                wc[i * d + j] = w.to_f32() * g[j];
-                wg[i * d + j] = wc[i * d + j] * g2.map_or(1.0, |g2| g2[j]);
-            }
+        let mut wc = Vec::with_capacity(n_c * d);
+        for &v in &cands.ids {
+            wc.extend_from_slice(self.head.row(v as usize));
         }
         let n_s = n_c - n_top;
         let sampled = n_s > 0 && cands.sample_base.len() == targets.len() * n_s;
@@ -572,13 +623,15 @@ impl FastTrainer {
             target: Vec::new(),
             offset: Vec::new(),
             fixed_rest: Vec::new(),
-            wg: Vec::new(),
+            wc: Vec::new(),
             p: Vec::new(),
             q: Vec::new(),
             down: Vec::new(),
             n_c,
             n_top,
         };
+        // Per row, `g ⊙ resid` and `g ⊙ g2 ⊙ down`: what P and Q take from the head rows.
+        let (mut xp, mut xq) = (Vec::new(), Vec::new());
         for (t, tg) in targets.iter().enumerate() {
             let Some(tg) = *tg else { continue };
             let Ok(ti) = cands.ids[..n_top].binary_search(&tg) else {
@@ -593,11 +646,8 @@ impl FastTrainer {
                 f.add_to(act, &mut dn);
             }
             let resid = &cap.resid[t * d..(t + 1) * d];
-            let mut col = vec![0f32; n_c];
-            dot_rows(resid, &wc, d, &mut col);
-            l.p.extend_from_slice(&col);
-            dot_rows(&dn, &wg, d, &mut col);
-            l.q.extend_from_slice(&col);
+            xp.extend((0..d).map(|j| g[j] * resid[j]));
+            xq.extend((0..d).map(|j| g[j] * g2.map_or(1.0, |g2| g2[j]) * dn[j]));
             let rest = cands.log_rest.get(t).copied().unwrap_or(f32::NEG_INFINITY);
             // The sample stands for the rest: shifted so that at the base model its mass is
             // the rest's.
@@ -617,7 +667,9 @@ impl FastTrainer {
             l.fixed_rest.push(fixed_rest);
             l.down.extend_from_slice(&dn);
         }
-        l.wg = wg;
+        l.p = rows_times(&xp, d, &wc, n_c);
+        l.q = rows_times(&xq, d, &wc, n_c);
+        l.wc = wc;
         l
     }
 
@@ -788,23 +840,26 @@ impl FastTrainer {
         if rows == 0 || n_c == 0 {
             return (0.0, da, db);
         }
-        // M = WG·B, [|C| × r]: per rank, B's column against every candidate row (tile kernel).
-        let mut m = vec![0f32; n_c * r];
-        let bt: Vec<Vec<f32>> = (0..r)
-            .map(|k| (0..d).map(|j| self.p.b[j * r + k]).collect())
+        // M = W_C·diag(g ⊙ g2)·B, rank-major `[r × |C|]`: each rank's column of B, weighted by
+        // the norms, against every candidate row (rows read once for all ranks).
+        let g = &self.model.output_norm;
+        let gg: Vec<f32> = (0..d).map(|j| g[j] * g2.map_or(1.0, |g2| g2[j])).collect();
+        let qb: Vec<f32> = (0..r)
+            .flat_map(|k| {
+                (0..d)
+                    .map(|j| gg[j] * self.p.b[j * r + k])
+                    .collect::<Vec<_>>()
+            })
             .collect();
-        let mut col = vec![0f32; n_c];
-        for (k, bk) in bt.iter().enumerate() {
-            dot_rows(bk, &l.wg, d, &mut col);
-            for (i, v) in col.iter().enumerate() {
-                m[i * r + k] = *v;
-            }
-        }
-        let mut dm = vec![0f32; n_c * r];
+        let m = rows_times(&qb, d, &l.wc, n_c);
+        let mut dm = vec![0f32; r * n_c];
         let norm = 1.0 / rows as f32;
         let mut total = 0f64;
-        let (mut y, mut z, mut tsum, mut hv, mut dtsum) = (
+        let (mut y, mut u, mut du, mut z, mut dz, mut tsum, mut hv, mut dtsum) = (
             vec![0f32; n_c],
+            vec![0f32; n_c],
+            vec![0f32; n_c],
+            vec![0f32; n_c + 1],
             vec![0f32; n_c + 1],
             vec![0f32; d],
             vec![0f32; d],
@@ -820,45 +875,43 @@ impl FastTrainer {
                 &l.p[ri * n_c..(ri + 1) * n_c],
                 &l.q[ri * n_c..(ri + 1) * n_c],
             );
-            for i in 0..n_c {
-                let u: f32 = s * (0..r).map(|k| m[i * r + k] * h1[k]).sum::<f32>();
-                y[i] = (p[i] + (q[i] + u) / rho2) / rho;
+            // u = s·M·h1; y = (P + (Q + u)/ρ2)/ρ.
+            u.fill(0.0);
+            for k in 0..r {
+                axpy(s * h1[k], &m[k * n_c..(k + 1) * n_c], &mut u);
             }
+            let (inv2, inv) = (1.0 / rho2, 1.0 / rho);
             for i in 0..n_c {
-                z[i] = if i >= l.n_top {
-                    y[i] + l.offset[ri]
-                } else {
-                    y[i]
-                };
+                y[i] = (p[i] + (q[i] + u[i]) * inv2) * inv;
             }
+            z[..n_c].copy_from_slice(&y);
+            let off = l.offset[ri];
+            z[l.n_top..n_c].iter_mut().for_each(|v| *v += off);
             let n_ext = if l.fixed_rest[ri].is_finite() {
                 z[n_c] = l.fixed_rest[ri];
                 n_c + 1
             } else {
                 n_c
             };
-            let ext = &z[..n_ext];
-            let (loss, dy) = match l.objective {
-                Objective::Likely => cross_entropy(ext, l.target[ri]),
-                Objective::Unlikely => unlikelihood(ext, l.target[ri]),
-            };
-            total += loss as f64;
+            total +=
+                objective_grad(l.objective, &z[..n_ext], l.target[ri], &mut dz[..n_ext]) as f64;
             // Backward (the rest's logit is fixed).
-            let mut drho = 0f32;
-            let mut drho2 = 0f32;
-            let mut dh1 = vec![0f32; r];
+            let (mut drho, mut drho2) = (0f32, 0f32);
             for i in 0..n_c {
-                let dyi = dy[i] * norm;
-                drho -= dyi * y[i] / rho;
-                let du = dyi / rho / rho2;
-                if g2.is_some() {
-                    let u: f32 = s * (0..r).map(|k| m[i * r + k] * h1[k]).sum::<f32>();
-                    drho2 -= dyi / rho * (q[i] + u) / (rho2 * rho2);
+                let dyi = dz[i] * norm;
+                drho -= dyi * y[i] * inv;
+                du[i] = dyi * inv * inv2;
+            }
+            if g2.is_some() {
+                for i in 0..n_c {
+                    drho2 -= du[i] * (q[i] + u[i]) * inv2;
                 }
-                for k in 0..r {
-                    dh1[k] += s * m[i * r + k] * du;
-                    dm[i * r + k] += s * du * h1[k];
-                }
+            }
+            let mut dh1: Vec<f32> = (0..r)
+                .map(|k| s * dot(&m[k * n_c..(k + 1) * n_c], &du))
+                .collect();
+            for k in 0..r {
+                axpy(s * h1[k], &du, &mut dm[k * n_c..(k + 1) * n_c]);
             }
             match g2 {
                 Some(g2) => {
@@ -887,16 +940,24 @@ impl FastTrainer {
                 axpy(dh1[k], act, &mut da[k * ff..(k + 1) * ff]);
             }
         }
-        // dB += WGᵀ·dM (per rank a weighted sum of the candidate rows, accumulators kept in
-        // registers across them; then interleaved).
+        // dB += diag(g ⊙ g2)·W_Cᵀ·dM: per rank a weighted sum of the candidate rows (rows read
+        // once for all ranks), then weighted by the norms and interleaved.
         let mut dbt = vec![0f32; r * d];
-        for k in 0..r {
-            let wk: Vec<f32> = (0..n_c).map(|i| dm[i * r + k]).collect();
-            weighted_sum(&wk, &l.wg, d, &mut dbt[k * d..(k + 1) * d]);
+        for k0 in (0..r).step_by(MAX_HEADS) {
+            let k1 = (k0 + MAX_HEADS).min(r);
+            weighted_sum_f16_heads(
+                &dm[k0 * n_c..k1 * n_c],
+                n_c,
+                &l.wc,
+                d,
+                n_c,
+                &mut dbt[k0 * d..k1 * d],
+                d,
+            );
         }
         for j in 0..d {
             for k in 0..r {
-                db[j * r + k] += dbt[k * d + j];
+                db[j * r + k] += gg[j] * dbt[k * d + j];
             }
         }
         ((total / rows as f64) as f32, da, db)

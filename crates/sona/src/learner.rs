@@ -81,8 +81,14 @@ pub struct LearnConfig {
     /// activations kept while generating; without them the base model's are used). The
     /// instant loop's cost grows with the rows it trains on, replays included: a rated
     /// 60-token answer took 0.7 s with every row, 0.2 s with 16 and 0.09 s with 8
-    /// (`scripts/feedback_bench.py`). Corrections always teach every token.
+    /// (`scripts/feedback_bench.py`). Corrections: [`corrected_rows`](Self::corrected_rows).
     pub rated_rows: usize,
+    /// A correction teaches at most this many of its tokens (0: all): those its base model
+    /// finds least likely, where the correction departs from what the model would say and
+    /// cross-entropy's gradient `1 − p` is largest (the others it already predicts given the
+    /// corrected text before them). A 44-token correction took 1.1 s with every token.
+    /// Short corrections (sona-bench's facts) are taught whole.
+    pub corrected_rows: usize,
     /// Weight of the penalty on each branch's output over [`ANCHOR_TEXT`]'s activations
     /// (0: none), reached when a scope keeps its full 16 lessons: it grows with the lessons
     /// kept (`weight · (kept / 16)³`), because one lesson changes the model little and must
@@ -123,6 +129,7 @@ impl Default for LearnConfig {
             background_lr: 5e-3,
             replay: 3,
             rated_rows: 8,
+            corrected_rows: 8,
             anchor_weight: 1.0,
             blind_dirs: 0,
             micro_rank: 2,
@@ -1243,13 +1250,15 @@ impl Learner {
         if prompt.is_empty() {
             return Err(LearnError::EmptyPrompt);
         }
-        let rated = if self.cfg.rated_rows > 0 {
-            Teach::Telling(self.cfg.rated_rows)
-        } else {
-            Teach::All
-        };
+        let telling = |k: usize| if k > 0 { Teach::Telling(k) } else { Teach::All };
+        let rated = telling(self.cfg.rated_rows);
         let (answer, negative, steps, teach) = match feedback {
-            Feedback::Correction(a) => (a.as_slice(), false, self.cfg.steps, Teach::All),
+            Feedback::Correction(a) => (
+                a.as_slice(),
+                false,
+                self.cfg.steps,
+                telling(self.cfg.corrected_rows),
+            ),
             Feedback::Rating(r) if (-1.0..=1.0).contains(r) => (
                 answer,
                 *r < 0.0,

@@ -353,3 +353,70 @@ fn learning_after_a_restart_continues_exactly() {
         let _ = std::fs::remove_dir_all(d);
     }
 }
+
+/// A correction longer than `corrected_rows` teaches that many of its tokens: those the base
+/// model finds least likely after the corrected text before them (recorded as the lesson's
+/// taught rows in `state.json`); with `corrected_rows: 0` it teaches every token.
+#[test]
+fn a_long_correction_teaches_its_least_likely_tokens() {
+    let Some(path) = registry::for_test("smollm2-135m") else {
+        return;
+    };
+    let model = Arc::new(Model::load(&path).unwrap());
+    let tok = Tokenizer::from_gguf(model.gguf()).unwrap();
+    let prompt = tok.encode("Who founded the town of Quenby?", true, false);
+    let answer = tok.encode(
+        " It was founded in 1742 by the explorer Maribel Quintana, who built its blue glass towers.",
+        false,
+        false,
+    );
+    assert!(answer.len() > 12, "{}", answer.len());
+    // The base model's log-probability of each answer token (row = its position − 1).
+    let pool = Arc::new(ruvllm_kernels::pool::ThreadPool::new(1));
+    let tokens: Vec<u32> = prompt.iter().chain(&answer).copied().collect();
+    let mut r = ruvllm_model::Runner::new(&model, pool, tokens.len());
+    let logits = r
+        .forward(&tokens, ruvllm_model::Logits::All)
+        .unwrap()
+        .to_vec();
+    let nv = model.config.n_vocab;
+    let mut scored: Vec<(f32, usize)> = (prompt.len() - 1..tokens.len() - 1)
+        .map(|t| {
+            let lp = ruvllm_kernels::ops::token_logprob(
+                &logits[t * nv..(t + 1) * nv],
+                tokens[t + 1] as usize,
+            );
+            (lp, t)
+        })
+        .collect();
+    scored.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    let mut least: Vec<usize> = scored[..6].iter().map(|s| s.1).collect();
+    least.sort_unstable();
+    for (rows, want) in [(6, Some(least)), (0, None)] {
+        let dir = std::env::temp_dir().join(format!("ruvllm-rows-{}-{rows}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (mut l, _) = Learner::open(&dir, model.clone()).unwrap();
+        l.configure(
+            LearnConfig {
+                corrected_rows: rows,
+                background_every: 0,
+                ..LearnConfig::default()
+            },
+            Some(tok.encode(ANCHOR_TEXT, true, false)),
+        );
+        let o = l
+            .learn("s", &prompt, &[], &Feedback::Correction(answer.clone()))
+            .unwrap();
+        assert!(o.updated && o.loss_after < o.loss_before, "{o:?}");
+        let sd = dir.join("scopes").join(scope_key("s"));
+        let v = std::fs::read_to_string(sd.join("current")).unwrap();
+        let state: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(sd.join(format!("v{}", v.trim())).join("state.json")).unwrap(),
+        )
+        .unwrap();
+        let taught: Option<Vec<usize>> =
+            serde_json::from_value(state["lessons"][0]["taught"].clone()).unwrap();
+        assert_eq!(taught, want, "corrected_rows {rows}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
