@@ -298,7 +298,7 @@ pub fn run(a: ServeArgs) -> Result<(), Error> {
         l.pool.n_threads()
     );
     }
-    if n_blocks * a.block_size < n_ctx {
+    if (n_blocks + n_cold) * a.block_size < n_ctx {
         eprintln!("ruvllm: note: the KV pool holds fewer tokens than the context; longer requests get 400");
     }
     let template = ChatTemplate::from_gguf(l.model.gguf(), &l.tok)?;

@@ -213,13 +213,8 @@ impl<'m> Runner<'m> {
     pub fn new(model: &'m Model, pool: Arc<ThreadPool>, n_ctx: usize) -> Runner<'m> {
         let c = &model.config;
         let n_ctx = n_ctx.clamp(1, c.n_ctx_train);
-        Runner {
-            fwd: Forward::new(model, pool),
-            kv: KvCache::new(c.n_layer, c.kv_dim(), n_ctx, 1),
-            history: Vec::new(),
-            lora: None,
-            tiers: None,
-        }
+        let kv = KvCache::new(c.n_layer, c.kv_dim(), n_ctx, 1);
+        Self::with_cache(model, pool, kv, None)
     }
 
     /// A runner with the engine's two-tier cache: the newest `tail` positions (at least one
@@ -254,20 +249,30 @@ impl<'m> Runner<'m> {
                     ),
                 })
             })?;
-        Ok(Runner {
+        let tiers = RunnerTiers {
+            tail,
+            n_ctx,
+            block_size,
+            n_hot: n as u32,
+            table: (0..n as u32).collect(),
+            migrated: 0,
+        };
+        Ok(Self::with_cache(model, pool, kv, Some(tiers)))
+    }
+
+    fn with_cache(
+        model: &'m Model,
+        pool: Arc<ThreadPool>,
+        kv: KvCache,
+        tiers: Option<RunnerTiers>,
+    ) -> Runner<'m> {
+        Runner {
             fwd: Forward::new(model, pool),
             kv,
             history: Vec::new(),
             lora: None,
-            tiers: Some(RunnerTiers {
-                tail,
-                n_ctx,
-                block_size,
-                n_hot: n as u32,
-                table: (0..n as u32).collect(),
-                migrated: 0,
-            }),
-        })
+            tiers,
+        }
     }
 
     /// A runner whose KV cache stores keys and values as `ty`.
@@ -296,13 +301,7 @@ impl<'m> Runner<'m> {
                 message: format!("--kv-type {}/{} needs heads of a multiple of 32 values; this model's have {}", k_ty.name(), v_ty.name(), c.head_dim),
             })
         })?;
-        Ok(Runner {
-            fwd: Forward::new(model, pool),
-            kv,
-            history: Vec::new(),
-            lora: None,
-            tiers: None,
-        })
+        Ok(Self::with_cache(model, pool, kv, None))
     }
 
     /// The model.
