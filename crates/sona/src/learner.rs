@@ -255,6 +255,19 @@ struct Lesson {
     prompt_len: usize,
     /// The positions whose targets it teaches, when not every answer row (a rating's).
     taught: Option<Vec<usize>>,
+    /// What the instant loop last computed for it, reused while it is replayed.
+    ready: Option<Ready>,
+}
+
+/// A lesson's preparation and adapter-independent logits ([`FullFixed`]) as the instant loop
+/// last computed them, against the base branch of generation `base_gen`: both depend only on
+/// the lesson's rows and candidates and on that branch, so the next events that replay the
+/// lesson take them as they are (shared, not copied, with a background run's copy).
+#[derive(Clone)]
+struct Ready {
+    base_gen: u64,
+    prepared: Arc<Prepared>,
+    fixed: Arc<FullFixed>,
 }
 
 /// Which answer rows a lesson teaches.
@@ -1090,6 +1103,7 @@ impl Learner {
             tokens,
             prompt_len,
             taught,
+            ready: None,
         })
     }
 
@@ -1161,7 +1175,7 @@ impl Learner {
         &self,
         t: &FastTrainer,
         items: &[(&Lesson, &Prepared)],
-        fixed: &[FullFixed],
+        fixed: &[&FullFixed],
     ) -> Vec<Check> {
         let nv = self.model.config.n_vocab;
         let basis = t.full_basis(&self.pool);
@@ -1290,20 +1304,32 @@ impl Learner {
         let mut new = new;
         self.set_anchors(sc, sc.lessons.len() + 1);
         let n_replay = self.cfg.replay.min(sc.lessons.len());
-        let mut replays: Vec<Prepared> = sc
-            .lessons
-            .iter()
-            .take(n_replay)
-            .map(|l| l.prepare(&sc.micro, l.objective(), &sc.base))
-            .collect();
+        let gen = sc.base_gen;
+        // Per item (the new lesson, then the replays): its adapter-independent logits, when
+        // known (a replay's from an earlier event against the same base branch).
+        let mut fixed: Vec<Option<Arc<FullFixed>>> = vec![None];
+        let mut replays: Vec<Arc<Prepared>> = Vec::with_capacity(n_replay);
+        for l in sc.lessons.iter().take(n_replay) {
+            match &l.ready {
+                Some(r) if r.base_gen == gen => {
+                    replays.push(r.prepared.clone());
+                    fixed.push(Some(r.fixed.clone()));
+                }
+                _ => {
+                    replays.push(Arc::new(l.prepare(&sc.micro, l.objective(), &sc.base)));
+                    fixed.push(None);
+                }
+            }
+        }
         let (mut loss_before, mut loss_after, mut taken, mut prev_total) =
             (None, 0.0, 0, f32::INFINITY);
-        let mut fixed: Vec<FullFixed> = Vec::new();
         // Prepared once, again only when its candidates widen (preparation depends on the
         // candidates and the fixed base branch, not on the trained parameters).
         let mut first = new.prepare(&sc.micro, new.objective(), &sc.base);
         for round in 0..ROUNDS {
-            let batch: Vec<&Prepared> = std::iter::once(&first).chain(replays.iter()).collect();
+            let batch: Vec<&Prepared> = std::iter::once(&first)
+                .chain(replays.iter().map(|p| &**p))
+                .collect();
             // The candidate objective starts equal to the full one (the sample stands for the
             // rest exactly at the base).
             loss_before.get_or_insert_with(|| sc.micro.loss_and_grads(batch[0]).0);
@@ -1315,18 +1341,22 @@ impl Learner {
             // The replayed lessons are checked the same way: still followed (a new lesson must
             // not overwrite them), and not "kept" by raising tokens outside their candidates.
             let items: Vec<(&Lesson, &Prepared)> = std::iter::once((&new, &first))
-                .chain(sc.lessons.iter().zip(&replays))
+                .chain(sc.lessons.iter().zip(replays.iter().map(|p| &**p)))
                 .collect();
             // The lessons' adapter-independent logits once per event (their rows and the base
-            // branch do not change between rounds; a widened lesson keeps its rows).
-            if fixed.len() != items.len() || items.iter().zip(&fixed).any(|((_, p), f)| !f.fits(p))
-            {
-                fixed = sc.micro.full_fixed(
-                    &self.pool,
-                    &items.iter().map(|(_, p)| *p).collect::<Vec<_>>(),
-                );
+            // branch do not change between rounds; a widened lesson keeps its rows), in one
+            // LM-head pass over the rows of those not known yet.
+            let missing: Vec<usize> = (0..items.len())
+                .filter(|&i| fixed[i].as_ref().is_none_or(|f| !f.fits(items[i].1)))
+                .collect();
+            if !missing.is_empty() {
+                let parts: Vec<&Prepared> = missing.iter().map(|&i| items[i].1).collect();
+                for (i, f) in missing.iter().zip(sc.micro.full_fixed(&self.pool, &parts)) {
+                    fixed[*i] = Some(Arc::new(f));
+                }
             }
-            let checks = self.check_low_rank(&sc.micro, &items, &fixed);
+            let known: Vec<&FullFixed> = fixed.iter().flatten().map(|f| &**f).collect();
+            let checks = self.check_low_rank(&sc.micro, &items, &known);
             let follows = checks.iter().all(|c| c.follows);
             loss_after = checks.first().map_or(0.0, |c| c.loss);
             let new_widened = checks
@@ -1336,7 +1366,7 @@ impl Learner {
             for (i, (l, c)) in sc.lessons.iter_mut().zip(checks.iter().skip(1)).enumerate() {
                 if l.cands.add_top(&c.extra) > 0 {
                     widened = true;
-                    replays[i] = l.prepare(&sc.micro, l.objective(), &sc.base);
+                    replays[i] = Arc::new(l.prepare(&sc.micro, l.objective(), &sc.base));
                 }
             }
             // Another round when the candidates grew, or when a lesson is not yet followed and
@@ -1352,8 +1382,24 @@ impl Learner {
             }
         }
         let loss_before = loss_before.unwrap_or(0.0);
+        // Each lesson keeps what this event computed for it while it will be replayed.
+        let mut fixed = fixed.into_iter();
+        let ready = |prepared, fixed: Option<Arc<FullFixed>>| {
+            fixed.map(|fixed| Ready {
+                base_gen: gen,
+                prepared,
+                fixed,
+            })
+        };
+        new.ready = ready(Arc::new(first), fixed.next().flatten());
+        for (l, p) in sc.lessons.iter_mut().zip(replays) {
+            l.ready = ready(p, fixed.next().flatten());
+        }
         sc.lessons.push_front(new);
         sc.lessons.truncate(KEEP);
+        for l in sc.lessons.iter_mut().skip(self.cfg.replay) {
+            l.ready = None;
+        }
         sc.since_background += 1;
         let background_due =
             self.cfg.background_every > 0 && sc.since_background >= self.cfg.background_every;
