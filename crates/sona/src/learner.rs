@@ -83,11 +83,13 @@ pub struct LearnConfig {
     /// 60-token answer took 0.7 s with every row, 0.2 s with 16 and 0.09 s with 8
     /// (`scripts/feedback_bench.py`). Corrections: [`corrected_rows`](Self::corrected_rows).
     pub rated_rows: usize,
-    /// A correction teaches at most this many of its tokens (0: all): those its base model
-    /// finds least likely, where the correction departs from what the model would say and
-    /// cross-entropy's gradient `1 − p` is largest (the others it already predicts given the
-    /// corrected text before them). A 44-token correction took 1.1 s with every token.
-    /// Short corrections (sona-bench's facts) are taught whole.
+    /// A correction teaches at most this many of its tokens (0, the default: all): those its
+    /// base model finds least likely, where the correction departs from what the model would
+    /// say and cross-entropy's gradient `1 − p` is largest. Faster (a 44-token correction:
+    /// p50 0.15 s at 8 instead of 0.5 s), but the tokens left out are not protected: the
+    /// adapter that raises a taught token can also raise it where an untaught one should
+    /// follow (with 8, `/fix The password is marmalade seventeen.` taught "marm" so that it
+    /// repeated: "marmarmarm…"). Off by default for that reason.
     pub corrected_rows: usize,
     /// Weight of the penalty on each branch's output over [`ANCHOR_TEXT`]'s activations
     /// (0: none), reached when a scope keeps its full 16 lessons: it grows with the lessons
@@ -129,7 +131,7 @@ impl Default for LearnConfig {
             background_lr: 5e-3,
             replay: 3,
             rated_rows: 8,
-            corrected_rows: 8,
+            corrected_rows: 0,
             anchor_weight: 1.0,
             blind_dirs: 0,
             micro_rank: 2,
