@@ -7,7 +7,7 @@ use crate::error::Error;
 use crate::{load, ModelArgs};
 use clap::Args;
 use ruvllm_engine::{Engine, EngineConfig, Event, Request};
-use ruvllm_model::{KvType, Logits, Runner};
+use ruvllm_model::{Logits, Runner};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -145,15 +145,13 @@ fn serving(a: &BenchArgs, l: crate::Loaded) -> Result<(), Error> {
     let per_seq = (a.np_prompt + a.n_gen).div_ceil(bs) + 1;
     let prefix = a.prefix_ttft;
     let n_blocks = (max_np * per_seq).max((prefix + 64).div_ceil(bs) * 2 + 4);
-    let kv_type = KvType::parse(&a.kv_type).ok_or_else(|| {
-        Error::usage(format!(
-            "--kv-type must be f16, q8_0, q4_0 or f32, got {:?}",
-            a.kv_type
-        ))
-    })?;
-    let (k_ty, v_ty) = crate::kv_types(kv_type, a.kv_type_k.as_deref(), a.kv_type_v.as_deref())?;
-    let split = a.kv_type_k.is_some() || a.kv_type_v.is_some();
-    let kv_tail = crate::kv_tail(kv_type, a.kv_tail, split)?;
+    let kv = crate::kv_choice(
+        &a.kv_type,
+        a.kv_type_k.as_deref(),
+        a.kv_type_v.as_deref(),
+        a.kv_tail,
+    )?;
+    let (kv_type, k_ty, v_ty, kv_tail) = (kv.ty, kv.k, kv.v, kv.tail);
     let mut cfg = EngineConfig::new(&c, n_blocks);
     cfg.attn = l.attn;
     cfg.set_kv_types(kv_type, k_ty, v_ty);
@@ -161,8 +159,7 @@ fn serving(a: &BenchArgs, l: crate::Loaded) -> Result<(), Error> {
         // Two-tier: every sequence's tail (and a batch) in f16 blocks, the rest in the cold tier.
         cfg.kv_tail = Some(tail);
         cfg.n_cold_blocks = n_blocks;
-        cfg.n_blocks =
-            (max_np * (tail.div_ceil(bs) + 2)).max((tail + cfg.max_batch_tokens).div_ceil(bs) + 2);
+        cfg.n_blocks = ruvllm_engine::hot_blocks(tail, bs, max_np, cfg.max_batch_tokens).0;
     }
     cfg.max_seqs = max_np.max(1);
     cfg.n_ctx = c.n_ctx_train;

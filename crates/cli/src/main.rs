@@ -670,22 +670,20 @@ fn cmd_perplexity(a: PerplexityArgs) -> Result<(), Error> {
     // Score the text in windows of the context size; each window predicts all its tokens but
     // the first (for a text that fits one window this is the plain mean NLL).
     let n_ctx = a.model.ctx_size.min(l.model.config.n_ctx_train);
-    let kv_type = ruvllm_model::KvType::parse(&a.kv_type).ok_or_else(|| {
-        Error::usage(format!(
-            "--kv-type must be f16, q8_0, q4_0 or f32, got {:?}",
-            a.kv_type
-        ))
-    })?;
-    let (k_ty, v_ty) = kv_types(kv_type, a.kv_type_k.as_deref(), a.kv_type_v.as_deref())?;
-    let split = a.kv_type_k.is_some() || a.kv_type_v.is_some();
+    let kv = kv_choice(
+        &a.kv_type,
+        a.kv_type_k.as_deref(),
+        a.kv_type_v.as_deref(),
+        a.kv_tail,
+    )?;
     const BLOCK: usize = 16;
-    let (mut runner, step) = match kv_tail(kv_type, a.kv_tail, split)? {
+    let (mut runner, step) = match kv.tail {
         Some(tail) => (
-            Runner::with_kv_tail(&l.model, l.pool.clone(), n_ctx, kv_type, tail, BLOCK)?,
+            Runner::with_kv_tail(&l.model, l.pool.clone(), n_ctx, kv.ty, tail, BLOCK)?,
             BLOCK,
         ),
         None => (
-            Runner::with_kv_types(&l.model, l.pool.clone(), n_ctx, k_ty, v_ty)?,
+            Runner::with_kv_types(&l.model, l.pool.clone(), n_ctx, kv.k, kv.v)?,
             64,
         ),
     };
@@ -790,39 +788,57 @@ fn main() -> ExitCode {
     }
 }
 
-/// The two-tier KV tail in tokens: `--kv-tail N` as given (`0`: none, every position stored
-/// as `kv_type`), else the type's default ([`KvType::default_tail`](ruvllm_model::KvType::default_tail):
-/// 32 for q4_0), and none when keys and values take separate types (`split`).
-pub(crate) fn kv_tail(
-    kv_type: ruvllm_model::KvType,
-    tail: Option<usize>,
-    split: bool,
-) -> Result<Option<usize>, Error> {
-    match tail {
-        Some(0) => Ok(None),
-        Some(_) if split => Err(Error::usage(
-            "--kv-type-k/--kv-type-v do not combine with --kv-tail",
-        )),
-        Some(_) if !kv_type.is_quantized() => Err(Error::usage(
-            "--kv-tail needs a quantized --kv-type for the cold tier (q8_0 or q4_0)",
-        )),
-        Some(t) => Ok(Some(t)),
-        None if split => Ok(None),
-        None => Ok(kv_type.default_tail()),
-    }
+/// The KV cache that `--kv-type`, `--kv-type-k`, `--kv-type-v` and `--kv-tail` ask for.
+pub(crate) struct KvChoice {
+    /// `--kv-type` (with a tail: the cold tier's type).
+    pub ty: ruvllm_model::KvType,
+    /// The keys' type: `ty` unless `--kv-type-k` names another.
+    pub k: ruvllm_model::KvType,
+    /// The values' type: `ty` unless `--kv-type-v` names another.
+    pub v: ruvllm_model::KvType,
+    /// The two-tier tail in tokens: `--kv-tail N` as given (`0`: none, every position stored
+    /// as `ty`), else the type's default ([`KvType::default_tail`](ruvllm_model::KvType::default_tail):
+    /// 32 for q4_0), and none when keys and values take separate types.
+    pub tail: Option<usize>,
 }
 
-/// The keys' and values' KV types: `kv_type` unless `--kv-type-k` / `--kv-type-v` name others.
-pub(crate) fn kv_types(
-    kv_type: ruvllm_model::KvType,
+/// Parses the KV flags (see [`KvChoice`]); usage errors for unknown types, a tail without a
+/// quantized `--kv-type`, and a tail with separate key/value types.
+pub(crate) fn kv_choice(
+    ty: &str,
     k: Option<&str>,
     v: Option<&str>,
-) -> Result<(ruvllm_model::KvType, ruvllm_model::KvType), Error> {
-    let parse = |flag: &str, s: Option<&str>| match s {
-        None => Ok(kv_type),
-        Some(s) => ruvllm_model::KvType::parse(s).ok_or_else(|| {
+    tail: Option<usize>,
+) -> Result<KvChoice, Error> {
+    let parse = |flag: &str, s: &str| {
+        ruvllm_model::KvType::parse(s).ok_or_else(|| {
             Error::usage(format!("{flag} must be f16, q8_0, q4_0 or f32, got {s:?}"))
-        }),
+        })
     };
-    Ok((parse("--kv-type-k", k)?, parse("--kv-type-v", v)?))
+    let ty = parse("--kv-type", ty)?;
+    let or_ty = |flag: &str, s: Option<&str>| s.map_or(Ok(ty), |s| parse(flag, s));
+    let (k_ty, v_ty) = (or_ty("--kv-type-k", k)?, or_ty("--kv-type-v", v)?);
+    let split = k.is_some() || v.is_some();
+    let tail = match tail {
+        Some(0) => None,
+        Some(_) if split => {
+            return Err(Error::usage(
+                "--kv-type-k/--kv-type-v do not combine with --kv-tail",
+            ))
+        }
+        Some(_) if !ty.is_quantized() => {
+            return Err(Error::usage(
+                "--kv-tail needs a quantized --kv-type for the cold tier (q8_0 or q4_0)",
+            ))
+        }
+        Some(t) => Some(t),
+        None if split => None,
+        None => ty.default_tail(),
+    };
+    Ok(KvChoice {
+        ty,
+        k: k_ty,
+        v: v_ty,
+        tail,
+    })
 }

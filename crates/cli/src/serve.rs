@@ -5,8 +5,8 @@ use crate::error::Error;
 use crate::{load, ModelArgs};
 use clap::Args;
 use ruvllm_engine::{
-    blocks_for_memory, blocks_for_memory_kv, kv_bytes_per_token, kv_bytes_per_token_kv, Engine,
-    EngineConfig,
+    blocks_for_memory, blocks_for_memory_kv, hot_blocks, kv_bytes_per_token, kv_bytes_per_token_kv,
+    Engine, EngineConfig,
 };
 use ruvllm_model::{registry, KvType};
 use ruvllm_server::{AppState, ServerConfig};
@@ -236,15 +236,13 @@ pub fn run(a: ServeArgs) -> Result<(), Error> {
             "--block-size, --max-num-seqs and --max-batch-tokens must be at least 1",
         ));
     }
-    let kv_type = KvType::parse(&a.kv_type).ok_or_else(|| {
-        Error::usage(format!(
-            "--kv-type must be f16, q8_0, q4_0 or f32, got {:?}",
-            a.kv_type
-        ))
-    })?;
-    let (k_ty, v_ty) = crate::kv_types(kv_type, a.kv_type_k.as_deref(), a.kv_type_v.as_deref())?;
-    let split = a.kv_type_k.is_some() || a.kv_type_v.is_some();
-    let kv_tail = crate::kv_tail(kv_type, a.kv_tail, split)?;
+    let kv = crate::kv_choice(
+        &a.kv_type,
+        a.kv_type_k.as_deref(),
+        a.kv_type_v.as_deref(),
+        a.kv_tail,
+    )?;
+    let (kv_type, k_ty, v_ty, kv_tail) = (kv.ty, kv.k, kv.v, kv.tail);
     ruvllm_server::init_logging(a.log_format == "json");
     let keys = api_keys(&a)?;
     let path = crate::pull::resolve(a.model.model.as_deref())?;
@@ -259,10 +257,9 @@ pub fn run(a: ServeArgs) -> Result<(), Error> {
     let (n_blocks, n_cold) = match kv_tail {
         None => (blocks_for_memory_kv(c, k_ty, v_ty, a.block_size, budget), 0),
         Some(tail) => {
-            let per_seq = tail.div_ceil(a.block_size) + 2;
-            let min_hot = (tail + a.max_batch_tokens).div_ceil(a.block_size) + 2;
-            let hot = (a.max_num_seqs * per_seq)
-                .max(min_hot)
+            let (wanted, min_hot) =
+                hot_blocks(tail, a.block_size, a.max_num_seqs, a.max_batch_tokens);
+            let hot = wanted
                 .min(blocks_for_memory(c, KvType::F16, a.block_size, budget / 2).max(min_hot));
             let hot_bytes = (hot * a.block_size * kv_bytes_per_token(c, KvType::F16)) as u64;
             (

@@ -167,6 +167,22 @@ impl EngineConfig {
     }
 }
 
+/// Two-tier mode's f16 blocks for a tail of `tail` tokens: `(wanted, least)` — each of
+/// `max_seqs` sequences' tail plus the block being filled and one more, and at the least one
+/// tail plus a whole batch of `max_batch_tokens` (what [`Engine::start`] requires).
+pub fn hot_blocks(
+    tail: usize,
+    block_size: usize,
+    max_seqs: usize,
+    max_batch_tokens: usize,
+) -> (usize, usize) {
+    let least = (tail + max_batch_tokens).div_ceil(block_size) + 2;
+    (
+        (max_seqs * (tail.div_ceil(block_size) + 2)).max(least),
+        least,
+    )
+}
+
 /// K and V bytes per token for `c` stored as `ty` (all layers).
 pub fn kv_bytes_per_token(c: &Config, ty: KvType) -> usize {
     kv_bytes_per_token_kv(c, ty, ty)
@@ -429,7 +445,7 @@ impl Engine {
         }
         let c = &model.config;
         if let Some(tail) = cfg.kv_tail {
-            let hot_needed = (tail + cfg.max_batch_tokens).div_ceil(cfg.block_size) + 2;
+            let (_, hot_needed) = hot_blocks(tail, cfg.block_size, 1, cfg.max_batch_tokens);
             if tail < cfg.block_size || cfg.n_cold_blocks == 0 || cfg.n_blocks < hot_needed {
                 return Err(Error::param(
                     "kv_tail",

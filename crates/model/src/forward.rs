@@ -202,6 +202,17 @@ struct RunnerTiers {
     migrated: usize,
 }
 
+/// The error for a quantized KV type (`types`, as the flags name it) whose 32-value blocks
+/// would straddle heads of `head_dim` values.
+fn heads_error(types: &str, head_dim: usize) -> Error {
+    Error::new(ErrorKind::InvalidParam {
+        param: "kv_type",
+        message: format!(
+            "--kv-type {types} needs heads of a multiple of 32 values; this model's have {head_dim}"
+        ),
+    })
+}
+
 fn grow(v: &mut Vec<f32>, n: usize) {
     if v.len() < n {
         v.resize(n, 0.0);
@@ -239,16 +250,7 @@ impl<'m> Runner<'m> {
         }
         let n = n_ctx.div_ceil(block_size);
         let kv = KvCache::with_tiers(c.n_layer, c.kv_dim(), c.head_dim, block_size, n, n, cold_ty)
-            .ok_or_else(|| {
-                Error::new(ErrorKind::InvalidParam {
-                    param: "kv_type",
-                    message: format!(
-                        "--kv-type {} needs heads of a multiple of 32 values; this model's have {}",
-                        cold_ty.name(),
-                        c.head_dim
-                    ),
-                })
-            })?;
+            .ok_or_else(|| heads_error(cold_ty.name(), c.head_dim))?;
         let tiers = RunnerTiers {
             tail,
             n_ctx,
@@ -295,12 +297,8 @@ impl<'m> Runner<'m> {
     ) -> Result<Runner<'m>, Error> {
         let c = &model.config;
         let n_ctx = n_ctx.clamp(1, c.n_ctx_train);
-        let kv = KvCache::with_types(c.n_layer, c.kv_dim(), c.head_dim, n_ctx, 1, k_ty, v_ty).ok_or_else(|| {
-            Error::new(ErrorKind::InvalidParam {
-                param: "kv_type",
-                message: format!("--kv-type {}/{} needs heads of a multiple of 32 values; this model's have {}", k_ty.name(), v_ty.name(), c.head_dim),
-            })
-        })?;
+        let kv = KvCache::with_types(c.n_layer, c.kv_dim(), c.head_dim, n_ctx, 1, k_ty, v_ty)
+            .ok_or_else(|| heads_error(&format!("{}/{}", k_ty.name(), v_ty.name()), c.head_dim))?;
         Ok(Self::with_cache(model, pool, kv, None))
     }
 
