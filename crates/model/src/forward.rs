@@ -746,8 +746,19 @@ impl<'m> Forward<'m> {
             };
             // A sequence with several new tokens reads each key many times: convert its keys
             // and values to f32 once (in parallel, indexed by position) instead of once per
-            // query. One token reads each once, so decode converts on the fly.
-            let kv_f32 = if seqs.len() == 1 && n > 1 {
+            // query, when the cache is quantized or has a cold tier (rows dequantized one at a
+            // time otherwise) or the flash kernel will run (it reads f32 tiles). An all-f16
+            // cache is read in place by the multi-head kernels instead, with the same values
+            // and arithmetic: a prefill of 512 tokens spent half its time in attention through
+            // the copy's per-row `dot_f32`/`axpy` calls. One token reads each row once, so
+            // decode converts on the fly.
+            let in_place = |pos0: usize| {
+                kv.keys_f16(il).is_some()
+                    && kv.values_f16(il).is_some()
+                    && !kv.has_cold()
+                    && (window.is_some() || !self.attn.flash_for(pos0 + n))
+            };
+            let kv_f32 = if seqs.len() == 1 && n > 1 && !in_place(seqs[0].pos0) {
                 let q = &seqs[0];
                 let first = window.map_or(0, |w| (q.pos0 + 1).saturating_sub(w));
                 let total = (q.pos0 + n) * kvd;

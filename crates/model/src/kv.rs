@@ -311,6 +311,11 @@ impl KvCache {
         (self.k_ty == KvType::F16).then(|| self.k[layer].reinterpret_cast())
     }
 
+    /// Whether older blocks migrate to a quantized cold tier ([`with_tiers`](Self::with_tiers)).
+    pub(crate) fn has_cold(&self) -> bool {
+        self.cold.is_some()
+    }
+
     /// Value rows of a layer as f16, when the cache stores f16: `[rows × kv_dim]`.
     pub(crate) fn values_f16(&self, layer: usize) -> Option<&[f16]> {
         (self.v_ty == KvType::F16).then(|| self.v[layer].reinterpret_cast())
