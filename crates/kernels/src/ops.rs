@@ -219,6 +219,25 @@ pub fn token_logprob(logits: &[f32], target: usize) -> f32 {
     (l as f64 - logit_stats(logits).lse) as f32
 }
 
+/// `Σ x[i]` accumulated in f64 (softmax normalizers): eight partial sums, lane `l` taking the
+/// elements `l, l + 8, …`, then added pairwise. A single f64 running sum is a chain of
+/// dependent adds (four cycles an element); eight independent ones vectorize. For sums of
+/// positive f32 values either order is exact to well below an f32 ulp.
+pub fn sum_f64(x: &[f32]) -> f64 {
+    let mut acc = [0f64; 8];
+    let chunks = x.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for l in 0..8 {
+            acc[l] += c[l] as f64;
+        }
+    }
+    for (l, &v) in tail.iter().enumerate() {
+        acc[l] += v as f64;
+    }
+    ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
+}
+
 /// The largest value of `x` (no NaN; −∞ when empty): [`logit_stats`]'s vector max pass, for
 /// greedy sampling.
 pub fn max_f32(x: &[f32]) -> f32 {
@@ -1867,5 +1886,27 @@ mod tests {
         e[3] = 4.0;
         hadamard(&mut e);
         assert!(e.iter().all(|v| (v.abs() - 1.0).abs() < 1e-6));
+    }
+
+    /// The lane-parallel f64 sum equals the running one to within an f32-irrelevant margin, for
+    /// every tail length, and its pairwise order is the one documented (checked exactly on
+    /// values whose partial sums are exact).
+    #[test]
+    fn sum_f64_matches_the_running_sum() {
+        assert_eq!(sum_f64(&[]), 0.0);
+        for n in [1usize, 7, 8, 9, 16, 63, 200, 1001] {
+            let x: Vec<f32> = (0..n)
+                .map(|i| ((i * 37 % 101) as f32 + 0.5) / 97.0)
+                .collect();
+            let running: f64 = x.iter().fold(0.0, |s, &v| s + v as f64);
+            let got = sum_f64(&x);
+            assert!(
+                (got - running).abs() <= 1e-12 * running,
+                "n {n}: {got} vs {running}"
+            );
+            assert_eq!(got as f32, running as f32, "n {n}");
+        }
+        let x: Vec<f32> = (1..=10).map(|i| i as f32).collect();
+        assert_eq!(sum_f64(&x), 55.0);
     }
 }

@@ -1249,10 +1249,10 @@ fn attention(
                 }
                 for j in 0..gn {
                     let sj = &mut scores[j * len..(j + 1) * len];
-                    let mx = sj.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                    let mx = ops::max_f32(sj);
                     sj.iter_mut().for_each(|v| *v -= mx);
                     ops::exp_in_place(sj);
-                    let sum: f64 = sj.iter().fold(0.0, |s, &v| s + v as f64);
+                    let sum = ops::sum_f64(sj);
                     let inv = (1.0 / sum) as f32;
                     sj.iter_mut().for_each(|v| *v *= inv);
                     ops::round_f16(sj);
