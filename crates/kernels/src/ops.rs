@@ -503,6 +503,43 @@ pub fn weighted_sum_f16_heads(
     (f32_kernels().weighted_sum_f16_heads)(w, w_stride, rows, stride, m, acc, d)
 }
 
+/// [`dot_rows_f16_heads`] on f32 rows (a prefill's converted copy of the cache, at the cache's
+/// row stride): `out[j·out_stride + p] = q_j · rows_p` with exactly [`dot_f32`]'s arithmetic
+/// per row and head, a row read once for all heads.
+///
+/// # Panics
+/// As [`dot_rows_f16_heads`].
+pub fn dot_rows_f32_heads(
+    q: &[f32],
+    d: usize,
+    rows: &[f32],
+    stride: usize,
+    m: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    check_heads(q.len(), d, rows.len(), stride, m, out.len(), out_stride);
+    (f32_kernels().dot_rows_f32_heads)(q, d, rows, stride, m, out, out_stride)
+}
+
+/// [`weighted_sum_f16_heads`] on f32 rows: per element the operations of one [`axpy`] per row
+/// in row order, a row read once for all heads.
+///
+/// # Panics
+/// As [`weighted_sum_f16_heads`].
+pub fn weighted_sum_f32_heads(
+    w: &[f32],
+    w_stride: usize,
+    rows: &[f32],
+    stride: usize,
+    m: usize,
+    acc: &mut [f32],
+    d: usize,
+) {
+    check_heads(acc.len(), d, rows.len(), stride, m, w.len(), w_stride);
+    (f32_kernels().weighted_sum_f32_heads)(w, w_stride, rows, stride, m, acc, d)
+}
+
 fn check_heads(
     q_len: usize,
     d: usize,
@@ -534,13 +571,7 @@ pub fn dot_rows_f16_heads_scalar(
     out: &mut [f32],
     out_stride: usize,
 ) {
-    let mut row = vec![0f32; d];
-    for p in 0..m {
-        f16_to_f32_scalar(&rows[p * stride..p * stride + d], &mut row);
-        for (j, qj) in q.chunks_exact(d).enumerate() {
-            out[j * out_stride + p] = dot_f32_scalar(qj, &row);
-        }
-    }
+    dot_rows_heads_scalar(q, d, rows, stride, m, out, out_stride)
 }
 
 /// The scalar twin of [`weighted_sum_f16_heads`]: each row widened, then [`axpy_scalar`].
@@ -553,9 +584,69 @@ pub fn weighted_sum_f16_heads_scalar(
     acc: &mut [f32],
     d: usize,
 ) {
+    weighted_sum_heads_scalar(w, w_stride, rows, stride, m, acc, d)
+}
+
+/// The scalar twin of [`dot_rows_f32_heads`]: [`dot_f32_scalar`] per row and head.
+pub fn dot_rows_f32_heads_scalar(
+    q: &[f32],
+    d: usize,
+    rows: &[f32],
+    stride: usize,
+    m: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    dot_rows_heads_scalar(q, d, rows, stride, m, out, out_stride)
+}
+
+/// The scalar twin of [`weighted_sum_f32_heads`]: [`axpy_scalar`] per row and head.
+pub fn weighted_sum_f32_heads_scalar(
+    w: &[f32],
+    w_stride: usize,
+    rows: &[f32],
+    stride: usize,
+    m: usize,
+    acc: &mut [f32],
+    d: usize,
+) {
+    weighted_sum_heads_scalar(w, w_stride, rows, stride, m, acc, d)
+}
+
+fn dot_rows_heads_scalar<R: Copy + Into<f32>>(
+    q: &[f32],
+    d: usize,
+    rows: &[R],
+    stride: usize,
+    m: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
     let mut row = vec![0f32; d];
     for p in 0..m {
-        f16_to_f32_scalar(&rows[p * stride..p * stride + d], &mut row);
+        for (r, x) in row.iter_mut().zip(&rows[p * stride..p * stride + d]) {
+            *r = (*x).into();
+        }
+        for (j, qj) in q.chunks_exact(d).enumerate() {
+            out[j * out_stride + p] = dot_f32_scalar(qj, &row);
+        }
+    }
+}
+
+fn weighted_sum_heads_scalar<R: Copy + Into<f32>>(
+    w: &[f32],
+    w_stride: usize,
+    rows: &[R],
+    stride: usize,
+    m: usize,
+    acc: &mut [f32],
+    d: usize,
+) {
+    let mut row = vec![0f32; d];
+    for p in 0..m {
+        for (r, x) in row.iter_mut().zip(&rows[p * stride..p * stride + d]) {
+            *r = (*x).into();
+        }
         for (j, aj) in acc.chunks_exact_mut(d).enumerate() {
             axpy_scalar(w[j * w_stride + p], &row, aj);
         }
@@ -590,9 +681,9 @@ pub fn weighted_sum_scalar(w: &[f32], rows: &[f32], stride: usize, acc: &mut [f3
     }
 }
 
-/// The multi-head kernels' shape: (queries or weights, their size or stride, f16 rows, row
+/// The multi-head kernels' shape: (queries or weights, their size or stride, rows of `R`, row
 /// stride, rows, outputs or accumulators, their stride or size).
-type HeadsFn = fn(&[f32], usize, &[half::f16], usize, usize, &mut [f32], usize);
+type HeadsFn<R> = fn(&[f32], usize, &[R], usize, usize, &mut [f32], usize);
 
 struct F32Kernels {
     dot: fn(&[f32], &[f32]) -> f32,
@@ -603,8 +694,10 @@ struct F32Kernels {
     exp: fn(&mut [f32]),
     dot_rows: fn(&[f32], &[f32], usize, &mut [f32]),
     weighted_sum: fn(&[f32], &[f32], usize, &mut [f32]),
-    dot_rows_f16_heads: HeadsFn,
-    weighted_sum_f16_heads: HeadsFn,
+    dot_rows_f16_heads: HeadsFn<half::f16>,
+    weighted_sum_f16_heads: HeadsFn<half::f16>,
+    dot_rows_f32_heads: HeadsFn<f32>,
+    weighted_sum_f32_heads: HeadsFn<f32>,
     max: fn(&[f32]) -> f32,
     sum_exp: fn(&[f32], f32) -> f32,
 }
@@ -641,23 +734,41 @@ fn f32_kernels() -> &'static F32Kernels {
                     // SAFETY: the AVX-512 tier (F/BW/VL) includes AVX2, FMA and F16C; the public
                     // wrappers checked the shapes.
                     |q, d, r, st, m, o, os| unsafe {
-                        x86::dot_rows_f16_heads_512(q, d, r, st, m, o, os)
+                        x86::dot_rows_heads_512(q, d, r, st, m, o, os)
                     }
                 } else {
                     // SAFETY: AVX2, FMA and F16C as above; the public wrappers checked the shapes.
-                    |q, d, r, st, m, o, os| unsafe {
-                        x86::dot_rows_f16_heads(q, d, r, st, m, o, os)
-                    }
+                    |q, d, r, st, m, o, os| unsafe { x86::dot_rows_heads(q, d, r, st, m, o, os) }
                 },
                 weighted_sum_f16_heads: if avx512 {
                     // SAFETY: as above.
                     |w, ws, r, st, m, a, d| unsafe {
-                        x86::weighted_sum_f16_heads_512(w, ws, r, st, m, a, d)
+                        x86::weighted_sum_heads_512(w, ws, r, st, m, a, d)
                     }
                 } else {
                     // SAFETY: as above.
                     |w, ws, r, st, m, a, d| unsafe {
-                        x86::weighted_sum_f16_heads(w, ws, r, st, m, a, d)
+                        x86::weighted_sum_heads(w, ws, r, st, m, a, d)
+                    }
+                },
+                dot_rows_f32_heads: if avx512 {
+                    // SAFETY: as for the f16 rows.
+                    |q, d, r, st, m, o, os| unsafe {
+                        x86::dot_rows_heads_512(q, d, r, st, m, o, os)
+                    }
+                } else {
+                    // SAFETY: as above.
+                    |q, d, r, st, m, o, os| unsafe { x86::dot_rows_heads(q, d, r, st, m, o, os) }
+                },
+                weighted_sum_f32_heads: if avx512 {
+                    // SAFETY: as above.
+                    |w, ws, r, st, m, a, d| unsafe {
+                        x86::weighted_sum_heads_512(w, ws, r, st, m, a, d)
+                    }
+                } else {
+                    // SAFETY: as above.
+                    |w, ws, r, st, m, a, d| unsafe {
+                        x86::weighted_sum_heads(w, ws, r, st, m, a, d)
                     }
                 },
                 // SAFETY: as above.
@@ -677,6 +788,8 @@ fn f32_kernels() -> &'static F32Kernels {
             weighted_sum: weighted_sum_scalar,
             dot_rows_f16_heads: dot_rows_f16_heads_scalar,
             weighted_sum_f16_heads: weighted_sum_f16_heads_scalar,
+            dot_rows_f32_heads: dot_rows_f32_heads_scalar,
+            weighted_sum_f32_heads: weighted_sum_f32_heads_scalar,
             max: max_f32_scalar,
             sum_exp: sum_exp_scalar,
         }
@@ -908,37 +1021,95 @@ mod x86 {
     macro_rules! by_heads {
         ($n:expr, $f:ident::<$c:literal>($($arg:expr),*)) => {
             match $n {
-                1 => $f::<$c, 1>($($arg),*),
-                2 => $f::<$c, 2>($($arg),*),
-                3 => $f::<$c, 3>($($arg),*),
-                4 => $f::<$c, 4>($($arg),*),
-                5 => $f::<$c, 5>($($arg),*),
-                6 => $f::<$c, 6>($($arg),*),
-                7 => $f::<$c, 7>($($arg),*),
-                _ => $f::<$c, 8>($($arg),*),
+                1 => $f::<_, $c, 1>($($arg),*),
+                2 => $f::<_, $c, 2>($($arg),*),
+                3 => $f::<_, $c, 3>($($arg),*),
+                4 => $f::<_, $c, 4>($($arg),*),
+                5 => $f::<_, $c, 5>($($arg),*),
+                6 => $f::<_, $c, 6>($($arg),*),
+                7 => $f::<_, $c, 7>($($arg),*),
+                _ => $f::<_, $c, 8>($($arg),*),
             }
         };
         ($n:expr, $f:ident($($arg:expr),*)) => {
             match $n {
-                1 => $f::<1>($($arg),*),
-                2 => $f::<2>($($arg),*),
-                3 => $f::<3>($($arg),*),
-                4 => $f::<4>($($arg),*),
-                5 => $f::<5>($($arg),*),
-                6 => $f::<6>($($arg),*),
-                7 => $f::<7>($($arg),*),
-                _ => $f::<8>($($arg),*),
+                1 => $f::<_, 1>($($arg),*),
+                2 => $f::<_, 2>($($arg),*),
+                3 => $f::<_, 3>($($arg),*),
+                4 => $f::<_, 4>($($arg),*),
+                5 => $f::<_, 5>($($arg),*),
+                6 => $f::<_, 6>($($arg),*),
+                7 => $f::<_, 7>($($arg),*),
+                _ => $f::<_, 8>($($arg),*),
             }
         };
+    }
+
+    /// The row types the multi-head kernels read: f16 (a KV cache's rows, widened in
+    /// registers) or f32 (a prefill's converted copy). Widening is exact, so both give the
+    /// values of the f32 rows.
+    pub(super) trait RowElem: Copy {
+        /// Whether the rows are f16.
+        const F16: bool;
+        /// The value as f32.
+        fn widen(self) -> f32;
+    }
+
+    impl RowElem for half::f16 {
+        const F16: bool = true;
+        fn widen(self) -> f32 {
+            self.to_f32()
+        }
+    }
+
+    impl RowElem for f32 {
+        const F16: bool = false;
+        fn widen(self) -> f32 {
+            self
+        }
+    }
+
+    /// Eight values at `p` as f32.
+    ///
+    /// # Safety
+    /// Eight values are readable at `p`.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn load8<R: RowElem>(p: *const R) -> __m256 {
+        // SAFETY: per the contract.
+        unsafe {
+            if R::F16 {
+                _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+            } else {
+                _mm256_loadu_ps(p as *const f32)
+            }
+        }
+    }
+
+    /// Sixteen values at `p` as f32.
+    ///
+    /// # Safety
+    /// Sixteen values are readable at `p`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,f16c")]
+    unsafe fn load16<R: RowElem>(p: *const R) -> __m512 {
+        // SAFETY: per the contract.
+        unsafe {
+            if R::F16 {
+                _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+            } else {
+                _mm512_loadu_ps(p as *const f32)
+            }
+        }
     }
 
     /// # Safety
     /// AVX2, FMA and F16C; shapes as checked by `check_heads`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_rows_f16_heads(
+    pub(super) unsafe fn dot_rows_heads<R: RowElem>(
         q: &[f32],
         d: usize,
-        rows: &[half::f16],
+        rows: &[R],
         stride: usize,
         m: usize,
         out: &mut [f32],
@@ -956,10 +1127,10 @@ mod x86 {
     /// `N` heads' scores per row, each with `dot`'s accumulators, order and reduction.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_heads<const N: usize>(
+    unsafe fn dot_heads<R: RowElem, const N: usize>(
         q: &[f32],
         d: usize,
-        rows: &[half::f16],
+        rows: &[R],
         stride: usize,
         m: usize,
         out: &mut [f32],
@@ -972,10 +1143,8 @@ mod x86 {
             while i + 16 <= d {
                 // SAFETY: i + 16 <= d, within the row and within every head of q.
                 unsafe {
-                    let k0 =
-                        _mm256_cvtph_ps(_mm_loadu_si128(row.as_ptr().add(i) as *const __m128i));
-                    let k1 =
-                        _mm256_cvtph_ps(_mm_loadu_si128(row.as_ptr().add(i + 8) as *const __m128i));
+                    let k0 = load8(row.as_ptr().add(i));
+                    let k1 = load8(row.as_ptr().add(i + 8));
                     for (j, sj) in s.iter_mut().enumerate() {
                         let qp = q.as_ptr().add(j * d + i);
                         sj[0] = _mm256_fmadd_ps(_mm256_loadu_ps(qp), k0, sj[0]);
@@ -987,7 +1156,7 @@ mod x86 {
             for (j, sj) in s.iter().enumerate() {
                 let mut acc = hsum2(sj[0], sj[1]);
                 for t in i..d {
-                    acc += q[j * d + t] * row[t].to_f32();
+                    acc += q[j * d + t] * row[t].widen();
                 }
                 out[j * out_stride + p] = acc;
             }
@@ -997,10 +1166,10 @@ mod x86 {
     /// # Safety
     /// AVX2, FMA and F16C; shapes as checked by `check_heads`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn weighted_sum_f16_heads(
+    pub(super) unsafe fn weighted_sum_heads<R: RowElem>(
         w: &[f32],
         w_stride: usize,
-        rows: &[half::f16],
+        rows: &[R],
         stride: usize,
         m: usize,
         acc: &mut [f32],
@@ -1020,10 +1189,10 @@ mod x86 {
     /// `d % 8` columns).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn wsum_heads<const N: usize>(
+    unsafe fn wsum_heads<R: RowElem, const N: usize>(
         w: &[f32],
         w_stride: usize,
-        rows: &[half::f16],
+        rows: &[R],
         stride: usize,
         m: usize,
         acc: &mut [f32],
@@ -1041,8 +1210,8 @@ mod x86 {
                 }
                 for p in 0..m {
                     let rp = rows.as_ptr().add(p * stride + c);
-                    let v0 = _mm256_cvtph_ps(_mm_loadu_si128(rp as *const __m128i));
-                    let v1 = _mm256_cvtph_ps(_mm_loadu_si128(rp.add(8) as *const __m128i));
+                    let v0 = load8(rp);
+                    let v1 = load8(rp.add(8));
                     for (j, aj) in a.iter_mut().enumerate() {
                         let wv = _mm256_set1_ps(*w.get_unchecked(j * w_stride + p));
                         aj[0] = _mm256_fmadd_ps(wv, v0, aj[0]);
@@ -1065,8 +1234,7 @@ mod x86 {
                 while i < d8 {
                     // SAFETY: i + 8 <= d, inside aj and row.
                     unsafe {
-                        let x =
-                            _mm256_cvtph_ps(_mm_loadu_si128(row.as_ptr().add(i) as *const __m128i));
+                        let x = load8(row.as_ptr().add(i));
                         _mm256_storeu_ps(
                             aj.as_mut_ptr().add(i),
                             _mm256_fmadd_ps(
@@ -1079,7 +1247,7 @@ mod x86 {
                     i += 8;
                 }
                 for t in d8..d {
-                    aj[t] += wp * row[t].to_f32();
+                    aj[t] += wp * row[t].widen();
                 }
             }
         }
@@ -1088,10 +1256,10 @@ mod x86 {
     /// # Safety
     /// AVX-512 F/VL, AVX2, FMA and F16C; shapes as checked by `check_heads`.
     #[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
-    pub(super) unsafe fn dot_rows_f16_heads_512(
+    pub(super) unsafe fn dot_rows_heads_512<R: RowElem>(
         q: &[f32],
         d: usize,
-        rows: &[half::f16],
+        rows: &[R],
         stride: usize,
         m: usize,
         out: &mut [f32],
@@ -1099,7 +1267,7 @@ mod x86 {
     ) {
         if d % 16 != 0 {
             // SAFETY: same features.
-            return unsafe { dot_rows_f16_heads(q, d, rows, stride, m, out, out_stride) };
+            return unsafe { dot_rows_heads(q, d, rows, stride, m, out, out_stride) };
         }
         // SAFETY: same features; the shapes were checked.
         unsafe {
@@ -1118,17 +1286,17 @@ mod x86 {
     /// `d % 16 == 0`; row `p` and every head of `q` hold `d` values.
     #[inline]
     #[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
-    unsafe fn row_sums_512<const N: usize>(
+    unsafe fn row_sums_512<R: RowElem, const N: usize>(
         q: &[f32],
         d: usize,
-        row: *const half::f16,
+        row: *const R,
     ) -> [__m256; N] {
         let mut s = [_mm512_setzero_ps(); N];
         let mut i = 0;
         while i < d {
             // SAFETY: i + 16 <= d, within the row and within every head of q.
             unsafe {
-                let k = _mm512_cvtph_ps(_mm256_loadu_si256(row.add(i) as *const __m256i));
+                let k = load16(row.add(i));
                 for (j, sj) in s.iter_mut().enumerate() {
                     *sj = _mm512_fmadd_ps(_mm512_loadu_ps(q.as_ptr().add(j * d + i)), k, *sj);
                 }
@@ -1143,11 +1311,14 @@ mod x86 {
         })
     }
 
-    /// Prefetches the cache lines of `len` f16 values at `rows[at..]`.
+    /// Prefetches the cache lines of `len` values at `rows[at..]`.
     #[inline]
     #[target_feature(enable = "avx2")]
-    fn prefetch_row(rows: &[half::f16], at: usize, len: usize) {
-        crate::prefetch_bytes(rows.as_ptr().wrapping_add(at) as *const u8, 2 * len);
+    fn prefetch_row<R: RowElem>(rows: &[R], at: usize, len: usize) {
+        crate::prefetch_bytes(
+            rows.as_ptr().wrapping_add(at) as *const u8,
+            std::mem::size_of::<R>() * len,
+        );
     }
 
     /// The horizontal sum of an accumulator pair already added lane by lane (the second half of
@@ -1195,10 +1366,10 @@ mod x86 {
     /// rows done together ([`hsum8_x8`]).
     #[inline]
     #[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
-    unsafe fn dot_heads_512<const N: usize>(
+    unsafe fn dot_heads_512<R: RowElem, const N: usize>(
         q: &[f32],
         d: usize,
-        rows: &[half::f16],
+        rows: &[R],
         stride: usize,
         m: usize,
         out: &mut [f32],
@@ -1213,7 +1384,7 @@ mod x86 {
             let mut v = [[_mm256_setzero_ps(); 8]; N];
             for r in 0..8 {
                 // SAFETY: row p + r < m lies within rows (checked) and d % 16 == 0.
-                let s = unsafe { row_sums_512::<N>(q, d, rows.as_ptr().add((p + r) * stride)) };
+                let s = unsafe { row_sums_512::<R, N>(q, d, rows.as_ptr().add((p + r) * stride)) };
                 for (vj, sj) in v.iter_mut().zip(s) {
                     vj[r] = sj;
                 }
@@ -1226,7 +1397,7 @@ mod x86 {
         }
         while p < m {
             // SAFETY: as above, for one row.
-            let s = unsafe { row_sums_512::<N>(q, d, rows.as_ptr().add(p * stride)) };
+            let s = unsafe { row_sums_512::<R, N>(q, d, rows.as_ptr().add(p * stride)) };
             for (j, sj) in s.into_iter().enumerate() {
                 out[j * out_stride + p] = hsum8(sj);
             }
@@ -1237,10 +1408,10 @@ mod x86 {
     /// # Safety
     /// AVX-512 F/VL, AVX2, FMA and F16C; shapes as checked by `check_heads`.
     #[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
-    pub(super) unsafe fn weighted_sum_f16_heads_512(
+    pub(super) unsafe fn weighted_sum_heads_512<R: RowElem>(
         w: &[f32],
         w_stride: usize,
-        rows: &[half::f16],
+        rows: &[R],
         stride: usize,
         m: usize,
         acc: &mut [f32],
@@ -1248,7 +1419,7 @@ mod x86 {
     ) {
         if d % 16 != 0 {
             // SAFETY: same features.
-            return unsafe { weighted_sum_f16_heads(w, w_stride, rows, stride, m, acc, d) };
+            return unsafe { weighted_sum_heads(w, w_stride, rows, stride, m, acc, d) };
         }
         let n = acc.len() / d;
         // Columns per pass over the rows: as many 16-lane accumulators as fit in registers.
@@ -1286,10 +1457,10 @@ mod x86 {
     #[inline]
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
-    unsafe fn wsum_heads_512x<const C: usize, const N: usize>(
+    unsafe fn wsum_heads_512x<R: RowElem, const C: usize, const N: usize>(
         w: &[f32],
         w_stride: usize,
-        rows: &[half::f16],
+        rows: &[R],
         stride: usize,
         m: usize,
         acc: &mut [f32],
@@ -1312,7 +1483,7 @@ mod x86 {
                 let rp = rows.as_ptr().add(p * stride + c);
                 let mut v = [_mm512_setzero_ps(); C];
                 for (k, vk) in v.iter_mut().enumerate() {
-                    *vk = _mm512_cvtph_ps(_mm256_loadu_si256(rp.add(16 * k) as *const __m256i));
+                    *vk = load16(rp.add(16 * k));
                 }
                 for (j, aj) in a.iter_mut().enumerate() {
                     let wv = _mm512_set1_ps(*w.get_unchecked(j * w_stride + p));
@@ -1593,7 +1764,8 @@ mod tests {
     /// The f16 multi-head kernels give, head by head, bit for bit what widening each row and
     /// calling `dot_f32` / one `axpy` per row gives (what the attention's per-row path
     /// computes), and stay within rounding of their scalar twins, on every tier: 1–8 heads,
-    /// sizes with and without 8/16-column tails, strided rows, no rows.
+    /// sizes with and without 8/16-column tails, strided rows, no rows. The f32-row kernels
+    /// give the same bits on the widened rows.
     #[test]
     fn multi_head_f16_kernels_equal_widen_then_dot_or_axpy() {
         let cases = [
@@ -1663,6 +1835,28 @@ mod tests {
                             <= 1e-5 * (1.0 + acc_twin[j * d + t].abs())
                     );
                 }
+            }
+            // The f32-row kernels on the same rows widened (same stride): the same bits as the
+            // f16 ones (checked above against dot_f32 / axpy), and their scalar twins within
+            // rounding.
+            let rows32: Vec<f32> = rows.iter().map(|h| h.to_f32()).collect();
+            let mut got32 = vec![0f32; n * os];
+            dot_rows_f32_heads(&q, d, &rows32, stride, m, &mut got32, os);
+            let mut twin32 = vec![0f32; n * os];
+            dot_rows_f32_heads_scalar(&q, d, &rows32, stride, m, &mut twin32, os);
+            let (mut acc32, mut acc_twin32) = (values(n * d, 4), values(n * d, 4));
+            weighted_sum_f32_heads(&w, os, &rows32, stride, m, &mut acc32, d);
+            weighted_sum_f32_heads_scalar(&w, os, &rows32, stride, m, &mut acc_twin32, d);
+            for j in 0..n {
+                for p in 0..m {
+                    let i = j * os + p;
+                    assert_eq!(got32[i].to_bits(), got[i].to_bits(), "f32 dot n {n} d {d}");
+                    assert!((got32[i] - twin32[i]).abs() <= 1e-5 * (1.0 + twin32[i].abs()));
+                }
+            }
+            for i in 0..n * d {
+                assert_eq!(acc32[i].to_bits(), acc[i].to_bits(), "f32 wsum n {n} d {d}");
+                assert!((acc32[i] - acc_twin32[i]).abs() <= 1e-5 * (1.0 + acc_twin32[i].abs()));
             }
         }
     }

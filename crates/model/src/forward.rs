@@ -1221,6 +1221,16 @@ fn attention(
                 // Runs of rows in one cache block are read in place from f16; any other row
                 // (the prefill's f32 copy, other cache types) one at a time. Same values either way.
                 let mut p = start;
+                if let Some(rows) = keys.f32_from(p) {
+                    // The prefill's f32 copy: every position at one stride, one call.
+                    ops::dot_rows_f32_heads(&qs[..gn * hd], hd, rows, kvd, len, &mut scores, len);
+                    for j in 0..gn {
+                        scores[j * len..(j + 1) * len]
+                            .iter_mut()
+                            .for_each(|v| *v *= scale);
+                    }
+                    p = pos + 1;
+                }
                 while p <= pos {
                     if let Some((rows, m)) = keys.f16_run(p, pos + 1, hd) {
                         ops::dot_rows_f16_heads(
@@ -1261,6 +1271,10 @@ fn attention(
                 let acc = &mut acc_buf[..gn * hd];
                 acc.fill(0.0);
                 let mut p = start;
+                if let Some(rows) = values.f32_from(p) {
+                    ops::weighted_sum_f32_heads(&scores, len, rows, kvd, len, acc, hd);
+                    p = pos + 1;
+                }
                 while p <= pos {
                     if let Some((rows, m)) = values.f16_run(p, pos + 1, hd) {
                         ops::weighted_sum_f16_heads(
@@ -1489,6 +1503,13 @@ impl<'a> HeadRows<'a> {
                 buf
             }
         }
+    }
+
+    /// The prefill's f32 copy from position `p` on (this head's values of each position at
+    /// stride `kvd`), when rows come from it.
+    #[inline]
+    fn f32_from(&self, p: usize) -> Option<&'a [f32]> {
+        self.f32_rows.map(|r| &r[p * self.kvd + self.koff..])
     }
 
     /// The f16 cache rows of positions `p..p + m` read in place, `m` reaching to the end of
