@@ -98,6 +98,12 @@ pub struct ServeArgs {
     /// for serving.
     #[arg(long = "sona-threads", default_value_t = 1)]
     sona_threads: usize,
+    /// Threads a feedback event trains on when serving is idle as it arrives (no request
+    /// running or waiting): its lessons' gradients and checks in parallel, bit-identical to
+    /// one thread's (default: the engine's `-t`; 0 or 1: `--sona-threads` always). A request
+    /// arriving meanwhile shares the cores with the event for its ~0.1 s.
+    #[arg(long = "sona-idle-threads")]
+    sona_idle_threads: Option<usize>,
     /// Which completions become ReasoningBank trajectories: `all` (each costs one embedding
     /// pass of its question, off the request path) or `feedback` (only rated/corrected ones).
     #[arg(long = "sona-trajectories", default_value = "all", value_parser = ["all", "feedback"])]
@@ -314,6 +320,7 @@ pub fn run(a: ServeArgs) -> Result<(), Error> {
     cfg.n_cold_blocks = n_cold;
     let n_embd = c.n_embd;
     let tok = Arc::new(l.tok);
+    let engine_threads = l.pool.n_threads();
     let engine = Engine::start(Arc::new(l.model), tok.clone(), l.pool, cfg)
         .map_err(|e| Error::usage(e.to_string()))?;
     let scfg = ServerConfig {
@@ -327,6 +334,7 @@ pub fn run(a: ServeArgs) -> Result<(), Error> {
         sona_background_secs: a.sona_background_secs,
         sona_consolidate_secs: a.sona_consolidate_secs,
         sona_threads: a.sona_threads,
+        sona_idle_threads: a.sona_idle_threads.unwrap_or(engine_threads),
         sona_all_trajectories: a.sona_trajectories == "all",
         sona_keep_bytes: a.sona_keep_mib << 20,
         sona_rated_rows: a.sona_rated_rows,

@@ -202,12 +202,21 @@ pub fn logit_stats(x: &[f32]) -> LogitStats {
     let k = f32_kernels();
     let max = (k.max)(x);
     let sum = (k.sum_exp)(x, max);
-    let argmax = x.iter().position(|&v| v == max).unwrap_or(0);
+    let argmax = first_equal(x, max).unwrap_or(0);
     LogitStats {
         argmax,
         max,
         lse: max as f64 + (sum as f64).ln(),
     }
+}
+
+/// The first position of `v` in `x`: blocks of 64 without it are passed over with one vector
+/// compare each (a plain `position` compares one value at a time).
+fn first_equal(x: &[f32], v: f32) -> Option<usize> {
+    x.chunks(64)
+        .enumerate()
+        .find(|(_, b)| b.iter().fold(false, |any, &y| any | (y == v)))
+        .and_then(|(c, b)| b.iter().position(|&y| y == v).map(|i| c * 64 + i))
 }
 
 /// `ln softmax(logits)[target]` with [`logit_stats`]'s log-sum-exp, rounded to f32 (−∞ for a
@@ -2102,5 +2111,20 @@ mod tests {
         }
         let x: Vec<f32> = (1..=10).map(|i| i as f32).collect();
         assert_eq!(sum_f64(&x), 55.0);
+    }
+
+    /// `first_equal` finds what `position` finds: the first of repeated values, in the first,
+    /// a middle and the last (partial) block, and nothing when absent.
+    #[test]
+    fn first_equal_matches_position() {
+        let x: Vec<f32> = (0..200).map(|i| (i % 37) as f32).collect();
+        for v in [0.0, 5.0, 36.0, 99.0] {
+            assert_eq!(first_equal(&x, v), x.iter().position(|&y| y == v), "{v}");
+        }
+        let mut y = vec![0f32; 130];
+        y[129] = 1.0;
+        assert_eq!(first_equal(&y, 1.0), Some(129));
+        assert_eq!(logit_stats(&y).argmax, 129);
+        assert_eq!(first_equal(&[], 1.0), None);
     }
 }

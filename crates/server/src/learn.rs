@@ -404,6 +404,11 @@ impl CaptureSource for EngineCapture {
         None
     }
 
+    fn serving_busy(&self) -> bool {
+        let m = self.engine.metrics();
+        m.requests_running + m.requests_waiting > 0
+    }
+
     fn served_logprobs(&self, tokens: &[u32], from: usize) -> Option<Vec<f32>> {
         let k = self
             .kept

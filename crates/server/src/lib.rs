@@ -53,6 +53,8 @@ pub struct ServerConfig {
     pub sona_consolidate_secs: u64,
     /// Threads of the learner's pool (`--sona-threads`).
     pub sona_threads: usize,
+    /// Threads the instant loop uses while serving is idle (`--sona-idle-threads`).
+    pub sona_idle_threads: usize,
     /// Whether every completion becomes a ReasoningBank trajectory (`--sona-trajectories all`,
     /// one embedding pass each) or only those that get feedback (`feedback`).
     pub sona_all_trajectories: bool,
@@ -103,6 +105,7 @@ impl AppState {
         let anchor = tok.encode(ruvllm_sona::learner::ANCHOR_TEXT, true, false);
         let learn_cfg = ruvllm_sona::learner::LearnConfig {
             threads: cfg.sona_threads,
+            idle_threads: cfg.sona_idle_threads,
             rated_rows: cfg.sona_rated_rows,
             corrected_rows: cfg.sona_corrected_rows,
             ..Default::default()

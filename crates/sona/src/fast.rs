@@ -34,6 +34,9 @@ use ruvllm_kernels::pool::ThreadPool;
 use ruvllm_model::{head_logits, Capture, LoraAdapter, LoraPair, Model};
 use std::sync::Arc;
 
+/// One lesson's candidate objective and its gradients with respect to `A` and `B`.
+type LessonGrads = (f32, Vec<f32>, Vec<f32>);
+
 /// Base-model tokens kept per target row as candidates.
 pub const TOP_K: usize = 16;
 
@@ -969,18 +972,53 @@ impl FastTrainer {
         self.step_ewc(lessons, 0.0)
     }
 
+    /// [`step`](Self::step) with the lessons' objectives and gradients computed in parallel on
+    /// `pool` (one task per lesson) and summed in lesson order: the same bits as `step`.
+    pub fn step_on<P: std::borrow::Borrow<Prepared> + Sync>(
+        &mut self,
+        pool: &ThreadPool,
+        lessons: &[P],
+    ) -> f32 {
+        if pool.n_threads() < 2 || lessons.len() < 2 {
+            return self.step(lessons);
+        }
+        let slots: Vec<std::sync::Mutex<LessonGrads>> = lessons
+            .iter()
+            .map(|_| std::sync::Mutex::new(LessonGrads::default()))
+            .collect();
+        let this = &*self;
+        pool.run(lessons.len(), &|i| {
+            let g = this.loss_and_grads(lessons[i].borrow());
+            *slots[i].lock().unwrap_or_else(|p| p.into_inner()) = g;
+        });
+        let grads: Vec<LessonGrads> = slots
+            .into_iter()
+            .map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()))
+            .collect();
+        self.apply(grads, 0.0)
+    }
+
     /// [`step`](Self::step) plus the EWC++ penalty with weight `lambda`.
     pub fn step_ewc<P: std::borrow::Borrow<Prepared>>(
         &mut self,
         lessons: &[P],
         lambda: f32,
     ) -> f32 {
+        let grads: Vec<LessonGrads> = lessons
+            .iter()
+            .map(|l| self.loss_and_grads(l.borrow()))
+            .collect();
+        self.apply(grads, lambda)
+    }
+
+    /// One Adam step from each lesson's (objective, dA, dB), averaged in lesson order, plus
+    /// the anchor and (weight `lambda`) EWC++ penalties; returns the mean objective.
+    fn apply(&mut self, grads: Vec<LessonGrads>, lambda: f32) -> f32 {
         let mut da = vec![0f32; self.p.a.len()];
         let mut db = vec![0f32; self.p.b.len()];
-        let n = lessons.len().max(1) as f32;
+        let n = grads.len().max(1) as f32;
         let mut loss = 0f32;
-        for l in lessons {
-            let (v, ga, gb) = self.loss_and_grads(l.borrow());
+        for (v, ga, gb) in grads {
             loss += v / n;
             da.iter_mut().zip(&ga).for_each(|(x, y)| *x += y / n);
             db.iter_mut().zip(&gb).for_each(|(x, y)| *x += y / n);

@@ -118,9 +118,15 @@ pub struct LearnConfig {
     /// EWC++'s decay γ of the old Fisher at each update.
     pub ewc_gamma: f32,
     /// Threads of the learner's own pool (training steps, full-vocabulary checks). One by
-    /// default: serving keeps the other cores; two cut the instant loop's p50 by ~20% on an
-    /// otherwise idle 2-core machine.
+    /// default: serving keeps the other cores.
     pub threads: usize,
+    /// Threads the instant loop uses instead when serving is idle (no request running or
+    /// waiting when a feedback event starts, as its capture source reports; always without a
+    /// capture source, as in `ruvllm chat` and sona-bench): the lessons'
+    /// gradients and checks are computed in parallel, one lesson per task, and summed in the
+    /// same order, so the result is bit-identical to one thread's. 0 (the default): `threads`
+    /// always. A request that arrives meanwhile shares the cores with the event (~0.1 s).
+    pub idle_threads: usize,
 }
 
 impl Default for LearnConfig {
@@ -141,6 +147,7 @@ impl Default for LearnConfig {
             ewc_lambda: 1.0,
             ewc_gamma: 0.9,
             threads: 1,
+            idle_threads: 0,
         }
     }
 }
@@ -361,9 +368,16 @@ fn judge(
         };
         // p(v) ≥ CHECK_P ⇔ logit(v) ≥ ln Z + ln CHECK_P.
         let bar = (stats.lse + CHECK_P.ln()) as f32;
-        extra.extend(
-            (0..nv as u32).filter(|&v| lg[v as usize] >= bar && top.binary_search(&v).is_err()),
-        );
+        // Blocks of 64 logits with none at the bar are skipped in one vector compare.
+        for (c, block) in lg.chunks(64).enumerate() {
+            if block.iter().fold(false, |any, &x| any | (x >= bar)) {
+                extra.extend(
+                    (c * 64..c * 64 + block.len())
+                        .map(|v| v as u32)
+                        .filter(|&v| lg[v as usize] >= bar && top.binary_search(&v).is_err()),
+                );
+            }
+        }
         follows &= (stats.argmax == target as usize) != l.negative;
     }
     extra.sort_unstable();
@@ -417,6 +431,8 @@ pub struct Learner {
     anchor: OnceLock<Option<Arc<Lesson>>>,
     /// Where lessons' activations come from (the learner's own forward pass when `None`).
     source: Option<Arc<dyn CaptureSource>>,
+    /// The pool of [`LearnConfig::idle_threads`], when it is larger than `pool`'s.
+    idle_pool: Option<Arc<ThreadPool>>,
 }
 
 /// A stable, non-reversible key for a scope name: the first 128 bits of SHA-256, in hex.
@@ -859,6 +875,7 @@ impl Learner {
             anchor_tokens: None,
             anchor: OnceLock::new(),
             source: None,
+            idle_pool: None,
         }
     }
 
@@ -868,6 +885,11 @@ impl Learner {
         if cfg.threads.max(1) != self.pool.n_threads() {
             self.pool = Arc::new(ThreadPool::new(cfg.threads.max(1)));
         }
+        self.idle_pool = match &self.idle_pool {
+            _ if cfg.idle_threads <= cfg.threads.max(1) => None,
+            Some(p) if p.n_threads() == cfg.idle_threads => Some(p.clone()),
+            _ => Some(Arc::new(ThreadPool::new(cfg.idle_threads))),
+        };
         self.cfg = cfg;
         self.anchor_tokens = anchor_tokens;
         self.anchor = OnceLock::new();
@@ -1173,18 +1195,33 @@ impl Learner {
     /// The same check from each lesson's adapter-independent logits `fixed` (computed once
     /// per event, [`FastTrainer::full_fixed`]) and one LM-head pass of `t`'s `rank` rows:
     /// the instant loop's rounds cost `O(n_vocab·rank)` per row instead of a head pass each.
+    /// Lessons are judged in parallel on `pool` (one task each; the same results).
     fn check_low_rank(
         &self,
+        pool: &ThreadPool,
         t: &FastTrainer,
         items: &[(&Lesson, &Prepared)],
         fixed: &[&FullFixed],
     ) -> Vec<Check> {
         let nv = self.model.config.n_vocab;
-        let basis = t.full_basis(&self.pool);
-        items
-            .iter()
-            .zip(fixed)
-            .map(|((l, p), f)| judge(l, p, nv, |ri, row| t.full_logits(p, f, &basis, ri, row)))
+        let basis = t.full_basis(pool);
+        let one = |i: usize| {
+            let ((l, p), f) = (items[i], fixed[i]);
+            judge(l, p, nv, |ri, row| t.full_logits(p, f, &basis, ri, row))
+        };
+        if pool.n_threads() < 2 || items.len() < 2 {
+            return (0..items.len().min(fixed.len())).map(one).collect();
+        }
+        let slots: Vec<Mutex<Option<Check>>> = (0..items.len().min(fixed.len()))
+            .map(|_| Mutex::new(None))
+            .collect();
+        pool.run(slots.len(), &|i| {
+            let c = one(i);
+            *slots[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(c);
+        });
+        slots
+            .into_iter()
+            .filter_map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()))
             .collect()
     }
 
@@ -1293,6 +1330,12 @@ impl Learner {
             return Err(LearnError::TooLong);
         }
         let entry = self.scope(&key)?;
+        // Serving idle as the event starts (before its own capture runs through the engine),
+        // or no serving at all: the idle pool (if any) for this event's steps and checks.
+        let pool = match (&self.idle_pool, &self.source) {
+            (Some(p), src) if src.as_ref().is_none_or(|s| !s.serving_busy()) => p.clone(),
+            _ => self.pool.clone(),
+        };
         let new = self
             .lesson(tokens, prompt.len(), negative, teach)
             .ok_or(LearnError::TooLong)?;
@@ -1337,7 +1380,7 @@ impl Learner {
             loss_before.get_or_insert_with(|| sc.micro.loss_and_grads(batch[0]).0);
             let n = if round == 0 { steps } else { steps.div_ceil(3) };
             for _ in 0..n {
-                sc.micro.step(&batch);
+                sc.micro.step_on(&pool, &batch);
             }
             taken += n;
             // The replayed lessons are checked the same way: still followed (a new lesson must
@@ -1353,12 +1396,12 @@ impl Learner {
                 .collect();
             if !missing.is_empty() {
                 let parts: Vec<&Prepared> = missing.iter().map(|&i| items[i].1).collect();
-                for (i, f) in missing.iter().zip(sc.micro.full_fixed(&self.pool, &parts)) {
+                for (i, f) in missing.iter().zip(sc.micro.full_fixed(&pool, &parts)) {
                     fixed[*i] = Some(Arc::new(f));
                 }
             }
             let known: Vec<&FullFixed> = fixed.iter().flatten().map(|f| &**f).collect();
-            let checks = self.check_low_rank(&sc.micro, &items, &known);
+            let checks = self.check_low_rank(&pool, &sc.micro, &items, &known);
             let follows = checks.iter().all(|c| c.follows);
             loss_after = checks.first().map_or(0.0, |c| c.loss);
             let new_widened = checks

@@ -594,6 +594,12 @@ pub trait CaptureSource: Send + Sync {
     fn served_logprobs(&self, _tokens: &[u32], _from: usize) -> Option<Vec<f32>> {
         None
     }
+
+    /// Whether serving has work now (requests running or waiting): the learner then keeps to
+    /// its own threads instead of its idle pool ([`crate::LearnConfig::idle_threads`]).
+    fn serving_busy(&self) -> bool {
+        true
+    }
 }
 
 /// One forward pass over `tokens` without adapters that captures `layer`'s down projection

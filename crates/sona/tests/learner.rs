@@ -420,3 +420,55 @@ fn a_long_correction_teaches_its_least_likely_tokens() {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+/// Training a feedback event on the idle pool (two threads: the lessons' gradients and checks
+/// in parallel) gives bit for bit what one thread gives, over events that replay earlier
+/// lessons (several lessons per step), a rating included.
+#[test]
+fn the_idle_pool_teaches_identically() {
+    let Some(path) = registry::for_test("smollm2-135m") else {
+        return;
+    };
+    let model = Arc::new(Model::load(&path).unwrap());
+    let tok = Tokenizer::from_gguf(model.gguf()).unwrap();
+    let learner = |idle_threads: usize| {
+        let mut l = Learner::new(model.clone());
+        l.configure(
+            LearnConfig {
+                background_every: 0,
+                idle_threads,
+                ..LearnConfig::default()
+            },
+            Some(tok.encode(ANCHOR_TEXT, true, false)),
+        );
+        l
+    };
+    let (one, two) = (learner(0), learner(2));
+    for (q, a, fb) in [
+        ("The password of the blue castle is", " marmalade.", None),
+        (
+            "The river that runs through Quenby is the",
+            " Ostrel.",
+            None,
+        ),
+        ("The capital of Vandor is", " Pell.", Some(1.0)),
+        ("The mayor of Quenby is called", " Ada Voss.", None),
+    ] {
+        let (p, ans) = (tok.encode(q, true, false), tok.encode(a, false, false));
+        let feedback = match fb {
+            Some(r) => Feedback::Rating(r),
+            None => Feedback::Correction(ans.clone()),
+        };
+        let answer: &[u32] = if fb.is_some() { &ans } else { &[] };
+        let (o1, o2) = (
+            one.learn("s", &p, answer, &feedback).unwrap(),
+            two.learn("s", &p, answer, &feedback).unwrap(),
+        );
+        assert_eq!(o1, o2, "{q}");
+        assert_eq!(
+            one.adapter_for("s").unwrap().layers,
+            two.adapter_for("s").unwrap().layers,
+            "{q}"
+        );
+    }
+}
