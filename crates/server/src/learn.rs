@@ -1131,4 +1131,44 @@ mod tests {
         assert_eq!((b.len(), b.vector(0)), (1, Some(&[0.0f32, 1.0][..])));
         assert!(parse_legacy_bank(&json!({"entries": [{"question": "q"}]}), 2, "k").is_none());
     }
+
+    /// The engine's capture source reports serving busy while a request runs and idle before
+    /// and after it (what picks the learner's idle pool).
+    #[test]
+    fn engine_capture_reports_serving_busy_while_a_request_runs() {
+        let Some(path) = ruvllm_model::registry::for_test("smollm2-135m") else {
+            return;
+        };
+        let model = Arc::new(ruvllm_model::Model::load(&path).expect("model loads"));
+        let tok = Arc::new(Tokenizer::from_gguf(model.gguf()).expect("tokenizer"));
+        let pool = Arc::new(ThreadPool::new(1));
+        let engine = Arc::new(
+            Engine::start(
+                model.clone(),
+                tok,
+                pool.clone(),
+                ruvllm_engine::EngineConfig::new(&model.config, 64),
+            )
+            .expect("engine starts"),
+        );
+        let src = EngineCapture::new(engine.clone(), pool, 0);
+        assert!(!src.serving_busy());
+        let mut h = engine
+            .submit(Request::greedy(vec![1, 2, 3, 4], 200))
+            .expect("submitted");
+        // The first token: the request is running.
+        while let Some(e) = h.next_blocking() {
+            if matches!(e, Event::Token { .. }) {
+                break;
+            }
+        }
+        assert!(src.serving_busy());
+        h.cancel();
+        while h.next_blocking().is_some() {}
+        let t = std::time::Instant::now();
+        while src.serving_busy() && t.elapsed().as_secs() < 10 {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(!src.serving_busy());
+    }
 }
