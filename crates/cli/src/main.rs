@@ -388,6 +388,7 @@ fn cmd_chat(a: ChatArgs) -> Result<(), Error> {
     cfg.max_seqs = 1;
     let tok = Arc::new(l.tok);
     let model = Arc::new(l.model);
+    let engine_threads = l.pool.n_threads();
     let engine = Arc::new(
         Engine::start(model.clone(), tok.clone(), l.pool, cfg)
             .map_err(|e| Error::usage(e.to_string()))?,
@@ -408,8 +409,12 @@ fn cmd_chat(a: ChatArgs) -> Result<(), Error> {
     // kept, a correction with the prompt from the prefix cache.
     let mut capture = None;
     if let Some(l) = &mut learner {
+        // Feedback arrives between answers: it trains on the engine's threads (bit-identical).
         l.configure(
-            LearnConfig::default(),
+            LearnConfig {
+                idle_threads: engine_threads,
+                ..LearnConfig::default()
+            },
             Some(tok.encode(ANCHOR_TEXT, true, false)),
         );
         let c = Arc::new(ruvllm_server::EngineCapture::new(
