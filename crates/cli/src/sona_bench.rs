@@ -76,6 +76,11 @@ pub struct SonaBenchArgs {
     /// Threads of the learner's pool (the engine that serves the questions has `-t`).
     #[arg(long = "learn-threads", default_value_t = LearnConfig::default().threads)]
     learn_threads: usize,
+    /// Threads a feedback event trains on while the engine is idle, as `serve
+    /// --sona-idle-threads` (default: all cores; results are bit-identical, only the latency
+    /// differs)
+    #[arg(long = "learn-idle-threads")]
+    learn_idle_threads: Option<usize>,
     /// Capture lessons with the learner's own forward pass over prompt and correction (as
     /// before the engine did it), instead of through the engine that served the question
     /// (whose prefix cache holds the prompt).
@@ -466,6 +471,12 @@ fn report(a: &SonaBenchArgs, runs: &[SeedRun]) {
     }
 }
 
+/// The idle threads a feedback event trains on by default: as many as the machine has (what
+/// `-t` defaults to).
+fn learner_idle_default() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// Teaches and scores one fact set (seed `seed`) with a fresh learner and bank.
 #[allow(clippy::too_many_arguments)]
 fn one_fact_set(
@@ -499,6 +510,7 @@ fn one_fact_set(
         background_every: a.background_every,
         ewc_lambda: a.ewc_lambda,
         threads: a.learn_threads,
+        idle_threads: a.learn_idle_threads.unwrap_or(learner_idle_default()),
         ..LearnConfig::default()
     };
     learner.configure(cfg, Some(tok.encode(ANCHOR_TEXT, true, false)));
