@@ -103,6 +103,30 @@ pub fn mask_targets(targets: &mut [Option<u32>], keep: &[usize]) {
     }
 }
 
+/// `f(0), …, f(n − 1)` in order, computed on `pool`'s threads when given (one task each).
+fn per_row<T: Send + Default>(
+    pool: Option<&ThreadPool>,
+    n: usize,
+    f: impl Fn(usize) -> T + Sync,
+) -> Vec<T> {
+    match pool {
+        Some(p) if p.n_threads() > 1 && n > 1 => {
+            let slots: Vec<std::sync::Mutex<T>> = (0..n)
+                .map(|_| std::sync::Mutex::new(T::default()))
+                .collect();
+            p.run(n, &|i| {
+                let v = f(i);
+                *slots[i].lock().unwrap_or_else(|e| e.into_inner()) = v;
+            });
+            slots
+                .into_iter()
+                .map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()))
+                .collect()
+        }
+        _ => (0..n).map(f).collect(),
+    }
+}
+
 impl Candidates {
     /// From the base model's logits of rows `first..` (`[(rows − first) × n_vocab]`; rows
     /// before `first` must have no target) and the rows' targets: `k` top tokens per row and
@@ -116,26 +140,52 @@ impl Candidates {
         n_sample: usize,
         seed: u64,
     ) -> Candidates {
+        Self::from_logits_on(None, logits, n_vocab, targets, first, k, n_sample, seed)
+    }
+
+    /// [`from_logits`](Self::from_logits) with the per-row work (each row's top tokens, then its
+    /// sampled logits and the log-sum-exp of its rest: two passes over the vocabulary, the
+    /// second with an f64 `exp` per token) spread over `pool`'s threads: the same result.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_logits_on(
+        pool: Option<&ThreadPool>,
+        logits: &[f32],
+        n_vocab: usize,
+        targets: &[Option<u32>],
+        first: usize,
+        k: usize,
+        n_sample: usize,
+        seed: u64,
+    ) -> Candidates {
         let row_of = |t: usize| {
             t.checked_sub(first)
                 .and_then(|i| logits.get(i * n_vocab..(i + 1) * n_vocab))
         };
+        let rows = targets.len();
+        let k = k.min(n_vocab);
+        let tops = per_row(pool, rows, |t| {
+            let (Some(_), Some(row)) = (targets[t], row_of(t)) else {
+                return Vec::new();
+            };
+            if k == 0 {
+                return Vec::new();
+            }
+            let mut idx: Vec<u32> = (0..n_vocab as u32).collect();
+            idx.select_nth_unstable_by(k - 1, |&a, &b| row[b as usize].total_cmp(&row[a as usize]));
+            idx.truncate(k);
+            idx
+        });
         let mut member = vec![false; n_vocab];
         for (t, target) in targets.iter().enumerate() {
             let Some(target) = *target else { continue };
-            let Some(row) = row_of(t) else { continue };
+            if row_of(t).is_none() {
+                continue;
+            }
             if let Some(m) = member.get_mut(target as usize) {
                 *m = true;
             }
-            let mut idx: Vec<u32> = (0..n_vocab as u32).collect();
-            let k = k.min(n_vocab);
-            if k > 0 {
-                idx.select_nth_unstable_by(k - 1, |&a, &b| {
-                    row[b as usize].total_cmp(&row[a as usize])
-                });
-                for &i in &idx[..k] {
-                    member[i as usize] = true;
-                }
+            for &i in &tops[t] {
+                member[i as usize] = true;
             }
         }
         let mut ids: Vec<u32> = (0..n_vocab as u32)
@@ -155,25 +205,20 @@ impl Candidates {
                 ids.push(v as u32);
             }
         }
-        let (rows, n_s) = (targets.len(), ids.len() - n_top);
-        let mut sample_base = vec![0f32; rows * n_s];
-        let mut log_rest = vec![f32::NEG_INFINITY; rows];
-        for t in 0..rows {
+        let n_s = ids.len() - n_top;
+        // Per row with a target: its logits of the sampled ids and ln Σ exp over the rest.
+        let per = per_row(pool, rows, |t| {
             let Some(row) = targets[t].and(row_of(t)) else {
-                continue;
+                return (vec![0f32; n_s], f32::NEG_INFINITY);
             };
-            for (o, &i) in sample_base[t * n_s..(t + 1) * n_s]
-                .iter_mut()
-                .zip(&ids[n_top..])
-            {
-                *o = row[i as usize];
-            }
+            let sampled: Vec<f32> = ids[n_top..].iter().map(|&i| row[i as usize]).collect();
             let mx = row
                 .iter()
                 .zip(&member)
                 .filter(|(_, m)| !**m)
                 .map(|(l, _)| *l)
                 .fold(f32::NEG_INFINITY, f32::max);
+            let mut rest = f32::NEG_INFINITY;
             if mx > f32::NEG_INFINITY {
                 let z: f64 = row
                     .iter()
@@ -181,8 +226,15 @@ impl Candidates {
                     .filter(|(_, m)| !**m)
                     .map(|(l, _)| ((l - mx) as f64).exp())
                     .sum();
-                log_rest[t] = (mx as f64 + z.ln()) as f32;
+                rest = (mx as f64 + z.ln()) as f32;
             }
+            (sampled, rest)
+        });
+        let mut sample_base = Vec::with_capacity(rows * n_s);
+        let mut log_rest = Vec::with_capacity(rows);
+        for (sampled, rest) in per {
+            sample_base.extend_from_slice(&sampled);
+            log_rest.push(rest);
         }
         Candidates {
             ids,

@@ -1065,6 +1065,7 @@ impl Learner {
     /// model's candidates for every answer row it teaches (see [`Teach`]).
     fn lesson(
         &self,
+        pool: &ThreadPool,
         tokens: Vec<u32>,
         prompt_len: usize,
         negative: bool,
@@ -1117,8 +1118,16 @@ impl Learner {
         }
         // The sample's seed comes from the tokens, so a lesson's objective is reproducible.
         let seed = tokens_hash(&tokens);
-        let cands =
-            Candidates::from_logits(&logits, c.n_vocab, &targets, first, TOP_K, SAMPLE, seed);
+        let cands = Candidates::from_logits_on(
+            Some(pool),
+            &logits,
+            c.n_vocab,
+            &targets,
+            first,
+            TOP_K,
+            SAMPLE,
+            seed,
+        );
         Some(Lesson {
             cap,
             cands,
@@ -1138,7 +1147,7 @@ impl Learner {
                 self.anchor_tokens
                     .as_ref()
                     .filter(|t| t.len() > 1)
-                    .and_then(|t| self.lesson(t.clone(), 1, false, Teach::All))
+                    .and_then(|t| self.lesson(&self.pool, t.clone(), 1, false, Teach::All))
                     .map(Arc::new)
             })
             .clone()
@@ -1271,7 +1280,9 @@ impl Learner {
             }
             for s in r.lessons {
                 let teach = s.taught.map_or(Teach::All, Teach::Rows);
-                if let Some(mut l) = self.lesson(s.tokens, s.prompt_len, s.negative, teach) {
+                if let Some(mut l) =
+                    self.lesson(&self.pool, s.tokens, s.prompt_len, s.negative, teach)
+                {
                     l.cands.add_top(&s.top);
                     lessons.push_back(l);
                 }
@@ -1337,7 +1348,7 @@ impl Learner {
             _ => self.pool.clone(),
         };
         let new = self
-            .lesson(tokens, prompt.len(), negative, teach)
+            .lesson(&pool, tokens, prompt.len(), negative, teach)
             .ok_or(LearnError::TooLong)?;
         let mut guard = entry.lock().unwrap_or_else(|p| p.into_inner());
         let sc = &mut *guard;
