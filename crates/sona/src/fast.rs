@@ -103,8 +103,10 @@ pub fn mask_targets(targets: &mut [Option<u32>], keep: &[usize]) {
     }
 }
 
-/// `f(0), …, f(n − 1)` in order, computed on `pool`'s threads when given (one task each).
-fn per_row<T: Send + Default>(
+/// `f(0), …, f(n − 1)` in order, computed on `pool`'s threads when given (one task each):
+/// what the learner parallelizes (lessons' gradients and checks, candidates' rows) without
+/// changing any result.
+pub(crate) fn per_row<T: Send + Default>(
     pool: Option<&ThreadPool>,
     n: usize,
     f: impl Fn(usize) -> T + Sync,
@@ -1031,22 +1033,10 @@ impl FastTrainer {
         pool: &ThreadPool,
         lessons: &[P],
     ) -> f32 {
-        if pool.n_threads() < 2 || lessons.len() < 2 {
-            return self.step(lessons);
-        }
-        let slots: Vec<std::sync::Mutex<LessonGrads>> = lessons
-            .iter()
-            .map(|_| std::sync::Mutex::new(LessonGrads::default()))
-            .collect();
         let this = &*self;
-        pool.run(lessons.len(), &|i| {
-            let g = this.loss_and_grads(lessons[i].borrow());
-            *slots[i].lock().unwrap_or_else(|p| p.into_inner()) = g;
+        let grads = per_row(Some(pool), lessons.len(), |i| {
+            this.loss_and_grads(lessons[i].borrow())
         });
-        let grads: Vec<LessonGrads> = slots
-            .into_iter()
-            .map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()))
-            .collect();
         self.apply(grads, 0.0)
     }
 

@@ -1216,21 +1216,13 @@ impl Learner {
         let basis = t.full_basis(pool);
         let one = |i: usize| {
             let ((l, p), f) = (items[i], fixed[i]);
-            judge(l, p, nv, |ri, row| t.full_logits(p, f, &basis, ri, row))
+            Some(judge(l, p, nv, |ri, row| {
+                t.full_logits(p, f, &basis, ri, row)
+            }))
         };
-        if pool.n_threads() < 2 || items.len() < 2 {
-            return (0..items.len().min(fixed.len())).map(one).collect();
-        }
-        let slots: Vec<Mutex<Option<Check>>> = (0..items.len().min(fixed.len()))
-            .map(|_| Mutex::new(None))
-            .collect();
-        pool.run(slots.len(), &|i| {
-            let c = one(i);
-            *slots[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(c);
-        });
-        slots
+        crate::fast::per_row(Some(pool), items.len().min(fixed.len()), one)
             .into_iter()
-            .filter_map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()))
+            .flatten()
             .collect()
     }
 
