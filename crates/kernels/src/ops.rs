@@ -570,59 +570,9 @@ fn check_heads(
     );
 }
 
-/// The scalar twin of [`dot_rows_f16_heads`]: each row widened, then [`dot_f32_scalar`].
-pub fn dot_rows_f16_heads_scalar(
-    q: &[f32],
-    d: usize,
-    rows: &[half::f16],
-    stride: usize,
-    m: usize,
-    out: &mut [f32],
-    out_stride: usize,
-) {
-    dot_rows_heads_scalar(q, d, rows, stride, m, out, out_stride)
-}
-
-/// The scalar twin of [`weighted_sum_f16_heads`]: each row widened, then [`axpy_scalar`].
-pub fn weighted_sum_f16_heads_scalar(
-    w: &[f32],
-    w_stride: usize,
-    rows: &[half::f16],
-    stride: usize,
-    m: usize,
-    acc: &mut [f32],
-    d: usize,
-) {
-    weighted_sum_heads_scalar(w, w_stride, rows, stride, m, acc, d)
-}
-
-/// The scalar twin of [`dot_rows_f32_heads`]: [`dot_f32_scalar`] per row and head.
-pub fn dot_rows_f32_heads_scalar(
-    q: &[f32],
-    d: usize,
-    rows: &[f32],
-    stride: usize,
-    m: usize,
-    out: &mut [f32],
-    out_stride: usize,
-) {
-    dot_rows_heads_scalar(q, d, rows, stride, m, out, out_stride)
-}
-
-/// The scalar twin of [`weighted_sum_f32_heads`]: [`axpy_scalar`] per row and head.
-pub fn weighted_sum_f32_heads_scalar(
-    w: &[f32],
-    w_stride: usize,
-    rows: &[f32],
-    stride: usize,
-    m: usize,
-    acc: &mut [f32],
-    d: usize,
-) {
-    weighted_sum_heads_scalar(w, w_stride, rows, stride, m, acc, d)
-}
-
-fn dot_rows_heads_scalar<R: Copy + Into<f32>>(
+/// The scalar twin of [`dot_rows_f16_heads`] (`R = f16`) and [`dot_rows_f32_heads`]
+/// (`R = f32`): each row widened, then [`dot_f32_scalar`] per head.
+pub fn dot_rows_heads_scalar<R: Copy + Into<f32>>(
     q: &[f32],
     d: usize,
     rows: &[R],
@@ -642,7 +592,9 @@ fn dot_rows_heads_scalar<R: Copy + Into<f32>>(
     }
 }
 
-fn weighted_sum_heads_scalar<R: Copy + Into<f32>>(
+/// The scalar twin of [`weighted_sum_f16_heads`] (`R = f16`) and [`weighted_sum_f32_heads`]
+/// (`R = f32`): each row widened, then one [`axpy_scalar`] per row and head.
+pub fn weighted_sum_heads_scalar<R: Copy + Into<f32>>(
     w: &[f32],
     w_stride: usize,
     rows: &[R],
@@ -795,10 +747,10 @@ fn f32_kernels() -> &'static F32Kernels {
             exp: exp_scalar,
             dot_rows: dot_rows_scalar,
             weighted_sum: weighted_sum_scalar,
-            dot_rows_f16_heads: dot_rows_f16_heads_scalar,
-            weighted_sum_f16_heads: weighted_sum_f16_heads_scalar,
-            dot_rows_f32_heads: dot_rows_f32_heads_scalar,
-            weighted_sum_f32_heads: weighted_sum_f32_heads_scalar,
+            dot_rows_f16_heads: dot_rows_heads_scalar,
+            weighted_sum_f16_heads: weighted_sum_heads_scalar,
+            dot_rows_f32_heads: dot_rows_heads_scalar,
+            weighted_sum_f32_heads: weighted_sum_heads_scalar,
             max: max_f32_scalar,
             sum_exp: sum_exp_scalar,
         }
@@ -1811,11 +1763,11 @@ mod tests {
             let mut got = vec![0f32; n * os];
             dot_rows_f16_heads(&q, d, &rows, stride, m, &mut got, os);
             let mut twin = vec![0f32; n * os];
-            dot_rows_f16_heads_scalar(&q, d, &rows, stride, m, &mut twin, os);
+            dot_rows_heads_scalar(&q, d, &rows, stride, m, &mut twin, os);
             let w = values(n * os, 3);
             let (mut acc, mut acc_twin) = (values(n * d, 4), values(n * d, 4));
             weighted_sum_f16_heads(&w, os, &rows, stride, m, &mut acc, d);
-            weighted_sum_f16_heads_scalar(&w, os, &rows, stride, m, &mut acc_twin, d);
+            weighted_sum_heads_scalar(&w, os, &rows, stride, m, &mut acc_twin, d);
             for j in 0..n {
                 for p in 0..m {
                     let want = dot_f32(&q[j * d..(j + 1) * d], &widened(p));
@@ -1852,10 +1804,10 @@ mod tests {
             let mut got32 = vec![0f32; n * os];
             dot_rows_f32_heads(&q, d, &rows32, stride, m, &mut got32, os);
             let mut twin32 = vec![0f32; n * os];
-            dot_rows_f32_heads_scalar(&q, d, &rows32, stride, m, &mut twin32, os);
+            dot_rows_heads_scalar(&q, d, &rows32, stride, m, &mut twin32, os);
             let (mut acc32, mut acc_twin32) = (values(n * d, 4), values(n * d, 4));
             weighted_sum_f32_heads(&w, os, &rows32, stride, m, &mut acc32, d);
-            weighted_sum_f32_heads_scalar(&w, os, &rows32, stride, m, &mut acc_twin32, d);
+            weighted_sum_heads_scalar(&w, os, &rows32, stride, m, &mut acc_twin32, d);
             for j in 0..n {
                 for p in 0..m {
                     let i = j * os + p;
