@@ -34,9 +34,6 @@ use ruvllm_kernels::pool::ThreadPool;
 use ruvllm_model::{head_logits, Capture, LoraAdapter, LoraPair, Model};
 use std::sync::Arc;
 
-/// One lesson's candidate objective and its gradients with respect to `A` and `B`.
-type LessonGrads = (f32, Vec<f32>, Vec<f32>);
-
 /// Base-model tokens kept per target row as candidates.
 pub const TOP_K: usize = 16;
 
@@ -132,24 +129,12 @@ pub(crate) fn per_row<T: Send + Default>(
 impl Candidates {
     /// From the base model's logits of rows `first..` (`[(rows − first) × n_vocab]`; rows
     /// before `first` must have no target) and the rows' targets: `k` top tokens per row and
-    /// `n_sample` others drawn uniformly (xorshift from `seed`).
-    pub fn from_logits(
-        logits: &[f32],
-        n_vocab: usize,
-        targets: &[Option<u32>],
-        first: usize,
-        k: usize,
-        n_sample: usize,
-        seed: u64,
-    ) -> Candidates {
-        Self::from_logits_on(None, logits, n_vocab, targets, first, k, n_sample, seed)
-    }
-
-    /// [`from_logits`](Self::from_logits) with the per-row work (each row's top tokens, then its
-    /// sampled logits and the log-sum-exp of its rest: two passes over the vocabulary, the
-    /// second with an f64 `exp` per token) spread over `pool`'s threads: the same result.
+    /// `n_sample` others drawn uniformly (xorshift from `seed`). The per-row work (each row's
+    /// top tokens, then its sampled logits and the log-sum-exp of its rest: two passes over
+    /// the vocabulary, the second with an f64 `exp` per token) runs on `pool`'s threads when
+    /// given, with the same result.
     #[allow(clippy::too_many_arguments)]
-    pub fn from_logits_on(
+    pub fn from_logits(
         pool: Option<&ThreadPool>,
         logits: &[f32],
         n_vocab: usize,
@@ -1022,8 +1007,8 @@ impl FastTrainer {
 
     /// One Adam step on the mean of the lessons' objectives plus the anchor penalty, if set;
     /// returns the lessons' mean objective before it.
-    pub fn step<P: std::borrow::Borrow<Prepared>>(&mut self, lessons: &[P]) -> f32 {
-        self.step_ewc(lessons, 0.0)
+    pub fn step<P: std::borrow::Borrow<Prepared> + Sync>(&mut self, lessons: &[P]) -> f32 {
+        self.step_ewc_on(None, lessons, 0.0)
     }
 
     /// [`step`](Self::step) with the lessons' objectives and gradients computed in parallel on
@@ -1033,29 +1018,31 @@ impl FastTrainer {
         pool: &ThreadPool,
         lessons: &[P],
     ) -> f32 {
-        let this = &*self;
-        let grads = per_row(Some(pool), lessons.len(), |i| {
-            this.loss_and_grads(lessons[i].borrow())
-        });
-        self.apply(grads, 0.0)
+        self.step_ewc_on(Some(pool), lessons, 0.0)
     }
 
     /// [`step`](Self::step) plus the EWC++ penalty with weight `lambda`.
-    pub fn step_ewc<P: std::borrow::Borrow<Prepared>>(
+    pub fn step_ewc<P: std::borrow::Borrow<Prepared> + Sync>(
         &mut self,
         lessons: &[P],
         lambda: f32,
     ) -> f32 {
-        let grads: Vec<LessonGrads> = lessons
-            .iter()
-            .map(|l| self.loss_and_grads(l.borrow()))
-            .collect();
-        self.apply(grads, lambda)
+        self.step_ewc_on(None, lessons, lambda)
     }
 
-    /// One Adam step from each lesson's (objective, dA, dB), averaged in lesson order, plus
-    /// the anchor and (weight `lambda`) EWC++ penalties; returns the mean objective.
-    fn apply(&mut self, grads: Vec<LessonGrads>, lambda: f32) -> f32 {
+    /// One Adam step: each lesson's (objective, dA, dB) — on `pool`'s threads when given —
+    /// averaged in lesson order, plus the anchor and (weight `lambda`) EWC++ penalties;
+    /// returns the lessons' mean objective before it.
+    fn step_ewc_on<P: std::borrow::Borrow<Prepared> + Sync>(
+        &mut self,
+        pool: Option<&ThreadPool>,
+        lessons: &[P],
+        lambda: f32,
+    ) -> f32 {
+        let this = &*self;
+        let grads = per_row(pool, lessons.len(), |i| {
+            this.loss_and_grads(lessons[i].borrow())
+        });
         let mut da = vec![0f32; self.p.a.len()];
         let mut db = vec![0f32; self.p.b.len()];
         let n = grads.len().max(1) as f32;

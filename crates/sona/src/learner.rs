@@ -1118,7 +1118,7 @@ impl Learner {
         }
         // The sample's seed comes from the tokens, so a lesson's objective is reproducible.
         let seed = tokens_hash(&tokens);
-        let cands = Candidates::from_logits_on(
+        let cands = Candidates::from_logits(
             Some(pool),
             &logits,
             c.n_vocab,

@@ -396,7 +396,7 @@ fn micro_candidate_objective_matches_exact_loss_and_finite_differences() {
         let exact_loss = exact.loss_and_grads(&cap_b, &k.targets, false).0;
         // Top 16 with the rest as one fixed logit, and with a sample of 64 standing for it.
         for n_sample in [0, 64] {
-            let cands = Candidates::from_logits(&logits, nv, &k.targets, 0, 16, n_sample, 3);
+            let cands = Candidates::from_logits(None, &logits, nv, &k.targets, 0, 16, n_sample, 3);
             assert!(
                 cands.n_top < 16 * k.tokens.len() + 3
                     && cands.ids[..cands.n_top].windows(2).all(|w| w[0] < w[1])
@@ -465,8 +465,16 @@ fn low_rank_full_logits_match_the_exact_head() {
         .unwrap();
         let mut micro = FastTrainer::new(model.clone(), head, last, 2, 4.0, 1e-2, 7).unwrap();
         let a0 = ruvllm_sona::uniform(2 * c.n_ff, 12, 0.05);
-        let cands =
-            Candidates::from_logits(&vec![0.0; k.tokens.len() * nv], nv, &k.targets, 0, 4, 0, 3);
+        let cands = Candidates::from_logits(
+            None,
+            &vec![0.0; k.tokens.len() * nv],
+            nv,
+            &k.targets,
+            0,
+            4,
+            0,
+            3,
+        );
         let prepared = micro.prepare(&cap, &k.targets, &cands, Objective::Likely, Some(fixed));
         assert!(prepared.n_rows() >= 2);
         let fixed_parts = micro.full_fixed(&pool, &[&prepared]);
