@@ -77,8 +77,7 @@ pub struct SonaBenchArgs {
     #[arg(long = "learn-threads", default_value_t = LearnConfig::default().threads)]
     learn_threads: usize,
     /// Threads a feedback event trains on while the engine is idle, as `serve
-    /// --sona-idle-threads` (default: all cores; results are bit-identical, only the latency
-    /// differs)
+    /// --sona-idle-threads` (default: `-t`; results are bit-identical, only the latency differs)
     #[arg(long = "learn-idle-threads")]
     learn_idle_threads: Option<usize>,
     /// Capture lessons with the learner's own forward pass over prompt and correction (as
@@ -344,6 +343,7 @@ pub fn run(a: SonaBenchArgs) -> Result<(), Error> {
     // in the engine's prefix cache, and the learner captures through it.
     let engine_tok = Tokenizer::from_gguf(model.gguf()).map_err(|e| Error::usage(e.to_string()))?;
     let engine_pool = Arc::new(ruvllm_kernels::pool::ThreadPool::new(l.pool.n_threads()));
+    let idle_threads = a.learn_idle_threads.unwrap_or(l.pool.n_threads());
     let engine = Arc::new(
         Engine::start(
             model.clone(),
@@ -355,7 +355,16 @@ pub fn run(a: SonaBenchArgs) -> Result<(), Error> {
     );
     let mut runs = Vec::new();
     for seed in a.seed..a.seed + a.seeds {
-        let run = one_fact_set(&a, &model, &tok, &mut r, &engine, &golden, seed)?;
+        let run = one_fact_set(
+            &a,
+            &model,
+            &tok,
+            &mut r,
+            &engine,
+            idle_threads,
+            &golden,
+            seed,
+        )?;
         if a.seeds > 1 && !a.json {
             let acc = |m: &str| {
                 run.results
@@ -471,12 +480,6 @@ fn report(a: &SonaBenchArgs, runs: &[SeedRun]) {
     }
 }
 
-/// The idle threads a feedback event trains on by default: as many as the machine has (what
-/// `-t` defaults to).
-fn learner_idle_default() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
 /// Teaches and scores one fact set (seed `seed`) with a fresh learner and bank.
 #[allow(clippy::too_many_arguments)]
 fn one_fact_set(
@@ -485,6 +488,7 @@ fn one_fact_set(
     tok: &Tokenizer,
     r: &mut Runner<'_>,
     engine: &Arc<Engine>,
+    idle_threads: usize,
     golden: &str,
     seed: u64,
 ) -> Result<SeedRun, Error> {
@@ -510,7 +514,7 @@ fn one_fact_set(
         background_every: a.background_every,
         ewc_lambda: a.ewc_lambda,
         threads: a.learn_threads,
-        idle_threads: a.learn_idle_threads.unwrap_or(learner_idle_default()),
+        idle_threads,
         ..LearnConfig::default()
     };
     learner.configure(cfg, Some(tok.encode(ANCHOR_TEXT, true, false)));
