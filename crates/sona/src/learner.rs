@@ -1371,8 +1371,9 @@ impl Learner {
         }
         let (mut loss_before, mut loss_after, mut taken, mut prev_total) =
             (None, 0.0, 0, f32::INFINITY);
-        // Prepared once, again only when its candidates widen (preparation depends on the
-        // candidates and the fixed base branch, not on the trained parameters).
+        // Prepared once, widened when its candidates widen (preparation depends on the
+        // candidates and the fixed base branch, not on the trained parameters; widening
+        // computes only the new candidates' columns).
         let mut first = new.prepare(&sc.micro, new.objective(), &sc.base);
         for round in 0..ROUNDS {
             let batch: Vec<&Prepared> = std::iter::once(&first)
@@ -1414,7 +1415,7 @@ impl Learner {
             for (i, (l, c)) in sc.lessons.iter_mut().zip(checks.iter().skip(1)).enumerate() {
                 if l.cands.add_top(&c.extra) > 0 {
                     widened = true;
-                    replays[i] = Arc::new(l.prepare(&sc.micro, l.objective(), &sc.base));
+                    replays[i] = Arc::new(sc.micro.widen(&replays[i], &l.cands));
                 }
             }
             // Another round when the candidates grew, or when a lesson is not yet followed and
@@ -1426,7 +1427,7 @@ impl Learner {
                 break;
             }
             if new_widened {
-                first = new.prepare(&sc.micro, new.objective(), &sc.base);
+                first = sc.micro.widen(&first, &new.cands);
             }
         }
         let loss_before = loss_before.unwrap_or(0.0);

@@ -533,3 +533,76 @@ fn low_rank_full_logits_match_the_exact_head() {
         );
     }
 }
+
+/// Widening a prepared lesson (the instant loop adds tokens an adapter raised to its
+/// candidates after each round) gives the same bits as preparing it again from scratch:
+/// moved columns, new ones computed, the sample's offsets redone for the tokens that left it.
+/// On SmolLM2 and on Gemma-3 (post-FFN norm) when installed.
+#[test]
+fn widening_a_prepared_lesson_equals_preparing_it_again() {
+    for name in ["smollm2-135m", "gemma3-270m"] {
+        let Some((model, tok, pool)) = load_named(name) else {
+            continue;
+        };
+        let c = &model.config;
+        let (last, nv) = (c.n_layer - 1, c.n_vocab);
+        let (k, cap, head) = castle(&model, &tok, &pool, " marmalade soup");
+        let (ba, bb) = base_branch(&model);
+        let fixed = Branch {
+            a: &ba,
+            b: &bb,
+            rank: 3,
+            scale: 2.0,
+        };
+        let mut exact = DownTrainer::new(
+            model.clone(),
+            head.clone(),
+            pool.clone(),
+            last,
+            2,
+            4.0,
+            1e-2,
+            7,
+        )
+        .unwrap();
+        let mut micro = FastTrainer::new(model.clone(), head, last, 2, 4.0, 1e-2, 7).unwrap();
+        let b0 = ruvllm_sona::uniform(c.n_embd * 2, 11, 0.05);
+        exact.set_params(micro.params().0.to_vec(), b0.clone());
+        micro.set_params(micro.params().0.to_vec(), b0);
+        let cap_b = folded(&model, &cap, fixed);
+        let logits: Vec<f32> = (0..k.tokens.len())
+            .flat_map(|t| match k.targets[t] {
+                Some(_) => exact.row_logits(&cap_b, t),
+                None => vec![0.0; nv],
+            })
+            .collect();
+        for n_sample in [0, 64] {
+            let mut cands =
+                Candidates::from_logits(None, &logits, nv, &k.targets, 0, 8, n_sample, 3);
+            let old = micro.prepare(&cap, &k.targets, &cands, Objective::Likely, Some(fixed));
+            // Two sampled tokens become top ones, and three that were no candidate at all.
+            let mut extra: Vec<u32> = cands.ids[cands.n_top..].iter().take(2).copied().collect();
+            extra.extend(
+                (0..nv as u32)
+                    .filter(|v| !cands.ids.contains(v))
+                    .step_by(997)
+                    .take(3),
+            );
+            assert_eq!(cands.add_top(&extra), extra.len());
+            let widened = micro.widen(&old, &cands);
+            let again = micro.prepare(&cap, &k.targets, &cands, Objective::Likely, Some(fixed));
+            assert_eq!(widened.n_candidates(), old.n_candidates() + 3);
+            // Debug prints every f32 exactly (shortest round-trip form), -0 and 0 apart.
+            assert_eq!(
+                format!("{widened:?}"),
+                format!("{again:?}"),
+                "{name}, {n_sample}"
+            );
+            let (l1, a1, b1) = micro.loss_and_grads(&widened);
+            let (l0, a0, b0) = micro.loss_and_grads(&again);
+            assert_eq!(l1.to_bits(), l0.to_bits());
+            assert!(a1 == a0 && b1 == b0);
+            assert_ne!(format!("{old:?}"), format!("{again:?}"));
+        }
+    }
+}
