@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Feedback latency of rated (or, with `--correction`, corrected) answers: for each question, a greedy completion of up to
 `--max-tokens` tokens, then `POST /v1/feedback {rating}`; reports the feedback requests' wall
-time (instant loop: lesson capture, training rounds, publish) p50/p90/max over `--questions`.
+time (instant loop: lesson capture, training rounds, publish, then the bank's bookkeeping)
+p50/p90/max over `--questions`, and the server's `published_ms` (request arrival to the new
+adapter's publication: issue 6's latency) p50/p90.
 Run it against a server started with and without `--sona-keep-mib 0` to see what keeping the
 generation's activations saves.
 
@@ -31,7 +33,7 @@ def main():
     ap.add_argument("--correction", default=None, help="send this text (plus the question's number) as a correction instead of a rating")
     a = ap.parse_args()
     h = {"Authorization": f"Bearer {a.key}"}
-    times, lens = [], []
+    times, lens, published = [], [], []
     with httpx.Client(timeout=300) as c:
         for i in range(a.questions):
             q = QUESTIONS[i % len(QUESTIONS)].format(THINGS[(i // len(QUESTIONS) + i) % len(THINGS)])
@@ -44,10 +46,12 @@ def main():
             f = c.post(a.url + "/v1/feedback", headers=h, json=fb)
             times.append((time.perf_counter() - t) * 1e3)
             assert f.status_code == 200, f.text
+            published.append(f.json()["published_ms"])
             time.sleep(a.pause)
-    s = sorted(times)
+    s, pub = sorted(times), sorted(published)
     print(f"answers {statistics.mean(lens):.1f} tokens (mean); feedback ms p50 {statistics.median(s):.1f} "
-          f"p90 {s[int(0.9 * (len(s) - 1))]:.1f} max {s[-1]:.1f} (first event, with the anchor lesson: {times[0]:.1f})")
+          f"p90 {s[int(0.9 * (len(s) - 1))]:.1f} max {s[-1]:.1f} (first event, with the anchor lesson: {times[0]:.1f}); "
+          f"published (server) p50 {statistics.median(pub):.1f} p90 {pub[int(0.9 * (len(pub) - 1))]:.1f}")
 
 
 if __name__ == "__main__":

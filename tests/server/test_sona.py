@@ -41,6 +41,8 @@ def test_feedback_teaches_only_its_caller():
         assert r.status_code == 200, r.text
         f = r.json()
         assert f["updated"] and f["loss_after"] < 0.2 * f["loss_before"], f
+        # Publication comes first; the bank's bookkeeping follows it within the response.
+        assert 0 < f["published_ms"] <= f["ms"] + 1.0, f
         taught = ask(s.url, "alice")
         assert taught["choices"][0]["text"].startswith(ANSWER.strip(".")), taught["choices"][0]["text"]
         # Bob's outputs are the base model's.

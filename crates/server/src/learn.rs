@@ -832,6 +832,8 @@ pub(crate) async fn feedback(
     Extension(caller): Extension<Caller>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    // From here to the adapter's publication: the instant loop's latency as issue 6 defines it.
+    let t_start = Instant::now();
     let run = async {
         let Some(learning) = st.learning.clone() else {
             return Err(ApiError::new(
@@ -945,6 +947,7 @@ pub(crate) async fn feedback(
                 e.to_string(),
             )
         })?;
+        let published_ms = t_start.elapsed().as_secs_f64() * 1e3;
         let o = match out {
             Ok(o) => o,
             Err(e @ LearnError::BadRating) => {
@@ -984,6 +987,7 @@ pub(crate) async fn feedback(
             loss_after = o.loss_after,
             version = o.version,
             persisted = o.persisted,
+            published_ms,
             ms,
             "feedback learned"
         );
@@ -992,7 +996,7 @@ pub(crate) async fn feedback(
             let (l3, scope) = (learning.clone(), caller.0.clone());
             tokio::task::spawn_blocking(move || log_background(&l3.learner, &scope_key(&scope)));
         }
-        Ok(Json(json!({"id": id, "updated": true, "steps": o.steps, "loss_before": o.loss_before, "loss_after": o.loss_after, "version": o.version, "persisted": o.persisted, "ms": ms, "background_scheduled": o.background_due})).into_response())
+        Ok(Json(json!({"id": id, "updated": true, "steps": o.steps, "loss_before": o.loss_before, "loss_after": o.loss_after, "version": o.version, "persisted": o.persisted, "published_ms": published_ms, "ms": ms, "background_scheduled": o.background_due})).into_response())
     };
     run.await.unwrap_or_else(IntoResponse::into_response)
 }

@@ -1049,7 +1049,7 @@ impl FastTrainer {
             for (dui, dzi) in du.iter_mut().zip(&dz[..n_c]) {
                 *dui = dzi * norm * inv * inv2;
             }
-            let mut drho = dz[..n_c]
+            let drho = dz[..n_c]
                 .iter()
                 .zip(&y)
                 .fold(0f32, |acc, (dzi, yi)| acc - dzi * norm * yi * inv);
