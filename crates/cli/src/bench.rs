@@ -151,11 +151,10 @@ fn serving(a: &BenchArgs, l: crate::Loaded) -> Result<(), Error> {
         a.kv_type_v.as_deref(),
         a.kv_tail,
     )?;
-    let (kv_type, k_ty, v_ty, kv_tail) = (kv.ty, kv.k, kv.v, kv.tail);
     let mut cfg = EngineConfig::new(&c, n_blocks);
     cfg.attn = l.attn;
-    cfg.set_kv_types(kv_type, k_ty, v_ty);
-    if let Some(tail) = kv_tail {
+    cfg.set_kv_types(kv.ty, kv.k, kv.v);
+    if let Some(tail) = kv.tail {
         // Two-tier: every sequence's tail (and a batch) in f16 blocks, the rest in the cold tier.
         cfg.kv_tail = Some(tail);
         cfg.n_cold_blocks = n_blocks;
@@ -206,11 +205,11 @@ fn serving(a: &BenchArgs, l: crate::Loaded) -> Result<(), Error> {
             "itl_p99_ms": pct(&mut itl, 0.99) * 1e3,
             "steps": m1.steps - m0.steps,
             "preemptions": m1.preemptions - m0.preemptions,
-            "kv_type": kv_type.name(),
-            "kv_type_k": k_ty.name(),
-            "kv_type_v": v_ty.name(),
-            "kv_tail": kv_tail,
-            "kv_bytes_per_token": ruvllm_engine::kv_bytes_per_token_kv(&c, k_ty, v_ty),
+            "kv_type": kv.ty.name(),
+            "kv_type_k": kv.k.name(),
+            "kv_type_v": kv.v.name(),
+            "kv_tail": kv.tail,
+            "kv_bytes_per_token": ruvllm_engine::kv_bytes_per_token_kv(&c, kv.k, kv.v),
         }));
     }
     let mut prefix_record = None;

@@ -248,7 +248,6 @@ pub fn run(a: ServeArgs) -> Result<(), Error> {
         a.kv_type_v.as_deref(),
         a.kv_tail,
     )?;
-    let (kv_type, k_ty, v_ty, kv_tail) = (kv.ty, kv.k, kv.v, kv.tail);
     ruvllm_server::init_logging(a.log_format == "json");
     let keys = api_keys(&a)?;
     let path = crate::pull::resolve(a.model.model.as_deref())?;
@@ -260,8 +259,8 @@ pub fn run(a: ServeArgs) -> Result<(), Error> {
         None => (1u64 << 30).min(avail / 4),
     };
     let n_ctx = a.model.ctx_size.min(c.n_ctx_train);
-    let (n_blocks, n_cold) = match kv_tail {
-        None => (blocks_for_memory_kv(c, k_ty, v_ty, a.block_size, budget), 0),
+    let (n_blocks, n_cold) = match kv.tail {
+        None => (blocks_for_memory_kv(c, kv.k, kv.v, a.block_size, budget), 0),
         Some(tail) => {
             let (wanted, min_hot) =
                 hot_blocks(tail, a.block_size, a.max_num_seqs, a.max_batch_tokens);
@@ -270,7 +269,7 @@ pub fn run(a: ServeArgs) -> Result<(), Error> {
             let hot_bytes = (hot * a.block_size * kv_bytes_per_token(c, KvType::F16)) as u64;
             (
                 hot,
-                blocks_for_memory(c, kv_type, a.block_size, budget.saturating_sub(hot_bytes)),
+                blocks_for_memory(c, kv.ty, a.block_size, budget.saturating_sub(hot_bytes)),
             )
         }
     };
@@ -280,13 +279,13 @@ pub fn run(a: ServeArgs) -> Result<(), Error> {
             a.block_size
         )));
     }
-    let per_token = kv_bytes_per_token_kv(c, k_ty, v_ty);
-    if let Some(tail) = kv_tail {
+    let per_token = kv_bytes_per_token_kv(c, kv.k, kv.v);
+    if let Some(tail) = kv.tail {
         let hot_pt = kv_bytes_per_token(c, KvType::F16);
         eprintln!(
             "ruvllm: two-tier KV: f16 tail of {tail} tokens, {n_blocks} f16 blocks ({:.1} MiB, {hot_pt} bytes/token) + {n_cold} {} blocks ({:.1} MiB, {per_token} bytes/token) = {} tokens",
             (n_blocks * a.block_size * hot_pt) as f64 / 1048576.0,
-            kv_type.name(),
+            kv.ty.name(),
             (n_cold * a.block_size * per_token) as f64 / 1048576.0,
             (n_blocks + n_cold) * a.block_size
         );
@@ -298,7 +297,7 @@ pub fn run(a: ServeArgs) -> Result<(), Error> {
         n_blocks * a.block_size,
         (n_blocks * a.block_size * per_token) as f64 / 1048576.0,
         per_token,
-        if k_ty == v_ty { k_ty.name().to_string() } else { format!("K {} / V {}", k_ty.name(), v_ty.name()) },
+        if kv.k == kv.v { kv.k.name().to_string() } else { format!("K {} / V {}", kv.k.name(), kv.v.name()) },
         n_ctx,
         l.pool.n_threads()
     );
@@ -315,8 +314,8 @@ pub fn run(a: ServeArgs) -> Result<(), Error> {
     cfg.max_waiting = a.max_queue;
     cfg.prefix_caching = !a.no_prefix_caching;
     cfg.n_ctx = n_ctx;
-    cfg.set_kv_types(kv_type, k_ty, v_ty);
-    cfg.kv_tail = kv_tail;
+    cfg.set_kv_types(kv.ty, kv.k, kv.v);
+    cfg.kv_tail = kv.tail;
     cfg.n_cold_blocks = n_cold;
     let n_embd = c.n_embd;
     let tok = Arc::new(l.tok);
