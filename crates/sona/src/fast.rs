@@ -1088,14 +1088,11 @@ impl FastTrainer {
                     *x += s * t * h;
                 }
             }
-            // Each rank's sum over j in order (the ranks' sums are independent).
-            for (k, dh) in dh1.iter_mut().enumerate() {
-                *dh = self
-                    .p
-                    .b
-                    .chunks_exact(r)
-                    .zip(&dtsum)
-                    .fold(*dh, |acc, (bj, t)| acc + s * bj[k] * t);
+            // Each rank's sum over j in order, the ranks side by side (independent chains).
+            for (bj, t) in self.p.b.chunks_exact(r).zip(&dtsum) {
+                for (dh, b) in dh1.iter_mut().zip(bj) {
+                    *dh += s * b * t;
+                }
             }
             for k in 0..r {
                 axpy(dh1[k], act, &mut da[k * ff..(k + 1) * ff]);
