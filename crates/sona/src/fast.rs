@@ -727,12 +727,13 @@ impl FastTrainer {
         l
     }
 
-    /// `old` prepared again for `cands`, its candidates after [`Candidates::add_top`] (every
-    /// old candidate still one, the same capture, targets and fixed branch): the candidates'
-    /// columns of `P` and `Q` that `old` has are moved, only the new ones computed. The same
-    /// bits as [`prepare`](Self::prepare) with the widened candidates (each column is its own
-    /// dot products), at a fraction of the cost: the instant loop widens after each round.
-    pub fn widen(&self, old: &Prepared, cands: &Candidates) -> Prepared {
+    /// `old` prepared again for `cands`, its candidates after [`Candidates::add_top`] (the same
+    /// capture, targets and fixed branch): the candidates' columns of `P` and `Q` that `old` has
+    /// are moved, only the new ones computed. The same bits as [`prepare`](Self::prepare) with
+    /// the widened candidates (each column is its own dot products), at a fraction of the
+    /// cost: the instant loop widens after each round. None when a row's target is not among
+    /// `cands`' top ones (candidates that did not come from `old`'s): prepare instead.
+    pub fn widen(&self, old: &Prepared, cands: &Candidates) -> Option<Prepared> {
         let c = &self.model.config;
         let d = c.n_embd;
         let g = &self.model.output_norm;
@@ -742,6 +743,14 @@ impl FastTrainer {
         let n_s = n_c - n_top;
         let rows = old.target.len();
         let sampled = n_s > 0 && cands.sample_base.len() == old.capture_rows * n_s;
+        let target = old
+            .target
+            .iter()
+            .map(|&t| {
+                let tg = *old.ids.get(t)?;
+                cands.ids[..n_top].binary_search(&tg).ok()
+            })
+            .collect::<Option<Vec<usize>>>()?;
         // Where each candidate was among `old`'s (its column), or None: computed here.
         let old_col: std::collections::HashMap<u32, usize> =
             old.ids.iter().enumerate().map(|(i, &v)| (v, i)).collect();
@@ -784,16 +793,13 @@ impl FastTrainer {
                 q[ri * n_c + i] = qv;
             }
         }
-        let mut target = Vec::with_capacity(rows);
         let (mut offset, mut fixed_rest) = (Vec::with_capacity(rows), Vec::with_capacity(rows));
         for ri in 0..rows {
-            let tg = old.ids[old.target[ri]];
-            target.push(cands.ids[..n_top].binary_search(&tg).unwrap_or(0));
             let (o, f) = sample_offset(cands, old.rows[ri], sampled);
             offset.push(o);
             fixed_rest.push(f);
         }
-        Prepared {
+        Some(Prepared {
             objective: old.objective,
             rows: old.rows.clone(),
             act: old.act.clone(),
@@ -809,7 +815,7 @@ impl FastTrainer {
             capture_rows: old.capture_rows,
             n_c,
             n_top,
-        }
+        })
     }
 
     /// Row `ri` of `l` up to the final norm's input with `h1 = A·act`: fills `tsum` (the

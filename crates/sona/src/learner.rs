@@ -1415,7 +1415,11 @@ impl Learner {
             for (i, (l, c)) in sc.lessons.iter_mut().zip(checks.iter().skip(1)).enumerate() {
                 if l.cands.add_top(&c.extra) > 0 {
                     widened = true;
-                    replays[i] = Arc::new(sc.micro.widen(&replays[i], &l.cands));
+                    replays[i] = Arc::new(
+                        sc.micro
+                            .widen(&replays[i], &l.cands)
+                            .unwrap_or_else(|| l.prepare(&sc.micro, l.objective(), &sc.base)),
+                    );
                 }
             }
             // Another round when the candidates grew, or when a lesson is not yet followed and
@@ -1427,7 +1431,10 @@ impl Learner {
                 break;
             }
             if new_widened {
-                first = sc.micro.widen(&first, &new.cands);
+                first = sc
+                    .micro
+                    .widen(&first, &new.cands)
+                    .unwrap_or_else(|| new.prepare(&sc.micro, new.objective(), &sc.base));
             }
         }
         let loss_before = loss_before.unwrap_or(0.0);

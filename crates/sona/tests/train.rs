@@ -589,7 +589,7 @@ fn widening_a_prepared_lesson_equals_preparing_it_again() {
                     .take(3),
             );
             assert_eq!(cands.add_top(&extra), extra.len());
-            let widened = micro.widen(&old, &cands);
+            let widened = micro.widen(&old, &cands).unwrap();
             let again = micro.prepare(&cap, &k.targets, &cands, Objective::Likely, Some(fixed));
             assert_eq!(widened.n_candidates(), old.n_candidates() + 3);
             // Debug prints every f32 exactly (shortest round-trip form), -0 and 0 apart.
@@ -603,6 +603,13 @@ fn widening_a_prepared_lesson_equals_preparing_it_again() {
             assert_eq!(l1.to_bits(), l0.to_bits());
             assert!(a1 == a0 && b1 == b0);
             assert_ne!(format!("{old:?}"), format!("{again:?}"));
+            // Candidates lacking a row's target (not widened from these): refused.
+            let mut other = cands.clone();
+            other
+                .ids
+                .retain(|&v| Some(v) != k.targets.iter().flatten().next().copied());
+            other.n_top -= cands.ids.len() - other.ids.len();
+            assert!(micro.widen(&widened, &other).is_none());
         }
     }
 }
