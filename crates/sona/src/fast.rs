@@ -375,11 +375,12 @@ fn logsumexp(x: &[f32]) -> f32 {
     (mx as f64 + x.iter().map(|v| ((v - mx) as f64).exp()).sum::<f64>().ln()) as f32
 }
 
-/// Row `t`'s sample offset and fixed rest logit: with a sample (`sampled`), the offset that
-/// gives the sampled logits the rest's mass at the base model; without one, the rest as one
-/// fixed logit (−∞: none).
-fn sample_offset(cands: &Candidates, t: usize, sampled: bool) -> (f32, f32) {
+/// Row `t`'s sample offset and fixed rest logit, for candidates of a capture of `capture_rows`
+/// rows: with a sample, the offset that gives the sampled logits the rest's mass at the base
+/// model; without one, the rest as one fixed logit (−∞: none).
+fn sample_offset(cands: &Candidates, capture_rows: usize, t: usize) -> (f32, f32) {
     let n_s = cands.ids.len() - cands.n_top.min(cands.ids.len());
+    let sampled = n_s > 0 && cands.sample_base.len() == capture_rows * n_s;
     let rest = cands.log_rest.get(t).copied().unwrap_or(f32::NEG_INFINITY);
     match (sampled, rest.is_finite()) {
         (true, true) => (
@@ -667,16 +668,8 @@ impl FastTrainer {
     ) -> Prepared {
         let c = &self.model.config;
         let (d, ff) = (c.n_embd, c.n_ff);
-        let g = &self.model.output_norm;
-        let g2 = self.model.layers[self.p.layer].post_ffn_norm.as_deref();
         let n_c = cands.ids.len();
         let n_top = cands.n_top.min(n_c);
-        let mut wc = Vec::with_capacity(n_c * d);
-        for &v in &cands.ids {
-            wc.extend_from_slice(self.head.row(v as usize));
-        }
-        let n_s = n_c - n_top;
-        let sampled = n_s > 0 && cands.sample_base.len() == targets.len() * n_s;
         let mut l = Prepared {
             objective,
             rows: Vec::new(),
@@ -694,8 +687,6 @@ impl FastTrainer {
             n_c,
             n_top,
         };
-        // Per row, `g ⊙ resid` and `g ⊙ g2 ⊙ down`: what P and Q take from the head rows.
-        let (mut xp, mut xq) = (Vec::new(), Vec::new());
         for (t, tg) in targets.iter().enumerate() {
             let Some(tg) = *tg else { continue };
             let Ok(ti) = cands.ids[..n_top].binary_search(&tg) else {
@@ -710,9 +701,7 @@ impl FastTrainer {
                 f.add_to(act, &mut dn);
             }
             let resid = &cap.resid[t * d..(t + 1) * d];
-            xp.extend((0..d).map(|j| g[j] * resid[j]));
-            xq.extend((0..d).map(|j| g[j] * g2.map_or(1.0, |g2| g2[j]) * dn[j]));
-            let (offset, fixed_rest) = sample_offset(cands, t, sampled);
+            let (offset, fixed_rest) = sample_offset(cands, targets.len(), t);
             l.rows.push(t);
             l.act.extend_from_slice(act);
             l.resid.extend_from_slice(resid);
@@ -721,10 +710,36 @@ impl FastTrainer {
             l.fixed_rest.push(fixed_rest);
             l.down.extend_from_slice(&dn);
         }
-        l.p = rows_times(&xp, d, &wc, n_c);
-        l.q = rows_times(&xq, d, &wc, n_c);
-        l.wc = wc;
+        l.wc = self.candidate_rows(&cands.ids);
+        (l.p, l.q) = self.columns(&l.resid, &l.down, &l.wc);
         l
+    }
+
+    /// The LM head's rows of candidates `ids` as stored (f16, exact): `[|ids| × n_embd]`.
+    fn candidate_rows(&self, ids: &[u32]) -> Vec<f16> {
+        let mut w = Vec::with_capacity(ids.len() * self.model.config.n_embd);
+        for &v in ids {
+            w.extend_from_slice(self.head.row(v as usize));
+        }
+        w
+    }
+
+    /// `P = W·(g ⊙ resid)` and `Q = W·(g ⊙ g2 ⊙ down)` of rows `resid`, `down` (`[rows ×
+    /// n_embd]` each) against head rows `w`: `[rows × |w|]` each.
+    fn columns(&self, resid: &[f32], down: &[f32], w: &[f16]) -> (Vec<f32>, Vec<f32>) {
+        let d = self.model.config.n_embd;
+        let g = &self.model.output_norm;
+        let g2 = self.model.layers[self.p.layer].post_ffn_norm.as_deref();
+        let m = w.len() / d.max(1);
+        let xp: Vec<f32> = resid
+            .chunks_exact(d)
+            .flat_map(|r| (0..d).map(move |j| g[j] * r[j]))
+            .collect();
+        let xq: Vec<f32> = down
+            .chunks_exact(d)
+            .flat_map(|dn| (0..d).map(move |j| g[j] * g2.map_or(1.0, |g2| g2[j]) * dn[j]))
+            .collect();
+        (rows_times(&xp, d, w, m), rows_times(&xq, d, w, m))
     }
 
     /// `old` prepared again for `cands`, its candidates after [`Candidates::add_top`] (the same
@@ -734,15 +749,9 @@ impl FastTrainer {
     /// cost: the instant loop widens after each round. None when a row's target is not among
     /// `cands`' top ones (candidates that did not come from `old`'s): prepare instead.
     pub fn widen(&self, old: &Prepared, cands: &Candidates) -> Option<Prepared> {
-        let c = &self.model.config;
-        let d = c.n_embd;
-        let g = &self.model.output_norm;
-        let g2 = self.model.layers[self.p.layer].post_ffn_norm.as_deref();
         let n_c = cands.ids.len();
         let n_top = cands.n_top.min(n_c);
-        let n_s = n_c - n_top;
         let rows = old.target.len();
-        let sampled = n_s > 0 && cands.sample_base.len() == old.capture_rows * n_s;
         let target = old
             .target
             .iter()
@@ -755,27 +764,15 @@ impl FastTrainer {
         let old_col: std::collections::HashMap<u32, usize> =
             old.ids.iter().enumerate().map(|(i, &v)| (v, i)).collect();
         let from: Vec<Option<usize>> = cands.ids.iter().map(|v| old_col.get(v).copied()).collect();
-        let new_ids: Vec<usize> = (0..n_c).filter(|&i| from[i].is_none()).collect();
-        let mut wc = Vec::with_capacity(n_c * d);
-        for &v in &cands.ids {
-            wc.extend_from_slice(self.head.row(v as usize));
-        }
-        let mut w_new = Vec::with_capacity(new_ids.len() * d);
-        for &i in &new_ids {
-            w_new.extend_from_slice(&wc[i * d..(i + 1) * d]);
-        }
-        let (mut xp, mut xq) = (Vec::with_capacity(rows * d), Vec::with_capacity(rows * d));
-        for ri in 0..rows {
-            let resid = &old.resid[ri * d..(ri + 1) * d];
-            let dn = &old.down[ri * d..(ri + 1) * d];
-            xp.extend((0..d).map(|j| g[j] * resid[j]));
-            xq.extend((0..d).map(|j| g[j] * g2.map_or(1.0, |g2| g2[j]) * dn[j]));
-        }
-        let (p_new, q_new) = (
-            rows_times(&xp, d, &w_new, new_ids.len()),
-            rows_times(&xq, d, &w_new, new_ids.len()),
-        );
-        let n_old = old.n_c;
+        let new_ids: Vec<u32> = cands
+            .ids
+            .iter()
+            .zip(&from)
+            .filter(|(_, f)| f.is_none())
+            .map(|(&v, _)| v)
+            .collect();
+        let (p_new, q_new) = self.columns(&old.resid, &old.down, &self.candidate_rows(&new_ids));
+        let (n_old, m) = (old.n_c, new_ids.len());
         let (mut p, mut q) = (vec![0f32; rows * n_c], vec![0f32; rows * n_c]);
         for ri in 0..rows {
             let mut k = 0;
@@ -783,10 +780,8 @@ impl FastTrainer {
                 let (pv, qv) = match f {
                     Some(o) => (old.p[ri * n_old + o], old.q[ri * n_old + o]),
                     None => {
-                        let m = new_ids.len();
-                        let v = (p_new[ri * m + k], q_new[ri * m + k]);
                         k += 1;
-                        v
+                        (p_new[ri * m + k - 1], q_new[ri * m + k - 1])
                     }
                 };
                 p[ri * n_c + i] = pv;
@@ -795,7 +790,7 @@ impl FastTrainer {
         }
         let (mut offset, mut fixed_rest) = (Vec::with_capacity(rows), Vec::with_capacity(rows));
         for ri in 0..rows {
-            let (o, f) = sample_offset(cands, old.rows[ri], sampled);
+            let (o, f) = sample_offset(cands, old.capture_rows, old.rows[ri]);
             offset.push(o);
             fixed_rest.push(f);
         }
@@ -807,7 +802,7 @@ impl FastTrainer {
             target,
             offset,
             fixed_rest,
-            wc,
+            wc: self.candidate_rows(&cands.ids),
             p,
             q,
             down: old.down.clone(),

@@ -832,6 +832,13 @@ impl Lesson {
             Some(fixed.branch()),
         )
     }
+
+    /// `old`, this lesson's preparation before its candidates widened, for the widened ones:
+    /// only the new candidates computed ([`FastTrainer::widen`]), or prepared from scratch.
+    fn widened(&self, t: &FastTrainer, old: &Prepared, fixed: &FastTrainer) -> Prepared {
+        t.widen(old, &self.cands)
+            .unwrap_or_else(|| self.prepare(t, self.objective(), fixed))
+    }
 }
 
 /// Marks a scope's background run finished when dropped.
@@ -1415,11 +1422,7 @@ impl Learner {
             for (i, (l, c)) in sc.lessons.iter_mut().zip(checks.iter().skip(1)).enumerate() {
                 if l.cands.add_top(&c.extra) > 0 {
                     widened = true;
-                    replays[i] = Arc::new(
-                        sc.micro
-                            .widen(&replays[i], &l.cands)
-                            .unwrap_or_else(|| l.prepare(&sc.micro, l.objective(), &sc.base)),
-                    );
+                    replays[i] = Arc::new(l.widened(&sc.micro, &replays[i], &sc.base));
                 }
             }
             // Another round when the candidates grew, or when a lesson is not yet followed and
@@ -1431,10 +1434,7 @@ impl Learner {
                 break;
             }
             if new_widened {
-                first = sc
-                    .micro
-                    .widen(&first, &new.cands)
-                    .unwrap_or_else(|| new.prepare(&sc.micro, new.objective(), &sc.base));
+                first = new.widened(&sc.micro, &first, &sc.base);
             }
         }
         let loss_before = loss_before.unwrap_or(0.0);
