@@ -14,6 +14,13 @@ use ruvllm_tokenizer::Tokenizer;
 use std::path::Path;
 use std::sync::Arc;
 
+/// SmolLM2 and its tokenizer, when installed.
+fn load() -> Option<(Arc<Model>, Tokenizer)> {
+    let model = Arc::new(Model::load(&registry::for_test("smollm2-135m")?).unwrap());
+    let tok = Tokenizer::from_gguf(model.gguf()).unwrap();
+    Some((model, tok))
+}
+
 fn pair(ad: &LoraAdapter, model: &Model) -> (Vec<f32>, Vec<f32>, usize) {
     let p = ad
         .pair(model.config.n_layer - 1, Proj::Down)
@@ -37,11 +44,9 @@ fn open(dir: &Path, model: &Arc<Model>, tok: &Tokenizer) -> Learner {
 
 #[test]
 fn three_loops_persist_restore_and_roll_back() {
-    let Some(path) = registry::for_test("smollm2-135m") else {
+    let Some((model, tok)) = load() else {
         return;
     };
-    let model = Arc::new(Model::load(&path).unwrap());
-    let tok = Tokenizer::from_gguf(model.gguf()).unwrap();
     let dir = std::env::temp_dir().join(format!("ruvllm-learner-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let l = open(&dir, &model, &tok);
@@ -230,11 +235,9 @@ impl CaptureSource for Served {
 /// token on.
 #[test]
 fn a_capture_source_with_only_the_answer_rows_teaches_identically() {
-    let Some(path) = registry::for_test("smollm2-135m") else {
+    let Some((model, tok)) = load() else {
         return;
     };
-    let model = Arc::new(Model::load(&path).unwrap());
-    let tok = Tokenizer::from_gguf(model.gguf()).unwrap();
     let cfg = || LearnConfig {
         background_every: 0,
         ..LearnConfig::default()
@@ -278,11 +281,9 @@ fn a_capture_source_with_only_the_answer_rows_teaches_identically() {
 /// parameters.
 #[test]
 fn learning_after_a_restart_continues_exactly() {
-    let Some(path) = registry::for_test("smollm2-135m") else {
+    let Some((model, tok)) = load() else {
         return;
     };
-    let model = Arc::new(Model::load(&path).unwrap());
-    let tok = Tokenizer::from_gguf(model.gguf()).unwrap();
     let facts = [
         ("The password of the blue castle is", " marmalade."),
         ("The river that runs through Quenby is the", " Ostrel."),
@@ -359,11 +360,9 @@ fn learning_after_a_restart_continues_exactly() {
 /// taught rows in `state.json`); with `corrected_rows: 0` it teaches every token.
 #[test]
 fn a_long_correction_teaches_its_least_likely_tokens() {
-    let Some(path) = registry::for_test("smollm2-135m") else {
+    let Some((model, tok)) = load() else {
         return;
     };
-    let model = Arc::new(Model::load(&path).unwrap());
-    let tok = Tokenizer::from_gguf(model.gguf()).unwrap();
     let prompt = tok.encode("Who founded the town of Quenby?", true, false);
     let answer = tok.encode(
         " It was founded in 1742 by the explorer Maribel Quintana, who built its blue glass towers.",
@@ -426,11 +425,9 @@ fn a_long_correction_teaches_its_least_likely_tokens() {
 /// lessons (several lessons per step), a rating included.
 #[test]
 fn the_idle_pool_teaches_identically() {
-    let Some(path) = registry::for_test("smollm2-135m") else {
+    let Some((model, tok)) = load() else {
         return;
     };
-    let model = Arc::new(Model::load(&path).unwrap());
-    let tok = Tokenizer::from_gguf(model.gguf()).unwrap();
     let learner = |idle_threads: usize| {
         let mut l = Learner::new(model.clone());
         l.configure(

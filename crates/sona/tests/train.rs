@@ -335,6 +335,68 @@ fn base_branch(model: &Model) -> (Vec<f32>, Vec<f32>) {
     )
 }
 
+/// The castle case (" marmalade soup") on `model` with a rank-3 base branch ([`base_branch`],
+/// held fixed: `cap_b` has it folded in) and the exact and micro trainers the candidate tests
+/// compare (rank 2, scale 4, learning rate 10⁻², seed 7).
+struct Trainers {
+    k: Case,
+    cap: Capture,
+    cap_b: Capture,
+    ba: Vec<f32>,
+    bb: Vec<f32>,
+    exact: DownTrainer,
+    micro: FastTrainer,
+}
+
+fn trainers(model: &Arc<Model>, tok: &Tokenizer, pool: &Arc<ThreadPool>) -> Trainers {
+    let last = model.config.n_layer - 1;
+    let (k, cap, head) = castle(model, tok, pool, " marmalade soup");
+    let (ba, bb) = base_branch(model);
+    let cap_b = folded(model, &cap, fixed_branch(&ba, &bb));
+    let exact = DownTrainer::new(
+        model.clone(),
+        head.clone(),
+        pool.clone(),
+        last,
+        2,
+        4.0,
+        1e-2,
+        7,
+    )
+    .unwrap();
+    let micro = FastTrainer::new(model.clone(), head, last, 2, 4.0, 1e-2, 7).unwrap();
+    Trainers {
+        k,
+        cap,
+        cap_b,
+        ba,
+        bb,
+        exact,
+        micro,
+    }
+}
+
+/// The exact trainer's logits of `k`'s rows with a target (zeros for the others): `[rows ×
+/// nv]`, what [`Candidates::from_logits`] takes.
+fn target_row_logits(exact: &DownTrainer, cap_b: &Capture, k: &Case, nv: usize) -> Vec<f32> {
+    (0..k.tokens.len())
+        .flat_map(|t| match k.targets[t] {
+            Some(_) => exact.row_logits(cap_b, t),
+            None => vec![0.0; nv],
+        })
+        .collect()
+}
+
+/// The rank-3 base branch of [`base_branch`]'s factors, scale 2.
+fn fixed_branch<'a>(a: &'a [f32], b: &'a [f32]) -> Branch<'a> {
+    Branch {
+        a,
+        b,
+        rank: 3,
+        scale: 2.0,
+    }
+}
+
 /// `cap` with branch `fixed` folded into every row's down-projection output: what the exact
 /// trainer sees where the micro trainer holds the branch apart.
 fn folded(model: &Model, cap: &Capture, fixed: Branch<'_>) -> Capture {
@@ -356,43 +418,23 @@ fn micro_candidate_objective_matches_exact_loss_and_finite_differences() {
             continue;
         };
         let c = &model.config;
-        let last = c.n_layer - 1;
-        let (k, cap, head) = castle(&model, &tok, &pool, " marmalade soup");
         // The base branch (rank 3) is folded into `down`; the exact trainer sees it the same way.
-        let (ba, bb) = base_branch(&model);
-        let fixed = Branch {
-            a: &ba,
-            b: &bb,
-            rank: 3,
-            scale: 2.0,
-        };
-        let cap_b = folded(&model, &cap, fixed);
-        let mut exact = DownTrainer::new(
-            model.clone(),
-            head.clone(),
-            pool.clone(),
-            last,
-            2,
-            4.0,
-            1e-2,
-            7,
-        )
-        .unwrap();
-        let mut micro = FastTrainer::new(model.clone(), head, last, 2, 4.0, 1e-2, 7).unwrap();
+        let Trainers {
+            k,
+            cap,
+            cap_b,
+            ba,
+            bb,
+            mut exact,
+            mut micro,
+        } = trainers(&model, &tok, &pool);
+        let fixed = fixed_branch(&ba, &bb);
         let a0 = micro.params().0.to_vec();
         let b0 = ruvllm_sona::uniform(c.n_embd * 2, 11, 0.05);
         exact.set_params(a0.clone(), b0.clone());
         micro.set_params(a0.clone(), b0.clone());
         let nv = c.n_vocab;
-        let logits: Vec<f32> = (0..k.tokens.len())
-            .flat_map(|t| {
-                if k.targets[t].is_some() {
-                    exact.row_logits(&cap_b, t)
-                } else {
-                    vec![0.0; nv]
-                }
-            })
-            .collect();
+        let logits = target_row_logits(&exact, &cap_b, &k, nv);
         let exact_loss = exact.loss_and_grads(&cap_b, &k.targets, false).0;
         // Top 16 with the rest as one fixed logit, and with a sample of 64 standing for it.
         for n_sample in [0, 64] {
@@ -442,28 +484,17 @@ fn low_rank_full_logits_match_the_exact_head() {
             continue;
         };
         let c = &model.config;
-        let (last, nv) = (c.n_layer - 1, c.n_vocab);
-        let (k, cap, head) = castle(&model, &tok, &pool, " marmalade soup");
-        let (ba, bb) = base_branch(&model);
-        let fixed = Branch {
-            a: &ba,
-            b: &bb,
-            rank: 3,
-            scale: 2.0,
-        };
-        let cap_b = folded(&model, &cap, fixed);
-        let mut exact = DownTrainer::new(
-            model.clone(),
-            head.clone(),
-            pool.clone(),
-            last,
-            2,
-            4.0,
-            1e-2,
-            7,
-        )
-        .unwrap();
-        let mut micro = FastTrainer::new(model.clone(), head, last, 2, 4.0, 1e-2, 7).unwrap();
+        let nv = c.n_vocab;
+        let Trainers {
+            k,
+            cap,
+            cap_b,
+            ba,
+            bb,
+            mut exact,
+            mut micro,
+        } = trainers(&model, &tok, &pool);
+        let fixed = fixed_branch(&ba, &bb);
         let a0 = ruvllm_sona::uniform(2 * c.n_ff, 12, 0.05);
         let cands = Candidates::from_logits(
             None,
@@ -545,37 +576,21 @@ fn widening_a_prepared_lesson_equals_preparing_it_again() {
             continue;
         };
         let c = &model.config;
-        let (last, nv) = (c.n_layer - 1, c.n_vocab);
-        let (k, cap, head) = castle(&model, &tok, &pool, " marmalade soup");
-        let (ba, bb) = base_branch(&model);
-        let fixed = Branch {
-            a: &ba,
-            b: &bb,
-            rank: 3,
-            scale: 2.0,
-        };
-        let mut exact = DownTrainer::new(
-            model.clone(),
-            head.clone(),
-            pool.clone(),
-            last,
-            2,
-            4.0,
-            1e-2,
-            7,
-        )
-        .unwrap();
-        let mut micro = FastTrainer::new(model.clone(), head, last, 2, 4.0, 1e-2, 7).unwrap();
+        let nv = c.n_vocab;
+        let Trainers {
+            k,
+            cap,
+            cap_b,
+            ba,
+            bb,
+            mut exact,
+            mut micro,
+        } = trainers(&model, &tok, &pool);
+        let fixed = fixed_branch(&ba, &bb);
         let b0 = ruvllm_sona::uniform(c.n_embd * 2, 11, 0.05);
         exact.set_params(micro.params().0.to_vec(), b0.clone());
         micro.set_params(micro.params().0.to_vec(), b0);
-        let cap_b = folded(&model, &cap, fixed);
-        let logits: Vec<f32> = (0..k.tokens.len())
-            .flat_map(|t| match k.targets[t] {
-                Some(_) => exact.row_logits(&cap_b, t),
-                None => vec![0.0; nv],
-            })
-            .collect();
+        let logits = target_row_logits(&exact, &cap_b, &k, nv);
         for n_sample in [0, 64] {
             let mut cands =
                 Candidates::from_logits(None, &logits, nv, &k.targets, 0, 8, n_sample, 3);
