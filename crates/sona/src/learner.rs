@@ -331,7 +331,7 @@ struct Scope {
 }
 
 /// What the full-vocabulary check found for one lesson.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Check {
     /// The exact mean loss of its targets.
     loss: f32,
@@ -1221,16 +1221,10 @@ impl Learner {
     ) -> Vec<Check> {
         let nv = self.model.config.n_vocab;
         let basis = t.full_basis(pool);
-        let one = |i: usize| {
+        crate::fast::per_row(Some(pool), items.len().min(fixed.len()), |i| {
             let ((l, p), f) = (items[i], fixed[i]);
-            Some(judge(l, p, nv, |ri, row| {
-                t.full_logits(p, f, &basis, ri, row)
-            }))
-        };
-        crate::fast::per_row(Some(pool), items.len().min(fixed.len()), one)
-            .into_iter()
-            .flatten()
-            .collect()
+            judge(l, p, nv, |ri, row| t.full_logits(p, f, &basis, ri, row))
+        })
     }
 
     /// `key`'s scope, built on first use (from what [`open`](Self::open) restored, if
