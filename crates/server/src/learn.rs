@@ -1160,12 +1160,19 @@ mod tests {
         let mut h = engine
             .submit(Request::greedy(vec![1, 2, 3, 4], 200))
             .expect("submitted");
-        // The first token: the request is running.
+        // The second token: the request is running. (Metrics are published at the end of each
+        // step, after its tokens went out, so the first token can arrive before the step that
+        // admitted the request is counted; the second comes after that publication.)
+        let mut tokens = 0;
         while let Some(e) = h.next_blocking() {
             if matches!(e, Event::Token { .. }) {
-                break;
+                tokens += 1;
+                if tokens == 2 {
+                    break;
+                }
             }
         }
+        assert_eq!(tokens, 2);
         assert!(src.serving_busy());
         h.cancel();
         while h.next_blocking().is_some() {}
