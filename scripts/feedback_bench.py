@@ -3,7 +3,8 @@
 `--max-tokens` tokens, then `POST /v1/feedback {rating}`; reports the feedback requests' wall
 time (instant loop: lesson capture, training rounds, publish, then the bank's bookkeeping)
 p50/p90/max over `--questions`, and the server's `published_ms` (request arrival to the new
-adapter's publication: issue 6's latency) p50/p90.
+adapter's publication: issue 6's latency) p50/p90, and where that time went (the response's
+`phases`: capture, candidates, steps, checks, ... p50 each).
 Run it against a server started with and without `--sona-keep-mib 0` to see what keeping the
 generation's activations saves.
 
@@ -11,6 +12,7 @@ generation's activations saves.
 """
 import argparse
 import statistics
+import sys
 import time
 
 import httpx
@@ -31,9 +33,11 @@ def main():
     ap.add_argument("--rating", type=float, default=-1.0)
     ap.add_argument("--pause", type=float, default=0.0, help="seconds between one feedback answer and the next question (lets work that follows an answer finish)")
     ap.add_argument("--correction", default=None, help="send this text (plus the question's number) as a correction instead of a rating")
+    ap.add_argument("--show", action="store_true", help="with --verify: print each re-asked answer (stderr)")
+    ap.add_argument("--verify", action="store_true", help="with --correction: after each event ask the question again (greedy) and report how much of the correction the answer reproduces")
     a = ap.parse_args()
     h = {"Authorization": f"Bearer {a.key}"}
-    times, lens, published = [], [], []
+    times, lens, published, phases, exact, prefix = [], [], [], [], [], []
     with httpx.Client(timeout=300) as c:
         for i in range(a.questions):
             q = QUESTIONS[i % len(QUESTIONS)].format(THINGS[(i // len(QUESTIONS) + i) % len(THINGS)])
@@ -48,12 +52,32 @@ def main():
             assert f.status_code == 200, f.text
             if "published_ms" in f.json():  # (servers before it was reported lack it)
                 published.append(f.json()["published_ms"])
+            if "phases" in f.json():
+                phases.append(f.json()["phases"])
+            if a.verify and a.correction is not None:
+                want = f"{a.correction} ({i})".split()
+                again = c.post(a.url + "/v1/chat/completions", headers=h, json={
+                    "model": "smollm2-135m", "messages": [{"role": "user", "content": q}],
+                    "max_tokens": 2 * len(want) + 16, "temperature": 0}).json()
+                got = again["choices"][0]["message"]["content"].split()
+                if a.show:
+                    print(f"[{i}] {' '.join(got)}", file=sys.stderr)
+                same = next((k for k, (x, y) in enumerate(zip(got, want)) if x != y), min(len(got), len(want)))
+                exact.append(same == len(want))
+                prefix.append(same / len(want))
             time.sleep(a.pause)
     s, pub = sorted(times), sorted(published)
     line = (f"answers {statistics.mean(lens):.1f} tokens (mean); feedback ms p50 {statistics.median(s):.1f} "
             f"p90 {s[int(0.9 * (len(s) - 1))]:.1f} max {s[-1]:.1f} (first event, with the anchor lesson: {times[0]:.1f})")
     if pub:
         line += f"; published (server) p50 {statistics.median(pub):.1f} p90 {pub[int(0.9 * (len(pub) - 1))]:.1f}"
+    if exact:
+        line += (f"; re-asked: whole correction {sum(exact)}/{len(exact)}, "
+                 f"leading words reproduced {100 * statistics.mean(prefix):.0f}% (mean)")
+    if phases:
+        # Each phase's median over the events (the first one's anchor lesson included).
+        line += "; phases p50: " + " ".join(
+            f"{k.removesuffix('_ms')} {statistics.median(p[k] for p in phases):.1f}" for k in phases[0])
     print(line)
 
 

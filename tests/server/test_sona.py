@@ -43,6 +43,10 @@ def test_feedback_teaches_only_its_caller():
         assert f["updated"] and f["loss_after"] < 0.2 * f["loss_before"], f
         # Publication comes first; the bank's bookkeeping follows it within the response.
         assert 0 < f["published_ms"] <= f["ms"] + 1.0, f
+        # Where the time went: a capture pass, at least one round, all within publication.
+        ph = f["phases"]
+        assert ph["capture_ms"] > 0 and ph["steps_ms"] > 0 and 1 <= ph["rounds"] <= 4, ph
+        assert sum(v for k, v in ph.items() if k.endswith("_ms")) <= f["published_ms"], (ph, f)
         taught = ask(s.url, "alice")
         assert taught["choices"][0]["text"].startswith(ANSWER.strip(".")), taught["choices"][0]["text"]
         # Bob's outputs are the base model's.

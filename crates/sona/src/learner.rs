@@ -39,6 +39,12 @@ use serde_json::{json, Value};
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::Instant;
+
+/// Milliseconds from `a` to `b`.
+fn ms(a: Instant, b: Instant) -> f64 {
+    b.duration_since(a).as_secs_f64() * 1e3
+}
 
 /// Lessons a scope keeps (what the background loop replays).
 const KEEP: usize = 16;
@@ -83,13 +89,16 @@ pub struct LearnConfig {
     /// 60-token answer took 0.7 s with every row, 0.2 s with 16 and 0.09 s with 8
     /// (`scripts/feedback_bench.py`). Corrections: [`corrected_rows`](Self::corrected_rows).
     pub rated_rows: usize,
-    /// A correction teaches at most this many of its tokens (0, the default: all): those its
-    /// base model finds least likely, where the correction departs from what the model would
-    /// say and cross-entropy's gradient `1 − p` is largest. Faster (a 44-token correction:
-    /// p50 0.15 s at 8 instead of 0.5 s), but the tokens left out are not protected: the
-    /// adapter that raises a taught token can also raise it where an untaught one should
-    /// follow (with 8, `/fix The password is marmalade seventeen.` taught "marm" so that it
-    /// repeated: "marmarmarm…"). Off by default for that reason.
+    /// A correction teaches at most this many of its tokens (0: all): those its base model
+    /// finds least likely, where the correction departs from what the model would say and
+    /// cross-entropy's gradient `1 − p` is largest. 16 by default: the rank-2 micro branch
+    /// cannot fit a long correction anyway (re-asked after a 44-token correction, the model
+    /// reproduced ~4% of its words whether 16 or all 44 tokens were taught), and teaching all
+    /// of them took twice as long (published p50 ~100 vs ~150 ms, `feedback_bench.py
+    /// --verify`). The tokens left out are not protected: the adapter that raises a taught
+    /// token can also raise it where an untaught one should follow (with 8,
+    /// `/fix The password is marmalade seventeen.` taught "marm" so that it repeated:
+    /// "marmarmarm…"); corrections of up to 16 tokens (every sona-bench fact) teach them all.
     pub corrected_rows: usize,
     /// Weight of the penalty on each branch's output over [`ANCHOR_TEXT`]'s activations
     /// (0: none), reached when a scope keeps its full 16 lessons: it grows with the lessons
@@ -137,7 +146,7 @@ impl Default for LearnConfig {
             background_lr: 5e-3,
             replay: 3,
             rated_rows: 8,
-            corrected_rows: 0,
+            corrected_rows: 16,
             anchor_weight: 1.0,
             blind_dirs: 0,
             micro_rank: 2,
@@ -182,6 +191,30 @@ pub struct Outcome {
     /// Whether the scope has had `background_every` events since its last background run
     /// (the caller should run [`Learner::background`], off its serving path).
     pub background_due: bool,
+    /// Where an instant-loop event's time went (zero for other runs).
+    pub phases: Phases,
+}
+
+/// Wall-clock milliseconds of an instant-loop event's phases, in the order they run: what a
+/// latency budget is spent on (reported in feedback responses and `docs/BENCHMARKS.md`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Phases {
+    /// The forward pass over prompt + answer (or the kept rows' LM head), with base logits.
+    pub capture_ms: f64,
+    /// The base model's candidates (top tokens and sample) of every taught row.
+    pub candidates_ms: f64,
+    /// Preparing the new lesson and any replay not prepared by an earlier event.
+    pub prepare_ms: f64,
+    /// The Adam steps of every round.
+    pub steps_ms: f64,
+    /// Full-vocabulary checks after each round (the adapter-independent logits included).
+    pub checks_ms: f64,
+    /// Widening lessons whose candidates grew.
+    pub widen_ms: f64,
+    /// Publishing the new adapter (and persisting it, with a learner directory).
+    pub publish_ms: f64,
+    /// Training rounds run.
+    pub rounds: usize,
 }
 
 impl Outcome {
@@ -195,6 +228,7 @@ impl Outcome {
             version,
             persisted: false,
             background_due: false,
+            phases: Phases::default(),
         }
     }
 }
@@ -1078,6 +1112,27 @@ impl Learner {
         negative: bool,
         teach: Teach,
     ) -> Option<Lesson> {
+        self.lesson_timed(
+            pool,
+            tokens,
+            prompt_len,
+            negative,
+            teach,
+            &mut Phases::default(),
+        )
+    }
+
+    /// [`lesson`](Self::lesson), adding its capture and candidates times to `phases`.
+    fn lesson_timed(
+        &self,
+        pool: &ThreadPool,
+        tokens: Vec<u32>,
+        prompt_len: usize,
+        negative: bool,
+        teach: Teach,
+        phases: &mut Phases,
+    ) -> Option<Lesson> {
+        let t0 = Instant::now();
         let c = &self.model.config;
         let first = prompt_len.saturating_sub(1);
         let mut targets = answer_targets(&tokens, prompt_len);
@@ -1123,6 +1178,8 @@ impl Learner {
         if let Some(t) = &taught {
             mask_targets(&mut targets, t);
         }
+        let t1 = Instant::now();
+        phases.capture_ms += ms(t0, t1);
         // The sample's seed comes from the tokens, so a lesson's objective is reproducible.
         let seed = tokens_hash(&tokens);
         let cands = Candidates::from_logits(
@@ -1135,6 +1192,7 @@ impl Learner {
             SAMPLE,
             seed,
         );
+        phases.candidates_ms += ms(t1, Instant::now());
         Some(Lesson {
             cap,
             cands,
@@ -1340,8 +1398,9 @@ impl Learner {
             (Some(p), src) if src.as_ref().is_none_or(|s| !s.serving_busy()) => p.clone(),
             _ => self.pool.clone(),
         };
+        let mut phases = Phases::default();
         let new = self
-            .lesson(&pool, tokens, prompt.len(), negative, teach)
+            .lesson_timed(&pool, tokens, prompt.len(), negative, teach, &mut phases)
             .ok_or(LearnError::TooLong)?;
         let mut guard = entry.lock().unwrap_or_else(|p| p.into_inner());
         let sc = &mut *guard;
@@ -1358,6 +1417,7 @@ impl Learner {
         // known (a replay's from an earlier event against the same base branch).
         let mut fixed: Vec<Option<Arc<FullFixed>>> = vec![None];
         let mut replays: Vec<Arc<Prepared>> = Vec::with_capacity(n_replay);
+        let t = Instant::now();
         for l in sc.lessons.iter().take(n_replay) {
             match &l.ready {
                 Some(r) if r.base_gen == gen => {
@@ -1376,7 +1436,10 @@ impl Learner {
         // candidates and the fixed base branch, not on the trained parameters; widening
         // computes only the new candidates' columns).
         let mut first = new.prepare(&sc.micro, new.objective(), &sc.base);
+        phases.prepare_ms += ms(t, Instant::now());
         for round in 0..ROUNDS {
+            phases.rounds += 1;
+            let t = Instant::now();
             let batch: Vec<&Prepared> = std::iter::once(&first)
                 .chain(replays.iter().map(|p| &**p))
                 .collect();
@@ -1388,6 +1451,8 @@ impl Learner {
                 sc.micro.step_on(&pool, &batch);
             }
             taken += n;
+            let t_check = Instant::now();
+            phases.steps_ms += ms(t, t_check);
             // The replayed lessons are checked the same way: still followed (a new lesson must
             // not overwrite them), and not "kept" by raising tokens outside their candidates.
             let items: Vec<(&Lesson, &Prepared)> = std::iter::once((&new, &first))
@@ -1407,6 +1472,8 @@ impl Learner {
             }
             let known: Vec<&FullFixed> = fixed.iter().flatten().map(|f| &**f).collect();
             let checks = self.check_low_rank(&pool, &sc.micro, &items, &known);
+            let t_widen = Instant::now();
+            phases.checks_ms += ms(t_check, t_widen);
             let follows = checks.iter().all(|c| c.follows);
             loss_after = checks.first().map_or(0.0, |c| c.loss);
             let new_widened = checks
@@ -1419,17 +1486,23 @@ impl Learner {
                     replays[i] = Arc::new(l.widened(&sc.micro, &replays[i], &sc.base));
                 }
             }
-            // Another round when the candidates grew, or when a lesson is not yet followed and
-            // the last round still made progress (≥ 10% off the checked lessons' total loss).
+            // Another round while the last one made progress (≥ 10% off the checked lessons'
+            // total loss) and either the candidates grew or a lesson is not yet followed. A
+            // round without progress ends the event even when the candidates grew: a lesson the
+            // rank-2 branch cannot fit (a long correction) otherwise ran all ROUNDS, widening
+            // each time, at ~30 ms a round (sona-bench unchanged: docs/BENCHMARKS.md, session 13).
             let total: f32 = checks.iter().map(|c| c.loss).sum();
             let progress = total < 0.9 * prev_total;
             prev_total = total;
-            if !widened && (follows || !progress) {
+            let stop = !progress || (!widened && follows);
+            if stop {
+                phases.widen_ms += ms(t_widen, Instant::now());
                 break;
             }
             if new_widened {
                 first = new.widened(&sc.micro, &first, &sc.base);
             }
+            phases.widen_ms += ms(t_widen, Instant::now());
         }
         let loss_before = loss_before.unwrap_or(0.0);
         // Each lesson keeps what this event computed for it while it will be replayed.
@@ -1453,7 +1526,9 @@ impl Learner {
         sc.since_background += 1;
         let background_due =
             self.cfg.background_every > 0 && sc.since_background >= self.cfg.background_every;
+        let t = Instant::now();
         let (version, persisted) = self.publish(&key, sc, "instant");
+        phases.publish_ms = ms(t, Instant::now());
         Ok(Outcome {
             updated: true,
             steps: taken,
@@ -1462,6 +1537,7 @@ impl Learner {
             version,
             persisted,
             background_due,
+            phases,
         })
     }
 
@@ -1565,6 +1641,7 @@ impl Learner {
                 version,
                 persisted: false,
                 background_due: false,
+                phases: Phases::default(),
             });
         }
         // The Fisher information is updated even for an undone run.
@@ -1579,6 +1656,7 @@ impl Learner {
                 version,
                 persisted: false,
                 background_due: false,
+                phases: Phases::default(),
             });
         }
         let (version, persisted) = self.publish(key, sc, "background");
@@ -1590,6 +1668,7 @@ impl Learner {
             version,
             persisted,
             background_due: false,
+            phases: Phases::default(),
         })
     }
 

@@ -469,3 +469,45 @@ fn the_idle_pool_teaches_identically() {
         );
     }
 }
+
+/// An instant-loop event reports where its time went: a capture, candidates and at least one
+/// round; the steps it took are the first round's plus a third as many per further round;
+/// the phases add up to no more than the event's wall time. Other runs report none.
+#[test]
+fn an_event_reports_its_phases() {
+    let Some((model, tok)) = load() else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("ruvllm-phases-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let l = open(&dir, &model, &tok);
+    let steps = LearnConfig::default().steps;
+    for (i, answer) in [" Ostrel.", " Edda Pike.", " saffron."].iter().enumerate() {
+        let prompt = tok.encode(&format!("Fact {i}: the answer is"), true, false);
+        let answer = tok.encode(answer, false, false);
+        let t = std::time::Instant::now();
+        let o = l
+            .learn("s", &prompt, &[], &Feedback::Correction(answer))
+            .unwrap();
+        let wall = t.elapsed().as_secs_f64() * 1e3;
+        let p = o.phases;
+        assert!(
+            o.updated && p.capture_ms > 0.0 && p.candidates_ms > 0.0,
+            "{o:?}"
+        );
+        assert!(p.steps_ms > 0.0 && p.checks_ms > 0.0, "{o:?}");
+        assert!((1..=4).contains(&p.rounds), "{o:?}");
+        assert_eq!(o.steps, steps + (p.rounds - 1) * steps.div_ceil(3), "{o:?}");
+        let sum = p.capture_ms
+            + p.candidates_ms
+            + p.prepare_ms
+            + p.steps_ms
+            + p.checks_ms
+            + p.widen_ms
+            + p.publish_ms;
+        assert!(sum <= wall, "phases {sum} ms > wall {wall} ms: {o:?}");
+    }
+    let bg = l.background("s").unwrap();
+    assert_eq!(bg.phases, Default::default(), "{bg:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
