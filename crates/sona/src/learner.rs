@@ -62,6 +62,12 @@ const CHECK_P: f64 = 1e-3;
 /// The multiplier of both branches (`alpha / rank` = 2, as PEFT's default `alpha = 2r`).
 const SCALE: f32 = 2.0;
 
+/// The default [`LearnConfig::anchor_weight`]: about SmolLM2-135M's mean square of the residual
+/// stream after its last layer on the anchor text (1,597), so that its penalty is what the
+/// absolute `‖δ‖²` with weight 1 was before the penalty became relative (session 13); on
+/// Gemma-3-270M it makes the effective weight ~3·10⁴ times SmolLM2's.
+pub const ANCHOR_WEIGHT: f32 = 1600.0;
+
 /// Generic text whose activations anchor the micro branch (see [`LearnConfig::anchor_weight`])
 /// and whose Fisher information the background loop's EWC++ penalty includes: what learning
 /// must leave alone.
@@ -101,11 +107,13 @@ pub struct LearnConfig {
     /// "marmarmarm…"); corrections of up to 16 tokens (every sona-bench fact) teach them all.
     pub corrected_rows: usize,
     /// Weight of the penalty on each branch's output over [`ANCHOR_TEXT`]'s activations
-    /// (0: none), reached when a scope keeps its full 16 lessons: it grows with the lessons
+    /// (0: none), measured as the squared change it makes to the residual stream relative to
+    /// that stream's mean square (see `Learner::anchor_gain`; default [`ANCHOR_WEIGHT`]),
+    /// reached when a scope keeps its full 16 lessons: it grows with the lessons
     /// kept (`weight · (kept / 16)³`), because one lesson changes the model little and must
     /// stick (a chat correction stops converging at a constant 0.05), while many unchecked
     /// lessons wreck general ability (golden perplexity ×10⁷ after 36 at 0). Even small
-    /// weights (0.002) keep the last-layer adapter from telling near-identical prompts apart
+    /// weights (~3) keep the last-layer adapter from telling near-identical prompts apart
     /// (castle 1/2/3, a known failure). See `docs/BENCHMARKS.md`.
     pub anchor_weight: f32,
     /// Leading principal directions of the anchor text's activations that the adapters' `A`
@@ -147,7 +155,7 @@ impl Default for LearnConfig {
             replay: 3,
             rated_rows: 8,
             corrected_rows: 16,
-            anchor_weight: 1.0,
+            anchor_weight: ANCHOR_WEIGHT,
             blind_dirs: 0,
             micro_rank: 2,
             base_rank: 8,
@@ -463,6 +471,8 @@ pub struct Learner {
     /// Token ids of the anchor text, and (computed once) its lesson.
     anchor_tokens: Option<Vec<u32>>,
     anchor: OnceLock<Option<Arc<Lesson>>>,
+    /// [`Learner::anchor_gain`], computed with the anchor lesson.
+    anchor_gain: OnceLock<f32>,
     /// Where lessons' activations come from (the learner's own forward pass when `None`).
     source: Option<Arc<dyn CaptureSource>>,
     /// The pool of [`LearnConfig::idle_threads`], when it is larger than `pool`'s.
@@ -915,6 +925,7 @@ impl Learner {
             cfg: LearnConfig::default(),
             anchor_tokens: None,
             anchor: OnceLock::new(),
+            anchor_gain: OnceLock::new(),
             source: None,
             idle_pool: None,
         }
@@ -934,6 +945,7 @@ impl Learner {
         self.cfg = cfg;
         self.anchor_tokens = anchor_tokens;
         self.anchor = OnceLock::new();
+        self.anchor_gain = OnceLock::new();
     }
 
     /// Takes lessons' activations from `source` (a server's engine) instead of the learner's
@@ -1238,10 +1250,70 @@ impl Learner {
                 .anchor_acts
                 .get_or_insert_with(|| Arc::new(a.cap.act.clone()))
                 .clone();
-            let w = self.cfg.anchor_weight * (kept.min(KEEP) as f32 / KEEP as f32).powi(3);
+            let w = self.cfg.anchor_weight
+                * self.anchor_gain(&a)
+                * (kept.min(KEEP) as f32 / KEEP as f32).powi(3);
             sc.micro.set_anchor(acts.clone(), w);
             sc.base.set_anchor(acts, w);
         }
+    }
+
+    /// The anchor penalty's effective weight on `mean_t ‖δ_t‖²` once a scope keeps its full
+    /// 16 lessons: [`LearnConfig::anchor_weight`] times what a unit of it is worth on this
+    /// model (see `anchor_gain`); None without an anchor text. Computes the anchor lesson
+    /// if no event has yet.
+    pub fn anchor_scale(&self) -> Option<f32> {
+        let a = self.anchor_lesson()?;
+        Some(self.cfg.anchor_weight * self.anchor_gain(&a))
+    }
+
+    /// What one unit of the anchor penalty `mean_t ‖δ_t‖²` (δ: the adapter's change of the
+    /// adapted layer's down projection on the anchor text) is worth: the squared change it
+    /// makes to the residual stream after the layer, relative to that stream's mean square —
+    /// so that one [`LearnConfig::anchor_weight`] means the same for every architecture. The
+    /// change is δ itself without a post-FFN norm; with one (Gemma-3) it is
+    /// `post_norm(down + δ) − post_norm(down) ≈ g2 ⊙ δ / rms(down)` to first order, which
+    /// multiplies it by `mean_j g2_j² / ms(down)` (~4·10⁷ on Gemma-3-270M, whose last layer's
+    /// down projection outputs are tiny and whose norm weights are large). Without this, the
+    /// weight that suits SmolLM2 let Gemma-3's adapters change its golden-text perplexity by
+    /// +784% in sona-bench.
+    fn anchor_gain(&self, anchor: &Lesson) -> f32 {
+        *self.anchor_gain.get_or_init(|| {
+            let c = &self.model.config;
+            let d = c.n_embd;
+            let post = self.model.layers[anchor.cap.layer].post_ffn_norm.as_deref();
+            let mean_sq =
+                |v: &[f32]| v.iter().map(|&x| x as f64 * x as f64).sum::<f64>() / d as f64;
+            let g2sq = post.map_or(1.0, mean_sq);
+            // Over the anchor's rows: the residual stream after the layer, and the down
+            // projection's output the post-FFN norm divides by.
+            let (mut ms_x, mut ms_down, mut rows) = (0f64, 0f64, 0usize);
+            let mut x = vec![0f32; d];
+            for (r, dn) in anchor
+                .cap
+                .resid
+                .chunks_exact(d)
+                .zip(anchor.cap.down.chunks_exact(d))
+            {
+                let md = mean_sq(dn);
+                let inv = 1.0 / (md + c.rms_eps as f64).sqrt();
+                for (j, xj) in x.iter_mut().enumerate() {
+                    *xj = match post {
+                        Some(g2) => r[j] + (g2[j] as f64 * dn[j] as f64 * inv) as f32,
+                        None => r[j] + dn[j],
+                    };
+                }
+                ms_x += mean_sq(&x);
+                ms_down += md;
+                rows += 1;
+            }
+            if rows == 0 || ms_x <= 0.0 || ms_down <= 0.0 {
+                return 1.0;
+            }
+            let (ms_x, ms_down) = (ms_x / rows as f64, ms_down / rows as f64);
+            let per_delta = if post.is_some() { g2sq / ms_down } else { 1.0 };
+            (per_delta / ms_x) as f32
+        })
     }
 
     /// The full-vocabulary check of lessons (each prepared for trainer `t`): their rows
