@@ -118,10 +118,11 @@ pub struct ServeArgs {
     /// rated 60-token answer: 0.09 s at 8, 0.2 s at 16, 0.7 s with every token).
     #[arg(long = "sona-rated-rows", default_value_t = ruvllm_sona::learner::LearnConfig::default().rated_rows)]
     sona_rated_rows: usize,
-    /// The most tokens a correction teaches (0: all): those the model finds least likely.
-    /// Bounds a long correction's feedback latency (44 tokens: published p50 ~0.1 s at 16,
-    /// ~0.15 s with all) but leaves the other tokens unprotected (a taught token can start
-    /// repeating where an untaught one should follow); corrections up to this long teach all.
+    /// The most tokens a correction teaches (0, the default: all): those the model finds least
+    /// likely. Cuts a long correction's feedback latency (44 tokens: published p50 ~0.09 s at
+    /// 16, ~0.15 s with all) but leaves the other tokens unprotected (a taught token can start
+    /// repeating where an untaught one should follow: "armarmarm…" after a 25-token correction
+    /// at 16).
     #[arg(long = "sona-corrected-rows", default_value_t = ruvllm_sona::learner::LearnConfig::default().corrected_rows)]
     sona_corrected_rows: usize,
     /// Log format: text or json.

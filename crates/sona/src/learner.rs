@@ -95,16 +95,15 @@ pub struct LearnConfig {
     /// 60-token answer took 0.7 s with every row, 0.2 s with 16 and 0.09 s with 8
     /// (`scripts/feedback_bench.py`). Corrections: [`corrected_rows`](Self::corrected_rows).
     pub rated_rows: usize,
-    /// A correction teaches at most this many of its tokens (0: all): those its base model
-    /// finds least likely, where the correction departs from what the model would say and
-    /// cross-entropy's gradient `1 − p` is largest. 16 by default: the rank-2 micro branch
-    /// cannot fit a long correction anyway (re-asked after a 44-token correction, the model
-    /// reproduced ~4% of its words whether 16 or all 44 tokens were taught), and teaching all
-    /// of them took twice as long (published p50 ~100 vs ~150 ms, `feedback_bench.py
-    /// --verify`). The tokens left out are not protected: the adapter that raises a taught
-    /// token can also raise it where an untaught one should follow (with 8,
-    /// `/fix The password is marmalade seventeen.` taught "marm" so that it repeated:
-    /// "marmarmarm…"); corrections of up to 16 tokens (every sona-bench fact) teach them all.
+    /// A correction teaches at most this many of its tokens (0, the default: all): those its
+    /// base model finds least likely, where the correction departs from what the model would
+    /// say and cross-entropy's gradient `1 − p` is largest. Faster for long corrections (44
+    /// tokens: published p50 ~93 ms at 16 instead of ~150 ms), but the tokens left out are not
+    /// protected: the adapter that raises a taught token can also raise it where an untaught
+    /// one should follow. With 16, the 25-token `The password is marmalade seventeen and the
+    /// door code is four four two one, written on the blue card.` came back re-asked as
+    /// "armarmarmarm…" where teaching all 25 reproduced it exactly (session 13; with 8, a
+    /// 13-token correction did the same). Off by default for that reason.
     pub corrected_rows: usize,
     /// Weight of the penalty on each branch's output over [`ANCHOR_TEXT`]'s activations
     /// (0: none), measured as the squared change it makes to the residual stream relative to
@@ -154,7 +153,7 @@ impl Default for LearnConfig {
             background_lr: 5e-3,
             replay: 3,
             rated_rows: 8,
-            corrected_rows: 16,
+            corrected_rows: 0,
             anchor_weight: ANCHOR_WEIGHT,
             blind_dirs: 0,
             micro_rank: 2,
