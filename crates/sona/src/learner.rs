@@ -1560,8 +1560,9 @@ impl Learner {
             // Another round while the last one made progress (≥ 10% off the checked lessons'
             // total loss) and either the candidates grew or a lesson is not yet followed. A
             // round without progress ends the event even when the candidates grew: a lesson the
-            // rank-2 branch cannot fit (a long correction) otherwise ran all ROUNDS, widening
-            // each time, at ~30 ms a round (sona-bench unchanged: docs/BENCHMARKS.md, session 13).
+            // rank-2 branch cannot fit (a long correction in a scope that keeps many lessons)
+            // otherwise ran all ROUNDS, widening each time, at ~30 ms a round (sona-bench
+            // unchanged: docs/BENCHMARKS.md, session 13).
             let total: f32 = checks.iter().map(|c| c.loss).sum();
             let progress = total < 0.9 * prev_total;
             prev_total = total;

@@ -555,3 +555,42 @@ fn the_anchor_weight_means_the_same_on_both_architectures() {
     let (m, _) = load().unwrap();
     assert_eq!(Learner::new(m).anchor_scale(), None);
 }
+
+/// An event stops at the first round that does not cut the checked lessons' loss by 10%,
+/// even though the full-vocabulary check keeps widening candidates. A scope that keeps twelve
+/// short lessons does not fit a 38-token correction with its rank-2 branch (alone, such a
+/// correction is learned: loss 3.6 → 0.04 in four rounds); that event took all four rounds
+/// before, ~30 ms each on the server.
+#[test]
+fn an_event_without_progress_stops_early() {
+    let Some((model, tok)) = load() else {
+        return;
+    };
+    let mut l = Learner::new(model);
+    l.configure(
+        LearnConfig {
+            background_every: 0,
+            ..LearnConfig::default()
+        },
+        Some(tok.encode(ANCHOR_TEXT, true, false)),
+    );
+    for i in 0..12 {
+        let prompt = tok.encode(&format!("What is the password of door {i}?"), true, false);
+        let answer = tok.encode(&format!(" The password is marmalade {i}."), false, false);
+        l.learn("s", &prompt, &[], &Feedback::Correction(answer))
+            .unwrap();
+    }
+    let prompt = tok.encode("Tell me about the old lighthouse.", true, false);
+    let answer = tok.encode(
+        " The old lighthouse on the northern cliff was built in 1871 by a fisherman named Tobias \
+         Wren, who kept its lamp burning every night for forty years until the harbour closed.",
+        false,
+        false,
+    );
+    assert!(answer.len() > 30, "{}", answer.len());
+    let o = l
+        .learn("s", &prompt, &[], &Feedback::Correction(answer))
+        .unwrap();
+    assert!(o.updated, "{o:?}");
+    assert!(o.phases.rounds < 4, "{o:?}");
+}
