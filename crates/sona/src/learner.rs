@@ -1114,27 +1114,9 @@ impl Learner {
     }
 
     /// Captures `tokens` (prompt of `prompt_len` + answer) at the last layer, with the base
-    /// model's candidates for every answer row it teaches (see [`Teach`]).
+    /// model's candidates for every answer row it teaches (see [`Teach`]); adds the capture's
+    /// and the candidates' times to `phases`.
     fn lesson(
-        &self,
-        pool: &ThreadPool,
-        tokens: Vec<u32>,
-        prompt_len: usize,
-        negative: bool,
-        teach: Teach,
-    ) -> Option<Lesson> {
-        self.lesson_timed(
-            pool,
-            tokens,
-            prompt_len,
-            negative,
-            teach,
-            &mut Phases::default(),
-        )
-    }
-
-    /// [`lesson`](Self::lesson), adding its capture and candidates times to `phases`.
-    fn lesson_timed(
         &self,
         pool: &ThreadPool,
         tokens: Vec<u32>,
@@ -1223,7 +1205,10 @@ impl Learner {
                 self.anchor_tokens
                     .as_ref()
                     .filter(|t| t.len() > 1)
-                    .and_then(|t| self.lesson(&self.pool, t.clone(), 1, false, Teach::All))
+                    .and_then(|t| {
+                        let p = &mut Phases::default();
+                        self.lesson(&self.pool, t.clone(), 1, false, Teach::All, p)
+                    })
                     .map(Arc::new)
             })
             .clone()
@@ -1402,9 +1387,14 @@ impl Learner {
             }
             for s in r.lessons {
                 let teach = s.taught.map_or(Teach::All, Teach::Rows);
-                if let Some(mut l) =
-                    self.lesson(&self.pool, s.tokens, s.prompt_len, s.negative, teach)
-                {
+                if let Some(mut l) = self.lesson(
+                    &self.pool,
+                    s.tokens,
+                    s.prompt_len,
+                    s.negative,
+                    teach,
+                    &mut Phases::default(),
+                ) {
                     l.cands.add_top(&s.top);
                     lessons.push_back(l);
                 }
@@ -1471,7 +1461,7 @@ impl Learner {
         };
         let mut phases = Phases::default();
         let new = self
-            .lesson_timed(&pool, tokens, prompt.len(), negative, teach, &mut phases)
+            .lesson(&pool, tokens, prompt.len(), negative, teach, &mut phases)
             .ok_or(LearnError::TooLong)?;
         let mut guard = entry.lock().unwrap_or_else(|p| p.into_inner());
         let sc = &mut *guard;
@@ -1567,14 +1557,13 @@ impl Learner {
             let progress = total < 0.9 * prev_total;
             prev_total = total;
             let stop = !progress || (!widened && follows);
-            if stop {
-                phases.widen_ms += ms(t_widen, Instant::now());
-                break;
-            }
-            if new_widened {
+            if new_widened && !stop {
                 first = new.widened(&sc.micro, &first, &sc.base);
             }
             phases.widen_ms += ms(t_widen, Instant::now());
+            if stop {
+                break;
+            }
         }
         let loss_before = loss_before.unwrap_or(0.0);
         // Each lesson keeps what this event computed for it while it will be replayed.

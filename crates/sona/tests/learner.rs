@@ -40,6 +40,13 @@ fn pair(ad: &LoraAdapter, model: &Model) -> (Vec<f32>, Vec<f32>, usize) {
     (p.a.clone(), p.b.clone(), p.rank)
 }
 
+/// An in-memory learner for `model` configured by `cfg`, anchored on [`ANCHOR_TEXT`].
+fn in_memory(model: &Arc<Model>, tok: &Tokenizer, cfg: LearnConfig) -> Learner {
+    let mut l = Learner::new(model.clone());
+    l.configure(cfg, Some(tok.encode(ANCHOR_TEXT, true, false)));
+    l
+}
+
 fn open(dir: &Path, model: &Arc<Model>, tok: &Tokenizer) -> Learner {
     let (mut l, report) = Learner::open(dir, model.clone()).unwrap();
     assert!(
@@ -254,15 +261,13 @@ fn a_capture_source_with_only_the_answer_rows_teaches_identically() {
         background_every: 0,
         ..LearnConfig::default()
     };
-    let mut own = Learner::new(model.clone());
-    own.configure(cfg(), Some(tok.encode(ANCHOR_TEXT, true, false)));
+    let own = in_memory(&model, &tok, cfg());
     let src = Arc::new(ZeroedPrefix {
         model: model.clone(),
         pool: Arc::new(ruvllm_kernels::pool::ThreadPool::new(1)),
         calls: Default::default(),
     });
-    let mut via = Learner::new(model.clone());
-    via.configure(cfg(), Some(tok.encode(ANCHOR_TEXT, true, false)));
+    let mut via = in_memory(&model, &tok, cfg());
     via.set_capture_source(Some(src.clone()));
     for (q, a) in [
         ("The password of the blue castle is", " marmalade."),
@@ -441,16 +446,12 @@ fn the_idle_pool_teaches_identically() {
         return;
     };
     let learner = |idle_threads: usize| {
-        let mut l = Learner::new(model.clone());
-        l.configure(
-            LearnConfig {
-                background_every: 0,
-                idle_threads,
-                ..LearnConfig::default()
-            },
-            Some(tok.encode(ANCHOR_TEXT, true, false)),
-        );
-        l
+        let cfg = LearnConfig {
+            background_every: 0,
+            idle_threads,
+            ..LearnConfig::default()
+        };
+        in_memory(&model, &tok, cfg)
     };
     let (one, two) = (learner(0), learner(2));
     for (q, a, fb) in [
@@ -535,12 +536,9 @@ fn the_anchor_weight_means_the_same_on_both_architectures() {
         return;
     };
     let scale = |model: Arc<Model>, tok: &Tokenizer| {
-        let mut l = Learner::new(model);
-        l.configure(
-            LearnConfig::default(),
-            Some(tok.encode(ANCHOR_TEXT, true, false)),
-        );
-        l.anchor_scale().unwrap()
+        in_memory(&model, tok, LearnConfig::default())
+            .anchor_scale()
+            .unwrap()
     };
     let s = scale(smol, &tok);
     assert!((0.9..1.1).contains(&s), "SmolLM2 {s}");
@@ -566,14 +564,11 @@ fn an_event_without_progress_stops_early() {
     let Some((model, tok)) = load() else {
         return;
     };
-    let mut l = Learner::new(model);
-    l.configure(
-        LearnConfig {
-            background_every: 0,
-            ..LearnConfig::default()
-        },
-        Some(tok.encode(ANCHOR_TEXT, true, false)),
-    );
+    let cfg = LearnConfig {
+        background_every: 0,
+        ..LearnConfig::default()
+    };
+    let l = in_memory(&model, &tok, cfg);
     for i in 0..12 {
         let prompt = tok.encode(&format!("What is the password of door {i}?"), true, false);
         let answer = tok.encode(&format!(" The password is marmalade {i}."), false, false);
