@@ -747,18 +747,14 @@ impl<'m> Forward<'m> {
             // A sequence with several new tokens reads each key many times: convert its keys
             // and values to f32 once (in parallel, indexed by position) instead of once per
             // query, when the cache is quantized or has a cold tier (rows dequantized one at a
-            // time otherwise) or the flash kernel will run (it reads f32 tiles). An all-f16
-            // cache is read in place by the multi-head kernels instead, with the same values
-            // and arithmetic: a prefill of 512 tokens spent half its time in attention through
-            // the copy's per-row `dot_f32`/`axpy` calls. One token reads each row once, so
-            // decode converts on the fly.
-            let in_place = |pos0: usize| {
-                kv.keys_f16(il).is_some()
-                    && kv.values_f16(il).is_some()
-                    && !kv.has_cold()
-                    && (window.is_some() || !self.attn.flash_for(pos0 + n))
-            };
-            let kv_f32 = if seqs.len() == 1 && n > 1 && !in_place(seqs[0].pos0) {
+            // time otherwise). An all-f16 cache is read in place by the multi-head kernels
+            // instead (both attention kernels), with the same values and arithmetic: a prefill
+            // of 512 tokens spent half its time in attention through the copy's per-row
+            // `dot_f32`/`axpy` calls. One token reads each row once, so decode converts on the
+            // fly.
+            let in_place =
+                kv.keys_f16(il).is_some() && kv.values_f16(il).is_some() && !kv.has_cold();
+            let kv_f32 = if seqs.len() == 1 && n > 1 && !in_place {
                 let q = &seqs[0];
                 let first = window.map_or(0, |w| (q.pos0 + 1).saturating_sub(w));
                 let total = (q.pos0 + n) * kvd;
@@ -1062,8 +1058,6 @@ thread_local! {
     /// Per-thread attention scores, `[MAX_GROUP × positions]`, grown to the longest context seen
     /// and reused (no allocation per token once warm).
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-    /// Per-thread tile of keys or values converted for the flash kernel, `[FLASH_TILE × hd]`.
-    static FLASH_ROWS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// Per-thread buffers of one attention task, `[(2·MAX_GROUP + 1) × hd]`: the group's
     /// rounded queries, its accumulators and one converted row (reused, never zeroed whole).
     static TASK_BUF: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -1071,8 +1065,9 @@ thread_local! {
 
 /// Causal attention for `n` new tokens at positions `pos0..pos0+n`, one task per (token, KV
 /// head) covering the query heads that share that KV head (GQA), optionally limited to a sliding
-/// window of the most recent `window` positions. Each key and value row is converted from f16
-/// once per task.
+/// window of the most recent `window` positions. Each key and value row is read once per task
+/// for all of its query heads: in place from an f16 cache, else from the prefill's f32 copy or
+/// converted one at a time ([`HeadRows`]); scores always with [`ops::dot_f32`]'s arithmetic.
 ///
 /// Two kernels (see [`AttnKernel`]). The two-pass kernel follows llama.cpp's CPU path (flash
 /// attention off, its default here) so that near-ties resolve the same way: q is rounded to f16
@@ -1081,7 +1076,8 @@ thread_local! {
 /// The flash kernel reads keys and values tile by tile ([`FLASH_TILE`] positions) with an
 /// online softmax — a running maximum and sum, the accumulated output rescaled when the maximum
 /// grows — so nothing grows with the span; it keeps the f16-rounded q but not the f16
-/// probabilities.
+/// probabilities. A one-sequence prefill runs its flash queries in blocks ([`flash_block`]),
+/// bit-identical to decoding each token alone.
 #[allow(clippy::too_many_arguments)]
 fn attention(
     pool: &ThreadPool,
@@ -1109,8 +1105,8 @@ fn attention(
     // A one-sequence prefill without a sliding window runs the tokens whose span takes the
     // flash kernel in blocks of FLASH_QUERIES (positions grow with the token index, so they
     // are the tokens from f0 on); the others one task per token.
-    let f0 = match (seqs.len(), kv_f32, window) {
-        (1, Some(_), None) => (0..n)
+    let f0 = match (seqs.len(), window) {
+        (1, None) if n > 1 => (0..n)
             .find(|&i| kernel.flash_for(tok_pos[i] + 1))
             .unwrap_or(n),
         _ => n,
@@ -1123,23 +1119,43 @@ fn attention(
     let heads_per_task = if f0 >= 4 * pool.n_threads() { sub } else { 1 };
     let tasks_per_token = sub / heads_per_task;
     let token_tasks = f0 * tasks_per_token;
+    // KV head g's key and value rows for the sequence with block table `table`.
+    let head_rows = |g: usize, table| {
+        let keys = HeadRows {
+            f32_rows: kv_f32.map(|x| x.0),
+            f16_rows: keys,
+            kv,
+            layer,
+            value: false,
+            table,
+            kvd,
+            koff: g * hd,
+        };
+        let values = HeadRows {
+            f32_rows: kv_f32.map(|x| x.1),
+            f16_rows: values,
+            value: true,
+            ..keys
+        };
+        (keys, values)
+    };
     // Attention of token i for the query heads of KV head group `rest` (`g`, sub-group `sg`).
     let token_heads = |i: usize, rest: usize| {
         let (g, sg) = (rest / sub_groups, rest % sub_groups);
         let h0 = g * group + sg * MAX_GROUP;
         let gn = (group - sg * MAX_GROUP).min(MAX_GROUP);
         let pos = tok_pos[i];
-        let table = seqs[tok_seq[i]].block_table;
         let start = window.map_or(0, |w| (pos + 1).saturating_sub(w));
         let len = pos + 1 - start;
+        let (keys, values) = head_rows(g, seqs[tok_seq[i]].block_table);
         TASK_BUF.with(|cell| {
             let mut buf = cell.borrow_mut();
             if buf.len() < (2 * MAX_GROUP + 1) * hd {
                 buf.resize((2 * MAX_GROUP + 1) * hd, 0.0);
             }
-            // [queries | accumulators (two-pass kernel) | one converted row], no zeroing per task.
+            // [queries | accumulators | one converted row], no zeroing per task.
             let (qs, rest) = buf.split_at_mut(MAX_GROUP * hd);
-            let (acc_buf, row) = rest.split_at_mut(MAX_GROUP * hd);
+            let (acc, row) = rest.split_at_mut(MAX_GROUP * hd);
             let row = &mut row[..hd];
             // The group's queries rounded to f16 (as llama.cpp's), head j at j·hd: [gn × hd] (the
             // group's heads are adjacent in q).
@@ -1147,68 +1163,33 @@ fn attention(
             qs.copy_from_slice(&q[i * qd + h0 * hd..i * qd + (h0 + gn) * hd]);
             ops::round_f16(qs);
             let qs = &*qs;
-            let keys = HeadRows {
-                f32_rows: kv_f32.map(|x| x.0),
-                f16_rows: keys,
-                kv,
-                layer,
-                value: false,
-                table,
-                kvd,
-                koff: g * hd,
-            };
-            let values = HeadRows {
-                f32_rows: kv_f32.map(|x| x.1),
-                f16_rows: values,
-                value: true,
-                ..keys
-            };
+            // Head j's output at j·hd: [gn × hd].
+            let acc = &mut acc[..gn * hd];
+            acc.fill(0.0);
             if kernel.flash_for(len) {
                 let (mut mx, mut sum) = ([f32::NEG_INFINITY; MAX_GROUP], [0f32; MAX_GROUP]);
-                let mut acc = [[0f32; 512]; MAX_GROUP];
-                let mut tile = [[0f32; FLASH_TILE]; MAX_GROUP];
-                FLASH_ROWS.with(|cell| {
-                    let mut rows = cell.borrow_mut();
-                    if rows.len() < FLASH_TILE * hd {
-                        rows.resize(FLASH_TILE * hd, 0.0);
-                    }
-                    let rows = &mut rows[..FLASH_TILE * hd];
-                    let mut p0 = start;
-                    while p0 <= pos {
-                        let p1 = (p0 + FLASH_TILE).min(pos + 1);
-                        let m = p1 - p0;
-                        // The tile's keys: in place in the prefill's f32 copy (stride kvd), else
-                        // converted from the cache into a tile buffer (stride hd).
-                        let (keys_at, kstride) = keys.tile(p0, p1, rows);
-                        for j in 0..gn {
-                            flash_scores(
-                                &qs[j * hd..(j + 1) * hd],
-                                keys_at.unwrap_or(rows),
-                                kstride,
-                                scale,
-                                &mut tile[j][..m],
-                                (&mut mx[j], &mut sum[j]),
-                                &mut acc[j][..hd],
-                            );
-                        }
-                        let (values_at, vstride) = values.tile(p0, p1, rows);
-                        for j in 0..gn {
-                            ops::weighted_sum(
-                                &tile[j][..m],
-                                values_at.unwrap_or(rows),
-                                vstride,
-                                &mut acc[j][..hd],
-                            );
-                        }
-                        p0 = p1;
-                    }
-                });
+                let mut tile = [0f32; MAX_GROUP * FLASH_TILE];
+                let mut p0 = start;
+                while p0 <= pos {
+                    let p1 = (p0 + FLASH_TILE).min(pos + 1);
+                    flash_tile(
+                        (&keys, &values),
+                        qs,
+                        (p0, p1),
+                        scale,
+                        &mut tile,
+                        (&mut mx[..gn], &mut sum[..gn]),
+                        acc,
+                        row,
+                    );
+                    p0 = p1;
+                }
                 for j in 0..gn {
                     let inv = 1.0 / sum[j];
                     // SAFETY: this task alone writes query head h0 + j of token i, inside the buffer.
                     let o = unsafe { optr.slice(i * qd + (h0 + j) * hd, hd) };
                     o.iter_mut()
-                        .zip(&acc[j][..hd])
+                        .zip(&acc[j * hd..(j + 1) * hd])
                         .for_each(|(o, a)| *o = a * inv);
                 }
                 return;
@@ -1218,47 +1199,10 @@ fn attention(
                 if scores.len() < gn * len {
                     scores.resize(gn * len, 0.0);
                 }
-                // Runs of rows in one cache block are read in place from f16; any other row
-                // (the prefill's f32 copy, other cache types) one at a time. Same values either way.
-                let mut p = start;
-                if let Some(rows) = keys.f32_from(p) {
-                    // The prefill's f32 copy: every position at one stride, one call.
-                    ops::dot_rows_f32_heads(&qs[..gn * hd], hd, rows, kvd, len, &mut scores, len);
-                    for j in 0..gn {
-                        scores[j * len..(j + 1) * len]
-                            .iter_mut()
-                            .for_each(|v| *v *= scale);
-                    }
-                    p = pos + 1;
-                }
-                while p <= pos {
-                    if let Some((rows, m)) = keys.f16_run(p, pos + 1, hd) {
-                        ops::dot_rows_f16_heads(
-                            &qs[..gn * hd],
-                            hd,
-                            rows,
-                            kvd,
-                            m,
-                            &mut scores[p - start..],
-                            len,
-                        );
-                        for j in 0..gn {
-                            scores[j * len + p - start..j * len + p - start + m]
-                                .iter_mut()
-                                .for_each(|v| *v *= scale);
-                        }
-                        p += m;
-                        continue;
-                    }
-                    let k = keys.row(p, row);
-                    for j in 0..gn {
-                        scores[j * len + p - start] =
-                            ops::dot_f32(&qs[j * hd..(j + 1) * hd], k) * scale;
-                    }
-                    p += 1;
-                }
+                keys.scores(qs, start, pos + 1, &mut scores[..], len, row);
                 for j in 0..gn {
                     let sj = &mut scores[j * len..(j + 1) * len];
+                    sj.iter_mut().for_each(|v| *v *= scale);
                     let mx = ops::max_f32(sj);
                     sj.iter_mut().for_each(|v| *v -= mx);
                     ops::exp_in_place(sj);
@@ -1267,38 +1211,7 @@ fn attention(
                     sj.iter_mut().for_each(|v| *v *= inv);
                     ops::round_f16(sj);
                 }
-                // Head j's output at j·hd: [gn × hd].
-                let acc = &mut acc_buf[..gn * hd];
-                acc.fill(0.0);
-                let mut p = start;
-                if let Some(rows) = values.f32_from(p) {
-                    ops::weighted_sum_f32_heads(&scores, len, rows, kvd, len, acc, hd);
-                    p = pos + 1;
-                }
-                while p <= pos {
-                    if let Some((rows, m)) = values.f16_run(p, pos + 1, hd) {
-                        ops::weighted_sum_f16_heads(
-                            &scores[p - start..],
-                            len,
-                            rows,
-                            kvd,
-                            m,
-                            &mut acc[..gn * hd],
-                            hd,
-                        );
-                        p += m;
-                        continue;
-                    }
-                    let v = values.row(p, row);
-                    for j in 0..gn {
-                        ops::axpy(
-                            scores[j * len + p - start],
-                            v,
-                            &mut acc[j * hd..(j + 1) * hd],
-                        );
-                    }
-                    p += 1;
-                }
+                values.weigh(&scores, len, start, pos + 1, acc, row);
                 for j in 0..gn {
                     // SAFETY: this task alone writes query head h0 + j of token i, inside the buffer.
                     let o = unsafe { optr.slice(i * qd + (h0 + j) * hd, hd) };
@@ -1312,22 +1225,16 @@ fn attention(
             let (b, rest) = ((task - token_tasks) / sub, (task - token_tasks) % sub);
             let (g, sg) = (rest / sub_groups, rest % sub_groups);
             let i0 = f0 + b * FLASH_QUERIES;
-            if let Some((kf, vf)) = kv_f32 {
-                let gn = (group - sg * MAX_GROUP).min(MAX_GROUP);
-                flash_block(
-                    c,
-                    q,
-                    tok_pos,
-                    i0,
-                    (i0 + FLASH_QUERIES).min(n),
-                    g,
-                    g * group + sg * MAX_GROUP,
-                    gn,
-                    kf,
-                    vf,
-                    optr,
-                );
-            }
+            let gn = (group - sg * MAX_GROUP).min(MAX_GROUP);
+            flash_block(
+                c,
+                q,
+                tok_pos,
+                (i0, (i0 + FLASH_QUERIES).min(n)),
+                (g * group + sg * MAX_GROUP, gn),
+                head_rows(g, seqs[0].block_table),
+                optr,
+            );
             return;
         }
         let (i, first) = (
@@ -1340,35 +1247,41 @@ fn attention(
     });
 }
 
-/// One key tile of the flash kernel for one query head: the scores of the tile's keys (`keys`,
-/// rows at `kstride`, as many as `t` holds) scaled into `t`, the online softmax's running
-/// maximum and sum (`state`) updated — the accumulated output `acc` shrinks when the maximum
-/// grows — and `t` left holding the tile's unnormalized probabilities for the values.
-fn flash_scores(
-    q: &[f32],
-    keys: &[f32],
-    kstride: usize,
+/// One tile of the flash kernel (positions `p0..p1`, at most [`FLASH_TILE`]) for the `gn`
+/// query heads `qs` (`[gn × hd]`) sharing one KV head: the tile's scores (each key read once for
+/// all heads, `tile[j·FLASH_TILE + p − p0]`), scaled; per head the online softmax's running
+/// maximum and sum (`state`) updated — the head's accumulated output in `acc` (`[gn × hd]`)
+/// shrinks when the maximum grows — and the tile's unnormalized probabilities weighting its
+/// values into `acc`. `row` (`hd` values) converts rows that cannot be read in place.
+#[allow(clippy::too_many_arguments)]
+fn flash_tile(
+    (keys, values): (&HeadRows<'_>, &HeadRows<'_>),
+    qs: &[f32],
+    (p0, p1): (usize, usize),
     scale: f32,
-    t: &mut [f32],
-    state: (&mut f32, &mut f32),
+    tile: &mut [f32; MAX_GROUP * FLASH_TILE],
+    (mx, sum): (&mut [f32], &mut [f32]),
     acc: &mut [f32],
+    row: &mut [f32],
 ) {
-    let (mx, sum) = state;
-    ops::dot_rows(q, keys, kstride, t);
-    t.iter_mut().for_each(|v| *v *= scale);
-    let mtile = t.iter().fold(*mx, |m, &v| m.max(v));
-    if mtile > *mx && *sum > 0.0 {
-        // The maximum grew: what was accumulated against the old one shrinks.
-        let c = (*mx - mtile).exp();
-        *sum *= c;
-        acc.iter_mut().for_each(|a| *a *= c);
+    let (hd, m) = (row.len(), p1 - p0);
+    keys.scores(qs, p0, p1, tile, FLASH_TILE, row);
+    for (j, (mx, sum)) in mx.iter_mut().zip(sum.iter_mut()).enumerate() {
+        let t = &mut tile[j * FLASH_TILE..j * FLASH_TILE + m];
+        t.iter_mut().for_each(|v| *v *= scale);
+        let mtile = mx.max(ops::max_f32(t));
+        if mtile > *mx && *sum > 0.0 {
+            // The maximum grew: what was accumulated against the old one shrinks.
+            let c = (*mx - mtile).exp();
+            *sum *= c;
+            acc[j * hd..(j + 1) * hd].iter_mut().for_each(|a| *a *= c);
+        }
+        *mx = mtile;
+        t.iter_mut().for_each(|v| *v -= mtile);
+        ops::exp_in_place(t);
+        *sum += ops::sum_f64(t) as f32;
     }
-    *mx = mtile;
-    t.iter_mut().for_each(|v| *v -= mtile);
-    ops::exp_in_place(t);
-    for v in t.iter() {
-        *sum += *v;
-    }
+    values.weigh(&tile[..], FLASH_TILE, p0, p1, acc, row);
 }
 
 /// Query tokens whose flash attention one prefill task runs together (they share each key and
@@ -1377,41 +1290,36 @@ const FLASH_QUERIES: usize = 8;
 
 thread_local! {
     /// Per-thread state of a block of flash queries: rounded queries and accumulators,
-    /// `[2 × FLASH_QUERIES × MAX_GROUP × hd]`.
+    /// `[2 × FLASH_QUERIES × MAX_GROUP × hd]`, then one converted row (`hd`).
     static FLASH_BLOCK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// The flash kernel for query tokens `i0..i1` of a one-sequence prefill (positions
-/// `tok_pos[i0..i1]`, no sliding window) and the `gn` query heads from `h0` sharing KV head `g`,
-/// over the prefill's f32 keys and values (`kf`, `vf`: rows by position at stride `kvd`): each
-/// key tile is read once for all the block's queries. Every query's arithmetic is exactly the
-/// per-token flash path's (same tiles, same operations in the same order), so results do not
-/// depend on how queries are grouped.
-#[allow(clippy::too_many_arguments)]
+/// `tok_pos[i0..i1]`, no sliding window) and the `gn` query heads from `h0` sharing one KV head
+/// (its `keys` and `values`): each key tile is read while in L1 for all the block's queries.
+/// Every query's arithmetic is exactly the per-token flash path's (same tiles, same operations
+/// in the same order), so results do not depend on how queries are grouped.
 fn flash_block(
     c: &crate::Config,
     q: &[f32],
     tok_pos: &[usize],
-    i0: usize,
-    i1: usize,
-    g: usize,
-    h0: usize,
-    gn: usize,
-    kf: &[f32],
-    vf: &[f32],
+    (i0, i1): (usize, usize),
+    (h0, gn): (usize, usize),
+    (keys, values): (HeadRows<'_>, HeadRows<'_>),
     out: SyncPtr<f32>,
 ) {
-    let (hd, kvd, qd) = (c.head_dim, c.kv_dim(), c.q_dim());
+    let (hd, qd) = (c.head_dim, c.q_dim());
     let scale = c.attn_scale;
     let nq = i1 - i0;
-    let koff = g * hd;
     FLASH_BLOCK.with(|cell| {
         let mut buf = cell.borrow_mut();
         let per = MAX_GROUP * hd;
-        if buf.len() < 2 * FLASH_QUERIES * per {
-            buf.resize(2 * FLASH_QUERIES * per, 0.0);
+        if buf.len() < 2 * FLASH_QUERIES * per + hd {
+            buf.resize(2 * FLASH_QUERIES * per + hd, 0.0);
         }
-        let (qs, accs) = buf.split_at_mut(FLASH_QUERIES * per);
+        let (qs, rest) = buf.split_at_mut(FLASH_QUERIES * per);
+        let (accs, row) = rest.split_at_mut(FLASH_QUERIES * per);
+        let row = &mut row[..hd];
         for t in 0..nq {
             let i = i0 + t;
             let qt = &mut qs[t * per..t * per + gn * hd];
@@ -1421,33 +1329,25 @@ fn flash_block(
         }
         let mut mx = [[f32::NEG_INFINITY; MAX_GROUP]; FLASH_QUERIES];
         let mut sum = [[0f32; MAX_GROUP]; FLASH_QUERIES];
-        let mut tile = [[0f32; FLASH_TILE]; MAX_GROUP];
+        let mut tile = [0f32; MAX_GROUP * FLASH_TILE];
         let last = tok_pos[i1 - 1];
         let mut p0 = 0;
         while p0 <= last {
-            let (keys_at, values_at) = (&kf[p0 * kvd + koff..], &vf[p0 * kvd + koff..]);
             for t in 0..nq {
                 let pos = tok_pos[i0 + t];
                 if pos < p0 {
                     continue;
                 }
-                let m = (p0 + FLASH_TILE).min(pos + 1) - p0;
-                for j in 0..gn {
-                    let o = t * per + j * hd;
-                    flash_scores(
-                        &qs[o..o + hd],
-                        keys_at,
-                        kvd,
-                        scale,
-                        &mut tile[j][..m],
-                        (&mut mx[t][j], &mut sum[t][j]),
-                        &mut accs[o..o + hd],
-                    );
-                }
-                for j in 0..gn {
-                    let o = t * per + j * hd;
-                    ops::weighted_sum(&tile[j][..m], values_at, kvd, &mut accs[o..o + hd]);
-                }
+                flash_tile(
+                    (&keys, &values),
+                    &qs[t * per..t * per + gn * hd],
+                    (p0, (p0 + FLASH_TILE).min(pos + 1)),
+                    scale,
+                    &mut tile,
+                    (&mut mx[t][..gn], &mut sum[t][..gn]),
+                    &mut accs[t * per..t * per + gn * hd],
+                    row,
+                );
             }
             p0 += FLASH_TILE;
         }
@@ -1529,18 +1429,71 @@ impl<'a> HeadRows<'a> {
             .map(|rows| (rows, m))
     }
 
-    /// The rows at positions `p0..p1` for the flash kernel: `(Some(rows), kvd)` pointing into
-    /// the prefill's f32 copy, or `(None, hd)` after converting them into `buf`
-    /// (`[FLASH_TILE × hd]`).
-    fn tile(&self, p0: usize, p1: usize, buf: &mut [f32]) -> (Option<&'a [f32]>, usize) {
-        if let Some(rows) = self.f32_rows {
-            return (Some(&rows[p0 * self.kvd + self.koff..]), self.kvd);
+    /// Scores of the query heads `qs` (`[gn × hd]`, `hd` = `row.len()`) against the rows at
+    /// positions `p0..p1`: `out[j·out_stride + p − p0] = qs_j · row_p`, each with exactly
+    /// [`ops::dot_f32`]'s arithmetic. The prefill's f32 copy is read in one call and f16 cache
+    /// rows block by block, in place; any other row is converted into `row` one at a time.
+    fn scores(
+        &self,
+        qs: &[f32],
+        p0: usize,
+        p1: usize,
+        out: &mut [f32],
+        out_stride: usize,
+        row: &mut [f32],
+    ) {
+        let hd = row.len();
+        let gn = qs.len() / hd;
+        if let Some(rows) = self.f32_from(p0) {
+            ops::dot_rows_f32_heads(qs, hd, rows, self.kvd, p1 - p0, out, out_stride);
+            return;
         }
-        let hd = buf.len() / FLASH_TILE;
-        for p in p0..p1 {
-            self.row(p, &mut buf[(p - p0) * hd..(p - p0 + 1) * hd]);
+        let mut p = p0;
+        while p < p1 {
+            if let Some((rows, m)) = self.f16_run(p, p1, hd) {
+                ops::dot_rows_f16_heads(qs, hd, rows, self.kvd, m, &mut out[p - p0..], out_stride);
+                p += m;
+                continue;
+            }
+            let k = self.row(p, row);
+            for j in 0..gn {
+                out[j * out_stride + p - p0] = ops::dot_f32(&qs[j * hd..(j + 1) * hd], k);
+            }
+            p += 1;
         }
-        (None, hd)
+    }
+
+    /// The weighted sum of the rows at positions `p0..p1` into the heads' accumulators `acc`
+    /// (`[gn × hd]`, `hd` = `row.len()`): `acc_j += Σ_p w[j·w_stride + p − p0] · row_p`, per
+    /// element the operations of one [`ops::axpy`] per row in position order; rows read as in
+    /// [`scores`](Self::scores).
+    fn weigh(
+        &self,
+        w: &[f32],
+        w_stride: usize,
+        p0: usize,
+        p1: usize,
+        acc: &mut [f32],
+        row: &mut [f32],
+    ) {
+        let hd = row.len();
+        if let Some(rows) = self.f32_from(p0) {
+            ops::weighted_sum_f32_heads(w, w_stride, rows, self.kvd, p1 - p0, acc, hd);
+            return;
+        }
+        let mut p = p0;
+        while p < p1 {
+            if let Some((rows, m)) = self.f16_run(p, p1, hd) {
+                ops::weighted_sum_f16_heads(&w[p - p0..], w_stride, rows, self.kvd, m, acc, hd);
+                p += m;
+                continue;
+            }
+            let v = self.row(p, row);
+            for (j, a) in acc.chunks_exact_mut(hd).enumerate() {
+                ops::axpy(w[j * w_stride + p - p0], v, a);
+            }
+            p += 1;
+        }
     }
 }
 
@@ -1585,6 +1538,7 @@ mod tests {
     fn reference(
         c: &crate::Config,
         kv: &KvCache,
+        table: &[u32],
         q: &[f32],
         pos: usize,
         window: Option<usize>,
@@ -1601,7 +1555,7 @@ mod tests {
                 .collect();
             let mut s = Vec::new();
             for p in start..=pos {
-                kv.read(0, false, p, 0, &mut k);
+                kv.read(0, false, kv.slot(table, p).unwrap(), 0, &mut k);
                 s.push(
                     qh.iter()
                         .zip(&k[g * hd..(g + 1) * hd])
@@ -1614,7 +1568,7 @@ mod tests {
             let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
             let mut o = vec![0f64; hd];
             for (i, p) in (start..=pos).enumerate() {
-                kv.read(0, true, p, 0, &mut v);
+                kv.read(0, true, kv.slot(table, p).unwrap(), 0, &mut v);
                 let w = (s[i] - m).exp() / z;
                 o.iter_mut()
                     .zip(&v[g * hd..(g + 1) * hd])
@@ -1629,27 +1583,31 @@ mod tests {
     }
 
     /// Both attention kernels against an f64 reference, for GQA with spans across many flash
-    /// tiles (and a sliding window), decode from the f16 rows and prefill from f32 copies. The
-    /// flash kernel is within ~6e-7 of the reference; the two-pass one ~2.5e-4 (its
-    /// probabilities are rounded to f16, as llama.cpp's are). The flash prefill over f32 copies
-    /// runs its 11 queries in blocks (8 + 3) and must equal the per-token path bit for bit.
+    /// tiles and 16-position cache blocks (in reverse order) (and a sliding window), reading the
+    /// f16 rows in place and f32 copies. The flash kernel is within ~6e-7 of the reference; the
+    /// two-pass one ~2.5e-4 (its probabilities are rounded to f16, as llama.cpp's are). The
+    /// flash prefill runs its 11 queries in blocks (8 + 3) and must equal, bit for bit, the
+    /// per-token path that decoding takes (each token alone), from f16 rows and f32 copies alike.
     #[test]
     fn flash_and_two_pass_kernels_match_an_f64_reference() {
         let pool = ThreadPool::new(2);
         for (n_head, n_head_kv, hd, n_pos, window) in [
-            (4, 2, 64, 300, None),
-            (8, 1, 128, 97, None),
+            (4, 2, 64, 300usize, None),
+            (8, 1, 128, 297, None),
             (4, 4, 32, 200, Some(50)),
         ] {
             let c = config(n_head, n_head_kv, hd);
             let (kvd, qd) = (c.kv_dim(), c.q_dim());
-            let mut kv = KvCache::new(1, kvd, n_pos, 1);
+            let bs = 16;
+            let n_blocks = n_pos.div_ceil(bs);
+            let table: Vec<u32> = (0..n_blocks as u32).rev().collect();
+            let mut kv = KvCache::new(1, kvd, bs, n_blocks);
             let keys = uniform(n_pos * kvd, 1, 2.0);
             let vals = uniform(n_pos * kvd, 2, 1.0);
             for p in 0..n_pos {
                 kv.write(
                     0,
-                    p,
+                    kv.slot(&table, p).unwrap(),
                     &keys[p * kvd..(p + 1) * kvd],
                     &vals[p * kvd..(p + 1) * kvd],
                 );
@@ -1661,18 +1619,56 @@ mod tests {
             let seqs = [SeqInput {
                 tokens: &tokens,
                 pos0: n_pos - n,
-                block_table: &[0],
+                block_table: &table,
                 logits: Logits::None,
                 lora: None,
             }];
             let tok_seq = vec![0usize; n];
             let tok_pos: Vec<usize> = (n_pos - n..n_pos).collect();
-            let (mut k32, mut v32) = (vec![0f32; n_pos * kvd], vec![0f32; n_pos * kvd]);
+            // The f32 copies are indexed by position.
+            let (k32, v32) = (keys.clone(), vals.clone());
             for p in 0..n_pos {
-                kv.read(0, false, p, 0, &mut k32[p * kvd..(p + 1) * kvd]);
-                kv.read(0, true, p, 0, &mut v32[p * kvd..(p + 1) * kvd]);
+                let mut row = vec![0f32; kvd];
+                kv.read(0, false, kv.slot(&table, p).unwrap(), 0, &mut row);
+                assert_eq!(
+                    row,
+                    k32[p * kvd..(p + 1) * kvd]
+                        .iter()
+                        .map(|x| f16::from_f32(*x).to_f32())
+                        .collect::<Vec<_>>()
+                );
             }
-            let mut per_token_flash = Vec::new();
+            let widen = |x: &[f32]| {
+                x.iter()
+                    .map(|v| f16::from_f32(*v).to_f32())
+                    .collect::<Vec<_>>()
+            };
+            let (k32, v32) = (widen(&k32), widen(&v32));
+            // Each token alone (a decoding step) through the per-token flash path.
+            let mut per_token_flash = vec![0f32; n * qd];
+            for i in 0..n {
+                let one = [SeqInput {
+                    tokens: &tokens[..1],
+                    pos0: tok_pos[i],
+                    block_table: &table,
+                    logits: Logits::None,
+                    lora: None,
+                }];
+                attention(
+                    &pool,
+                    &c,
+                    &kv,
+                    &one,
+                    &[0],
+                    &tok_pos[i..i + 1],
+                    None,
+                    0,
+                    window,
+                    AttnKernel::Flash,
+                    &q[i * qd..(i + 1) * qd],
+                    &mut per_token_flash[i * qd..(i + 1) * qd],
+                );
+            }
             for f32_rows in [false, true] {
                 let rows = f32_rows.then_some((&k32[..], &v32[..]));
                 for (kernel, tol) in [(AttnKernel::Flash, 2e-6), (AttnKernel::TwoPass, 1e-3)] {
@@ -1682,17 +1678,20 @@ mod tests {
                         &mut out,
                     );
                     if kernel == AttnKernel::Flash {
-                        if f32_rows {
-                            assert!(
-                                out.iter().zip(&per_token_flash).all(|(a, b): (&f32, &f32)| a.to_bits() == b.to_bits()),
-                                "flash blocks differ from the per-token flash path ({n_head}/{n_head_kv} heads of {hd})"
-                            );
-                        } else {
-                            per_token_flash = out.clone();
-                        }
+                        assert!(
+                            out.iter().zip(&per_token_flash).all(|(a, b): (&f32, &f32)| a.to_bits() == b.to_bits()),
+                            "flash (f32 rows {f32_rows}) differs from the per-token flash path ({n_head}/{n_head_kv} heads of {hd})"
+                        );
                     }
                     for i in 0..n {
-                        let want = reference(&c, &kv, &q[i * qd..(i + 1) * qd], tok_pos[i], window);
+                        let want = reference(
+                            &c,
+                            &kv,
+                            &table,
+                            &q[i * qd..(i + 1) * qd],
+                            tok_pos[i],
+                            window,
+                        );
                         let err = want
                             .iter()
                             .zip(&out[i * qd..(i + 1) * qd])
