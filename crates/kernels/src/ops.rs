@@ -358,6 +358,63 @@ pub fn f32_to_f16_scalar(src: &[f32], dst: &mut [half::f16]) {
     }
 }
 
+/// Decodes `dst.len() / 32` blocks of ggml's `q8_0` (an f16 scale `d`, then 32 signed bytes `q`:
+/// `d·q`) from `src`, the blocks' bytes as little-endian 16-bit words (17 a block), as a
+/// quantized KV cache stores its rows: read for every query of every step, so vectorized. Each
+/// value is exact (an 8-bit integer times an f16 fits f32's mantissa), hence the same as
+/// [`crate::quants::dequantize_row`]'s on the bytes.
+///
+/// # Panics
+/// If `dst.len()` is not a multiple of 32 or `src` holds fewer than `dst.len() / 32 · 17` words.
+pub fn dequant_q8_0(src: &[u16], dst: &mut [f32]) {
+    check_blocks(src.len(), dst.len(), 17);
+    (f32_kernels().dequant_q8_0)(src, dst)
+}
+
+/// [`dequant_q8_0`] for ggml's `q4_0` (an f16 scale, then 16 bytes: value `i < 16` in the low
+/// nibble of byte `i`, value `i + 16` in its high nibble, each `d·(nibble − 8)`; 9 words a
+/// block).
+///
+/// # Panics
+/// As [`dequant_q8_0`], with 9 words a block.
+pub fn dequant_q4_0(src: &[u16], dst: &mut [f32]) {
+    check_blocks(src.len(), dst.len(), 9);
+    (f32_kernels().dequant_q4_0)(src, dst)
+}
+
+fn check_blocks(src: usize, dst: usize, block_words: usize) {
+    assert!(
+        dst % 32 == 0 && src >= dst / 32 * block_words,
+        "dequantizing {dst} values from {src} words ({block_words} a block)"
+    );
+}
+
+/// A block's bytes from its little-endian words (the scalar twins' view of the layout).
+fn block_bytes(words: &[u16]) -> impl Iterator<Item = u8> + '_ {
+    words.iter().flat_map(|w| w.to_le_bytes())
+}
+
+/// The scalar twin of [`dequant_q8_0`].
+pub fn dequant_q8_0_scalar(src: &[u16], dst: &mut [f32]) {
+    for (y, b) in dst.chunks_exact_mut(32).zip(src.chunks_exact(17)) {
+        let d = half::f16::from_bits(b[0]).to_f32();
+        for (y, q) in y.iter_mut().zip(block_bytes(&b[1..])) {
+            *y = q as i8 as f32 * d;
+        }
+    }
+}
+
+/// The scalar twin of [`dequant_q4_0`].
+pub fn dequant_q4_0_scalar(src: &[u16], dst: &mut [f32]) {
+    for (y, b) in dst.chunks_exact_mut(32).zip(src.chunks_exact(9)) {
+        let d = half::f16::from_bits(b[0]).to_f32();
+        for (j, q) in block_bytes(&b[1..]).enumerate() {
+            y[j] = ((q & 0x0F) as i32 - 8) as f32 * d;
+            y[j + 16] = ((q >> 4) as i32 - 8) as f32 * d;
+        }
+    }
+}
+
 /// `e^x` of every value in place, bit for bit what `f32::exp` returns on this platform's glibc
 /// (2.28 and later: `expf` from ARM's optimized-routines): 2^(k/32) from a 32-entry table times
 /// a cubic, in double precision, rounded to f32 once. The AVX-512 tier runs that algorithm on
@@ -661,6 +718,8 @@ struct F32Kernels {
     weighted_sum_f32_heads: HeadsFn<f32>,
     max: fn(&[f32]) -> f32,
     sum_exp: fn(&[f32], f32) -> f32,
+    dequant_q8_0: fn(&[u16], &mut [f32]),
+    dequant_q4_0: fn(&[u16], &mut [f32]),
 }
 
 fn f32_kernels() -> &'static F32Kernels {
@@ -736,6 +795,10 @@ fn f32_kernels() -> &'static F32Kernels {
                 max: |x| unsafe { x86::max(x) },
                 // SAFETY: as above.
                 sum_exp: |x, sh| unsafe { x86::sum_exp(x, sh) },
+                // SAFETY: AVX2 as above; the public wrappers checked the lengths.
+                dequant_q8_0: |s, d| unsafe { x86::dequant_q8_0(s, d) },
+                // SAFETY: as above.
+                dequant_q4_0: |s, d| unsafe { x86::dequant_q4_0(s, d) },
             };
         }
         F32Kernels {
@@ -753,6 +816,8 @@ fn f32_kernels() -> &'static F32Kernels {
             weighted_sum_f32_heads: weighted_sum_heads_scalar,
             max: max_f32_scalar,
             sum_exp: sum_exp_scalar,
+            dequant_q8_0: dequant_q8_0_scalar,
+            dequant_q4_0: dequant_q4_0_scalar,
         }
     })
 }
@@ -1481,6 +1546,52 @@ mod x86 {
         }
     }
 
+    /// # Safety
+    /// AVX2; `src` holds `dst.len() / 32` blocks of 17 words (checked by the caller). x86 is
+    /// little-endian: a block's words in memory are its bytes in order.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn dequant_q8_0(src: &[u16], dst: &mut [f32]) {
+        for (y, b) in dst.chunks_exact_mut(32).zip(src.chunks_exact(17)) {
+            let d = _mm256_set1_ps(half::f16::from_bits(b[0]).to_f32());
+            let bytes = b.as_ptr() as *const u8;
+            for k in 0..4 {
+                // SAFETY: bytes 2 + 8k .. 10 + 8k lie in the block's 34, values 8k .. 8k + 8 in y.
+                unsafe {
+                    let q = _mm_loadl_epi64(bytes.add(2 + 8 * k) as *const __m128i);
+                    let v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+                    _mm256_storeu_ps(y.as_mut_ptr().add(8 * k), _mm256_mul_ps(v, d));
+                }
+            }
+        }
+    }
+
+    /// # Safety
+    /// AVX2; `src` holds `dst.len() / 32` blocks of 9 words (checked by the caller), read as
+    /// bytes (little-endian, as [`dequant_q8_0`]).
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn dequant_q4_0(src: &[u16], dst: &mut [f32]) {
+        for (y, b) in dst.chunks_exact_mut(32).zip(src.chunks_exact(9)) {
+            let d = _mm256_set1_ps(half::f16::from_bits(b[0]).to_f32());
+            // SAFETY: bytes 2..18 lie in the block's 18, values 0..32 in y.
+            unsafe {
+                let q = _mm_loadu_si128((b.as_ptr() as *const u8).add(2) as *const __m128i);
+                let eight = _mm_set1_epi8(8);
+                let lo = _mm_sub_epi8(_mm_and_si128(q, _mm_set1_epi8(0x0F)), eight);
+                let hi = _mm_sub_epi8(
+                    _mm_and_si128(_mm_srli_epi16::<4>(q), _mm_set1_epi8(0x0F)),
+                    eight,
+                );
+                for (half, nibbles) in [lo, hi].into_iter().enumerate() {
+                    let v0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(nibbles));
+                    let v1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(nibbles)));
+                    let out = y.as_mut_ptr().add(16 * half);
+                    _mm256_storeu_ps(out, _mm256_mul_ps(v0, d));
+                    _mm256_storeu_ps(out.add(8), _mm256_mul_ps(v1, d));
+                }
+            }
+        }
+    }
+
     #[target_feature(enable = "avx2,f16c")]
     pub(super) unsafe fn round_f16(x: &mut [f32]) {
         let n = x.len();
@@ -1685,6 +1796,44 @@ mod tests {
         }
         // Large logits do not overflow.
         assert!((token_nll(&[1000.0, 1000.0], 0) - std::f64::consts::LN_2).abs() < 1e-12);
+    }
+
+    #[test]
+    fn kv_dequantizers_match_their_scalar_twins_and_gguf_layouts() {
+        for (ty, bytes) in [
+            (crate::GgmlType::Q8_0, 34usize),
+            (crate::GgmlType::Q4_0, 18),
+        ] {
+            // The kernels read the blocks as a KV cache holds them: little-endian words.
+            for blocks in [0usize, 1, 3, 6] {
+                // Random bytes with finite f16 scales (the scale's exponent below its top).
+                let mut src: Vec<u8> = (0..blocks * bytes)
+                    .map(|i| ((i as u32).wrapping_mul(2654435761) >> 13) as u8)
+                    .collect();
+                for b in src.chunks_exact_mut(bytes) {
+                    b[1] &= 0x3b;
+                }
+                let n = blocks * 32;
+                let (mut simd, mut scalar, mut reference) =
+                    (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+                let words: Vec<u16> = src
+                    .chunks_exact(2)
+                    .map(|w| u16::from_le_bytes([w[0], w[1]]))
+                    .collect();
+                let (fast, twin): (fn(&[u16], &mut [f32]), fn(&[u16], &mut [f32])) =
+                    if ty == crate::GgmlType::Q8_0 {
+                        (dequant_q8_0, dequant_q8_0_scalar)
+                    } else {
+                        (dequant_q4_0, dequant_q4_0_scalar)
+                    };
+                fast(&words, &mut simd);
+                twin(&words, &mut scalar);
+                assert!(crate::quants::dequantize_row(ty, &src, &mut reference));
+                assert_eq!(simd, scalar, "{ty:?}, {blocks} blocks");
+                assert_eq!(scalar, reference, "{ty:?}, {blocks} blocks");
+                assert!(blocks == 0 || simd.iter().any(|&v| v != 0.0));
+            }
+        }
     }
 
     #[test]

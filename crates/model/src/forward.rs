@@ -1054,12 +1054,17 @@ impl AttnKernel {
     }
 }
 
+/// Rows of a quantized cache converted at a time for the multi-head kernels.
+const CONVERTED_ROWS: usize = 32;
+
 thread_local! {
+    /// Per-thread rows of a quantized cache converted to f32, `[CONVERTED_ROWS × hd]`.
+    static CONVERTED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// Per-thread attention scores, `[MAX_GROUP × positions]`, grown to the longest context seen
     /// and reused (no allocation per token once warm).
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-    /// Per-thread buffers of one attention task, `[(2·MAX_GROUP + 1) × hd]`: the group's
-    /// rounded queries, its accumulators and one converted row (reused, never zeroed whole).
+    /// Per-thread buffers of one attention task, `[2·MAX_GROUP × hd]`: the group's rounded
+    /// queries and its accumulators (reused, never zeroed whole).
     static TASK_BUF: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
@@ -1129,6 +1134,7 @@ fn attention(
             value: false,
             table,
             kvd,
+            hd,
             koff: g * hd,
         };
         let values = HeadRows {
@@ -1150,13 +1156,11 @@ fn attention(
         let (keys, values) = head_rows(g, seqs[tok_seq[i]].block_table);
         TASK_BUF.with(|cell| {
             let mut buf = cell.borrow_mut();
-            if buf.len() < (2 * MAX_GROUP + 1) * hd {
-                buf.resize((2 * MAX_GROUP + 1) * hd, 0.0);
+            if buf.len() < 2 * MAX_GROUP * hd {
+                buf.resize(2 * MAX_GROUP * hd, 0.0);
             }
-            // [queries | accumulators | one converted row], no zeroing per task.
-            let (qs, rest) = buf.split_at_mut(MAX_GROUP * hd);
-            let (acc, row) = rest.split_at_mut(MAX_GROUP * hd);
-            let row = &mut row[..hd];
+            // [queries | accumulators], no zeroing per task.
+            let (qs, acc) = buf.split_at_mut(MAX_GROUP * hd);
             // The group's queries rounded to f16 (as llama.cpp's), head j at j·hd: [gn × hd] (the
             // group's heads are adjacent in q).
             let qs = &mut qs[..gn * hd];
@@ -1180,7 +1184,6 @@ fn attention(
                         &mut tile,
                         (&mut mx[..gn], &mut sum[..gn]),
                         acc,
-                        row,
                     );
                     p0 = p1;
                 }
@@ -1199,7 +1202,7 @@ fn attention(
                 if scores.len() < gn * len {
                     scores.resize(gn * len, 0.0);
                 }
-                keys.scores(qs, start, pos + 1, &mut scores[..], len, row);
+                keys.scores(qs, start, pos + 1, &mut scores[..], len);
                 for j in 0..gn {
                     let sj = &mut scores[j * len..(j + 1) * len];
                     sj.iter_mut().for_each(|v| *v *= scale);
@@ -1211,7 +1214,7 @@ fn attention(
                     sj.iter_mut().for_each(|v| *v *= inv);
                     ops::round_f16(sj);
                 }
-                values.weigh(&scores, len, start, pos + 1, acc, row);
+                values.weigh(&scores, len, start, pos + 1, acc);
                 for j in 0..gn {
                     // SAFETY: this task alone writes query head h0 + j of token i, inside the buffer.
                     let o = unsafe { optr.slice(i * qd + (h0 + j) * hd, hd) };
@@ -1252,7 +1255,7 @@ fn attention(
 /// all heads, `tile[j·FLASH_TILE + p − p0]`), scaled; per head the online softmax's running
 /// maximum and sum (`state`) updated — the head's accumulated output in `acc` (`[gn × hd]`)
 /// shrinks when the maximum grows — and the tile's unnormalized probabilities weighting its
-/// values into `acc`. `row` (`hd` values) converts rows that cannot be read in place.
+/// values into `acc`.
 #[allow(clippy::too_many_arguments)]
 fn flash_tile(
     (keys, values): (&HeadRows<'_>, &HeadRows<'_>),
@@ -1262,10 +1265,9 @@ fn flash_tile(
     tile: &mut [f32; MAX_GROUP * FLASH_TILE],
     (mx, sum): (&mut [f32], &mut [f32]),
     acc: &mut [f32],
-    row: &mut [f32],
 ) {
-    let (hd, m) = (row.len(), p1 - p0);
-    keys.scores(qs, p0, p1, tile, FLASH_TILE, row);
+    let (hd, m) = (keys.hd, p1 - p0);
+    keys.scores(qs, p0, p1, tile, FLASH_TILE);
     for (j, (mx, sum)) in mx.iter_mut().zip(sum.iter_mut()).enumerate() {
         let t = &mut tile[j * FLASH_TILE..j * FLASH_TILE + m];
         t.iter_mut().for_each(|v| *v *= scale);
@@ -1281,7 +1283,7 @@ fn flash_tile(
         ops::exp_in_place(t);
         *sum += ops::sum_f64(t) as f32;
     }
-    values.weigh(&tile[..], FLASH_TILE, p0, p1, acc, row);
+    values.weigh(&tile[..], FLASH_TILE, p0, p1, acc);
 }
 
 /// Query tokens whose flash attention one prefill task runs together (they share each key and
@@ -1290,7 +1292,7 @@ const FLASH_QUERIES: usize = 8;
 
 thread_local! {
     /// Per-thread state of a block of flash queries: rounded queries and accumulators,
-    /// `[2 × FLASH_QUERIES × MAX_GROUP × hd]`, then one converted row (`hd`).
+    /// `[2 × FLASH_QUERIES × MAX_GROUP × hd]`.
     static FLASH_BLOCK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
@@ -1314,12 +1316,10 @@ fn flash_block(
     FLASH_BLOCK.with(|cell| {
         let mut buf = cell.borrow_mut();
         let per = MAX_GROUP * hd;
-        if buf.len() < 2 * FLASH_QUERIES * per + hd {
-            buf.resize(2 * FLASH_QUERIES * per + hd, 0.0);
+        if buf.len() < 2 * FLASH_QUERIES * per {
+            buf.resize(2 * FLASH_QUERIES * per, 0.0);
         }
-        let (qs, rest) = buf.split_at_mut(FLASH_QUERIES * per);
-        let (accs, row) = rest.split_at_mut(FLASH_QUERIES * per);
-        let row = &mut row[..hd];
+        let (qs, accs) = buf.split_at_mut(FLASH_QUERIES * per);
         for t in 0..nq {
             let i = i0 + t;
             let qt = &mut qs[t * per..t * per + gn * hd];
@@ -1346,7 +1346,6 @@ fn flash_block(
                     &mut tile,
                     (&mut mx[t][..gn], &mut sum[t][..gn]),
                     &mut accs[t * per..t * per + gn * hd],
-                    row,
                 );
             }
             p0 += FLASH_TILE;
@@ -1377,34 +1376,13 @@ struct HeadRows<'a> {
     value: bool,
     table: &'a [u32],
     kvd: usize,
+    /// Values per head.
+    hd: usize,
     /// Offset of the head in a row.
     koff: usize,
 }
 
 impl<'a> HeadRows<'a> {
-    /// The row at position `p` (`buf.len()` = head size), converted into `buf` unless it can be
-    /// read in place.
-    #[inline]
-    fn row<'b>(&self, p: usize, buf: &'b mut [f32]) -> &'b [f32]
-    where
-        'a: 'b,
-    {
-        let (hd, kvd, koff) = (buf.len(), self.kvd, self.koff);
-        match self.f32_rows {
-            Some(rows) => &rows[p * kvd + koff..p * kvd + koff + hd],
-            None => {
-                let r = self.kv.slot(self.table, p).unwrap_or(0);
-                match self.f16_rows {
-                    Some(h) if (r + 1) * kvd <= h.len() => {
-                        f16_to_f32(&h[r * kvd + koff..r * kvd + koff + hd], buf)
-                    }
-                    _ => self.kv.read(self.layer, self.value, r, koff, buf),
-                }
-                buf
-            }
-        }
-    }
-
     /// The prefill's f32 copy from position `p` on (this head's values of each position at
     /// stride `kvd`), when rows come from it.
     #[inline]
@@ -1429,21 +1407,12 @@ impl<'a> HeadRows<'a> {
             .map(|rows| (rows, m))
     }
 
-    /// Scores of the query heads `qs` (`[gn × hd]`, `hd` = `row.len()`) against the rows at
-    /// positions `p0..p1`: `out[j·out_stride + p − p0] = qs_j · row_p`, each with exactly
-    /// [`ops::dot_f32`]'s arithmetic. The prefill's f32 copy is read in one call and f16 cache
-    /// rows block by block, in place; any other row is converted into `row` one at a time.
-    fn scores(
-        &self,
-        qs: &[f32],
-        p0: usize,
-        p1: usize,
-        out: &mut [f32],
-        out_stride: usize,
-        row: &mut [f32],
-    ) {
-        let hd = row.len();
-        let gn = qs.len() / hd;
+    /// Scores of the query heads `qs` (`[gn × hd]`) against the rows at positions `p0..p1`:
+    /// `out[j·out_stride + p − p0] = qs_j · row_p`, each with exactly [`ops::dot_f32`]'s
+    /// arithmetic. The prefill's f32 copy is read in one call and f16 cache rows block by
+    /// block, in place; other rows are converted block by block ([`convert_run`](Self::convert_run)).
+    fn scores(&self, qs: &[f32], p0: usize, p1: usize, out: &mut [f32], out_stride: usize) {
+        let hd = self.hd;
         if let Some(rows) = self.f32_from(p0) {
             ops::dot_rows_f32_heads(qs, hd, rows, self.kvd, p1 - p0, out, out_stride);
             return;
@@ -1455,28 +1424,41 @@ impl<'a> HeadRows<'a> {
                 p += m;
                 continue;
             }
-            let k = self.row(p, row);
-            for j in 0..gn {
-                out[j * out_stride + p - p0] = ops::dot_f32(&qs[j * hd..(j + 1) * hd], k);
-            }
-            p += 1;
+            let m = CONVERTED.with(|cell| {
+                let mut rows = cell.borrow_mut();
+                let m = self.convert_run(p, p1, &mut rows);
+                ops::dot_rows_f32_heads(qs, hd, &rows, hd, m, &mut out[p - p0..], out_stride);
+                m
+            });
+            p += m;
         }
     }
 
+    /// The rows at positions `p..p + m` converted into `rows` (`[m × hd]`, f32), `m` reaching
+    /// to the end of `p`'s block, to `end` or to [`CONVERTED_ROWS`]: a quantized cache's rows
+    /// (or a two-tier cache's cold ones) decoded once for all query heads of the group and
+    /// handed to the multi-head kernels, whose arithmetic per row and head is that of
+    /// `dot_f32` and `axpy` on the decoded row.
+    fn convert_run(&self, p: usize, end: usize, rows: &mut Vec<f32>) -> usize {
+        let hd = self.hd;
+        let bs = self.kv.block_size();
+        let m = (bs - p % bs).min(end - p).min(CONVERTED_ROWS);
+        if rows.len() < m * hd {
+            rows.resize(m * hd, 0.0);
+        }
+        for (r, out) in rows[..m * hd].chunks_exact_mut(hd).enumerate() {
+            let slot = self.kv.slot(self.table, p + r).unwrap_or(0);
+            self.kv.read(self.layer, self.value, slot, self.koff, out);
+        }
+        m
+    }
+
     /// The weighted sum of the rows at positions `p0..p1` into the heads' accumulators `acc`
-    /// (`[gn × hd]`, `hd` = `row.len()`): `acc_j += Σ_p w[j·w_stride + p − p0] · row_p`, per
+    /// (`[gn × hd]`): `acc_j += Σ_p w[j·w_stride + p − p0] · row_p`, per
     /// element the operations of one [`ops::axpy`] per row in position order; rows read as in
     /// [`scores`](Self::scores).
-    fn weigh(
-        &self,
-        w: &[f32],
-        w_stride: usize,
-        p0: usize,
-        p1: usize,
-        acc: &mut [f32],
-        row: &mut [f32],
-    ) {
-        let hd = row.len();
+    fn weigh(&self, w: &[f32], w_stride: usize, p0: usize, p1: usize, acc: &mut [f32]) {
+        let hd = self.hd;
         if let Some(rows) = self.f32_from(p0) {
             ops::weighted_sum_f32_heads(w, w_stride, rows, self.kvd, p1 - p0, acc, hd);
             return;
@@ -1488,18 +1470,15 @@ impl<'a> HeadRows<'a> {
                 p += m;
                 continue;
             }
-            let v = self.row(p, row);
-            for (j, a) in acc.chunks_exact_mut(hd).enumerate() {
-                ops::axpy(w[j * w_stride + p - p0], v, a);
-            }
-            p += 1;
+            let m = CONVERTED.with(|cell| {
+                let mut rows = cell.borrow_mut();
+                let m = self.convert_run(p, p1, &mut rows);
+                ops::weighted_sum_f32_heads(&w[p - p0..], w_stride, &rows, hd, m, acc, hd);
+                m
+            });
+            p += m;
         }
     }
-}
-
-#[inline]
-fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
-    ops::f16_to_f32(src, dst);
 }
 
 #[cfg(test)]

@@ -380,33 +380,8 @@ fn decode_row(ty: KvType, row: &[u16], off: usize, out: &mut [f32]) {
                 *d = f32::from_bits(w[0] as u32 | (w[1] as u32) << 16);
             }
         }
-        KvType::Q8_0 => {
-            for (yb, blk) in out
-                .chunks_exact_mut(32)
-                .zip(row[off / 32 * 17..].chunks_exact(17))
-            {
-                let d = f16::from_bits(blk[0]).to_f32();
-                for (j, w) in blk[1..].iter().enumerate() {
-                    yb[2 * j] = (*w as u8) as i8 as f32 * d;
-                    yb[2 * j + 1] = ((*w >> 8) as u8) as i8 as f32 * d;
-                }
-            }
-        }
-        KvType::Q4_0 => {
-            for (yb, blk) in out
-                .chunks_exact_mut(32)
-                .zip(row[off / 32 * 9..].chunks_exact(9))
-            {
-                let d = f16::from_bits(blk[0]).to_f32();
-                for (j, w) in blk[1..].iter().enumerate() {
-                    for (h, byte) in [(*w as u8), ((*w >> 8) as u8)].into_iter().enumerate() {
-                        let i = 2 * j + h;
-                        yb[i] = ((byte & 0x0F) as i32 - 8) as f32 * d;
-                        yb[i + 16] = ((byte >> 4) as i32 - 8) as f32 * d;
-                    }
-                }
-            }
-        }
+        KvType::Q8_0 => ruvllm_kernels::ops::dequant_q8_0(&row[off / 32 * 17..], out),
+        KvType::Q4_0 => ruvllm_kernels::ops::dequant_q4_0(&row[off / 32 * 9..], out),
     }
 }
 
