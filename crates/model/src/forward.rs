@@ -1446,10 +1446,16 @@ impl<'a> HeadRows<'a> {
         if rows.len() < m * hd {
             rows.resize(m * hd, 0.0);
         }
-        for (r, out) in rows[..m * hd].chunks_exact_mut(hd).enumerate() {
-            let slot = self.kv.slot(self.table, p + r).unwrap_or(0);
-            self.kv.read(self.layer, self.value, slot, self.koff, out);
-        }
+        // The block's rows are consecutive slots.
+        let slot = self.kv.slot(self.table, p).unwrap_or(0);
+        self.kv.read_run(
+            self.layer,
+            self.value,
+            slot,
+            self.koff,
+            hd,
+            &mut rows[..m * hd],
+        );
         m
     }
 

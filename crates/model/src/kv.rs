@@ -321,6 +321,36 @@ impl KvCache {
         (self.v_ty == KvType::F16).then(|| self.v[layer].reinterpret_cast())
     }
 
+    /// Values `off..off + hd` of rows `slot..slot + m` (`m = out.len() / hd`, consecutive slots
+    /// of one block) of a layer's keys or values into `out` (`[m × hd]`), as [`read`](Self::read)
+    /// row by row.
+    pub(crate) fn read_run(
+        &self,
+        layer: usize,
+        value: bool,
+        slot: usize,
+        off: usize,
+        hd: usize,
+        out: &mut [f32],
+    ) {
+        let hot = self.hot_rows();
+        if slot >= hot {
+            if let Some(c) = self.cold.as_ref() {
+                c.read_run(layer, value, slot - hot, off, hd, out);
+            }
+            return;
+        }
+        let (rows, words, ty) = if value {
+            (&self.v[layer], self.v_words, self.v_ty)
+        } else {
+            (&self.k[layer], self.k_words, self.k_ty)
+        };
+        for (r, o) in out.chunks_exact_mut(hd).enumerate() {
+            let s = slot + r;
+            decode_row(ty, &rows[s * words..(s + 1) * words], off, o);
+        }
+    }
+
     /// Values `off..off + out.len()` of row `slot` of a layer's keys (`value = false`) or values,
     /// as f32. For the quantized types `off` and the length are multiples of 32.
     pub(crate) fn read(&self, layer: usize, value: bool, slot: usize, off: usize, out: &mut [f32]) {
