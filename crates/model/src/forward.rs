@@ -1363,6 +1363,12 @@ fn flash_block(
     });
 }
 
+/// A run of rows as [`HeadRows::each_run`] hands it out.
+enum RunRows<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+}
+
 /// Where one KV head's key (or value) rows of a layer are read from: the f32 copy made for a
 /// prefill batch (indexed by position) when there is one, else the cache rows the block table
 /// points to (directly from f16 on the default path, through the cache's decoder for other
@@ -1407,31 +1413,46 @@ impl<'a> HeadRows<'a> {
             .map(|rows| (rows, m))
     }
 
-    /// Scores of the query heads `qs` (`[gn × hd]`) against the rows at positions `p0..p1`:
-    /// `out[j·out_stride + p − p0] = qs_j · row_p`, each with exactly [`ops::dot_f32`]'s
-    /// arithmetic. The prefill's f32 copy is read in one call and f16 cache rows block by
-    /// block, in place; other rows are converted block by block ([`convert_run`](Self::convert_run)).
-    fn scores(&self, qs: &[f32], p0: usize, p1: usize, out: &mut [f32], out_stride: usize) {
-        let hd = self.hd;
+    /// Walks the rows at positions `p0..p1` in runs, calling `f(offset, rows, stride, m)` for
+    /// the `m` rows from position `p0 + offset` on, `stride` apart: the prefill's f32 copy in
+    /// one run, an f16 cache block by block in place, any other rows converted to f32 block by
+    /// block ([`convert_run`](Self::convert_run)).
+    fn each_run(&self, p0: usize, p1: usize, mut f: impl FnMut(usize, RunRows<'_>, usize, usize)) {
         if let Some(rows) = self.f32_from(p0) {
-            ops::dot_rows_f32_heads(qs, hd, rows, self.kvd, p1 - p0, out, out_stride);
+            f(0, RunRows::F32(rows), self.kvd, p1 - p0);
             return;
         }
         let mut p = p0;
         while p < p1 {
-            if let Some((rows, m)) = self.f16_run(p, p1, hd) {
-                ops::dot_rows_f16_heads(qs, hd, rows, self.kvd, m, &mut out[p - p0..], out_stride);
-                p += m;
-                continue;
-            }
-            let m = CONVERTED.with(|cell| {
-                let mut rows = cell.borrow_mut();
-                let m = self.convert_run(p, p1, &mut rows);
-                ops::dot_rows_f32_heads(qs, hd, &rows, hd, m, &mut out[p - p0..], out_stride);
-                m
-            });
+            let m = match self.f16_run(p, p1, self.hd) {
+                Some((rows, m)) => {
+                    f(p - p0, RunRows::F16(rows), self.kvd, m);
+                    m
+                }
+                None => CONVERTED.with(|cell| {
+                    let mut rows = cell.borrow_mut();
+                    let m = self.convert_run(p, p1, &mut rows);
+                    f(p - p0, RunRows::F32(&rows[..m * self.hd]), self.hd, m);
+                    m
+                }),
+            };
             p += m;
         }
+    }
+
+    /// Scores of the query heads `qs` (`[gn × hd]`) against the rows at positions `p0..p1`:
+    /// `out[j·out_stride + p − p0] = qs_j · row_p`, each with exactly [`ops::dot_f32`]'s
+    /// arithmetic, every row read once for all heads ([`each_run`](Self::each_run)).
+    fn scores(&self, qs: &[f32], p0: usize, p1: usize, out: &mut [f32], out_stride: usize) {
+        let hd = self.hd;
+        self.each_run(p0, p1, |o, rows, stride, m| match rows {
+            RunRows::F32(r) => {
+                ops::dot_rows_f32_heads(qs, hd, r, stride, m, &mut out[o..], out_stride)
+            }
+            RunRows::F16(r) => {
+                ops::dot_rows_f16_heads(qs, hd, r, stride, m, &mut out[o..], out_stride)
+            }
+        });
     }
 
     /// The rows at positions `p..p + m` converted into `rows` (`[m × hd]`, f32), `m` reaching
@@ -1460,30 +1481,18 @@ impl<'a> HeadRows<'a> {
     }
 
     /// The weighted sum of the rows at positions `p0..p1` into the heads' accumulators `acc`
-    /// (`[gn × hd]`): `acc_j += Σ_p w[j·w_stride + p − p0] · row_p`, per
-    /// element the operations of one [`ops::axpy`] per row in position order; rows read as in
-    /// [`scores`](Self::scores).
+    /// (`[gn × hd]`): `acc_j += Σ_p w[j·w_stride + p − p0] · row_p`, per element the operations
+    /// of one [`ops::axpy`] per row in position order; rows read as in [`scores`](Self::scores).
     fn weigh(&self, w: &[f32], w_stride: usize, p0: usize, p1: usize, acc: &mut [f32]) {
         let hd = self.hd;
-        if let Some(rows) = self.f32_from(p0) {
-            ops::weighted_sum_f32_heads(w, w_stride, rows, self.kvd, p1 - p0, acc, hd);
-            return;
-        }
-        let mut p = p0;
-        while p < p1 {
-            if let Some((rows, m)) = self.f16_run(p, p1, hd) {
-                ops::weighted_sum_f16_heads(&w[p - p0..], w_stride, rows, self.kvd, m, acc, hd);
-                p += m;
-                continue;
+        self.each_run(p0, p1, |o, rows, stride, m| match rows {
+            RunRows::F32(r) => {
+                ops::weighted_sum_f32_heads(&w[o..], w_stride, r, stride, m, acc, hd)
             }
-            let m = CONVERTED.with(|cell| {
-                let mut rows = cell.borrow_mut();
-                let m = self.convert_run(p, p1, &mut rows);
-                ops::weighted_sum_f32_heads(&w[p - p0..], w_stride, &rows, hd, m, acc, hd);
-                m
-            });
-            p += m;
-        }
+            RunRows::F16(r) => {
+                ops::weighted_sum_f16_heads(&w[o..], w_stride, r, stride, m, acc, hd)
+            }
+        });
     }
 }
 
