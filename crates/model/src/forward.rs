@@ -1256,7 +1256,6 @@ fn attention(
 /// maximum and sum (`state`) updated — the head's accumulated output in `acc` (`[gn × hd]`)
 /// shrinks when the maximum grows — and the tile's unnormalized probabilities weighting its
 /// values into `acc`.
-#[allow(clippy::too_many_arguments)]
 fn flash_tile(
     (keys, values): (&HeadRows<'_>, &HeadRows<'_>),
     qs: &[f32],
