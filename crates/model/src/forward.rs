@@ -1397,13 +1397,11 @@ impl<'a> HeadRows<'a> {
 
     /// The f16 cache rows of positions `p..p + m` read in place, `m` reaching to the end of
     /// `p`'s block or to `end` (rows of one block are consecutive slots, `kvd` apart): None
-    /// when rows come from the prefill's f32 copy, the cache is not f16, or `p`'s slot lies
-    /// outside the f16 rows (a two-tier cache's cold blocks).
+    /// when the cache is not f16 or `p`'s slot lies outside the f16 rows (a two-tier cache's
+    /// cold blocks). [`each_run`](Self::each_run) asks only when there is no f32 copy.
     #[inline]
-    fn f16_run(&self, p: usize, end: usize, hd: usize) -> Option<(&'a [f16], usize)> {
-        if self.f32_rows.is_some() {
-            return None;
-        }
+    fn f16_run(&self, p: usize, end: usize) -> Option<(&'a [f16], usize)> {
+        let hd = self.hd;
         let h = self.f16_rows?;
         let bs = self.kv.block_size();
         let m = (bs - p % bs).min(end - p);
@@ -1423,7 +1421,7 @@ impl<'a> HeadRows<'a> {
         }
         let mut p = p0;
         while p < p1 {
-            let m = match self.f16_run(p, p1, self.hd) {
+            let m = match self.f16_run(p, p1) {
                 Some((rows, m)) => {
                     f(p - p0, RunRows::F16(rows), self.kvd, m);
                     m

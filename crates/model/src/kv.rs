@@ -354,19 +354,7 @@ impl KvCache {
     /// Values `off..off + out.len()` of row `slot` of a layer's keys (`value = false`) or values,
     /// as f32. For the quantized types `off` and the length are multiples of 32.
     pub(crate) fn read(&self, layer: usize, value: bool, slot: usize, off: usize, out: &mut [f32]) {
-        let hot = self.hot_rows();
-        if slot >= hot {
-            if let Some(c) = self.cold.as_ref() {
-                c.read(layer, value, slot - hot, off, out);
-            }
-            return;
-        }
-        let (rows, words, ty) = if value {
-            (&self.v[layer], self.v_words, self.v_ty)
-        } else {
-            (&self.k[layer], self.k_words, self.k_ty)
-        };
-        decode_row(ty, &rows[slot * words..(slot + 1) * words], off, out);
+        self.read_run(layer, value, slot, off, out.len(), out);
     }
 }
 
