@@ -118,10 +118,14 @@ struct Scratch {
     tok_seq: Vec<usize>,
     /// Position of each token of the batch: `[n]`.
     tok_pos: Vec<usize>,
-    /// A layer's keys as f32 for a prefill batch: `[positions × kv_dim]`.
+    /// A layer's keys as f32 for a prefill batch: per copied sequence `[positions × kv_dim]`.
     k32: Vec<f32>,
-    /// A layer's values as f32 for a prefill batch: `[positions × kv_dim]`.
+    /// A layer's values as f32, laid out as `k32`.
     v32: Vec<f32>,
+    /// Per sequence of the batch, where its copy starts in `k32`/`v32` (None: no copy).
+    f32_at: Vec<Option<usize>>,
+    /// The copy's tasks: (sequence, first of up to 64 positions).
+    copy_tasks: Vec<(usize, usize)>,
     /// LoRA intermediate `A·x` per token: `[n × rank]`.
     lora_tmp: Vec<f32>,
     acts: ActCache,
@@ -747,35 +751,62 @@ impl<'m> Forward<'m> {
             // A sequence with several new tokens reads each key many times: convert its keys
             // and values to f32 once (in parallel, indexed by position) instead of once per
             // query, when the cache is quantized or has a cold tier (rows dequantized one at a
-            // time otherwise). An all-f16 cache is read in place by the multi-head kernels
-            // instead (both attention kernels), with the same values and arithmetic: a prefill
-            // of 512 tokens spent half its time in attention through the copy's per-row
-            // `dot_f32`/`axpy` calls. One token reads each row once, so decode converts on the
-            // fly.
+            // time otherwise). Every such sequence of the batch gets its own copy (a batch of
+            // several prompts' chunks under continuous batching: 16 × 1,024-token prompts with
+            // `--kv-type q8_0` took 1.8× f16's TTFT while only a lone prefill had one). An
+            // all-f16 cache is read in place by the multi-head kernels instead (both attention
+            // kernels), with the same values and arithmetic: a prefill of 512 tokens spent half
+            // its time in attention through the copy's per-row `dot_f32`/`axpy` calls. One
+            // token reads each row once, so decode converts on the fly.
             let in_place =
                 kv.keys_f16(il).is_some() && kv.values_f16(il).is_some() && !kv.has_cold();
-            let kv_f32 = if seqs.len() == 1 && n > 1 && !in_place {
-                let q = &seqs[0];
-                let first = window.map_or(0, |w| (q.pos0 + 1).saturating_sub(w));
-                let total = (q.pos0 + n) * kvd;
+            s.f32_at.clear();
+            let mut total = 0;
+            if !in_place {
+                for q in seqs {
+                    let len = (q.pos0 + q.tokens.len()) * kvd;
+                    let copy = q.tokens.len() > 1 && total + len <= MAX_F32_COPY;
+                    s.f32_at.push(copy.then_some(total));
+                    total += if copy { len } else { 0 };
+                }
+            }
+            let kv_f32 = if total > 0 {
                 grow(&mut s.k32, total);
                 grow(&mut s.v32, total);
                 let (kp, vp) = (
                     SyncPtr::new(&mut s.k32[..total]),
                     SyncPtr::new(&mut s.v32[..total]),
                 );
-                let kvr = &*kv;
-                let rows = q.pos0 + n - first;
-                self.pool.run(rows.div_ceil(64), &|t| {
-                    for p in first + t * 64..(first + (t + 1) * 64).min(q.pos0 + n) {
+                // Tasks of 64 positions of one sequence: (sequence, first position).
+                s.copy_tasks.clear();
+                for (si, q) in seqs.iter().enumerate() {
+                    if s.f32_at[si].is_some() {
+                        let first = window.map_or(0, |w| (q.pos0 + 1).saturating_sub(w));
+                        let end = q.pos0 + q.tokens.len();
+                        s.copy_tasks
+                            .extend((first..end).step_by(64).map(|p| (si, p)));
+                    }
+                }
+                let (kvr, at, tasks) = (&*kv, &s.f32_at, &s.copy_tasks);
+                self.pool.run(tasks.len(), &|t| {
+                    let (si, p0) = tasks[t];
+                    let q = &seqs[si];
+                    let base = at[si].unwrap_or(0);
+                    for p in p0..(p0 + 64).min(q.pos0 + q.tokens.len()) {
                         let r = kvr.slot(q.block_table, p).unwrap_or(0);
-                        // SAFETY: position p's rows of both buffers belong to this task alone.
-                        let (kd, vd) = unsafe { (kp.slice(p * kvd, kvd), vp.slice(p * kvd, kvd)) };
+                        let o = base + p * kvd;
+                        // SAFETY: position p's rows of sequence si's region of both buffers
+                        // belong to this task alone (regions are disjoint, tasks split them).
+                        let (kd, vd) = unsafe { (kp.slice(o, kvd), vp.slice(o, kvd)) };
                         kvr.read(il, false, r, 0, kd);
                         kvr.read(il, true, r, 0, vd);
                     }
                 });
-                Some((&s.k32[..total], &s.v32[..total]))
+                Some(F32Copy {
+                    k: &s.k32[..total],
+                    v: &s.v32[..total],
+                    at: &s.f32_at,
+                })
             } else {
                 None
             };
@@ -1091,7 +1122,7 @@ fn attention(
     seqs: &[SeqInput<'_>],
     tok_seq: &[usize],
     tok_pos: &[usize],
-    kv_f32: Option<(&[f32], &[f32])>,
+    kv_f32: Option<F32Copy<'_>>,
     layer: usize,
     window: Option<usize>,
     kernel: AttnKernel,
@@ -1124,21 +1155,22 @@ fn attention(
     let heads_per_task = if f0 >= 4 * pool.n_threads() { sub } else { 1 };
     let tasks_per_token = sub / heads_per_task;
     let token_tasks = f0 * tasks_per_token;
-    // KV head g's key and value rows for the sequence with block table `table`.
-    let head_rows = |g: usize, table| {
+    // KV head g's key and value rows for sequence `si`.
+    let head_rows = |g: usize, si: usize| {
+        let copy = kv_f32.and_then(|x| Some((x, x.at.get(si).copied().flatten()?)));
         let keys = HeadRows {
-            f32_rows: kv_f32.map(|x| x.0),
+            f32_rows: copy.map(|(x, o)| &x.k[o..]),
             f16_rows: keys,
             kv,
             layer,
             value: false,
-            table,
+            table: seqs[si].block_table,
             kvd,
             hd,
             koff: g * hd,
         };
         let values = HeadRows {
-            f32_rows: kv_f32.map(|x| x.1),
+            f32_rows: copy.map(|(x, o)| &x.v[o..]),
             f16_rows: values,
             value: true,
             ..keys
@@ -1153,7 +1185,7 @@ fn attention(
         let pos = tok_pos[i];
         let start = window.map_or(0, |w| (pos + 1).saturating_sub(w));
         let len = pos + 1 - start;
-        let (keys, values) = head_rows(g, seqs[tok_seq[i]].block_table);
+        let (keys, values) = head_rows(g, tok_seq[i]);
         TASK_BUF.with(|cell| {
             let mut buf = cell.borrow_mut();
             if buf.len() < 2 * MAX_GROUP * hd {
@@ -1235,7 +1267,7 @@ fn attention(
                 tok_pos,
                 (i0, (i0 + FLASH_QUERIES).min(n)),
                 (g * group + sg * MAX_GROUP, gn),
-                head_rows(g, seqs[0].block_table),
+                head_rows(g, 0),
                 optr,
             );
             return;
@@ -1360,6 +1392,19 @@ fn flash_block(
             }
         }
     });
+}
+
+/// Most f32 values of keys (and as many of values) a batch's copies take: a sequence whose
+/// copy would pass it reads its rows through the cache's decoder instead (64 MiB each).
+const MAX_F32_COPY: usize = 16 << 20;
+
+/// A layer's keys and values converted to f32 for the sequences of a batch with several new
+/// tokens: sequence `si`'s position `p` at `at[si] + p·kv_dim` of `k` and `v`.
+#[derive(Clone, Copy)]
+struct F32Copy<'a> {
+    k: &'a [f32],
+    v: &'a [f32],
+    at: &'a [Option<usize>],
 }
 
 /// A run of rows as [`HeadRows::each_run`] hands it out.
@@ -1661,7 +1706,11 @@ mod tests {
                 );
             }
             for f32_rows in [false, true] {
-                let rows = f32_rows.then_some((&k32[..], &v32[..]));
+                let rows = f32_rows.then_some(F32Copy {
+                    k: &k32,
+                    v: &v32,
+                    at: &[Some(0)],
+                });
                 for (kernel, tol) in [(AttnKernel::Flash, 2e-6), (AttnKernel::TwoPass, 1e-3)] {
                     let mut out = vec![0f32; n * qd];
                     attention(
