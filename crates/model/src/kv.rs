@@ -6,6 +6,7 @@
 use half::f16;
 use half::slice::HalfBitsSliceExt;
 use ruvllm_kernels::quants::{quantize_q4_0, quantize_q8_0};
+use ruvllm_kernels::SyncPtr;
 
 /// How keys and values are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -305,6 +306,23 @@ impl KvCache {
         encode_row(self.v_ty, v, &mut self.v[layer][slot * vw..(slot + 1) * vw]);
     }
 
+    /// A writer of layer `layer`'s hot rows that several pool tasks share, each storing its own
+    /// positions ([`RowWriter::write`]): a batch's tokens store their keys and values in
+    /// parallel.
+    pub(crate) fn row_writer(&mut self, layer: usize) -> RowWriter<'_> {
+        let hot = self.hot_rows();
+        RowWriter {
+            k: SyncPtr::new(&mut self.k[layer]),
+            v: SyncPtr::new(&mut self.v[layer]),
+            hot,
+            k_words: self.k_words,
+            v_words: self.v_words,
+            k_ty: self.k_ty,
+            v_ty: self.v_ty,
+            _cache: std::marker::PhantomData,
+        }
+    }
+
     /// Key rows of a layer as f16, when the cache stores f16 (the fast path; hot rows only in
     /// two-tier mode): `[rows × kv_dim]`.
     pub(crate) fn keys_f16(&self, layer: usize) -> Option<&[f16]> {
@@ -359,6 +377,44 @@ impl KvCache {
 }
 
 /// Encodes `x` as one row of 16-bit words of type `ty`.
+/// One layer's hot rows, written by several pool tasks at once ([`KvCache::row_writer`]).
+pub(crate) struct RowWriter<'a> {
+    k: SyncPtr<u16>,
+    v: SyncPtr<u16>,
+    /// Hot rows of the layer (the buffers hold `hot × k_words` and `hot × v_words` words).
+    hot: usize,
+    k_words: usize,
+    v_words: usize,
+    k_ty: KvType,
+    v_ty: KvType,
+    _cache: std::marker::PhantomData<&'a mut KvCache>,
+}
+
+impl RowWriter<'_> {
+    /// Stores one position's keys and values at row `slot`, as [`KvCache::write`] does; false
+    /// (nothing written) when `slot` is not a hot row (a two-tier cache's cold rows go through
+    /// [`KvCache::write`]).
+    ///
+    /// # Safety
+    /// No other call writes the same `slot` meanwhile.
+    pub(crate) unsafe fn write(&self, slot: usize, k: &[f32], v: &[f32]) -> bool {
+        if slot >= self.hot {
+            return false;
+        }
+        // SAFETY: slot < hot, so both rows lie inside the layer's buffers, which the writer
+        // borrows mutably for its lifetime; the caller guarantees no other task touches the slot.
+        let (kr, vr) = unsafe {
+            (
+                self.k.slice(slot * self.k_words, self.k_words),
+                self.v.slice(slot * self.v_words, self.v_words),
+            )
+        };
+        encode_row(self.k_ty, k, kr);
+        encode_row(self.v_ty, v, vr);
+        true
+    }
+}
+
 fn encode_row(ty: KvType, x: &[f32], out: &mut [u16]) {
     match ty {
         KvType::F16 => ruvllm_kernels::ops::f32_to_f16(x, out.reinterpret_cast_mut()),
