@@ -41,6 +41,8 @@ def test_feedback_teaches_only_its_caller():
         assert r.status_code == 200, r.text
         f = r.json()
         assert f["updated"] and f["loss_after"] < 0.2 * f["loss_before"], f
+        # The server says the correction took (and the next request shows it does).
+        assert f["follows"] is True and f["replays_follow"] is True, f
         # Publication comes first; the bank's bookkeeping follows it within the response.
         assert 0 < f["published_ms"] <= f["ms"] + 1.0, f
         # Where the time went: a capture pass, at least one round, all within publication.
@@ -54,6 +56,8 @@ def test_feedback_teaches_only_its_caller():
         # Negative feedback on the taught answer pushes it back down.
         r = feedback(s.url, "alice", {"id": taught["id"], "rating": -1})
         assert r.status_code == 200 and r.json()["version"] == 1
+        # "follows" would promise the answer changed robustly; here it changes at a near-tie.
+        assert isinstance(r.json()["follows"], bool), r.json()
         assert not ask(s.url, "alice")["choices"][0]["text"].startswith(ANSWER.strip("."))
     finally:
         assert s.stop() == 0
@@ -104,6 +108,11 @@ def test_every_fourth_feedback_event_starts_the_background_loop():
             f = feedback(s.url, "gina", {"id": r["id"], "correction": answer})
             assert f.status_code == 200 and f.json()["background_scheduled"] is (i == 3), f.text
             assert f.json()["loss_after"] < f.json()["loss_before"], f.text
+            if i < 3 and f.json()["follows"]:
+                # "follows" is a promise: the same request now gives the correction, whole.
+                again = httpx.post(s.url + "/v1/completions", headers={"Authorization": "Bearer gina"}, timeout=120,
+                                   json={"model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0}).json()
+                assert again["choices"][0]["text"] == answer, (prompt, again["choices"][0]["text"], f.text)
         for _ in range(200):
             if "background loop" in open(s.log.name).read():
                 break

@@ -32,7 +32,7 @@ use crate::fast::{
 };
 use crate::merge::merge;
 use crate::train::{answer_targets, capture, tokens_hash, CaptureSource, Head, OptimizerState};
-use ruvllm_kernels::ops::logit_stats;
+use ruvllm_kernels::ops::{logit_stats, max_f32, LogitStats};
 use ruvllm_kernels::pool::ThreadPool;
 use ruvllm_model::{head_logits, Capture, LoraAdapter, LoraPair, Model, Proj};
 use serde_json::{json, Value};
@@ -200,6 +200,15 @@ pub struct Outcome {
     pub background_due: bool,
     /// Where an instant-loop event's time went (zero for other runs).
     pub phases: Phases,
+    /// Instant-loop events: whether the update took, by the full-vocabulary check of the
+    /// published adapter: for a correction or a positive rating, every token its row's most
+    /// likely one given the tokens before it, by at least [`FOLLOW_MARGIN`] (the same request
+    /// now reproduces it); for a negative rating, some taught token trails its row's best by
+    /// that much (greedy decoding no longer reproduces the answer). False for other runs.
+    pub follows: bool,
+    /// Instant-loop events: whether the replayed earlier lessons are all still followed (true
+    /// when none were replayed). False for other runs.
+    pub replays_follow: bool,
 }
 
 /// Wall-clock milliseconds of an instant-loop event's phases, in the order they run: what a
@@ -236,6 +245,8 @@ impl Outcome {
             persisted: false,
             background_due: false,
             phases: Phases::default(),
+            follows: false,
+            replays_follow: false,
         }
     }
 }
@@ -379,9 +390,35 @@ struct Check {
     /// Tokens outside its top candidates that a row now gives a probability of at least
     /// [`CHECK_P`] (the sample only estimates their mass; these matter one by one).
     extra: Vec<u32>,
-    /// Whether greedy decoding follows the lesson (every target its row's most likely token;
-    /// for a negative lesson, none).
+    /// Whether training may stop for this lesson: every target its row's most likely token by
+    /// at least [`FOLLOW_MARGIN`] (for a negative lesson, no target its row's most likely).
     follows: bool,
+    /// Whether the lesson took as [`Outcome::follows`] reports it: `follows` for a positive
+    /// lesson; for a negative one, some target trails its row's best by [`FOLLOW_MARGIN`].
+    took: bool,
+}
+
+/// How far (in logits, i.e. nats) a lesson's target must lead every other token of its row —
+/// or, for a negative lesson, trail the row's best — for the check to say greedy decoding
+/// follows it. The check computes logits from exact f32 hidden states, while serving
+/// multiplies the LM head with 8-bit quantized ones: near-ties can go the other way there
+/// (castle 3's digit: the check's argmax by 0.02, the served argmax another digit by 0.04),
+/// so a lesson counts as followed only with a lead well beyond that rounding.
+pub const FOLLOW_MARGIN: f32 = 0.25;
+
+/// The lead of `target` over the best other logit of `lg` (negative when it is not the
+/// argmax); for a `negative` lesson, the best logit's lead over the target's instead.
+/// `lg` is restored before returning.
+fn follow_margin(lg: &mut [f32], stats: &LogitStats, target: usize, negative: bool) -> f32 {
+    let t = lg[target];
+    if negative || stats.argmax != target {
+        let lead = stats.max - t;
+        return if negative { lead } else { -lead };
+    }
+    lg[target] = f32::NEG_INFINITY;
+    let second = max_f32(lg);
+    lg[target] = t;
+    t - second
 }
 
 /// Judges lesson `l` (prepared as `p`) from its rows' full-vocabulary logits, which
@@ -393,7 +430,7 @@ fn judge(
     mut row_logits: impl FnMut(usize, &mut [f32]),
 ) -> Check {
     let top = &l.cands.ids[..l.cands.n_top];
-    let (mut loss, mut extra, mut follows) = (0f64, Vec::new(), true);
+    let (mut loss, mut extra, mut follows, mut displaced) = (0f64, Vec::new(), true, false);
     let mut lg = vec![0f32; nv];
     for (ri, &row) in p.rows().iter().enumerate() {
         let Some(target) = l.targets.get(row).copied().flatten() else {
@@ -419,7 +456,13 @@ fn judge(
                 );
             }
         }
-        follows &= (stats.argmax == target as usize) != l.negative;
+        let margin = follow_margin(&mut lg, &stats, target as usize, l.negative);
+        if l.negative {
+            follows &= stats.argmax != target as usize;
+            displaced |= margin >= FOLLOW_MARGIN;
+        } else {
+            follows &= margin >= FOLLOW_MARGIN;
+        }
     }
     extra.sort_unstable();
     extra.dedup();
@@ -427,6 +470,7 @@ fn judge(
         loss: (loss / p.n_rows().max(1) as f64) as f32,
         extra,
         follows,
+        took: if l.negative { displaced } else { follows },
     }
 }
 
@@ -1493,6 +1537,8 @@ impl Learner {
         }
         let (mut loss_before, mut loss_after, mut taken, mut prev_total) =
             (None, 0.0, 0, f32::INFINITY);
+        // The last round's verdicts (its checks see the adapter that is published).
+        let (mut follows_new, mut follows_replays) = (false, false);
         // Prepared once, widened when its candidates widen (preparation depends on the
         // candidates and the fixed base branch, not on the trained parameters; widening
         // computes only the new candidates' columns).
@@ -1536,6 +1582,8 @@ impl Learner {
             let t_widen = Instant::now();
             phases.checks_ms += ms(t_check, t_widen);
             let follows = checks.iter().all(|c| c.follows);
+            follows_new = checks.first().is_some_and(|c| c.took);
+            follows_replays = checks.iter().skip(1).all(|c| c.took);
             loss_after = checks.first().map_or(0.0, |c| c.loss);
             let new_widened = checks
                 .first()
@@ -1599,6 +1647,8 @@ impl Learner {
             persisted,
             background_due,
             phases,
+            follows: follows_new,
+            replays_follow: follows_replays,
         })
     }
 
@@ -1703,6 +1753,8 @@ impl Learner {
                 persisted: false,
                 background_due: false,
                 phases: Phases::default(),
+                follows: false,
+                replays_follow: false,
             });
         }
         // The Fisher information is updated even for an undone run.
@@ -1718,6 +1770,8 @@ impl Learner {
                 persisted: false,
                 background_due: false,
                 phases: Phases::default(),
+                follows: false,
+                replays_follow: false,
             });
         }
         let (version, persisted) = self.publish(key, sc, "background");
@@ -1730,6 +1784,8 @@ impl Learner {
             persisted,
             background_due: false,
             phases: Phases::default(),
+            follows: false,
+            replays_follow: false,
         })
     }
 
@@ -1921,6 +1977,23 @@ impl Learner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A lesson is followed only with a clear lead: the target's over the runner-up (not over
+    /// itself), and for a negative lesson the best token's over the target; `lg` comes back
+    /// unchanged.
+    #[test]
+    fn follow_margin_is_the_lead_over_the_runner_up() {
+        let mut lg = vec![0.0f32, 3.0, 2.9, -1.0, 2.5];
+        let before = lg.clone();
+        let stats = logit_stats(&lg);
+        let m = |lg: &mut Vec<f32>, t, neg| follow_margin(lg, &stats, t, neg);
+        assert!((m(&mut lg, 1, false) - 0.1).abs() < 1e-6); // argmax by 0.1: below the bar
+        assert!((m(&mut lg, 4, false) + 0.5).abs() < 1e-6); // not the argmax
+        assert!((m(&mut lg, 4, true) - 0.5).abs() < 1e-6); // negative: 3.0 leads it by 0.5
+        assert_eq!(m(&mut lg, 1, true), 0.0); // negative on the argmax itself
+        assert_eq!(lg, before);
+        assert!(m(&mut lg, 1, false) < FOLLOW_MARGIN && m(&mut lg, 4, true) >= FOLLOW_MARGIN);
+    }
 
     #[test]
     fn scope_keys_are_stable_hex_and_hide_the_name() {
