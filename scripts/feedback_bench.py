@@ -37,7 +37,7 @@ def main():
     ap.add_argument("--verify", action="store_true", help="with --correction: after each event ask the question again (greedy) and report how much of the correction the answer reproduces")
     a = ap.parse_args()
     h = {"Authorization": f"Bearer {a.key}"}
-    times, lens, published, phases, exact, prefix = [], [], [], [], [], []
+    times, lens, published, phases, exact, prefix, follows = [], [], [], [], [], [], []
     with httpx.Client(timeout=300) as c:
         for i in range(a.questions):
             q = QUESTIONS[i % len(QUESTIONS)].format(THINGS[(i // len(QUESTIONS) + i) % len(THINGS)])
@@ -54,6 +54,8 @@ def main():
                 published.append(f.json()["published_ms"])
             if "phases" in f.json():
                 phases.append(f.json()["phases"])
+            if "follows" in f.json():
+                follows.append(f.json()["follows"])
             if a.verify and a.correction is not None:
                 want = f"{a.correction} ({i})".split()
                 again = c.post(a.url + "/v1/chat/completions", headers=h, json={
@@ -71,6 +73,8 @@ def main():
             f"p90 {s[int(0.9 * (len(s) - 1))]:.1f} max {s[-1]:.1f} (first event, with the anchor lesson: {times[0]:.1f})")
     if pub:
         line += f"; published (server) p50 {statistics.median(pub):.1f} p90 {pub[int(0.9 * (len(pub) - 1))]:.1f}"
+    if follows:
+        line += f"; server says it took (follows): {sum(follows)}/{len(follows)}"
     if exact:
         line += (f"; re-asked: whole correction {sum(exact)}/{len(exact)}, "
                  f"leading words reproduced {100 * statistics.mean(prefix):.0f}% (mean)")
