@@ -33,6 +33,7 @@ def main():
     ap.add_argument("--rating", type=float, default=-1.0)
     ap.add_argument("--pause", type=float, default=0.0, help="seconds between one feedback answer and the next question (lets work that follows an answer finish)")
     ap.add_argument("--correction", default=None, help="send this text (plus the question's number) as a correction instead of a rating")
+    ap.add_argument("--verify-delay", type=float, default=0.0, help="with --verify: seconds to wait before asking again (lets a background run the event started finish)")
     ap.add_argument("--show", action="store_true", help="with --verify: print each re-asked answer (stderr)")
     ap.add_argument("--verify", action="store_true", help="with --correction: after each event ask the question again (greedy) and report how much of the correction the answer reproduces")
     a = ap.parse_args()
@@ -57,6 +58,7 @@ def main():
             if "follows" in f.json():
                 follows.append(f.json()["follows"])
             if a.verify and a.correction is not None:
+                time.sleep(a.verify_delay)
                 want = f"{a.correction} ({i})".split()
                 again = c.post(a.url + "/v1/chat/completions", headers=h, json={
                     "model": "smollm2-135m", "messages": [{"role": "user", "content": q}],
