@@ -746,7 +746,9 @@ impl<'m> Forward<'m> {
                 });
             }
             if cold.load(Ordering::Relaxed) {
-                // A two-tier cache's cold rows (positions of blocks already migrated).
+                // A token whose row lies in a two-tier cache's cold tier (the writer stores hot
+                // rows only): all rows through the cache's own write, hot ones again with the
+                // same values.
                 for i in 0..n {
                     kv.write(
                         il,
