@@ -18,6 +18,8 @@ struct Shared {
     finished_workers: AtomicUsize,
     /// Workers blocked on the condition variable (the caller notifies only when there are some).
     parked: AtomicUsize,
+    /// Whether a task of the current operation panicked on a worker (the caller re-raises it).
+    worker_panicked: AtomicBool,
     shutdown: AtomicBool,
     lock: Mutex<()>,
     wake: Condvar,
@@ -57,6 +59,7 @@ impl ThreadPool {
             next_task: AtomicUsize::new(0),
             n_tasks: AtomicUsize::new(0),
             finished_workers: AtomicUsize::new(0),
+            worker_panicked: AtomicBool::new(false),
             parked: AtomicUsize::new(0),
             shutdown: AtomicBool::new(false),
             lock: Mutex::new(()),
@@ -85,6 +88,12 @@ impl ThreadPool {
 
     /// Runs `f(0..n_tasks)` across the pool and returns when every task has finished.
     /// Re-entrant or concurrent calls run serially on the calling thread.
+    ///
+    /// # Panics
+    /// If a task panics, after every thread has stopped working on the operation (the other
+    /// tasks may or may not have run); the pool stays usable. Without the wait, a caller
+    /// unwinding out of here would free the closure a worker may still be running (and a worker
+    /// that died would leave the next caller waiting for it forever).
     pub fn run(&self, n_tasks: usize, f: &(dyn Fn(usize) + Sync)) {
         if n_tasks == 0 {
             return;
@@ -113,7 +122,7 @@ impl ThreadPool {
             let _g = s.lock.lock().unwrap_or_else(|p| p.into_inner());
             s.wake.notify_all();
         }
-        run_tasks(s, f);
+        let mine = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_tasks(s, f)));
         let n_workers = self.workers.len();
         let mut spins = 0u32;
         while s.finished_workers.load(Ordering::Acquire) < n_workers {
@@ -125,6 +134,13 @@ impl ThreadPool {
             }
         }
         self.busy.store(false, Ordering::Release);
+        let worker_panicked = s.worker_panicked.swap(false, Ordering::AcqRel);
+        if let Err(p) = mine {
+            std::panic::resume_unwind(p);
+        }
+        if worker_panicked {
+            panic!("a thread-pool task panicked on a worker thread");
+        }
     }
 }
 
@@ -173,7 +189,12 @@ fn worker_loop(s: &Shared) {
         // owner keeps the closure alive until this worker increments `finished_workers`.
         if let Some(job) = unsafe { *s.job.get() } {
             let f = unsafe { &*job };
-            run_tasks(s, f);
+            // A panicking task ends this worker's part of the operation, not the worker: the
+            // caller learns of it and re-raises it once every thread is done.
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_tasks(s, f)));
+            if ran.is_err() {
+                s.worker_panicked.store(true, Ordering::Release);
+            }
         }
         s.finished_workers.fetch_add(1, Ordering::Release);
     }
@@ -207,6 +228,33 @@ mod tests {
                 });
                 assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
             }
+        }
+    }
+
+    /// A panicking task reaches the caller as a panic once every thread is done (not a hang,
+    /// not a worker lost), whichever thread ran it; the pool then runs operations as before.
+    #[test]
+    fn a_panicking_task_panics_the_caller_and_the_pool_goes_on() {
+        let pool = ThreadPool::new(2);
+        for panicking in [vec![5usize], (0..64).collect::<Vec<_>>()] {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                pool.run(64, &|t| {
+                    if panicking.contains(&t) {
+                        panic!("task {t}");
+                    }
+                });
+            }));
+            assert!(r.is_err());
+            let hits: Vec<AtomicUsize> = (0..100).map(|_| AtomicUsize::new(0)).collect();
+            let threads = Mutex::new(std::collections::HashSet::new());
+            pool.run(100, &|t| {
+                hits[t].fetch_add(1, Ordering::Relaxed);
+                threads.lock().unwrap().insert(std::thread::current().id());
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            });
+            assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
+            // Both threads still take tasks (the worker survived; `busy` was released).
+            assert_eq!(threads.lock().unwrap().len(), 2);
         }
     }
 
