@@ -376,7 +376,6 @@ impl KvCache {
     }
 }
 
-/// Encodes `x` as one row of 16-bit words of type `ty`.
 /// One layer's hot rows, written by several pool tasks at once ([`KvCache::row_writer`]).
 pub(crate) struct RowWriter<'a> {
     k: SyncPtr<u16>,
@@ -415,6 +414,7 @@ impl RowWriter<'_> {
     }
 }
 
+/// Encodes `x` as one row of 16-bit words of type `ty`.
 fn encode_row(ty: KvType, x: &[f32], out: &mut [u16]) {
     match ty {
         KvType::F16 => ruvllm_kernels::ops::f32_to_f16(x, out.reinterpret_cast_mut()),
