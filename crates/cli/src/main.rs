@@ -585,8 +585,16 @@ fn teach(
     let t0 = std::time::Instant::now();
     match learner.learn("chat", prompt, answer, &fb) {
         Ok(o) if o.updated => {
+            // What the instant loop's final check says the next identical question gets.
+            let negative = matches!(fb, ruvllm_sona::learner::Feedback::Rating(r) if r < 0.0);
+            let verdict = match (negative, o.follows) {
+                (false, true) => "; the same question now gets this answer",
+                (false, false) => "; not reproduced yet (too long for the adapter, or a near-tie)",
+                (true, true) => "; the same question now gets another answer",
+                (true, false) => "; the same question may still get this answer",
+            };
             eprintln!(
-                "[learned in {:.1}s: {} steps, loss {:.3} -> {:.3}, adapter version {}{}]",
+                "[learned in {:.1}s: {} steps, loss {:.3} -> {:.3}, adapter version {}{}{verdict}]",
                 t0.elapsed().as_secs_f64(),
                 o.steps,
                 o.loss_before,

@@ -432,6 +432,11 @@ fn chat_fix_teaches_the_session_and_persists_with_sona_dir() {
         "{out}\n{err}"
     );
     assert!(err.contains("adapter version 0, saved"), "{err}");
+    // The instant loop's check said so before the question was asked again.
+    assert!(
+        err.contains("the same question now gets this answer"),
+        "{err}"
+    );
     // A new session with the same --sona-dir starts from what was taught.
     let (out2, _) = chat(&m, &["--sona-dir", d], q);
     assert_eq!(out2.trim(), replies[1].trim());
