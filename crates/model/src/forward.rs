@@ -606,6 +606,7 @@ impl<'m> Forward<'m> {
         grow(&mut s.up, n * ff);
         s.tok_seq.clear();
         s.tok_pos.clear();
+        s.slots.clear();
         for (si, q) in seqs.iter().enumerate() {
             for (j, &t) in q.tokens.iter().enumerate() {
                 let i = s.tok_seq.len();
@@ -615,6 +616,9 @@ impl<'m> Forward<'m> {
                 }
                 s.tok_seq.push(si);
                 s.tok_pos.push(q.pos0 + j);
+                // The same row in every layer's cache.
+                s.slots
+                    .push(kv.slot(q.block_table, q.pos0 + j).unwrap_or(0)); // checked above
             }
         }
         // RoPE tables for this batch's positions.
@@ -720,11 +724,6 @@ impl<'m> Forward<'m> {
                 SyncPtr::new(&mut s.v[..n * kvd]),
             );
             let cold = AtomicBool::new(false);
-            s.slots.clear();
-            for i in 0..n {
-                let table = seqs[s.tok_seq[i]].block_table;
-                s.slots.push(kv.slot(table, s.tok_pos[i]).unwrap_or(0)); // checked above
-            }
             {
                 let writer = kv.row_writer(il);
                 let slots = &s.slots;
