@@ -222,6 +222,22 @@ def test_retrieval_puts_the_callers_own_corrections_before_the_prompt(tmp_path):
         rag2 = complete("fay", "The blue castle's password is", {"retrieve": 1}).json()
         assert rag2["sona"]["retrieved"][0]["answer"] == ANSWER.strip()
         assert rag2["usage"]["prompt_tokens"] == rag["usage"]["prompt_tokens"]
+        # A second correction of the same question is the user's latest word: it replaces the
+        # restored lesson (which would be replayed against it) and the older bank entry.
+        again = complete("fay", PROMPT).json()
+        f = feedback(s.url, "fay", {"id": again["id"], "correction": " raspberry nine."}).json()
+        assert f["superseded"] == 1 and f["follows"] is True, f
+        assert complete("fay", PROMPT).json()["choices"][0]["text"].startswith(" raspberry nine"), f
+        hits = complete("fay", q, {"retrieve": 2}).json()["sona"]["retrieved"]
+        assert [h["answer"] for h in hits] == ["raspberry nine."], hits
+    finally:
+        assert s.stop() == 0
+    s = Server("--api-key", "fay", "--sona-dir", str(d))
+    try:
+        # The bank's log, replayed in order, supersedes the same way.
+        hits = complete("fay", q, {"retrieve": 2}).json()["sona"]["retrieved"]
+        assert [h["answer"] for h in hits] == ["raspberry nine."], hits
+        assert complete("fay", PROMPT).json()["choices"][0]["text"].startswith(" raspberry nine")
     finally:
         assert s.stop() == 0
 

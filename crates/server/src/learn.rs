@@ -998,7 +998,7 @@ pub(crate) async fn feedback(
         }
         let ph = &o.phases;
         let phases = json!({"capture_ms": ph.capture_ms, "candidates_ms": ph.candidates_ms, "prepare_ms": ph.prepare_ms, "steps_ms": ph.steps_ms, "checks_ms": ph.checks_ms, "widen_ms": ph.widen_ms, "publish_ms": ph.publish_ms, "rounds": ph.rounds});
-        Ok(Json(json!({"id": id, "updated": true, "steps": o.steps, "loss_before": o.loss_before, "loss_after": o.loss_after, "version": o.version, "persisted": o.persisted, "published_ms": published_ms, "ms": ms, "phases": phases, "follows": o.follows, "replays_follow": o.replays_follow, "background_scheduled": o.background_due})).into_response())
+        Ok(Json(json!({"id": id, "updated": true, "steps": o.steps, "loss_before": o.loss_before, "loss_after": o.loss_after, "version": o.version, "persisted": o.persisted, "published_ms": published_ms, "ms": ms, "phases": phases, "follows": o.follows, "replays_follow": o.replays_follow, "superseded": o.superseded, "background_scheduled": o.background_due})).into_response())
     };
     run.await.unwrap_or_else(IntoResponse::into_response)
 }

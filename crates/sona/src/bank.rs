@@ -63,6 +63,10 @@ pub struct Bank {
     /// Unit embeddings: `[len × dim]`.
     vectors: Vec<f32>,
     items: Vec<Trajectory>,
+    /// Per entry: a later positive rating of the same prompt replaced its answer (the user's
+    /// latest word wins), so retrieval and routing skip it. Derived from the order of `add`
+    /// and `rate` calls (a log replayed in order rebuilds it); the entry itself is kept.
+    superseded: Vec<bool>,
     /// Kept up to date from the first entry (each insert costs ~0.1 ms at 1k entries, ~0.9 ms
     /// at 100k), searched from `index_from` entries on.
     index: Hnsw,
@@ -102,6 +106,7 @@ impl Bank {
             dim,
             vectors: Vec::new(),
             items: Vec::new(),
+            superseded: Vec::new(),
             index: Hnsw::new(dim, 16, 100, 0x5eed),
             index_from: n,
         }
@@ -138,8 +143,35 @@ impl Bank {
         let u = normalized(embedding).ok_or(BankError::NotFinite)?;
         self.vectors.extend_from_slice(&u);
         self.index.insert(&self.vectors);
+        let positive = t.rating > 0.0;
         self.items.push(t);
-        Ok(self.items.len() - 1)
+        self.superseded.push(false);
+        let i = self.items.len() - 1;
+        if positive {
+            self.supersede_others(i);
+        }
+        Ok(i)
+    }
+
+    /// Whether a later positive rating of the same prompt replaced entry `i`'s answer.
+    pub fn is_superseded(&self, i: usize) -> bool {
+        self.superseded.get(i).copied().unwrap_or(false)
+    }
+
+    /// Entry `i` was just rated positively: it replaces every other positively rated entry
+    /// of the same prompt (a second correction of a question is the one to retrieve; an empty
+    /// prompt identifies nothing).
+    fn supersede_others(&mut self, i: usize) {
+        self.superseded[i] = false;
+        let prompt = &self.items[i].prompt;
+        if prompt.is_empty() {
+            return;
+        }
+        for (j, t) in self.items.iter().enumerate() {
+            if j != i && t.rating > 0.0 && t.prompt == *prompt {
+                self.superseded[j] = true;
+            }
+        }
     }
 
     /// Records feedback on entry `i`: its rating and, for a correction, the answer that
@@ -151,6 +183,9 @@ impl Bank {
         t.rating = rating;
         if let Some(a) = answer {
             t.answer = a;
+        }
+        if rating > 0.0 {
+            self.supersede_others(i);
         }
         true
     }
@@ -199,7 +234,8 @@ impl Bank {
     }
 
     /// [`search`](Self::search) among the entries rated above 0 only (confirmed or corrected
-    /// answers; unrated and failed trajectories are skipped): what retrieval and routing use.
+    /// answers; unrated and failed trajectories are skipped, and those a later positive rating
+    /// of the same prompt superseded): what retrieval and routing use.
     /// From the HNSW graph, the beam widens (×4) until it holds `k` such entries; a bank with
     /// fewer than `k` of them in its graph's reach is searched exactly.
     pub fn search_rated(&self, query: &[f32], k: usize) -> Vec<(usize, f32)> {
@@ -209,7 +245,8 @@ impl Bank {
         else {
             return Vec::new();
         };
-        let rated = |i: usize| self.items.get(i).is_some_and(|t| t.rating > 0.0);
+        let rated =
+            |i: usize| self.items.get(i).is_some_and(|t| t.rating > 0.0) && !self.is_superseded(i);
         if self.len() >= self.index_from {
             let mut ef = (4 * k).max(64);
             while ef < self.len() {
@@ -463,5 +500,40 @@ mod tests {
         assert_eq!(bank.add(&[0.0; 3], t(2)), Err(BankError::NotFinite));
         assert_eq!(bank.len(), 2);
         assert_eq!(bank.get(1).map(|x| x.answer.as_str()), Some("a1"));
+    }
+
+    /// Two corrections of the same question: retrieval finds only the latest (exactly and
+    /// through the graph); rating the older one again brings it back instead; other prompts
+    /// are untouched, and a superseded entry is kept.
+    #[test]
+    fn the_latest_positive_rating_of_a_prompt_supersedes_the_others() {
+        let dim = 8;
+        for index_from in [usize::MAX, 1] {
+            let mut bank = Bank::with_index_from(dim, index_from);
+            let q = crate::uniform(dim, 7, 1.0);
+            let same = |answer: &str, rating: f32| Trajectory {
+                prompt: "What is the capital of Velmora?".into(),
+                answer: answer.into(),
+                rating,
+                ..t(0)
+            };
+            let old = bank.add(&q, same("Ostrand", 1.0)).unwrap();
+            let other = bank.add(&crate::uniform(dim, 8, 1.0), t(1)).unwrap();
+            let unrated = bank.add(&q, same("Velmar City", 0.0)).unwrap();
+            let ids = |b: &Bank| -> Vec<usize> {
+                let mut v: Vec<usize> = b.search_rated(&q, 5).into_iter().map(|x| x.0).collect();
+                v.sort_unstable();
+                v
+            };
+            assert_eq!(ids(&bank), vec![old, other]);
+            assert!(bank.rate(unrated, 1.0, Some("Kirravel".into())));
+            assert_eq!(ids(&bank), vec![other, unrated]);
+            assert!(bank.is_superseded(old) && bank.get(old).is_some());
+            assert!(bank.rate(old, 1.0, None));
+            assert_eq!(ids(&bank), vec![old, other]);
+            // A negative rating supersedes nothing.
+            assert!(bank.rate(unrated, -1.0, None));
+            assert_eq!(ids(&bank), vec![old, other]);
+        }
     }
 }

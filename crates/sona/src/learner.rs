@@ -209,6 +209,9 @@ pub struct Outcome {
     /// Instant-loop events: whether the replayed earlier lessons are all still followed (true
     /// when none were replayed). False for other runs.
     pub replays_follow: bool,
+    /// Instant-loop events: earlier lessons of the same prompt that this one replaced (see
+    /// [`supersedes`]); 0 for other runs.
+    pub superseded: usize,
 }
 
 /// Wall-clock milliseconds of an instant-loop event's phases, in the order they run: what a
@@ -247,6 +250,7 @@ impl Outcome {
             phases: Phases::default(),
             follows: false,
             replays_follow: false,
+            superseded: 0,
         }
     }
 }
@@ -378,6 +382,9 @@ struct Scope {
     /// Bumped whenever the base branch is replaced (a background run installed, a
     /// consolidation): a background run trained on an older base is dropped.
     base_gen: u64,
+    /// Bumped whenever a new lesson supersedes kept ones: a background run that snapshotted
+    /// the lessons before is dropped (it would train the replaced answers into the base).
+    lessons_gen: u64,
     /// A background run is training a copy of this scope (one at a time).
     background_running: bool,
 }
@@ -471,6 +478,24 @@ fn judge(
         extra,
         follows,
         took: if l.negative { displaced } else { follows },
+    }
+}
+
+/// Whether lesson `new` replaces the kept lesson `old`: both answer the same prompt and `new`
+/// contradicts or repeats it. One right answer per prompt: a positive lesson (correction or
+/// positive rating) replaces every positive one (a repeat only when it teaches at least the
+/// same rows) and a negative one of its own answer; a negative lesson replaces the positive
+/// and negative ones of its own answer. Negative lessons of other answers stay (ruling out
+/// several wrong answers is consistent with one right one).
+fn supersedes(new: &Lesson, old: &Lesson) -> bool {
+    let p = new.prompt_len;
+    if old.prompt_len != p || old.tokens.get(..p) != new.tokens.get(..p) {
+        return false;
+    }
+    let same_answer = old.tokens.get(p..) == new.tokens.get(p..);
+    match (new.negative, old.negative) {
+        (false, false) => !same_answer || new.taught.is_none() || old.taught.is_some(),
+        _ => same_answer,
     }
 }
 
@@ -1451,6 +1476,7 @@ impl Learner {
             since_background,
             anchor_acts: None,
             base_gen: 0,
+            lessons_gen: 0,
             background_running: false,
         }));
         map.insert(key.to_owned(), s.clone());
@@ -1509,6 +1535,15 @@ impl Learner {
             .ok_or(LearnError::TooLong)?;
         let mut guard = entry.lock().unwrap_or_else(|p| p.into_inner());
         let sc = &mut *guard;
+        // The user's latest word on a prompt replaces what it contradicts or repeats: kept, the
+        // old lesson would be replayed against the new one (a second correction of the same
+        // question then does not take: "Kirravel" came back as "Kirrandrand").
+        let kept = sc.lessons.len();
+        sc.lessons.retain(|old| !supersedes(&new, old));
+        let superseded = kept - sc.lessons.len();
+        if superseded > 0 {
+            sc.lessons_gen += 1;
+        }
         // The new lesson with the most recent earlier ones, so it does not overwrite them; the
         // base branch is a fixed part of the layer here. After each round, a full-vocabulary
         // check: tokens the adapter raised into a row's top that the candidates lack join
@@ -1649,6 +1684,7 @@ impl Learner {
             phases,
             follows: follows_new,
             replays_follow: follows_replays,
+            superseded,
         })
     }
 
@@ -1688,9 +1724,10 @@ impl Learner {
                 since_background: 0,
                 anchor_acts: sc.anchor_acts.clone(),
                 base_gen: sc.base_gen,
+                lessons_gen: sc.lessons_gen,
                 background_running: true,
             };
-            (tmp, sc.base_gen, sc.since_background)
+            (tmp, (sc.base_gen, sc.lessons_gen), sc.since_background)
         };
         // Cleared however this function ends (a panic in training included).
         let _running = Running(&entry);
@@ -1742,8 +1779,9 @@ impl Learner {
         // Events learned while it ran count toward the next run.
         sc.since_background = sc.since_background.saturating_sub(events);
         let version = self.adapter_for_key(key).map_or(0, |a| a.version);
-        if sc.base_gen != gen {
-            // A consolidation replaced the base meanwhile: this run's base is stale.
+        if (sc.base_gen, sc.lessons_gen) != gen {
+            // A consolidation replaced the base meanwhile, or a new lesson superseded one this
+            // run trained on: this run's base is stale.
             return Ok(Outcome {
                 updated: false,
                 steps,
@@ -1755,6 +1793,7 @@ impl Learner {
                 phases: Phases::default(),
                 follows: false,
                 replays_follow: false,
+                superseded: 0,
             });
         }
         // The Fisher information is updated even for an undone run.
@@ -1772,6 +1811,7 @@ impl Learner {
                 phases: Phases::default(),
                 follows: false,
                 replays_follow: false,
+                superseded: 0,
             });
         }
         let (version, persisted) = self.publish(key, sc, "background");
@@ -1786,6 +1826,7 @@ impl Learner {
             phases: Phases::default(),
             follows: false,
             replays_follow: false,
+            superseded: 0,
         })
     }
 

@@ -589,3 +589,54 @@ fn an_event_without_progress_stops_early() {
     assert!(o.updated, "{o:?}");
     assert!(o.phases.rounds < 4, "{o:?}");
 }
+
+#[test]
+fn a_new_correction_of_the_same_question_replaces_the_old_one() {
+    let Some((model, tok)) = load() else {
+        return;
+    };
+    let cfg = LearnConfig {
+        background_every: 0,
+        ..LearnConfig::default()
+    };
+    let l = in_memory(&model, &tok, cfg);
+    let prompt = tok.encode("What is the capital of Velmora?", true, false);
+    let fix = |text: &str| Feedback::Correction(tok.encode(text, false, false));
+    let first = l
+        .learn(
+            "s",
+            &prompt,
+            &[],
+            &fix(" The capital of Velmora is Ostrand."),
+        )
+        .unwrap();
+    assert!(first.follows && first.superseded == 0, "{first:?}");
+    let other_prompt = tok.encode("Who keeps the lighthouse?", true, false);
+    let other = l
+        .learn("s", &other_prompt, &[], &fix(" Tobias Wren keeps it."))
+        .unwrap();
+    assert_eq!(other.superseded, 0, "{other:?}");
+    // The user changes their mind: the new answer replaces the old lesson (which would
+    // otherwise be replayed against it); the unrelated lesson stays and is still followed.
+    let answer = tok.encode(" The capital of Velmora is Kirravel.", false, false);
+    let second = l
+        .learn("s", &prompt, &[], &Feedback::Correction(answer.clone()))
+        .unwrap();
+    assert_eq!(second.superseded, 1, "{second:?}");
+    assert!(second.follows && second.replays_follow, "{second:?}");
+    // Rating that answer down replaces the lesson that taught it; the same rating again
+    // replaces the first rating; a rating of another answer replaces nothing.
+    let down = l
+        .learn("s", &prompt, &answer, &Feedback::Rating(-1.0))
+        .unwrap();
+    assert_eq!(down.superseded, 1, "{down:?}");
+    let again = l
+        .learn("s", &prompt, &answer, &Feedback::Rating(-1.0))
+        .unwrap();
+    assert_eq!(again.superseded, 1, "{again:?}");
+    let other_answer = tok.encode(" It is Velmar City.", false, false);
+    let another = l
+        .learn("s", &prompt, &other_answer, &Feedback::Rating(-1.0))
+        .unwrap();
+    assert_eq!(another.superseded, 0, "{another:?}");
+}
