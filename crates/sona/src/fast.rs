@@ -27,8 +27,8 @@ use crate::merge::Branch;
 use crate::train::{AdapterParams, Head, OptimizerState};
 use half::f16;
 use ruvllm_kernels::ops::{
-    axpy, dot_f32 as dot, dot_rows_f16_heads, exp_in_place, max_f32, weighted_sum_f16_heads,
-    MAX_HEADS,
+    axpy, dot_f32 as dot, dot_rows_f16_heads, exp_in_place, logit_stats, max_f32, sum_f64,
+    weighted_sum_f16_heads, MAX_HEADS,
 };
 use ruvllm_kernels::pool::ThreadPool;
 use ruvllm_model::{head_logits, Capture, LoraAdapter, LoraPair, Model};
@@ -91,6 +91,55 @@ pub fn target_logprobs(
         .collect()
 }
 
+/// The positions of the `k` largest values of `row` (ties: the earlier position), in
+/// descending order of value. One pass: blocks of 64 values none of which beats the current
+/// `k`-th are passed over with one vector compare each; the rest go through a sorted list of
+/// `k`. Tens of microseconds for a 49k vocabulary, where selecting over an index vector took
+/// ~0.3 ms.
+pub fn top_indices(row: &[f32], k: usize) -> Vec<u32> {
+    let k = k.min(row.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    let mut top: Vec<(f32, u32)> = Vec::with_capacity(k + 1);
+    for (c, block) in row.chunks(64).enumerate() {
+        if let Some(&(kth, _)) = top.get(k - 1) {
+            // Later positions enter only by beating the k-th value (a tie loses to it).
+            if !block.iter().fold(false, |any, &x| any | (x > kth)) {
+                continue;
+            }
+        }
+        for (j, &v) in block.iter().enumerate() {
+            let i = (c * 64 + j) as u32;
+            if top.len() == k && v <= top[k - 1].0 {
+                continue;
+            }
+            // After every kept value at least as large (earlier positions win ties).
+            let at = top.partition_point(|&(w, _)| w >= v);
+            top.insert(at, (v, i));
+            top.truncate(k);
+        }
+    }
+    top.into_iter().map(|(_, i)| i).collect()
+}
+
+/// `Σ x[i]²` in f64 with eight partial sums (lane `l` taking `l, l + 8, …`), added pairwise:
+/// the norms' mean squares without a chain of dependent adds.
+fn sum_sq_f64(x: &[f32]) -> f64 {
+    let mut acc = [0f64; 8];
+    let chunks = x.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for l in 0..8 {
+            acc[l] += c[l] as f64 * c[l] as f64;
+        }
+    }
+    for (l, &v) in tail.iter().enumerate() {
+        acc[l] += v as f64 * v as f64;
+    }
+    ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
+}
+
 /// Drops the targets of rows not in `keep`.
 pub fn mask_targets(targets: &mut [Option<u32>], keep: &[usize]) {
     for (t, tg) in targets.iter_mut().enumerate() {
@@ -130,9 +179,9 @@ impl Candidates {
     /// From the base model's logits of rows `first..` (`[(rows − first) × n_vocab]`; rows
     /// before `first` must have no target) and the rows' targets: `k` top tokens per row and
     /// `n_sample` others drawn uniformly (xorshift from `seed`). The per-row work (each row's
-    /// top tokens, then its sampled logits and the log-sum-exp of its rest: two passes over
-    /// the vocabulary, the second with an f64 `exp` per token) runs on `pool`'s threads when
-    /// given, with the same result.
+    /// top tokens by [`top_indices`], then its sampled logits and the log-sum-exp of its rest
+    /// by the vector [`logit_stats`]) runs on `pool`'s threads when given, with the same
+    /// result.
     #[allow(clippy::too_many_arguments)]
     pub fn from_logits(
         pool: Option<&ThreadPool>,
@@ -157,10 +206,7 @@ impl Candidates {
             if k == 0 {
                 return Vec::new();
             }
-            let mut idx: Vec<u32> = (0..n_vocab as u32).collect();
-            idx.select_nth_unstable_by(k - 1, |&a, &b| row[b as usize].total_cmp(&row[a as usize]));
-            idx.truncate(k);
-            idx
+            top_indices(row, k)
         });
         let mut member = vec![false; n_vocab];
         for (t, target) in targets.iter().enumerate() {
@@ -199,22 +245,16 @@ impl Candidates {
                 return (vec![0f32; n_s], f32::NEG_INFINITY);
             };
             let sampled: Vec<f32> = ids[n_top..].iter().map(|&i| row[i as usize]).collect();
-            let mx = row
-                .iter()
-                .zip(&member)
-                .filter(|(_, m)| !**m)
-                .map(|(l, _)| *l)
-                .fold(f32::NEG_INFINITY, f32::max);
-            let mut rest = f32::NEG_INFINITY;
-            if mx > f32::NEG_INFINITY {
-                let z: f64 = row
-                    .iter()
-                    .zip(&member)
-                    .filter(|(_, m)| !**m)
-                    .map(|(l, _)| ((l - mx) as f64).exp())
-                    .sum();
-                rest = (mx as f64 + z.ln()) as f32;
+            // The row without its top tokens, through the vector log-sum-exp.
+            let mut others = row.to_vec();
+            for &i in &ids[..n_top] {
+                others[i as usize] = f32::NEG_INFINITY;
             }
+            let rest = if max_f32(&others) > f32::NEG_INFINITY {
+                logit_stats(&others).lse as f32
+            } else {
+                f32::NEG_INFINITY
+            };
             (sampled, rest)
         });
         let mut sample_base = Vec::with_capacity(rows * n_s);
@@ -416,7 +456,7 @@ fn objective_grad(objective: Objective, z: &[f32], target: usize, dz: &mut [f32]
     let mx = max_f32(z);
     dz.iter_mut().zip(z).for_each(|(e, v)| *e = v - mx);
     exp_in_place(dz);
-    let sum: f64 = dz.iter().map(|&e| e as f64).sum();
+    let sum = sum_f64(dz);
     let inv = (1.0 / sum) as f32;
     match objective {
         Objective::Likely => {
@@ -833,9 +873,7 @@ impl FastTrainer {
             *t = dn + s * bj.iter().zip(h1).map(|(b, h)| b * h).sum::<f32>();
         }
         let rho2 = match g2 {
-            Some(_) => ((tsum.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / d as f64) as f32
-                + eps)
-                .sqrt(),
+            Some(_) => ((sum_sq_f64(tsum) / d as f64) as f32 + eps).sqrt(),
             None => 1.0,
         };
         match g2 {
@@ -851,8 +889,7 @@ impl FastTrainer {
                 }
             }
         }
-        let rho =
-            ((hv.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / d as f64) as f32 + eps).sqrt();
+        let rho = ((sum_sq_f64(hv) / d as f64) as f32 + eps).sqrt();
         (rho2, rho)
     }
 
@@ -1003,6 +1040,12 @@ impl FastTrainer {
             .collect();
         let m = rows_times(&qb, d, &l.wc, n_c);
         let mut dm = vec![0f32; r * n_c];
+        // B rank-major (`[r × d]`), and dB's per-row part accumulated the same way: vector
+        // dot products and axpys over `d` instead of a strided loop per element.
+        let bt: Vec<f32> = (0..r)
+            .flat_map(|k| (0..d).map(move |j| self.p.b[j * r + k]))
+            .collect();
+        let mut db_rows = vec![0f32; r * d];
         let norm = 1.0 / rows as f32;
         let mut total = 0f64;
         let (mut y, mut u, mut du, mut z, mut dz, mut tsum, mut hv, mut dtsum) = (
@@ -1050,15 +1093,10 @@ impl FastTrainer {
             for (dui, dzi) in du.iter_mut().zip(&dz[..n_c]) {
                 *dui = dzi * norm * inv * inv2;
             }
-            let drho = dz[..n_c]
-                .iter()
-                .zip(&y)
-                .fold(0f32, |acc, (dzi, yi)| acc - dzi * norm * yi * inv);
+            let drho = -norm * inv * dot(&dz[..n_c], &y);
             let mut drho2 = 0f32;
             if g2.is_some() {
-                for i in 0..n_c {
-                    drho2 -= du[i] * (q[i] + u[i]) * inv2;
-                }
+                drho2 -= inv2 * (dot(&du, q) + dot(&du, &u));
             }
             let mut dh1: Vec<f32> = (0..r)
                 .map(|k| s * dot(&m[k * n_c..(k + 1) * n_c], &du))
@@ -1084,16 +1122,9 @@ impl FastTrainer {
                     }
                 }
             }
-            for (dbj, t) in db.chunks_exact_mut(r).zip(&dtsum) {
-                for (x, h) in dbj.iter_mut().zip(&h1) {
-                    *x += s * t * h;
-                }
-            }
-            // Each rank's sum over j in order, the ranks side by side (independent chains).
-            for (bj, t) in self.p.b.chunks_exact(r).zip(&dtsum) {
-                for (dh, b) in dh1.iter_mut().zip(bj) {
-                    *dh += s * b * t;
-                }
+            for k in 0..r {
+                axpy(s * h1[k], &dtsum, &mut db_rows[k * d..(k + 1) * d]);
+                dh1[k] += s * dot(&bt[k * d..(k + 1) * d], &dtsum);
             }
             for k in 0..r {
                 axpy(dh1[k], act, &mut da[k * ff..(k + 1) * ff]);
@@ -1116,7 +1147,7 @@ impl FastTrainer {
         }
         for j in 0..d {
             for k in 0..r {
-                db[j * r + k] += gg[j] * dbt[k * d + j];
+                db[j * r + k] = db_rows[k * d + j] + gg[j] * dbt[k * d + j];
             }
         }
         ((total / rows as f64) as f32, da, db)
@@ -1187,6 +1218,31 @@ impl FastTrainer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The top-k scan equals sorting (descending value, earlier position first on ties),
+    /// with ties across block boundaries, −∞ values and k beyond the row.
+    #[test]
+    fn top_indices_equal_a_sort() {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for (n, k) in [(1000, 16), (49, 8), (200, 0), (10, 20), (130, 64)] {
+            let row: Vec<f32> = (0..n)
+                .map(|i| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    match x % 10 {
+                        0 => f32::NEG_INFINITY,
+                        1 => 3.0, // many ties
+                        _ => (x % 1000) as f32 / 100.0 + if i > n / 2 { 0.5 } else { 0.0 },
+                    }
+                })
+                .collect();
+            let mut want: Vec<u32> = (0..n as u32).collect();
+            want.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]).then(a.cmp(&b)));
+            want.truncate(k.min(n));
+            assert_eq!(top_indices(&row, k), want, "n {n} k {k}");
+        }
+    }
 
     /// A likely objective keeps the least likely targets, an unlikely one the most likely;
     /// rows before `first` and without targets are never scored; fewer rows than `k`: all.
