@@ -1579,6 +1579,9 @@ impl Learner {
         // computes only the new candidates' columns).
         let mut first = new.prepare(&sc.micro, new.objective(), &sc.base);
         phases.prepare_ms += ms(t, Instant::now());
+        // Positions (after the new lesson joins the kept ones at 0) whose preparation the last
+        // round's checks widened.
+        let mut widen_later: Vec<usize> = Vec::new();
         for round in 0..ROUNDS {
             phases.rounds += 1;
             let t = Instant::now();
@@ -1623,13 +1626,15 @@ impl Learner {
             let new_widened = checks
                 .first()
                 .is_some_and(|c| new.cands.add_top(&c.extra) > 0);
-            let mut widened = new_widened;
-            for (i, (l, c)) in sc.lessons.iter_mut().zip(checks.iter().skip(1)).enumerate() {
-                if l.cands.add_top(&c.extra) > 0 {
-                    widened = true;
-                    replays[i] = Arc::new(l.widened(&sc.micro, &replays[i], &sc.base));
-                }
-            }
+            // The replays whose candidates grew (by position among the replays).
+            let grown: Vec<usize> = sc
+                .lessons
+                .iter_mut()
+                .zip(checks.iter().skip(1))
+                .enumerate()
+                .filter_map(|(i, (l, c))| (l.cands.add_top(&c.extra) > 0).then_some(i))
+                .collect();
+            let widened = new_widened || !grown.is_empty();
             // Another round while the last one made progress (≥ 10% off the checked lessons'
             // total loss) and either the candidates grew or a lesson is not yet followed. A
             // round without progress ends the event even when the candidates grew: a lesson the
@@ -1640,13 +1645,23 @@ impl Learner {
             let progress = total < 0.9 * prev_total;
             prev_total = total;
             let stop = !progress || (!widened && follows);
-            if new_widened && !stop {
+            if stop || round + 1 == ROUNDS {
+                // No round follows: the widened preparations serve only the next events'
+                // replays, so they are made after publication (below).
+                widen_later = grown.iter().map(|i| i + 1).collect();
+                if new_widened {
+                    widen_later.insert(0, 0);
+                }
+                phases.widen_ms += ms(t_widen, Instant::now());
+                break;
+            }
+            for &i in &grown {
+                replays[i] = Arc::new(sc.lessons[i].widened(&sc.micro, &replays[i], &sc.base));
+            }
+            if new_widened {
                 first = new.widened(&sc.micro, &first, &sc.base);
             }
             phases.widen_ms += ms(t_widen, Instant::now());
-            if stop {
-                break;
-            }
         }
         let loss_before = loss_before.unwrap_or(0.0);
         // Each lesson keeps what this event computed for it while it will be replayed.
@@ -1673,6 +1688,17 @@ impl Learner {
         let t = Instant::now();
         let (version, persisted) = self.publish(&key, sc, "instant");
         phases.publish_ms = ms(t, Instant::now());
+        for pos in widen_later {
+            let Some(l) = sc.lessons.get_mut(pos) else {
+                continue;
+            };
+            if let Some(old) = l.ready.as_ref().map(|r| r.prepared.clone()) {
+                let widened = Arc::new(l.widened(&sc.micro, &old, &sc.base));
+                if let Some(r) = l.ready.as_mut() {
+                    r.prepared = widened;
+                }
+            }
+        }
         Ok(Outcome {
             updated: true,
             steps: taken,
