@@ -1001,18 +1001,28 @@ impl FastTrainer {
         let (rho2, rho) = self.hidden(l, ri, &h1, &mut tsum, &mut hv);
         // (P + (Q + s·M·h1)/ρ2)/ρ, accumulated in place.
         let out = &mut out[..nv];
-        match &fixed.q {
-            Some(q) => out.copy_from_slice(&q[ri * nv..(ri + 1) * nv]),
-            None => out.fill(0.0),
-        }
-        for k in 0..r {
-            axpy(s * h1[k], &basis[k * nv..(k + 1) * nv], out);
-        }
         let p = &fixed.p[ri * nv..(ri + 1) * nv];
         let (inv2, inv) = (1.0 / rho2, 1.0 / rho);
-        out.iter_mut()
-            .zip(p)
-            .for_each(|(o, p)| *o = (p + *o * inv2) * inv);
+        match &fixed.q {
+            Some(q) => {
+                out.copy_from_slice(&q[ri * nv..(ri + 1) * nv]);
+                for k in 0..r {
+                    axpy(s * h1[k], &basis[k * nv..(k + 1) * nv], out);
+                }
+                out.iter_mut()
+                    .zip(p)
+                    .for_each(|(o, p)| *o = (p + *o * inv2) * inv);
+            }
+            // Without a post-FFN norm (ρ2 = 1): (P + s·M·h1)/ρ from P in place, three vector
+            // passes instead of five.
+            None => {
+                out.copy_from_slice(p);
+                for k in 0..r {
+                    axpy(s * h1[k], &basis[k * nv..(k + 1) * nv], out);
+                }
+                out.iter_mut().for_each(|o| *o *= inv);
+            }
+        }
     }
 
     /// The candidate objective (mean over rows) and its gradients with respect to `A` and `B`.
