@@ -233,18 +233,30 @@ pub fn token_logprob(logits: &[f32], target: usize) -> f32 {
 /// dependent adds (four cycles an element); eight independent ones vectorize. For sums of
 /// positive f32 values either order is exact to well below an f32 ulp.
 pub fn sum_f64(x: &[f32]) -> f64 {
+    sum_lanes_f64(x, |v| v as f64)
+}
+
+/// `Σ f(x[i])` in eight f64 partial sums, lane `l` taking `l, l + 8, …`, added pairwise.
+#[inline]
+fn sum_lanes_f64(x: &[f32], f: impl Fn(f32) -> f64) -> f64 {
     let mut acc = [0f64; 8];
     let chunks = x.chunks_exact(8);
     let tail = chunks.remainder();
     for c in chunks {
         for l in 0..8 {
-            acc[l] += c[l] as f64;
+            acc[l] += f(c[l]);
         }
     }
     for (l, &v) in tail.iter().enumerate() {
-        acc[l] += v as f64;
+        acc[l] += f(v);
     }
     ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
+}
+
+/// `Σ x[i]²` in f64, in [`sum_f64`]'s order (eight partial sums, added pairwise): the mean
+/// squares of RMS norms without a chain of dependent adds.
+pub fn sum_sq_f64(x: &[f32]) -> f64 {
+    sum_lanes_f64(x, |v| v as f64 * v as f64)
 }
 
 /// The largest value of `x` (no NaN; −∞ when empty): [`logit_stats`]'s vector max pass, for
@@ -2328,6 +2340,20 @@ mod tests {
         }
         let x: Vec<f32> = (1..=10).map(|i| i as f32).collect();
         assert_eq!(sum_f64(&x), 55.0);
+    }
+
+    /// The eight-lane f64 sums equal a sequential f64 sum to rounding, tails included.
+    #[test]
+    fn lane_sums_match_sequential_f64() {
+        for n in [0usize, 1, 7, 8, 9, 576, 1001] {
+            let x = values(n, 5);
+            let (s, sq) = (sum_f64(&x), sum_sq_f64(&x));
+            let want_s: f64 = x.iter().map(|&v| v as f64).sum();
+            let want_sq: f64 = x.iter().map(|&v| v as f64 * v as f64).sum();
+            assert!((s - want_s).abs() <= 1e-12 * (1.0 + want_s.abs()), "{n}: {s} {want_s}");
+            assert!((sq - want_sq).abs() <= 1e-12 * (1.0 + want_sq), "{n}: {sq} {want_sq}");
+            assert!(n == 0 || sq > 0.0);
+        }
     }
 
     /// `first_equal` finds what `position` finds: the first of repeated values, in the first,

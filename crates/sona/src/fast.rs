@@ -28,7 +28,7 @@ use crate::train::{AdapterParams, Head, OptimizerState};
 use half::f16;
 use ruvllm_kernels::ops::{
     axpy, dot_f32 as dot, dot_rows_f16_heads, exp_in_place, logit_stats, max_f32, sum_f64,
-    weighted_sum_f16_heads, MAX_HEADS,
+    sum_sq_f64, weighted_sum_f16_heads, MAX_HEADS,
 };
 use ruvllm_kernels::pool::ThreadPool;
 use ruvllm_model::{head_logits, Capture, LoraAdapter, LoraPair, Model};
@@ -121,23 +121,6 @@ pub fn top_indices(row: &[f32], k: usize) -> Vec<u32> {
         }
     }
     top.into_iter().map(|(_, i)| i).collect()
-}
-
-/// `Σ x[i]²` in f64 with eight partial sums (lane `l` taking `l, l + 8, …`), added pairwise:
-/// the norms' mean squares without a chain of dependent adds.
-fn sum_sq_f64(x: &[f32]) -> f64 {
-    let mut acc = [0f64; 8];
-    let chunks = x.chunks_exact(8);
-    let tail = chunks.remainder();
-    for c in chunks {
-        for l in 0..8 {
-            acc[l] += c[l] as f64 * c[l] as f64;
-        }
-    }
-    for (l, &v) in tail.iter().enumerate() {
-        acc[l] += v as f64 * v as f64;
-    }
-    ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
 }
 
 /// Drops the targets of rows not in `keep`.

@@ -209,8 +209,8 @@ pub struct Outcome {
     /// Instant-loop events: whether the replayed earlier lessons are all still followed (true
     /// when none were replayed). False for other runs.
     pub replays_follow: bool,
-    /// Instant-loop events: earlier lessons of the same prompt that this one replaced (see
-    /// [`supersedes`]); 0 for other runs.
+    /// Instant-loop events: earlier lessons of the same prompt that this one replaced (those
+    /// it contradicts or repeats: one right answer per prompt, the latest); 0 for other runs.
     pub superseded: usize,
 }
 

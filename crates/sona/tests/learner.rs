@@ -47,6 +47,17 @@ fn in_memory(model: &Arc<Model>, tok: &Tokenizer, cfg: LearnConfig) -> Learner {
     l
 }
 
+/// An in-memory learner with the default configuration but no background runs (the instant
+/// loop alone), and its tokenizer; None without the model.
+fn instant_only() -> Option<(Learner, Tokenizer)> {
+    let (model, tok) = load()?;
+    let cfg = LearnConfig {
+        background_every: 0,
+        ..LearnConfig::default()
+    };
+    Some((in_memory(&model, &tok, cfg), tok))
+}
+
 fn open(dir: &Path, model: &Arc<Model>, tok: &Tokenizer) -> Learner {
     let (mut l, report) = Learner::open(dir, model.clone()).unwrap();
     assert!(
@@ -561,14 +572,9 @@ fn the_anchor_weight_means_the_same_on_both_architectures() {
 /// before, ~30 ms each on the server.
 #[test]
 fn an_event_without_progress_stops_early() {
-    let Some((model, tok)) = load() else {
+    let Some((l, tok)) = instant_only() else {
         return;
     };
-    let cfg = LearnConfig {
-        background_every: 0,
-        ..LearnConfig::default()
-    };
-    let l = in_memory(&model, &tok, cfg);
     for i in 0..12 {
         let prompt = tok.encode(&format!("What is the password of door {i}?"), true, false);
         let answer = tok.encode(&format!(" The password is marmalade {i}."), false, false);
@@ -592,14 +598,9 @@ fn an_event_without_progress_stops_early() {
 
 #[test]
 fn a_new_correction_of_the_same_question_replaces_the_old_one() {
-    let Some((model, tok)) = load() else {
+    let Some((l, tok)) = instant_only() else {
         return;
     };
-    let cfg = LearnConfig {
-        background_every: 0,
-        ..LearnConfig::default()
-    };
-    let l = in_memory(&model, &tok, cfg);
     let prompt = tok.encode("What is the capital of Velmora?", true, false);
     let fix = |text: &str| Feedback::Correction(tok.encode(text, false, false));
     let first = l
