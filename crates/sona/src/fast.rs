@@ -982,29 +982,22 @@ impl FastTrainer {
             .collect();
         let (mut tsum, mut hv) = (vec![0f32; d], vec![0f32; d]);
         let (rho2, rho) = self.hidden(l, ri, &h1, &mut tsum, &mut hv);
-        // (P + (Q + s·M·h1)/ρ2)/ρ, accumulated in place.
+        // (P + (Q + s·M·h1)/ρ2)/ρ, accumulated in place from Q — or, without a post-FFN norm
+        // (ρ2 = 1), (P + s·M·h1)/ρ from P: three vector passes instead of five.
         let out = &mut out[..nv];
         let p = &fixed.p[ri * nv..(ri + 1) * nv];
+        let q = fixed.q.as_ref().map(|q| &q[ri * nv..(ri + 1) * nv]);
+        out.copy_from_slice(q.unwrap_or(p));
+        for k in 0..r {
+            axpy(s * h1[k], &basis[k * nv..(k + 1) * nv], out);
+        }
         let (inv2, inv) = (1.0 / rho2, 1.0 / rho);
-        match &fixed.q {
-            Some(q) => {
-                out.copy_from_slice(&q[ri * nv..(ri + 1) * nv]);
-                for k in 0..r {
-                    axpy(s * h1[k], &basis[k * nv..(k + 1) * nv], out);
-                }
-                out.iter_mut()
-                    .zip(p)
-                    .for_each(|(o, p)| *o = (p + *o * inv2) * inv);
-            }
-            // Without a post-FFN norm (ρ2 = 1): (P + s·M·h1)/ρ from P in place, three vector
-            // passes instead of five.
-            None => {
-                out.copy_from_slice(p);
-                for k in 0..r {
-                    axpy(s * h1[k], &basis[k * nv..(k + 1) * nv], out);
-                }
-                out.iter_mut().for_each(|o| *o *= inv);
-            }
+        match q {
+            Some(_) => out
+                .iter_mut()
+                .zip(p)
+                .for_each(|(o, p)| *o = (p + *o * inv2) * inv),
+            None => out.iter_mut().for_each(|o| *o *= inv),
         }
     }
 
