@@ -612,6 +612,8 @@ impl State<'_> {
         let mut hidden_row = 0;
         let mut batch_row = 0;
         let mut finished: Vec<usize> = Vec::new();
+        // Groups whose logits came out NaN or infinite.
+        let mut failed: Vec<u64> = Vec::new();
         let n_running = self.running.len();
         for i in 0..n_running {
             let len = plan[i];
@@ -723,6 +725,10 @@ impl State<'_> {
             }
             let r = row;
             row += 1;
+            if !logits_finite(&self.logits[r * self.n_vocab..(r + 1) * self.n_vocab]) {
+                failed.push(s.group);
+                continue;
+            }
             let mut forks = Vec::new();
             if !s.forked {
                 s.forked = true;
@@ -773,6 +779,8 @@ impl State<'_> {
         }
         finished.sort_unstable();
         finished.dedup();
+        // A failed group's sequences leave with it (below), not as finished ones.
+        finished.retain(|&i| !failed.contains(&self.running[i].group));
         for &i in finished.iter().rev() {
             let mut s = self.running.remove(i);
             self.mgr.free(s.id);
@@ -793,6 +801,17 @@ impl State<'_> {
                     self.groups.remove(&s.group);
                 }
             }
+        }
+        failed.dedup();
+        for id in failed {
+            self.fail_group(
+                id,
+                Error::new(ErrorKind::Model(
+                    "the forward pass produced non-finite logits (NaN or infinity): the model's \
+                     weights overflow"
+                        .into(),
+                )),
+            );
         }
     }
 
@@ -979,6 +998,12 @@ fn logprobs(row: &[f32], token: u32, k: usize) -> Logprob {
         logprob: lp(token),
         top: top.into_iter().map(|(t, l)| (t, l - lse)).collect(),
     }
+}
+
+/// Whether a logits row is all finite: a NaN or an infinity (weights that overflow) makes the
+/// sum non-finite, and sampling from such a row would emit one arbitrary token forever.
+fn logits_finite(row: &[f32]) -> bool {
+    ruvllm_kernels::ops::sum_f64(row).is_finite()
 }
 
 #[cfg(test)]

@@ -2,7 +2,8 @@
 //! gives alone (greedy), with and without prefix caching, under forced preemption and with
 //! chunked prefill; n > 1 choices equal single requests with the matching seeds; prefix caching
 //! skips computing a shared prefix; cancellation and random workloads leak no blocks; priorities
-//! order admission; embeddings do not depend on their batch.
+//! order admission; embeddings do not depend on their batch; a model whose logits overflow
+//! fails its requests with a typed error and frees their blocks.
 
 use ruvllm_engine::{
     CaptureSpec, Captured, Engine, EngineConfig, ErrorKind, Event, FinishReason, Kept, Request,
@@ -1115,4 +1116,56 @@ fn kept_activations_equal_a_solo_pass_over_prompt_and_answer() {
         e.submit(bad).err().expect("refused").kind(),
         ErrorKind::InvalidParam { param: "keep", .. }
     ));
+}
+
+/// Logits that overflow (an output norm of 3e38: finite, so the model loads) fail the request
+/// with an error — every choice of an n = 2 request and a plain one running beside it — instead
+/// of streaming one arbitrary token, and their blocks come back.
+#[test]
+fn non_finite_logits_fail_the_request_and_free_its_blocks() {
+    let Some(f) = fixture() else { return };
+    let file = f.model.gguf();
+    let mut w = ruvllm_gguf::writer::GgufWriter::copy_of(file);
+    let norm = w
+        .tensor_data_mut("output_norm.weight")
+        .expect("output norm");
+    for c in norm.chunks_exact_mut(4) {
+        c.copy_from_slice(&3e38f32.to_le_bytes());
+    }
+    let bytes = w.to_bytes();
+    let model = Model::from_gguf(ruvllm_gguf::GgufFile::from_bytes(bytes).expect("parses"))
+        .expect("finite weights load");
+    let cfg = EngineConfig::new(&model.config, 256);
+    let e = Engine::start(Arc::new(model), f.tok.clone(), f.pool.clone(), cfg).expect("starts");
+    let p = prompts(&f.tok);
+    let mut two = Request::greedy(p[0].clone(), 8);
+    two.n = 2;
+    two.sampling.temperature = 0.7;
+    let handles = [
+        e.submit(two).expect("submit"),
+        e.submit(Request::greedy(p[1].clone(), 8)).expect("submit"),
+    ];
+    for mut h in handles {
+        let mut tokens = 0;
+        let err = loop {
+            match h.next_blocking() {
+                Some(Event::Failed(err)) => break err,
+                Some(Event::Token { .. }) => tokens += 1,
+                Some(other) => panic!("unexpected event {other:?}"),
+                None => panic!("stream ended without an error"),
+            }
+        };
+        assert_eq!(tokens, 0, "no token is sampled from non-finite logits");
+        assert!(matches!(err.kind(), ErrorKind::Model(_)), "{err}");
+        assert!(err.to_string().contains("non-finite logits"), "{err}");
+        assert!(h.next_blocking().is_none(), "nothing after the failure");
+    }
+    let t = Instant::now();
+    while e.metrics().kv_blocks_used > 0 || e.metrics().requests_running > 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "failed requests hold blocks"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }

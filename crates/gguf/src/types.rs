@@ -145,6 +145,70 @@ impl GgmlType {
         }
     }
 
+    /// Where each block of this type keeps its floating-point fields: (byte offset, width in
+    /// bytes, whether a 2-byte field is bf16 rather than f16). Quantized blocks keep only their
+    /// scales (and minima) as floats, at the offsets ggml's block structs put them; plain float
+    /// types are one field per element; integer types have none.
+    fn float_fields(self) -> &'static [(usize, usize, bool)] {
+        use GgmlType::*;
+        match self {
+            F32 => &[(0, 4, false)],
+            F64 => &[(0, 8, false)],
+            F16 => &[(0, 2, false)],
+            BF16 => &[(0, 2, true)],
+            Q4_0 | Q5_0 | Q8_0 => &[(0, 2, false)],
+            Q4_1 | Q5_1 | Q8_1 | Q4_K | Q5_K => &[(0, 2, false), (2, 2, false)],
+            // scales[16], qs[64], then d and dmin.
+            Q2_K => &[(80, 2, false), (82, 2, false)],
+            // hmask[32], qs[64], scales[12], then d.
+            Q3_K => &[(108, 2, false)],
+            // ql[128], qh[64], scales[16], then d.
+            Q6_K => &[(208, 2, false)],
+            Q8_K => &[(0, 4, false)],
+            I8 | I16 | I32 | I64 => &[],
+        }
+    }
+
+    /// The index of the first block of `data` (whole blocks of this type; a partial block at
+    /// the end is ignored) whose floating-point fields — a plain float value, or a quantized
+    /// block's scale or minimum — are NaN or infinite, the check llama.cpp runs with
+    /// `--check-tensors`. No valid model has such a block: one makes every output that reads
+    /// it NaN, so a loader refuses the file instead of serving garbage.
+    pub fn first_non_finite_block(self, data: &[u8]) -> Option<usize> {
+        let fields = self.float_fields();
+        let ts = self.type_size();
+        let f16_bad = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]) & 0x7c00 == 0x7c00;
+        // The common layouts in tight loops (a model's matrices are scanned at every load).
+        match *fields {
+            [] => return None,
+            [(0, 4, false)] if ts == 4 => {
+                return data
+                    .chunks_exact(4)
+                    .position(|b| !f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite())
+            }
+            [(o, 2, false)] => return data.chunks_exact(ts).position(|b| f16_bad(b, o)),
+            [(o, 2, false), (p, 2, false)] => {
+                return data
+                    .chunks_exact(ts)
+                    .position(|b| f16_bad(b, o) | f16_bad(b, p))
+            }
+            _ => {}
+        }
+        let bad = |b: &[u8]| {
+            fields.iter().any(|&(o, w, bf)| match (w, bf) {
+                (2, false) => u16::from_le_bytes([b[o], b[o + 1]]) & 0x7c00 == 0x7c00,
+                (2, true) => u16::from_le_bytes([b[o], b[o + 1]]) & 0x7f80 == 0x7f80,
+                (4, _) => !f32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]).is_finite(),
+                _ => {
+                    let mut x = [0u8; 8];
+                    x.copy_from_slice(&b[o..o + 8]);
+                    !f64::from_le_bytes(x).is_finite()
+                }
+            })
+        };
+        data.chunks_exact(ts).position(bad)
+    }
+
     /// Bytes needed for a row of `n` elements, or `None` if `n` is not a whole number of blocks
     /// or the size overflows.
     pub fn row_bytes(self, n: u64) -> Option<u64> {
@@ -177,5 +241,77 @@ mod tests {
         assert_eq!(GgmlType::Q4_K.row_bytes(512), Some(288));
         assert_eq!(GgmlType::Q4_0.row_bytes(33), None);
         assert_eq!(GgmlType::Q8_K.type_size(), 4 + 256 + 2 * 16);
+    }
+
+    /// Every float field of every type is seen when it holds a NaN or an infinity (in the
+    /// block it is in), and bytes outside those fields — quants that happen to look like an
+    /// f16 NaN — never are.
+    #[test]
+    fn non_finite_scales_are_found_and_quants_are_not_mistaken_for_them() {
+        use GgmlType::*;
+        let all = [
+            F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K, I8,
+            I16, I32, I64, F64, BF16,
+        ];
+        for ty in all {
+            let ts = ty.type_size();
+            let fields = ty.float_fields();
+            let covered: Vec<usize> = fields.iter().flat_map(|&(o, w, _)| o..o + w).collect();
+            // Three blocks of all-0xFF bytes except the float fields, which hold 1.0.
+            let one = |w: usize, bf: bool| -> Vec<u8> {
+                match (w, bf) {
+                    (2, false) => 0x3c00u16.to_le_bytes().to_vec(),
+                    (2, true) => 0x3f80u16.to_le_bytes().to_vec(),
+                    (4, _) => 1f32.to_le_bytes().to_vec(),
+                    _ => 1f64.to_le_bytes().to_vec(),
+                }
+            };
+            let mut data = vec![0xFFu8; 3 * ts];
+            for b in 0..3 {
+                for &(o, w, bf) in fields {
+                    data[b * ts + o..b * ts + o + w].copy_from_slice(&one(w, bf));
+                }
+            }
+            assert_eq!(ty.first_non_finite_block(&data), None, "{ty}: 0xFF quants");
+            assert!(
+                covered.iter().all(|&o| o < ts),
+                "{ty}: field past the block"
+            );
+            // A partial block at the end is not read.
+            assert_eq!(ty.first_non_finite_block(&data[..3 * ts - 1]), None, "{ty}");
+            for &(o, w, bf) in fields {
+                for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+                    let mut d = data.clone();
+                    let bytes = match (w, bf) {
+                        (2, false) => (if bad.is_nan() {
+                            0x7e00u16
+                        } else if bad > 0.0 {
+                            0x7c00
+                        } else {
+                            0xfc00
+                        })
+                        .to_le_bytes()
+                        .to_vec(),
+                        (2, true) => (if bad.is_nan() {
+                            0x7fc0u16
+                        } else if bad > 0.0 {
+                            0x7f80
+                        } else {
+                            0xff80
+                        })
+                        .to_le_bytes()
+                        .to_vec(),
+                        (4, _) => (bad as f32).to_le_bytes().to_vec(),
+                        _ => bad.to_le_bytes().to_vec(),
+                    };
+                    d[2 * ts + o..2 * ts + o + w].copy_from_slice(&bytes);
+                    assert_eq!(
+                        ty.first_non_finite_block(&d),
+                        Some(2),
+                        "{ty} field {o}: {bad}"
+                    );
+                }
+            }
+        }
     }
 }

@@ -64,10 +64,39 @@ impl GgufWriter {
     pub fn new() -> Self {
         Self::default()
     }
+    /// A copy of `file`'s metadata and tensors (data copied), to be edited and written back.
+    pub fn copy_of(file: &crate::GgufFile) -> Self {
+        GgufWriter {
+            metadata: file.metadata().to_vec(),
+            tensors: file
+                .tensors()
+                .iter()
+                .map(|t| {
+                    let data = file.tensor_data(t).to_vec();
+                    (t.name.clone(), t.dims.clone(), t.ggml_type, data)
+                })
+                .collect(),
+        }
+    }
     /// Adds a metadata entry.
     pub fn meta(&mut self, key: &str, value: Value) -> &mut Self {
         self.metadata.push((key.to_owned(), value));
         self
+    }
+    /// Replaces the value of metadata entry `key` (or adds it).
+    pub fn set_meta(&mut self, key: &str, value: Value) -> &mut Self {
+        match self.metadata.iter_mut().find(|(k, _)| k == key) {
+            Some((_, v)) => *v = value,
+            None => self.metadata.push((key.to_owned(), value)),
+        }
+        self
+    }
+    /// The data bytes of tensor `name`, to edit in place.
+    pub fn tensor_data_mut(&mut self, name: &str) -> Option<&mut Vec<u8>> {
+        self.tensors
+            .iter_mut()
+            .find(|t| t.0 == name)
+            .map(|t| &mut t.3)
     }
     /// Adds a tensor; `data` must already be in the type's block layout.
     pub fn tensor(&mut self, name: &str, dims: &[u64], ty: GgmlType, data: Vec<u8>) -> &mut Self {

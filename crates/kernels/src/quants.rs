@@ -314,6 +314,47 @@ pub fn quantize_q4_0(x: &[f32], out: &mut [u8]) {
 mod tests {
     use super::*;
 
+    /// The loader's finiteness check (`GgmlType::first_non_finite_block`) reads the float
+    /// fields the dequantizers read: in a zero block, an f16 or f32 NaN planted at any byte
+    /// offset makes the dequantized block NaN exactly when the check flags it.
+    #[test]
+    fn the_finiteness_check_reads_the_fields_dequantization_reads() {
+        let types = [
+            GgmlType::F32,
+            GgmlType::F16,
+            GgmlType::BF16,
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q5_1,
+            GgmlType::Q8_0,
+            GgmlType::Q2_K,
+            GgmlType::Q3_K,
+            GgmlType::Q4_K,
+            GgmlType::Q5_K,
+            GgmlType::Q6_K,
+            GgmlType::Q8_K,
+        ];
+        let patterns: [&[u8]; 3] = [&[0x00, 0x7e], &[0x00, 0x00, 0xc0, 0x7f], &[0xc0, 0x7f]];
+        for ty in types.into_iter().filter(|&t| can_dequantize(t)) {
+            let (ts, bs) = (ty.type_size(), ty.block_size());
+            let mut flagged = 0;
+            for pat in patterns.into_iter().filter(|p| p.len() <= ts) {
+                for o in 0..=ts - pat.len() {
+                    let mut b = vec![0u8; ts];
+                    b[o..o + pat.len()].copy_from_slice(pat);
+                    let mut y = vec![0f32; bs];
+                    assert!(dequantize_row(ty, &b, &mut y), "{ty}");
+                    let nan = y.iter().any(|v| !v.is_finite());
+                    let seen = ty.first_non_finite_block(&b) == Some(0);
+                    assert_eq!(nan, seen, "{ty}: pattern {pat:?} at byte {o}");
+                    flagged += seen as usize;
+                }
+            }
+            assert!(flagged > 0, "{ty}: no planted NaN was found");
+        }
+    }
+
     #[test]
     fn q4_0_block_by_hand() {
         // d = 1.0 (f16 0x3c00); nibble j low = j % 16, high = 15 - j % 16

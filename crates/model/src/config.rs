@@ -87,11 +87,22 @@ impl Config {
                 Ok(d)
             }
         };
-        let getf_or = |k: &str, d: f32| {
-            f.get(&key(k))
-                .and_then(|v| v.as_f64())
-                .map(|v| v as f32)
-                .unwrap_or(d)
+        // A float hyperparameter: `d` when absent, else a number inside `range` (the bounds
+        // exclusive); NaN, infinities, zero or negative scales and strings are refused rather
+        // than turned into NaN outputs.
+        let getf_or = |k: &str, d: f32, range: (f64, f64)| -> Result<f32, Error> {
+            let Some(v) = f.get(&key(k)) else {
+                return Ok(d);
+            };
+            v.as_f64()
+                .filter(|x| x.is_finite() && *x > range.0 && *x < range.1)
+                .map(|x| x as f32)
+                .ok_or_else(|| {
+                    bad(format!(
+                        "{a}.{k} = {v:?} is out of range (a number between {} and {})",
+                        range.0, range.1
+                    ))
+                })
         };
 
         let n_layer = get("block_count")?;
@@ -101,7 +112,7 @@ impl Config {
         let head_dim = get_or("attention.key_length", n_embd / n_head)?;
         let n_ff = get("feed_forward_length")?;
         let n_ctx_train = get_or("context_length", 2048)?;
-        let rms_eps = getf_or("attention.layer_norm_rms_epsilon", 1e-5);
+        let rms_eps = getf_or("attention.layer_norm_rms_epsilon", 1e-5, (0.0, 1.0))?;
         if head_dim > 512 || head_dim % 2 != 0 {
             return Err(bad(format!(
                 "head dimension {head_dim} is not supported (even, at most 512)"
@@ -125,17 +136,21 @@ impl Config {
         if let Some(t) = f.get(&key("rope.scaling.type")).and_then(|v| v.as_str()) {
             match t {
                 "none" => {}
-                "linear" => rope_freq_scale = 1.0 / getf_or("rope.scaling.factor", 1.0).max(1e-6),
+                "linear" => {
+                    rope_freq_scale = 1.0 / getf_or("rope.scaling.factor", 1.0, (0.0, 1e6))?
+                }
                 other => {
                     return Err(bad(format!(
                         "rope scaling {other:?} is not supported (none, linear)"
                     )))
                 }
             }
-        } else if let Some(fac) = f.get(&key("rope.scaling.factor")).and_then(|v| v.as_f64()) {
-            if fac > 0.0 {
-                rope_freq_scale = 1.0 / fac as f32;
-            }
+        } else if f
+            .get(&key("rope.scaling.factor"))
+            .is_some_and(|v| v.as_f64() != Some(0.0))
+        {
+            // 0 means no scaling (as llama.cpp reads it).
+            rope_freq_scale = 1.0 / getf_or("rope.scaling.factor", 1.0, (0.0, 1e6))?;
         }
         let (rope_style, sliding_window, swa_pattern, embed_scale, default_base) = match arch {
             Arch::Llama => (RopeStyle::Normal, None, 1, None, 10_000.0),
@@ -163,7 +178,7 @@ impl Config {
             n_vocab: 0,
             n_ctx_train,
             rms_eps,
-            rope_base: getf_or("rope.freq_base", default_base),
+            rope_base: getf_or("rope.freq_base", default_base, (1.0, 1e12))?,
             rope_freq_scale,
             rope_base_swa: 10_000.0,
             rope_dims,

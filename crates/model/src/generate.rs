@@ -193,6 +193,9 @@ pub fn generate(
     let mut finish = FinishReason::Length;
     let mut hit_stop = false;
     for step in 0..budget {
+        if !ruvllm_kernels::ops::sum_f64(&logits).is_finite() {
+            return Err(Error::new(ErrorKind::NonFiniteLogits));
+        }
         let next = sampler.sample(&logits, &history);
         if !params.ignore_eos && tok.is_eog(next) {
             finish = FinishReason::Stop;

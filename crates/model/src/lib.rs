@@ -60,6 +60,9 @@ pub enum ErrorKind {
     },
     /// A token id outside the vocabulary.
     BadToken(u32),
+    /// The forward pass produced NaN or infinite logits (weights that overflow): sampling
+    /// from them would emit one arbitrary token forever.
+    NonFiniteLogits,
 }
 
 impl Error {
@@ -92,6 +95,10 @@ impl fmt::Display for Error {
             }
             ErrorKind::InvalidParam { message, .. } => write!(f, "invalid parameter: {message}"),
             ErrorKind::BadToken(t) => write!(f, "token id {t} is outside the vocabulary"),
+            ErrorKind::NonFiniteLogits => write!(
+                f,
+                "the forward pass produced NaN or infinite logits: the model's weights overflow"
+            ),
         }
     }
 }

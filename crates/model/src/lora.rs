@@ -270,6 +270,11 @@ impl LoraAdapter {
             alpha / r
         } as f32
             * user_scale;
+        if !scale.is_finite() {
+            return Err(err(format!(
+                "adapter scale {scale} (lora_alpha {alpha}, r {r}, scale {user_scale}) is not finite"
+            )));
+        }
         let bytes = std::fs::read(&file)
             .map_err(|e| err(format!("cannot read {}: {e}", file.display())))?;
         let st = SafeTensors::deserialize(&bytes)
@@ -307,6 +312,9 @@ impl LoraAdapter {
                 )));
             }
             let data = to_f32(view.dtype(), view.data())?;
+            if let Some(i) = data.iter().position(|v| !v.is_finite()) {
+                return Err(err(format!("{tname}: element {i} is NaN or infinite")));
+            }
             let (out, inp) = p.shape(c);
             let e = found.entry((layer, p)).or_insert((None, None, 0));
             match *which {

@@ -239,6 +239,7 @@ fn matrix(
         )));
     }
     let rows = info.dims[1] as usize;
+    finite(f, &info)?;
     let packed = pack(f, arena, &info, rows, cols);
     Ok(Weight {
         info,
@@ -373,9 +374,25 @@ fn vector(f: &GgufFile, name: &str, n: usize) -> Result<Vec<f32>, Error> {
             info.ggml_type
         )));
     }
+    finite(f, info)?;
     let mut v = vec![0f32; n];
     dequantize_row(info.ggml_type, f.tensor_data(info), &mut v);
     Ok(v)
+}
+
+/// Refuses a tensor with a NaN or infinite value or block scale (llama.cpp's
+/// `--check-tensors`, always on here: one such block turns every output that reads it into NaN,
+/// which would otherwise be served as a stream of one repeated token).
+fn finite(f: &GgufFile, info: &TensorInfo) -> Result<(), Error> {
+    let ty = info.ggml_type;
+    match ty.first_non_finite_block(f.tensor_data(info)) {
+        None => Ok(()),
+        Some(b) => Err(bad(format!(
+            "{}: element {} is NaN or infinite (or its block's scale is): the file is corrupt",
+            info.name,
+            b * ty.block_size()
+        ))),
+    }
 }
 
 #[cfg(test)]

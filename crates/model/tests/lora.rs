@@ -364,4 +364,48 @@ fn bad_adapter_files_are_clear_errors() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("expected [r, 576]"), "{e}");
+    // A NaN weight, and a scale that is not finite (lora_alpha 1e40 / r overflows f32).
+    let mut a = vec![0u8; 4 * 4 * 576];
+    a[4 * 7..4 * 8].copy_from_slice(&f32::NAN.to_le_bytes());
+    let b = vec![0u8; 4 * 576 * 4];
+    let write = |a: &[u8]| {
+        let views = vec![
+            (
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight".to_string(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![4, 576], a)
+                    .unwrap(),
+            ),
+            (
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight".to_string(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![576, 4], &b)
+                    .unwrap(),
+            ),
+        ];
+        std::fs::write(
+            dir.join("adapter_model.safetensors"),
+            safetensors::serialize(views, None).unwrap(),
+        )
+        .unwrap();
+    };
+    write(&a);
+    let e = LoraAdapter::load_peft(&dir, &model, "x", 1, 1.0)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("lora_A.weight: element 7 is NaN or infinite"),
+        "{e}"
+    );
+    a[4 * 7..4 * 8].copy_from_slice(&0f32.to_le_bytes());
+    write(&a);
+    assert!(LoraAdapter::load_peft(&dir, &model, "x", 1, 1.0).is_ok());
+    assert!(LoraAdapter::load_peft(&dir, &model, "x", 1, f32::NAN).is_err());
+    std::fs::write(
+        dir.join("adapter_config.json"),
+        r#"{"r": 4, "lora_alpha": 1e40}"#,
+    )
+    .unwrap();
+    match LoraAdapter::load_peft(&dir, &model, "x", 1, 1.0) {
+        Ok(_) => panic!("an adapter with an infinite scale loaded"),
+        Err(e) => assert!(e.to_string().contains("is not finite"), "{e}"),
+    }
 }
