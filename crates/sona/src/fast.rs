@@ -669,6 +669,16 @@ impl FastTrainer {
             as f32
     }
 
+    /// Sets the learning rate of the next steps.
+    pub fn set_lr(&mut self, lr: f32) {
+        self.p.lr = lr;
+    }
+
+    /// Whether every parameter is a finite number (training that diverged is not published).
+    pub fn is_finite(&self) -> bool {
+        self.p.a.iter().chain(&self.p.b).all(|v| v.is_finite())
+    }
+
     /// The adapter as a LoRA pair.
     pub fn pair(&self) -> LoraPair {
         self.p.pair()

@@ -287,6 +287,9 @@ pub enum LearnError {
     TooLong,
     /// No such scope (nothing learned for it yet).
     UnknownScope,
+    /// Training produced NaN or infinite parameters or loss; the scope's state is as it was
+    /// before the event (nothing published, no lesson kept or replaced).
+    Diverged,
 }
 
 impl std::fmt::Display for LearnError {
@@ -301,6 +304,10 @@ impl std::fmt::Display for LearnError {
                 write!(f, "the prompt and answer do not fit the model's context")
             }
             LearnError::UnknownScope => write!(f, "no learned state for this scope"),
+            LearnError::Diverged => write!(
+                f,
+                "training diverged (NaN or infinite values); the learned state is unchanged"
+            ),
         }
     }
 }
@@ -1538,12 +1545,23 @@ impl Learner {
         // The user's latest word on a prompt replaces what it contradicts or repeats: kept, the
         // old lesson would be replayed against the new one (a second correction of the same
         // question then does not take: "Kirravel" came back as "Kirrandrand").
-        let kept = sc.lessons.len();
-        sc.lessons.retain(|old| !supersedes(&new, old));
-        let superseded = kept - sc.lessons.len();
-        if superseded > 0 {
-            sc.lessons_gen += 1;
+        // Taken out (by position) rather than dropped, so that a diverged event can put them
+        // back; the micro branch is saved for the same reason.
+        let mut replaced: Vec<(usize, Lesson)> = Vec::new();
+        let mut i = 0;
+        while i < sc.lessons.len() {
+            if supersedes(&new, &sc.lessons[i]) {
+                if let Some(old) = sc.lessons.remove(i) {
+                    replaced.push((i + replaced.len(), old));
+                }
+            } else {
+                i += 1;
+            }
         }
+        let superseded = replaced.len();
+        let saved_micro = sc.micro.clone();
+        // The configured rate (it may have changed since the scope's trainer was made).
+        sc.micro.set_lr(self.cfg.lr);
         // The new lesson with the most recent earlier ones, so it does not overwrite them; the
         // base branch is a fixed part of the layer here. After each round, a full-vocabulary
         // check: tokens the adapter raised into a row's top that the candidates lack join
@@ -1664,6 +1682,22 @@ impl Learner {
             phases.widen_ms += ms(t_widen, Instant::now());
         }
         let loss_before = loss_before.unwrap_or(0.0);
+        if !(loss_after.is_finite() && sc.micro.is_finite()) {
+            sc.micro = saved_micro;
+            for (pos, old) in replaced {
+                sc.lessons.insert(pos, old);
+            }
+            // The checks may have widened kept lessons' candidates past what their kept
+            // preparations hold: the next event prepares them afresh.
+            for l in sc.lessons.iter_mut() {
+                l.ready = None;
+            }
+            self.set_anchors(sc, sc.lessons.len());
+            return Err(LearnError::Diverged);
+        }
+        if superseded > 0 {
+            sc.lessons_gen += 1;
+        }
         // Each lesson keeps what this event computed for it while it will be replayed.
         let mut fixed = fixed.into_iter();
         let ready = |prepared, fixed: Option<Arc<FullFixed>>| {

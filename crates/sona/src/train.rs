@@ -252,7 +252,7 @@ pub(crate) struct AdapterParams {
     /// `B: n_embd × rank`.
     pub(crate) b: Vec<f32>,
     adam: Adam,
-    lr: f32,
+    pub(crate) lr: f32,
     /// Activations of generic text at the adapted projection (`[rows × n_ff]`) and the weight of
     /// the penalty `weight · mean_t ‖scale·B·A·act_t‖²` that keeps the adapter from changing
     /// the model there (general ability kept while facts are learned).

@@ -7,8 +7,8 @@
 
 use ruvllm_model::{registry, Capture, LoraAdapter, Model, Proj};
 use ruvllm_sona::learner::{
-    list_versions, rollback, scope_key, Feedback, LearnConfig, Learner, Outcome, Phases,
-    ANCHOR_TEXT,
+    list_versions, rollback, scope_key, Feedback, LearnConfig, LearnError, Learner, Outcome,
+    Phases, ANCHOR_TEXT,
 };
 use ruvllm_sona::train::{capture, CaptureSource};
 use ruvllm_tokenizer::Tokenizer;
@@ -640,4 +640,51 @@ fn a_new_correction_of_the_same_question_replaces_the_old_one() {
         .learn("s", &prompt, &other_answer, &Feedback::Rating(-1.0))
         .unwrap();
     assert_eq!(another.superseded, 0, "{another:?}");
+}
+
+/// Training that diverges (a learning rate of 1e30 sends the parameters to infinity) is not
+/// published: the event fails with `Diverged`, and the scope's adapter and lessons stay as they
+/// were — the earlier lesson, which the failed correction of the same question would have
+/// replaced, is still there for the next good correction to replace.
+#[test]
+fn a_diverged_event_changes_nothing() {
+    let Some((model, tok)) = load() else {
+        return;
+    };
+    let cfg = LearnConfig {
+        background_every: 0,
+        ..LearnConfig::default()
+    };
+    let anchor = || Some(tok.encode(ANCHOR_TEXT, true, false));
+    let mut l = in_memory(&model, &tok, cfg.clone());
+    let prompt = tok.encode("What is the capital of Velmora?", true, false);
+    let fix = |text: &str| Feedback::Correction(tok.encode(text, false, false));
+    let first = l
+        .learn(
+            "s",
+            &prompt,
+            &[],
+            &fix(" The capital of Velmora is Ostrand."),
+        )
+        .unwrap();
+    let before = l.adapter_for("s").expect("published");
+    assert_eq!(before.version, first.version);
+    l.configure(
+        LearnConfig {
+            lr: 1e30,
+            ..cfg.clone()
+        },
+        anchor(),
+    );
+    let kirravel = fix(" The capital of Velmora is Kirravel.");
+    let e = l.learn("s", &prompt, &[], &kirravel).unwrap_err();
+    assert_eq!(e, LearnError::Diverged);
+    let after = l.adapter_for("s").expect("still published");
+    assert_eq!(after.version, before.version);
+    assert_eq!(pair(&after, &model), pair(&before, &model));
+    l.configure(cfg, anchor());
+    let again = l.learn("s", &prompt, &[], &kirravel).unwrap();
+    assert_eq!(again.superseded, 1, "the first lesson was kept: {again:?}");
+    assert!(again.follows, "{again:?}");
+    assert_eq!(again.version, before.version + 1);
 }
