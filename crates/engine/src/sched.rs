@@ -1000,10 +1000,10 @@ fn logprobs(row: &[f32], token: u32, k: usize) -> Logprob {
     }
 }
 
-/// Whether a logits row is all finite: a NaN or an infinity (weights that overflow) makes the
-/// sum non-finite, and sampling from such a row would emit one arbitrary token forever.
+/// Whether a logits row is all finite: sampling from one with a NaN or an infinity (weights
+/// that overflow) would emit one arbitrary token forever.
 fn logits_finite(row: &[f32]) -> bool {
-    ruvllm_kernels::ops::sum_f64(row).is_finite()
+    ruvllm_kernels::ops::all_finite(row)
 }
 
 #[cfg(test)]

@@ -265,6 +265,18 @@ pub fn max_f32(x: &[f32]) -> f32 {
     (f32_kernels().max)(x)
 }
 
+/// Whether every value of `x` is finite (no NaN, no ±∞): checked on each logits row before a
+/// token is sampled from it, so a vector pass (an f64 sum of each row cost 16-stream decode
+/// ~4% in an alternating bench).
+pub fn all_finite(x: &[f32]) -> bool {
+    (f32_kernels().all_finite)(x)
+}
+
+/// The scalar twin of [`all_finite`].
+pub fn all_finite_scalar(x: &[f32]) -> bool {
+    x.iter().all(|v| v.is_finite())
+}
+
 /// The scalar twin of the max pass of [`logit_stats`].
 pub fn max_f32_scalar(x: &[f32]) -> f32 {
     x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v))
@@ -729,6 +741,7 @@ struct F32Kernels {
     dot_rows_f32_heads: HeadsFn<f32>,
     weighted_sum_f32_heads: HeadsFn<f32>,
     max: fn(&[f32]) -> f32,
+    all_finite: fn(&[f32]) -> bool,
     sum_exp: fn(&[f32], f32) -> f32,
     dequant_q8_0: fn(&[u16], &mut [f32]),
     dequant_q4_0: fn(&[u16], &mut [f32]),
@@ -805,6 +818,8 @@ fn f32_kernels() -> &'static F32Kernels {
                 },
                 // SAFETY: as above.
                 max: |x| unsafe { x86::max(x) },
+                // SAFETY: as above.
+                all_finite: |x| unsafe { x86::all_finite(x) },
                 sum_exp: if avx512 {
                     // SAFETY: the AVX-512 tier (F) includes AVX2 and FMA.
                     |x, sh| unsafe { x86::sum_exp_512(x, sh) }
@@ -832,6 +847,7 @@ fn f32_kernels() -> &'static F32Kernels {
             dot_rows_f32_heads: dot_rows_heads_scalar,
             weighted_sum_f32_heads: weighted_sum_heads_scalar,
             max: max_f32_scalar,
+            all_finite: all_finite_scalar,
             sum_exp: sum_exp_scalar,
             dequant_q8_0: dequant_q8_0_scalar,
             dequant_q4_0: dequant_q4_0_scalar,
@@ -1689,6 +1705,40 @@ mod x86 {
             .fold(f32::NEG_INFINITY, |a, &v| a.max(v))
     }
 
+    /// Whether no value of `x` has an all-ones exponent (NaN or ±∞), eight lanes in four
+    /// accumulators: `(bits & 0x7f800000) + 0x00800000` reaches bit 31 exactly for those, and
+    /// the accumulators OR it in.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn all_finite(x: &[f32]) -> bool {
+        let n = x.len();
+        let (exp, one) = (
+            _mm256_set1_epi32(0x7f80_0000),
+            _mm256_set1_epi32(0x0080_0000),
+        );
+        let mut acc = [_mm256_setzero_si256(); 4];
+        let flag = |v: __m256i| _mm256_add_epi32(_mm256_and_si256(v, exp), one);
+        let mut i = 0;
+        while i + 32 <= n {
+            for (k, a) in acc.iter_mut().enumerate() {
+                // SAFETY: i + 32 <= n.
+                let v = unsafe { _mm256_loadu_si256(x.as_ptr().add(i + 8 * k) as *const __m256i) };
+                *a = _mm256_or_si256(*a, flag(v));
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n.
+            let v = unsafe { _mm256_loadu_si256(x.as_ptr().add(i) as *const __m256i) };
+            acc[0] = _mm256_or_si256(acc[0], flag(v));
+            i += 8;
+        }
+        let a = _mm256_or_si256(
+            _mm256_or_si256(acc[0], acc[1]),
+            _mm256_or_si256(acc[2], acc[3]),
+        );
+        _mm256_movemask_ps(_mm256_castsi256_ps(a)) == 0 && x[i..].iter().all(|v| v.is_finite())
+    }
+
     /// `e^v` per lane of sixteen by [`exp8`]'s polynomial.
     #[inline]
     #[target_feature(enable = "avx512f,avx2,fma")]
@@ -2151,6 +2201,35 @@ mod tests {
                 .iter()
                 .zip(&rounded)
                 .all(|(a, b)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())));
+        }
+    }
+
+    /// The vector check and its twin agree on clean rows and on a NaN, +∞ or −∞ at every
+    /// position of rows of every length up to 80 (the 32-wide body, the 8-wide loop and the
+    /// tail), on a 49k logits row, and on the largest finite values and subnormals (finite).
+    #[test]
+    fn all_finite_matches_its_scalar_twin() {
+        for n in (0..80).chain([49_152]) {
+            let mut x: Vec<f32> = values(n, n as u32 + 3).iter().map(|v| v * 1e3).collect();
+            if n > 2 {
+                x[0] = f32::MAX;
+                x[1] = -f32::MAX;
+                x[2] = f32::MIN_POSITIVE / 2.0;
+            }
+            assert!(all_finite(&x) && all_finite_scalar(&x), "{n}");
+            let positions: Vec<usize> = if n > 100 {
+                vec![0, 31, 32, 40_000, n - 1]
+            } else {
+                (0..n).collect()
+            };
+            for i in positions {
+                for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                    let mut y = x.clone();
+                    y[i] = bad;
+                    assert!(!all_finite_scalar(&y));
+                    assert!(!all_finite(&y), "{n}: {bad} at {i}");
+                }
+            }
         }
     }
 

@@ -193,7 +193,7 @@ pub fn generate(
     let mut finish = FinishReason::Length;
     let mut hit_stop = false;
     for step in 0..budget {
-        if !ruvllm_kernels::ops::sum_f64(&logits).is_finite() {
+        if !ruvllm_kernels::ops::all_finite(&logits) {
             return Err(Error::new(ErrorKind::NonFiniteLogits));
         }
         let next = sampler.sample(&logits, &history);
