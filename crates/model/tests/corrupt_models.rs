@@ -294,7 +294,12 @@ fn non_finite_weights_and_hyperparameters_are_refused() {
         ("llama.rope.scaling.factor", Value::F32(-2.0)),
     ] {
         let k = key.strip_prefix("llama.").unwrap();
-        refused(|w| drop(w.set_meta(key, v.clone())), &format!("{k} = "));
+        refused(
+            |w| {
+                w.set_meta(key, v.clone());
+            },
+            &format!("{k} = "),
+        );
     }
 }
 
@@ -333,6 +338,8 @@ fn short(v: &Value) -> String {
     s.chars().take(60).collect()
 }
 
+/// `RUVLLM_FUZZ_ITERS=400`: no panic (session 17; 30 files refused by the parser, 249 by the
+/// loader, 6 by the tokenizer, 115 ran).
 #[test]
 fn smollm2_semantic_mutations_never_panic() {
     let n = std::env::var("RUVLLM_FUZZ_ITERS")
@@ -340,4 +347,15 @@ fn smollm2_semantic_mutations_never_panic() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(40);
     fuzz("smollm2-135m", n, 0x5eed_1234);
+}
+
+/// Gemma-3's file (sliding window, q/k norms, SentencePiece): fewer mutations by default, as
+/// each rewrites ~250 MB (`RUVLLM_FUZZ_ITERS=300`: no panic, session 17).
+#[test]
+fn gemma3_semantic_mutations_never_panic() {
+    let n = std::env::var("RUVLLM_FUZZ_ITERS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(12);
+    fuzz("gemma3-270m", n, 0x6e33_4321);
 }
