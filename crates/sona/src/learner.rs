@@ -38,6 +38,7 @@ use ruvllm_model::{head_logits, Capture, LoraAdapter, LoraPair, Model, Proj};
 use serde_json::{json, Value};
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Instant;
 
@@ -552,6 +553,26 @@ pub struct Learner {
     source: Option<Arc<dyn CaptureSource>>,
     /// The pool of [`LearnConfig::idle_threads`], when it is larger than `pool`'s.
     idle_pool: Option<Arc<ThreadPool>>,
+    /// Instant-loop events in progress: a background run waits between its steps while any
+    /// is (they would otherwise share the cores, and the event's latency is what a user waits
+    /// for; the run's result does not depend on when its steps run).
+    instant_events: Arc<AtomicUsize>,
+}
+
+/// Counts an instant-loop event in progress for as long as it lives.
+struct InstantEvent(Arc<AtomicUsize>);
+
+impl InstantEvent {
+    fn start(count: &Arc<AtomicUsize>) -> InstantEvent {
+        count.fetch_add(1, Ordering::SeqCst);
+        InstantEvent(count.clone())
+    }
+}
+
+impl Drop for InstantEvent {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// A stable, non-reversible key for a scope name: the first 128 bits of SHA-256, in hex.
@@ -1003,6 +1024,7 @@ impl Learner {
             anchor_gain: OnceLock::new(),
             source: None,
             idle_pool: None,
+            instant_events: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -1503,6 +1525,7 @@ impl Learner {
         if prompt.is_empty() {
             return Err(LearnError::EmptyPrompt);
         }
+        let _event = InstantEvent::start(&self.instant_events);
         let telling = |k: usize| if k > 0 { Teach::Telling(k) } else { Teach::All };
         let rated = telling(self.cfg.rated_rows);
         let (answer, negative, steps, teach) = match feedback {
@@ -1748,6 +1771,13 @@ impl Learner {
         })
     }
 
+    /// Waits while an instant-loop event is in progress (see `instant_events`).
+    fn yield_to_instant(&self) {
+        while self.instant_events.load(Ordering::SeqCst) > 0 {
+            std::thread::sleep(std::time::Duration::from_micros(500));
+        }
+    }
+
     /// The background loop for `scope`: trains its base branch on every kept lesson (micro
     /// branch fixed) under the EWC++ penalty, then updates the Fisher information (lessons and
     /// generic text) and publishes; a run that leaves the lessons' mean loss more than 5% worse
@@ -1794,12 +1824,15 @@ impl Learner {
         let (loss_before, loss_after, accepted) = {
             let sc = &mut tmp;
             let saved = sc.base.clone();
+            self.yield_to_instant();
             let mut batch = base_batch(sc);
             let before = mean_loss(&sc.base, &batch);
             for _ in 0..steps {
+                self.yield_to_instant();
                 sc.base.step_ewc(&batch, self.cfg.ewc_lambda);
             }
             // The full-vocabulary check on every lesson, and one more round if it widened any.
+            self.yield_to_instant();
             let checks =
                 self.check_many(&sc.base, &sc.lessons.iter().zip(&batch).collect::<Vec<_>>());
             let mut widened = false;
@@ -1807,8 +1840,10 @@ impl Learner {
                 widened |= l.cands.add_top(&c.extra) > 0;
             }
             if widened {
+                self.yield_to_instant();
                 batch = base_batch(sc);
                 for _ in 0..steps.div_ceil(3) {
+                    self.yield_to_instant();
                     sc.base.step_ewc(&batch, self.cfg.ewc_lambda);
                 }
             }
@@ -1821,6 +1856,7 @@ impl Learner {
                 sc.base = saved;
                 after = before;
             }
+            self.yield_to_instant();
             self.update_fisher(sc, batch, anchor.as_deref());
             (before, after, accepted)
         };

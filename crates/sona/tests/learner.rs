@@ -14,6 +14,7 @@ use ruvllm_sona::train::{capture, CaptureSource};
 use ruvllm_tokenizer::Tokenizer;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// SmolLM2 and its tokenizer, when installed.
 fn load() -> Option<(Arc<Model>, Tokenizer)> {
@@ -687,4 +688,110 @@ fn a_diverged_event_changes_nothing() {
     assert_eq!(again.superseded, 1, "the first lesson was kept: {again:?}");
     assert!(again.follows, "{again:?}");
     assert_eq!(again.version, before.version + 1);
+}
+
+/// A capture source that holds each capture until the gate opens: an instant event in flight.
+struct Gate {
+    model: Arc<Model>,
+    pool: Arc<ruvllm_kernels::pool::ThreadPool>,
+    open: std::sync::Mutex<bool>,
+    changed: std::sync::Condvar,
+    waiting: std::sync::atomic::AtomicBool,
+}
+
+impl Gate {
+    fn set(&self, open: bool) {
+        *self.open.lock().unwrap() = open;
+        self.changed.notify_all();
+    }
+}
+
+impl CaptureSource for Gate {
+    fn capture(
+        &self,
+        layer: usize,
+        tokens: &[u32],
+        from: usize,
+        _rows: Option<&[usize]>,
+    ) -> Option<(Capture, Vec<f32>)> {
+        let mut open = self.open.lock().unwrap();
+        while !*open {
+            self.waiting
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            open = self.changed.wait(open).unwrap();
+        }
+        drop(open);
+        capture(&self.model, &self.pool, layer, tokens, Some(from))
+    }
+}
+
+/// A background run waits while an instant event is in progress (they would share the cores,
+/// and the event is what a user waits for): started while an event is held in its capture, it
+/// has not finished 0.4 s later, and finishes after the event does.
+#[test]
+fn a_background_run_waits_for_instant_events() {
+    let Some((model, tok)) = load() else {
+        return;
+    };
+    let gate = Arc::new(Gate {
+        model: model.clone(),
+        pool: Arc::new(ruvllm_kernels::pool::ThreadPool::new(1)),
+        open: std::sync::Mutex::new(true),
+        changed: std::sync::Condvar::new(),
+        waiting: Default::default(),
+    });
+    let mut l = in_memory(
+        &model,
+        &tok,
+        LearnConfig {
+            background_every: 0,
+            ..LearnConfig::default()
+        },
+    );
+    l.set_capture_source(Some(gate.clone()));
+    let fix = |q: &str, a: &str| {
+        (
+            tok.encode(q, true, false),
+            Feedback::Correction(tok.encode(a, false, false)),
+        )
+    };
+    for (q, a) in [
+        ("The password of the blue castle is", " marmalade."),
+        ("The river that runs through Quenby is the", " Ostrel."),
+    ] {
+        let (p, c) = fix(q, a);
+        l.learn("s", &p, &[], &c).unwrap();
+    }
+    gate.set(false);
+    let (p, c) = fix("The mayor of Quenby is", " Ada Lorn.");
+    let l = &l;
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (event_end, background_end) = std::thread::scope(|s| {
+        let event = s.spawn(|| {
+            l.learn("s", &p, &[], &c).unwrap();
+            Instant::now()
+        });
+        while !gate.waiting.load(std::sync::atomic::Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let background = s.spawn(|| {
+            let o = l.background("s").unwrap();
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            (o, Instant::now())
+        });
+        std::thread::sleep(Duration::from_millis(400));
+        // Read before the gate opens; asserted after (a panic here would leave the event
+        // thread waiting at the gate).
+        let early = done.load(std::sync::atomic::Ordering::SeqCst);
+        gate.set(true);
+        let e = event.join().unwrap();
+        let (o, b) = background.join().unwrap();
+        assert!(
+            !early,
+            "the background run finished while an instant event was in flight"
+        );
+        assert!(o.steps > 0, "{o:?}");
+        (e, b)
+    });
+    assert!(background_end > event_end);
 }
