@@ -33,10 +33,19 @@ def main():
     ap.add_argument("--rating", type=float, default=-1.0)
     ap.add_argument("--pause", type=float, default=0.0, help="seconds between one feedback answer and the next question (lets work that follows an answer finish)")
     ap.add_argument("--correction", default=None, help="send this text (plus the question's number) as a correction instead of a rating")
+    ap.add_argument("--corrections", default=None, help="a file of corrections, one per line: question i gets line i (cycling), as it is — distinct answers to distinct questions, where --correction gives every question nearly the same one")
     ap.add_argument("--verify-delay", type=float, default=0.0, help="with --verify: seconds to wait before asking again (lets a background run the event started finish)")
     ap.add_argument("--show", action="store_true", help="with --verify: print each re-asked answer (stderr)")
     ap.add_argument("--verify", action="store_true", help="with --correction: after each event ask the question again (greedy) and report how much of the correction the answer reproduces")
     a = ap.parse_args()
+    lines = None
+    if a.corrections is not None:
+        with open(a.corrections, encoding="utf-8") as f:
+            lines = [l.strip() for l in f if l.strip()]
+        a.correction = a.correction or ""
+
+    def correction(i):
+        return lines[i % len(lines)] if lines else f"{a.correction} ({i})"
     h = {"Authorization": f"Bearer {a.key}"}
     times, lens, published, phases, exact, prefix, follows = [], [], [], [], [], [], []
     with httpx.Client(timeout=300) as c:
@@ -47,7 +56,7 @@ def main():
                 "max_tokens": a.max_tokens, "temperature": 0}).json()
             lens.append(r["usage"]["completion_tokens"])
             t = time.perf_counter()
-            fb = {"id": r["id"], "rating": a.rating} if a.correction is None else {"id": r["id"], "correction": f"{a.correction} ({i})"}
+            fb = {"id": r["id"], "rating": a.rating} if a.correction is None else {"id": r["id"], "correction": correction(i)}
             f = c.post(a.url + "/v1/feedback", headers=h, json=fb)
             times.append((time.perf_counter() - t) * 1e3)
             assert f.status_code == 200, f.text
@@ -59,7 +68,7 @@ def main():
                 follows.append(f.json()["follows"])
             if a.verify and a.correction is not None:
                 time.sleep(a.verify_delay)
-                want = f"{a.correction} ({i})".split()
+                want = correction(i).split()
                 again = c.post(a.url + "/v1/chat/completions", headers=h, json={
                     "model": "smollm2-135m", "messages": [{"role": "user", "content": q}],
                     "max_tokens": 2 * len(want) + 16, "temperature": 0}).json()
