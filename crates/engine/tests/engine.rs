@@ -299,6 +299,15 @@ fn shared_prefix_is_computed_once() {
     );
 }
 
+/// Waits (at most 10 s, else fails with `what`) until `e` runs nothing and holds no blocks.
+fn wait_until_idle(e: &Engine, what: &str) {
+    let t = Instant::now();
+    while e.metrics().kv_blocks_used > 0 || e.metrics().requests_running > 0 {
+        assert!(t.elapsed() < Duration::from_secs(10), "{what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 #[test]
 fn cancellation_frees_blocks_at_once() {
     let Some(f) = fixture() else { return };
@@ -314,14 +323,7 @@ fn cancellation_frees_blocks_at_once() {
     }
     assert!(e.metrics().kv_blocks_used > 0);
     drop(h);
-    let t = Instant::now();
-    while e.metrics().kv_blocks_used > 0 || e.metrics().requests_running > 0 {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "cancelled request still holds blocks"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_until_idle(&e, "cancelled request still holds blocks");
 }
 
 #[test]
@@ -1160,12 +1162,5 @@ fn non_finite_logits_fail_the_request_and_free_its_blocks() {
         assert!(err.to_string().contains("non-finite logits"), "{err}");
         assert!(h.next_blocking().is_none(), "nothing after the failure");
     }
-    let t = Instant::now();
-    while e.metrics().kv_blocks_used > 0 || e.metrics().requests_running > 0 {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "failed requests hold blocks"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_until_idle(&e, "failed requests hold blocks");
 }

@@ -50,13 +50,27 @@ fn in_memory(model: &Arc<Model>, tok: &Tokenizer, cfg: LearnConfig) -> Learner {
 
 /// An in-memory learner with the default configuration but no background runs (the instant
 /// loop alone), and its tokenizer; None without the model.
-fn instant_only() -> Option<(Learner, Tokenizer)> {
-    let (model, tok) = load()?;
-    let cfg = LearnConfig {
+/// The default configuration without background runs.
+fn instant_cfg() -> LearnConfig {
+    LearnConfig {
         background_every: 0,
         ..LearnConfig::default()
-    };
-    Some((in_memory(&model, &tok, cfg), tok))
+    }
+}
+
+fn instant_only() -> Option<(Learner, Tokenizer)> {
+    let (model, tok) = load()?;
+    Some((in_memory(&model, &tok, instant_cfg()), tok))
+}
+
+/// The Velmora question, and scope `s` taught its first answer ("Ostrand").
+fn velmora_taught(l: &Learner, tok: &Tokenizer) -> (Vec<u32>, Outcome) {
+    let prompt = tok.encode("What is the capital of Velmora?", true, false);
+    let answer = tok.encode(" The capital of Velmora is Ostrand.", false, false);
+    let first = l
+        .learn("s", &prompt, &[], &Feedback::Correction(answer))
+        .unwrap();
+    (prompt, first)
 }
 
 fn open(dir: &Path, model: &Arc<Model>, tok: &Tokenizer) -> Learner {
@@ -602,16 +616,8 @@ fn a_new_correction_of_the_same_question_replaces_the_old_one() {
     let Some((l, tok)) = instant_only() else {
         return;
     };
-    let prompt = tok.encode("What is the capital of Velmora?", true, false);
     let fix = |text: &str| Feedback::Correction(tok.encode(text, false, false));
-    let first = l
-        .learn(
-            "s",
-            &prompt,
-            &[],
-            &fix(" The capital of Velmora is Ostrand."),
-        )
-        .unwrap();
+    let (prompt, first) = velmora_taught(&l, &tok);
     assert!(first.follows && first.superseded == 0, "{first:?}");
     let other_prompt = tok.encode("Who keeps the lighthouse?", true, false);
     let other = l
@@ -652,22 +658,11 @@ fn a_diverged_event_changes_nothing() {
     let Some((model, tok)) = load() else {
         return;
     };
-    let cfg = LearnConfig {
-        background_every: 0,
-        ..LearnConfig::default()
-    };
+    let cfg = instant_cfg();
     let anchor = || Some(tok.encode(ANCHOR_TEXT, true, false));
     let mut l = in_memory(&model, &tok, cfg.clone());
-    let prompt = tok.encode("What is the capital of Velmora?", true, false);
     let fix = |text: &str| Feedback::Correction(tok.encode(text, false, false));
-    let first = l
-        .learn(
-            "s",
-            &prompt,
-            &[],
-            &fix(" The capital of Velmora is Ostrand."),
-        )
-        .unwrap();
+    let (prompt, first) = velmora_taught(&l, &tok);
     let before = l.adapter_for("s").expect("published");
     assert_eq!(before.version, first.version);
     l.configure(
@@ -740,14 +735,7 @@ fn a_background_run_waits_for_instant_events() {
         changed: std::sync::Condvar::new(),
         waiting: Default::default(),
     });
-    let mut l = in_memory(
-        &model,
-        &tok,
-        LearnConfig {
-            background_every: 0,
-            ..LearnConfig::default()
-        },
-    );
+    let mut l = in_memory(&model, &tok, instant_cfg());
     l.set_capture_source(Some(gate.clone()));
     let fix = |q: &str, a: &str| {
         (
