@@ -802,6 +802,7 @@ impl State<'_> {
                 }
             }
         }
+        failed.sort_unstable();
         failed.dedup();
         for id in failed {
             self.fail_group(
