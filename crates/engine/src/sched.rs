@@ -725,7 +725,11 @@ impl State<'_> {
             }
             let r = row;
             row += 1;
-            if !logits_finite(&self.logits[r * self.n_vocab..(r + 1) * self.n_vocab]) {
+            // Sampling from a row with a NaN or an infinity (weights that overflow) would emit
+            // one arbitrary token forever: the group fails instead.
+            if !ruvllm_kernels::ops::all_finite(
+                &self.logits[r * self.n_vocab..(r + 1) * self.n_vocab],
+            ) {
                 failed.push(s.group);
                 continue;
             }
@@ -999,12 +1003,6 @@ fn logprobs(row: &[f32], token: u32, k: usize) -> Logprob {
         logprob: lp(token),
         top: top.into_iter().map(|(t, l)| (t, l - lse)).collect(),
     }
-}
-
-/// Whether a logits row is all finite: sampling from one with a NaN or an infinity (weights
-/// that overflow) would emit one arbitrary token forever.
-fn logits_finite(row: &[f32]) -> bool {
-    ruvllm_kernels::ops::all_finite(row)
 }
 
 #[cfg(test)]

@@ -196,7 +196,7 @@ impl GgmlType {
         }
         let bad = |b: &[u8]| {
             fields.iter().any(|&(o, w, bf)| match (w, bf) {
-                (2, false) => u16::from_le_bytes([b[o], b[o + 1]]) & 0x7c00 == 0x7c00,
+                (2, false) => f16_bad(b, o),
                 (2, true) => u16::from_le_bytes([b[o], b[o + 1]]) & 0x7f80 == 0x7f80,
                 (4, _) => !f32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]).is_finite(),
                 _ => {

@@ -91,6 +91,32 @@ impl GgufWriter {
         }
         self
     }
+    /// Removes metadata entry `key`, if present.
+    pub fn remove_meta(&mut self, key: &str) -> &mut Self {
+        self.metadata.retain(|(k, _)| k != key);
+        self
+    }
+    /// Replaces tensor `name`'s shape, type and data in place (or adds the tensor).
+    pub fn set_tensor(
+        &mut self,
+        name: &str,
+        dims: &[u64],
+        ty: GgmlType,
+        data: Vec<u8>,
+    ) -> &mut Self {
+        match self.tensors.iter_mut().find(|t| t.0 == name) {
+            Some(t) => *t = (name.to_owned(), dims.to_vec(), ty, data),
+            None => self
+                .tensors
+                .push((name.to_owned(), dims.to_vec(), ty, data)),
+        }
+        self
+    }
+    /// Removes tensor `name`, if present.
+    pub fn remove_tensor(&mut self, name: &str) -> &mut Self {
+        self.tensors.retain(|t| t.0 != name);
+        self
+    }
     /// The data bytes of tensor `name`, to edit in place.
     pub fn tensor_data_mut(&mut self, name: &str) -> Option<&mut Vec<u8>> {
         self.tensors

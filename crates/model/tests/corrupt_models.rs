@@ -135,86 +135,78 @@ fn fuzz(name: &str, iterations: usize, seed: u64) {
     let mut rng = Rng(seed);
     let mut outcomes = std::collections::BTreeMap::<String, usize>::new();
     for it in 0..iterations {
-        let mut w = GgufWriter::new();
+        let mut w = GgufWriter::copy_of(&file);
         let meta = file.metadata();
         let tensors = file.tensors();
         let what = rng.below(6);
-        let mi = rng.below(meta.len());
-        let ti = rng.below(tensors.len());
-        let mut desc = String::new();
-        for (i, (k, v)) in meta.iter().enumerate() {
-            if i == mi && what == 0 {
+        let (k, v) = &meta[rng.below(meta.len())];
+        let t = &tensors[rng.below(tensors.len())];
+        let data = || file.tensor_data(t).to_vec();
+        let desc = match what {
+            0 => {
                 let m = mutate_value(&mut rng, v);
-                desc = format!("meta {k} := {:?}", short(&m));
-                w.meta(k, m);
-            } else if i == mi && what == 1 {
-                desc = format!("meta {k} removed");
-            } else {
-                w.meta(k, v.clone());
+                let desc = format!("meta {k} := {:?}", short(&m));
+                w.set_meta(k, m);
+                desc
             }
-        }
-        for (i, t) in tensors.iter().enumerate() {
-            let data = file.tensor_data(t).to_vec();
-            if i != ti || what < 2 {
-                w.tensor(&t.name, &t.dims, t.ggml_type, data);
-                continue;
+            1 => {
+                w.remove_meta(k);
+                format!("meta {k} removed")
             }
-            match what {
-                2 => desc = format!("tensor {} removed", t.name),
-                3 => {
-                    // Swapped or changed dims over the same bytes.
-                    let mut d = t.dims.clone();
-                    if d.len() == 2 && rng.below(2) == 0 {
-                        d.swap(0, 1);
-                    } else {
-                        let k = rng.below(d.len());
-                        d[k] = odd_int(&mut rng, d[k]).clamp(1, 1 << 24);
+            2 => {
+                w.remove_tensor(&t.name);
+                format!("tensor {} removed", t.name)
+            }
+            3 => {
+                // Swapped or changed dims over the same bytes.
+                let mut d = t.dims.clone();
+                if d.len() == 2 && rng.below(2) == 0 {
+                    d.swap(0, 1);
+                } else {
+                    let k = rng.below(d.len());
+                    d[k] = odd_int(&mut rng, d[k]).clamp(1, 1 << 24);
+                }
+                // Keep the bytes the new shape needs (zeros past the old data).
+                let need = (t.ggml_type.row_bytes(d[0]).unwrap_or(0)
+                    * d.iter().skip(1).product::<u64>()) as usize;
+                let mut bytes = data();
+                bytes.resize(need.min(64 << 20), 0);
+                w.set_tensor(&t.name, &d, t.ggml_type, bytes);
+                format!("tensor {} dims {:?} -> {:?}", t.name, t.dims, d)
+            }
+            4 => {
+                let types = [
+                    GgmlType::F32,
+                    GgmlType::F16,
+                    GgmlType::Q8_0,
+                    GgmlType::Q4_K,
+                    GgmlType::Q6_K,
+                    GgmlType::Q4_0,
+                ];
+                let ty = types[rng.below(types.len())];
+                let need = (ty.row_bytes(t.dims[0]).unwrap_or(0)
+                    * t.dims.iter().skip(1).product::<u64>()) as usize;
+                let mut bytes = data();
+                bytes.resize(need.min(256 << 20), 0);
+                w.set_tensor(&t.name, &t.dims, ty, bytes);
+                format!("tensor {} type {:?} -> {:?}", t.name, t.ggml_type, ty)
+            }
+            _ => {
+                // NaN/inf weights in an f32 tensor (norms), else noise bytes.
+                let bytes = w.tensor_data_mut(&t.name).expect("copied");
+                if t.ggml_type == GgmlType::F32 {
+                    for c in bytes.chunks_exact_mut(4).step_by(7) {
+                        c.copy_from_slice(&f32::NAN.to_le_bytes());
                     }
-                    desc = format!("tensor {} dims {:?} -> {:?}", t.name, t.dims, d);
-                    // Keep the bytes the new shape needs (zeros past the old data).
-                    let need = (t.ggml_type.row_bytes(d[0]).unwrap_or(0)
-                        * d.iter().skip(1).product::<u64>())
-                        as usize;
-                    let mut data = data;
-                    data.resize(need.min(64 << 20), 0);
-                    w.tensor(&t.name, &d, t.ggml_type, data);
-                }
-                4 => {
-                    let types = [
-                        GgmlType::F32,
-                        GgmlType::F16,
-                        GgmlType::Q8_0,
-                        GgmlType::Q4_K,
-                        GgmlType::Q6_K,
-                        GgmlType::Q4_0,
-                    ];
-                    let ty = types[rng.below(types.len())];
-                    desc = format!("tensor {} type {:?} -> {:?}", t.name, t.ggml_type, ty);
-                    let need = (ty.row_bytes(t.dims[0]).unwrap_or(0)
-                        * t.dims.iter().skip(1).product::<u64>())
-                        as usize;
-                    let mut data = data;
-                    data.resize(need.min(256 << 20), 0);
-                    w.tensor(&t.name, &t.dims, ty, data);
-                }
-                _ => {
-                    // NaN/inf weights in an f32 tensor (norms), else noise bytes.
-                    let mut data = data;
-                    if t.ggml_type == GgmlType::F32 {
-                        for c in data.chunks_exact_mut(4).step_by(7) {
-                            c.copy_from_slice(&f32::NAN.to_le_bytes());
-                        }
-                        desc = format!("tensor {} NaNs", t.name);
-                    } else {
-                        for b in data.iter_mut().step_by(3) {
-                            *b = rng.next() as u8;
-                        }
-                        desc = format!("tensor {} noise", t.name);
+                    format!("tensor {} NaNs", t.name)
+                } else {
+                    for b in bytes.iter_mut().step_by(3) {
+                        *b = rng.next() as u8;
                     }
-                    w.tensor(&t.name, &t.dims, t.ggml_type, data);
+                    format!("tensor {} noise", t.name)
                 }
             }
-        }
+        };
         let bytes = w.to_bytes();
         let r = catch_unwind(AssertUnwindSafe(|| check_one(bytes, &pool)));
         let key = match &r {
