@@ -88,6 +88,18 @@ pub struct SonaBenchArgs {
     /// Print every wrong answer (prompt, expected, generated) to standard error.
     #[arg(long)]
     show_errors: bool,
+    /// Instead of the generated facts: long corrections, one per line of FILE, each taught as
+    /// the answer to its own chat question in one scope (as `scripts/feedback_bench.py
+    /// --corrections` sends them to a server); reports how many the scope reproduces when
+    /// every question is asked again after all were taught, and the golden-text drift.
+    #[arg(long, value_name = "FILE")]
+    corrections: Option<std::path::PathBuf>,
+    /// Micro-adapter rank (the instant loop's branch).
+    #[arg(long = "micro-rank", default_value_t = LearnConfig::default().micro_rank)]
+    micro_rank: usize,
+    /// Base-adapter rank (the background loop's branch).
+    #[arg(long = "base-rank", default_value_t = LearnConfig::default().base_rank)]
+    base_rank: usize,
     /// Modes to run (comma-separated); teaching is skipped when no adapter mode is asked for.
     #[arg(
         long,
@@ -264,14 +276,7 @@ fn score(
     let mut last = r.forward(&p, Logits::Last)?.to_vec();
     let mut out = Vec::new();
     for _ in 0..a.len() + 2 {
-        let t = last
-            .iter()
-            .enumerate()
-            .fold(
-                (0, f32::NEG_INFINITY),
-                |b, (i, &v)| if v > b.1 { (i, v) } else { b },
-            )
-            .0 as u32;
+        let t = argmax(&last);
         out.push(t);
         last = r.forward(&[t], Logits::Last)?.to_vec();
     }
@@ -353,6 +358,18 @@ pub fn run(a: SonaBenchArgs) -> Result<(), Error> {
         )
         .map_err(|e| Error::usage(e.to_string()))?,
     );
+    if let Some(path) = &a.corrections {
+        return long_corrections(
+            &a,
+            path,
+            &model,
+            &tok,
+            &mut r,
+            &engine,
+            idle_threads,
+            &golden,
+        );
+    }
     let mut runs = Vec::new();
     for seed in a.seed..a.seed + a.seeds {
         let run = one_fact_set(
@@ -480,6 +497,204 @@ fn report(a: &SonaBenchArgs, runs: &[SeedRun]) {
     }
 }
 
+/// The learner configuration the arguments ask for.
+fn config(a: &SonaBenchArgs, idle_threads: usize) -> LearnConfig {
+    LearnConfig {
+        steps: a.steps,
+        lr: a.lr,
+        replay: a.replay,
+        anchor_weight: a.anchor_weight,
+        blind_dirs: a.blind_dirs,
+        background_every: a.background_every,
+        ewc_lambda: a.ewc_lambda,
+        micro_rank: a.micro_rank,
+        base_rank: a.base_rank,
+        threads: a.learn_threads,
+        idle_threads,
+        ..LearnConfig::default()
+    }
+}
+
+/// A fresh learner as the server makes one: capturing through `engine` (unless
+/// `--own-capture`), with the anchor text.
+fn learner(
+    a: &SonaBenchArgs,
+    model: &Arc<Model>,
+    tok: &Tokenizer,
+    engine: &Arc<Engine>,
+    idle_threads: usize,
+) -> Learner {
+    let mut learner = Learner::new(model.clone());
+    if !a.own_capture {
+        learner.set_capture_source(Some(Arc::new(EngineCapture::new(
+            engine.clone(),
+            learner.pool(),
+            0,
+        ))));
+    }
+    learner.configure(
+        config(a, idle_threads),
+        Some(tok.encode(ANCHOR_TEXT, true, false)),
+    );
+    learner
+}
+
+/// Questions of the long-correction benchmark (those of `scripts/feedback_bench.py`): the
+/// `i`-th of 48 distinct ones.
+fn long_question(i: usize) -> String {
+    const QUESTIONS: [&str; 6] = [
+        "Describe the city of {}.",
+        "What is the history of {}?",
+        "Write a short poem about {}.",
+        "Explain how {} works.",
+        "List three facts about {}.",
+        "Why do people like {}?",
+    ];
+    const THINGS: [&str; 8] = [
+        "Paris",
+        "the ocean",
+        "bicycles",
+        "volcanoes",
+        "chess",
+        "the moon",
+        "coffee",
+        "rain",
+    ];
+    QUESTIONS[i % 6].replace("{}", THINGS[(i / 6 + i) % 8])
+}
+
+/// The first largest logit's token.
+fn argmax(logits: &[f32]) -> u32 {
+    logits
+        .iter()
+        .enumerate()
+        .fold(
+            (0, f32::NEG_INFINITY),
+            |b, (i, &v)| if v > b.1 { (i, v) } else { b },
+        )
+        .0 as u32
+}
+
+/// Greedy continuation of `prompt` (at most `n` tokens, stopping at an end-of-generation
+/// token, which is kept).
+fn greedy(
+    r: &mut Runner<'_>,
+    tok: &Tokenizer,
+    prompt: &[u32],
+    n: usize,
+) -> Result<Vec<u32>, Error> {
+    r.truncate(0);
+    let mut last = r.forward(prompt, Logits::Last)?.to_vec();
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let t = argmax(&last);
+        out.push(t);
+        if tok.eog.contains(&t) || Some(t) == tok.eos || out.len() == n {
+            break;
+        }
+        last = r.forward(&[t], Logits::Last)?.to_vec();
+    }
+    Ok(out)
+}
+
+/// `--corrections FILE`: teaches each line as the correction of its own chat question in one
+/// scope (instant loop, background runs as configured, then the deep loop), then asks every
+/// question again: how many corrections the scope reproduces whole (greedy, to the end of
+/// turn), the mean share of each one's leading tokens reproduced, and the golden-text drift.
+fn long_corrections(
+    a: &SonaBenchArgs,
+    path: &std::path::Path,
+    model: &Arc<Model>,
+    tok: &Tokenizer,
+    r: &mut Runner<'_>,
+    engine: &Arc<Engine>,
+    idle_threads: usize,
+    golden: &str,
+) -> Result<(), Error> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::usage(format!("cannot read {}: {e}", path.display())))?;
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    if lines.is_empty() || lines.len() > 48 {
+        return Err(Error::usage("--corrections needs 1 to 48 non-empty lines"));
+    }
+    let tmpl = ruvllm_tokenizer::ChatTemplate::from_gguf(model.gguf(), tok)?;
+    let eog = tok.eog.first().copied().or(tok.eos);
+    let mut items = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let msgs = [ruvllm_tokenizer::ChatMessage::new(
+            "user",
+            &long_question(i),
+        )];
+        let prompt = tok.encode_chat(&tmpl.render(&msgs, true)?);
+        let mut answer = tok.encode(line, false, false);
+        answer.extend(eog);
+        items.push((prompt, answer));
+    }
+    let learner = learner(a, model, tok, engine, idle_threads);
+    let scope = "long";
+    let (mut learn_ms, mut took) = (Vec::new(), 0);
+    for (prompt, answer) in &items {
+        serve(engine, prompt)?;
+        let t = std::time::Instant::now();
+        let out = learner
+            .learn(scope, prompt, &[], &Feedback::Correction(answer.clone()))
+            .map_err(|e| Error::usage(e.to_string()))?;
+        learn_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        took += usize::from(out.follows);
+        if out.background_due {
+            learner
+                .background(scope)
+                .map_err(|e| Error::usage(e.to_string()))?;
+        }
+    }
+    if !a.no_consolidate {
+        learner
+            .consolidate(scope)
+            .map_err(|e| Error::usage(e.to_string()))?;
+    }
+    r.set_lora(None);
+    let base_ppl = perplexity(r, tok, golden)?;
+    r.set_lora(learner.adapter_for(scope).map(|x| (*x).clone()));
+    let (mut whole, mut share) = (0usize, 0f64);
+    for (i, (prompt, answer)) in items.iter().enumerate() {
+        let got = greedy(r, tok, prompt, answer.len() + 4)?;
+        let same = got.iter().zip(answer).take_while(|(x, y)| x == y).count();
+        whole += usize::from(same == answer.len());
+        share += same as f64 / answer.len() as f64;
+        if a.show_errors && same < answer.len() {
+            eprintln!("[{i}] {:?}", tok.decode(&got, false)?);
+        }
+    }
+    let ppl = perplexity(r, tok, golden)?;
+    let anchor_ppl = perplexity(r, tok, ANCHOR_TEXT)?;
+    r.set_lora(None);
+    let base_anchor_ppl = perplexity(r, tok, ANCHOR_TEXT)?;
+    learn_ms.sort_by(f64::total_cmp);
+    let n = items.len();
+    let mean_len = items.iter().map(|x| x.1.len()).sum::<usize>() as f64 / n as f64;
+    let (share, drift) = (share / n as f64, ppl / base_ppl - 1.0);
+    let anchor_drift = anchor_ppl / base_anchor_ppl - 1.0;
+    let p50 = learn_ms[n / 2];
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"corrections": n, "mean_tokens": mean_len, "followed": took, "reproduced": whole, "leading_share": share, "base_perplexity": base_ppl, "perplexity": ppl, "perplexity_drift": drift, "anchor_perplexity_drift": anchor_drift, "learn_ms_p50": p50})
+        );
+        return Ok(());
+    }
+    println!(
+        "{n} corrections ({mean_len:.1} tokens each, mean) in one scope: followed when taught {took}/{n}; asked again after all: reproduced whole {whole}/{n}, leading tokens {:.0}% (mean); golden perplexity {base_ppl:.3} → {ppl:.3} ({:+.2}%), anchor text's {base_anchor_ppl:.3} → {anchor_ppl:.3} ({:+.2}%); instant loop p50 {p50:.0} ms",
+        100.0 * share,
+        100.0 * drift,
+        100.0 * anchor_drift,
+    );
+    Ok(())
+}
+
 /// Teaches and scores one fact set (seed `seed`) with a fresh learner and bank.
 #[allow(clippy::too_many_arguments)]
 fn one_fact_set(
@@ -497,27 +712,7 @@ fn one_fact_set(
     // phrasing as asked (what adapters-only serves with), `full` on the prompt the full system
     // builds for that phrasing (retrieved exchanges + phrasing), as a correction given on a
     // retrieval-augmented answer would be.
-    let mut learner = Learner::new(model.clone());
-    if !a.own_capture {
-        learner.set_capture_source(Some(Arc::new(EngineCapture::new(
-            engine.clone(),
-            learner.pool(),
-            0,
-        ))));
-    }
-    let cfg = LearnConfig {
-        steps: a.steps,
-        lr: a.lr,
-        replay: a.replay,
-        anchor_weight: a.anchor_weight,
-        blind_dirs: a.blind_dirs,
-        background_every: a.background_every,
-        ewc_lambda: a.ewc_lambda,
-        threads: a.learn_threads,
-        idle_threads,
-        ..LearnConfig::default()
-    };
-    learner.configure(cfg, Some(tok.encode(ANCHOR_TEXT, true, false)));
+    let learner = learner(a, model, tok, engine, idle_threads);
     let mut bank = Bank::new(model.config.n_embd);
     for f in &facts {
         let e = embed(r, tok, &f.teach)?;

@@ -567,3 +567,42 @@ fn sona_bench_runs_deterministically_and_retrieval_helps() {
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("--seeds"));
 }
+
+/// `sona-bench --corrections`: one long correction in a fresh scope is learned and reproduced
+/// whole when its question is asked again — and, a known limit, moves the golden text's
+/// perplexity far more than the anchor text's (which the penalty watches); an empty file is a
+/// usage error.
+#[test]
+fn sona_bench_long_corrections_are_taught_in_one_scope() {
+    let Some(m) = model("smollm2-135m") else {
+        return;
+    };
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("long-corrections.txt");
+    std::fs::write(
+        &file,
+        "\nThe old lighthouse on the northern cliff was built in 1871 by a fisherman named Tobias Wren, who kept its lamp burning every night for forty years until the harbour closed.\n",
+    )
+    .unwrap();
+    let f = file.to_str().unwrap();
+    let o = run(&["sona-bench", "-m", &m, "--corrections", f, "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["corrections"], 1, "{v}");
+    assert_eq!(
+        (v["followed"].as_u64(), v["reproduced"].as_u64()),
+        (Some(1), Some(1)),
+        "{v}"
+    );
+    assert_eq!(v["leading_share"], 1.0, "{v}");
+    let (drift, anchor) = (
+        v["perplexity_drift"].as_f64().unwrap(),
+        v["anchor_perplexity_drift"].as_f64().unwrap(),
+    );
+    assert!(drift > 0.05 && anchor.abs() < 0.02, "{v}");
+    std::fs::write(&file, "\n  \n").unwrap();
+    let o = run(&["sona-bench", "-m", &m, "--corrections", f]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--corrections"), "{}", stderr(&o));
+}
