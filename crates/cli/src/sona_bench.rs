@@ -532,10 +532,8 @@ fn learner(
             0,
         ))));
     }
-    learner.configure(
-        config(a, idle_threads),
-        Some(tok.encode(ANCHOR_TEXT, true, false)),
-    );
+    let anchor = tok.encode(ANCHOR_TEXT, true, false);
+    learner.configure(config(a, idle_threads), Some(anchor));
     learner
 }
 
@@ -573,6 +571,34 @@ fn argmax(logits: &[f32]) -> u32 {
             |b, (i, &v)| if v > b.1 { (i, v) } else { b },
         )
         .0 as u32
+}
+
+/// Questions unrelated to `--corrections`' ones: in the taught scope their greedy answers
+/// should stay the base model's.
+const OTHER_QUESTIONS: [&str; 12] = [
+    "What is the capital of France?",
+    "Write a haiku about autumn.",
+    "How do I boil an egg?",
+    "Describe the city of Rome.",
+    "Tell me about the history of lighthouses.",
+    "What is photosynthesis?",
+    "Give me three tips for better sleep.",
+    "Describe the city of London.",
+    "What is 12 times 7?",
+    "Who wrote Romeo and Juliet?",
+    "Translate 'good morning' into Spanish.",
+    "Why is the sky blue?",
+];
+
+/// Lowercase word trigrams of `text` (words: runs of letters and digits): what an answer
+/// shares with a taught correction when the correction's words take it over.
+fn word_trigrams(text: &str) -> Vec<String> {
+    let words: Vec<String> = text
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect();
+    words.windows(3).map(|w| w.join(" ")).collect()
 }
 
 /// Greedy continuation of `prompt` (at most `n` tokens, stopping at an end-of-generation
@@ -671,8 +697,36 @@ fn long_corrections(
     }
     let ppl = perplexity(r, tok, golden)?;
     let anchor_ppl = perplexity(r, tok, ANCHOR_TEXT)?;
+    // Collateral: other questions' answers in the taught scope against the base model's.
+    let mut other = Vec::new();
+    for q in OTHER_QUESTIONS {
+        let p =
+            tok.encode_chat(&tmpl.render(&[ruvllm_tokenizer::ChatMessage::new("user", q)], true)?);
+        other.push((p.clone(), greedy(r, tok, &p, 24)?));
+    }
     r.set_lora(None);
     let base_anchor_ppl = perplexity(r, tok, ANCHOR_TEXT)?;
+    let taught_grams: std::collections::HashSet<String> =
+        lines.iter().flat_map(|l| word_trigrams(l)).collect();
+    let (mut unchanged, mut taken_over) = (0, 0);
+    for (i, (p, taught)) in other.iter().enumerate() {
+        let base = greedy(r, tok, p, 24)?;
+        unchanged += usize::from(base == *taught);
+        let grams = |ids: &[u32]| -> Result<Vec<String>, Error> {
+            Ok(word_trigrams(&tok.decode(ids, false)?)
+                .into_iter()
+                .filter(|g| taught_grams.contains(g))
+                .collect())
+        };
+        taken_over += usize::from(!grams(taught)?.is_empty() && grams(&base)?.is_empty());
+        if a.show_errors && base != *taught {
+            eprintln!(
+                "[other {i}] {:?} instead of {:?}",
+                tok.decode(taught, false)?,
+                tok.decode(&base, false)?
+            );
+        }
+    }
     learn_ms.sort_by(f64::total_cmp);
     let n = items.len();
     let mean_len = items.iter().map(|x| x.1.len()).sum::<usize>() as f64 / n as f64;
@@ -682,15 +736,16 @@ fn long_corrections(
     if a.json {
         println!(
             "{}",
-            serde_json::json!({"corrections": n, "mean_tokens": mean_len, "followed": took, "reproduced": whole, "leading_share": share, "base_perplexity": base_ppl, "perplexity": ppl, "perplexity_drift": drift, "anchor_perplexity_drift": anchor_drift, "learn_ms_p50": p50})
+            serde_json::json!({"corrections": n, "mean_tokens": mean_len, "followed": took, "reproduced": whole, "leading_share": share, "base_perplexity": base_ppl, "perplexity": ppl, "perplexity_drift": drift, "anchor_perplexity_drift": anchor_drift, "other_questions": OTHER_QUESTIONS.len(), "other_unchanged": unchanged, "other_taken_over": taken_over, "learn_ms_p50": p50})
         );
         return Ok(());
     }
     println!(
-        "{n} corrections ({mean_len:.1} tokens each, mean) in one scope: followed when taught {took}/{n}; asked again after all: reproduced whole {whole}/{n}, leading tokens {:.0}% (mean); golden perplexity {base_ppl:.3} → {ppl:.3} ({:+.2}%), anchor text's {base_anchor_ppl:.3} → {anchor_ppl:.3} ({:+.2}%); instant loop p50 {p50:.0} ms",
+        "{n} corrections ({mean_len:.1} tokens each, mean) in one scope: followed when taught {took}/{n}; asked again after all: reproduced whole {whole}/{n}, leading tokens {:.0}% (mean); golden perplexity {base_ppl:.3} → {ppl:.3} ({:+.2}%), anchor text's {base_anchor_ppl:.3} → {anchor_ppl:.3} ({:+.2}%); other questions' answers unchanged {unchanged}/{n_other}, taken over by taught words {taken_over}/{n_other}; instant loop p50 {p50:.0} ms",
         100.0 * share,
         100.0 * drift,
         100.0 * anchor_drift,
+        n_other = OTHER_QUESTIONS.len(),
     );
     Ok(())
 }
@@ -857,6 +912,19 @@ mod tests {
             assert!(f.answer.chars().next().is_some_and(|c| c.is_uppercase()));
         }
         assert_ne!(facts(6, 2)[0].answer, a[0].answer);
+    }
+
+    #[test]
+    fn word_trigrams_are_lowercase_words_in_order() {
+        assert_eq!(
+            word_trigrams("The password is marmalade-seventeen."),
+            [
+                "the password is",
+                "password is marmalade",
+                "is marmalade seventeen"
+            ]
+        );
+        assert!(word_trigrams("two words").is_empty());
     }
 }
 

@@ -569,9 +569,9 @@ fn sona_bench_runs_deterministically_and_retrieval_helps() {
 }
 
 /// `sona-bench --corrections`: one long correction in a fresh scope is learned and reproduced
-/// whole when its question is asked again — and, a known limit, moves the golden text's
-/// perplexity far more than the anchor text's (which the penalty watches); an empty file is a
-/// usage error.
+/// whole when its question is asked again — and, a known limit (README), moves the golden
+/// text's perplexity far more than the anchor text's (which the penalty watches) and changes
+/// the scope's answers to other questions; an empty file is a usage error.
 #[test]
 fn sona_bench_long_corrections_are_taught_in_one_scope() {
     let Some(m) = model("smollm2-135m") else {
@@ -586,7 +586,16 @@ fn sona_bench_long_corrections_are_taught_in_one_scope() {
     )
     .unwrap();
     let f = file.to_str().unwrap();
-    let o = run(&["sona-bench", "-m", &m, "--corrections", f, "--json"]);
+    let o = run(&[
+        "sona-bench",
+        "-m",
+        &m,
+        "-t",
+        "1",
+        "--corrections",
+        f,
+        "--json",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["corrections"], 1, "{v}");
@@ -601,6 +610,17 @@ fn sona_bench_long_corrections_are_taught_in_one_scope() {
         v["anchor_perplexity_drift"].as_f64().unwrap(),
     );
     assert!(drift > 0.05 && anchor.abs() < 0.02, "{v}");
+    // The same limit in chat: most unrelated questions of the scope are answered differently,
+    // and some with the taught words (when a change fixes this, turn these around).
+    assert_eq!(v["other_questions"], 12, "{v}");
+    let (unchanged, taken) = (
+        v["other_unchanged"].as_u64().unwrap(),
+        v["other_taken_over"].as_u64().unwrap(),
+    );
+    assert!(
+        unchanged < 6 && taken >= 1 && unchanged + taken <= 12,
+        "{v}"
+    );
     std::fs::write(&file, "\n  \n").unwrap();
     let o = run(&["sona-bench", "-m", &m, "--corrections", f]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
