@@ -63,6 +63,48 @@ def test_feedback_teaches_only_its_caller():
         assert s.stop() == 0
 
 
+def chat(url, key, question, max_tokens=16):
+    r = httpx.post(url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=120,
+                   json={"model": MODEL, "messages": [{"role": "user", "content": question}],
+                         "max_tokens": max_tokens, "temperature": 0})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+UNRELATED = ["What is photosynthesis?", "Who wrote Romeo and Juliet?", "Why is the sky blue?",
+             "How do I boil an egg?"]
+
+
+@pytest.mark.parametrize("apply", ["near", "always"])
+def test_a_learned_adapter_runs_only_near_taught_questions(apply):
+    """One correction used to change every answer of its caller (unrelated questions got the
+    taught words): by default the caller's adapter runs only for questions nearer one it taught
+    than generic ones, and the response says whether it ran; `--sona-apply always` is the
+    old behaviour."""
+    s = Server("--api-key", "dora", "--api-key", "eve", "--sona-apply", apply)
+    try:
+        q, fix = "Describe the city of Paris.", "Paris is the capital of Velmora."
+        first = chat(s.url, "dora", q)
+        assert "sona" not in first  # no adapter yet
+        f = feedback(s.url, "dora", {"id": first["id"], "correction": fix})
+        assert f.status_code == 200 and f.json()["follows"] is True, f.text
+        again = chat(s.url, "dora", q)
+        assert again["choices"][0]["message"]["content"].startswith(fix), again
+        assert again["sona"]["scope_adapter"] is True
+        same = 0
+        for u in UNRELATED:
+            mine, base = chat(s.url, "dora", u, 24), chat(s.url, "eve", u, 24)
+            assert "sona" not in base
+            assert mine["sona"]["scope_adapter"] is (apply == "always"), (u, mine)
+            same += mine["choices"][0]["message"]["content"] == base["choices"][0]["message"]["content"]
+        if apply == "near":
+            assert same == len(UNRELATED)
+        else:
+            assert same < len(UNRELATED)  # the reason for the default
+    finally:
+        assert s.stop() == 0
+
+
 def test_no_learning_keeps_the_base_model():
     s = Server("--no-learning")
     try:
@@ -400,6 +442,8 @@ def test_a_rating_trains_on_activations_kept_while_generating():
     for name, extra in [("kept", ()), ("computed", ("--sona-keep-mib", "0"))]:
         s = Server("--api-key", "kim", "--api-key", "lea", "--sona-trajectories", "feedback", *extra)
         try:
+            q_tokens = httpx.post(s.url + "/tokenize", headers={"Authorization": "Bearer kim"},
+                                  json={"prompt": "The history of the harbor town of Pellow"}).json()["tokens"]
             out = []
             for key in ("kim", "lea"):
                 r = httpx.post(s.url + "/v1/completions", headers={"Authorization": f"Bearer {key}"}, timeout=120,
@@ -426,10 +470,14 @@ def test_a_rating_trains_on_activations_kept_while_generating():
     assert kept_lessons == {'ruvllm_sona_lessons_total{source="kept"}': 2, 'ruvllm_sona_lessons_total{source="computed"}': 1}, kept_lessons
     assert computed_lessons == {'ruvllm_sona_lessons_total{source="kept"}': 0, 'ruvllm_sona_lessons_total{source="computed"}': 3}, computed_lessons
     assert kept_bytes > 0 and none_kept == 0
-    # The second rating ran nothing through the model with kept rows; the engine ran the
-    # answer again without them.
-    assert kept[1][3] == kept[1][2], kept[1]
-    assert computed[1][3] != computed[1][2], computed[1]
+    # The second rating ran nothing of prompt or answer through the model with kept rows
+    # (only its question's embedding pass for the bank: `--sona-trajectories feedback` adds
+    # a rated trajectory at once, so that `--sona-apply near` knows the question); the engine
+    # ran the answer again without them.
+    delta = lambda o: sum(o[3].values()) - sum(o[2].values())
+    question_tokens = len(q_tokens)
+    assert delta(kept[1]) == question_tokens, (kept[1], question_tokens)
+    assert delta(computed[1]) > question_tokens + 8, computed[1]
     # Identical lessons (8 of the 40 rows each): same answers, losses, steps.
     for (ta, fa, *_), (tb, fb, *_) in zip(kept, computed):
         assert ta == tb

@@ -108,6 +108,12 @@ pub struct ServeArgs {
     /// pass of its question, off the request path) or `feedback` (only rated/corrected ones).
     #[arg(long = "sona-trajectories", default_value = "all", value_parser = ["all", "feedback"])]
     sona_trajectories: String,
+    /// Which requests a caller's learned adapter runs for: `near` (questions nearer one the
+    /// caller taught than generic ones, by the model's embedding: one extra embedding pass
+    /// per request of a caller that has an adapter) or `always` (every request; one
+    /// correction then changes answers to unrelated questions too).
+    #[arg(long = "sona-apply", default_value = "near", value_parser = ["near", "always"])]
+    sona_apply: String,
     /// Memory (MiB) for activations kept while answers are generated, so that a rating of an
     /// answer trains without running it through the model again (10.5 KiB per token on
     /// SmolLM2; oldest dropped first; 0 keeps none).
@@ -336,6 +342,7 @@ pub fn run(a: ServeArgs) -> Result<(), Error> {
         sona_threads: a.sona_threads,
         sona_idle_threads: a.sona_idle_threads.unwrap_or(engine_threads),
         sona_all_trajectories: a.sona_trajectories == "all",
+        sona_apply_near: a.sona_apply == "near",
         sona_keep_bytes: a.sona_keep_mib << 20,
         sona_rated_rows: a.sona_rated_rows,
         sona_corrected_rows: a.sona_corrected_rows,

@@ -21,7 +21,7 @@ use ruvllm_engine::{Engine, EngineConfig, Event, Request};
 use ruvllm_kernels::ops::token_nll;
 use ruvllm_model::{Logits, LoraAdapter, Model, Runner};
 use ruvllm_server::EngineCapture;
-use ruvllm_sona::bank::{Bank, Trajectory};
+use ruvllm_sona::bank::{Bank, Gate, Trajectory, GENERIC_PROMPTS};
 use ruvllm_sona::learner::{Feedback, LearnConfig, Learner, ANCHOR_TEXT};
 use ruvllm_tokenizer::Tokenizer;
 use std::sync::Arc;
@@ -94,6 +94,10 @@ pub struct SonaBenchArgs {
     /// every question is asked again after all were taught, and the golden-text drift.
     #[arg(long, value_name = "FILE")]
     corrections: Option<std::path::PathBuf>,
+    /// Which questions a scope's learned adapter is applied to, as `serve --sona-apply`:
+    /// `near` (nearer a taught question than generic ones) or `always`.
+    #[arg(long, default_value = "near", value_parser = ["near", "always"])]
+    apply: String,
     /// Micro-adapter rank (the instant loop's branch).
     #[arg(long = "micro-rank", default_value_t = LearnConfig::default().micro_rank)]
     micro_rank: usize,
@@ -573,6 +577,42 @@ fn argmax(logits: &[f32]) -> u32 {
         .0 as u32
 }
 
+/// The server's rule for which requests a scope's learned adapter runs for
+/// (`--sona-apply near`, see [`Gate`]), or every request (`--apply always`).
+struct Applies {
+    gate: Option<Gate>,
+}
+
+impl Applies {
+    fn new(a: &SonaBenchArgs, r: &mut Runner<'_>, tok: &Tokenizer) -> Result<Applies, Error> {
+        if a.apply == "always" {
+            return Ok(Applies { gate: None });
+        }
+        let mut generic = Vec::new();
+        for p in GENERIC_PROMPTS {
+            generic.push(embed(r, tok, p)?);
+        }
+        Ok(Applies {
+            gate: Some(Gate::new(r.model().config.n_embd, &generic)),
+        })
+    }
+
+    /// Whether the adapter of the scope whose taught questions are `bank`'s rated entries
+    /// runs for `question`.
+    fn to(
+        &self,
+        r: &mut Runner<'_>,
+        tok: &Tokenizer,
+        bank: &Bank,
+        question: &str,
+    ) -> Result<bool, Error> {
+        match &self.gate {
+            None => Ok(true),
+            Some(g) => Ok(g.opens(bank, &embed(r, tok, question)?)),
+        }
+    }
+}
+
 /// Questions unrelated to `--corrections`' ones: in the taught scope their greedy answers
 /// should stay the base model's.
 const OTHER_QUESTIONS: [&str; 12] = [
@@ -684,9 +724,25 @@ fn long_corrections(
     }
     r.set_lora(None);
     let base_ppl = perplexity(r, tok, golden)?;
-    r.set_lora(learner.adapter_for(scope).map(|x| (*x).clone()));
+    // The scope's taught questions, as the server's bank holds them.
+    let mut bank = Bank::new(model.config.n_embd);
+    for (i, line) in lines.iter().enumerate() {
+        let t = Trajectory {
+            prompt: long_question(i),
+            answer: line.to_string(),
+            rating: 1.0,
+            scope: scope.into(),
+            adapter: None,
+        };
+        bank.add(&embed(r, tok, &t.prompt)?, t)
+            .map_err(|e| Error::usage(e.to_string()))?;
+    }
+    let applies = Applies::new(a, r, tok)?;
+    let adapter = learner.adapter_for(scope).map(|x| (*x).clone());
     let (mut whole, mut share) = (0usize, 0f64);
     for (i, (prompt, answer)) in items.iter().enumerate() {
+        let open = applies.to(r, tok, &bank, &long_question(i))?;
+        r.set_lora(if open { adapter.clone() } else { None });
         let got = greedy(r, tok, prompt, answer.len() + 4)?;
         let same = got.iter().zip(answer).take_while(|(x, y)| x == y).count();
         whole += usize::from(same == answer.len());
@@ -695,6 +751,7 @@ fn long_corrections(
             eprintln!("[{i}] {:?}", tok.decode(&got, false)?);
         }
     }
+    r.set_lora(adapter.clone());
     let ppl = perplexity(r, tok, golden)?;
     let anchor_ppl = perplexity(r, tok, ANCHOR_TEXT)?;
     // Collateral: other questions' answers in the taught scope against the base model's.
@@ -702,6 +759,8 @@ fn long_corrections(
     for q in OTHER_QUESTIONS {
         let p =
             tok.encode_chat(&tmpl.render(&[ruvllm_tokenizer::ChatMessage::new("user", q)], true)?);
+        let open = applies.to(r, tok, &bank, q)?;
+        r.set_lora(if open { adapter.clone() } else { None });
         other.push((p.clone(), greedy(r, tok, &p, 24)?));
     }
     r.set_lora(None);
@@ -825,6 +884,7 @@ fn one_fact_set(
     }
     let teach_secs = t0.elapsed().as_secs_f64();
 
+    let applies = Applies::new(a, r, tok)?;
     let mut results = Vec::new();
     for mode in MODES.into_iter().filter(|m| a.modes.iter().any(|x| x == m)) {
         let (retrieve, adapt) = match mode {
@@ -840,8 +900,10 @@ fn one_fact_set(
             .map(|a| (*a).clone());
         let mut prompts = Vec::new();
         let mut retrieved_right = 0;
+        let mut opens = Vec::new();
         for f in &facts {
             for q in &f.held_out {
+                opens.push(applies.to(r, tok, &bank, q)?);
                 let p = if retrieve {
                     let (p, answers) = with_context(r, tok, &bank, a.k, q)?;
                     retrieved_right += answers.iter().filter(|x| **x == f.answer).count();
@@ -852,9 +914,13 @@ fn one_fact_set(
                 prompts.push((p, f.answer.clone()));
             }
         }
-        r.set_lora(if adapt { adapter.clone() } else { None });
         let (mut right, mut nll) = (0usize, 0f64);
-        for (p, ans) in &prompts {
+        for ((p, ans), open) in prompts.iter().zip(&opens) {
+            r.set_lora(if adapt && *open {
+                adapter.clone()
+            } else {
+                None
+            });
             let (ok, n, text) = score(r, tok, p, ans)?;
             if a.show_errors && !ok {
                 eprintln!("[{mode}] {p:?} → {text:?} (expected {ans})");
@@ -862,6 +928,7 @@ fn one_fact_set(
             right += usize::from(ok);
             nll += n;
         }
+        r.set_lora(if adapt { adapter.clone() } else { None });
         let ppl = perplexity(r, tok, golden)?;
         let s = Scores {
             accuracy: right as f64 / prompts.len() as f64,

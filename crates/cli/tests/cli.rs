@@ -569,9 +569,10 @@ fn sona_bench_runs_deterministically_and_retrieval_helps() {
 }
 
 /// `sona-bench --corrections`: one long correction in a fresh scope is learned and reproduced
-/// whole when its question is asked again — and, a known limit (README), moves the golden
-/// text's perplexity far more than the anchor text's (which the penalty watches) and changes
-/// the scope's answers to other questions; an empty file is a usage error.
+/// whole when its question is asked again; the adapter moves the golden text's perplexity far
+/// more than the anchor text's (a known limit), and `--apply near` (the server's default)
+/// keeps it off unrelated questions that `--apply always` changes; an empty file is a usage
+/// error.
 #[test]
 fn sona_bench_long_corrections_are_taught_in_one_scope() {
     let Some(m) = model("smollm2-135m") else {
@@ -586,41 +587,51 @@ fn sona_bench_long_corrections_are_taught_in_one_scope() {
     )
     .unwrap();
     let f = file.to_str().unwrap();
-    let o = run(&[
-        "sona-bench",
-        "-m",
-        &m,
-        "-t",
-        "1",
-        "--corrections",
-        f,
-        "--json",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(v["corrections"], 1, "{v}");
-    assert_eq!(
-        (v["followed"].as_u64(), v["reproduced"].as_u64()),
-        (Some(1), Some(1)),
-        "{v}"
-    );
-    assert_eq!(v["leading_share"], 1.0, "{v}");
-    let (drift, anchor) = (
-        v["perplexity_drift"].as_f64().unwrap(),
-        v["anchor_perplexity_drift"].as_f64().unwrap(),
-    );
-    assert!(drift > 0.05 && anchor.abs() < 0.02, "{v}");
-    // The same limit in chat: most unrelated questions of the scope are answered differently,
-    // and some with the taught words (when a change fixes this, turn these around).
-    assert_eq!(v["other_questions"], 12, "{v}");
-    let (unchanged, taken) = (
-        v["other_unchanged"].as_u64().unwrap(),
-        v["other_taken_over"].as_u64().unwrap(),
-    );
-    assert!(
-        unchanged < 6 && taken >= 1 && unchanged + taken <= 12,
-        "{v}"
-    );
+    let bench = |apply: &str| {
+        let o = run(&[
+            "sona-bench",
+            "-m",
+            &m,
+            "-t",
+            "1",
+            "--corrections",
+            f,
+            "--apply",
+            apply,
+            "--json",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
+    };
+    let (near, always) = (bench("near"), bench("always"));
+    for v in [&near, &always] {
+        assert_eq!(v["corrections"], 1, "{v}");
+        assert_eq!(
+            (v["followed"].as_u64(), v["reproduced"].as_u64()),
+            (Some(1), Some(1)),
+            "{v}"
+        );
+        assert_eq!(v["leading_share"], 1.0, "{v}");
+        // A known limit (README): the adapter, wherever it runs, moves golden text far more
+        // than the anchor text the penalty watches.
+        let (drift, anchor) = (
+            v["perplexity_drift"].as_f64().unwrap(),
+            v["anchor_perplexity_drift"].as_f64().unwrap(),
+        );
+        assert!(drift > 0.05 && anchor.abs() < 0.02, "{v}");
+        assert_eq!(v["other_questions"], 12, "{v}");
+    }
+    let other = |v: &serde_json::Value| {
+        (
+            v["other_unchanged"].as_u64().unwrap(),
+            v["other_taken_over"].as_u64().unwrap(),
+        )
+    };
+    // Run for every question, the adapter changes most unrelated answers and puts its words
+    // into some; run only near the taught question, it leaves most as the base model's.
+    let ((near_same, near_taken), (always_same, always_taken)) = (other(&near), other(&always));
+    assert!(always_same < 6 && always_taken >= 1, "{always}");
+    assert!(near_same >= 8 && near_taken <= 1, "{near}");
     std::fs::write(&file, "\n  \n").unwrap();
     let o = run(&["sona-bench", "-m", &m, "--corrections", f]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));

@@ -750,6 +750,9 @@ struct Meta {
     adapter_name: Option<String>,
     /// Where `"sona": {"route": true}` sent the request, when it asked.
     routed: Option<Option<ruvllm_sona::bank::Route>>,
+    /// Whether the caller's learned adapter ran (None: the caller has none, or the request
+    /// named or routed to an adapter).
+    scope_adapter: Option<bool>,
 }
 
 /// Runs a request to completion and builds the JSON response.
@@ -866,6 +869,12 @@ async fn collect(
             body["sona"] = json!({});
         }
         body["sona"]["routed"] = routed_json(r.as_ref());
+    }
+    if let Some(applied) = meta.scope_adapter {
+        if !body["sona"].is_object() {
+            body["sona"] = json!({});
+        }
+        body["sona"]["scope_adapter"] = json!(applied);
     }
     Json(body).into_response()
 }
@@ -1110,6 +1119,7 @@ fn meta(
         retrieved,
         adapter_name: None,
         routed: None,
+        scope_adapter: None,
     }
 }
 
@@ -1159,6 +1169,40 @@ fn route(
         n
     });
     (name, Some(decision))
+}
+
+/// Keeps or drops the caller's learned adapter in `g` (`--sona-apply near`): it runs only
+/// for a question nearer one the caller taught than every generic prompt
+/// ([`ruvllm_sona::bank::Gate`]); `emb` is the question's embedding, computed here when the
+/// request had none. Returns whether it runs, or None when `g` does not carry it (the caller
+/// has none, or the request named an adapter or asked to be routed).
+async fn gate_scope_adapter(
+    st: &AppState,
+    caller: &Caller,
+    question: &str,
+    learned: bool,
+    emb: &mut Option<Vec<f32>>,
+    g: &mut GenParams,
+) -> Result<Option<bool>, ApiError> {
+    let Some(l) = st
+        .learning
+        .as_ref()
+        .filter(|_| learned && g.adapter.is_some())
+    else {
+        return Ok(None);
+    };
+    if !l.apply_near() {
+        return Ok(Some(true));
+    }
+    let e = match emb {
+        Some(e) => e,
+        None => emb.insert(embed_tokens(st, st.tok.encode(question, true, false)).await?),
+    };
+    let applies = l.adapter_applies(&caller.0, e).await;
+    if !applies {
+        g.adapter = None;
+    }
+    Ok(Some(applies))
 }
 
 /// `"sona": {"retrieve": k, "route": bool}`: how many of the caller's bank entries to put
@@ -1289,9 +1333,12 @@ pub(crate) async fn chat_completions(
             .find(|m| m.role == "user")
             .map(|m| m.content.clone())
             .unwrap_or_default();
-        let emb = question_embedding(&st, &caller, &question, opts).await?;
+        let mut emb = question_embedding(&st, &caller, &question, opts).await?;
         let (routed_name, routed) =
             route(&st, &caller, opts, named.is_some(), emb.as_deref(), &mut g);
+        let learned = named.is_none() && !opts.route;
+        let scope_adapter =
+            gate_scope_adapter(&st, &caller, &question, learned, &mut emb, &mut g).await?;
         let hits = retrieve(&st, &caller, emb.as_deref(), k);
         if !hits.is_empty() {
             let facts = format!("Facts from earlier corrections:\n{}", context_lines(&hits));
@@ -1318,6 +1365,7 @@ pub(crate) async fn chat_completions(
         );
         m.adapter_name = named.or(routed_name);
         m.routed = routed;
+        m.scope_adapter = scope_adapter;
         Ok::<_, ApiError>(if g.stream {
             stream_response(st.clone(), m, handles, &g)
         } else {
@@ -1354,6 +1402,10 @@ pub(crate) async fn completions(
             first_emb.as_deref(),
             &mut g,
         );
+        // The learned adapter follows the first prompt's question too.
+        let learned = named.is_none() && !opts.route;
+        let scope_adapter =
+            gate_scope_adapter(&st, &caller, &question, learned, &mut first_emb, &mut g).await?;
         let mut first_hits = None;
         if k > 0 {
             for (i, p) in prompts.iter_mut().enumerate() {
@@ -1392,6 +1444,7 @@ pub(crate) async fn completions(
         );
         m.adapter_name = named.or(routed_name);
         m.routed = routed;
+        m.scope_adapter = scope_adapter;
         Ok::<_, ApiError>(if g.stream {
             stream_response(st.clone(), m, handles, &g)
         } else {

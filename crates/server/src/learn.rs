@@ -22,7 +22,7 @@ use axum::{Extension, Json};
 use ruvllm_engine::{CaptureSpec, Engine, Event, Kept, Request};
 use ruvllm_kernels::pool::ThreadPool;
 use ruvllm_model::{Capture, LoraAdapter};
-use ruvllm_sona::bank::{Bank, Trajectory};
+use ruvllm_sona::bank::{Bank, Gate, Trajectory, GENERIC_PROMPTS};
 use ruvllm_sona::learner::{scope_dirs, scope_key, Feedback, LearnConfig, LearnError, Learner};
 use ruvllm_sona::train::{tokens_hash, CaptureSource};
 use ruvllm_tokenizer::Tokenizer;
@@ -85,6 +85,11 @@ pub struct Learning {
     dir: Option<PathBuf>,
     /// The learner's source of activations, which keeps those of generations.
     capture: Arc<EngineCapture>,
+    /// Whether a caller's learned adapter runs only for questions near one it taught
+    /// (`--sona-apply near`, the default; see [`Gate`]) or for every request (`always`).
+    apply_near: bool,
+    /// The generic prompts' embeddings, computed at the first gated request.
+    gate: tokio::sync::OnceCell<Gate>,
 }
 
 /// Activations kept while completions were generated ([`Request::keep`]: the last layer's down
@@ -462,6 +467,8 @@ impl Learning {
             dim,
             dir: None,
             capture,
+            apply_near: true,
+            gate: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -525,9 +532,47 @@ impl Learning {
                 dim,
                 dir: Some(dir.to_path_buf()),
                 capture,
+                apply_near: true,
+                gate: tokio::sync::OnceCell::new(),
             },
             report.scopes,
         ))
+    }
+
+    /// `--sona-apply`: whether a caller's learned adapter runs only for questions near one it
+    /// taught (true) or for all its requests.
+    pub fn with_apply_near(mut self, near: bool) -> Learning {
+        self.apply_near = near;
+        self
+    }
+
+    /// Whether learned adapters run only near taught questions (`--sona-apply near`).
+    pub(crate) fn apply_near(&self) -> bool {
+        self.apply_near
+    }
+
+    /// Whether the caller's learned adapter applies to a question embedded as `embedding`:
+    /// one of the questions it taught (its bank's rated or corrected entries) is nearer than
+    /// every generic prompt ([`Gate`]). The first call embeds the generic prompts (~24
+    /// embedding passes, once per server).
+    pub(crate) async fn adapter_applies(&self, caller: &str, embedding: &[f32]) -> bool {
+        let gate = self
+            .gate
+            .get_or_init(|| async {
+                let mut generic = Vec::with_capacity(GENERIC_PROMPTS.len());
+                for p in GENERIC_PROMPTS {
+                    if let Some(e) = self.embed(p).await {
+                        generic.push(e);
+                    }
+                }
+                Gate::new(self.dim, &generic)
+            })
+            .await;
+        self.banks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&scope_key(caller))
+            .is_some_and(|b| gate.opens(b, embedding))
     }
 
     /// Every completion a trajectory (`true`, the default) or only those that get feedback:
@@ -923,7 +968,7 @@ pub(crate) async fn feedback(
         };
         let remembered = match &corrected {
             Some(text) => Some(text.clone()),
-            None if rated > 0.0 => st
+            None if rated != 0.0 => st
                 .tok
                 .decode(&rec.answer, false)
                 .ok()
@@ -967,8 +1012,9 @@ pub(crate) async fn feedback(
             return Ok(Json(json!({"id": id, "updated": false})).into_response());
         }
         // The completion's trajectory takes the feedback; one not added yet (its embedding
-        // pass still running) gets it when it is, except that a confirmed or corrected answer
-        // is added here at once, so the next request can retrieve it.
+        // pass still running, or `--sona-trajectories feedback`) is added here at once, so
+        // that the next request can retrieve a confirmed or corrected answer and the caller's
+        // adapter runs for its question (`--sona-apply near`).
         let (l2, id2) = (learning.clone(), id.clone());
         let has = tokio::task::spawn_blocking(move || l2.rate_trajectory(&id2, rated, corrected))
             .await

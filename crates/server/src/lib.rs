@@ -58,6 +58,9 @@ pub struct ServerConfig {
     /// Whether every completion becomes a ReasoningBank trajectory (`--sona-trajectories all`,
     /// one embedding pass each) or only those that get feedback (`feedback`).
     pub sona_all_trajectories: bool,
+    /// Whether a caller's learned adapter runs only for questions near one it taught
+    /// (`--sona-apply near`) or for all its requests (`always`).
+    pub sona_apply_near: bool,
     /// Memory for activations kept while answers are generated (`--sona-keep-mib`): a rating
     /// trains on them without a forward pass.
     pub sona_keep_bytes: usize,
@@ -115,12 +118,14 @@ impl AppState {
             (None, true) => Some(Arc::new(
                 Learning::new(engine.clone(), tok.clone(), anchor, learn_cfg)
                     .with_all_trajectories(cfg.sona_all_trajectories)
+                    .with_apply_near(cfg.sona_apply_near)
                     .with_kept_budget(cfg.sona_keep_bytes),
             )),
             (Some(dir), true) => {
                 let (l, n) = Learning::open(dir, engine.clone(), tok.clone(), anchor, learn_cfg)?;
                 let l = l
                     .with_all_trajectories(cfg.sona_all_trajectories)
+                    .with_apply_near(cfg.sona_apply_near)
                     .with_kept_budget(cfg.sona_keep_bytes);
                 tracing::info!(dir = %dir.display(), scopes = n, "learned state restored");
                 eprintln!(

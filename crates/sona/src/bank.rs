@@ -94,6 +94,85 @@ pub fn normalized(v: &[f32]) -> Option<Vec<f32>> {
     (n.is_finite() && n > 0.0).then(|| v.iter().map(|x| (*x as f64 / n) as f32).collect())
 }
 
+/// Generic prompts, questions and openings of text, that nobody taught: a question nearer
+/// to one of them than to every question a scope was taught about gets the base model (see
+/// [`Gate`]). None of them is a question the tests or benchmarks ask.
+pub const GENERIC_PROMPTS: [&str; 24] = [
+    "How many days are in a week?",
+    "Can you suggest a name for a cat?",
+    "Explain what a noun is.",
+    "What should I pack for a beach trip?",
+    "Summarize the plot of Cinderella.",
+    "Write a sentence about the sea.",
+    "What is the tallest mountain in the world?",
+    "How do airplanes fly?",
+    "Tell me a joke.",
+    "What are the benefits of drinking water?",
+    "Describe a sunset.",
+    "Who painted the Mona Lisa?",
+    "The weather today is",
+    "My favourite food is",
+    "The best way to learn a language is",
+    "In 1969, the first person to walk on the moon was",
+    "The main ingredient of bread is",
+    "A good book to read on holiday is",
+    "List five colours.",
+    "How does a computer work?",
+    "What is the population of Japan?",
+    "Write a short story about a dog.",
+    "Why do leaves fall in autumn?",
+    "The largest ocean on Earth is",
+];
+
+/// Decides whether a scope's learned adapter applies to a request. The adapter sits on the
+/// last layer and acts on every prompt it runs on: one taught correction changed the answers
+/// to all 12 unrelated questions of `sona-bench --corrections` and put its words into 3 of
+/// them. So the adapter runs only for a question nearer (by the bank's embedding) to one the
+/// scope was taught about than to every [`GENERIC_PROMPTS`] entry — a threshold relative to
+/// generic text, because a small model's mean-pooled embeddings put unrelated questions at
+/// cosine 0.8–0.94 of each other, which no fixed threshold separates from paraphrases
+/// (0.88–0.96 of their taught phrasing).
+#[derive(Debug, Clone)]
+pub struct Gate {
+    /// Unit embeddings of the generic prompts, `[n × dim]`.
+    generic: Vec<f32>,
+    dim: usize,
+}
+
+impl Gate {
+    /// From the generic prompts' embeddings (any lengths-`dim` vectors; non-finite or zero
+    /// ones are skipped).
+    pub fn new(dim: usize, generic: &[Vec<f32>]) -> Gate {
+        let generic = generic
+            .iter()
+            .filter(|v| v.len() == dim)
+            .filter_map(|v| normalized(v))
+            .flatten()
+            .collect();
+        Gate { generic, dim }
+    }
+
+    /// Whether `bank`'s scope adapter applies to a question embedded as `query`: some taught
+    /// entry is more similar to it than every generic prompt.
+    pub fn opens(&self, bank: &Bank, query: &[f32]) -> bool {
+        let Some(taught) = bank.nearest_taught(query) else {
+            return false;
+        };
+        let Some(q) = (query.len() == self.dim)
+            .then(|| normalized(query))
+            .flatten()
+        else {
+            return false;
+        };
+        let generic = self
+            .generic
+            .chunks_exact(self.dim.max(1))
+            .map(|g| dot_f32(&q, g))
+            .fold(f32::NEG_INFINITY, f32::max);
+        taught > generic
+    }
+}
+
 impl Bank {
     /// An empty bank of `dim`-dimensional embeddings.
     pub fn new(dim: usize) -> Bank {
@@ -151,6 +230,21 @@ impl Bank {
             self.supersede_others(i);
         }
         Ok(i)
+    }
+
+    /// The largest cosine similarity between `query` and an entry that taught its scope
+    /// (rated or corrected: rating ≠ 0, superseded or not), None when there is none. A scan
+    /// of those entries only: feedback is rare next to completions.
+    pub fn nearest_taught(&self, query: &[f32]) -> Option<f32> {
+        let q = (query.len() == self.dim)
+            .then(|| normalized(query))
+            .flatten()?;
+        self.items
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.rating != 0.0)
+            .filter_map(|(i, _)| self.vector(i).map(|v| dot_f32(&q, v)))
+            .reduce(f32::max)
     }
 
     /// Whether a later positive rating of the same prompt replaced entry `i`'s answer.
@@ -289,6 +383,41 @@ impl Bank {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The gate opens for a question nearer a taught entry than every generic prompt, and
+    /// never without a taught entry (unrated trajectories teach nothing).
+    #[test]
+    fn gate_opens_only_near_taught_questions() {
+        let t = |rating: f32| Trajectory {
+            prompt: "q".into(),
+            answer: "a".into(),
+            rating,
+            scope: "s".into(),
+            adapter: None,
+        };
+        let mut bank = Bank::new(3);
+        let gate = Gate::new(
+            3,
+            &[vec![0.0, 1.0, 0.0], vec![0.0, 0.0, 2.0], vec![f32::NAN; 3]],
+        );
+        bank.add(&[1.0, 0.1, 0.0], t(0.0)).unwrap();
+        assert!(
+            !gate.opens(&bank, &[1.0, 0.0, 0.0]),
+            "unrated: nothing taught"
+        );
+        bank.add(&[1.0, 0.2, 0.0], t(-1.0)).unwrap();
+        assert!(bank
+            .nearest_taught(&[1.0, 0.2, 0.0])
+            .is_some_and(|c| c > 0.999));
+        assert!(gate.opens(&bank, &[1.0, 0.3, 0.0]));
+        assert!(
+            !gate.opens(&bank, &[0.2, 1.0, 0.0]),
+            "nearer a generic prompt"
+        );
+        assert!(!gate.opens(&bank, &[0.1, 0.0, 1.0]));
+        assert!(!gate.opens(&bank, &[1.0, 0.0]), "wrong length");
+        assert_eq!(bank.nearest_taught(&[0.0; 3]), None);
+    }
 
     fn t(i: usize) -> Trajectory {
         Trajectory {
