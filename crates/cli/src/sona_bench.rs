@@ -667,6 +667,7 @@ fn greedy(
 /// scope (instant loop, background runs as configured, then the deep loop), then asks every
 /// question again: how many corrections the scope reproduces whole (greedy, to the end of
 /// turn), the mean share of each one's leading tokens reproduced, and the golden-text drift.
+#[allow(clippy::too_many_arguments)]
 fn long_corrections(
     a: &SonaBenchArgs,
     path: &std::path::Path,
