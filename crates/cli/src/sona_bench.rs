@@ -362,30 +362,20 @@ pub fn run(a: SonaBenchArgs) -> Result<(), Error> {
         )
         .map_err(|e| Error::usage(e.to_string()))?,
     );
+    let c = Ctx {
+        a: &a,
+        model: &model,
+        tok: &tok,
+        engine: &engine,
+        idle_threads,
+        golden: &golden,
+    };
     if let Some(path) = &a.corrections {
-        return long_corrections(
-            &a,
-            path,
-            &model,
-            &tok,
-            &mut r,
-            &engine,
-            idle_threads,
-            &golden,
-        );
+        return long_corrections(&c, &mut r, path);
     }
     let mut runs = Vec::new();
     for seed in a.seed..a.seed + a.seeds {
-        let run = one_fact_set(
-            &a,
-            &model,
-            &tok,
-            &mut r,
-            &engine,
-            idle_threads,
-            &golden,
-            seed,
-        )?;
+        let run = one_fact_set(&c, &mut r, seed)?;
         if a.seeds > 1 && !a.json {
             let acc = |m: &str| {
                 run.results
@@ -667,17 +657,15 @@ fn greedy(
 /// scope (instant loop, background runs as configured, then the deep loop), then asks every
 /// question again: how many corrections the scope reproduces whole (greedy, to the end of
 /// turn), the mean share of each one's leading tokens reproduced, and the golden-text drift.
-#[allow(clippy::too_many_arguments)]
-fn long_corrections(
-    a: &SonaBenchArgs,
-    path: &std::path::Path,
-    model: &Arc<Model>,
-    tok: &Tokenizer,
-    r: &mut Runner<'_>,
-    engine: &Arc<Engine>,
-    idle_threads: usize,
-    golden: &str,
-) -> Result<(), Error> {
+fn long_corrections(c: &Ctx<'_>, r: &mut Runner<'_>, path: &std::path::Path) -> Result<(), Error> {
+    let Ctx {
+        a,
+        model,
+        tok,
+        engine,
+        idle_threads,
+        golden,
+    } = *c;
     let text = std::fs::read_to_string(path)
         .map_err(|e| Error::usage(format!("cannot read {}: {e}", path.display())))?;
     let lines: Vec<&str> = text
@@ -810,18 +798,27 @@ fn long_corrections(
     Ok(())
 }
 
-/// Teaches and scores one fact set (seed `seed`) with a fresh learner and bank.
-#[allow(clippy::too_many_arguments)]
-fn one_fact_set(
-    a: &SonaBenchArgs,
-    model: &Arc<Model>,
-    tok: &Tokenizer,
-    r: &mut Runner<'_>,
-    engine: &Arc<Engine>,
+/// What every run of the benchmark shares.
+#[derive(Clone, Copy)]
+struct Ctx<'a> {
+    a: &'a SonaBenchArgs,
+    model: &'a Arc<Model>,
+    tok: &'a Tokenizer,
+    engine: &'a Arc<Engine>,
     idle_threads: usize,
-    golden: &str,
-    seed: u64,
-) -> Result<SeedRun, Error> {
+    golden: &'a str,
+}
+
+/// Teaches and scores one fact set (seed `seed`) with a fresh learner and bank.
+fn one_fact_set(c: &Ctx<'_>, r: &mut Runner<'_>, seed: u64) -> Result<SeedRun, Error> {
+    let Ctx {
+        a,
+        model,
+        tok,
+        engine,
+        idle_threads,
+        golden,
+    } = *c;
     let facts = facts(a.entities, seed);
     // Every correction goes into the bank. Two scopes of one Learner learn them: `plain` on the
     // phrasing as asked (what adapters-only serves with), `full` on the prompt the full system
