@@ -280,7 +280,7 @@ fn score(
     let mut last = r.forward(&p, Logits::Last)?.to_vec();
     let mut out = Vec::new();
     for _ in 0..a.len() + 2 {
-        let t = argmax(&last);
+        let t = ruvllm_model::sampler::argmax(&last);
         out.push(t);
         last = r.forward(&[t], Logits::Last)?.to_vec();
     }
@@ -362,6 +362,7 @@ pub fn run(a: SonaBenchArgs) -> Result<(), Error> {
         )
         .map_err(|e| Error::usage(e.to_string()))?,
     );
+    let applies = Applies::new(&a, &mut r, &tok)?;
     let c = Ctx {
         a: &a,
         model: &model,
@@ -369,6 +370,7 @@ pub fn run(a: SonaBenchArgs) -> Result<(), Error> {
         engine: &engine,
         idle_threads,
         golden: &golden,
+        applies: &applies,
     };
     if let Some(path) = &a.corrections {
         return long_corrections(&c, &mut r, path);
@@ -555,18 +557,6 @@ fn long_question(i: usize) -> String {
     QUESTIONS[i % 6].replace("{}", THINGS[(i / 6 + i) % 8])
 }
 
-/// The first largest logit's token.
-fn argmax(logits: &[f32]) -> u32 {
-    logits
-        .iter()
-        .enumerate()
-        .fold(
-            (0, f32::NEG_INFINITY),
-            |b, (i, &v)| if v > b.1 { (i, v) } else { b },
-        )
-        .0 as u32
-}
-
 /// The server's rule for which requests a scope's learned adapter runs for
 /// (`--sona-apply near`, see [`Gate`]), or every request (`--apply always`).
 struct Applies {
@@ -643,7 +633,7 @@ fn greedy(
     let mut last = r.forward(prompt, Logits::Last)?.to_vec();
     let mut out = Vec::new();
     for _ in 0..n {
-        let t = argmax(&last);
+        let t = ruvllm_model::sampler::argmax(&last);
         out.push(t);
         if tok.eog.contains(&t) || Some(t) == tok.eos || out.len() == n {
             break;
@@ -665,6 +655,7 @@ fn long_corrections(c: &Ctx<'_>, r: &mut Runner<'_>, path: &std::path::Path) -> 
         engine,
         idle_threads,
         golden,
+        applies,
     } = *c;
     let text = std::fs::read_to_string(path)
         .map_err(|e| Error::usage(format!("cannot read {}: {e}", path.display())))?;
@@ -726,7 +717,6 @@ fn long_corrections(c: &Ctx<'_>, r: &mut Runner<'_>, path: &std::path::Path) -> 
         bank.add(&embed(r, tok, &t.prompt)?, t)
             .map_err(|e| Error::usage(e.to_string()))?;
     }
-    let applies = Applies::new(a, r, tok)?;
     let adapter = learner.adapter_for(scope).map(|x| (*x).clone());
     let (mut whole, mut share) = (0usize, 0f64);
     for (i, (prompt, answer)) in items.iter().enumerate() {
@@ -807,6 +797,8 @@ struct Ctx<'a> {
     engine: &'a Arc<Engine>,
     idle_threads: usize,
     golden: &'a str,
+    /// Which questions a scope's adapter runs for (the generic prompts embedded once).
+    applies: &'a Applies,
 }
 
 /// Teaches and scores one fact set (seed `seed`) with a fresh learner and bank.
@@ -818,6 +810,7 @@ fn one_fact_set(c: &Ctx<'_>, r: &mut Runner<'_>, seed: u64) -> Result<SeedRun, E
         engine,
         idle_threads,
         golden,
+        applies,
     } = *c;
     let facts = facts(a.entities, seed);
     // Every correction goes into the bank. Two scopes of one Learner learn them: `plain` on the
@@ -882,7 +875,6 @@ fn one_fact_set(c: &Ctx<'_>, r: &mut Runner<'_>, seed: u64) -> Result<SeedRun, E
     }
     let teach_secs = t0.elapsed().as_secs_f64();
 
-    let applies = Applies::new(a, r, tok)?;
     let mut results = Vec::new();
     for mode in MODES.into_iter().filter(|m| a.modes.iter().any(|x| x == m)) {
         let (retrieve, adapt) = match mode {

@@ -155,13 +155,10 @@ impl Gate {
     /// Whether `bank`'s scope adapter applies to a question embedded as `query`: some taught
     /// entry is more similar to it than every generic prompt.
     pub fn opens(&self, bank: &Bank, query: &[f32]) -> bool {
-        let Some(taught) = bank.nearest_taught(query) else {
+        let Some(q) = bank.unit(query).filter(|q| q.len() == self.dim) else {
             return false;
         };
-        let Some(q) = (query.len() == self.dim)
-            .then(|| normalized(query))
-            .flatten()
-        else {
+        let Some(taught) = bank.nearest_taught_unit(&q) else {
             return false;
         };
         let generic = self
@@ -189,6 +186,14 @@ impl Bank {
             index: Hnsw::new(dim, 16, 100, 0x5eed),
             index_from: n,
         }
+    }
+
+    /// `query` normalized, when it has this bank's length and a finite, non-zero norm (what
+    /// every search compares).
+    fn unit(&self, query: &[f32]) -> Option<Vec<f32>> {
+        (query.len() == self.dim)
+            .then(|| normalized(query))
+            .flatten()
     }
 
     /// Entries held.
@@ -236,14 +241,16 @@ impl Bank {
     /// (rated or corrected: rating ≠ 0, superseded or not), None when there is none. A scan
     /// of those entries only: feedback is rare next to completions.
     pub fn nearest_taught(&self, query: &[f32]) -> Option<f32> {
-        let q = (query.len() == self.dim)
-            .then(|| normalized(query))
-            .flatten()?;
+        self.nearest_taught_unit(&self.unit(query)?)
+    }
+
+    /// [`nearest_taught`](Self::nearest_taught) of a unit query of this bank's length.
+    fn nearest_taught_unit(&self, q: &[f32]) -> Option<f32> {
         self.items
             .iter()
             .enumerate()
             .filter(|(_, t)| t.rating != 0.0)
-            .filter_map(|(i, _)| self.vector(i).map(|v| dot_f32(&q, v)))
+            .filter_map(|(i, _)| self.vector(i).map(|v| dot_f32(q, v)))
             .reduce(f32::max)
     }
 
@@ -315,10 +322,7 @@ impl Bank {
     /// exact below the index threshold (ties keep insertion order), from the HNSW graph with a
     /// beam of `max(64, 4k)` above it. A query of the wrong length or zero gives nothing.
     pub fn search(&self, query: &[f32], k: usize) -> Vec<(usize, f32)> {
-        let Some(q) = (query.len() == self.dim)
-            .then(|| normalized(query))
-            .flatten()
-        else {
+        let Some(q) = self.unit(query) else {
             return Vec::new();
         };
         if self.len() >= self.index_from {
@@ -333,10 +337,7 @@ impl Bank {
     /// From the HNSW graph, the beam widens (×4) until it holds `k` such entries; a bank with
     /// fewer than `k` of them in its graph's reach is searched exactly.
     pub fn search_rated(&self, query: &[f32], k: usize) -> Vec<(usize, f32)> {
-        let Some(q) = (query.len() == self.dim)
-            .then(|| normalized(query))
-            .flatten()
-        else {
+        let Some(q) = self.unit(query) else {
             return Vec::new();
         };
         let rated =
